@@ -1,0 +1,33 @@
+# shellcheck shell=bash
+# Source this file to build tch-peft against libtorch 2.11.0 (what tch 0.24 needs):
+#
+#     source scripts/torch-env.sh && cargo test
+#
+# * If LIBTORCH is already set (your own libtorch unpacked somewhere), it is used as is.
+# * Otherwise a Python virtualenv with PyPI `torch==2.11.0` is used, created on first use at
+#   $TCH_PEFT_TORCH_VENV (default ~/.cache/tch-peft/torch-2.11.0; ~4.6 GB, 1-2 minutes).
+#
+# It exports LIBTORCH_USE_PYTORCH=1, VIRTUAL_ENV and PATH for torch-sys's build script, and
+# LD_LIBRARY_PATH for doc tests (tests, examples and benches carry an rpath from build.rs).
+
+tch_peft_torch_version="2.11.0"
+
+if [ -n "${LIBTORCH:-}" ]; then
+    export LD_LIBRARY_PATH="${LIBTORCH}/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+else
+    TCH_PEFT_TORCH_VENV="${TCH_PEFT_TORCH_VENV:-$HOME/.cache/tch-peft/torch-$tch_peft_torch_version}"
+    export TCH_PEFT_TORCH_VENV
+    if ! "$TCH_PEFT_TORCH_VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$tch_peft_torch_version')" 2>/dev/null; then
+        echo "tch-peft: installing torch==$tch_peft_torch_version into $TCH_PEFT_TORCH_VENV (once, ~4.6 GB)" >&2
+        python_bin="$(command -v python3 || command -v python)"
+        mkdir -p "$(dirname "$TCH_PEFT_TORCH_VENV")"
+        "$python_bin" -m venv "$TCH_PEFT_TORCH_VENV" &&
+            "$TCH_PEFT_TORCH_VENV/bin/pip" install --quiet --progress-bar off "torch==$tch_peft_torch_version" ||
+            { echo "tch-peft: could not install torch==$tch_peft_torch_version" >&2; return 1 2>/dev/null || exit 1; }
+    fi
+    export VIRTUAL_ENV="$TCH_PEFT_TORCH_VENV"
+    export PATH="$VIRTUAL_ENV/bin:$PATH"
+    export LIBTORCH_USE_PYTORCH=1
+    tch_peft_torch_lib="$("$VIRTUAL_ENV/bin/python" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+    export LD_LIBRARY_PATH="${tch_peft_torch_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi

@@ -1,0 +1,13 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+#![deny(rustdoc::broken_intra_doc_links)]
+
+pub mod adapter;
+mod error;
+pub mod io;
+pub mod lora;
+pub mod target;
+
+pub use adapter::{Adapter, AdapterKind, ParamEntry, ParamReport};
+pub use error::{Error, Result};
+pub use lora::{LoraAdapter, LoraBuilder, LoraConfig, LoraLinear};

@@ -1,0 +1,368 @@
+//! [`LoraConfig`]: PEFT's `LoraConfig` fields, names and defaults, serialisable as PEFT's
+//! `adapter_config.json`.
+
+use std::collections::BTreeMap;
+
+use regex::Regex;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::target::{LayerIndices, LayersPattern, TargetModules, Targets};
+use crate::{Error, Result};
+
+/// How `lora_A` and `lora_B` start (PEFT's `init_lora_weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraInit {
+    /// `true` (default): `A ~ U(±1/√in)` (PyTorch's `kaiming_uniform_(a=√5)`), `B = 0`, so the
+    /// adapted layer starts equal to the base layer.
+    #[default]
+    Kaiming,
+    /// `"gaussian"`: `A ~ N(0, 1/r)` (standard deviation `1/r`, as PEFT), `B = 0`.
+    Gaussian,
+    /// `false`: both factors get `nn.Linear`'s default init, so the layer does **not** start equal
+    /// to the base layer (PEFT keeps this for debugging).
+    Random,
+}
+
+impl Serialize for LoraInit {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            LoraInit::Kaiming => s.serialize_bool(true),
+            LoraInit::Gaussian => s.serialize_str("gaussian"),
+            LoraInit::Random => s.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LoraInit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(LoraInit::Kaiming),
+            Raw::Bool(false) => Ok(LoraInit::Random),
+            Raw::Str(s) if s == "gaussian" => Ok(LoraInit::Gaussian),
+            Raw::Str(s) => Err(serde::de::Error::custom(format!(
+                "init_lora_weights `{s}` is not supported (expected true, false or \"gaussian\")"
+            ))),
+        }
+    }
+}
+
+/// Which biases train (PEFT's `bias`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraBias {
+    /// No bias trains (default).
+    #[default]
+    None,
+    /// Every bias of the model trains.
+    All,
+    /// The biases of LoRA-adapted layers train: each adapted layer gets a trainable copy of its
+    /// base bias in the adapter store, saved as `<module>.base_layer.bias` as PEFT saves it.
+    LoraOnly,
+}
+
+/// The configuration of a LoRA adapter, with Hugging Face PEFT's field names and defaults.
+///
+/// Serialises to (and reads from) the LoRA fields of PEFT's `adapter_config.json`; unknown keys
+/// are ignored and missing keys take PEFT's defaults, so configs from older and newer PEFT
+/// versions load.
+///
+/// ```
+/// use tch_peft::lora::LoraConfig;
+/// use tch_peft::target::TargetModules;
+/// let cfg = LoraConfig {
+///     r: 16,
+///     lora_alpha: 32.0,
+///     target_modules: Some(TargetModules::list(["q_proj", "v_proj"])),
+///     ..Default::default()
+/// };
+/// cfg.validate()?;
+/// assert_eq!(cfg.scaling_for("model.layers.0.self_attn.q_proj")?, 2.0);
+/// let json = serde_json::to_string(&cfg)?;
+/// assert_eq!(serde_json::from_str::<LoraConfig>(&json)?, cfg);
+/// # Ok::<(), tch_peft::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoraConfig {
+    /// Rank of the update (default 8). Must be ≥ 1 and ≤ min(in, out) of each adapted layer.
+    pub r: i64,
+    /// Scaling numerator (default 8): the update is scaled by `lora_alpha / r`
+    /// (or `lora_alpha / √r` with `use_rslora`).
+    #[serde(serialize_with = "int_if_integral")]
+    pub lora_alpha: f64,
+    /// Dropout on the adapter branch's input, in training only (default 0: no dropout kernel).
+    pub lora_dropout: f64,
+    /// Rank-stabilised scaling `lora_alpha / √r` (Kalajdzievski 2023) instead of `lora_alpha / r`.
+    pub use_rslora: bool,
+    /// How the factors start; see [`LoraInit`].
+    pub init_lora_weights: LoraInit,
+    /// Which modules to adapt; see [`crate::target`].
+    pub target_modules: Option<TargetModules>,
+    /// Modules never adapted, even when `target_modules` selects them.
+    pub exclude_modules: Option<TargetModules>,
+    /// Only adapt modules of these layer indices.
+    pub layers_to_transform: Option<LayerIndices>,
+    /// The path component before the layer index (`"layers"`, `"h"`), with `layers_to_transform`.
+    pub layers_pattern: Option<LayersPattern>,
+    /// Which biases train; see [`LoraBias`].
+    pub bias: LoraBias,
+    /// Per-module rank overrides: the first key `p` with `(.*\.)?(p)$` matching the module name.
+    pub rank_pattern: BTreeMap<String, i64>,
+    /// Per-module `lora_alpha` overrides, matched as `rank_pattern`.
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// GPT-2 `Conv1D` weights stored `[in, out]` (not supported yet).
+    pub fan_in_fan_out: bool,
+    /// DoRA (not supported yet).
+    pub use_dora: bool,
+    /// A trainable bias on `lora_B` (not supported yet).
+    pub lora_bias: bool,
+    /// Modules trained in full and saved with the adapter (not supported yet).
+    pub modules_to_save: Option<Vec<String>>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: 8,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            use_rslora: false,
+            init_lora_weights: LoraInit::Kaiming,
+            target_modules: None,
+            exclude_modules: None,
+            layers_to_transform: None,
+            layers_pattern: None,
+            bias: LoraBias::None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            fan_in_fan_out: false,
+            use_dora: false,
+            lora_bias: false,
+            modules_to_save: None,
+        }
+    }
+}
+
+fn int_if_integral<S: Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    if v.fract() == 0.0 && v.abs() < 9.0e15 {
+        s.serialize_i64(*v as i64)
+    } else {
+        s.serialize_f64(*v)
+    }
+}
+
+fn pattern_regex(field: &str, p: &str) -> Result<Regex> {
+    Regex::new(&format!(r"^(?:.*\.)?(?:{p})$")).map_err(|source| Error::InvalidRegex {
+        field: field.into(),
+        pattern: p.into(),
+        source,
+    })
+}
+
+impl LoraConfig {
+    /// A default config targeting the given modules.
+    pub fn for_targets<I, S>(targets: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        LoraConfig { target_modules: Some(TargetModules::list(targets)), ..Default::default() }
+    }
+
+    /// Checks every field that can be checked without the model: `r ≥ 1`, finite `lora_alpha`,
+    /// `0 ≤ lora_dropout < 1`, the patterns compile, PEFT's invalid combinations, and the fields
+    /// this version does not implement.
+    pub fn validate(&self) -> Result<()> {
+        check_rank("r", self.r)?;
+        check_alpha("lora_alpha", self.lora_alpha)?;
+        if !(self.lora_dropout.is_finite() && (0.0..1.0).contains(&self.lora_dropout)) {
+            return Err(Error::config(
+                "lora_dropout",
+                format!("{} is not in [0, 1)", self.lora_dropout),
+            ));
+        }
+        for (p, &r) in &self.rank_pattern {
+            pattern_regex("rank_pattern", p)?;
+            check_rank(&format!("rank_pattern.{p}"), r)?;
+        }
+        for (p, &a) in &self.alpha_pattern {
+            pattern_regex("alpha_pattern", p)?;
+            check_alpha(&format!("alpha_pattern.{p}"), a)?;
+        }
+        if self.target_modules.is_some() {
+            // compiles the regexes and checks the layer-selection combinations
+            self.targets()?;
+        }
+        let unsupported = |field: &str, reason: &str| Error::Unsupported {
+            field: field.into(),
+            reason: reason.into(),
+        };
+        if self.use_dora {
+            return Err(unsupported("use_dora", "DoRA is not implemented in this version"));
+        }
+        if self.lora_bias {
+            return Err(unsupported("lora_bias", "a bias on lora_B is not implemented yet"));
+        }
+        if self.fan_in_fan_out {
+            return Err(unsupported("fan_in_fan_out", "Conv1D-style [in, out] weights are not implemented yet"));
+        }
+        if self.bias == LoraBias::All {
+            return Err(unsupported("bias", "`all` is not implemented yet; use `none` or `lora_only`"));
+        }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return Err(unsupported("modules_to_save", "not implemented yet"));
+        }
+        Ok(())
+    }
+
+    /// The compiled target selection of this config.
+    pub fn targets(&self) -> Result<Targets> {
+        Targets::new(
+            self.target_modules.as_ref(),
+            self.exclude_modules.as_ref(),
+            self.layers_to_transform.as_ref(),
+            self.layers_pattern.as_ref(),
+        )
+    }
+
+    /// The rank for a module, after `rank_pattern`.
+    pub fn rank_for(&self, module: &str) -> Result<i64> {
+        for (p, &r) in &self.rank_pattern {
+            if pattern_regex("rank_pattern", p)?.is_match(module) {
+                return Ok(r);
+            }
+        }
+        Ok(self.r)
+    }
+
+    /// `lora_alpha` for a module, after `alpha_pattern`.
+    pub fn alpha_for(&self, module: &str) -> Result<f64> {
+        for (p, &a) in &self.alpha_pattern {
+            if pattern_regex("alpha_pattern", p)?.is_match(module) {
+                return Ok(a);
+            }
+        }
+        Ok(self.lora_alpha)
+    }
+
+    /// The scaling `s` of a module: `alpha/r`, or `alpha/√r` with `use_rslora`.
+    pub fn scaling_for(&self, module: &str) -> Result<f64> {
+        Ok(scaling(self.alpha_for(module)?, self.rank_for(module)?, self.use_rslora))
+    }
+}
+
+/// LoRA's scaling factor: `alpha / r`, or `alpha / √r` (rsLoRA).
+pub fn scaling(alpha: f64, r: i64, use_rslora: bool) -> f64 {
+    if use_rslora {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
+    }
+}
+
+fn check_rank(field: &str, r: i64) -> Result<()> {
+    if r < 1 {
+        return Err(Error::config(field, format!("rank {r} must be at least 1")));
+    }
+    Ok(())
+}
+
+fn check_alpha(field: &str, a: f64) -> Result<()> {
+    if !a.is_finite() {
+        return Err(Error::config(field, format!("{a} is not finite")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_peft_defaults() {
+        let c = LoraConfig::default();
+        assert_eq!((c.r, c.lora_alpha, c.lora_dropout), (8, 8.0, 0.0));
+        assert_eq!(c.init_lora_weights, LoraInit::Kaiming);
+        assert_eq!(c.bias, LoraBias::None);
+        assert!(!c.use_rslora);
+    }
+
+    #[test]
+    fn reads_a_peft_0_21_adapter_config_ignoring_unknown_keys() {
+        // Dump of PEFT 0.21.2 (PEFT-ANCHORS.md §1.10), trimmed of nothing LoRA-relevant.
+        let json = r#"{"alora_invocation_tokens": null, "alpha_pattern": {}, "arrow_config": null,
+          "auto_mapping": null, "base_model_name_or_path": null, "bias": "none", "corda_config": null,
+          "ensure_weight_tying": false, "eva_config": null, "exclude_modules": null,
+          "fan_in_fan_out": false, "inference_mode": true, "init_lora_weights": true,
+          "kasa_config": null, "layer_replication": null, "layers_pattern": null,
+          "layers_to_transform": null, "loftq_config": {}, "lora_alpha": 8, "lora_bias": false,
+          "lora_dropout": 0.05, "megatron_config": null, "megatron_core": "megatron.core",
+          "modules_to_save": null, "peft_type": "LORA", "peft_version": "0.21.2",
+          "qalora_group_size": 16, "r": 4, "rank_pattern": {}, "revision": null,
+          "target_modules": ["embed_tokens", "q_proj", "v_proj"], "task_type": "CAUSAL_LM",
+          "use_dora": false, "use_rslora": false}"#;
+        let c: LoraConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(c.r, 4);
+        assert_eq!(c.lora_alpha, 8.0);
+        assert_eq!(c.lora_dropout, 0.05);
+        assert_eq!(c.target_modules, Some(TargetModules::list(["embed_tokens", "q_proj", "v_proj"])));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn reads_an_old_minimal_config_with_defaults() {
+        let c: LoraConfig =
+            serde_json::from_str(r#"{"r": 16, "target_modules": "model.*(q|v)_proj", "fan_in_fan_out": false}"#)
+                .unwrap();
+        assert_eq!(c.r, 16);
+        assert_eq!(c.lora_alpha, 8.0);
+        assert_eq!(c.init_lora_weights, LoraInit::Kaiming);
+        let g: LoraConfig = serde_json::from_str(r#"{"init_lora_weights": "gaussian"}"#).unwrap();
+        assert_eq!(g.init_lora_weights, LoraInit::Gaussian);
+        assert!(serde_json::from_str::<LoraConfig>(r#"{"init_lora_weights": "pissa"}"#).is_err());
+    }
+
+    #[test]
+    fn writes_integral_alpha_as_an_integer() {
+        let v = serde_json::to_value(LoraConfig::default()).unwrap();
+        assert_eq!(v["lora_alpha"], serde_json::json!(8));
+        assert_eq!(v["init_lora_weights"], serde_json::json!(true));
+        assert_eq!(v["bias"], serde_json::json!("none"));
+    }
+
+    #[test]
+    fn validation_names_the_bad_field() {
+        let field_of = |c: LoraConfig| match c.validate().unwrap_err() {
+            Error::InvalidConfig { field, .. } | Error::Unsupported { field, .. } => field,
+            e => panic!("unexpected {e}"),
+        };
+        assert_eq!(field_of(LoraConfig { r: 0, ..Default::default() }), "r");
+        assert_eq!(field_of(LoraConfig { lora_alpha: f64::NAN, ..Default::default() }), "lora_alpha");
+        assert_eq!(field_of(LoraConfig { lora_dropout: 1.0, ..Default::default() }), "lora_dropout");
+        assert_eq!(field_of(LoraConfig { lora_dropout: -0.1, ..Default::default() }), "lora_dropout");
+        assert_eq!(field_of(LoraConfig { use_dora: true, ..Default::default() }), "use_dora");
+        let mut rp = LoraConfig::default();
+        rp.rank_pattern.insert("q_proj".into(), 0);
+        assert_eq!(field_of(rp), "rank_pattern.q_proj");
+    }
+
+    #[test]
+    fn rank_and_alpha_patterns_and_rslora_scaling() {
+        let mut c = LoraConfig { r: 8, lora_alpha: 16.0, ..Default::default() };
+        c.rank_pattern.insert("q_proj".into(), 4);
+        c.alpha_pattern.insert(r"layers\.1\.self_attn\.v_proj".into(), 2.0);
+        assert_eq!(c.rank_for("model.layers.0.self_attn.q_proj").unwrap(), 4);
+        assert_eq!(c.rank_for("model.layers.0.self_attn.xq_proj").unwrap(), 8);
+        assert_eq!(c.scaling_for("model.layers.0.self_attn.q_proj").unwrap(), 4.0);
+        assert_eq!(c.scaling_for("model.layers.1.self_attn.v_proj").unwrap(), 0.25);
+        c.use_rslora = true;
+        assert_eq!(c.scaling_for("model.layers.0.self_attn.k_proj").unwrap(), 16.0 / 8f64.sqrt());
+        assert_eq!(scaling(16.0, 4, true), 8.0);
+    }
+}

@@ -1,0 +1,478 @@
+//! [`LoraLinear`]: LoRA on a `tch::nn::Linear`.
+//!
+//! For a base layer `y = x Wᵀ + b` with `W: [out, in]`, LoRA adds a rank-`r` update:
+//!
+//! ```text
+//! y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ        A = lora_A: [r, in],  B = lora_B: [out, r]
+//! s = lora_alpha / r    (rsLoRA: lora_alpha / √r)
+//! ```
+//!
+//! Only `A` and `B` train; the base weight and bias are frozen when wrapped. Dropout acts on the
+//! adapter branch only and only in training. Merging writes `W ← W + s·BA` into the base weight
+//! (computed in f32, or f64 for an f64 base) after saving the original, so unmerging restores it
+//! bit-exactly in every dtype.
+//!
+//! Hot path: the base output is computed on the flattened input (`[N, in]`) and the low-rank
+//! branch is accumulated into it in place with one `addmm_`; the scaling multiplies the small
+//! `[N, r]` intermediate. No dropout kernel runs when `p = 0` or in eval. A merged (or disabled)
+//! layer runs the base `linear` alone.
+//!
+//! Adapter weights are created in f32 on the base weight's device, also for a bf16/f16 base (as
+//! PEFT does). On such a base, the `[N, r]` intermediate and `B` are cast to the base dtype for
+//! the final accumulation, so the output keeps the base dtype without an `[N, out]` f32 copy.
+//!
+//! ```
+//! use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
+//! use tch_peft::lora::{LoraConfig, LoraLinear};
+//!
+//! let base_vs = nn::VarStore::new(Device::Cpu);
+//! let adapter_vs = nn::VarStore::new(Device::Cpu);
+//! let base = nn::linear(base_vs.root() / "proj", 16, 8, Default::default());
+//! let cfg = LoraConfig { r: 4, lora_alpha: 8.0, ..Default::default() };
+//! let layer = LoraLinear::new(base, &(adapter_vs.root() / "proj"), &cfg)?;
+//! let y = layer.forward_t(&Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu)), false);
+//! assert_eq!(y.size(), [2, 5, 8]);
+//! assert_eq!(adapter_vs.len(), 2); // proj.lora_A.weight, proj.lora_B.weight
+//! # Ok::<(), tch_peft::Error>(())
+//! ```
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tch::nn::{self, ModuleT};
+use tch::{Kind, Tensor};
+
+use super::config::{LoraBias, LoraConfig, LoraInit};
+use crate::adapter::{Adapter, AdapterKind};
+use crate::{Error, Result};
+
+/// State shared by every handle of one layer (the model's copy and the adapter registry's).
+#[derive(Debug)]
+struct SharedState {
+    enabled: AtomicBool,
+    /// The base weight as it was before merging; `Some` while merged.
+    original: Mutex<Option<Tensor>>,
+    merged: AtomicBool,
+}
+
+/// A LoRA-adapted linear layer. See the [module docs](self) for the formula and shapes.
+#[derive(Debug)]
+pub struct LoraLinear {
+    base: nn::Linear,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    /// Trainable copy of the base bias when `bias = "lora_only"`.
+    bias: Option<Tensor>,
+    module: String,
+    r: i64,
+    scaling: f64,
+    dropout: f64,
+    in_features: i64,
+    out_features: i64,
+    state: Arc<SharedState>,
+}
+
+pub(crate) fn is_float(kind: Kind) -> bool {
+    matches!(kind, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double)
+}
+
+/// `p`'s components joined with dots: the module path.
+pub(crate) fn path_name(p: &nn::Path) -> String {
+    p.components().collect::<Vec<_>>().join(".")
+}
+
+/// Registers a trainable variable under `p / sub / name`, refusing to overwrite (tch would
+/// silently rename it `name__N`).
+pub(crate) fn add_var(p: &nn::Path, sub: &str, name: &str, t: Tensor) -> Result<Tensor> {
+    let sp = p / sub;
+    if sp.get(name).is_some() {
+        return Err(Error::DuplicateParameter(sp.path(name)));
+    }
+    Ok(sp.add(name, t, true))
+}
+
+impl LoraLinear {
+    /// Wraps `base` with a LoRA adapter whose variables are registered under `p`
+    /// (`p/lora_A/weight`, `p/lora_B/weight`). The module name used for `rank_pattern`,
+    /// `alpha_pattern` and file keys is `p`'s path.
+    ///
+    /// The base weight and bias stop requiring grad. Errors: an invalid config, a base weight that
+    /// is not a 2-D floating tensor, a bias of the wrong shape, a rank above `min(in, out)`, or
+    /// adapter variables that already exist under `p`.
+    pub fn new(base: nn::Linear, p: &nn::Path, config: &LoraConfig) -> Result<Self> {
+        let module = path_name(p);
+        Self::with_module_name(base, p, &module, config)
+    }
+
+    /// As [`new`](Self::new), with the module name given explicitly (it may differ from the
+    /// adapter path, e.g. when the adapter store has a prefix).
+    pub fn with_module_name(
+        base: nn::Linear,
+        p: &nn::Path,
+        module: &str,
+        config: &LoraConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        let r = config.rank_for(module)?;
+        let scaling = config.scaling_for(module)?;
+        let ws = &base.ws;
+        let weight_name = || format!("{module}.weight");
+        if ws.dim() != 2 {
+            return Err(Error::ShapeMismatch {
+                name: weight_name(),
+                expected: vec![-1, -1],
+                actual: ws.size(),
+            });
+        }
+        if !is_float(ws.kind()) {
+            return Err(Error::DtypeMismatch {
+                name: weight_name(),
+                expected: "a floating-point kind".into(),
+                actual: ws.kind(),
+            });
+        }
+        let (out_features, in_features) = (ws.size()[0], ws.size()[1]);
+        if let Some(bs) = &base.bs {
+            if bs.size() != [out_features] {
+                return Err(Error::ShapeMismatch {
+                    name: format!("{module}.bias"),
+                    expected: vec![out_features],
+                    actual: bs.size(),
+                });
+            }
+        }
+        if r > in_features.min(out_features) {
+            return Err(Error::RankTooLarge {
+                module: module.to_string(),
+                rank: r,
+                in_features,
+                out_features,
+            });
+        }
+        let device = ws.device();
+        let opts = (Kind::Float, device);
+        let (a, b) = tch::no_grad(|| {
+            let bound_in = 1.0 / (in_features as f64).sqrt();
+            let a = match config.init_lora_weights {
+                LoraInit::Kaiming | LoraInit::Random => {
+                    Tensor::empty([r, in_features], opts).uniform_(-bound_in, bound_in)
+                }
+                LoraInit::Gaussian => Tensor::empty([r, in_features], opts).normal_(0.0, 1.0 / r as f64),
+            };
+            let b = match config.init_lora_weights {
+                LoraInit::Random => {
+                    let bound_r = 1.0 / (r as f64).sqrt();
+                    Tensor::empty([out_features, r], opts).uniform_(-bound_r, bound_r)
+                }
+                _ => Tensor::zeros([out_features, r], opts),
+            };
+            (a, b)
+        });
+        // check every name before registering anything
+        for sub in ["lora_A", "lora_B"] {
+            if (p / sub).get("weight").is_some() {
+                return Err(Error::DuplicateParameter((p / sub).path("weight")));
+            }
+        }
+        let bias = match (config.bias, &base.bs) {
+            (LoraBias::LoraOnly, Some(bs)) => {
+                if (p / "base_layer").get("bias").is_some() {
+                    return Err(Error::DuplicateParameter((p / "base_layer").path("bias")));
+                }
+                let copy = tch::no_grad(|| bs.to_kind(Kind::Float).copy());
+                Some(copy)
+            }
+            _ => None,
+        };
+        let lora_a = add_var(p, "lora_A", "weight", a)?;
+        let lora_b = add_var(p, "lora_B", "weight", b)?;
+        let bias = bias.map(|t| add_var(p, "base_layer", "bias", t)).transpose()?;
+        let _ = base.ws.set_requires_grad(false);
+        if let Some(bs) = &base.bs {
+            let _ = bs.set_requires_grad(false);
+        }
+        Ok(LoraLinear {
+            base,
+            lora_a,
+            lora_b,
+            bias,
+            module: module.to_string(),
+            r,
+            scaling,
+            dropout: config.lora_dropout,
+            in_features,
+            out_features,
+            state: Arc::new(SharedState {
+                enabled: AtomicBool::new(true),
+                original: Mutex::new(None),
+                merged: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// A second handle on the same layer: tensors are shallow clones (same storage) and the
+    /// merged/enabled state is shared.
+    pub(crate) fn share(&self) -> LoraLinear {
+        LoraLinear {
+            base: nn::Linear {
+                ws: self.base.ws.shallow_clone(),
+                bs: self.base.bs.as_ref().map(Tensor::shallow_clone),
+            },
+            lora_a: self.lora_a.shallow_clone(),
+            lora_b: self.lora_b.shallow_clone(),
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
+            module: self.module.clone(),
+            r: self.r,
+            scaling: self.scaling,
+            dropout: self.dropout,
+            in_features: self.in_features,
+            out_features: self.out_features,
+            state: Arc::clone(&self.state),
+        }
+    }
+
+    /// The wrapped base layer.
+    pub fn base(&self) -> &nn::Linear {
+        &self.base
+    }
+
+    /// `lora_A`, shape `[r, in]`.
+    pub fn lora_a(&self) -> &Tensor {
+        &self.lora_a
+    }
+
+    /// `lora_B`, shape `[out, r]`.
+    pub fn lora_b(&self) -> &Tensor {
+        &self.lora_b
+    }
+
+    /// The module path this adapter is named after.
+    pub fn module(&self) -> &str {
+        &self.module
+    }
+
+    /// The rank `r`.
+    pub fn rank(&self) -> i64 {
+        self.r
+    }
+
+    /// The scaling `s`.
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> i64 {
+        self.in_features
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> i64 {
+        self.out_features
+    }
+
+    /// The bias the layer uses: the trainable copy with `bias = "lora_only"`, else the base bias.
+    fn effective_bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref().or(self.base.bs.as_ref())
+    }
+
+    /// Whether the adapter branch is active.
+    pub fn is_enabled(&self) -> bool {
+        self.state.enabled.load(Ordering::Acquire)
+    }
+
+    /// Turns the adapter branch on or off. Disabling a merged layer unmerges it first (as PEFT).
+    pub fn set_enabled(&self, enabled: bool) -> Result<()> {
+        if !enabled && self.is_merged() {
+            self.unmerge()?;
+        }
+        self.state.enabled.store(enabled, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether `s·BA` is currently folded into the base weight.
+    pub fn is_merged(&self) -> bool {
+        self.state.merged.load(Ordering::Acquire)
+    }
+
+    /// The update `s·BA`, shape `[out, in]`, in the adapter dtype (f32 by default).
+    pub fn delta_weight(&self) -> Tensor {
+        self.lora_b.mm(&self.lora_a) * self.scaling
+    }
+
+    /// The merged weight `W + s·BA` in the base dtype, computed in f32 (f64 for an f64 base).
+    fn merged_weight(&self) -> Result<Tensor> {
+        let w = &self.base.ws;
+        let compute = if w.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+        let delta = self.lora_b.f_to_kind(compute)?.f_mm(&self.lora_a.f_to_kind(compute)?)?;
+        let merged = w.f_to_kind(compute)?.f_add(&(delta * self.scaling))?;
+        Ok(merged.f_to_kind(w.kind())?)
+    }
+
+    fn merge_impl(&self, safe: bool) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let mut original = self.state.original.lock().unwrap_or_else(|e| e.into_inner());
+        if original.is_some() {
+            return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });
+        }
+        let merged = self.merged_weight()?;
+        if safe && merged.f_isfinite()?.f_all()?.int64_value(&[]) == 0 {
+            return Err(Error::NonFiniteMerge { module: self.module.clone() });
+        }
+        let mut saved = self.base.ws.f_zeros_like()?;
+        saved.f_copy_(&self.base.ws)?;
+        let mut w = self.base.ws.shallow_clone();
+        w.f_copy_(&merged)?;
+        *original = Some(saved);
+        self.state.merged.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Folds `s·BA` into the base weight; forward then runs the base layer alone. The original
+    /// weight is kept so that [`unmerge`](Self::unmerge) restores it bit-exactly.
+    pub fn merge(&self) -> Result<()> {
+        self.merge_impl(false)
+    }
+
+    /// As [`merge`](Self::merge), but refuses (and leaves the weight unchanged) when the merged
+    /// weight has NaN or infinite values. Costs one host sync.
+    pub fn safe_merge(&self) -> Result<()> {
+        self.merge_impl(true)
+    }
+
+    /// Restores the base weight saved by [`merge`](Self::merge), bit for bit.
+    pub fn unmerge(&self) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let mut original = self.state.original.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(saved) = original.take() else {
+            return Err(Error::MergeState { module: self.module.clone(), state: "not merged" });
+        };
+        let mut w = self.base.ws.shallow_clone();
+        if let Err(e) = w.f_copy_(&saved) {
+            *original = Some(saved);
+            return Err(e.into());
+        }
+        self.state.merged.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Merges for good and returns the plain base layer (`W + s·BA`, and the trained bias with
+    /// `bias = "lora_only"`), keeping no copy of the original weight: zero-overhead inference.
+    pub fn into_merged_linear(self) -> Result<nn::Linear> {
+        let _guard = tch::no_grad_guard();
+        if !self.is_merged() {
+            let merged = self.merged_weight()?;
+            let mut w = self.base.ws.shallow_clone();
+            w.f_copy_(&merged)?;
+        }
+        if let (Some(trained), Some(bs)) = (&self.bias, &self.base.bs) {
+            let mut b = bs.shallow_clone();
+            b.f_copy_(&trained.f_to_kind(bs.kind())?)?;
+        }
+        Ok(nn::Linear { ws: self.base.ws.shallow_clone(), bs: self.base.bs.as_ref().map(Tensor::shallow_clone) })
+    }
+
+    fn check_input(&self, xs: &Tensor) -> Result<()> {
+        let size = xs.size();
+        if size.last() != Some(&self.in_features) {
+            return Err(Error::ShapeMismatch {
+                name: format!("input of `{}`", self.module),
+                expected: vec![-1, self.in_features],
+                actual: size,
+            });
+        }
+        if xs.kind() != self.base.ws.kind() {
+            return Err(Error::DtypeMismatch {
+                name: format!("input of `{}`", self.module),
+                expected: format!("{:?} (the base weight's kind)", self.base.ws.kind()),
+                actual: xs.kind(),
+            });
+        }
+        if xs.device() != self.base.ws.device() {
+            return Err(Error::DeviceMismatch {
+                name: format!("input of `{}`", self.module),
+                expected: self.base.ws.device(),
+                actual: xs.device(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Forward with every input check done before libtorch is called: the last dimension must
+    /// be `in_features`, and dtype and device must match the base weight.
+    pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.check_input(xs)?;
+        let bias = self.effective_bias();
+        if !self.is_enabled() || self.is_merged() {
+            return Ok(xs.f_linear(&self.base.ws, bias)?);
+        }
+        let mut out_shape = xs.size();
+        *out_shape.last_mut().expect("checked non-empty") = self.out_features;
+        let x2 = xs.f_reshape([-1, self.in_features])?;
+        let mut y = x2.f_linear(&self.base.ws, bias)?;
+        let xa = if train && self.dropout > 0.0 { x2.f_dropout(self.dropout, true)? } else { x2 };
+        let a_kind = self.lora_a.kind();
+        let xa = if xa.kind() != a_kind { xa.f_to_kind(a_kind)? } else { xa };
+        let mut h = xa.f_mm(&self.lora_a.f_tr()?)?;
+        if self.scaling != 1.0 {
+            h = h.f_mul_scalar(self.scaling)?;
+        }
+        if y.kind() != a_kind {
+            let b = self.lora_b.f_to_kind(y.kind())?;
+            let _ = y.f_addmm_(&h.f_to_kind(y.kind())?, &b.f_tr()?)?;
+        } else {
+            let _ = y.f_addmm_(&h, &self.lora_b.f_tr()?)?;
+        }
+        Ok(y.f_reshape(out_shape)?)
+    }
+}
+
+impl ModuleT for LoraLinear {
+    /// # Panics
+    /// On an input whose last dimension, dtype or device does not fit the layer, with the
+    /// message of the typed error [`LoraLinear::f_forward_t`] returns.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        match self.f_forward_t(xs, train) {
+            Ok(y) => y,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+impl Adapter for LoraLinear {
+    fn kind(&self) -> AdapterKind {
+        AdapterKind::Lora
+    }
+
+    fn name(&self) -> &str {
+        &self.module
+    }
+
+    fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![
+            (format!("{}.lora_A.weight", self.module), self.lora_a.shallow_clone()),
+            (format!("{}.lora_B.weight", self.module), self.lora_b.shallow_clone()),
+        ];
+        if let Some(b) = &self.bias {
+            v.push((format!("{}.base_layer.bias", self.module), b.shallow_clone()));
+        }
+        v
+    }
+
+    fn can_apply(&self) -> bool {
+        true
+    }
+
+    /// A [`safe_merge`](LoraLinear::safe_merge).
+    fn apply(&mut self) -> Result<()> {
+        self.safe_merge()
+    }
+
+    fn revert(&mut self) -> Result<()> {
+        self.unmerge()
+    }
+
+    fn is_applied(&self) -> bool {
+        self.is_merged()
+    }
+}

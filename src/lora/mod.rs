@@ -1,0 +1,20 @@
+//! LoRA: low-rank adaptation (Hu et al. 2021, <https://arxiv.org/abs/2106.09685>), with
+//! rsLoRA scaling (Kalajdzievski 2023, <https://arxiv.org/abs/2312.03732>).
+//!
+//! A frozen weight `W: [out, in]` is adapted as `W + s·BA`, with `A: [r, in]`, `B: [out, r]`,
+//! `s = lora_alpha / r` (or `lora_alpha / √r` with `use_rslora`). Names, defaults, init and file
+//! format follow Hugging Face PEFT 0.21, so adapters move between the two.
+//!
+//! * [`LoraConfig`]: PEFT's fields, validated, (de)serialisable as `adapter_config.json`.
+//! * [`LoraLinear`]: wraps an `nn::Linear`; forward, merge/unmerge (bit-exact), enable/disable.
+//! * [`LoraBuilder`]: build-time targeting — a model calls `builder.linear(path, …)` instead of
+//!   `nn::linear` and gets a plain or adapted layer by PEFT's `target_modules` rules.
+//! * [`LoraAdapter`]: all layers of one adapter: merge, enable, save/load (PEFT keys, atomic).
+
+mod config;
+mod linear;
+mod model;
+
+pub use config::{scaling, LoraBias, LoraConfig, LoraInit};
+pub use linear::LoraLinear;
+pub use model::{linear, LoraAdapter, LoraBuilder, MaybeLoraLinear, DEFAULT_ADAPTER_NAME};

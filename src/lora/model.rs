@@ -1,0 +1,403 @@
+//! Attaching LoRA to a model the caller builds ([`LoraBuilder`]) and handling all of a model's
+//! LoRA layers at once ([`LoraAdapter`]: merge, enable, save, load).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use tch::nn::{self, ModuleT};
+use tch::Tensor;
+
+use super::config::LoraConfig;
+use super::linear::{path_name, LoraLinear};
+use crate::adapter::{Adapter, AdapterKind, ParamReport};
+use crate::io;
+use crate::target::Targets;
+use crate::{Error, Result};
+
+/// The name PEFT gives an adapter when none is given.
+pub const DEFAULT_ADAPTER_NAME: &str = "default";
+
+/// A linear layer that is LoRA-adapted or not, as the config's targets decided at build time.
+#[derive(Debug)]
+pub enum MaybeLoraLinear {
+    /// Not targeted: the plain base layer.
+    Plain(nn::Linear),
+    /// Targeted: the base layer with a LoRA adapter.
+    Lora(LoraLinear),
+}
+
+impl MaybeLoraLinear {
+    /// The LoRA layer, if this one was targeted.
+    pub fn as_lora(&self) -> Option<&LoraLinear> {
+        match self {
+            MaybeLoraLinear::Lora(l) => Some(l),
+            MaybeLoraLinear::Plain(_) => None,
+        }
+    }
+
+    /// The base layer.
+    pub fn base(&self) -> &nn::Linear {
+        match self {
+            MaybeLoraLinear::Plain(l) => l,
+            MaybeLoraLinear::Lora(l) => l.base(),
+        }
+    }
+
+    /// Forward with input checks (see [`LoraLinear::f_forward_t`]).
+    pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            MaybeLoraLinear::Plain(l) => {
+                let in_features = l.ws.size()[1];
+                if xs.size().last() != Some(&in_features) {
+                    return Err(Error::ShapeMismatch {
+                        name: "input of linear layer".into(),
+                        expected: vec![-1, in_features],
+                        actual: xs.size(),
+                    });
+                }
+                Ok(xs.f_linear(&l.ws, l.bs.as_ref())?)
+            }
+            MaybeLoraLinear::Lora(l) => l.f_forward_t(xs, train),
+        }
+    }
+}
+
+impl ModuleT for MaybeLoraLinear {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        match self {
+            MaybeLoraLinear::Plain(l) => xs.linear(&l.ws, l.bs.as_ref()),
+            MaybeLoraLinear::Lora(l) => l.forward_t(xs, train),
+        }
+    }
+}
+
+/// Build-time targeting: a model calls [`LoraBuilder::linear`] where it would call
+/// `nn::linear`, and gets a plain or LoRA layer according to the config's `target_modules`
+/// matched against the layer's path — PEFT's `get_peft_model` for a graph tch cannot walk.
+///
+/// Adapter variables go to the adapter root given at construction, under the same path as the
+/// base layer (the two-store pattern: the base store stays frozen and loads strictly, the
+/// optimizer sees only the adapter store).
+///
+/// ```
+/// use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
+/// use tch_peft::lora::{LoraBuilder, LoraConfig};
+///
+/// let base_vs = nn::VarStore::new(Device::Cpu);
+/// let adapter_vs = nn::VarStore::new(Device::Cpu);
+/// let lora = LoraBuilder::new(&adapter_vs.root(), LoraConfig::for_targets(["q_proj"]))?;
+/// let p = base_vs.root() / "layers" / 0;
+/// let q = lora.linear(&(&p / "q_proj"), 32, 32, Default::default())?; // adapted
+/// let k = lora.linear(&(&p / "k_proj"), 32, 32, Default::default())?; // plain
+/// let adapter = lora.finish()?;
+/// assert!(q.as_lora().is_some() && k.as_lora().is_none());
+/// assert_eq!(adapter.modules(), ["layers.0.q_proj"]);
+/// # Ok::<(), tch_peft::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct LoraBuilder<'a> {
+    root: nn::Path<'a>,
+    name: String,
+    config: LoraConfig,
+    targets: Targets,
+    layers: Mutex<Vec<LoraLinear>>,
+}
+
+impl<'a> LoraBuilder<'a> {
+    /// A builder for the adapter named `"default"`, registering adapter variables under `root`.
+    /// Validates the config; `target_modules` must be set.
+    pub fn new(root: &nn::Path<'a>, config: LoraConfig) -> Result<Self> {
+        Self::named(root, DEFAULT_ADAPTER_NAME, config)
+    }
+
+    /// A builder for a named adapter.
+    pub fn named(root: &nn::Path<'a>, name: &str, config: LoraConfig) -> Result<Self> {
+        config.validate()?;
+        let targets = config.targets()?;
+        Ok(LoraBuilder {
+            root: root.clone(),
+            name: name.to_string(),
+            config,
+            targets,
+            layers: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &LoraConfig {
+        &self.config
+    }
+
+    /// Builds `nn::linear(base_path, in_dim, out_dim, c)` and wraps it with LoRA when the
+    /// config targets `base_path`'s dotted name.
+    pub fn linear(
+        &self,
+        base_path: &nn::Path,
+        in_dim: i64,
+        out_dim: i64,
+        c: nn::LinearConfig,
+    ) -> Result<MaybeLoraLinear> {
+        let base = nn::linear(base_path, in_dim, out_dim, c);
+        self.wrap(&path_name(base_path), base)
+    }
+
+    /// Wraps an existing layer named `module` when the config targets it.
+    pub fn wrap(&self, module: &str, base: nn::Linear) -> Result<MaybeLoraLinear> {
+        if !self.targets.matches(module) {
+            return Ok(MaybeLoraLinear::Plain(base));
+        }
+        let p = module.split('.').fold(self.root.clone(), |p, c| p / c);
+        let layer = LoraLinear::with_module_name(base, &p, module, &self.config)?;
+        self.layers.lock().unwrap_or_else(|e| e.into_inner()).push(layer.share());
+        Ok(MaybeLoraLinear::Lora(layer))
+    }
+
+    /// Ends the build: errors when a listed target (or layer index) matched no layer, and
+    /// returns the handle on every adapted layer.
+    pub fn finish(self) -> Result<LoraAdapter> {
+        self.targets.check_all_matched()?;
+        let layers = self.layers.into_inner().unwrap_or_else(|e| e.into_inner());
+        Ok(LoraAdapter { name: self.name, config: self.config, layers })
+    }
+}
+
+/// Builds a plain `nn::linear`, or a LoRA layer when `lora` is given and targets the path: the
+/// one-line change a model makes to accept an optional LoRA config.
+pub fn linear(
+    base_path: &nn::Path,
+    in_dim: i64,
+    out_dim: i64,
+    c: nn::LinearConfig,
+    lora: Option<&LoraBuilder>,
+) -> Result<MaybeLoraLinear> {
+    match lora {
+        Some(b) => b.linear(base_path, in_dim, out_dim, c),
+        None => Ok(MaybeLoraLinear::Plain(nn::linear(base_path, in_dim, out_dim, c))),
+    }
+}
+
+/// All LoRA layers of one adapter in a model: merge, enable, save and load them together.
+///
+/// It holds handles that share storage and state with the layers inside the model, so merging
+/// here changes what the model computes.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    name: String,
+    config: LoraConfig,
+    layers: Vec<LoraLinear>,
+}
+
+impl LoraAdapter {
+    /// The config the adapter was built with.
+    pub fn config(&self) -> &LoraConfig {
+        &self.config
+    }
+
+    /// The adapted layers.
+    pub fn layers(&self) -> &[LoraLinear] {
+        &self.layers
+    }
+
+    /// The adapted module paths, in build order.
+    pub fn modules(&self) -> Vec<&str> {
+        self.layers.iter().map(LoraLinear::module).collect()
+    }
+
+    /// Parameter report over the adapter's own tensors.
+    pub fn report(&self) -> ParamReport {
+        ParamReport::from_named_tensors(&self.named_tensors())
+    }
+
+    /// Merges every layer. On failure the layers merged so far are unmerged again.
+    pub fn merge(&self) -> Result<()> {
+        self.merge_all(false)
+    }
+
+    /// Merges every layer, refusing non-finite results (nothing stays merged on failure).
+    pub fn safe_merge(&self) -> Result<()> {
+        self.merge_all(true)
+    }
+
+    fn merge_all(&self, safe: bool) -> Result<()> {
+        for (i, l) in self.layers.iter().enumerate() {
+            let r = if safe { l.safe_merge() } else { l.merge() };
+            if let Err(e) = r {
+                for done in &self.layers[..i] {
+                    done.unmerge()?;
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmerges every merged layer, restoring the original weights bit-exactly.
+    pub fn unmerge(&self) -> Result<()> {
+        for l in self.layers.iter().filter(|l| l.is_merged()) {
+            l.unmerge()?;
+        }
+        Ok(())
+    }
+
+    /// Turns the adapter branch of every layer on or off (disabling unmerges first).
+    pub fn set_enabled(&self, enabled: bool) -> Result<()> {
+        self.layers.iter().try_for_each(|l| l.set_enabled(enabled))
+    }
+
+    /// Writes the adapter's tensors as safetensors with PEFT's keys
+    /// (`base_model.model.<module>.lora_A.weight`) and metadata `{"format": "pt"}`, atomically.
+    pub fn save_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
+        let tensors: Vec<(String, Tensor)> = self
+            .state_dict()
+            .into_iter()
+            .map(|(k, t)| (io::to_peft_key(&k), t))
+            .collect();
+        io::write_safetensors(path, &tensors, Some(io::pt_metadata()))
+    }
+
+    /// Loads the adapter's tensors from a safetensors file (keys with or without the
+    /// `base_model.model.` prefix), strictly: every tensor must be present with the right shape,
+    /// and the file may hold no other tensor. Nothing is written unless everything checks.
+    pub fn load_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let file = io::read_safetensors(path)?;
+        let mut by_name = std::collections::HashMap::new();
+        for (k, t) in file.tensors {
+            let name = io::from_peft_key(&k).to_string();
+            if by_name.insert(name, t).is_some() {
+                return Err(Error::CorruptFile {
+                    file: path.to_path_buf(),
+                    reason: format!("tensor `{k}` appears twice (with and without prefix)"),
+                });
+            }
+        }
+        let own = self.state_dict();
+        let mut pairs = Vec::with_capacity(own.len());
+        for (name, dst) in &own {
+            let src = by_name.remove(name).ok_or_else(|| Error::MissingTensor {
+                name: io::to_peft_key(name),
+                file: path.to_path_buf(),
+            })?;
+            if src.size() != dst.size() {
+                return Err(Error::ShapeMismatch {
+                    name: io::to_peft_key(name),
+                    expected: dst.size(),
+                    actual: src.size(),
+                });
+            }
+            if !super::linear::is_float(src.kind()) {
+                return Err(Error::DtypeMismatch {
+                    name: io::to_peft_key(name),
+                    expected: "a floating-point kind".into(),
+                    actual: src.kind(),
+                });
+            }
+            pairs.push((dst, src));
+        }
+        if let Some(extra) = by_name.keys().min() {
+            return Err(Error::UnexpectedTensor {
+                name: io::to_peft_key(extra),
+                file: path.to_path_buf(),
+            });
+        }
+        if self.layers.iter().any(LoraLinear::is_merged) {
+            return Err(Error::MergeState { module: self.name.clone(), state: "already merged" });
+        }
+        let _guard = tch::no_grad_guard();
+        for (dst, src) in pairs {
+            let mut d = dst.shallow_clone();
+            d.f_copy_(&src.f_to_device(d.device())?.f_to_kind(d.kind())?)?;
+        }
+        Ok(())
+    }
+
+    /// The directory PEFT uses for this adapter under `dir`: `dir` itself for `"default"`,
+    /// `dir/<name>` otherwise.
+    fn adapter_dir(&self, dir: &Path) -> std::path::PathBuf {
+        if self.name == DEFAULT_ADAPTER_NAME {
+            dir.to_path_buf()
+        } else {
+            dir.join(&self.name)
+        }
+    }
+
+    /// Saves as a PEFT adapter directory: `adapter_config.json` and `adapter_model.safetensors`
+    /// (a non-default adapter goes to `dir/<name>/`, as PEFT does).
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = self.adapter_dir(dir.as_ref());
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let mut json = serde_json::to_value(&self.config)?;
+        if let Some(map) = json.as_object_mut() {
+            map.insert("peft_type".into(), "LORA".into());
+            map.insert("task_type".into(), serde_json::Value::Null);
+            map.insert("inference_mode".into(), true.into());
+            map.insert("base_model_name_or_path".into(), serde_json::Value::Null);
+            map.insert("revision".into(), serde_json::Value::Null);
+        }
+        let text = serde_json::to_string_pretty(&json)?;
+        io::write_atomic(&dir.join(io::PEFT_CONFIG_NAME), text.as_bytes())?;
+        self.save_safetensors(dir.join(io::PEFT_WEIGHTS_NAME))
+    }
+
+    /// Loads the weights of a PEFT adapter directory written by
+    /// [`save_pretrained`](Self::save_pretrained) (or by PEFT) into this adapter. Build the
+    /// model with [`LoraConfig::from_pretrained`] first so that the shapes agree.
+    pub fn load_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        self.load_safetensors(self.adapter_dir(dir.as_ref()).join(io::PEFT_WEIGHTS_NAME))
+    }
+}
+
+impl LoraConfig {
+    /// Reads `adapter_config.json` from a PEFT adapter directory (or the file itself). Refuses a
+    /// `peft_type` other than `LORA`.
+    pub fn from_pretrained(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = if path.is_dir() { path.join(io::PEFT_CONFIG_NAME) } else { path.to_path_buf() };
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::CorruptFile { file: file.clone(), reason: e.to_string() })?;
+        if let Some(t) = value.get("peft_type").and_then(|v| v.as_str()) {
+            if t != "LORA" {
+                return Err(Error::Unsupported {
+                    field: "peft_type".into(),
+                    reason: format!("`{t}` adapters are not LoRA"),
+                });
+            }
+        }
+        let config: LoraConfig = serde_json::from_value(value)
+            .map_err(|e| Error::CorruptFile { file: file.clone(), reason: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl Adapter for LoraAdapter {
+    fn kind(&self) -> AdapterKind {
+        AdapterKind::Lora
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.layers.iter().flat_map(|l| l.named_tensors()).collect()
+    }
+
+    fn can_apply(&self) -> bool {
+        true
+    }
+
+    /// A [`safe_merge`](LoraAdapter::safe_merge) of every layer.
+    fn apply(&mut self) -> Result<()> {
+        self.safe_merge()
+    }
+
+    fn revert(&mut self) -> Result<()> {
+        self.unmerge()
+    }
+
+    fn is_applied(&self) -> bool {
+        !self.layers.is_empty() && self.layers.iter().all(LoraLinear::is_merged)
+    }
+}
