@@ -18,7 +18,7 @@
 //! layer runs the base `linear` alone.
 //!
 //! Adapter weights are created in f32 on the base weight's device, also for a bf16/f16 base (as
-//! PEFT does). On such a base, the `[N, r]` intermediate and `B` are cast to the base dtype for
+//! PEFT does), and in f64 on an f64 base. On such a base, the `[N, r]` intermediate and `B` are cast to the base dtype for
 //! the final accumulation, so the output keeps the base dtype without an `[N, out]` f32 copy.
 //!
 //! ```
@@ -150,7 +150,10 @@ impl LoraLinear {
             });
         }
         let device = ws.device();
-        let opts = (Kind::Float, device);
+        // f32 adapters (PEFT upcasts f16/bf16 adapters), f64 on an f64 base (PEFT follows the
+        // base dtype for full-precision bases).
+        let adapter_kind = if ws.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+        let opts = (adapter_kind, device);
         let (a, b) = tch::no_grad(|| {
             let bound_in = 1.0 / (in_features as f64).sqrt();
             let a = match config.init_lora_weights {
@@ -179,7 +182,7 @@ impl LoraLinear {
                 if (p / "base_layer").get("bias").is_some() {
                     return Err(Error::DuplicateParameter((p / "base_layer").path("bias")));
                 }
-                let copy = tch::no_grad(|| bs.to_kind(Kind::Float).copy());
+                let copy = tch::no_grad(|| bs.to_kind(adapter_kind).copy());
                 Some(copy)
             }
             _ => None,

@@ -141,9 +141,16 @@ impl<'a> LoraBuilder<'a> {
         self.wrap(&path_name(base_path), base)
     }
 
-    /// Wraps an existing layer named `module` when the config targets it.
+    /// Wraps an existing layer named `module` when the config targets it. Either way the base
+    /// layer's weight and bias stop requiring grad (PEFT freezes everything but the adapters;
+    /// freeze the rest of the base store yourself, e.g. `base_vs.freeze()`).
     pub fn wrap(&self, module: &str, base: nn::Linear) -> Result<MaybeLoraLinear> {
         if !self.targets.matches(module) {
+            // as PEFT's `_mark_only_adapters_as_trainable`: what is not adapter is frozen
+            let _ = base.ws.set_requires_grad(false);
+            if let Some(bs) = &base.bs {
+                let _ = bs.set_requires_grad(false);
+            }
             return Ok(MaybeLoraLinear::Plain(base));
         }
         let p = module.split('.').fold(self.root.clone(), |p, c| p / c);
