@@ -1,1 +1,138 @@
-fn main(){}
+//! LoRA Linear cost relative to its frozen base layer, in one run.
+//!
+//! ```text
+//! scripts/with-torch cargo bench --bench lora_linear
+//! ```
+//!
+//! Groups (each times base, LoRA and merged LoRA on the same input):
+//! * `fwd_bwd/<tokens>x<in>x<out>_r<r>`: forward, then backward to the input (and to A, B for
+//!   LoRA), as in fine-tuning where the frozen layer still passes gradients down.
+//! * `fwd/<...>`: inference forward under `no_grad`.
+//!
+//! Environment: `TCH_PEFT_BENCH_DEVICE=cuda` runs on the first GPU (each iteration ends with a
+//! device synchronisation), `TCH_PEFT_BENCH_KIND=bf16|f16|f32` sets the base dtype (adapters stay
+//! f32), `TCH_PEFT_BENCH_SHAPES=4096x1024x1024,4096x2048x2048` overrides the shapes.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use tch::nn::{self, ModuleT};
+use tch::{Device, Kind, Tensor};
+use tch_peft::lora::{LoraConfig, LoraLinear};
+
+const RANK: i64 = 8;
+
+fn device() -> Device {
+    match std::env::var("TCH_PEFT_BENCH_DEVICE").as_deref() {
+        Ok("cuda") => Device::Cuda(0),
+        _ => Device::Cpu,
+    }
+}
+
+fn kind() -> Kind {
+    match std::env::var("TCH_PEFT_BENCH_KIND").as_deref() {
+        Ok("bf16") => Kind::BFloat16,
+        Ok("f16") => Kind::Half,
+        _ => Kind::Float,
+    }
+}
+
+fn shapes() -> Vec<(i64, i64, i64)> {
+    let spec = std::env::var("TCH_PEFT_BENCH_SHAPES")
+        .unwrap_or_else(|_| "4096x1024x1024,4096x2048x2048".to_string());
+    spec.split(',')
+        .map(|s| {
+            let v: Vec<i64> = s.split('x').map(|d| d.trim().parse().expect("NxINxOUT")).collect();
+            (v[0], v[1], v[2])
+        })
+        .collect()
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Forward, then backward of a dense upstream gradient `g` to `inputs` (injected as
+/// `sum(y ⊙ g)`, which costs the same two elementwise kernels in every variant; a bare `sum(y)`
+/// would hand back a stride-0 gradient that each consumer copies, which real training never
+/// sees). Returns the gradients so nothing is elided.
+fn fwd_bwd(layer: &impl ModuleT, x: &Tensor, g: &Tensor, inputs: &[&Tensor]) -> Vec<Tensor> {
+    let y = layer.forward_t(x, true);
+    Tensor::run_backward(&[(y * g).sum(g.kind())], inputs, false, false)
+}
+
+fn bench(c: &mut Criterion) {
+    let (device, kind) = (device(), kind());
+    for (tokens, d_in, d_out) in shapes() {
+        tch::manual_seed(0);
+        let mut base_vs = nn::VarStore::new(device);
+        let base = nn::linear(base_vs.root() / "proj", d_in, d_out, Default::default());
+        base_vs.set_kind(kind);
+        base_vs.freeze();
+        let adapter_vs = nn::VarStore::new(device);
+        let cfg = LoraConfig { r: RANK, lora_alpha: 16.0, ..Default::default() };
+        let plain = nn::Linear {
+            ws: base.ws.shallow_clone(),
+            bs: base.bs.as_ref().map(Tensor::shallow_clone),
+        };
+        let lora = LoraLinear::new(base, &(adapter_vs.root() / "proj"), &cfg).expect("lora");
+        // a non-zero B so the branch does real work
+        tch::no_grad(|| {
+            let mut b = lora.lora_b().shallow_clone();
+            let _ = b.normal_(0.0, 0.02);
+        });
+        let merged_vs = nn::VarStore::new(device);
+        let merged_base = nn::linear(merged_vs.root() / "proj", d_in, d_out, Default::default());
+        let merged = LoraLinear::new(merged_base, &(merged_vs.root() / "m"), &cfg).expect("lora");
+        merged.merge().expect("merge");
+        let x = Tensor::randn([tokens, d_in], (kind, device)).set_requires_grad(true);
+        let grad = Tensor::randn([tokens, d_out], (kind, device));
+        let (a, b) = (lora.lora_a().shallow_clone(), lora.lora_b().shallow_clone());
+        let id = format!("{tokens}x{d_in}x{d_out}_r{RANK}_{kind:?}_{device:?}");
+
+        let mut g = c.benchmark_group("fwd_bwd");
+        g.sample_size(20);
+        g.bench_function(BenchmarkId::new("base", &id), |bch| {
+            bch.iter(|| {
+                let r = fwd_bwd(&plain, &x, &grad, &[&x]);
+                sync(device);
+                r
+            })
+        });
+        g.bench_function(BenchmarkId::new("lora", &id), |bch| {
+            bch.iter(|| {
+                let r = fwd_bwd(&lora, &x, &grad, &[&x, &a, &b]);
+                sync(device);
+                r
+            })
+        });
+        g.bench_function(BenchmarkId::new("merged", &id), |bch| {
+            bch.iter(|| {
+                let r = fwd_bwd(&merged, &x, &grad, &[&x]);
+                sync(device);
+                r
+            })
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group("fwd");
+        g.sample_size(20);
+        let xi = x.detach();
+        for (name, layer) in [("base", None), ("lora", Some(&lora)), ("merged", Some(&merged))] {
+            g.bench_function(BenchmarkId::new(name, &id), |bch| {
+                bch.iter(|| {
+                    let y = tch::no_grad(|| match layer {
+                        None => xi.apply_t(&plain, false),
+                        Some(l) => l.forward_t(&xi, false),
+                    });
+                    sync(device);
+                    y
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

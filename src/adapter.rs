@@ -268,7 +268,10 @@ mod tests {
     fn report_matches_peft_print_trainable_parameters() {
         // PEFT 0.21.2 `print_trainable_parameters`, measured (PEFT-ANCHORS.md §1.11).
         let r = ParamReport::from_counts(3328, 26016);
-        assert_eq!(r.to_string(), "trainable params: 3,328 || all params: 26,016 || trainable%: 12.7921");
+        assert_eq!(
+            r.to_string(),
+            "trainable params: 3,328 || all params: 26,016 || trainable%: 12.7921"
+        );
     }
 
     #[test]

@@ -139,9 +139,9 @@ fn layer_regexes(layers_pattern: &[String]) -> Result<Vec<Regex>> {
 }
 
 fn layer_index_with(key: &str, regexes: &[Regex]) -> Option<i64> {
-    regexes
-        .iter()
-        .find_map(|re| re.captures(key).and_then(|c| c.get(1)).and_then(|m| m.as_str().parse().ok()))
+    regexes.iter().find_map(|re| {
+        re.captures(key).and_then(|c| c.get(1)).and_then(|m| m.as_str().parse().ok())
+    })
 }
 
 fn full_regex(field: &str, pattern: &str) -> Result<Regex> {
@@ -371,8 +371,8 @@ mod tests {
 
     #[test]
     fn regex_must_match_the_whole_name() {
-        let t = Targets::new(Some(&TargetModules::regex(r".*\.(q|v)_proj")), None, None, None)
-            .unwrap();
+        let t =
+            Targets::new(Some(&TargetModules::regex(r".*\.(q|v)_proj")), None, None, None).unwrap();
         assert_eq!(sel(&t).len(), 4);
         let t = Targets::new(Some(&TargetModules::regex("q_proj")), None, None, None).unwrap();
         let err = t.select(LLAMA).unwrap_err();
@@ -440,7 +440,9 @@ mod tests {
             None,
         )
         .unwrap_err();
-        assert!(matches!(err, Error::InvalidConfig { ref field, .. } if field == "layers_to_transform"));
+        assert!(
+            matches!(err, Error::InvalidConfig { ref field, .. } if field == "layers_to_transform")
+        );
         let err = Targets::new(
             Some(&TargetModules::list(["q"])),
             None,

@@ -64,8 +64,8 @@ fn forward_matches_float64_recomputation() {
 fn f32_forward_matches_float64_recomputation() {
     tch::manual_seed(11);
     let (vb, va) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
-    let l = LoraLinear::new(base_linear(&vb, "p", 32, 24), &(va.root() / "p"), &cfg(8, 16.0))
-        .unwrap();
+    let l =
+        LoraLinear::new(base_linear(&vb, "p", 32, 24), &(va.root() / "p"), &cfg(8, 16.0)).unwrap();
     set(l.lora_b(), &randn(&[24, 8], Kind::Float));
     let x = randn(&[7, 32], Kind::Float);
     assert!(max_abs_diff(&l.forward_t(&x, false), &reference(&x, &l)) < 1e-4);
@@ -116,7 +116,10 @@ fn unmerge_is_bit_exact(kind: Kind) {
         assert!(!bit_equal(&l.base().ws, &original), "merge changed the weight");
         l.unmerge().unwrap();
     }
-    assert!(bit_equal(&l.base().ws, &original), "50 merge/unmerge cycles are bit-exact in {kind:?}");
+    assert!(
+        bit_equal(&l.base().ws, &original),
+        "50 merge/unmerge cycles are bit-exact in {kind:?}"
+    );
 }
 
 #[test]
@@ -161,7 +164,10 @@ fn gradients_reach_only_a_and_b() {
     set(l.lora_b(), &randn(&[6, 2], Kind::Float));
     let x = randn(&[4, 8], Kind::Float);
     l.forward_t(&x, true).square().sum(Kind::Float).backward();
-    assert!(l.lora_a().grad().defined() && l.lora_a().grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    assert!(
+        l.lora_a().grad().defined()
+            && l.lora_a().grad().abs().sum(Kind::Float).double_value(&[]) > 0.0
+    );
     assert!(l.lora_b().grad().defined());
     assert!(!l.base().ws.requires_grad() && !l.base().ws.grad().defined());
     assert!(!l.base().bs.as_ref().unwrap().grad().defined());
@@ -316,9 +322,10 @@ fn integer_or_non_matrix_base_weights_are_refused() {
 #[test]
 fn adapting_the_same_path_twice_is_refused() {
     let (vb, va) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
-    let _l = LoraLinear::new(base_linear(&vb, "p", 4, 4), &(va.root() / "p"), &cfg(2, 2.0)).unwrap();
-    let err = LoraLinear::new(base_linear(&vb, "q", 4, 4), &(va.root() / "p"), &cfg(2, 2.0))
-        .unwrap_err();
+    let _l =
+        LoraLinear::new(base_linear(&vb, "p", 4, 4), &(va.root() / "p"), &cfg(2, 2.0)).unwrap();
+    let err =
+        LoraLinear::new(base_linear(&vb, "q", 4, 4), &(va.root() / "p"), &cfg(2, 2.0)).unwrap_err();
     assert!(matches!(err, Error::DuplicateParameter(ref n) if n == "p.lora_A.weight"), "{err}");
 }
 

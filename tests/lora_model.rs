@@ -44,7 +44,11 @@ impl ModuleT for Mlp {
 fn build(targets: &[&str], r: i64) -> (nn::VarStore, nn::VarStore, Mlp, LoraAdapter) {
     let base_vs = nn::VarStore::new(Device::Cpu);
     let adapter_vs = nn::VarStore::new(Device::Cpu);
-    let cfg = LoraConfig { r, lora_alpha: 2.0 * r as f64, ..LoraConfig::for_targets(targets.iter().copied()) };
+    let cfg = LoraConfig {
+        r,
+        lora_alpha: 2.0 * r as f64,
+        ..LoraConfig::for_targets(targets.iter().copied())
+    };
     let builder = LoraBuilder::new(&adapter_vs.root(), cfg).unwrap();
     let model = Mlp::new(&base_vs.root(), Some(&builder)).unwrap();
     let adapter = builder.finish().unwrap();
@@ -77,11 +81,11 @@ fn a_target_that_matches_nothing_is_an_error() {
         LoraBuilder::new(&adapter_vs.root(), LoraConfig::for_targets(["up", "q_proj"])).unwrap();
     let _model = Mlp::new(&base_vs.root(), Some(&builder)).unwrap();
     let err = builder.finish().unwrap_err();
-    assert!(
-        matches!(&err, Error::UnmatchedTarget { target, .. } if target == "q_proj"),
-        "{err}"
+    assert!(matches!(&err, Error::UnmatchedTarget { target, .. } if target == "q_proj"), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "target `q_proj` in `target_modules` matched no module (checked 5 module names)"
     );
-    assert_eq!(err.to_string(), "target `q_proj` in `target_modules` matched no module (checked 5 module names)");
 }
 
 #[test]
@@ -118,7 +122,10 @@ fn model_merge_then_forward_matches_unmerged_and_unmerge_restores_bits() {
     boxed.revert().unwrap();
     assert!(!boxed.is_applied());
     let vars = base_vs.variables();
-    for (l, orig) in ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "head"].iter().zip(&originals) {
+    for (l, orig) in ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "head"]
+        .iter()
+        .zip(&originals)
+    {
         assert!(bit_equal(&vars[&format!("{l}.weight")], orig), "{l} restored");
     }
 }
@@ -169,7 +176,10 @@ fn loading_checks_every_key_and_shape_and_names_what_is_wrong() {
     // missing tensor
     io::write_safetensors(&path, &own[..3], None).unwrap();
     let err = adapter.load_safetensors(&path).unwrap_err();
-    assert!(matches!(&err, Error::MissingTensor { name, .. } if name == "base_model.model.blocks.1.up.lora_B.weight"), "{err}");
+    assert!(
+        matches!(&err, Error::MissingTensor { name, .. } if name == "base_model.model.blocks.1.up.lora_B.weight"),
+        "{err}"
+    );
 
     // wrong shape
     let mut wrong: Vec<(String, Tensor)> = own.iter().map(|(k, t)| (k.clone(), t.copy())).collect();
@@ -183,10 +193,16 @@ fn loading_checks_every_key_and_shape_and_names_what_is_wrong() {
 
     // unexpected tensor
     let mut extra: Vec<(String, Tensor)> = own.iter().map(|(k, t)| (k.clone(), t.copy())).collect();
-    extra.push(("blocks.0.down.lora_A.weight".into(), Tensor::zeros([4, 16], (Kind::Float, Device::Cpu))));
+    extra.push((
+        "blocks.0.down.lora_A.weight".into(),
+        Tensor::zeros([4, 16], (Kind::Float, Device::Cpu)),
+    ));
     io::write_safetensors(&path, &extra, None).unwrap();
     let err = adapter.load_safetensors(&path).unwrap_err();
-    assert!(matches!(&err, Error::UnexpectedTensor { name, .. } if name.ends_with("blocks.0.down.lora_A.weight")), "{err}");
+    assert!(
+        matches!(&err, Error::UnexpectedTensor { name, .. } if name.ends_with("blocks.0.down.lora_A.weight")),
+        "{err}"
+    );
 
     // corrupt and truncated files
     std::fs::write(&path, b"not a safetensors file").unwrap();
@@ -244,7 +260,12 @@ fn lora_on_a_frozen_network_lowers_the_loss_and_leaves_the_base_untouched() {
     assert_eq!(report.trainable, adapter.num_trainable_parameters());
     assert_eq!(report.trainable, 2 * (4 * 8 + 16 * 4) + 2 * (4 * 16 + 8 * 4));
     assert_eq!(report.total, report.trainable + 2 * (8 * 16 + 16 + 16 * 8 + 8) + (8 * 2 + 2));
-    assert!(report.to_string().starts_with("trainable params: 384 || all params: 962 || trainable%: 39.9168"), "{report}");
+    assert!(
+        report
+            .to_string()
+            .starts_with("trainable params: 384 || all params: 962 || trainable%: 39.9168"),
+        "{report}"
+    );
 }
 
 #[test]

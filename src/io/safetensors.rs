@@ -139,8 +139,9 @@ pub fn write_safetensors(
             return Err(Error::DuplicateParameter(name.clone()));
         }
     }
-    let bytes = safetensors::tensor::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), metadata)
-        .map_err(|e| Error::CorruptFile { file: path.to_path_buf(), reason: e.to_string() })?;
+    let bytes =
+        safetensors::tensor::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), metadata)
+            .map_err(|e| Error::CorruptFile { file: path.to_path_buf(), reason: e.to_string() })?;
     write_atomic(path, &bytes)
 }
 
@@ -165,8 +166,9 @@ pub fn read_safetensors(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
     let mut tensors = Vec::new();
     for (name, view) in st.tensors() {
-        let kind = dtype_to_kind(view.dtype())
-            .ok_or_else(|| corrupt(format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
+        let kind = dtype_to_kind(view.dtype()).ok_or_else(|| {
+            corrupt(format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()))
+        })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
         tensors.push((name, t));

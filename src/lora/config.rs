@@ -210,10 +210,16 @@ impl LoraConfig {
             return Err(unsupported("lora_bias", "a bias on lora_B is not implemented yet"));
         }
         if self.fan_in_fan_out {
-            return Err(unsupported("fan_in_fan_out", "Conv1D-style [in, out] weights are not implemented yet"));
+            return Err(unsupported(
+                "fan_in_fan_out",
+                "Conv1D-style [in, out] weights are not implemented yet",
+            ));
         }
         if self.bias == LoraBias::All {
-            return Err(unsupported("bias", "`all` is not implemented yet; use `none` or `lora_only`"));
+            return Err(unsupported(
+                "bias",
+                "`all` is not implemented yet; use `none` or `lora_only`",
+            ));
         }
         if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
             return Err(unsupported("modules_to_save", "not implemented yet"));
@@ -311,15 +317,19 @@ mod tests {
         assert_eq!(c.r, 4);
         assert_eq!(c.lora_alpha, 8.0);
         assert_eq!(c.lora_dropout, 0.05);
-        assert_eq!(c.target_modules, Some(TargetModules::list(["embed_tokens", "q_proj", "v_proj"])));
+        assert_eq!(
+            c.target_modules,
+            Some(TargetModules::list(["embed_tokens", "q_proj", "v_proj"]))
+        );
         c.validate().unwrap();
     }
 
     #[test]
     fn reads_an_old_minimal_config_with_defaults() {
-        let c: LoraConfig =
-            serde_json::from_str(r#"{"r": 16, "target_modules": "model.*(q|v)_proj", "fan_in_fan_out": false}"#)
-                .unwrap();
+        let c: LoraConfig = serde_json::from_str(
+            r#"{"r": 16, "target_modules": "model.*(q|v)_proj", "fan_in_fan_out": false}"#,
+        )
+        .unwrap();
         assert_eq!(c.r, 16);
         assert_eq!(c.lora_alpha, 8.0);
         assert_eq!(c.init_lora_weights, LoraInit::Kaiming);
@@ -343,9 +353,18 @@ mod tests {
             e => panic!("unexpected {e}"),
         };
         assert_eq!(field_of(LoraConfig { r: 0, ..Default::default() }), "r");
-        assert_eq!(field_of(LoraConfig { lora_alpha: f64::NAN, ..Default::default() }), "lora_alpha");
-        assert_eq!(field_of(LoraConfig { lora_dropout: 1.0, ..Default::default() }), "lora_dropout");
-        assert_eq!(field_of(LoraConfig { lora_dropout: -0.1, ..Default::default() }), "lora_dropout");
+        assert_eq!(
+            field_of(LoraConfig { lora_alpha: f64::NAN, ..Default::default() }),
+            "lora_alpha"
+        );
+        assert_eq!(
+            field_of(LoraConfig { lora_dropout: 1.0, ..Default::default() }),
+            "lora_dropout"
+        );
+        assert_eq!(
+            field_of(LoraConfig { lora_dropout: -0.1, ..Default::default() }),
+            "lora_dropout"
+        );
         assert_eq!(field_of(LoraConfig { use_dora: true, ..Default::default() }), "use_dora");
         let mut rp = LoraConfig::default();
         rp.rank_pattern.insert("q_proj".into(), 0);

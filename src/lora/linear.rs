@@ -1,40 +1,4 @@
 //! [`LoraLinear`]: LoRA on a `tch::nn::Linear`.
-//!
-//! For a base layer `y = x Wᵀ + b` with `W: [out, in]`, LoRA adds a rank-`r` update:
-//!
-//! ```text
-//! y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ        A = lora_A: [r, in],  B = lora_B: [out, r]
-//! s = lora_alpha / r    (rsLoRA: lora_alpha / √r)
-//! ```
-//!
-//! Only `A` and `B` train; the base weight and bias are frozen when wrapped. Dropout acts on the
-//! adapter branch only and only in training. Merging writes `W ← W + s·BA` into the base weight
-//! (computed in f32, or f64 for an f64 base) after saving the original, so unmerging restores it
-//! bit-exactly in every dtype.
-//!
-//! Hot path: the base output is computed on the flattened input (`[N, in]`) and the low-rank
-//! branch is accumulated into it in place with one `addmm_`; the scaling multiplies the small
-//! `[N, r]` intermediate. No dropout kernel runs when `p = 0` or in eval. A merged (or disabled)
-//! layer runs the base `linear` alone.
-//!
-//! Adapter weights are created in f32 on the base weight's device, also for a bf16/f16 base (as
-//! PEFT does), and in f64 on an f64 base. On such a base, the `[N, r]` intermediate and `B` are cast to the base dtype for
-//! the final accumulation, so the output keeps the base dtype without an `[N, out]` f32 copy.
-//!
-//! ```
-//! use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
-//! use tch_peft::lora::{LoraConfig, LoraLinear};
-//!
-//! let base_vs = nn::VarStore::new(Device::Cpu);
-//! let adapter_vs = nn::VarStore::new(Device::Cpu);
-//! let base = nn::linear(base_vs.root() / "proj", 16, 8, Default::default());
-//! let cfg = LoraConfig { r: 4, lora_alpha: 8.0, ..Default::default() };
-//! let layer = LoraLinear::new(base, &(adapter_vs.root() / "proj"), &cfg)?;
-//! let y = layer.forward_t(&Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu)), false);
-//! assert_eq!(y.size(), [2, 5, 8]);
-//! assert_eq!(adapter_vs.len(), 2); // proj.lora_A.weight, proj.lora_B.weight
-//! # Ok::<(), tch_peft::Error>(())
-//! ```
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,7 +19,43 @@ struct SharedState {
     merged: AtomicBool,
 }
 
-/// A LoRA-adapted linear layer. See the [module docs](self) for the formula and shapes.
+/// A LoRA-adapted linear layer.
+///
+/// For a base layer `y = x Wᵀ + b` with `W: [out, in]`, LoRA adds a rank-`r` update:
+///
+/// ```text
+/// y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ        A = lora_A: [r, in],  B = lora_B: [out, r]
+/// s = lora_alpha / r    (rsLoRA: lora_alpha / √r)
+/// ```
+///
+/// Only `A` and `B` train; the base weight and bias are frozen when wrapped. Dropout acts on the
+/// adapter branch only and only in training. Merging writes `W ← W + s·BA` into the base weight
+/// (computed in f32, or f64 for an f64 base) after saving the original, so unmerging restores it
+/// bit-exactly in every dtype.
+///
+/// Hot path: the base output is computed on the flattened input (`[N, in]`) and the low-rank
+/// branch is accumulated into it in place with one `addmm_`; the scaling multiplies the small
+/// `[N, r]` intermediate. No dropout kernel runs when `p = 0` or in eval. A merged (or disabled)
+/// layer runs the base `linear` alone.
+///
+/// Adapter weights are created in f32 on the base weight's device, also for a bf16/f16 base (as
+/// PEFT does), and in f64 on an f64 base. On such a base, the `[N, r]` intermediate and `B` are cast to the base dtype for
+/// the final accumulation, so the output keeps the base dtype without an `[N, out]` f32 copy.
+///
+/// ```
+/// use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
+/// use tch_peft::lora::{LoraConfig, LoraLinear};
+///
+/// let base_vs = nn::VarStore::new(Device::Cpu);
+/// let adapter_vs = nn::VarStore::new(Device::Cpu);
+/// let base = nn::linear(base_vs.root() / "proj", 16, 8, Default::default());
+/// let cfg = LoraConfig { r: 4, lora_alpha: 8.0, ..Default::default() };
+/// let layer = LoraLinear::new(base, &(adapter_vs.root() / "proj"), &cfg)?;
+/// let y = layer.forward_t(&Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu)), false);
+/// assert_eq!(y.size(), [2, 5, 8]);
+/// assert_eq!(adapter_vs.len(), 2); // proj.lora_A.weight, proj.lora_B.weight
+/// # Ok::<(), tch_peft::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct LoraLinear {
     base: nn::Linear,
@@ -160,7 +160,9 @@ impl LoraLinear {
                 LoraInit::Kaiming | LoraInit::Random => {
                     Tensor::empty([r, in_features], opts).uniform_(-bound_in, bound_in)
                 }
-                LoraInit::Gaussian => Tensor::empty([r, in_features], opts).normal_(0.0, 1.0 / r as f64),
+                LoraInit::Gaussian => {
+                    Tensor::empty([r, in_features], opts).normal_(0.0, 1.0 / r as f64)
+                }
             };
             let b = match config.init_lora_weights {
                 LoraInit::Random => {
@@ -372,7 +374,10 @@ impl LoraLinear {
             let mut b = bs.shallow_clone();
             b.f_copy_(&trained.f_to_kind(bs.kind())?)?;
         }
-        Ok(nn::Linear { ws: self.base.ws.shallow_clone(), bs: self.base.bs.as_ref().map(Tensor::shallow_clone) })
+        Ok(nn::Linear {
+            ws: self.base.ws.shallow_clone(),
+            bs: self.base.bs.as_ref().map(Tensor::shallow_clone),
+        })
     }
 
     fn check_input(&self, xs: &Tensor) -> Result<()> {

@@ -254,11 +254,8 @@ impl LoraAdapter {
     /// Writes the adapter's tensors as safetensors with PEFT's keys
     /// (`base_model.model.<module>.lora_A.weight`) and metadata `{"format": "pt"}`, atomically.
     pub fn save_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
-        let tensors: Vec<(String, Tensor)> = self
-            .state_dict()
-            .into_iter()
-            .map(|(k, t)| (io::to_peft_key(&k), t))
-            .collect();
+        let tensors: Vec<(String, Tensor)> =
+            self.state_dict().into_iter().map(|(k, t)| (io::to_peft_key(&k), t)).collect();
         io::write_safetensors(path, &tensors, Some(io::pt_metadata()))
     }
 
