@@ -11,14 +11,17 @@
 //!
 //! Environment: `TCH_PEFT_BENCH_DEVICE=cuda` runs on the first GPU (each iteration ends with a
 //! device synchronisation), `TCH_PEFT_BENCH_KIND=bf16|f16|f32` sets the base dtype (adapters stay
-//! f32), `TCH_PEFT_BENCH_SHAPES=4096x1024x1024,4096x2048x2048` overrides the shapes.
+//! f32), `TCH_PEFT_BENCH_SHAPES=4096x1024x1024,4096x2048x2048` overrides the shapes and
+//! `TCH_PEFT_BENCH_RANK=16` the rank (default 8).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 use tch_peft::lora::{LoraConfig, LoraLinear};
 
-const RANK: i64 = 8;
+fn rank() -> i64 {
+    std::env::var("TCH_PEFT_BENCH_RANK").ok().and_then(|r| r.parse().ok()).unwrap_or(8)
+}
 
 fn device() -> Device {
     match std::env::var("TCH_PEFT_BENCH_DEVICE").as_deref() {
@@ -62,7 +65,7 @@ fn fwd_bwd(layer: &impl ModuleT, x: &Tensor, g: &Tensor, inputs: &[&Tensor]) -> 
 }
 
 fn bench(c: &mut Criterion) {
-    let (device, kind) = (device(), kind());
+    let (device, kind, rank) = (device(), kind(), rank());
     for (tokens, d_in, d_out) in shapes() {
         tch::manual_seed(0);
         let mut base_vs = nn::VarStore::new(device);
@@ -70,7 +73,7 @@ fn bench(c: &mut Criterion) {
         base_vs.set_kind(kind);
         base_vs.freeze();
         let adapter_vs = nn::VarStore::new(device);
-        let cfg = LoraConfig { r: RANK, lora_alpha: 16.0, ..Default::default() };
+        let cfg = LoraConfig { r: rank, lora_alpha: 16.0, ..Default::default() };
         let plain = nn::Linear {
             ws: base.ws.shallow_clone(),
             bs: base.bs.as_ref().map(Tensor::shallow_clone),
@@ -88,7 +91,7 @@ fn bench(c: &mut Criterion) {
         let x = Tensor::randn([tokens, d_in], (kind, device)).set_requires_grad(true);
         let grad = Tensor::randn([tokens, d_out], (kind, device));
         let (a, b) = (lora.lora_a().shallow_clone(), lora.lora_b().shallow_clone());
-        let id = format!("{tokens}x{d_in}x{d_out}_r{RANK}_{kind:?}_{device:?}");
+        let id = format!("{tokens}x{d_in}x{d_out}_r{rank}_{kind:?}_{device:?}");
 
         let mut g = c.benchmark_group("fwd_bwd");
         g.sample_size(20);

@@ -115,6 +115,7 @@ pub struct LoraConfig {
     /// Per-module rank overrides: the first key `p` with `(.*\.)?(p)$` matching the module name.
     pub rank_pattern: BTreeMap<String, i64>,
     /// Per-module `lora_alpha` overrides, matched as `rank_pattern`.
+    #[serde(serialize_with = "map_int_if_integral")]
     pub alpha_pattern: BTreeMap<String, f64>,
     /// GPT-2 `Conv1D` weights stored `[in, out]` (not supported yet).
     pub fan_in_fan_out: bool,
@@ -149,12 +150,31 @@ impl Default for LoraConfig {
     }
 }
 
+/// `Some(i)` when `v` is a whole number: PEFT writes integral alphas as JSON integers.
+fn integral(v: f64) -> Option<i64> {
+    (v.fract() == 0.0 && v.abs() < 9.0e15).then_some(v as i64)
+}
+
 fn int_if_integral<S: Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
-    if v.fract() == 0.0 && v.abs() < 9.0e15 {
-        s.serialize_i64(*v as i64)
-    } else {
-        s.serialize_f64(*v)
+    match integral(*v) {
+        Some(i) => s.serialize_i64(i),
+        None => s.serialize_f64(*v),
     }
+}
+
+fn map_int_if_integral<S: Serializer>(
+    m: &BTreeMap<String, f64>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(m.len()))?;
+    for (k, v) in m {
+        match integral(*v) {
+            Some(i) => map.serialize_entry(k, &i)?,
+            None => map.serialize_entry(k, v)?,
+        }
+    }
+    map.end()
 }
 
 fn pattern_regex(field: &str, p: &str) -> Result<Regex> {

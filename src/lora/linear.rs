@@ -39,8 +39,11 @@ struct SharedState {
 /// layer runs the base `linear` alone.
 ///
 /// Adapter weights are created in f32 on the base weight's device, also for a bf16/f16 base (as
-/// PEFT does), and in f64 on an f64 base. On such a base, the `[N, r]` intermediate and `B` are cast to the base dtype for
-/// the final accumulation, so the output keeps the base dtype without an `[N, out]` f32 copy.
+/// PEFT does), and in f64 on an f64 base. On a bf16/f16 base the branch computes as
+/// `torch.autocast` would: the f32 factors are cast to the base dtype (they are small), the
+/// matmuls run in that dtype with f32 accumulation, and gradients reach the f32 factors through
+/// the cast. PEFT instead casts the `[N, in]` activations to f32, a full-size copy per call; the
+/// results agree within the base dtype's precision.
 ///
 /// ```
 /// use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
@@ -419,18 +422,19 @@ impl LoraLinear {
         let x2 = xs.f_reshape([-1, self.in_features])?;
         let mut y = x2.f_linear(&self.base.ws, bias)?;
         let xa = if train && self.dropout > 0.0 { x2.f_dropout(self.dropout, true)? } else { x2 };
-        let a_kind = self.lora_a.kind();
-        let xa = if xa.kind() != a_kind { xa.f_to_kind(a_kind)? } else { xa };
-        let mut h = xa.f_mm(&self.lora_a.f_tr()?)?;
+        // The branch runs in the base dtype, as under torch.autocast: the f32 factors are cast
+        // (they are small: [r, in] and [out, r]) rather than the [N, in] activations, and their
+        // gradients come back in f32 through the cast.
+        let kind = y.kind();
+        let cast =
+            |t: &Tensor| if t.kind() == kind { Ok(t.shallow_clone()) } else { t.f_to_kind(kind) };
+        let a = cast(&self.lora_a)?;
+        let b = cast(&self.lora_b)?;
+        let mut h = xa.f_mm(&a.f_tr()?)?;
         if self.scaling != 1.0 {
             h = h.f_mul_scalar(self.scaling)?;
         }
-        if y.kind() != a_kind {
-            let b = self.lora_b.f_to_kind(y.kind())?;
-            let _ = y.f_addmm_(&h.f_to_kind(y.kind())?, &b.f_tr()?)?;
-        } else {
-            let _ = y.f_addmm_(&h, &self.lora_b.f_tr()?)?;
-        }
+        let _ = y.f_addmm_(&h, &b.f_tr()?)?;
         Ok(y.f_reshape(out_shape)?)
     }
 }

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Makes the PEFT parity fixtures under tests/fixtures/peft/ (run by hand; cargo test never
+needs Python).
+
+    pip install torch==2.11.0 "peft==0.21.*" "transformers>=5"
+    python3 scripts/make_peft_fixtures.py
+
+For each case, a PEFT 0.21 LoRA adapter on a tiny model whose module names follow a Llama
+(`model.layers.0.self_attn.q_proj`, ...), saved with `save_pretrained` (adapter_config.json +
+adapter_model.safetensors), plus:
+  base.safetensors   the base model's state dict (f32)
+  io.safetensors     `x` [3, 5, 16], PEFT's output `y` (adapter active, eval), `y_base` (adapter
+                     disabled), and the merged weights `merged.<module>.weight` from
+                     `merge_and_unload` (float32).
+B is set to random values (seeded) so that the adapter changes the output.
+"""
+import json
+import os
+import shutil
+
+import peft
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "peft")
+
+
+class Attn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(16, 16)
+        self.v_proj = torch.nn.Linear(16, 8, bias=False)
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up_proj = torch.nn.Linear(8, 12)
+
+
+class Layer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.self_attn = Attn()
+        self.mlp = Mlp()
+
+
+class Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([Layer(), Layer()])
+
+
+class Tiny(torch.nn.Module):
+    """out = sum over layers of up_proj(v_proj(gelu(q_proj(x))))"""
+
+    def __init__(self):
+        super().__init__()
+        self.model = Inner()
+
+    def forward(self, x):
+        out = 0
+        for layer in self.model.layers:
+            h = layer.self_attn.v_proj(torch.nn.functional.gelu(layer.self_attn.q_proj(x)))
+            out = out + layer.mlp.up_proj(h)
+        return out
+
+
+CASES = {
+    "default": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "rslora_patterns": dict(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        rank_pattern={"up_proj": 2},
+        alpha_pattern={"model.layers.1.self_attn.q_proj": 3},
+        layers_to_transform=[1],
+    ),
+}
+
+
+def main():
+    for name, kwargs in CASES.items():
+        torch.manual_seed(0)
+        base = Tiny().eval()
+        base_sd = {k: v.detach().clone().contiguous() for k, v in base.state_dict().items()}
+        model = get_peft_model(base, LoraConfig(**kwargs))
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        model.eval()
+        x = torch.randn(3, 5, 16, generator=g)
+        with torch.no_grad():
+            y = model(x)
+            with model.disable_adapter():
+                y_base = model(x)
+        d = os.path.join(OUT, name)
+        shutil.rmtree(d, ignore_errors=True)
+        model.save_pretrained(d)
+        os.remove(os.path.join(d, "README.md"))
+        merged = model.merge_and_unload()
+        tensors = {"x": x, "y": y, "y_base": y_base}
+        for k, v in merged.state_dict().items():
+            tensors[f"merged.{k}"] = v.detach().clone().contiguous()
+        save_file(tensors, os.path.join(d, "io.safetensors"))
+        save_file(base_sd, os.path.join(d, "base.safetensors"))
+        with open(os.path.join(d, "versions.json"), "w") as f:
+            json.dump({"peft": peft.__version__, "torch": torch.__version__}, f)
+        print(name, "->", d, "max |y - y_base| =", (y - y_base).abs().max().item())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+//! Parity with Hugging Face PEFT 0.21 on fixtures made by `scripts/make_peft_fixtures.py`:
+//! PEFT's adapter directory loads here and gives PEFT's outputs and merged weights, and the
+//! directory written here has PEFT's keys, shapes, values and config fields.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use tch::nn::{self, ModuleT};
+use tch::{Device, Tensor};
+use tch_peft::lora::{self, LoraAdapter, LoraBuilder, LoraConfig, MaybeLoraLinear};
+use tch_peft::{io, Result};
+
+/// The fixture model: `sum over layers of up_proj(v_proj(gelu(q_proj(x))))`, Llama-style names.
+struct Tiny {
+    layers: Vec<[MaybeLoraLinear; 3]>,
+}
+
+impl Tiny {
+    fn new(p: &nn::Path, lora: Option<&LoraBuilder>) -> Result<Self> {
+        let mut layers = Vec::new();
+        for i in 0..2 {
+            let l = p / "model" / "layers" / i;
+            let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
+            layers.push([
+                lora::linear(&(&l / "self_attn" / "q_proj"), 16, 16, Default::default(), lora)?,
+                lora::linear(&(&l / "self_attn" / "v_proj"), 16, 8, no_bias, lora)?,
+                lora::linear(&(&l / "mlp" / "up_proj"), 8, 12, Default::default(), lora)?,
+            ]);
+        }
+        Ok(Tiny { layers })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let mut out: Option<Tensor> = None;
+        for [q, v, up] in &self.layers {
+            let h = up.forward_t(&v.forward_t(&q.forward_t(x, false).gelu("none"), false), false);
+            out = Some(match out {
+                None => h,
+                Some(o) => o + h,
+            });
+        }
+        out.unwrap()
+    }
+}
+
+fn fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft").join(case)
+}
+
+fn tensors(path: &Path) -> std::collections::BTreeMap<String, Tensor> {
+    io::read_safetensors(path).unwrap().tensors.into_iter().collect()
+}
+
+fn load_case(case: &str) -> (nn::VarStore, nn::VarStore, Tiny, LoraAdapter) {
+    let dir = fixture(case);
+    let cfg = LoraConfig::from_pretrained(&dir).unwrap();
+    let mut base_vs = nn::VarStore::new(Device::Cpu);
+    let adapter_vs = nn::VarStore::new(Device::Cpu);
+    let builder = LoraBuilder::new(&adapter_vs.root(), cfg).unwrap();
+    let model = Tiny::new(&base_vs.root(), Some(&builder)).unwrap();
+    let adapter = builder.finish().unwrap();
+    base_vs.load(dir.join("base.safetensors")).unwrap();
+    adapter.load_pretrained(&dir).unwrap();
+    (base_vs, adapter_vs, model, adapter)
+}
+
+fn check_case(case: &str, expected_modules: &[&str]) {
+    let dir = fixture(case);
+    let io_t = tensors(&dir.join("io.safetensors"));
+    let (base_vs, _adapter_vs, model, adapter) = load_case(case);
+    assert_eq!(adapter.modules(), expected_modules);
+
+    // forward with the adapter, and with it disabled
+    let y = model.forward(&io_t["x"]);
+    assert!(max_abs_diff(&y, &io_t["y"]) < 1e-5, "{case}: {}", max_abs_diff(&y, &io_t["y"]));
+    adapter.set_enabled(false).unwrap();
+    assert!(max_abs_diff(&model.forward(&io_t["x"]), &io_t["y_base"]) < 1e-6);
+    adapter.set_enabled(true).unwrap();
+
+    // merged weights equal PEFT's merge_and_unload
+    adapter.merge().unwrap();
+    let vars = base_vs.variables();
+    for (k, v) in &io_t {
+        if let Some(name) = k.strip_prefix("merged.") {
+            assert!(max_abs_diff(&vars[name], v) < 1e-6, "{case}: merged {name}");
+        }
+    }
+    assert!(max_abs_diff(&model.forward(&io_t["x"]), &io_t["y"]) < 1e-5);
+    adapter.unmerge().unwrap();
+
+    // what we write is what PEFT wrote: same keys, shapes, values, metadata and config fields
+    let out = temp_dir(&format!("parity-{case}"));
+    adapter.save_pretrained(&out).unwrap();
+    let ours = io::read_safetensors(out.join(io::PEFT_WEIGHTS_NAME)).unwrap();
+    let theirs = io::read_safetensors(dir.join(io::PEFT_WEIGHTS_NAME)).unwrap();
+    assert_eq!(ours.metadata, theirs.metadata);
+    assert_eq!(ours.tensors.len(), theirs.tensors.len());
+    for ((ka, ta), (kb, tb)) in ours.tensors.iter().zip(&theirs.tensors) {
+        assert_eq!(ka, kb);
+        assert!(bit_equal(ta, tb), "{case}: {ka}");
+    }
+    let json = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let (a, b) = (json(out.join(io::PEFT_CONFIG_NAME)), json(dir.join(io::PEFT_CONFIG_NAME)));
+    for key in [
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "use_rslora",
+        "init_lora_weights",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+        "bias",
+        "fan_in_fan_out",
+        "use_dora",
+        "lora_bias",
+        "modules_to_save",
+        "peft_type",
+        "inference_mode",
+    ] {
+        assert_eq!(a[key], b[key], "{case}: config field {key}");
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn peft_default_adapter_loads_and_matches_outputs_merges_and_files() {
+    check_case(
+        "default",
+        &[
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.v_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.v_proj",
+        ],
+    );
+}
+
+#[test]
+fn peft_rslora_rank_alpha_patterns_and_layers_match() {
+    check_case(
+        "rslora_patterns",
+        &[
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.v_proj",
+            "model.layers.1.mlp.up_proj",
+        ],
+    );
+    let (_b, _a, _m, adapter) = load_case("rslora_patterns");
+    let by_module: Vec<(i64, f64)> =
+        adapter.layers().iter().map(|l| (l.rank(), l.scaling())).collect();
+    assert_eq!(by_module, [(4, 3.0 / 2.0), (4, 8.0 / 2.0), (2, 8.0 / 2f64.sqrt())]);
+}
