@@ -84,8 +84,10 @@ fn bench(c: &mut Criterion) {
             let mut b = lora.lora_b().shallow_clone();
             let _ = b.normal_(0.0, 0.02);
         });
-        let merged_vs = nn::VarStore::new(device);
+        let mut merged_vs = nn::VarStore::new(device);
         let merged_base = nn::linear(merged_vs.root() / "proj", d_in, d_out, Default::default());
+        merged_vs.set_kind(kind);
+        merged_vs.freeze();
         let merged = LoraLinear::new(merged_base, &(merged_vs.root() / "m"), &cfg).expect("lora");
         merged.merge().expect("merge");
         let x = Tensor::randn([tokens, d_in], (kind, device)).set_requires_grad(true);
