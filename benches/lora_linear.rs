@@ -4,7 +4,10 @@
 //! scripts/with-torch cargo bench --bench lora_linear
 //! ```
 //!
-//! Groups (each times base, LoRA and merged LoRA on the same input):
+//! First, for each shape, one line per group with the medians of base, LoRA and merged LoRA
+//! measured in alternation (`interleaved fwd_bwd ...: base .. ms, lora .. ms (1.0xx), ...`): the
+//! ratios to quote, since alternation cancels the load drift of a shared machine. Then the
+//! criterion groups (each times base, LoRA and merged LoRA on the same input):
 //! * `fwd_bwd/<tokens>x<in>x<out>_r<r>`: forward, then backward to the input (and to A, B for
 //!   LoRA), as in fine-tuning where the frozen layer still passes gradients down.
 //! * `fwd/<...>`: inference forward under `no_grad`.
@@ -12,7 +15,8 @@
 //! Environment: `TCH_PEFT_BENCH_DEVICE=cuda` runs on the first GPU (each iteration ends with a
 //! device synchronisation), `TCH_PEFT_BENCH_KIND=bf16|f16|f32` sets the base dtype (adapters stay
 //! f32), `TCH_PEFT_BENCH_SHAPES=4096x1024x1024,4096x2048x2048` overrides the shapes and
-//! `TCH_PEFT_BENCH_RANK=16` the rank (default 8).
+//! `TCH_PEFT_BENCH_RANK=16` the rank (default 8), `TCH_PEFT_BENCH_ROUNDS` the interleaved rounds
+//! (default 25).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use tch::nn::{self, ModuleT};
@@ -64,6 +68,31 @@ fn fwd_bwd(layer: &impl ModuleT, x: &Tensor, g: &Tensor, inputs: &[&Tensor]) -> 
     Tensor::run_backward(&[(y * g).sum(g.kind())], inputs, false, false)
 }
 
+/// Median seconds of `f` over `rounds`, measured in alternation with the other closures so
+/// that drifting machine load hits every variant alike. Returns one median per closure.
+fn interleaved(fs: &mut [&mut dyn FnMut()], rounds: usize) -> Vec<f64> {
+    for f in fs.iter_mut() {
+        for _ in 0..3 {
+            f();
+        }
+    }
+    let mut times = vec![Vec::with_capacity(rounds); fs.len()];
+    for _ in 0..rounds {
+        for (f, t) in fs.iter_mut().zip(times.iter_mut()) {
+            let start = std::time::Instant::now();
+            f();
+            t.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect()
+}
+
 fn bench(c: &mut Criterion) {
     let (device, kind, rank) = (device(), kind(), rank());
     for (tokens, d_in, d_out) in shapes() {
@@ -95,6 +124,36 @@ fn bench(c: &mut Criterion) {
         let (a, b) = (lora.lora_a().shallow_clone(), lora.lora_b().shallow_clone());
         let id = format!("{tokens}x{d_in}x{d_out}_r{rank}_{kind:?}_{device:?}");
 
+        let rounds =
+            std::env::var("TCH_PEFT_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(25);
+        let xi = x.detach();
+        let fb = interleaved(
+            &mut [
+                &mut || drop((fwd_bwd(&plain, &x, &grad, &[&x]), sync(device))),
+                &mut || drop((fwd_bwd(&lora, &x, &grad, &[&x, &a, &b]), sync(device))),
+                &mut || drop((fwd_bwd(&merged, &x, &grad, &[&x]), sync(device))),
+            ],
+            rounds,
+        );
+        let fw = interleaved(
+            &mut [
+                &mut || drop((tch::no_grad(|| xi.apply_t(&plain, false)), sync(device))),
+                &mut || drop((tch::no_grad(|| lora.forward_t(&xi, false)), sync(device))),
+                &mut || drop((tch::no_grad(|| merged.forward_t(&xi, false)), sync(device))),
+            ],
+            rounds,
+        );
+        for (group, m) in [("fwd_bwd", &fb), ("fwd", &fw)] {
+            println!(
+                "interleaved {group:<7} {id}: base {:.3} ms, lora {:.3} ms ({:.3}x), merged {:.3} ms ({:.3}x) [median of {rounds}]",
+                m[0] * 1e3,
+                m[1] * 1e3,
+                m[1] / m[0],
+                m[2] * 1e3,
+                m[2] / m[0]
+            );
+        }
+
         let mut g = c.benchmark_group("fwd_bwd");
         g.sample_size(20);
         g.bench_function(BenchmarkId::new("base", &id), |bch| {
@@ -122,7 +181,6 @@ fn bench(c: &mut Criterion) {
 
         let mut g = c.benchmark_group("fwd");
         g.sample_size(20);
-        let xi = x.detach();
         for (name, layer) in [("base", None), ("lora", Some(&lora)), ("merged", Some(&merged))] {
             g.bench_function(BenchmarkId::new(name, &id), |bch| {
                 bch.iter(|| {
