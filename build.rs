@@ -4,11 +4,25 @@
 //! We add an rpath to it so binaries run without `LD_LIBRARY_PATH`, and force-link
 //! `libtorch_cuda.so` when present: it is only reached through static initialisers, so
 //! `--as-needed` linkers drop it and CUDA silently disappears (`Cuda::is_available() == false`).
+//!
+//! It also compiles `csrc/lora_linear.cpp` (the fused LoRA Linear autograd node) against the
+//! same libtorch headers, and sets `cfg(tch_peft_fused)` when it did.
 use std::env;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// The libtorch include directories beside a `lib` directory (PyPI wheel or libtorch zip).
+fn include_dirs(lib_dir: &Path) -> Option<Vec<PathBuf>> {
+    let root = lib_dir.parent()?;
+    let inc = root.join("include");
+    let api = inc.join("torch/csrc/api/include");
+    (inc.join("torch/csrc/autograd/custom_function.h").exists()).then(|| vec![inc, api])
+}
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=csrc/lora_linear.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    println!("cargo::rustc-check-cfg=cfg(tch_peft_fused)");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let lib_dir = env::var_os("DEP_TCH_LIBTORCH_LIB")
         .or_else(|| env::var_os("DEP_TORCH_SYS_LIBTORCH_LIB"))
@@ -18,6 +32,20 @@ fn main() {
         return;
     };
     let target_os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    if let Some(includes) = include_dirs(&lib_dir) {
+        let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
+        cc::Build::new()
+            .cpp(true)
+            .pic(true)
+            .warnings(false)
+            .includes(&includes)
+            .flag("-std=c++17")
+            .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+            .flag("-DGLOG_USE_GLOG_EXPORT")
+            .file("csrc/lora_linear.cpp")
+            .compile("tch_peft_csrc");
+        println!("cargo:rustc-cfg=tch_peft_fused");
+    }
     if target_os == "linux" || target_os == "macos" {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     }

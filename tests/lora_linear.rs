@@ -336,3 +336,106 @@ fn invalid_config_is_refused_at_construction() {
     let err = LoraLinear::new(base_linear(&vb, "p", 4, 4), &(va.root() / "p"), &c).unwrap_err();
     assert!(matches!(err, Error::InvalidConfig { ref field, .. } if field == "lora_dropout"));
 }
+
+// ---------- gradients of the fused node and of the composed ops, against the math ----------
+
+/// Forward + backward of `sum(y ⊙ g)`; returns (y, dx, dA, dB).
+fn grads(l: &LoraLinear, x: &Tensor, g: &Tensor) -> (Tensor, Tensor, Tensor, Tensor) {
+    let x = x.detach().set_requires_grad(true);
+    let y = l.forward_t(&x, true);
+    let gr = Tensor::run_backward(
+        &[(&y * g).sum(Kind::Double)],
+        &[&x, l.lora_a(), l.lora_b()],
+        false,
+        false,
+    );
+    (y.detach(), gr[0].shallow_clone(), gr[1].shallow_clone(), gr[2].shallow_clone())
+}
+
+#[test]
+fn fused_and_composed_gradients_equal_the_analytic_gradients() {
+    tch::manual_seed(12);
+    let (vb, va) = f64_stores();
+    let l = f64_layer(&vb, &va, &cfg(3, 6.0));
+    let x = randn(&[2, 4, 12], Kind::Double);
+    let g = randn(&[2, 4, 10], Kind::Double);
+    // dx = g (W + sBA), dA = s (gB)ᵀ x, dB = s gᵀ (x Aᵀ), over the flattened tokens
+    let (w, a, b, s) = (&l.base().ws, l.lora_a(), l.lora_b(), l.scaling());
+    let (x2, g2) = (x.reshape([-1, 12]), g.reshape([-1, 10]));
+    let dx = g2.matmul(&(w + b.matmul(a) * s)).reshape([2, 4, 12]);
+    let da = g2.matmul(b).tr().matmul(&x2) * s;
+    let db = g2.tr().matmul(&x2.matmul(&a.tr())) * s;
+    for fused in [true, false] {
+        l.set_fused(fused);
+        let (y, gx, ga, gb) = grads(&l, &x, &g);
+        assert!(max_abs_diff(&y, &reference(&x, &l)) < 1e-12, "fused={fused}");
+        assert!(max_abs_diff(&gx, &dx) < 1e-12, "dx fused={fused}");
+        assert!(max_abs_diff(&ga, &da) < 1e-12, "dA fused={fused}");
+        assert!(max_abs_diff(&gb, &db) < 1e-12, "dB fused={fused}");
+    }
+    assert_eq!(tch_peft::lora::fused_kernel_available(), cfg!(target_os = "linux"));
+}
+
+#[test]
+fn fused_node_passes_gradients_to_a_trainable_bias_or_an_unfrozen_base() {
+    tch::manual_seed(13);
+    let (vb, va) = f64_stores();
+    let c = LoraConfig { bias: LoraBias::LoraOnly, ..cfg(2, 2.0) };
+    let l = f64_layer(&vb, &va, &c);
+    let _ = l.base().ws.set_requires_grad(true); // the user unfroze the base weight
+    let x = randn(&[5, 12], Kind::Double);
+    let g = randn(&[5, 10], Kind::Double);
+    let bias = l.named_tensors()[2].1.shallow_clone();
+    let mut out = Vec::new();
+    for fused in [true, false] {
+        l.set_fused(fused);
+        let y = l.forward_t(&x, true);
+        let gr = Tensor::run_backward(
+            &[(&y * &g).sum(Kind::Double)],
+            &[&l.base().ws, &bias],
+            false,
+            false,
+        );
+        assert!(max_abs_diff(&gr[0], &g.tr().matmul(&x)) < 1e-12, "dW fused={fused}");
+        assert!(
+            max_abs_diff(&gr[1], &g.sum_dim_intlist(0, false, Kind::Double)) < 1e-12,
+            "db fused={fused}"
+        );
+        out.push(y);
+    }
+    assert!(max_abs_diff(&out[0], &out[1]) < 1e-12);
+}
+
+#[test]
+fn fused_node_on_a_bf16_base_returns_f32_gradients_for_the_factors() {
+    tch::manual_seed(14);
+    let mut vb = nn::VarStore::new(Device::Cpu);
+    let base = base_linear(&vb, "proj", 32, 16);
+    vb.bfloat16();
+    let va = nn::VarStore::new(Device::Cpu);
+    let l = LoraLinear::new(base, &(va.root() / "proj"), &cfg(4, 8.0)).unwrap();
+    set(l.lora_b(), &randn(&[16, 4], Kind::Float));
+    let x = randn(&[6, 32], Kind::Float).to_kind(Kind::BFloat16);
+    let g = randn(&[6, 16], Kind::Float).to_kind(Kind::BFloat16);
+    let mut res = Vec::new();
+    for fused in [true, false] {
+        l.set_fused(fused);
+        let xg = x.detach().set_requires_grad(true);
+        let y = l.forward_t(&xg, true);
+        assert_eq!(y.kind(), Kind::BFloat16);
+        let gr = Tensor::run_backward(
+            &[(&y * &g).sum(Kind::Float)],
+            &[&xg, l.lora_a(), l.lora_b()],
+            false,
+            false,
+        );
+        assert_eq!((gr[1].kind(), gr[2].kind()), (Kind::Float, Kind::Float));
+        assert_eq!(gr[0].kind(), Kind::BFloat16);
+        res.push(gr);
+    }
+    for i in 0..3 {
+        let scale = res[1][i].abs().max().double_value(&[]);
+        let rel = max_abs_diff(&res[0][i], &res[1][i]) / scale;
+        assert!(rel < 2e-2, "gradient {i}: fused and composed agree within bf16 precision ({rel})");
+    }
+}

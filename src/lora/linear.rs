@@ -14,6 +14,8 @@ use crate::{Error, Result};
 #[derive(Debug)]
 struct SharedState {
     enabled: AtomicBool,
+    /// Use the fused autograd node when it is compiled in and dropout is inactive.
+    fused: AtomicBool,
     /// The base weight as it was before merging; `Some` while merged.
     original: Mutex<Option<Tensor>>,
     merged: AtomicBool,
@@ -73,6 +75,13 @@ pub struct LoraLinear {
     in_features: i64,
     out_features: i64,
     state: Arc<SharedState>,
+}
+
+/// Whether this build carries the fused LoRA Linear autograd node (`csrc/lora_linear.cpp`,
+/// compiled by `build.rs` against libtorch's headers). Without it, layers compose tch ops,
+/// which compute the same values with more memory traffic in the backward pass.
+pub fn fused_kernel_available() -> bool {
+    cfg!(tch_peft_fused)
 }
 
 pub(crate) fn is_float(kind: Kind) -> bool {
@@ -212,6 +221,7 @@ impl LoraLinear {
             out_features,
             state: Arc::new(SharedState {
                 enabled: AtomicBool::new(true),
+                fused: AtomicBool::new(true),
                 original: Mutex::new(None),
                 merged: AtomicBool::new(false),
             }),
@@ -296,6 +306,14 @@ impl LoraLinear {
         }
         self.state.enabled.store(enabled, Ordering::Release);
         Ok(())
+    }
+
+    /// Chooses between the fused autograd node (the default, when
+    /// [`fused_kernel_available`]) and composed tch ops for the unmerged forward. Both compute
+    /// the same values; the switch is for benchmarking and testing. Dropout in training always
+    /// takes the composed path.
+    pub fn set_fused(&self, fused: bool) {
+        self.state.fused.store(fused, Ordering::Relaxed);
     }
 
     /// Whether `s·BA` is currently folded into the base weight.
@@ -420,8 +438,21 @@ impl LoraLinear {
         let mut out_shape = xs.size();
         *out_shape.last_mut().expect("checked non-empty") = self.out_features;
         let x2 = xs.f_reshape([-1, self.in_features])?;
+        let dropout = train && self.dropout > 0.0;
+        #[cfg(tch_peft_fused)]
+        if !dropout && self.state.fused.load(Ordering::Relaxed) {
+            let y = super::fused::lora_linear(
+                &x2,
+                &self.base.ws,
+                bias,
+                &self.lora_a,
+                &self.lora_b,
+                self.scaling,
+            )?;
+            return Ok(y.f_reshape(out_shape)?);
+        }
         let mut y = x2.f_linear(&self.base.ws, bias)?;
-        let xa = if train && self.dropout > 0.0 { x2.f_dropout(self.dropout, true)? } else { x2 };
+        let xa = if dropout { x2.f_dropout(self.dropout, true)? } else { x2 };
         // The branch runs in the base dtype, as under torch.autocast: the f32 factors are cast
         // (they are small: [r, in] and [out, r]) rather than the [N, in] activations, and their
         // gradients come back in f32 through the cast.

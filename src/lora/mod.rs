@@ -12,9 +12,11 @@
 //! * [`LoraAdapter`]: all layers of one adapter: merge, enable, save/load (PEFT keys, atomic).
 
 mod config;
+#[cfg(tch_peft_fused)]
+mod fused;
 mod linear;
 mod model;
 
 pub use config::{scaling, LoraBias, LoraConfig, LoraInit};
-pub use linear::LoraLinear;
+pub use linear::{fused_kernel_available, LoraLinear};
 pub use model::{linear, LoraAdapter, LoraBuilder, MaybeLoraLinear, DEFAULT_ADAPTER_NAME};

@@ -1,0 +1,63 @@
+//! The fused LoRA Linear autograd node (`csrc/lora_linear.cpp`), reached through a small C ABI.
+//!
+//! tch cannot define a custom backward pass from Rust, so this one is C++ compiled by `build.rs`
+//! against the same libtorch. Its backward writes the input gradient once,
+//! `dx = g·(W + s·BA)`, instead of `g·W`, a full-size `s·(gB)·A` and their sum; and it is one
+//! autograd node instead of about ten dispatched ops. Without it (a `doc-only` build, or headers
+//! not found) the layer falls back to composing tch ops, which compute the same values.
+
+use std::ffi::{c_char, CStr};
+
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn tch_peft_lora_linear(
+        x: *const C_tensor,
+        w: *const C_tensor,
+        bias: *const C_tensor,
+        a: *const C_tensor,
+        b: *const C_tensor,
+        scaling: f64,
+        error: *mut *mut c_char,
+    ) -> *mut C_tensor;
+    fn tch_peft_free_error(error: *mut c_char);
+}
+
+/// `x Wᵀ + bias + s·(x Aᵀ) Bᵀ` for a 2-D `x`, as one autograd node. Shapes, dtypes and devices
+/// must have been checked by the caller; libtorch errors come back as `TchError::Torch`.
+pub(crate) fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+) -> Result<Tensor, tch::TchError> {
+    let mut error: *mut c_char = std::ptr::null_mut();
+    // SAFETY: every pointer is a live tensor handle borrowed for the call (or null for no bias);
+    // the C++ side catches every exception, and on success returns a new owned handle that
+    // `Tensor::from_ptr` takes over.
+    unsafe {
+        let y = tch_peft_lora_linear(
+            x.as_ptr(),
+            w.as_ptr(),
+            bias.map_or(std::ptr::null(), Tensor::as_ptr),
+            a.as_ptr(),
+            b.as_ptr(),
+            scaling,
+            &mut error,
+        );
+        if y.is_null() {
+            let msg = if error.is_null() {
+                "tch_peft_lora_linear failed".to_string()
+            } else {
+                let m = CStr::from_ptr(error).to_string_lossy().into_owned();
+                tch_peft_free_error(error);
+                m
+            };
+            return Err(tch::TchError::Torch(msg));
+        }
+        Ok(Tensor::from_ptr(y))
+    }
+}
