@@ -4,8 +4,8 @@
 //! scripts/with-torch cargo bench --bench lora_linear
 //! ```
 //!
-//! First, for each shape, one line per group with the medians of base, LoRA and merged LoRA
-//! measured in alternation (`interleaved fwd_bwd ...: base .. ms, lora .. ms (1.0xx), ...`): the
+//! First, for each shape, one line per group with the medians of base, LoRA (fused autograd
+//! node), merged LoRA and LoRA through composed tch ops, measured in alternation (`interleaved fwd_bwd ...: base .. ms, lora .. ms (1.0xx), ...`): the
 //! ratios to quote, since alternation cancels the load drift of a shared machine. Then the
 //! criterion groups (each times base, LoRA and merged LoRA on the same input):
 //! * `fwd_bwd/<tokens>x<in>x<out>_r<r>`: forward, then backward to the input (and to A, B for
@@ -113,6 +113,25 @@ fn bench(c: &mut Criterion) {
             let mut b = lora.lora_b().shallow_clone();
             let _ = b.normal_(0.0, 0.02);
         });
+        // the same adapter, computed by composed tch ops instead of the fused node
+        let composed_vs = nn::VarStore::new(device);
+        let composed = LoraLinear::new(
+            nn::Linear {
+                ws: plain.ws.shallow_clone(),
+                bs: plain.bs.as_ref().map(Tensor::shallow_clone),
+            },
+            &(composed_vs.root() / "proj"),
+            &cfg,
+        )
+        .expect("lora");
+        composed.set_fused(false);
+        tch::no_grad(|| {
+            let mut b = composed.lora_b().shallow_clone();
+            b.copy_(lora.lora_b());
+            let mut a = composed.lora_a().shallow_clone();
+            a.copy_(lora.lora_a());
+        });
+        let (ca, cb) = (composed.lora_a().shallow_clone(), composed.lora_b().shallow_clone());
         let mut merged_vs = nn::VarStore::new(device);
         let merged_base = nn::linear(merged_vs.root() / "proj", d_in, d_out, Default::default());
         merged_vs.set_kind(kind);
@@ -132,6 +151,7 @@ fn bench(c: &mut Criterion) {
                 &mut || drop((fwd_bwd(&plain, &x, &grad, &[&x]), sync(device))),
                 &mut || drop((fwd_bwd(&lora, &x, &grad, &[&x, &a, &b]), sync(device))),
                 &mut || drop((fwd_bwd(&merged, &x, &grad, &[&x]), sync(device))),
+                &mut || drop((fwd_bwd(&composed, &x, &grad, &[&x, &ca, &cb]), sync(device))),
             ],
             rounds,
         );
@@ -140,17 +160,20 @@ fn bench(c: &mut Criterion) {
                 &mut || drop((tch::no_grad(|| xi.apply_t(&plain, false)), sync(device))),
                 &mut || drop((tch::no_grad(|| lora.forward_t(&xi, false)), sync(device))),
                 &mut || drop((tch::no_grad(|| merged.forward_t(&xi, false)), sync(device))),
+                &mut || drop((tch::no_grad(|| composed.forward_t(&xi, false)), sync(device))),
             ],
             rounds,
         );
         for (group, m) in [("fwd_bwd", &fb), ("fwd", &fw)] {
             println!(
-                "interleaved {group:<7} {id}: base {:.3} ms, lora {:.3} ms ({:.3}x), merged {:.3} ms ({:.3}x) [median of {rounds}]",
+                "interleaved {group:<7} {id}: base {:.3} ms, lora {:.3} ms ({:.3}x), merged {:.3} ms ({:.3}x), lora composed ops {:.3} ms ({:.3}x) [median of {rounds}]",
                 m[0] * 1e3,
                 m[1] * 1e3,
                 m[1] / m[0],
                 m[2] * 1e3,
-                m[2] / m[0]
+                m[2] / m[0],
+                m[3] * 1e3,
+                m[3] / m[0]
             );
         }
 
