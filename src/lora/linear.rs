@@ -309,9 +309,9 @@ impl LoraLinear {
     }
 
     /// Chooses between the fused autograd node (the default, when
-    /// [`fused_kernel_available`]) and composed tch ops for the unmerged forward. Both compute
-    /// the same values; the switch is for benchmarking and testing. Dropout in training always
-    /// takes the composed path.
+    /// [`fused_kernel_available`]) and composed tch ops for the unmerged training forward. Both
+    /// compute the same values and gradients; the switch is for benchmarking and testing. Eval
+    /// (`train = false`) and dropout in training always take the composed path.
     pub fn set_fused(&self, fused: bool) {
         self.state.fused.store(fused, Ordering::Relaxed);
     }
@@ -439,8 +439,10 @@ impl LoraLinear {
         *out_shape.last_mut().expect("checked non-empty") = self.out_features;
         let x2 = xs.f_reshape([-1, self.in_features])?;
         let dropout = train && self.dropout > 0.0;
+        // The fused node pays off in training (its backward); in eval the composed ops are as
+        // fast and skip the node's bookkeeping.
         #[cfg(tch_peft_fused)]
-        if !dropout && self.state.fused.load(Ordering::Relaxed) {
+        if train && !dropout && self.state.fused.load(Ordering::Relaxed) {
             let y = super::fused::lora_linear(
                 &x2,
                 &self.base.ws,
