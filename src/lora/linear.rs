@@ -93,6 +93,36 @@ pub(crate) fn path_name(p: &nn::Path) -> String {
     p.components().collect::<Vec<_>>().join(".")
 }
 
+/// `lora_A: [r, in]` and `lora_B: [out, r]` as PEFT initialises them (see [`LoraInit`]).
+fn init_factors(
+    init: LoraInit,
+    r: i64,
+    in_features: i64,
+    out_features: i64,
+    opts: (Kind, tch::Device),
+) -> (Tensor, Tensor) {
+    tch::no_grad(|| {
+        // PyTorch's kaiming_uniform_(a=√5) on a [r, in] weight: U(±1/√in)
+        let bound_in = 1.0 / (in_features as f64).sqrt();
+        let a = match init {
+            LoraInit::Kaiming | LoraInit::Random => {
+                Tensor::empty([r, in_features], opts).uniform_(-bound_in, bound_in)
+            }
+            LoraInit::Gaussian => {
+                Tensor::empty([r, in_features], opts).normal_(0.0, 1.0 / r as f64)
+            }
+        };
+        let b = match init {
+            LoraInit::Random => {
+                let bound_r = 1.0 / (r as f64).sqrt();
+                Tensor::empty([out_features, r], opts).uniform_(-bound_r, bound_r)
+            }
+            LoraInit::Kaiming | LoraInit::Gaussian => Tensor::zeros([out_features, r], opts),
+        };
+        (a, b)
+    })
+}
+
 /// Registers a trainable variable under `p / sub / name`, refusing to overwrite (tch would
 /// silently rename it `name__N`).
 pub(crate) fn add_var(p: &nn::Path, sub: &str, name: &str, t: Tensor) -> Result<Tensor> {
@@ -161,44 +191,20 @@ impl LoraLinear {
                 out_features,
             });
         }
-        let device = ws.device();
+        // check every name before registering anything, so a failure registers nothing
+        let with_bias = config.bias == LoraBias::LoraOnly && base.bs.is_some();
+        for (sub, name) in [("lora_A", "weight"), ("lora_B", "weight"), ("base_layer", "bias")] {
+            if (sub != "base_layer" || with_bias) && (p / sub).get(name).is_some() {
+                return Err(Error::DuplicateParameter((p / sub).path(name)));
+            }
+        }
         // f32 adapters (PEFT upcasts f16/bf16 adapters), f64 on an f64 base (PEFT follows the
         // base dtype for full-precision bases).
         let adapter_kind = if ws.kind() == Kind::Double { Kind::Double } else { Kind::Float };
-        let opts = (adapter_kind, device);
-        let (a, b) = tch::no_grad(|| {
-            let bound_in = 1.0 / (in_features as f64).sqrt();
-            let a = match config.init_lora_weights {
-                LoraInit::Kaiming | LoraInit::Random => {
-                    Tensor::empty([r, in_features], opts).uniform_(-bound_in, bound_in)
-                }
-                LoraInit::Gaussian => {
-                    Tensor::empty([r, in_features], opts).normal_(0.0, 1.0 / r as f64)
-                }
-            };
-            let b = match config.init_lora_weights {
-                LoraInit::Random => {
-                    let bound_r = 1.0 / (r as f64).sqrt();
-                    Tensor::empty([out_features, r], opts).uniform_(-bound_r, bound_r)
-                }
-                _ => Tensor::zeros([out_features, r], opts),
-            };
-            (a, b)
-        });
-        // check every name before registering anything
-        for sub in ["lora_A", "lora_B"] {
-            if (p / sub).get("weight").is_some() {
-                return Err(Error::DuplicateParameter((p / sub).path("weight")));
-            }
-        }
-        let bias = match (config.bias, &base.bs) {
-            (LoraBias::LoraOnly, Some(bs)) => {
-                if (p / "base_layer").get("bias").is_some() {
-                    return Err(Error::DuplicateParameter((p / "base_layer").path("bias")));
-                }
-                let copy = tch::no_grad(|| bs.to_kind(adapter_kind).copy());
-                Some(copy)
-            }
+        let opts = (adapter_kind, ws.device());
+        let (a, b) = init_factors(config.init_lora_weights, r, in_features, out_features, opts);
+        let bias = match &base.bs {
+            Some(bs) if with_bias => Some(tch::no_grad(|| bs.to_kind(adapter_kind).copy())),
             _ => None,
         };
         let lora_a = add_var(p, "lora_A", "weight", a)?;
