@@ -146,6 +146,34 @@ impl LoraLinear {
         Self::with_module_name(base, p, &module, config)
     }
 
+    /// Builds the base layer as `nn::linear(base_path, in_dim, out_dim, c)` and wraps it, with
+    /// the adapter under `adapter_path` and the module named after `base_path` (the two-store
+    /// pattern: base and adapter paths mirror each other in two stores).
+    ///
+    /// ```
+    /// use tch::{nn, Device};
+    /// use tch_peft::lora::{LoraConfig, LoraLinear};
+    /// let (base_vs, adapter_vs) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    /// let base_p = base_vs.root() / "layers" / 0 / "q_proj";
+    /// let adapter_p = adapter_vs.root() / "layers" / 0 / "q_proj";
+    /// let cfg = LoraConfig::default();
+    /// let q = LoraLinear::build(&base_p, &adapter_p, 64, 64, Default::default(), &cfg)?;
+    /// assert_eq!(q.module(), "layers.0.q_proj");
+    /// # Ok::<(), tch_peft::Error>(())
+    /// ```
+    pub fn build(
+        base_path: &nn::Path,
+        adapter_path: &nn::Path,
+        in_dim: i64,
+        out_dim: i64,
+        c: nn::LinearConfig,
+        config: &LoraConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        let base = nn::linear(base_path, in_dim, out_dim, c);
+        Self::with_module_name(base, adapter_path, &path_name(base_path), config)
+    }
+
     /// As [`new`](Self::new), with the module name given explicitly (it may differ from the
     /// adapter path, e.g. when the adapter store has a prefix).
     pub fn with_module_name(
