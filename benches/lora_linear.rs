@@ -71,6 +71,9 @@ fn fwd_bwd(layer: &impl ModuleT, x: &Tensor, g: &Tensor, inputs: &[&Tensor]) -> 
 /// Median seconds of `f` over `rounds`, measured in alternation with the other closures so
 /// that drifting machine load hits every variant alike. Returns one median per closure.
 fn interleaved(fs: &mut [&mut dyn FnMut()], rounds: usize) -> Vec<f64> {
+    if rounds == 0 {
+        return vec![f64::NAN; fs.len()];
+    }
     for f in fs.iter_mut() {
         for _ in 0..3 {
             f();
@@ -143,8 +146,14 @@ fn bench(c: &mut Criterion) {
         let (a, b) = (lora.lora_a().shallow_clone(), lora.lora_b().shallow_clone());
         let id = format!("{tokens}x{d_in}x{d_out}_r{rank}_{kind:?}_{device:?}");
 
-        let rounds =
-            std::env::var("TCH_PEFT_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(25);
+        // `cargo test --all-targets` runs this binary without `--bench`: criterion then runs each
+        // function once as a smoke test, and the interleaved phase is skipped.
+        let benching = std::env::args().any(|a| a == "--bench");
+        let rounds = match std::env::var("TCH_PEFT_BENCH_ROUNDS") {
+            _ if !benching => 0,
+            Ok(r) => r.parse().expect("TCH_PEFT_BENCH_ROUNDS is a number"),
+            Err(_) => 25,
+        };
         let xi = x.detach();
         let fb = interleaved(
             &mut [
@@ -164,7 +173,7 @@ fn bench(c: &mut Criterion) {
             ],
             rounds,
         );
-        for (group, m) in [("fwd_bwd", &fb), ("fwd", &fw)] {
+        for (group, m) in [("fwd_bwd", &fb), ("fwd", &fw)].into_iter().filter(|_| benching) {
             println!(
                 "interleaved {group:<7} {id}: base {:.3} ms, lora {:.3} ms ({:.3}x), merged {:.3} ms ({:.3}x), lora composed ops {:.3} ms ({:.3}x) [median of {rounds}]",
                 m[0] * 1e3,
