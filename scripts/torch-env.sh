@@ -8,7 +8,8 @@
 #   $TCH_PEFT_TORCH_VENV (default ~/.cache/tch-peft/torch-2.11.0; ~4.6 GB, 1-2 minutes).
 #
 # It exports LIBTORCH_USE_PYTORCH=1, VIRTUAL_ENV and PATH for torch-sys's build script, and
-# LD_LIBRARY_PATH for doc tests (tests, examples and benches carry an rpath from build.rs).
+# LD_LIBRARY_PATH so that any binary built in this shell finds libtorch (this crate's tests,
+# examples and benches do without it: build.rs gives them an rpath).
 
 tch_peft_torch_version="2.11.0"
 
