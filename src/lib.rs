@@ -8,6 +8,7 @@ pub mod adapter;
 mod error;
 pub mod io;
 pub mod lora;
+pub mod models;
 pub mod target;
 
 pub use adapter::{Adapter, AdapterKind, ParamEntry, ParamReport};

@@ -36,3 +36,53 @@ pub fn to_peft_key(name: &str) -> String {
 pub fn from_peft_key(key: &str) -> &str {
     key.strip_prefix(PEFT_KEY_PREFIX).unwrap_or(key)
 }
+
+/// Loads tensors from safetensors files into the variables of `vs` with the same names,
+/// strictly: every variable must be found exactly once with its shape, and every tensor in the
+/// files must be a variable unless `ignore(name)`. Values are converted to each variable's dtype
+/// and device and copied under `no_grad`; nothing is copied unless every check passes.
+pub fn load_into_var_store(
+    vs: &tch::nn::VarStore,
+    files: &[std::path::PathBuf],
+    ignore: impl Fn(&str) -> bool,
+) -> crate::Result<()> {
+    use crate::Error;
+    let vars = vs.variables();
+    let mut found: std::collections::BTreeMap<String, (tch::Tensor, std::path::PathBuf)> =
+        std::collections::BTreeMap::new();
+    for file in files {
+        for (name, t) in read_safetensors(file)?.tensors {
+            if ignore(&name) {
+                continue;
+            }
+            let Some(var) = vars.get(&name) else {
+                return Err(Error::UnexpectedTensor { name, file: file.clone() });
+            };
+            if var.size() != t.size() {
+                return Err(Error::ShapeMismatch { name, expected: var.size(), actual: t.size() });
+            }
+            if found.insert(name.clone(), (t, file.clone())).is_some() {
+                return Err(Error::CorruptFile {
+                    file: file.clone(),
+                    reason: format!("tensor `{name}` appears in more than one file"),
+                });
+            }
+        }
+    }
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    for name in names {
+        if !found.contains_key(name) {
+            return Err(Error::MissingTensor {
+                name: name.clone(),
+                file: files.first().cloned().unwrap_or_default(),
+            });
+        }
+    }
+    let _guard = tch::no_grad_guard();
+    for (name, (src, _)) in found {
+        let mut dst = vars[&name].shallow_clone();
+        dst.f_copy_(&src.f_to_device(dst.device())?.f_to_kind(dst.kind())?)?;
+    }
+    Ok(())
+}

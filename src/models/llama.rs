@@ -1,0 +1,408 @@
+//! A Llama-family causal language model with Hugging Face `transformers` variable names, whose
+//! linear layers are built through [`LoraBuilder`] so that any LoRA config applies to it.
+//!
+//! ```text
+//! h = embed_tokens[input_ids]
+//! for each layer:  h = h + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))   n = input_layernorm(h)
+//!                  h = h + down_proj(silu(gate_proj(m)) * up_proj(m))                         m = post_attention_layernorm(h)
+//! logits = lm_head(norm(h))            (lm_head = embed_tokensᵀ with tie_word_embeddings)
+//! ```
+//!
+//! RMSNorm computes in f32 and scales by its weight after casting back (as transformers);
+//! RoPE uses the `rotate_half` convention with `inv_freq = rope_theta^(-2i/head_dim)`; attention
+//! is libtorch's scaled-dot-product kernel with grouped-query heads repeated, a causal mask and a
+//! key padding mask (masked scores get the dtype's lowest value, as transformers does, so fully
+//! padded query rows stay finite).
+//!
+//! Variable names: `model.embed_tokens.weight`, `model.layers.N.input_layernorm.weight`,
+//! `model.layers.N.self_attn.{q,k,v,o}_proj.{weight,bias}`,
+//! `model.layers.N.post_attention_layernorm.weight`, `model.layers.N.mlp.{gate,up,down}_proj.weight`,
+//! `model.norm.weight`, `lm_head.weight` (absent when tied).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tch::nn::{self, ModuleT};
+use tch::{Kind, Tensor};
+
+use crate::io;
+use crate::lora::{self, LoraBuilder, MaybeLoraLinear};
+use crate::{Error, Result};
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+fn default_act() -> String {
+    "silu".into()
+}
+
+/// `rope_parameters` of a transformers 5 config.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RopeParameters {
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Only `"default"` is supported.
+    #[serde(default)]
+    pub rope_type: Option<String>,
+}
+
+/// The fields of a Hugging Face `LlamaConfig` (`config.json`) this model uses; other keys are
+/// ignored.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab_size: i64,
+    /// Model width `d`.
+    pub hidden_size: i64,
+    /// MLP width.
+    pub intermediate_size: i64,
+    /// Number of decoder layers.
+    pub num_hidden_layers: i64,
+    /// Query heads.
+    pub num_attention_heads: i64,
+    /// Key/value heads (grouped-query attention); defaults to `num_attention_heads`.
+    #[serde(default)]
+    pub num_key_value_heads: Option<i64>,
+    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<i64>,
+    /// RMSNorm epsilon (default 1e-6).
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base of transformers 4 configs.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// RoPE parameters of transformers 5 configs.
+    #[serde(default)]
+    pub rope_parameters: Option<RopeParameters>,
+    /// Whether `lm_head` shares `embed_tokens`' weight.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on q/k/v/o projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on the MLP projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// Only `"silu"` is supported.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+}
+
+impl LlamaConfig {
+    /// Reads `config.json` from a model directory (or the file itself) and validates it.
+    pub fn from_pretrained(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        let cfg: LlamaConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::CorruptFile { file: file.clone(), reason: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> i64 {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Per-head width.
+    pub fn head_dim(&self) -> i64 {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// The RoPE base (default 10000).
+    pub fn theta(&self) -> f64 {
+        self.rope_parameters.as_ref().map(|r| r.rope_theta).or(self.rope_theta).unwrap_or(10_000.0)
+    }
+
+    /// Checks sizes and the supported options.
+    pub fn validate(&self) -> Result<()> {
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+            ("head_dim", self.head_dim()),
+        ] {
+            if v < 1 {
+                return Err(Error::config(field, format!("{v} must be at least 1")));
+            }
+        }
+        if self.num_attention_heads % self.kv_heads() != 0 {
+            return Err(Error::config(
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    self.kv_heads(),
+                    self.num_attention_heads
+                ),
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(Error::config("head_dim", "RoPE needs an even head_dim"));
+        }
+        if self.hidden_act != "silu" {
+            return Err(Error::Unsupported {
+                field: "hidden_act".into(),
+                reason: format!("`{}` (only silu)", self.hidden_act),
+            });
+        }
+        if let Some(t) = self.rope_parameters.as_ref().and_then(|r| r.rope_type.as_deref()) {
+            if t != "default" {
+                return Err(Error::Unsupported {
+                    field: "rope_parameters.rope_type".into(),
+                    reason: format!("`{t}` (only default RoPE)"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// RMSNorm as transformers computes it: in f32, scaled after casting back.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let kind = x.kind();
+    let xf = x.to_kind(Kind::Float);
+    let var = xf.square().mean_dim(-1, true, Kind::Float);
+    weight * (xf * (var + eps).rsqrt()).to_kind(kind)
+}
+
+/// `cat(-x2, x1)` over the last dimension.
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size()[x.dim() - 1] / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[x2.neg(), x1], -1)
+}
+
+#[derive(Debug)]
+struct Block {
+    input_layernorm: Tensor,
+    q_proj: MaybeLoraLinear,
+    k_proj: MaybeLoraLinear,
+    v_proj: MaybeLoraLinear,
+    o_proj: MaybeLoraLinear,
+    post_attention_layernorm: Tensor,
+    gate_proj: MaybeLoraLinear,
+    up_proj: MaybeLoraLinear,
+    down_proj: MaybeLoraLinear,
+}
+
+/// A Llama causal LM. See the [module docs](self).
+#[derive(Debug)]
+pub struct Llama {
+    config: LlamaConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    lm_head: Option<MaybeLoraLinear>,
+}
+
+impl Llama {
+    /// Creates the variables under `p` (so `p` is usually a store's root) and the layers,
+    /// adapting the linear layers that `lora` targets.
+    pub fn new(p: &nn::Path, config: &LlamaConfig, lora: Option<&LoraBuilder>) -> Result<Self> {
+        config.validate()?;
+        let c = config;
+        let (d, hd) = (c.hidden_size, c.head_dim());
+        let m = p / "model";
+        let embed_tokens = (&m / "embed_tokens").var(
+            "weight",
+            &[c.vocab_size, d],
+            nn::Init::Randn { mean: 0.0, stdev: 0.02 },
+        );
+        let attn_cfg = nn::LinearConfig { bias: c.attention_bias, ..Default::default() };
+        let mlp_cfg = nn::LinearConfig { bias: c.mlp_bias, ..Default::default() };
+        let mut layers = Vec::new();
+        for i in 0..c.num_hidden_layers {
+            let l = &m / "layers" / i;
+            let a = &l / "self_attn";
+            let mlp = &l / "mlp";
+            let lin = |path: nn::Path, i: i64, o: i64, lc: nn::LinearConfig| {
+                lora::linear(&path, i, o, lc, lora)
+            };
+            layers.push(Block {
+                input_layernorm: (&l / "input_layernorm").ones("weight", &[d]),
+                q_proj: lin(&a / "q_proj", d, c.num_attention_heads * hd, attn_cfg)?,
+                k_proj: lin(&a / "k_proj", d, c.kv_heads() * hd, attn_cfg)?,
+                v_proj: lin(&a / "v_proj", d, c.kv_heads() * hd, attn_cfg)?,
+                o_proj: lin(&a / "o_proj", c.num_attention_heads * hd, d, attn_cfg)?,
+                post_attention_layernorm: (&l / "post_attention_layernorm").ones("weight", &[d]),
+                gate_proj: lin(&mlp / "gate_proj", d, c.intermediate_size, mlp_cfg)?,
+                up_proj: lin(&mlp / "up_proj", d, c.intermediate_size, mlp_cfg)?,
+                down_proj: lin(&mlp / "down_proj", c.intermediate_size, d, mlp_cfg)?,
+            });
+        }
+        let norm = (&m / "norm").ones("weight", &[d]);
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
+            Some(lora::linear(&(p / "lm_head"), d, c.vocab_size, no_bias, lora)?)
+        };
+        Ok(Llama { config: config.clone(), embed_tokens, layers, norm, lm_head })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Logits `[batch, seq, vocab]` for `input_ids: [batch, seq]` (i64). `attention_mask`
+    /// (`[batch, seq]`, 1 = token, 0 = padding) masks padded keys; positions run `0..seq` in every
+    /// row, as transformers' forward without `position_ids`.
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let size = input_ids.size();
+        if size.len() != 2 || input_ids.kind() != Kind::Int64 {
+            return Err(Error::ShapeMismatch {
+                name: "input_ids (int64)".into(),
+                expected: vec![-1, -1],
+                actual: size,
+            });
+        }
+        let (b, s) = (size[0], size[1]);
+        if let Some(m) = attention_mask {
+            if m.size() != [b, s] {
+                return Err(Error::ShapeMismatch {
+                    name: "attention_mask".into(),
+                    expected: vec![b, s],
+                    actual: m.size(),
+                });
+            }
+        }
+        let max_id = if input_ids.numel() > 0 { input_ids.max().int64_value(&[]) } else { 0 };
+        let min_id = if input_ids.numel() > 0 { input_ids.min().int64_value(&[]) } else { 0 };
+        if min_id < 0 || max_id >= c.vocab_size {
+            return Err(Error::config(
+                "input_ids",
+                format!("token ids must lie in [0, {}), got [{min_id}, {max_id}]", c.vocab_size),
+            ));
+        }
+        let device = self.embed_tokens.device();
+        let kind = self.embed_tokens.kind();
+        let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+
+        // RoPE tables in f32, cast to the activations' dtype (as transformers)
+        let exponent = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, device))
+            .to_kind(Kind::Float)
+            / hd as f64;
+        let inv_freq = Tensor::pow_scalar(c.theta(), &exponent).reciprocal();
+        let pos = Tensor::arange(s, (Kind::Int64, device)).to_kind(Kind::Float);
+        let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let (cos, sin) = (emb.cos().to_kind(kind), emb.sin().to_kind(kind));
+        let rope = |x: &Tensor| x * &cos + rotate_half(x) * &sin;
+
+        // additive mask [b, 1, s, s]: lowest value where j > i or key j is padding
+        let lowest = match kind {
+            Kind::Half => -65504.0,
+            Kind::BFloat16 => -3.3895313892515355e38,
+            Kind::Double => f64::MIN,
+            _ => f32::MIN as f64,
+        };
+        let idx = Tensor::arange(s, (Kind::Int64, device));
+        let mut blocked = idx.unsqueeze(0).gt_tensor(&idx.unsqueeze(1)).view([1, 1, s, s]);
+        if let Some(m) = attention_mask {
+            let pad = m.to_device(device).eq(0).view([b, 1, 1, s]);
+            blocked = blocked.logical_or(&pad);
+        }
+        let mask = Tensor::zeros([1], (kind, device)).masked_fill(&blocked, lowest);
+
+        let mut h =
+            Tensor::embedding(&self.embed_tokens, &input_ids.to_device(device), -1, false, false);
+        for l in &self.layers {
+            let n = rms_norm(&h, &l.input_layernorm, c.rms_norm_eps);
+            let q = l.q_proj.f_forward_t(&n, train)?.view([b, s, heads, hd]).transpose(1, 2);
+            let k = l.k_proj.f_forward_t(&n, train)?.view([b, s, kv, hd]).transpose(1, 2);
+            let v = l.v_proj.f_forward_t(&n, train)?.view([b, s, kv, hd]).transpose(1, 2);
+            let (q, k) = (rope(&q), rope(&k));
+            let (k, v) = if kv == heads {
+                (k, v)
+            } else {
+                let rep = heads / kv;
+                (
+                    k.repeat_interleave_self_int(rep, 1, None),
+                    v.repeat_interleave_self_int(rep, 1, None),
+                )
+            };
+            let attn = Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                Some(&mask),
+                0.0,
+                false,
+                1.0 / (hd as f64).sqrt(),
+                false,
+            )?;
+            let attn = attn.transpose(1, 2).reshape([b, s, heads * hd]);
+            // out of place: `h` is saved for the norm's backward
+            h = h.f_add(&l.o_proj.f_forward_t(&attn, train)?)?;
+            let m = rms_norm(&h, &l.post_attention_layernorm, c.rms_norm_eps);
+            let gated =
+                l.gate_proj.f_forward_t(&m, train)?.silu() * l.up_proj.f_forward_t(&m, train)?;
+            h = h.f_add(&l.down_proj.f_forward_t(&gated, train)?)?;
+        }
+        let h = rms_norm(&h, &self.norm, c.rms_norm_eps);
+        Ok(match &self.lm_head {
+            Some(head) => head.f_forward_t(&h, train)?,
+            None => h.matmul(&self.embed_tokens.tr()),
+        })
+    }
+}
+
+impl ModuleT for Llama {
+    /// Logits for `input_ids` without a padding mask.
+    ///
+    /// # Panics
+    /// On input that [`Llama::forward_t`] refuses, with its error's message.
+    fn forward_t(&self, input_ids: &Tensor, train: bool) -> Tensor {
+        match Llama::forward_t(self, input_ids, None, train) {
+            Ok(t) => t,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// The safetensors files of a Hugging Face model directory: `model.safetensors`, or the shards
+/// listed in `model.safetensors.index.json`.
+pub fn weight_files(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
+    let dir = dir.as_ref();
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::CorruptFile { file: index.clone(), reason: e.to_string() })?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+        Error::CorruptFile { file: index.clone(), reason: "no `weight_map` object".into() }
+    })?;
+    let mut files: Vec<PathBuf> =
+        map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// Loads a Hugging Face Llama directory's weights (single or sharded safetensors) into `vs`,
+/// strictly: every variable must be found with its shape, and every tensor of the files must
+/// be a variable (except `rotary_emb.inv_freq` buffers, and `lm_head.weight` when tied).
+pub fn load_weights(vs: &nn::VarStore, dir: impl AsRef<Path>, config: &LlamaConfig) -> Result<()> {
+    let files = weight_files(&dir)?;
+    let tied = config.tie_word_embeddings;
+    io::load_into_var_store(vs, &files, |name| {
+        name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight")
+    })
+}

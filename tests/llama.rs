@@ -1,0 +1,107 @@
+//! The reference Llama against transformers 5 on fixtures made by
+//! `scripts/make_llama_fixtures.py`: logits (single and sharded checkpoints, GQA, tied
+//! embeddings, left and right padding), and with a PEFT LoRA adapter, unmerged and merged.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use tch::{nn, Device, Kind, Tensor};
+use tch_peft::lora::{LoraBuilder, LoraConfig};
+use tch_peft::models::llama::{load_weights, Llama, LlamaConfig};
+use tch_peft::{io, Error};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama").join(name)
+}
+
+fn io_tensors(name: &str) -> std::collections::BTreeMap<String, Tensor> {
+    io::read_safetensors(fixture(name).join("io.safetensors"))
+        .unwrap()
+        .tensors
+        .into_iter()
+        .collect()
+}
+
+fn load(name: &str) -> (nn::VarStore, Llama) {
+    let dir = fixture(name);
+    let cfg = LlamaConfig::from_pretrained(&dir).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = Llama::new(&vs.root(), &cfg, None).unwrap();
+    load_weights(&vs, &dir, &cfg).unwrap();
+    (vs, model)
+}
+
+/// Max |Δ| over the positions that are not padding.
+fn diff_on_tokens(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
+    let keep = mask.to_kind(Kind::Double).unsqueeze(-1);
+    max_abs_diff(&(a.to_kind(Kind::Double) * &keep), &(b.to_kind(Kind::Double) * &keep))
+}
+
+#[test]
+fn gqa_logits_match_transformers() {
+    let (_vs, model) = load("gqa");
+    let t = io_tensors("gqa");
+    let logits = model.forward_t(&t["input_ids"], Some(&t["attention_mask"]), false).unwrap();
+    assert_eq!(logits.size(), [3, 7, 128]);
+    let d = diff_on_tokens(&logits, &t["logits"], &t["attention_mask"]);
+    assert!(d < 1e-4, "max |Δ logits| on tokens = {d}");
+    assert!(max_abs_diff(&logits, &t["logits"]) < 1e-4, "padded positions match too");
+}
+
+#[test]
+fn sharded_tied_checkpoint_logits_match_transformers() {
+    let (vs, model) = load("tied");
+    assert!(!vs.variables().contains_key("lm_head.weight"), "tied: no separate lm_head");
+    let t = io_tensors("tied");
+    let logits = model.forward_t(&t["input_ids"], Some(&t["attention_mask"]), false).unwrap();
+    let d = diff_on_tokens(&logits, &t["logits"], &t["attention_mask"]);
+    assert!(d < 1e-4, "max |Δ logits| on tokens = {d}");
+}
+
+#[test]
+fn peft_adapter_on_llama_matches_unmerged_and_merged() {
+    let dir = fixture("gqa");
+    let cfg = LlamaConfig::from_pretrained(&dir).unwrap();
+    let lora_cfg = LoraConfig::from_pretrained(dir.join("adapter")).unwrap();
+    let (base_vs, adapter_vs) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let builder = LoraBuilder::new(&adapter_vs.root(), lora_cfg).unwrap();
+    let model = Llama::new(&base_vs.root(), &cfg, Some(&builder)).unwrap();
+    let adapter = builder.finish().unwrap();
+    assert_eq!(adapter.layers().len(), 2 * 4);
+    load_weights(&base_vs, &dir, &cfg).unwrap();
+    adapter.load_pretrained(dir.join("adapter")).unwrap();
+    let t = io_tensors("gqa");
+    let (ids, mask) = (&t["input_ids"], &t["attention_mask"]);
+    let unmerged = model.forward_t(ids, Some(mask), false).unwrap();
+    assert!(diff_on_tokens(&unmerged, &t["logits_adapter"], mask) < 1e-4);
+    assert!(diff_on_tokens(&unmerged, &t["logits"], mask) > 1e-3, "the adapter matters");
+    adapter.merge().unwrap();
+    let merged = model.forward_t(ids, Some(mask), false).unwrap();
+    assert!(diff_on_tokens(&merged, &t["logits_adapter"], mask) < 1e-4);
+    adapter.unmerge().unwrap();
+    adapter.set_enabled(false).unwrap();
+    let base = model.forward_t(ids, Some(mask), false).unwrap();
+    assert!(diff_on_tokens(&base, &t["logits"], mask) < 1e-4);
+}
+
+#[test]
+fn bad_inputs_and_mismatched_checkpoints_are_typed_errors() {
+    let (_vs, model) = load("gqa");
+    let ids = Tensor::from_slice(&[1i64, 2, 500]).view([1, 3]);
+    assert!(matches!(model.forward_t(&ids, None, false), Err(Error::InvalidConfig { .. })));
+    let ids = Tensor::from_slice(&[1i64, 2, 3]).view([1, 3]);
+    let mask = Tensor::ones([1, 4], (Kind::Int64, Device::Cpu));
+    assert!(matches!(model.forward_t(&ids, Some(&mask), false), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(
+        model.forward_t(&ids.to_kind(Kind::Float), None, false),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    // weights of the tied model do not fit the gqa config
+    let cfg = LlamaConfig::from_pretrained(fixture("gqa")).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _m = Llama::new(&vs.root(), &cfg, None).unwrap();
+    let err = load_weights(&vs, fixture("tied"), &cfg).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. } | Error::MissingTensor { .. }), "{err}");
+}
