@@ -1,0 +1,137 @@
+//! Logits of a Hugging Face Llama checkpoint, optionally with a PEFT LoRA adapter.
+//!
+//! ```text
+//! scripts/with-torch cargo run --release --example llama_logits -- \
+//!     --model DIR [--adapter PEFT_DIR] [--merge] --input FILE.json --output FILE.safetensors
+//! ```
+//!
+//! * `--model`: a directory with `config.json` and `model.safetensors` (or a sharded
+//!   `model.safetensors.index.json`).
+//! * `--adapter`: a PEFT LoRA directory (`adapter_config.json`, `adapter_model.safetensors`).
+//! * `--merge`: merge the adapter into the weights before the forward.
+//! * `--input`: JSON `{"input_ids": [[...], ...]}` (rows of equal length; an optional
+//!   `"attention_mask"` of the same shape marks padding with 0).
+//! * `--output`: a safetensors file with one f32 tensor `logits` of shape `[batch, seq, vocab]`.
+
+use std::path::PathBuf;
+
+use tch::{nn, Device, Kind, Tensor};
+use tch_peft::lora::{LoraBuilder, LoraConfig};
+use tch_peft::models::llama::{load_weights, Llama, LlamaConfig};
+use tch_peft::{io, Error};
+
+const USAGE: &str = "usage: llama_logits --model DIR [--adapter PEFT_DIR] [--merge] --input FILE.json --output FILE.safetensors";
+
+struct Args {
+    model: PathBuf,
+    adapter: Option<PathBuf>,
+    merge: bool,
+    input: PathBuf,
+    output: PathBuf,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let (mut model, mut adapter, mut merge, mut input, mut output) =
+        (None, None, false, None, None);
+    while let Some(arg) = it.next() {
+        let mut value =
+            |name: &str| it.next().map(PathBuf::from).ok_or(format!("{name} needs a value"));
+        match arg.as_str() {
+            "--model" => model = Some(value("--model")?),
+            "--adapter" => adapter = Some(value("--adapter")?),
+            "--merge" => merge = true,
+            "--input" => input = Some(value("--input")?),
+            "--output" => output = Some(value("--output")?),
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    let need = |v: Option<PathBuf>, name: &str| v.ok_or(format!("{name} is required"));
+    if merge && adapter.is_none() {
+        return Err("--merge needs --adapter".into());
+    }
+    Ok(Args {
+        model: need(model, "--model")?,
+        adapter,
+        merge,
+        input: need(input, "--input")?,
+        output: need(output, "--output")?,
+    })
+}
+
+/// A `[rows, cols]` i64 tensor from a JSON array of equal-length integer arrays.
+fn matrix(
+    value: &serde_json::Value,
+    field: &str,
+    file: &std::path::Path,
+) -> tch_peft::Result<Tensor> {
+    let bad = |reason: String| Error::CorruptFile { file: file.to_path_buf(), reason };
+    let rows =
+        value.as_array().ok_or_else(|| bad(format!("`{field}` is not an array of arrays")))?;
+    let mut flat = Vec::new();
+    let mut width = None;
+    for (i, row) in rows.iter().enumerate() {
+        let row = row.as_array().ok_or_else(|| bad(format!("`{field}[{i}]` is not an array")))?;
+        if *width.get_or_insert(row.len()) != row.len() {
+            return Err(bad(format!("`{field}` rows differ in length (row {i})")));
+        }
+        for v in row {
+            flat.push(
+                v.as_i64().ok_or_else(|| bad(format!("`{field}[{i}]` holds a non-integer")))?,
+            );
+        }
+    }
+    Ok(Tensor::from_slice(&flat).view([rows.len() as i64, width.unwrap_or(0) as i64]))
+}
+
+fn run(args: Args) -> tch_peft::Result<()> {
+    let device = Device::cuda_if_available();
+    let config = LlamaConfig::from_pretrained(&args.model)?;
+    let (base_vs, adapter_vs) = (nn::VarStore::new(device), nn::VarStore::new(device));
+    let lora = match &args.adapter {
+        Some(dir) => Some(LoraBuilder::new(&adapter_vs.root(), LoraConfig::from_pretrained(dir)?)?),
+        None => None,
+    };
+    let model = Llama::new(&base_vs.root(), &config, lora.as_ref())?;
+    load_weights(&base_vs, &args.model, &config)?;
+    if let (Some(builder), Some(dir)) = (lora, &args.adapter) {
+        let adapter = builder.finish()?;
+        adapter.load_pretrained(dir)?;
+        eprintln!("adapter: LoRA on {} modules", adapter.layers().len());
+        if args.merge {
+            adapter.safe_merge()?;
+            eprintln!("adapter merged");
+        }
+    }
+    let text = std::fs::read_to_string(&args.input)
+        .map_err(|e| Error::Io { path: args.input.clone(), source: e })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::CorruptFile { file: args.input.clone(), reason: e.to_string() })?;
+    let ids = matrix(&json["input_ids"], "input_ids", &args.input)?;
+    let mask = match json.get("attention_mask") {
+        Some(m) => Some(matrix(m, "attention_mask", &args.input)?),
+        None => None,
+    };
+    let logits = tch::no_grad(|| model.forward_t(&ids, mask.as_ref(), false))?;
+    let logits = logits.to_kind(Kind::Float).to_device(Device::Cpu);
+    eprintln!("logits {:?} on {device:?}", logits.size());
+    io::write_safetensors(&args.output, &[("logits".to_string(), logits)], Some(io::pt_metadata()))
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(msg) => {
+            if !msg.is_empty() {
+                eprintln!("error: {msg}");
+            }
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(args) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
