@@ -280,14 +280,6 @@ impl Llama {
                 });
             }
         }
-        let max_id = if input_ids.numel() > 0 { input_ids.max().int64_value(&[]) } else { 0 };
-        let min_id = if input_ids.numel() > 0 { input_ids.min().int64_value(&[]) } else { 0 };
-        if min_id < 0 || max_id >= c.vocab_size {
-            return Err(Error::config(
-                "input_ids",
-                format!("token ids must lie in [0, {}), got [{min_id}, {max_id}]", c.vocab_size),
-            ));
-        }
         let device = self.embed_tokens.device();
         let kind = self.embed_tokens.kind();
         let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
@@ -318,8 +310,19 @@ impl Llama {
         }
         let mask = Tensor::zeros([1], (kind, device)).masked_fill(&blocked, lowest);
 
-        let mut h =
-            Tensor::embedding(&self.embed_tokens, &input_ids.to_device(device), -1, false, false);
+        let bad_ids =
+            || Error::config("input_ids", format!("token ids must lie in [0, {})", c.vocab_size));
+        let ids = input_ids.to_device(device);
+        if device.is_cuda() {
+            // an out-of-range index is a device-side assert on CUDA (fatal), so check first; on
+            // the CPU the embedding's own error is caught below, at no extra cost
+            let out_of_range = ids.lt(0).logical_or(&ids.ge(c.vocab_size)).any();
+            if out_of_range.int64_value(&[]) != 0 {
+                return Err(bad_ids());
+            }
+        }
+        let mut h = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)
+            .map_err(|_| bad_ids())?;
         for l in &self.layers {
             let n = rms_norm(&h, &l.input_layernorm, c.rms_norm_eps);
             let q = l.q_proj.f_forward_t(&n, train)?.view([b, s, heads, hd]).transpose(1, 2);
