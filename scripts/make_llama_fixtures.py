@@ -12,8 +12,9 @@ Two tiny random Llama checkpoints written by transformers' `save_pretrained`:
             1e-5, sharded into model-0000N-of-0000M.safetensors + model.safetensors.index.json
 Each holds io.safetensors: `input_ids` [3, 7] (i64), `attention_mask` [3, 7] (left padding on
 row 1, right padding on row 2), and transformers' f32 `logits` [3, 7, vocab] (eager attention).
-gqa/ also holds a PEFT 0.21 LoRA adapter in gqa/adapter (r 4 on q_proj, v_proj, o_proj,
-down_proj, random B) and its logits `logits_adapter` in io.safetensors.
+gqa/ also holds a PEFT 0.21 LoRA adapter in gqa/adapter (r 4 on embed_tokens, q_proj, v_proj,
+o_proj, down_proj; random B and random embedding factors; PEFT also saves the base embedding
+table there) and its logits `logits_adapter` in io.safetensors.
 """
 import json
 import os
@@ -62,12 +63,14 @@ def make(name, cfg, shard=None, adapter=False):
         logits = model(input_ids=ids, attention_mask=mask).logits
     tensors = {"input_ids": ids, "attention_mask": mask, "logits": logits.contiguous()}
     if adapter:
-        lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+        lcfg = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "v_proj", "o_proj", "down_proj"]
+        )
         pm = get_peft_model(model, lcfg)
         g = torch.Generator().manual_seed(3)
         with torch.no_grad():
             for n, p in pm.named_parameters():
-                if "lora_B" in n:
+                if "lora_B" in n or "lora_embedding" in n:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
         pm.eval()
         with torch.no_grad():

@@ -70,6 +70,8 @@ fn peft_adapter_on_llama_matches_unmerged_and_merged() {
     let model = Llama::new(&base_vs.root(), &cfg, Some(&builder)).unwrap();
     let adapter = builder.finish().unwrap();
     assert_eq!(adapter.layers().len(), 2 * 4);
+    assert_eq!(adapter.embeddings().len(), 1, "embed_tokens is adapted too");
+    assert_eq!(adapter.modules()[0], "model.embed_tokens");
     load_weights(&base_vs, &dir, &cfg).unwrap();
     adapter.load_pretrained(dir.join("adapter")).unwrap();
     let t = io_tensors("gqa");
@@ -77,10 +79,12 @@ fn peft_adapter_on_llama_matches_unmerged_and_merged() {
     let unmerged = model.forward_t(ids, Some(mask), false).unwrap();
     assert!(diff_on_tokens(&unmerged, &t["logits_adapter"], mask) < 1e-4);
     assert!(diff_on_tokens(&unmerged, &t["logits"], mask) > 1e-3, "the adapter matters");
+    let table = base_vs.variables()["model.embed_tokens.weight"].copy();
     adapter.merge().unwrap();
     let merged = model.forward_t(ids, Some(mask), false).unwrap();
     assert!(diff_on_tokens(&merged, &t["logits_adapter"], mask) < 1e-4);
     adapter.unmerge().unwrap();
+    assert!(bit_equal(&base_vs.variables()["model.embed_tokens.weight"], &table));
     adapter.set_enabled(false).unwrap();
     let base = model.forward_t(ids, Some(mask), false).unwrap();
     assert!(diff_on_tokens(&base, &t["logits"], mask) < 1e-4);

@@ -7,16 +7,22 @@
 //!
 //! * [`LoraConfig`]: PEFT's fields, validated, (de)serialisable as `adapter_config.json`.
 //! * [`LoraLinear`]: wraps an `nn::Linear`; forward, merge/unmerge (bit-exact), enable/disable.
+//! * [`LoraEmbedding`]: LoRA on an embedding table (PEFT's `lora_embedding_A/B`).
 //! * [`LoraBuilder`]: build-time targeting — a model calls `builder.linear(path, …)` instead of
 //!   `nn::linear` and gets a plain or adapted layer by PEFT's `target_modules` rules.
 //! * [`LoraAdapter`]: all layers of one adapter: merge, enable, save/load (PEFT keys, atomic).
 
 mod config;
+mod embedding;
 #[cfg(tch_peft_fused)]
 mod fused;
 mod linear;
 mod model;
 
 pub use config::{scaling, LoraBias, LoraConfig, LoraInit};
+pub use embedding::LoraEmbedding;
 pub use linear::{fused_kernel_available, LoraLinear};
-pub use model::{linear, LoraAdapter, LoraBuilder, MaybeLoraLinear, DEFAULT_ADAPTER_NAME};
+pub use model::{
+    embedding, linear, LoraAdapter, LoraBuilder, MaybeLoraEmbedding, MaybeLoraLinear,
+    DEFAULT_ADAPTER_NAME,
+};

@@ -8,6 +8,7 @@ use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
 use super::config::LoraConfig;
+use super::embedding::LoraEmbedding;
 use super::linear::{path_name, LoraLinear};
 use crate::adapter::{Adapter, AdapterKind, ParamReport};
 use crate::io;
@@ -71,6 +72,42 @@ impl ModuleT for MaybeLoraLinear {
     }
 }
 
+/// An embedding table that is LoRA-adapted or not, as the config's targets decided.
+#[derive(Debug)]
+pub enum MaybeLoraEmbedding {
+    /// Not targeted: the plain table `[V, d]`.
+    Plain(Tensor),
+    /// Targeted: the table with a LoRA adapter.
+    Lora(LoraEmbedding),
+}
+
+impl MaybeLoraEmbedding {
+    /// The base table `[V, d]` (merged values while the adapter is merged).
+    pub fn weight(&self) -> &Tensor {
+        match self {
+            MaybeLoraEmbedding::Plain(w) => w,
+            MaybeLoraEmbedding::Lora(l) => l.weight(),
+        }
+    }
+
+    /// The LoRA layer, if this one was targeted.
+    pub fn as_lora(&self) -> Option<&LoraEmbedding> {
+        match self {
+            MaybeLoraEmbedding::Lora(l) => Some(l),
+            MaybeLoraEmbedding::Plain(_) => None,
+        }
+    }
+
+    /// Embeddings of `ids`; an index outside `[0, V)` is an error (on the CPU; on CUDA it is a
+    /// device-side assert, so check indices first there).
+    pub fn f_forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            MaybeLoraEmbedding::Plain(w) => Ok(Tensor::f_embedding(w, ids, -1, false, false)?),
+            MaybeLoraEmbedding::Lora(l) => l.f_forward(ids),
+        }
+    }
+}
+
 /// Build-time targeting: a model calls [`LoraBuilder::linear`] where it would call
 /// `nn::linear`, and gets a plain or LoRA layer according to the config's `target_modules`
 /// matched against the layer's path — PEFT's `get_peft_model` for a graph tch cannot walk.
@@ -101,6 +138,7 @@ pub struct LoraBuilder<'a> {
     config: LoraConfig,
     targets: Targets,
     layers: Mutex<Vec<LoraLinear>>,
+    embeddings: Mutex<Vec<LoraEmbedding>>,
 }
 
 impl<'a> LoraBuilder<'a> {
@@ -120,6 +158,7 @@ impl<'a> LoraBuilder<'a> {
             config,
             targets,
             layers: Mutex::new(Vec::new()),
+            embeddings: Mutex::new(Vec::new()),
         })
     }
 
@@ -159,12 +198,39 @@ impl<'a> LoraBuilder<'a> {
         Ok(MaybeLoraLinear::Lora(layer))
     }
 
+    /// Creates the table `base_path/weight: [num, dim]` (initialised as `nn::embedding` does) and
+    /// wraps it with LoRA when the config targets `base_path`'s dotted name.
+    pub fn embedding(
+        &self,
+        base_path: &nn::Path,
+        num: i64,
+        dim: i64,
+        c: nn::EmbeddingConfig,
+    ) -> Result<MaybeLoraEmbedding> {
+        let weight = nn::embedding(base_path, num, dim, c).ws;
+        self.wrap_embedding(&path_name(base_path), weight)
+    }
+
+    /// Wraps an existing table `[V, d]` named `module` when the config targets it. Either way
+    /// the table stops requiring grad.
+    pub fn wrap_embedding(&self, module: &str, weight: Tensor) -> Result<MaybeLoraEmbedding> {
+        if !self.targets.matches(module) {
+            let _ = weight.set_requires_grad(false);
+            return Ok(MaybeLoraEmbedding::Plain(weight));
+        }
+        let p = module.split('.').fold(self.root.clone(), |p, c| p / c);
+        let layer = LoraEmbedding::new(weight, &p, module, &self.config)?;
+        self.embeddings.lock().unwrap_or_else(|e| e.into_inner()).push(layer.share());
+        Ok(MaybeLoraEmbedding::Lora(layer))
+    }
+
     /// Ends the build: errors when a listed target (or layer index) matched no layer, and
     /// returns the handle on every adapted layer.
     pub fn finish(self) -> Result<LoraAdapter> {
         self.targets.check_all_matched()?;
         let layers = self.layers.into_inner().unwrap_or_else(|e| e.into_inner());
-        Ok(LoraAdapter { name: self.name, config: self.config, layers })
+        let embeddings = self.embeddings.into_inner().unwrap_or_else(|e| e.into_inner());
+        Ok(LoraAdapter { name: self.name, config: self.config, layers, embeddings })
     }
 }
 
@@ -183,6 +249,21 @@ pub fn linear(
     }
 }
 
+/// An embedding table that is LoRA-adapted when `lora` targets the path: the embedding twin of
+/// [`linear`].
+pub fn embedding(
+    base_path: &nn::Path,
+    num: i64,
+    dim: i64,
+    c: nn::EmbeddingConfig,
+    lora: Option<&LoraBuilder>,
+) -> Result<MaybeLoraEmbedding> {
+    match lora {
+        Some(b) => b.embedding(base_path, num, dim, c),
+        None => Ok(MaybeLoraEmbedding::Plain(nn::embedding(base_path, num, dim, c).ws)),
+    }
+}
+
 /// All LoRA layers of one adapter in a model: merge, enable, save and load them together.
 ///
 /// It holds handles that share storage and state with the layers inside the model, so merging
@@ -192,6 +273,7 @@ pub struct LoraAdapter {
     name: String,
     config: LoraConfig,
     layers: Vec<LoraLinear>,
+    embeddings: Vec<LoraEmbedding>,
 }
 
 impl LoraAdapter {
@@ -200,14 +282,28 @@ impl LoraAdapter {
         &self.config
     }
 
-    /// The adapted layers.
+    /// The adapted linear layers, in build order.
     pub fn layers(&self) -> &[LoraLinear] {
         &self.layers
     }
 
-    /// The adapted module paths, in build order.
+    /// The adapted embedding tables, in build order.
+    pub fn embeddings(&self) -> &[LoraEmbedding] {
+        &self.embeddings
+    }
+
+    /// The adapted module paths: embeddings, then linear layers, each in build order.
     pub fn modules(&self) -> Vec<&str> {
-        self.layers.iter().map(LoraLinear::module).collect()
+        self.embeddings
+            .iter()
+            .map(LoraEmbedding::module)
+            .chain(self.layers.iter().map(LoraLinear::module))
+            .collect()
+    }
+
+    fn is_any_merged(&self) -> bool {
+        self.layers.iter().any(LoraLinear::is_merged)
+            || self.embeddings.iter().any(LoraEmbedding::is_merged)
     }
 
     /// Parameter report over the adapter's own tensors.
@@ -226,16 +322,20 @@ impl LoraAdapter {
     }
 
     fn merge_all(&self, safe: bool) -> Result<()> {
-        for (i, l) in self.layers.iter().enumerate() {
-            let r = if safe { l.safe_merge() } else { l.merge() };
-            if let Err(e) = r {
-                for done in &self.layers[..i] {
-                    done.unmerge()?;
-                }
-                return Err(e);
+        let result = (|| {
+            for e in &self.embeddings {
+                if safe { e.safe_merge() } else { e.merge() }?;
             }
+            for l in &self.layers {
+                if safe { l.safe_merge() } else { l.merge() }?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            // leave nothing merged
+            self.unmerge()?;
         }
-        Ok(())
+        result
     }
 
     /// Unmerges every merged layer, restoring the original weights bit-exactly.
@@ -243,12 +343,16 @@ impl LoraAdapter {
         for l in self.layers.iter().filter(|l| l.is_merged()) {
             l.unmerge()?;
         }
+        for e in self.embeddings.iter().filter(|e| e.is_merged()) {
+            e.unmerge()?;
+        }
         Ok(())
     }
 
     /// Turns the adapter branch of every layer on or off (disabling unmerges first).
     pub fn set_enabled(&self, enabled: bool) -> Result<()> {
-        self.layers.iter().try_for_each(|l| l.set_enabled(enabled))
+        self.layers.iter().try_for_each(|l| l.set_enabled(enabled))?;
+        self.embeddings.iter().try_for_each(|e| e.set_enabled(enabled))
     }
 
     /// Writes the adapter's tensors as safetensors with PEFT's keys
@@ -266,8 +370,15 @@ impl LoraAdapter {
         let path = path.as_ref();
         let file = io::read_safetensors(path)?;
         let mut by_name = std::collections::HashMap::new();
+        // PEFT saves the whole base table of a targeted embedding (`save_embedding_layers`); it
+        // is not part of the adapter, so it is skipped
+        let embedding_bases: Vec<String> =
+            self.embeddings.iter().map(|e| format!("{}.base_layer.weight", e.module())).collect();
         for (k, t) in file.tensors {
             let name = io::from_peft_key(&k).to_string();
+            if embedding_bases.contains(&name) {
+                continue;
+            }
             if by_name.insert(name, t).is_some() {
                 return Err(Error::CorruptFile {
                     file: path.to_path_buf(),
@@ -304,7 +415,7 @@ impl LoraAdapter {
                 file: path.to_path_buf(),
             });
         }
-        if self.layers.iter().any(LoraLinear::is_merged) {
+        if self.is_any_merged() {
             return Err(Error::MergeState { module: self.name.clone(), state: "already merged" });
         }
         let _guard = tch::no_grad_guard();
@@ -385,7 +496,8 @@ impl Adapter for LoraAdapter {
     }
 
     fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        self.layers.iter().flat_map(|l| l.named_tensors()).collect()
+        let embeddings = self.embeddings.iter().flat_map(|e| e.named_tensors());
+        embeddings.chain(self.layers.iter().flat_map(|l| l.named_tensors())).collect()
     }
 
     fn can_apply(&self) -> bool {
@@ -402,6 +514,8 @@ impl Adapter for LoraAdapter {
     }
 
     fn is_applied(&self) -> bool {
-        !self.layers.is_empty() && self.layers.iter().all(LoraLinear::is_merged)
+        (!self.layers.is_empty() || !self.embeddings.is_empty())
+            && self.layers.iter().all(LoraLinear::is_merged)
+            && self.embeddings.iter().all(LoraEmbedding::is_merged)
     }
 }

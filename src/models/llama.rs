@@ -26,7 +26,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
 use crate::io;
-use crate::lora::{self, LoraBuilder, MaybeLoraLinear};
+use crate::lora::{self, LoraBuilder, MaybeLoraEmbedding, MaybeLoraLinear};
 use crate::{Error, Result};
 
 fn default_eps() -> f64 {
@@ -196,7 +196,7 @@ struct Block {
 #[derive(Debug)]
 pub struct Llama {
     config: LlamaConfig,
-    embed_tokens: Tensor,
+    embed_tokens: MaybeLoraEmbedding,
     layers: Vec<Block>,
     norm: Tensor,
     lm_head: Option<MaybeLoraLinear>,
@@ -210,11 +210,8 @@ impl Llama {
         let c = config;
         let (d, hd) = (c.hidden_size, c.head_dim());
         let m = p / "model";
-        let embed_tokens = (&m / "embed_tokens").var(
-            "weight",
-            &[c.vocab_size, d],
-            nn::Init::Randn { mean: 0.0, stdev: 0.02 },
-        );
+        let embed_tokens =
+            lora::embedding(&(&m / "embed_tokens"), c.vocab_size, d, Default::default(), lora)?;
         let attn_cfg = nn::LinearConfig { bias: c.attention_bias, ..Default::default() };
         let mlp_cfg = nn::LinearConfig { bias: c.mlp_bias, ..Default::default() };
         let mut layers = Vec::new();
@@ -280,8 +277,8 @@ impl Llama {
                 });
             }
         }
-        let device = self.embed_tokens.device();
-        let kind = self.embed_tokens.kind();
+        let device = self.embed_tokens.weight().device();
+        let kind = self.embed_tokens.weight().kind();
         let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
 
         // RoPE tables in f32, cast to the activations' dtype (as transformers)
@@ -321,8 +318,7 @@ impl Llama {
                 return Err(bad_ids());
             }
         }
-        let mut h = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)
-            .map_err(|_| bad_ids())?;
+        let mut h = self.embed_tokens.f_forward(&ids).map_err(|_| bad_ids())?;
         for l in &self.layers {
             let n = rms_norm(&h, &l.input_layernorm, c.rms_norm_eps);
             let q = l.q_proj.f_forward_t(&n, train)?.view([b, s, heads, hd]).transpose(1, 2);
@@ -359,7 +355,7 @@ impl Llama {
         let h = rms_norm(&h, &self.norm, c.rms_norm_eps);
         Ok(match &self.lm_head {
             Some(head) => head.f_forward_t(&h, train)?,
-            None => h.matmul(&self.embed_tokens.tr()),
+            None => h.matmul(&self.embed_tokens.weight().tr()),
         })
     }
 }

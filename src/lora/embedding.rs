@@ -1,0 +1,248 @@
+//! [`LoraEmbedding`]: LoRA on an embedding table, with PEFT's layout and init.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tch::nn;
+use tch::{Kind, Tensor};
+
+use super::config::{LoraConfig, LoraInit};
+use super::linear::is_float;
+use crate::adapter::{Adapter, AdapterKind};
+use crate::{Error, Result};
+
+/// A LoRA-adapted embedding table `W: [V, d]`.
+///
+/// ```text
+/// y = W[ids] + s · (Aᵀ[ids]) Bᵀ          A = lora_embedding_A: [r, V],  B = lora_embedding_B: [d, r]
+/// ```
+///
+/// As PEFT: the factors are plain parameters (keys `<module>.lora_embedding_A` and
+/// `<module>.lora_embedding_B`, no `.weight`), the default init is `A = 0`, `B ~ N(0, 1)` (so the
+/// layer starts equal to the base; `init_lora_weights = false` draws both from N(0, 1)), and no
+/// dropout is applied. The delta weight is `s·(BA)ᵀ: [V, d]`; merging saves the original table so
+/// that unmerging restores it bit-exactly.
+#[derive(Debug)]
+pub struct LoraEmbedding {
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    module: String,
+    r: i64,
+    scaling: f64,
+    enabled: Arc<AtomicBool>,
+    original: Arc<Mutex<Option<Tensor>>>,
+}
+
+impl LoraEmbedding {
+    /// Wraps the table `weight: [V, d]` (frozen by this call), registering the factors under `p`
+    /// and naming the module `module`.
+    pub fn new(weight: Tensor, p: &nn::Path, module: &str, config: &LoraConfig) -> Result<Self> {
+        config.validate()?;
+        let r = config.rank_for(module)?;
+        let scaling = config.scaling_for(module)?;
+        if weight.dim() != 2 {
+            return Err(Error::ShapeMismatch {
+                name: format!("{module}.weight"),
+                expected: vec![-1, -1],
+                actual: weight.size(),
+            });
+        }
+        if !is_float(weight.kind()) {
+            return Err(Error::DtypeMismatch {
+                name: format!("{module}.weight"),
+                expected: "a floating-point kind".into(),
+                actual: weight.kind(),
+            });
+        }
+        let (v, d) = (weight.size()[0], weight.size()[1]);
+        if r > v.min(d) {
+            return Err(Error::RankTooLarge {
+                module: module.into(),
+                rank: r,
+                in_features: v,
+                out_features: d,
+            });
+        }
+        for name in ["lora_embedding_A", "lora_embedding_B"] {
+            if p.get(name).is_some() {
+                return Err(Error::DuplicateParameter(p.path(name)));
+            }
+        }
+        let kind = if weight.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+        let opts = (kind, weight.device());
+        let (a, b) = tch::no_grad(|| match config.init_lora_weights {
+            LoraInit::Kaiming | LoraInit::Gaussian => {
+                (Tensor::zeros([r, v], opts), Tensor::randn([d, r], opts))
+            }
+            LoraInit::Random => (Tensor::randn([r, v], opts), Tensor::randn([d, r], opts)),
+        });
+        let lora_a = p.add("lora_embedding_A", a, true);
+        let lora_b = p.add("lora_embedding_B", b, true);
+        let _ = weight.set_requires_grad(false);
+        Ok(LoraEmbedding {
+            weight,
+            lora_a,
+            lora_b,
+            module: module.into(),
+            r,
+            scaling,
+            enabled: Arc::new(AtomicBool::new(true)),
+            original: Default::default(),
+        })
+    }
+
+    /// A second handle on the same layer (shared storage and merge state).
+    pub(crate) fn share(&self) -> LoraEmbedding {
+        LoraEmbedding {
+            weight: self.weight.shallow_clone(),
+            lora_a: self.lora_a.shallow_clone(),
+            lora_b: self.lora_b.shallow_clone(),
+            module: self.module.clone(),
+            r: self.r,
+            scaling: self.scaling,
+            enabled: Arc::clone(&self.enabled),
+            original: Arc::clone(&self.original),
+        }
+    }
+
+    /// The base table `[V, d]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// `lora_embedding_A`, `[r, V]`.
+    pub fn lora_a(&self) -> &Tensor {
+        &self.lora_a
+    }
+
+    /// `lora_embedding_B`, `[d, r]`.
+    pub fn lora_b(&self) -> &Tensor {
+        &self.lora_b
+    }
+
+    /// The module path.
+    pub fn module(&self) -> &str {
+        &self.module
+    }
+
+    /// The rank.
+    pub fn rank(&self) -> i64 {
+        self.r
+    }
+
+    /// The scaling `s`.
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+
+    /// Whether the adapter is active.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    /// Turns the adapter on or off (disabling a merged layer unmerges it first).
+    pub fn set_enabled(&self, enabled: bool) -> Result<()> {
+        if !enabled && self.is_merged() {
+            self.unmerge()?;
+        }
+        self.enabled.store(enabled, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether the delta is folded into the table.
+    pub fn is_merged(&self) -> bool {
+        self.original.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// The update `s·(BA)ᵀ`, `[V, d]`, in the adapter dtype.
+    pub fn delta_weight(&self) -> Tensor {
+        self.lora_b.mm(&self.lora_a).tr() * self.scaling
+    }
+
+    fn merge_impl(&self, safe: bool) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let mut original = self.original.lock().unwrap_or_else(|e| e.into_inner());
+        if original.is_some() {
+            return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });
+        }
+        let compute = if self.weight.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+        let delta = self.delta_weight().f_to_kind(compute)?;
+        let merged =
+            self.weight.f_to_kind(compute)?.f_add(&delta)?.f_to_kind(self.weight.kind())?;
+        if safe && merged.f_isfinite()?.f_all()?.int64_value(&[]) == 0 {
+            return Err(Error::NonFiniteMerge { module: self.module.clone() });
+        }
+        let mut saved = self.weight.f_zeros_like()?;
+        saved.f_copy_(&self.weight)?;
+        self.weight.shallow_clone().f_copy_(&merged)?;
+        *original = Some(saved);
+        Ok(())
+    }
+
+    /// Folds `s·(BA)ᵀ` into the table, keeping the original for [`unmerge`](Self::unmerge).
+    pub fn merge(&self) -> Result<()> {
+        self.merge_impl(false)
+    }
+
+    /// As [`merge`](Self::merge), refusing non-finite results.
+    pub fn safe_merge(&self) -> Result<()> {
+        self.merge_impl(true)
+    }
+
+    /// Restores the original table bit-exactly.
+    pub fn unmerge(&self) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let mut original = self.original.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(saved) = original.take() else {
+            return Err(Error::MergeState { module: self.module.clone(), state: "not merged" });
+        };
+        self.weight.shallow_clone().f_copy_(&saved)?;
+        Ok(())
+    }
+
+    /// Embeddings of `ids` (any shape of int64 indices in `[0, V)`), with the adapter applied
+    /// unless it is merged or disabled.
+    pub fn f_forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let y = Tensor::f_embedding(&self.weight, ids, -1, false, false)?;
+        if !self.is_enabled() || self.is_merged() {
+            return Ok(y);
+        }
+        let after_a = Tensor::f_embedding(&self.lora_a.f_tr()?, ids, -1, false, false)?;
+        let delta = after_a.f_matmul(&self.lora_b.f_tr()?)?.f_mul_scalar(self.scaling)?;
+        Ok(y.f_add(&delta.f_to_kind(y.kind())?)?)
+    }
+}
+
+impl Adapter for LoraEmbedding {
+    fn kind(&self) -> AdapterKind {
+        AdapterKind::Lora
+    }
+
+    fn name(&self) -> &str {
+        &self.module
+    }
+
+    fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        vec![
+            (format!("{}.lora_embedding_A", self.module), self.lora_a.shallow_clone()),
+            (format!("{}.lora_embedding_B", self.module), self.lora_b.shallow_clone()),
+        ]
+    }
+
+    fn can_apply(&self) -> bool {
+        true
+    }
+
+    fn apply(&mut self) -> Result<()> {
+        self.safe_merge()
+    }
+
+    fn revert(&mut self) -> Result<()> {
+        self.unmerge()
+    }
+
+    fn is_applied(&self) -> bool {
+        self.is_merged()
+    }
+}
