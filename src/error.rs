@@ -109,6 +109,17 @@ pub enum Error {
         /// `already merged` or `not merged`.
         state: &'static str,
     },
+    /// A tensor must be initialised from the loaded base weights before use (DoRA magnitudes of
+    /// layers built before the base weights were loaded).
+    #[error("`{module}`: {what} is not initialised; {hint}")]
+    Uninitialized {
+        /// The adapted module's path.
+        module: String,
+        /// What is missing.
+        what: &'static str,
+        /// How to initialise it.
+        hint: &'static str,
+    },
     /// A safe merge produced NaN or infinite weights; nothing was written.
     #[error("merging the adapter into `{module}` gives non-finite weights; the base weight is unchanged")]
     NonFiniteMerge {

@@ -158,3 +158,23 @@ fn peft_rslora_rank_alpha_patterns_and_layers_match() {
         adapter.layers().iter().map(|l| (l.rank(), l.scaling())).collect();
     assert_eq!(by_module, [(4, 3.0 / 2.0), (4, 8.0 / 2.0), (2, 8.0 / 2f64.sqrt())]);
 }
+
+#[test]
+fn peft_dora_adapter_matches_outputs_merged_weights_and_files() {
+    check_case(
+        "dora",
+        &[
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.v_proj",
+            "model.layers.0.mlp.up_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.v_proj",
+            "model.layers.1.mlp.up_proj",
+        ],
+    );
+    let (_b, _a, _m, adapter) = load_case("dora");
+    assert!(adapter
+        .layers()
+        .iter()
+        .all(|l| l.magnitude().map(|m| m.size()) == Some(vec![l.out_features()])));
+}

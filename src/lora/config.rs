@@ -119,7 +119,9 @@ pub struct LoraConfig {
     pub alpha_pattern: BTreeMap<String, f64>,
     /// GPT-2 `Conv1D` weights stored `[in, out]` (not supported yet).
     pub fan_in_fan_out: bool,
-    /// DoRA (not supported yet).
+    /// DoRA (Liu et al. 2024): the adapted weight is split into a trainable per-row magnitude
+    /// `lora_magnitude_vector` and the direction `(W + s·BA) / ‖W + s·BA‖_row` (the norm
+    /// detached, as PEFT). Linear layers only.
     pub use_dora: bool,
     /// A trainable bias on `lora_B` (not supported yet).
     pub lora_bias: bool,
@@ -223,8 +225,8 @@ impl LoraConfig {
             field: field.into(),
             reason: reason.into(),
         };
-        if self.use_dora {
-            return Err(unsupported("use_dora", "DoRA is not implemented in this version"));
+        if self.use_dora && self.lora_bias {
+            return Err(Error::config("lora_bias", "cannot be combined with `use_dora` (as PEFT)"));
         }
         if self.lora_bias {
             return Err(unsupported("lora_bias", "a bias on lora_B is not implemented yet"));
@@ -385,7 +387,11 @@ mod tests {
             field_of(LoraConfig { lora_dropout: -0.1, ..Default::default() }),
             "lora_dropout"
         );
-        assert_eq!(field_of(LoraConfig { use_dora: true, ..Default::default() }), "use_dora");
+        assert_eq!(field_of(LoraConfig { lora_bias: true, ..Default::default() }), "lora_bias");
+        assert_eq!(
+            field_of(LoraConfig { use_dora: true, lora_bias: true, ..Default::default() }),
+            "lora_bias"
+        );
         let mut rp = LoraConfig::default();
         rp.rank_pattern.insert("q_proj".into(), 0);
         assert_eq!(field_of(rp), "rank_pattern.q_proj");

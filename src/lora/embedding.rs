@@ -39,6 +39,12 @@ impl LoraEmbedding {
     /// and naming the module `module`.
     pub fn new(weight: Tensor, p: &nn::Path, module: &str, config: &LoraConfig) -> Result<Self> {
         config.validate()?;
+        if config.use_dora {
+            return Err(Error::Unsupported {
+                field: "use_dora".into(),
+                reason: format!("DoRA on the embedding `{module}` is not implemented yet"),
+            });
+        }
         let r = config.rank_for(module)?;
         let scaling = config.scaling_for(module)?;
         if weight.dim() != 2 {

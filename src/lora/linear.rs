@@ -16,6 +16,8 @@ struct SharedState {
     enabled: AtomicBool,
     /// Use the fused autograd node when it is compiled in and dropout is inactive.
     fused: AtomicBool,
+    /// Whether the DoRA magnitude was computed from the current base weight (or loaded).
+    magnitude_ready: AtomicBool,
     /// The base weight as it was before merging; `Some` while merged.
     original: Mutex<Option<Tensor>>,
     merged: AtomicBool,
@@ -68,6 +70,8 @@ pub struct LoraLinear {
     lora_b: Tensor,
     /// Trainable copy of the base bias when `bias = "lora_only"`.
     bias: Option<Tensor>,
+    /// DoRA's per-row magnitude `[out]`, when `use_dora`.
+    magnitude: Option<Tensor>,
     module: String,
     r: i64,
     scaling: f64,
@@ -121,6 +125,20 @@ fn init_factors(
         };
         (a, b)
     })
+}
+
+/// `‖W + s·BA‖` per output row, in f32 (f64 for an f64 base), without forming `W + s·BA`:
+/// `‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ`, from an `[out, r]` and an `[r, r]` product.
+/// Callers run it under `no_grad` (DoRA detaches the norm).
+pub(crate) fn dora_weight_norm(w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+    let kind = if w.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+    let (w, a, b) = (w.f_to_kind(kind)?, a.f_to_kind(kind)?, b.f_to_kind(kind)?);
+    let w_sq = w.f_square()?.f_sum_dim_intlist(1, false, kind)?;
+    let cross = w.f_mm(&a.f_tr()?)?.f_mul(&b)?.f_sum_dim_intlist(1, false, kind)?;
+    let ba_sq = b.f_mm(&a.f_mm(&a.f_tr()?)?)?.f_mul(&b)?.f_sum_dim_intlist(1, false, kind)?;
+    let sq = w_sq.f_add(&cross.f_mul_scalar(2.0 * s)?)?.f_add(&ba_sq.f_mul_scalar(s * s)?)?;
+    // rounding can take an exactly-zero row slightly negative
+    Ok(sq.f_clamp_min(0.0)?.f_sqrt()?)
 }
 
 /// Registers a trainable variable under `p / sub / name`, refusing to overwrite (tch would
@@ -226,6 +244,9 @@ impl LoraLinear {
                 return Err(Error::DuplicateParameter((p / sub).path(name)));
             }
         }
+        if config.use_dora && p.get("lora_magnitude_vector").is_some() {
+            return Err(Error::DuplicateParameter(p.path("lora_magnitude_vector")));
+        }
         // f32 adapters (PEFT upcasts f16/bf16 adapters), f64 on an f64 base (PEFT follows the
         // base dtype for full-precision bases).
         let adapter_kind = if ws.kind() == Kind::Double { Kind::Double } else { Kind::Float };
@@ -234,6 +255,15 @@ impl LoraLinear {
         let bias = match &base.bs {
             Some(bs) if with_bias => Some(tch::no_grad(|| bs.to_kind(adapter_kind).copy())),
             _ => None,
+        };
+        let magnitude = if config.use_dora {
+            let norm = tch::no_grad(|| {
+                dora_weight_norm(&base.ws, &a, &b, scaling)
+                    .and_then(|n| Ok(n.f_to_kind(adapter_kind)?))
+            })?;
+            Some(p.add("lora_magnitude_vector", norm, true))
+        } else {
+            None
         };
         let lora_a = add_var(p, "lora_A", "weight", a)?;
         let lora_b = add_var(p, "lora_B", "weight", b)?;
@@ -247,6 +277,7 @@ impl LoraLinear {
             lora_a,
             lora_b,
             bias,
+            magnitude,
             module: module.to_string(),
             r,
             scaling,
@@ -256,6 +287,7 @@ impl LoraLinear {
             state: Arc::new(SharedState {
                 enabled: AtomicBool::new(true),
                 fused: AtomicBool::new(true),
+                magnitude_ready: AtomicBool::new(true),
                 original: Mutex::new(None),
                 merged: AtomicBool::new(false),
             }),
@@ -273,6 +305,7 @@ impl LoraLinear {
             lora_a: self.lora_a.shallow_clone(),
             lora_b: self.lora_b.shallow_clone(),
             bias: self.bias.as_ref().map(Tensor::shallow_clone),
+            magnitude: self.magnitude.as_ref().map(Tensor::shallow_clone),
             module: self.module.clone(),
             r: self.r,
             scaling: self.scaling,
@@ -342,6 +375,45 @@ impl LoraLinear {
         Ok(())
     }
 
+    /// DoRA's magnitude vector `lora_magnitude_vector: [out]`, when the config has `use_dora`.
+    pub fn magnitude(&self) -> Option<&Tensor> {
+        self.magnitude.as_ref()
+    }
+
+    /// Sets DoRA's magnitude to `‖W + s·BA‖_row` of the current base weight, as PEFT does when
+    /// it attaches the adapter. Layers built by [`LoraBuilder`](super::LoraBuilder) create their
+    /// base weight themselves, so call this (or
+    /// [`LoraAdapter::init_dora_magnitudes`](super::LoraAdapter::init_dora_magnitudes)) once the
+    /// pre-trained weights are loaded, unless a trained adapter is loaded instead. A no-op without
+    /// DoRA.
+    pub fn init_dora_magnitude(&self) -> Result<()> {
+        let Some(m) = &self.magnitude else { return Ok(()) };
+        if self.is_merged() {
+            return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });
+        }
+        let _guard = tch::no_grad_guard();
+        let norm = dora_weight_norm(&self.base.ws, &self.lora_a, &self.lora_b, self.scaling)?;
+        m.shallow_clone().f_copy_(&norm.f_to_kind(m.kind())?)?;
+        self.set_magnitude_ready(true);
+        Ok(())
+    }
+
+    /// Marks the DoRA magnitude as (not) matching the base weight.
+    pub(crate) fn set_magnitude_ready(&self, ready: bool) {
+        self.state.magnitude_ready.store(ready, Ordering::Release);
+    }
+
+    fn check_magnitude(&self) -> Result<()> {
+        if self.magnitude.is_some() && !self.state.magnitude_ready.load(Ordering::Acquire) {
+            return Err(Error::Uninitialized {
+                module: self.module.clone(),
+                what: "the DoRA magnitude",
+                hint: "call `init_dora_magnitudes()` after loading the base weights, or load a trained adapter",
+            });
+        }
+        Ok(())
+    }
+
     /// Chooses between the fused autograd node (the default, when
     /// [`fused_kernel_available`]) and composed tch ops for the unmerged training forward. Both
     /// compute the same values and gradients; the switch is for benchmarking and testing. Eval
@@ -365,7 +437,14 @@ impl LoraLinear {
         let w = &self.base.ws;
         let compute = if w.kind() == Kind::Double { Kind::Double } else { Kind::Float };
         let delta = self.lora_b.f_to_kind(compute)?.f_mm(&self.lora_a.f_to_kind(compute)?)?;
-        let merged = w.f_to_kind(compute)?.f_add(&(delta * self.scaling))?;
+        let mut merged = w.f_to_kind(compute)?.f_add(&(delta * self.scaling))?;
+        if let Some(m) = &self.magnitude {
+            self.check_magnitude()?;
+            // DoRA: m / ‖W + s·BA‖_row times the adapted weight, norm of the unmerged weight
+            let norm = dora_weight_norm(w, &self.lora_a, &self.lora_b, self.scaling)?;
+            let g = m.f_to_kind(compute)?.f_div(&norm)?.f_unsqueeze(1)?;
+            merged = merged.f_mul(&g)?;
+        }
         Ok(merged.f_to_kind(w.kind())?)
     }
 
@@ -473,6 +552,10 @@ impl LoraLinear {
         *out_shape.last_mut().expect("checked non-empty") = self.out_features;
         let x2 = xs.f_reshape([-1, self.in_features])?;
         let dropout = train && self.dropout > 0.0;
+        if let Some(m) = &self.magnitude {
+            let y = self.dora_forward(&x2, m, bias, dropout)?;
+            return Ok(y.f_reshape(out_shape)?);
+        }
         // The fused node pays off in training (its backward); in eval the composed ops are as
         // fast and skip the node's bookkeeping.
         #[cfg(tch_peft_fused)]
@@ -506,6 +589,44 @@ impl LoraLinear {
     }
 }
 
+impl LoraLinear {
+    /// DoRA as PEFT computes it, with `g = m / ‖W + s·BA‖_row` (norm detached) and `x_d` the
+    /// dropped-out input:
+    /// `y = x Wᵀ + b + (g − 1)·(x_d Wᵀ) + g·s·(x_d Aᵀ) Bᵀ`, i.e. `g·(x Wᵀ + s x Aᵀ Bᵀ) + b` without
+    /// dropout.
+    fn dora_forward(
+        &self,
+        x2: &Tensor,
+        m: &Tensor,
+        bias: Option<&Tensor>,
+        dropout: bool,
+    ) -> Result<Tensor> {
+        self.check_magnitude()?;
+        let kind = x2.kind();
+        let norm = tch::no_grad(|| {
+            dora_weight_norm(&self.base.ws, &self.lora_a, &self.lora_b, self.scaling)
+        })?;
+        let g = m.f_div(&norm.f_to_kind(m.kind())?)?.f_to_kind(kind)?; // [out], grad to m
+        let cast =
+            |t: &Tensor| if t.kind() == kind { Ok(t.shallow_clone()) } else { t.f_to_kind(kind) };
+        let (a, b) = (cast(&self.lora_a)?, cast(&self.lora_b)?);
+        let xd = if dropout { x2.f_dropout(self.dropout, true)? } else { x2.shallow_clone() };
+        let lora = xd.f_mm(&a.f_tr()?)?.f_mm(&b.f_tr()?)?.f_mul_scalar(self.scaling)?;
+        let y = if dropout {
+            let base = x2.f_linear(&self.base.ws, bias)?;
+            let base_d = xd.f_linear::<Tensor>(&self.base.ws, None)?;
+            base.f_add(&base_d.f_mul(&(&g - 1.0))?)?.f_add(&lora.f_mul(&g)?)?
+        } else {
+            let y = x2.f_linear::<Tensor>(&self.base.ws, None)?.f_add(&lora)?.f_mul(&g)?;
+            match bias {
+                Some(b) => y.f_add(b)?,
+                None => y,
+            }
+        };
+        Ok(y)
+    }
+}
+
 impl ModuleT for LoraLinear {
     /// # Panics
     /// On an input whose last dimension, dtype or device does not fit the layer, with the
@@ -534,6 +655,9 @@ impl Adapter for LoraLinear {
         ];
         if let Some(b) = &self.bias {
             v.push((format!("{}.base_layer.bias", self.module), b.shallow_clone()));
+        }
+        if let Some(m) = &self.magnitude {
+            v.push((format!("{}.lora_magnitude_vector", self.module), m.shallow_clone()));
         }
         v
     }

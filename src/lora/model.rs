@@ -194,6 +194,9 @@ impl<'a> LoraBuilder<'a> {
         }
         let p = module.split('.').fold(self.root.clone(), |p, c| p / c);
         let layer = LoraLinear::with_module_name(base, &p, module, &self.config)?;
+        // the base weight is (usually) loaded after the model is built: DoRA magnitudes must be
+        // initialised from it, or loaded, before use
+        layer.set_magnitude_ready(false);
         self.layers.lock().unwrap_or_else(|e| e.into_inner()).push(layer.share());
         Ok(MaybeLoraLinear::Lora(layer))
     }
@@ -311,6 +314,13 @@ impl LoraAdapter {
         ParamReport::from_named_tensors(&self.named_tensors())
     }
 
+    /// Initialises every DoRA magnitude from the current base weights (as PEFT does when it
+    /// attaches DoRA). Call it after loading the pre-trained weights when training a new DoRA
+    /// adapter; loading a trained adapter sets the magnitudes instead. A no-op without DoRA.
+    pub fn init_dora_magnitudes(&self) -> Result<()> {
+        self.layers.iter().try_for_each(LoraLinear::init_dora_magnitude)
+    }
+
     /// Merges every layer. On failure the layers merged so far are unmerged again.
     pub fn merge(&self) -> Result<()> {
         self.merge_all(false)
@@ -422,6 +432,9 @@ impl LoraAdapter {
         for (dst, src) in pairs {
             let mut d = dst.shallow_clone();
             d.f_copy_(&src.f_to_device(d.device())?.f_to_kind(d.kind())?)?;
+        }
+        for l in &self.layers {
+            l.set_magnitude_ready(true);
         }
         Ok(())
     }

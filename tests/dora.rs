@@ -1,0 +1,152 @@
+//! DoRA on Linear: the forward against the materialised formula in float64, the norm computed
+//! without forming `W + s·BA`, gradients with the norm detached, magnitude initialisation, and
+//! bit-exact unmerge. (PEFT parity of outputs, merged weights and files: `tests/peft_parity.rs`.)
+
+mod common;
+
+use common::*;
+use tch::nn::{self, ModuleT};
+use tch::{Device, Kind, Tensor};
+use tch_peft::lora::{LoraBuilder, LoraConfig, LoraLinear};
+use tch_peft::{Adapter, Error};
+
+fn dora_cfg(r: i64) -> LoraConfig {
+    LoraConfig { r, lora_alpha: 3.0 * r as f64, use_dora: true, ..Default::default() }
+}
+
+fn f64_dora(vb: &nn::VarStore, va: &nn::VarStore) -> LoraLinear {
+    let base = nn::linear(vb.root() / "proj", 12, 10, Default::default());
+    let l = LoraLinear::new(base, &(va.root() / "proj"), &dora_cfg(3)).unwrap();
+    set(l.lora_b(), &(randn(&[10, 3], Kind::Double) * 0.3));
+    l
+}
+
+fn f64_stores() -> (nn::VarStore, nn::VarStore) {
+    let mut b = nn::VarStore::new(Device::Cpu);
+    b.set_kind(Kind::Double);
+    (b, nn::VarStore::new(Device::Cpu))
+}
+
+/// `(m / ‖W'‖_row) ⊙ W'` with `W' = W + s·BA`, the norm detached.
+fn materialised_weight(l: &LoraLinear) -> Tensor {
+    let w = &l.base().ws + l.lora_b().matmul(l.lora_a()) * l.scaling();
+    let norm = w.detach().square().sum_dim_intlist(1, true, Kind::Double).sqrt();
+    w * (l.magnitude().unwrap().unsqueeze(1) / norm)
+}
+
+#[test]
+fn magnitude_starts_at_the_row_norm_so_the_layer_starts_as_the_base() {
+    tch::manual_seed(0);
+    let (vb, va) = f64_stores();
+    let base = nn::linear(vb.root() / "proj", 12, 10, Default::default());
+    let row_norm = base.ws.square().sum_dim_intlist(1, false, Kind::Double).sqrt();
+    let l = LoraLinear::new(base, &(va.root() / "proj"), &dora_cfg(3)).unwrap();
+    assert!(max_abs_diff(l.magnitude().unwrap(), &row_norm) < 1e-12);
+    let x = randn(&[4, 12], Kind::Double);
+    assert!(max_abs_diff(&l.forward_t(&x, false), &x.apply(l.base())) < 1e-12);
+    let names: Vec<String> = l.named_tensors().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names[2], "proj.lora_magnitude_vector");
+    assert_eq!(l.num_trainable_parameters(), 3 * 12 + 10 * 3 + 10);
+}
+
+#[test]
+fn forward_and_merge_match_the_materialised_formula() {
+    tch::manual_seed(1);
+    let (vb, va) = f64_stores();
+    let l = f64_dora(&vb, &va);
+    set(l.magnitude().unwrap(), &(randn(&[10], Kind::Double).abs() + 0.5));
+    let x = randn(&[2, 5, 12], Kind::Double);
+    let expected = x.matmul(&materialised_weight(&l).tr()) + l.base().bs.as_ref().unwrap();
+    for train in [false, true] {
+        assert!(max_abs_diff(&l.forward_t(&x, train), &expected) < 1e-12, "train={train}");
+    }
+    let original = l.base().ws.copy();
+    l.merge().unwrap();
+    assert!(max_abs_diff(&l.base().ws, &materialised_weight_unmerged(&l, &original)) < 1e-12);
+    assert!(max_abs_diff(&l.forward_t(&x, false), &expected) < 1e-12);
+    l.unmerge().unwrap();
+    assert!(bit_equal(&l.base().ws, &original));
+}
+
+fn materialised_weight_unmerged(l: &LoraLinear, w: &Tensor) -> Tensor {
+    let w2 = w + l.lora_b().matmul(l.lora_a()) * l.scaling();
+    let norm = w2.square().sum_dim_intlist(1, true, Kind::Double).sqrt();
+    &w2 * (l.magnitude().unwrap().unsqueeze(1) / norm)
+}
+
+#[test]
+fn gradients_treat_the_norm_as_a_constant() {
+    tch::manual_seed(2);
+    let (vb, va) = f64_stores();
+    let l = f64_dora(&vb, &va);
+    let x = randn(&[6, 12], Kind::Double);
+    let g = randn(&[6, 10], Kind::Double);
+    let params = [l.lora_a(), l.lora_b(), l.magnitude().unwrap()];
+    let ours = Tensor::run_backward(
+        &[(l.forward_t(&x, true) * &g).sum(Kind::Double)],
+        &params,
+        false,
+        false,
+    );
+    let reference = x.matmul(&materialised_weight(&l).tr()) + l.base().bs.as_ref().unwrap();
+    let theirs = Tensor::run_backward(&[(reference * &g).sum(Kind::Double)], &params, false, false);
+    for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        assert!(max_abs_diff(a, b) < 1e-10, "gradient {i}");
+    }
+}
+
+#[test]
+fn builder_layers_need_their_magnitude_initialised_after_loading() {
+    tch::manual_seed(3);
+    let (base_vs, adapter_vs) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let cfg = LoraConfig { use_dora: true, ..LoraConfig::for_targets(["q"]) };
+    let builder = LoraBuilder::new(&adapter_vs.root(), cfg).unwrap();
+    let q = builder.linear(&(base_vs.root() / "q"), 16, 16, Default::default()).unwrap();
+    let adapter = builder.finish().unwrap();
+    let x = randn(&[3, 16], Kind::Float);
+    let err = q.f_forward_t(&x, true).unwrap_err();
+    assert!(matches!(err, Error::Uninitialized { ref module, .. } if module == "q"), "{err}");
+    assert!(matches!(adapter.merge(), Err(Error::Uninitialized { .. })));
+    // "load" pre-trained weights, then initialise
+    set(&base_vs.variables()["q.weight"], &randn(&[16, 16], Kind::Float));
+    adapter.init_dora_magnitudes().unwrap();
+    let base = x.apply(q.base());
+    assert!(max_abs_diff(&q.f_forward_t(&x, true).unwrap(), &base) < 1e-5);
+}
+
+#[test]
+fn bf16_dora_unmerge_is_bit_exact() {
+    tch::manual_seed(4);
+    let mut vb = nn::VarStore::new(Device::Cpu);
+    let base = nn::linear(vb.root() / "proj", 64, 32, Default::default());
+    vb.bfloat16();
+    let va = nn::VarStore::new(Device::Cpu);
+    let l = LoraLinear::new(base, &(va.root() / "proj"), &dora_cfg(4)).unwrap();
+    assert_eq!(l.magnitude().unwrap().kind(), Kind::Float);
+    set(l.lora_b(), &(randn(&[32, 4], Kind::Float) * 0.1));
+    let original = l.base().ws.copy();
+    let x = randn(&[5, 64], Kind::Float).to_kind(Kind::BFloat16);
+    let unmerged = l.forward_t(&x, false);
+    assert_eq!(unmerged.kind(), Kind::BFloat16);
+    for _ in 0..10 {
+        l.safe_merge().unwrap();
+        let rel = max_abs_diff(&l.forward_t(&x, false), &unmerged)
+            / unmerged.abs().max().double_value(&[]);
+        assert!(rel < 2e-2, "{rel}");
+        l.unmerge().unwrap();
+    }
+    assert!(bit_equal(&l.base().ws, &original));
+}
+
+#[test]
+fn dora_with_lora_bias_or_on_embeddings_is_refused() {
+    let c = LoraConfig { lora_bias: true, ..dora_cfg(2) };
+    assert!(
+        matches!(c.validate(), Err(Error::InvalidConfig { ref field, .. }) if field == "lora_bias")
+    );
+    let va = nn::VarStore::new(Device::Cpu);
+    let w = Tensor::randn([10, 8], (Kind::Float, Device::Cpu));
+    let err =
+        tch_peft::lora::LoraEmbedding::new(w, &(va.root() / "e"), "e", &dora_cfg(2)).unwrap_err();
+    assert!(matches!(err, Error::Unsupported { ref field, .. } if field == "use_dora"), "{err}");
+}
