@@ -5,7 +5,7 @@
 //! ```
 //!
 //! First, for each shape, one line per group with the medians of base, LoRA (fused autograd
-//! node), merged LoRA and LoRA through composed tch ops, measured in alternation (`interleaved fwd_bwd ...: base .. ms, lora .. ms (1.0xx), ...`): the
+//! node), merged LoRA, LoRA through composed tch ops and DoRA, measured in alternation (`interleaved fwd_bwd ...: base .. ms, lora .. ms (1.0xx), ...`): the
 //! ratios to quote, since alternation cancels the load drift of a shared machine. Then the
 //! criterion groups (each times base, LoRA and merged LoRA on the same input):
 //! * `fwd_bwd/<tokens>x<in>x<out>_r<r>`: forward, then backward to the input (and to A, B for
@@ -135,6 +135,23 @@ fn bench(c: &mut Criterion) {
             a.copy_(lora.lora_a());
         });
         let (ca, cb) = (composed.lora_a().shallow_clone(), composed.lora_b().shallow_clone());
+        // DoRA on the same base and factors
+        let dora_vs = nn::VarStore::new(device);
+        let dora = LoraLinear::new(
+            nn::Linear {
+                ws: plain.ws.shallow_clone(),
+                bs: plain.bs.as_ref().map(Tensor::shallow_clone),
+            },
+            &(dora_vs.root() / "proj"),
+            &LoraConfig { use_dora: true, ..cfg.clone() },
+        )
+        .expect("dora");
+        tch::no_grad(|| {
+            dora.lora_b().shallow_clone().copy_(lora.lora_b());
+            dora.lora_a().shallow_clone().copy_(lora.lora_a());
+        });
+        let (da, db) = (dora.lora_a().shallow_clone(), dora.lora_b().shallow_clone());
+        let dm = dora.magnitude().expect("dora magnitude").shallow_clone();
         let mut merged_vs = nn::VarStore::new(device);
         let merged_base = nn::linear(merged_vs.root() / "proj", d_in, d_out, Default::default());
         merged_vs.set_kind(kind);
@@ -161,6 +178,7 @@ fn bench(c: &mut Criterion) {
                 &mut || drop((fwd_bwd(&lora, &x, &grad, &[&x, &a, &b]), sync(device))),
                 &mut || drop((fwd_bwd(&merged, &x, &grad, &[&x]), sync(device))),
                 &mut || drop((fwd_bwd(&composed, &x, &grad, &[&x, &ca, &cb]), sync(device))),
+                &mut || drop((fwd_bwd(&dora, &x, &grad, &[&x, &da, &db, &dm]), sync(device))),
             ],
             rounds,
         );
@@ -170,19 +188,22 @@ fn bench(c: &mut Criterion) {
                 &mut || drop((tch::no_grad(|| lora.forward_t(&xi, false)), sync(device))),
                 &mut || drop((tch::no_grad(|| merged.forward_t(&xi, false)), sync(device))),
                 &mut || drop((tch::no_grad(|| composed.forward_t(&xi, false)), sync(device))),
+                &mut || drop((tch::no_grad(|| dora.forward_t(&xi, false)), sync(device))),
             ],
             rounds,
         );
         for (group, m) in [("fwd_bwd", &fb), ("fwd", &fw)].into_iter().filter(|_| benching) {
             println!(
-                "interleaved {group:<7} {id}: base {:.3} ms, lora {:.3} ms ({:.3}x), merged {:.3} ms ({:.3}x), lora composed ops {:.3} ms ({:.3}x) [median of {rounds}]",
+                "interleaved {group:<7} {id}: base {:.3} ms, lora {:.3} ms ({:.3}x), merged {:.3} ms ({:.3}x), lora composed ops {:.3} ms ({:.3}x), dora {:.3} ms ({:.3}x) [median of {rounds}]",
                 m[0] * 1e3,
                 m[1] * 1e3,
                 m[1] / m[0],
                 m[2] * 1e3,
                 m[2] / m[0],
                 m[3] * 1e3,
-                m[3] / m[0]
+                m[3] / m[0],
+                m[4] * 1e3,
+                m[4] / m[0]
             );
         }
 
@@ -198,6 +219,13 @@ fn bench(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("lora", &id), |bch| {
             bch.iter(|| {
                 let r = fwd_bwd(&lora, &x, &grad, &[&x, &a, &b]);
+                sync(device);
+                r
+            })
+        });
+        g.bench_function(BenchmarkId::new("dora", &id), |bch| {
+            bch.iter(|| {
+                let r = fwd_bwd(&dora, &x, &grad, &[&x, &da, &db, &dm]);
                 sync(device);
                 r
             })

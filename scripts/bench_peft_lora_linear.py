@@ -72,24 +72,28 @@ def main():
         results = {}
         results["fwd_bwd/base"] = timed(lambda: fwd_bwd(base, [x]), device, args.warmup, args.steps)
         results["fwd/base"] = timed(lambda: torch.no_grad()(base)(xi), device, args.warmup, args.steps)
-        for autocast in (True, False):
-            tag = "peft" if autocast else "peft_bf16_adapters"
+        for autocast, dora in ((True, False), (False, False), (True, True)):
+            tag = "peft_dora" if dora else ("peft" if autocast else "peft_bf16_adapters")
             if not autocast and dtype == torch.float32:
                 continue
-            cfg = LoraConfig(r=args.rank, lora_alpha=16, target_modules=["proj"], lora_dropout=0.0)
+            cfg = LoraConfig(
+                r=args.rank, lora_alpha=16, target_modules=["proj"], lora_dropout=0.0, use_dora=dora
+            )
             model = One(d_in, d_out).to(device=device, dtype=dtype)
             model.load_state_dict(base.state_dict())
             peft_model = get_peft_model(model, cfg, autocast_adapter_dtype=autocast)
             layer = peft_model.base_model.model.proj
             torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
             ab = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+            if dora:
+                ab.append(layer.lora_magnitude_vector["default"].weight)
             results[f"fwd_bwd/{tag}"] = timed(
                 lambda: fwd_bwd(peft_model, [x] + ab), device, args.warmup, args.steps
             )
             results[f"fwd/{tag}"] = timed(
                 lambda: torch.no_grad()(peft_model)(xi), device, args.warmup, args.steps
             )
-            if autocast:
+            if autocast and not dora:
                 peft_model.merge_adapter()
                 results["fwd_bwd/peft_merged"] = timed(
                     lambda: fwd_bwd(peft_model, [x]), device, args.warmup, args.steps
