@@ -150,3 +150,31 @@ fn dora_with_lora_bias_or_on_embeddings_is_refused() {
         tch_peft::lora::LoraEmbedding::new(w, &(va.root() / "e"), "e", &dora_cfg(2)).unwrap_err();
     assert!(matches!(err, Error::Unsupported { ref field, .. } if field == "use_dora"), "{err}");
 }
+
+#[test]
+fn dropout_in_training_follows_peft_form() {
+    tch::manual_seed(5);
+    let (vb, va) = f64_stores();
+    let base = nn::linear(vb.root() / "proj", 12, 10, Default::default());
+    let c = LoraConfig { lora_dropout: 0.3, ..dora_cfg(3) };
+    let l = LoraLinear::new(base, &(va.root() / "proj"), &c).unwrap();
+    set(l.lora_b(), &(randn(&[10, 3], Kind::Double) * 0.3));
+    set(l.magnitude().unwrap(), &(randn(&[10], Kind::Double).abs() + 0.5));
+    let x = randn(&[8, 12], Kind::Double);
+    tch::manual_seed(42);
+    let y = l.forward_t(&x, true);
+    tch::manual_seed(42);
+    let xd = x.dropout(0.3, true);
+    // y = x Wᵀ + b + (g − 1)·(x_d Wᵀ) + g·s·x_d Aᵀ Bᵀ,  g = m / ‖W + s·BA‖_row
+    let w = &l.base().ws;
+    let norm = (w + l.lora_b().matmul(l.lora_a()) * l.scaling())
+        .square()
+        .sum_dim_intlist(1, false, Kind::Double)
+        .sqrt();
+    let g = l.magnitude().unwrap() / norm;
+    let expected = x.apply(l.base())
+        + xd.matmul(&w.tr()) * (&g - 1.0)
+        + xd.matmul(&l.lora_a().tr()).matmul(&l.lora_b().tr()) * l.scaling() * &g;
+    assert!(max_abs_diff(&y, &expected) < 1e-12);
+    assert!(max_abs_diff(&y, &l.forward_t(&x, false)) > 1e-3, "dropout acted");
+}

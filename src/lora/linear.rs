@@ -544,7 +544,13 @@ impl LoraLinear {
     /// be `in_features`, and dtype and device must match the base weight.
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.check_input(xs)?;
-        let bias = self.effective_bias();
+        // a trained f32 bias copy (`bias = "lora_only"`) on a bf16/f16 base is cast down
+        let bias = match self.effective_bias() {
+            Some(b) if b.kind() != xs.kind() => Some(b.f_to_kind(xs.kind())?),
+            Some(b) => Some(b.shallow_clone()),
+            None => None,
+        };
+        let bias = bias.as_ref();
         if !self.is_enabled() || self.is_merged() {
             return Ok(xs.f_linear(&self.base.ws, bias)?);
         }
@@ -611,16 +617,20 @@ impl LoraLinear {
             |t: &Tensor| if t.kind() == kind { Ok(t.shallow_clone()) } else { t.f_to_kind(kind) };
         let (a, b) = (cast(&self.lora_a)?, cast(&self.lora_b)?);
         let xd = if dropout { x2.f_dropout(self.dropout, true)? } else { x2.shallow_clone() };
-        let lora = xd.f_mm(&a.f_tr()?)?.f_mm(&b.f_tr()?)?.f_mul_scalar(self.scaling)?;
+        let h = xd.f_mm(&a.f_tr()?)?.f_mul_scalar(self.scaling)?; // [N, r]
         let y = if dropout {
+            // base + (g − 1)·(x_d Wᵀ) + g·s·x_d Aᵀ Bᵀ = base − x_d Wᵀ + g·(x_d Wᵀ + s·x_d Aᵀ Bᵀ)
             let base = x2.f_linear(&self.base.ws, bias)?;
-            let base_d = xd.f_linear::<Tensor>(&self.base.ws, None)?;
-            base.f_add(&base_d.f_mul(&(&g - 1.0))?)?.f_add(&lora.f_mul(&g)?)?
+            let xd_w = xd.f_linear::<Tensor>(&self.base.ws, None)?;
+            let adapted = xd_w.f_addmm(&h, &b.f_tr()?)?;
+            base.f_sub(&xd_w)?.f_addcmul(&adapted, &g)?
         } else {
-            let y = x2.f_linear::<Tensor>(&self.base.ws, None)?.f_add(&lora)?.f_mul(&g)?;
+            // g·(x Wᵀ + s·x Aᵀ Bᵀ) + b: one accumulate in place, one fused scale-and-add
+            let mut adapted = x2.f_linear::<Tensor>(&self.base.ws, None)?;
+            let _ = adapted.f_addmm_(&h, &b.f_tr()?)?;
             match bias {
-                Some(b) => y.f_add(b)?,
-                None => y,
+                Some(bs) => bs.f_addcmul(&adapted, &g)?,
+                None => adapted.f_mul(&g)?,
             }
         };
         Ok(y)
