@@ -69,6 +69,7 @@ class Tiny(torch.nn.Module):
 
 CASES = {
     "default": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "lora_bias": dict(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], lora_bias=True),
     "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], use_dora=True),
     "rslora_patterns": dict(
         r=4,

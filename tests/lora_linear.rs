@@ -439,3 +439,40 @@ fn fused_node_on_a_bf16_base_returns_f32_gradients_for_the_factors() {
         assert!(rel < 2e-2, "gradient {i}: fused and composed agree within bf16 precision ({rel})");
     }
 }
+
+#[test]
+fn lora_bias_adds_s_times_its_bias_and_merges_into_the_base_bias() {
+    tch::manual_seed(15);
+    let (vb, va) = f64_stores();
+    let c = LoraConfig { lora_bias: true, ..cfg(2, 6.0) };
+    let l = f64_layer(&vb, &va, &c);
+    let bb = l.lora_b_bias().unwrap();
+    assert_eq!(bb.abs().sum(Kind::Double).double_value(&[]), 0.0, "zero-initialised");
+    set(bb, &randn(&[10], Kind::Double));
+    let names: Vec<String> = l.named_tensors().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names[2], "proj.lora_B.bias");
+    let x = randn(&[4, 12], Kind::Double);
+    let expected = reference(&x, &l) + bb * l.scaling();
+    for (train, fused) in [(false, true), (true, true), (true, false)] {
+        l.set_fused(fused);
+        assert!(max_abs_diff(&l.forward_t(&x, train), &expected) < 1e-12);
+    }
+    let (w0, b0) = (l.base().ws.copy(), l.base().bs.as_ref().unwrap().copy());
+    l.merge().unwrap();
+    assert!(max_abs_diff(l.base().bs.as_ref().unwrap(), &(&b0 + bb * l.scaling())) < 1e-12);
+    assert!(max_abs_diff(&l.forward_t(&x, false), &expected) < 1e-12);
+    l.unmerge().unwrap();
+    assert!(bit_equal(&l.base().ws, &w0) && bit_equal(l.base().bs.as_ref().unwrap(), &b0));
+    // a bias-less base cannot take the merge (as PEFT)
+    let no_bias = nn::linear(
+        vb.root() / "nb",
+        12,
+        10,
+        nn::LinearConfig { bias: false, ..Default::default() },
+    );
+    let l2 = LoraLinear::new(no_bias, &(va.root() / "nb"), &c).unwrap();
+    assert!(
+        matches!(l2.merge(), Err(Error::Unsupported { ref field, .. }) if field == "lora_bias")
+    );
+    assert!(!l2.is_merged());
+}

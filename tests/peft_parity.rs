@@ -178,3 +178,16 @@ fn peft_dora_adapter_matches_outputs_merged_weights_and_files() {
         .iter()
         .all(|l| l.magnitude().map(|m| m.size()) == Some(vec![l.out_features()])));
 }
+
+#[test]
+fn peft_lora_bias_adapter_matches_outputs_merged_weights_and_files() {
+    check_case(
+        "lora_bias",
+        &[
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.mlp.up_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.mlp.up_proj",
+        ],
+    );
+}

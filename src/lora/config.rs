@@ -123,7 +123,8 @@ pub struct LoraConfig {
     /// `lora_magnitude_vector` and the direction `(W + s·BA) / ‖W + s·BA‖_row` (the norm
     /// detached, as PEFT). Linear layers only.
     pub use_dora: bool,
-    /// A trainable bias on `lora_B` (not supported yet).
+    /// A trainable bias on `lora_B` (`<module>.lora_B.bias: [out]`, zero-initialised): the
+    /// branch adds `s·(x Aᵀ Bᵀ + b_B)`; merging adds `s·b_B` to the layer's bias. Linear layers.
     pub lora_bias: bool,
     /// Modules trained in full and saved with the adapter (not supported yet).
     pub modules_to_save: Option<Vec<String>>,
@@ -228,8 +229,11 @@ impl LoraConfig {
         if self.use_dora && self.lora_bias {
             return Err(Error::config("lora_bias", "cannot be combined with `use_dora` (as PEFT)"));
         }
-        if self.lora_bias {
-            return Err(unsupported("lora_bias", "a bias on lora_B is not implemented yet"));
+        if self.lora_bias && self.init_lora_weights == LoraInit::Gaussian {
+            return Err(Error::config(
+                "lora_bias",
+                "only with `init_lora_weights` true or false (as PEFT)",
+            ));
         }
         if self.fan_in_fan_out {
             return Err(unsupported(
@@ -387,7 +391,12 @@ mod tests {
             field_of(LoraConfig { lora_dropout: -0.1, ..Default::default() }),
             "lora_dropout"
         );
-        assert_eq!(field_of(LoraConfig { lora_bias: true, ..Default::default() }), "lora_bias");
+        let gaussian_bias = LoraConfig {
+            lora_bias: true,
+            init_lora_weights: LoraInit::Gaussian,
+            ..Default::default()
+        };
+        assert_eq!(field_of(gaussian_bias), "lora_bias");
         assert_eq!(
             field_of(LoraConfig { use_dora: true, lora_bias: true, ..Default::default() }),
             "lora_bias"

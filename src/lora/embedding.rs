@@ -39,6 +39,12 @@ impl LoraEmbedding {
     /// and naming the module `module`.
     pub fn new(weight: Tensor, p: &nn::Path, module: &str, config: &LoraConfig) -> Result<Self> {
         config.validate()?;
+        if config.lora_bias {
+            return Err(Error::Unsupported {
+                field: "lora_bias".into(),
+                reason: format!("a lora_B bias on the embedding `{module}` is not implemented"),
+            });
+        }
         if config.use_dora {
             return Err(Error::Unsupported {
                 field: "use_dora".into(),

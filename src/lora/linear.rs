@@ -18,8 +18,8 @@ struct SharedState {
     fused: AtomicBool,
     /// Whether the DoRA magnitude was computed from the current base weight (or loaded).
     magnitude_ready: AtomicBool,
-    /// The base weight as it was before merging; `Some` while merged.
-    original: Mutex<Option<Tensor>>,
+    /// The base weight and bias as they were before merging; `Some` while merged.
+    original: Mutex<Option<(Tensor, Option<Tensor>)>>,
     merged: AtomicBool,
 }
 
@@ -72,6 +72,8 @@ pub struct LoraLinear {
     bias: Option<Tensor>,
     /// DoRA's per-row magnitude `[out]`, when `use_dora`.
     magnitude: Option<Tensor>,
+    /// The bias of `lora_B` `[out]`, when `lora_bias`.
+    lora_b_bias: Option<Tensor>,
     module: String,
     r: i64,
     scaling: f64,
@@ -247,6 +249,9 @@ impl LoraLinear {
         if config.use_dora && p.get("lora_magnitude_vector").is_some() {
             return Err(Error::DuplicateParameter(p.path("lora_magnitude_vector")));
         }
+        if config.lora_bias && (p / "lora_B").get("bias").is_some() {
+            return Err(Error::DuplicateParameter((p / "lora_B").path("bias")));
+        }
         // f32 adapters (PEFT upcasts f16/bf16 adapters), f64 on an f64 base (PEFT follows the
         // base dtype for full-precision bases).
         let adapter_kind = if ws.kind() == Kind::Double { Kind::Double } else { Kind::Float };
@@ -267,6 +272,11 @@ impl LoraLinear {
         };
         let lora_a = add_var(p, "lora_A", "weight", a)?;
         let lora_b = add_var(p, "lora_B", "weight", b)?;
+        // PEFT initialises lora_B's bias to zero (kept for `init_lora_weights = false` too)
+        let lora_b_bias = config
+            .lora_bias
+            .then(|| add_var(p, "lora_B", "bias", Tensor::zeros([out_features], opts)))
+            .transpose()?;
         let bias = bias.map(|t| add_var(p, "base_layer", "bias", t)).transpose()?;
         let _ = base.ws.set_requires_grad(false);
         if let Some(bs) = &base.bs {
@@ -278,6 +288,7 @@ impl LoraLinear {
             lora_b,
             bias,
             magnitude,
+            lora_b_bias,
             module: module.to_string(),
             r,
             scaling,
@@ -306,6 +317,7 @@ impl LoraLinear {
             lora_b: self.lora_b.shallow_clone(),
             bias: self.bias.as_ref().map(Tensor::shallow_clone),
             magnitude: self.magnitude.as_ref().map(Tensor::shallow_clone),
+            lora_b_bias: self.lora_b_bias.as_ref().map(Tensor::shallow_clone),
             module: self.module.clone(),
             r: self.r,
             scaling: self.scaling,
@@ -427,6 +439,11 @@ impl LoraLinear {
         self.state.merged.load(Ordering::Acquire)
     }
 
+    /// The bias of `lora_B` `[out]`, with `lora_bias`.
+    pub fn lora_b_bias(&self) -> Option<&Tensor> {
+        self.lora_b_bias.as_ref()
+    }
+
     /// The update `s·BA`, shape `[out, in]`, in the adapter dtype (f32 by default).
     pub fn delta_weight(&self) -> Tensor {
         self.lora_b.mm(&self.lora_a) * self.scaling
@@ -458,17 +475,53 @@ impl LoraLinear {
         if safe && merged.f_isfinite()?.f_all()?.int64_value(&[]) == 0 {
             return Err(Error::NonFiniteMerge { module: self.module.clone() });
         }
-        let mut saved = self.base.ws.f_zeros_like()?;
-        saved.f_copy_(&self.base.ws)?;
-        let mut w = self.base.ws.shallow_clone();
-        w.f_copy_(&merged)?;
-        *original = Some(saved);
+        let merged_bias = self.merged_bias()?;
+        if let (true, Some(b)) = (safe, &merged_bias) {
+            if b.f_isfinite()?.f_all()?.int64_value(&[]) == 0 {
+                return Err(Error::NonFiniteMerge { module: self.module.clone() });
+            }
+        }
+        let copy = |t: &Tensor| -> Result<Tensor> {
+            let mut c = t.f_zeros_like()?;
+            c.f_copy_(t)?;
+            Ok(c)
+        };
+        let saved_w = copy(&self.base.ws)?;
+        let saved_b = self.base.bs.as_ref().map(copy).transpose()?;
+        self.base.ws.shallow_clone().f_copy_(&merged)?;
+        if let (Some(bs), Some(mb)) = (&self.base.bs, &merged_bias) {
+            bs.shallow_clone().f_copy_(mb)?;
+        }
+        *original = Some((saved_w, saved_b));
         self.state.merged.store(true, Ordering::Release);
         Ok(())
     }
 
-    /// Folds `s·BA` into the base weight; forward then runs the base layer alone. The original
-    /// weight is kept so that [`unmerge`](Self::unmerge) restores it bit-exactly.
+    /// The bias the merged layer carries, when it differs from the base bias: the trained copy
+    /// (`bias = "lora_only"`) plus `s·lora_B.bias` (`lora_bias`), in the base dtype. Errors when
+    /// a `lora_B` bias would have to merge into a layer without bias (PEFT refuses it too).
+    fn merged_bias(&self) -> Result<Option<Tensor>> {
+        if self.lora_b_bias.is_none() && self.bias.is_none() {
+            return Ok(None);
+        }
+        let Some(base_bias) = &self.base.bs else {
+            return Err(Error::Unsupported {
+                field: "lora_bias".into(),
+                reason: format!("cannot merge into `{}`: the base layer has no bias", self.module),
+            });
+        };
+        let kind = base_bias.kind();
+        let compute = if kind == Kind::Double { Kind::Double } else { Kind::Float };
+        let mut b = self.effective_bias().unwrap_or(base_bias).f_to_kind(compute)?;
+        if let Some(bb) = &self.lora_b_bias {
+            b = b.f_add(&bb.f_to_kind(compute)?.f_mul_scalar(self.scaling)?)?;
+        }
+        Ok(Some(b.f_to_kind(kind)?))
+    }
+
+    /// Folds `s·BA` into the base weight (and, with `bias = "lora_only"` or `lora_bias`, the
+    /// trained bias into the base bias); forward then runs the base layer alone. The originals
+    /// are kept so that [`unmerge`](Self::unmerge) restores them bit-exactly.
     pub fn merge(&self) -> Result<()> {
         self.merge_impl(false)
     }
@@ -483,20 +536,27 @@ impl LoraLinear {
     pub fn unmerge(&self) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let mut original = self.state.original.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(saved) = original.take() else {
+        let Some((saved_w, saved_b)) = original.take() else {
             return Err(Error::MergeState { module: self.module.clone(), state: "not merged" });
         };
-        let mut w = self.base.ws.shallow_clone();
-        if let Err(e) = w.f_copy_(&saved) {
-            *original = Some(saved);
-            return Err(e.into());
+        let restore = || -> Result<()> {
+            self.base.ws.shallow_clone().f_copy_(&saved_w)?;
+            if let (Some(bs), Some(sb)) = (&self.base.bs, &saved_b) {
+                bs.shallow_clone().f_copy_(sb)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = restore() {
+            *original = Some((saved_w, saved_b));
+            return Err(e);
         }
         self.state.merged.store(false, Ordering::Release);
         Ok(())
     }
 
-    /// Merges for good and returns the plain base layer (`W + s·BA`, and the trained bias with
-    /// `bias = "lora_only"`), keeping no copy of the original weight: zero-overhead inference.
+    /// Merges for good and returns the plain base layer (`W + s·BA`; the bias with the trained
+    /// copy of `bias = "lora_only"` and `s·lora_B.bias` folded in), keeping no copy of the
+    /// original: zero-overhead inference.
     pub fn into_merged_linear(self) -> Result<nn::Linear> {
         let _guard = tch::no_grad_guard();
         if !self.is_merged() {
@@ -504,14 +564,13 @@ impl LoraLinear {
             let mut w = self.base.ws.shallow_clone();
             w.f_copy_(&merged)?;
         }
-        if let (Some(trained), Some(bs)) = (&self.bias, &self.base.bs) {
-            let mut b = bs.shallow_clone();
-            b.f_copy_(&trained.f_to_kind(bs.kind())?)?;
+        if !self.is_merged() {
+            if let (Some(bs), Some(mb)) = (&self.base.bs, self.merged_bias()?) {
+                bs.shallow_clone().f_copy_(&mb)?;
+            }
         }
-        Ok(nn::Linear {
-            ws: self.base.ws.shallow_clone(),
-            bs: self.base.bs.as_ref().map(Tensor::shallow_clone),
-        })
+        let bias = self.base.bs.as_ref().map(Tensor::shallow_clone);
+        Ok(nn::Linear { ws: self.base.ws.shallow_clone(), bs: bias })
     }
 
     fn check_input(&self, xs: &Tensor) -> Result<()> {
@@ -551,8 +610,12 @@ impl LoraLinear {
             None => None,
         };
         let bias = bias.as_ref();
-        if !self.is_enabled() || self.is_merged() {
+        if !self.is_enabled() {
             return Ok(xs.f_linear(&self.base.ws, bias)?);
+        }
+        if self.is_merged() {
+            // the merged layer is the base layer alone (merged bias included)
+            return Ok(xs.f_linear(&self.base.ws, self.base.bs.as_ref())?);
         }
         let mut out_shape = xs.size();
         *out_shape.last_mut().expect("checked non-empty") = self.out_features;
@@ -565,7 +628,11 @@ impl LoraLinear {
         // The fused node pays off in training (its backward); in eval the composed ops are as
         // fast and skip the node's bookkeeping.
         #[cfg(tch_peft_fused)]
-        if train && !dropout && self.state.fused.load(Ordering::Relaxed) {
+        if train
+            && !dropout
+            && self.lora_b_bias.is_none()
+            && self.state.fused.load(Ordering::Relaxed)
+        {
             let y = super::fused::lora_linear(
                 &x2,
                 &self.base.ws,
@@ -591,6 +658,10 @@ impl LoraLinear {
             h = h.f_mul_scalar(self.scaling)?;
         }
         let _ = y.f_addmm_(&h, &b.f_tr()?)?;
+        if let Some(bb) = &self.lora_b_bias {
+            // lora_B(h) includes its bias: s·(h Bᵀ + b_B)
+            let _ = y.f_add_(&bb.f_mul_scalar(self.scaling)?.f_to_kind(kind)?)?;
+        }
         Ok(y.f_reshape(out_shape)?)
     }
 }
@@ -665,6 +736,9 @@ impl Adapter for LoraLinear {
         ];
         if let Some(b) = &self.bias {
             v.push((format!("{}.base_layer.bias", self.module), b.shallow_clone()));
+        }
+        if let Some(bb) = &self.lora_b_bias {
+            v.push((format!("{}.lora_B.bias", self.module), bb.shallow_clone()));
         }
         if let Some(m) = &self.magnitude {
             v.push((format!("{}.lora_magnitude_vector", self.module), m.shallow_clone()));
