@@ -7,7 +7,7 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::config::{LoraConfig, LoraInit};
-use super::linear::is_float;
+use super::linear::{all_finite, is_float, snapshot};
 use crate::adapter::{Adapter, AdapterKind};
 use crate::{Error, Result};
 
@@ -182,11 +182,10 @@ impl LoraEmbedding {
         let delta = self.delta_weight().f_to_kind(compute)?;
         let merged =
             self.weight.f_to_kind(compute)?.f_add(&delta)?.f_to_kind(self.weight.kind())?;
-        if safe && merged.f_isfinite()?.f_all()?.int64_value(&[]) == 0 {
+        if safe && !all_finite(&merged)? {
             return Err(Error::NonFiniteMerge { module: self.module.clone() });
         }
-        let mut saved = self.weight.f_zeros_like()?;
-        saved.f_copy_(&self.weight)?;
+        let saved = snapshot(&self.weight)?;
         self.weight.shallow_clone().f_copy_(&merged)?;
         *original = Some(saved);
         Ok(())

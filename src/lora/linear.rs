@@ -90,6 +90,18 @@ pub fn fused_kernel_available() -> bool {
     cfg!(tch_peft_fused)
 }
 
+/// Whether every value is finite (one host sync; merge paths only).
+pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
+    Ok(t.f_isfinite()?.f_all()?.int64_value(&[]) != 0)
+}
+
+/// A copy of `t` with its own storage (the original kept while merged).
+pub(crate) fn snapshot(t: &Tensor) -> Result<Tensor> {
+    let mut c = t.f_zeros_like()?;
+    c.f_copy_(t)?;
+    Ok(c)
+}
+
 pub(crate) fn is_float(kind: Kind) -> bool {
     matches!(kind, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double)
 }
@@ -472,22 +484,12 @@ impl LoraLinear {
             return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });
         }
         let merged = self.merged_weight()?;
-        if safe && merged.f_isfinite()?.f_all()?.int64_value(&[]) == 0 {
+        let merged_bias = self.merged_bias()?;
+        if safe && !(all_finite(&merged)? && merged_bias.as_ref().map_or(Ok(true), all_finite)?) {
             return Err(Error::NonFiniteMerge { module: self.module.clone() });
         }
-        let merged_bias = self.merged_bias()?;
-        if let (true, Some(b)) = (safe, &merged_bias) {
-            if b.f_isfinite()?.f_all()?.int64_value(&[]) == 0 {
-                return Err(Error::NonFiniteMerge { module: self.module.clone() });
-            }
-        }
-        let copy = |t: &Tensor| -> Result<Tensor> {
-            let mut c = t.f_zeros_like()?;
-            c.f_copy_(t)?;
-            Ok(c)
-        };
-        let saved_w = copy(&self.base.ws)?;
-        let saved_b = self.base.bs.as_ref().map(copy).transpose()?;
+        let saved_w = snapshot(&self.base.ws)?;
+        let saved_b = self.base.bs.as_ref().map(snapshot).transpose()?;
         self.base.ws.shallow_clone().f_copy_(&merged)?;
         if let (Some(bs), Some(mb)) = (&self.base.bs, &merged_bias) {
             bs.shallow_clone().f_copy_(mb)?;
