@@ -83,7 +83,51 @@ CASES = {
 }
 
 
+class Gpt2Block(torch.nn.Module):
+    """GPT-2 style Conv1D layers (weight stored [in, out]): out = c_proj(gelu(c_attn(x)))"""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.c_attn = Conv1D(24, 16)  # nf=out 24, nx=in 16
+        self.c_proj = Conv1D(16, 24)
+
+    def forward(self, x):
+        return self.c_proj(torch.nn.functional.gelu(self.c_attn(x)))
+
+
+def make_conv1d():
+    """tests/fixtures/peft/conv1d: LoRA on GPT-2 Conv1D layers (PEFT forces fan_in_fan_out)."""
+    torch.manual_seed(0)
+    base = Gpt2Block().eval()
+    base_sd = {k: v.detach().clone().contiguous() for k, v in base.state_dict().items()}
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    model = get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.eval()
+    x = torch.randn(3, 5, 16, generator=g)
+    with torch.no_grad():
+        y = model(x)
+    d = os.path.join(OUT, "conv1d")
+    shutil.rmtree(d, ignore_errors=True)
+    model.save_pretrained(d)
+    os.remove(os.path.join(d, "README.md"))
+    merged = model.merge_and_unload()
+    tensors = {"x": x, "y": y}
+    for k, v in merged.state_dict().items():
+        tensors[f"merged.{k}"] = v.detach().clone().contiguous()
+    save_file(tensors, os.path.join(d, "io.safetensors"))
+    save_file(base_sd, os.path.join(d, "base.safetensors"))
+    print("conv1d ->", d)
+
+
 def main():
+    make_conv1d()
     for name, kwargs in CASES.items():
         torch.manual_seed(0)
         base = Tiny().eval()

@@ -476,3 +476,40 @@ fn lora_bias_adds_s_times_its_bias_and_merges_into_the_base_bias() {
     );
     assert!(!l2.is_merged());
 }
+
+#[test]
+fn conv1d_weights_stored_in_out_work_for_forward_gradients_and_merge() {
+    tch::manual_seed(16);
+    let va = nn::VarStore::new(Device::Cpu);
+    let w = randn(&[12, 10], Kind::Double); // [in, out], y = x W + b
+    let b = randn(&[10], Kind::Double);
+    let l = LoraLinear::from_conv1d(
+        w.shallow_clone(),
+        Some(b.shallow_clone()),
+        &(va.root() / "c_attn"),
+        "c_attn",
+        &cfg(3, 6.0),
+    )
+    .unwrap();
+    assert_eq!((l.in_features(), l.out_features()), (12, 10));
+    set(l.lora_b(), &randn(&[10, 3], Kind::Double));
+    let x = randn(&[5, 12], Kind::Double);
+    let g = randn(&[5, 10], Kind::Double);
+    let (a, bm, s) = (l.lora_a(), l.lora_b(), l.scaling());
+    let expected = x.matmul(&w) + &b + x.matmul(&a.tr()).matmul(&bm.tr()) * s;
+    let dx = g.matmul(&(w.tr() + bm.matmul(a) * s));
+    for fused in [true, false] {
+        l.set_fused(fused);
+        let (y, gx, _, _) = grads(&l, &x, &g);
+        assert!(max_abs_diff(&y, &expected) < 1e-12, "fused={fused}");
+        assert!(max_abs_diff(&gx, &dx) < 1e-12, "fused={fused}");
+    }
+    let w0 = w.copy();
+    l.merge().unwrap();
+    assert!(
+        max_abs_diff(&w, &(&w0 + bm.matmul(a).tr() * s)) < 1e-12,
+        "merged into the [in, out] storage"
+    );
+    l.unmerge().unwrap();
+    assert!(bit_equal(&w, &w0));
+}

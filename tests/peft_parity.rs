@@ -191,3 +191,46 @@ fn peft_lora_bias_adapter_matches_outputs_merged_weights_and_files() {
         ],
     );
 }
+
+/// GPT-2 style block of the conv1d fixture: `c_proj(gelu(c_attn(x)))`, weights stored `[in, out]`.
+#[test]
+fn peft_conv1d_adapter_fan_in_fan_out_matches_outputs_merged_weights_and_files() {
+    let dir = fixture("conv1d");
+    let cfg = LoraConfig::from_pretrained(&dir).unwrap();
+    assert!(cfg.fan_in_fan_out);
+    let (mut base_vs, adapter_vs) =
+        (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let builder = LoraBuilder::new(&adapter_vs.root(), cfg).unwrap();
+    let c_attn = builder.conv1d(&(base_vs.root() / "c_attn"), 16, 24).unwrap();
+    let c_proj = builder.conv1d(&(base_vs.root() / "c_proj"), 24, 16).unwrap();
+    let adapter = builder.finish().unwrap();
+    base_vs.load(dir.join("base.safetensors")).unwrap();
+    adapter.load_pretrained(&dir).unwrap();
+    let io_t = tensors(&dir.join("io.safetensors"));
+    let fwd = |x: &Tensor| c_proj.forward_t(&c_attn.forward_t(x, false).gelu("none"), false);
+    assert!(max_abs_diff(&fwd(&io_t["x"]), &io_t["y"]) < 1e-5);
+    adapter.merge().unwrap();
+    let vars = base_vs.variables();
+    for name in ["c_attn.weight", "c_proj.weight", "c_attn.bias"] {
+        assert_eq!(
+            vars[name].size(),
+            io_t[&format!("merged.{name}")].size(),
+            "{name} stays [in, out]"
+        );
+        assert!(
+            max_abs_diff(&vars[name], &io_t[&format!("merged.{name}")]) < 1e-6,
+            "merged {name}"
+        );
+    }
+    assert!(max_abs_diff(&fwd(&io_t["x"]), &io_t["y"]) < 1e-5);
+    adapter.unmerge().unwrap();
+    let out = temp_dir("parity-conv1d");
+    adapter.save_pretrained(&out).unwrap();
+    let ours = io::read_safetensors(out.join(io::PEFT_WEIGHTS_NAME)).unwrap();
+    let theirs = io::read_safetensors(dir.join(io::PEFT_WEIGHTS_NAME)).unwrap();
+    for ((ka, ta), (kb, tb)) in ours.tensors.iter().zip(&theirs.tensors) {
+        assert_eq!(ka, kb);
+        assert!(bit_equal(ta, tb), "{ka}");
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}

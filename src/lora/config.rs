@@ -117,7 +117,10 @@ pub struct LoraConfig {
     /// Per-module `lora_alpha` overrides, matched as `rank_pattern`.
     #[serde(serialize_with = "map_int_if_integral")]
     pub alpha_pattern: BTreeMap<String, f64>,
-    /// GPT-2 `Conv1D` weights stored `[in, out]` (not supported yet).
+    /// The base weights are stored `[in, out]` (GPT-2's `Conv1D`). As in PEFT the layer type
+    /// decides: [`LoraLinear::from_conv1d`](super::LoraLinear::from_conv1d) and
+    /// [`LoraBuilder::conv1d`](super::LoraBuilder::conv1d) handle such weights; the flag is kept
+    /// for the config file.
     pub fan_in_fan_out: bool,
     /// DoRA (Liu et al. 2024): the adapted weight is split into a trainable per-row magnitude
     /// `lora_magnitude_vector` and the direction `(W + s·BA) / ‖W + s·BA‖_row` (the norm
@@ -233,12 +236,6 @@ impl LoraConfig {
             return Err(Error::config(
                 "lora_bias",
                 "only with `init_lora_weights` true or false (as PEFT)",
-            ));
-        }
-        if self.fan_in_fan_out {
-            return Err(unsupported(
-                "fan_in_fan_out",
-                "Conv1D-style [in, out] weights are not implemented yet",
             ));
         }
         if self.bias == LoraBias::All {

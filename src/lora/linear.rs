@@ -206,6 +206,30 @@ impl LoraLinear {
         Self::with_module_name(base, adapter_path, &path_name(base_path), config)
     }
 
+    /// Wraps a GPT-2 style `Conv1D` layer, whose weight is stored `[in, out]` and computes
+    /// `y = x W + b` (PEFT's `fan_in_fan_out`). The factors have the usual shapes
+    /// (`lora_A: [r, in]`, `lora_B: [out, r]`) and merging writes `s·(BA)ᵀ` into the `[in, out]`
+    /// storage.
+    pub fn from_conv1d(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        p: &nn::Path,
+        module: &str,
+        config: &LoraConfig,
+    ) -> Result<Self> {
+        if weight.dim() != 2 {
+            return Err(Error::ShapeMismatch {
+                name: format!("{module}.weight"),
+                expected: vec![-1, -1],
+                actual: weight.size(),
+            });
+        }
+        // freeze the stored weight itself, then view it as the [out, in] weight of a linear layer
+        let _ = weight.set_requires_grad(false);
+        let base = nn::Linear { ws: weight.f_tr()?, bs: bias };
+        Self::with_module_name(base, p, module, config)
+    }
+
     /// As [`new`](Self::new), with the module name given explicitly (it may differ from the
     /// adapter path, e.g. when the adapter store has a prefix).
     pub fn with_module_name(

@@ -201,6 +201,31 @@ impl<'a> LoraBuilder<'a> {
         Ok(MaybeLoraLinear::Lora(layer))
     }
 
+    /// Creates a GPT-2 style `Conv1D` layer (`base_path/weight: [in_dim, out_dim]`,
+    /// `base_path/bias: [out_dim]`, `y = x W + b`) and wraps it with LoRA when the config targets
+    /// `base_path` (see [`LoraLinear::from_conv1d`]). The plain layer is returned as an
+    /// `nn::Linear` whose weight is the transposed view of the stored one.
+    pub fn conv1d(
+        &self,
+        base_path: &nn::Path,
+        in_dim: i64,
+        out_dim: i64,
+    ) -> Result<MaybeLoraLinear> {
+        let weight =
+            base_path.var("weight", &[in_dim, out_dim], nn::Init::Randn { mean: 0.0, stdev: 0.02 });
+        let bias = base_path.zeros("bias", &[out_dim]);
+        let module = path_name(base_path);
+        let _ = weight.set_requires_grad(false);
+        let _ = bias.set_requires_grad(false);
+        if !self.targets.matches(&module) {
+            return Ok(MaybeLoraLinear::Plain(nn::Linear { ws: weight.f_tr()?, bs: Some(bias) }));
+        }
+        let p = module.split('.').fold(self.root.clone(), |p, c| p / c);
+        let layer = LoraLinear::from_conv1d(weight, Some(bias), &p, &module, &self.config)?;
+        self.layers.lock().unwrap_or_else(|e| e.into_inner()).push(layer.share());
+        Ok(MaybeLoraLinear::Lora(layer))
+    }
+
     /// Creates the table `base_path/weight: [num, dim]` (initialised as `nn::embedding` does) and
     /// wraps it with LoRA when the config targets `base_path`'s dotted name.
     pub fn embedding(
