@@ -15,6 +15,59 @@ use crate::io;
 use crate::target::Targets;
 use crate::{Error, Result};
 
+/// What [`LoraAdapter`] does with each adapted layer, whatever its type.
+trait LoraLayer: Adapter {
+    fn module(&self) -> &str;
+    fn merge_layer(&self, safe: bool) -> Result<()>;
+    fn unmerge_layer(&self) -> Result<()>;
+    fn merged(&self) -> bool;
+    fn enable(&self, enabled: bool) -> Result<()>;
+}
+
+impl LoraLayer for LoraLinear {
+    fn module(&self) -> &str {
+        LoraLinear::module(self)
+    }
+    fn merge_layer(&self, safe: bool) -> Result<()> {
+        if safe {
+            self.safe_merge()
+        } else {
+            self.merge()
+        }
+    }
+    fn unmerge_layer(&self) -> Result<()> {
+        self.unmerge()
+    }
+    fn merged(&self) -> bool {
+        self.is_merged()
+    }
+    fn enable(&self, enabled: bool) -> Result<()> {
+        self.set_enabled(enabled)
+    }
+}
+
+impl LoraLayer for LoraEmbedding {
+    fn module(&self) -> &str {
+        LoraEmbedding::module(self)
+    }
+    fn merge_layer(&self, safe: bool) -> Result<()> {
+        if safe {
+            self.safe_merge()
+        } else {
+            self.merge()
+        }
+    }
+    fn unmerge_layer(&self) -> Result<()> {
+        self.unmerge()
+    }
+    fn merged(&self) -> bool {
+        self.is_merged()
+    }
+    fn enable(&self, enabled: bool) -> Result<()> {
+        self.set_enabled(enabled)
+    }
+}
+
 /// The name PEFT gives an adapter when none is given.
 pub const DEFAULT_ADAPTER_NAME: &str = "default";
 
@@ -320,18 +373,19 @@ impl LoraAdapter {
         &self.embeddings
     }
 
+    /// Every adapted layer: embeddings, then linear layers, each in build order.
+    fn all(&self) -> impl Iterator<Item = &dyn LoraLayer> + '_ {
+        let embeddings = self.embeddings.iter().map(|e| e as &dyn LoraLayer);
+        embeddings.chain(self.layers.iter().map(|l| l as &dyn LoraLayer))
+    }
+
     /// The adapted module paths: embeddings, then linear layers, each in build order.
     pub fn modules(&self) -> Vec<&str> {
-        self.embeddings
-            .iter()
-            .map(LoraEmbedding::module)
-            .chain(self.layers.iter().map(LoraLinear::module))
-            .collect()
+        self.all().map(LoraLayer::module).collect()
     }
 
     fn is_any_merged(&self) -> bool {
-        self.layers.iter().any(LoraLinear::is_merged)
-            || self.embeddings.iter().any(LoraEmbedding::is_merged)
+        self.all().any(LoraLayer::merged)
     }
 
     /// Parameter report over the adapter's own tensors.
@@ -357,15 +411,7 @@ impl LoraAdapter {
     }
 
     fn merge_all(&self, safe: bool) -> Result<()> {
-        let result = (|| {
-            for e in &self.embeddings {
-                if safe { e.safe_merge() } else { e.merge() }?;
-            }
-            for l in &self.layers {
-                if safe { l.safe_merge() } else { l.merge() }?;
-            }
-            Ok(())
-        })();
+        let result = self.all().try_for_each(|l| l.merge_layer(safe));
         if result.is_err() {
             // leave nothing merged
             self.unmerge()?;
@@ -375,19 +421,12 @@ impl LoraAdapter {
 
     /// Unmerges every merged layer, restoring the original weights bit-exactly.
     pub fn unmerge(&self) -> Result<()> {
-        for l in self.layers.iter().filter(|l| l.is_merged()) {
-            l.unmerge()?;
-        }
-        for e in self.embeddings.iter().filter(|e| e.is_merged()) {
-            e.unmerge()?;
-        }
-        Ok(())
+        self.all().filter(|l| l.merged()).try_for_each(LoraLayer::unmerge_layer)
     }
 
     /// Turns the adapter branch of every layer on or off (disabling unmerges first).
     pub fn set_enabled(&self, enabled: bool) -> Result<()> {
-        self.layers.iter().try_for_each(|l| l.set_enabled(enabled))?;
-        self.embeddings.iter().try_for_each(|e| e.set_enabled(enabled))
+        self.all().try_for_each(|l| l.enable(enabled))
     }
 
     /// Writes the adapter's tensors as safetensors with PEFT's keys
@@ -534,8 +573,7 @@ impl Adapter for LoraAdapter {
     }
 
     fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let embeddings = self.embeddings.iter().flat_map(|e| e.named_tensors());
-        embeddings.chain(self.layers.iter().flat_map(|l| l.named_tensors())).collect()
+        self.all().flat_map(|l| l.named_tensors()).collect()
     }
 
     fn can_apply(&self) -> bool {
@@ -552,8 +590,6 @@ impl Adapter for LoraAdapter {
     }
 
     fn is_applied(&self) -> bool {
-        (!self.layers.is_empty() || !self.embeddings.is_empty())
-            && self.layers.iter().all(LoraLinear::is_merged)
-            && self.embeddings.iter().all(LoraEmbedding::is_merged)
+        self.all().next().is_some() && self.all().all(LoraLayer::merged)
     }
 }
