@@ -126,7 +126,48 @@ def make_conv1d():
     print("conv1d ->", d)
 
 
+class ConvNet(torch.nn.Module):
+    """out = conv2(relu(conv1(x))): conv1 3→8 k3 p1, conv2 8→4 k3 s2 p1"""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+def make_conv2d():
+    """tests/fixtures/peft/conv2d: LoRA on Conv2d layers (PEFT cannot do dilation: issue #3697)."""
+    torch.manual_seed(0)
+    base = ConvNet().eval()
+    base_sd = {k: v.detach().clone().contiguous() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["conv1", "conv2"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.eval()
+    x = torch.randn(2, 3, 9, 9, generator=g)
+    with torch.no_grad():
+        y = model(x)
+    d = os.path.join(OUT, "conv2d")
+    shutil.rmtree(d, ignore_errors=True)
+    model.save_pretrained(d)
+    os.remove(os.path.join(d, "README.md"))
+    merged = model.merge_and_unload()
+    tensors = {"x": x, "y": y}
+    for k, v in merged.state_dict().items():
+        tensors[f"merged.{k}"] = v.detach().clone().contiguous()
+    save_file(tensors, os.path.join(d, "io.safetensors"))
+    save_file(base_sd, os.path.join(d, "base.safetensors"))
+    print("conv2d ->", d)
+
+
 def main():
+    make_conv2d()
     make_conv1d()
     for name, kwargs in CASES.items():
         torch.manual_seed(0)

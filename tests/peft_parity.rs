@@ -234,3 +234,43 @@ fn peft_conv1d_adapter_fan_in_fan_out_matches_outputs_merged_weights_and_files()
     }
     std::fs::remove_dir_all(out).unwrap();
 }
+
+#[test]
+fn peft_conv2d_adapter_matches_outputs_merged_weights_and_files() {
+    let dir = fixture("conv2d");
+    let cfg = LoraConfig::from_pretrained(&dir).unwrap();
+    let (mut base_vs, adapter_vs) =
+        (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let builder = LoraBuilder::new(&adapter_vs.root(), cfg).unwrap();
+    let c1 = nn::ConvConfig { padding: 1, ..Default::default() };
+    let c2 = nn::ConvConfig { padding: 1, stride: 2, ..Default::default() };
+    let conv1 = builder.conv2d(&(base_vs.root() / "conv1"), 3, 8, 3, c1).unwrap();
+    let conv2 = builder.conv2d(&(base_vs.root() / "conv2"), 8, 4, 3, c2).unwrap();
+    let adapter = builder.finish().unwrap();
+    assert_eq!(adapter.modules(), ["conv1", "conv2"]);
+    base_vs.load(dir.join("base.safetensors")).unwrap();
+    adapter.load_pretrained(&dir).unwrap();
+    let io_t = tensors(&dir.join("io.safetensors"));
+    let fwd = |x: &Tensor| conv2.forward_t(&conv1.forward_t(x, false).relu(), false);
+    assert!(max_abs_diff(&fwd(&io_t["x"]), &io_t["y"]) < 1e-5);
+    adapter.merge().unwrap();
+    let vars = base_vs.variables();
+    for name in ["conv1.weight", "conv2.weight"] {
+        assert!(
+            max_abs_diff(&vars[name], &io_t[&format!("merged.{name}")]) < 1e-6,
+            "merged {name}"
+        );
+    }
+    assert!(max_abs_diff(&fwd(&io_t["x"]), &io_t["y"]) < 1e-5);
+    adapter.unmerge().unwrap();
+    let out = temp_dir("parity-conv2d");
+    adapter.save_pretrained(&out).unwrap();
+    let ours = io::read_safetensors(out.join(io::PEFT_WEIGHTS_NAME)).unwrap();
+    let theirs = io::read_safetensors(dir.join(io::PEFT_WEIGHTS_NAME)).unwrap();
+    assert_eq!(ours.tensors.len(), theirs.tensors.len());
+    for ((ka, ta), (kb, tb)) in ours.tensors.iter().zip(&theirs.tensors) {
+        assert_eq!(ka, kb);
+        assert!(bit_equal(ta, tb), "{ka}");
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}

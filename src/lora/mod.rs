@@ -8,11 +8,13 @@
 //! * [`LoraConfig`]: PEFT's fields, validated, (de)serialisable as `adapter_config.json`.
 //! * [`LoraLinear`]: wraps an `nn::Linear`; forward, merge/unmerge (bit-exact), enable/disable.
 //! * [`LoraEmbedding`]: LoRA on an embedding table (PEFT's `lora_embedding_A/B`).
+//! * [`LoraConv2d`]: LoRA on a 2-D convolution (stride, padding, dilation honoured).
 //! * [`LoraBuilder`]: build-time targeting — a model calls `builder.linear(path, …)` instead of
 //!   `nn::linear` and gets a plain or adapted layer by PEFT's `target_modules` rules.
 //! * [`LoraAdapter`]: all layers of one adapter: merge, enable, save/load (PEFT keys, atomic).
 
 mod config;
+mod conv2d;
 mod embedding;
 #[cfg(tch_peft_fused)]
 mod fused;
@@ -20,9 +22,10 @@ mod linear;
 mod model;
 
 pub use config::{scaling, LoraBias, LoraConfig, LoraInit};
+pub use conv2d::{Conv2dConfig, LoraConv2d};
 pub use embedding::LoraEmbedding;
 pub use linear::{fused_kernel_available, LoraLinear};
 pub use model::{
-    embedding, linear, LoraAdapter, LoraBuilder, MaybeLoraEmbedding, MaybeLoraLinear,
-    DEFAULT_ADAPTER_NAME,
+    embedding, linear, LoraAdapter, LoraBuilder, MaybeLoraConv2d, MaybeLoraEmbedding,
+    MaybeLoraLinear, DEFAULT_ADAPTER_NAME,
 };

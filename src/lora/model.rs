@@ -8,6 +8,7 @@ use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
 use super::config::LoraConfig;
+use super::conv2d::{Conv2dConfig, LoraConv2d};
 use super::embedding::LoraEmbedding;
 use super::linear::{path_name, LoraLinear};
 use crate::adapter::{Adapter, AdapterKind, ParamReport};
@@ -27,6 +28,28 @@ trait LoraLayer: Adapter {
 impl LoraLayer for LoraLinear {
     fn module(&self) -> &str {
         LoraLinear::module(self)
+    }
+    fn merge_layer(&self, safe: bool) -> Result<()> {
+        if safe {
+            self.safe_merge()
+        } else {
+            self.merge()
+        }
+    }
+    fn unmerge_layer(&self) -> Result<()> {
+        self.unmerge()
+    }
+    fn merged(&self) -> bool {
+        self.is_merged()
+    }
+    fn enable(&self, enabled: bool) -> Result<()> {
+        self.set_enabled(enabled)
+    }
+}
+
+impl LoraLayer for LoraConv2d {
+    fn module(&self) -> &str {
+        LoraConv2d::module(self)
     }
     fn merge_layer(&self, safe: bool) -> Result<()> {
         if safe {
@@ -125,6 +148,34 @@ impl ModuleT for MaybeLoraLinear {
     }
 }
 
+/// A 2-D convolution that is LoRA-adapted or not, as the config's targets decided.
+#[derive(Debug)]
+pub enum MaybeLoraConv2d {
+    /// Not targeted: the plain convolution.
+    Plain(nn::Conv2D),
+    /// Targeted: the convolution with a LoRA adapter.
+    Lora(LoraConv2d),
+}
+
+impl MaybeLoraConv2d {
+    /// The LoRA layer, if this one was targeted.
+    pub fn as_lora(&self) -> Option<&LoraConv2d> {
+        match self {
+            MaybeLoraConv2d::Lora(l) => Some(l),
+            MaybeLoraConv2d::Plain(_) => None,
+        }
+    }
+}
+
+impl ModuleT for MaybeLoraConv2d {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        match self {
+            MaybeLoraConv2d::Plain(c) => xs.apply(c),
+            MaybeLoraConv2d::Lora(l) => l.forward_t(xs, train),
+        }
+    }
+}
+
 /// An embedding table that is LoRA-adapted or not, as the config's targets decided.
 #[derive(Debug)]
 pub enum MaybeLoraEmbedding {
@@ -192,6 +243,7 @@ pub struct LoraBuilder<'a> {
     targets: Targets,
     layers: Mutex<Vec<LoraLinear>>,
     embeddings: Mutex<Vec<LoraEmbedding>>,
+    convs: Mutex<Vec<LoraConv2d>>,
 }
 
 impl<'a> LoraBuilder<'a> {
@@ -212,6 +264,7 @@ impl<'a> LoraBuilder<'a> {
             targets,
             layers: Mutex::new(Vec::new()),
             embeddings: Mutex::new(Vec::new()),
+            convs: Mutex::new(Vec::new()),
         })
     }
 
@@ -279,6 +332,41 @@ impl<'a> LoraBuilder<'a> {
         Ok(MaybeLoraLinear::Lora(layer))
     }
 
+    /// Builds `nn::conv2d(base_path, in_dim, out_dim, ksize, c)` and wraps it with LoRA when the
+    /// config targets `base_path` (see [`LoraConv2d`]).
+    pub fn conv2d(
+        &self,
+        base_path: &nn::Path,
+        in_dim: i64,
+        out_dim: i64,
+        ksize: i64,
+        c: nn::ConvConfig,
+    ) -> Result<MaybeLoraConv2d> {
+        let base = nn::conv2d(base_path, in_dim, out_dim, ksize, c);
+        let module = path_name(base_path);
+        if !self.targets.matches(&module) {
+            let _ = base.ws.set_requires_grad(false);
+            if let Some(bs) = &base.bs {
+                let _ = bs.set_requires_grad(false);
+            }
+            return Ok(MaybeLoraConv2d::Plain(base));
+        }
+        let conv = Conv2dConfig {
+            stride: [c.stride; 2],
+            padding: [c.padding; 2],
+            dilation: [c.dilation; 2],
+            groups: c.groups,
+            bias: c.bias,
+            ws_init: c.ws_init,
+            bs_init: c.bs_init,
+            padding_mode: c.padding_mode,
+        };
+        let p = module.split('.').fold(self.root.clone(), |p, c| p / c);
+        let layer = LoraConv2d::new(base, conv, &p, &module, &self.config)?;
+        self.convs.lock().unwrap_or_else(|e| e.into_inner()).push(layer.share());
+        Ok(MaybeLoraConv2d::Lora(layer))
+    }
+
     /// Creates the table `base_path/weight: [num, dim]` (initialised as `nn::embedding` does) and
     /// wraps it with LoRA when the config targets `base_path`'s dotted name.
     pub fn embedding(
@@ -311,7 +399,8 @@ impl<'a> LoraBuilder<'a> {
         self.targets.check_all_matched()?;
         let layers = self.layers.into_inner().unwrap_or_else(|e| e.into_inner());
         let embeddings = self.embeddings.into_inner().unwrap_or_else(|e| e.into_inner());
-        Ok(LoraAdapter { name: self.name, config: self.config, layers, embeddings })
+        let convs = self.convs.into_inner().unwrap_or_else(|e| e.into_inner());
+        Ok(LoraAdapter { name: self.name, config: self.config, layers, embeddings, convs })
     }
 }
 
@@ -355,6 +444,7 @@ pub struct LoraAdapter {
     config: LoraConfig,
     layers: Vec<LoraLinear>,
     embeddings: Vec<LoraEmbedding>,
+    convs: Vec<LoraConv2d>,
 }
 
 impl LoraAdapter {
@@ -373,13 +463,20 @@ impl LoraAdapter {
         &self.embeddings
     }
 
-    /// Every adapted layer: embeddings, then linear layers, each in build order.
-    fn all(&self) -> impl Iterator<Item = &dyn LoraLayer> + '_ {
-        let embeddings = self.embeddings.iter().map(|e| e as &dyn LoraLayer);
-        embeddings.chain(self.layers.iter().map(|l| l as &dyn LoraLayer))
+    /// The adapted 2-D convolutions, in build order.
+    pub fn convs(&self) -> &[LoraConv2d] {
+        &self.convs
     }
 
-    /// The adapted module paths: embeddings, then linear layers, each in build order.
+    /// Every adapted layer: embeddings, convolutions, then linear layers, each in build order.
+    fn all(&self) -> impl Iterator<Item = &dyn LoraLayer> + '_ {
+        let embeddings = self.embeddings.iter().map(|e| e as &dyn LoraLayer);
+        let convs = self.convs.iter().map(|c| c as &dyn LoraLayer);
+        embeddings.chain(convs).chain(self.layers.iter().map(|l| l as &dyn LoraLayer))
+    }
+
+    /// The adapted module paths: embeddings, convolutions, then linear layers, each in build
+    /// order.
     pub fn modules(&self) -> Vec<&str> {
         self.all().map(LoraLayer::module).collect()
     }
