@@ -513,3 +513,22 @@ fn conv1d_weights_stored_in_out_work_for_forward_gradients_and_merge() {
     l.unmerge().unwrap();
     assert!(bit_equal(&w, &w0));
 }
+
+#[test]
+fn orthogonal_init_has_non_zero_factors_whose_product_is_zero() {
+    tch::manual_seed(17);
+    let (vb, va) = f64_stores();
+    let c = LoraConfig { init_lora_weights: LoraInit::Orthogonal, ..cfg(4, 8.0) };
+    let base = base_linear(&vb, "proj", 12, 10);
+    let x = randn(&[3, 12], Kind::Double);
+    let expected = x.apply(&base);
+    let l = LoraLinear::new(base, &(va.root() / "proj"), &c).unwrap();
+    assert!(l.lora_a().abs().max().double_value(&[]) > 1e-3);
+    assert!(l.lora_b().abs().max().double_value(&[]) > 1e-3);
+    assert!(l.delta_weight().abs().max().double_value(&[]) < 1e-12, "BA = 0");
+    assert!(max_abs_diff(&l.forward_t(&x, false), &expected) < 1e-12);
+    let odd = LoraConfig { init_lora_weights: LoraInit::Orthogonal, ..cfg(3, 8.0) };
+    assert!(matches!(odd.validate(), Err(Error::InvalidConfig { ref field, .. }) if field == "r"));
+    let json = serde_json::to_value(&c).unwrap();
+    assert_eq!(json["init_lora_weights"], "orthogonal");
+}

@@ -21,6 +21,10 @@ pub enum LoraInit {
     /// `false`: both factors get `nn.Linear`'s default init, so the layer does **not** start equal
     /// to the base layer (PEFT keeps this for debugging).
     Random,
+    /// `"orthogonal"`: A and B from complementary rows of a random orthogonal `r×r` matrix
+    /// (`A = (G₁ Q[0::2])ᵀ/10`, `B = (G₂ᵀ Q[1::2])/10`), so `BA = 0` with both factors non-zero.
+    /// Needs an even `r`. Linear layers.
+    Orthogonal,
 }
 
 impl Serialize for LoraInit {
@@ -29,6 +33,7 @@ impl Serialize for LoraInit {
             LoraInit::Kaiming => s.serialize_bool(true),
             LoraInit::Gaussian => s.serialize_str("gaussian"),
             LoraInit::Random => s.serialize_bool(false),
+            LoraInit::Orthogonal => s.serialize_str("orthogonal"),
         }
     }
 }
@@ -45,8 +50,9 @@ impl<'de> Deserialize<'de> for LoraInit {
             Raw::Bool(true) => Ok(LoraInit::Kaiming),
             Raw::Bool(false) => Ok(LoraInit::Random),
             Raw::Str(s) if s == "gaussian" => Ok(LoraInit::Gaussian),
+            Raw::Str(s) if s == "orthogonal" => Ok(LoraInit::Orthogonal),
             Raw::Str(s) => Err(serde::de::Error::custom(format!(
-                "init_lora_weights `{s}` is not supported (expected true, false or \"gaussian\")"
+                "init_lora_weights `{s}` is not supported (expected true, false, \"gaussian\" or \"orthogonal\")"
             ))),
         }
     }
@@ -232,7 +238,19 @@ impl LoraConfig {
         if self.use_dora && self.lora_bias {
             return Err(Error::config("lora_bias", "cannot be combined with `use_dora` (as PEFT)"));
         }
-        if self.lora_bias && self.init_lora_weights == LoraInit::Gaussian {
+        if self.init_lora_weights == LoraInit::Orthogonal {
+            if let Some((p, r)) = std::iter::once((&String::from("r"), &self.r))
+                .chain(&self.rank_pattern)
+                .find(|(_, r)| *r % 2 != 0)
+            {
+                return Err(Error::config(
+                    if p == "r" { "r".to_string() } else { format!("rank_pattern.{p}") },
+                    format!("orthogonal init needs an even rank, got {r}"),
+                ));
+            }
+        }
+        if self.lora_bias && !matches!(self.init_lora_weights, LoraInit::Kaiming | LoraInit::Random)
+        {
             return Err(Error::config(
                 "lora_bias",
                 "only with `init_lora_weights` true or false (as PEFT)",

@@ -63,6 +63,12 @@ impl LoraConv2d {
                 format!("a lora_B bias on the convolution `{module}` is not implemented yet"),
             ));
         }
+        if config.init_lora_weights == LoraInit::Orthogonal {
+            return Err(unsupported(
+                "init_lora_weights",
+                format!("orthogonal init on the convolution `{module}` is not implemented"),
+            ));
+        }
         if conv.groups != 1 {
             return Err(unsupported(
                 "groups",

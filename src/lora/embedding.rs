@@ -51,6 +51,12 @@ impl LoraEmbedding {
                 reason: format!("DoRA on the embedding `{module}` is not implemented yet"),
             });
         }
+        if config.init_lora_weights == LoraInit::Orthogonal {
+            return Err(Error::Unsupported {
+                field: "init_lora_weights".into(),
+                reason: format!("orthogonal init on the embedding `{module}` is not implemented"),
+            });
+        }
         let r = config.rank_for(module)?;
         let scaling = config.scaling_for(module)?;
         if weight.dim() != 2 {
@@ -84,7 +90,7 @@ impl LoraEmbedding {
         let kind = if weight.kind() == Kind::Double { Kind::Double } else { Kind::Float };
         let opts = (kind, weight.device());
         let (a, b) = tch::no_grad(|| match config.init_lora_weights {
-            LoraInit::Kaiming | LoraInit::Gaussian => {
+            LoraInit::Kaiming | LoraInit::Gaussian | LoraInit::Orthogonal => {
                 (Tensor::zeros([r, v], opts), Tensor::randn([d, r], opts))
             }
             LoraInit::Random => (Tensor::randn([r, v], opts), Tensor::randn([d, r], opts)),

@@ -129,16 +129,36 @@ fn init_factors(
             LoraInit::Gaussian => {
                 Tensor::empty([r, in_features], opts).normal_(0.0, 1.0 / r as f64)
             }
+            LoraInit::Orthogonal => return orthogonal_factors(r, in_features, out_features, opts),
         };
         let b = match init {
             LoraInit::Random => {
                 let bound_r = 1.0 / (r as f64).sqrt();
                 Tensor::empty([out_features, r], opts).uniform_(-bound_r, bound_r)
             }
-            LoraInit::Kaiming | LoraInit::Gaussian => Tensor::zeros([out_features, r], opts),
+            LoraInit::Kaiming | LoraInit::Gaussian | LoraInit::Orthogonal => {
+                Tensor::zeros([out_features, r], opts)
+            }
         };
         (a, b)
     })
+}
+
+/// PEFT's orthogonal init: with `Q` a random orthogonal `r×r` matrix,
+/// `A = (randn(in, r/2) · Q[0::2])ᵀ / 10` and `B = (randn(r/2, out)ᵀ · Q[1::2]) / 10`; rows of `Q`
+/// are orthonormal, so `BA = 0`. `r` must be even (checked by the config).
+fn orthogonal_factors(
+    r: i64,
+    in_features: i64,
+    out_features: i64,
+    opts: (Kind, tch::Device),
+) -> (Tensor, Tensor) {
+    let (q, _) = Tensor::linalg_qr(&Tensor::randn([r, r], opts), "reduced");
+    let idx = |start: i64| Tensor::arange_start_step(start, r, 2, (Kind::Int64, opts.1));
+    let (set1, set2) = (q.index_select(0, &idx(0)), q.index_select(0, &idx(1)));
+    let a = Tensor::randn([in_features, r / 2], opts).mm(&set1).tr().contiguous() / 10.0;
+    let b = Tensor::randn([r / 2, out_features], opts).tr().mm(&set2) / 10.0;
+    (a, b)
 }
 
 /// `‖W + s·BA‖` per output row, in f32 (f64 for an f64 base), without forming `W + s·BA`:
