@@ -1,13 +1,11 @@
 //! [`LoraConv2d`]: LoRA on a 2-D convolution, with PEFT's layout.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-
 use tch::nn::{self, ConvConfigND, PaddingMode};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::config::{LoraConfig, LoraInit};
-use super::linear::{all_finite, is_float, snapshot};
+use super::linear::is_float;
+use super::merge::{compute_kind, WeightMerge};
 use crate::adapter::{Adapter, AdapterKind};
 use crate::{Error, Result};
 
@@ -34,8 +32,7 @@ pub struct LoraConv2d {
     module: String,
     r: i64,
     scaling: f64,
-    enabled: Arc<AtomicBool>,
-    original: Arc<Mutex<Option<Tensor>>>,
+    state: WeightMerge,
 }
 
 impl LoraConv2d {
@@ -106,7 +103,7 @@ impl LoraConv2d {
                 return Err(Error::DuplicateParameter((p / sub).path("weight")));
             }
         }
-        let kind = if ws.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+        let kind = compute_kind(ws.kind());
         let opts = (kind, ws.device());
         let (a, b) = tch::no_grad(|| {
             // kaiming_uniform_(a=√5) on the [r, in, kh, kw] conv weight: U(±1/√(in·kh·kw))
@@ -148,8 +145,7 @@ impl LoraConv2d {
             module: module.into(),
             r,
             scaling: config.scaling_for(module)?,
-            enabled: Arc::new(AtomicBool::new(true)),
-            original: Default::default(),
+            state: WeightMerge::new(),
         })
     }
 
@@ -164,8 +160,7 @@ impl LoraConv2d {
             module: self.module.clone(),
             r: self.r,
             scaling: self.scaling,
-            enabled: Arc::clone(&self.enabled),
-            original: Arc::clone(&self.original),
+            state: self.state.clone(),
         }
     }
 
@@ -206,21 +201,17 @@ impl LoraConv2d {
 
     /// Whether the adapter is active.
     pub fn is_enabled(&self) -> bool {
-        self.enabled.load(Ordering::Acquire)
+        self.state.is_enabled()
     }
 
     /// Turns the adapter on or off (disabling a merged layer unmerges it first).
     pub fn set_enabled(&self, enabled: bool) -> Result<()> {
-        if !enabled && self.is_merged() {
-            self.unmerge()?;
-        }
-        self.enabled.store(enabled, Ordering::Release);
-        Ok(())
+        self.state.set_enabled(enabled, &self.weight, &self.module)
     }
 
     /// Whether the delta is folded into the base weight.
     pub fn is_merged(&self) -> bool {
-        self.original.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.state.is_merged()
     }
 
     /// The update `s·(B·A)` as a `[out, in, kh, kw]` kernel, in the adapter dtype.
@@ -232,24 +223,7 @@ impl LoraConv2d {
     }
 
     fn merge_impl(&self, safe: bool) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        let mut original = self.original.lock().unwrap_or_else(|e| e.into_inner());
-        if original.is_some() {
-            return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });
-        }
-        let compute = if self.weight.kind() == Kind::Double { Kind::Double } else { Kind::Float };
-        let merged = self
-            .weight
-            .f_to_kind(compute)?
-            .f_add(&self.delta_weight().f_to_kind(compute)?)?
-            .f_to_kind(self.weight.kind())?;
-        if safe && !all_finite(&merged)? {
-            return Err(Error::NonFiniteMerge { module: self.module.clone() });
-        }
-        let saved = snapshot(&self.weight)?;
-        self.weight.shallow_clone().f_copy_(&merged)?;
-        *original = Some(saved);
-        Ok(())
+        self.state.merge(&self.weight, &self.delta_weight(), safe, &self.module)
     }
 
     /// Folds the delta into the base kernel, keeping the original for [`unmerge`](Self::unmerge).
@@ -264,13 +238,7 @@ impl LoraConv2d {
 
     /// Restores the original kernel bit-exactly.
     pub fn unmerge(&self) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        let mut original = self.original.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(saved) = original.take() else {
-            return Err(Error::MergeState { module: self.module.clone(), state: "not merged" });
-        };
-        self.weight.shallow_clone().f_copy_(&saved)?;
-        Ok(())
+        self.state.unmerge(&self.weight, &self.module)
     }
 
     /// Forward of `xs: [batch, in, h, w]` (or `[in, h, w]`), checked before libtorch is called.

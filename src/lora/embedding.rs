@@ -1,13 +1,11 @@
 //! [`LoraEmbedding`]: LoRA on an embedding table, with PEFT's layout and init.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-
 use tch::nn;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::config::{LoraConfig, LoraInit};
-use super::linear::{all_finite, is_float, snapshot};
+use super::linear::is_float;
+use super::merge::{compute_kind, WeightMerge};
 use crate::adapter::{Adapter, AdapterKind};
 use crate::{Error, Result};
 
@@ -30,8 +28,7 @@ pub struct LoraEmbedding {
     module: String,
     r: i64,
     scaling: f64,
-    enabled: Arc<AtomicBool>,
-    original: Arc<Mutex<Option<Tensor>>>,
+    state: WeightMerge,
 }
 
 impl LoraEmbedding {
@@ -87,7 +84,7 @@ impl LoraEmbedding {
                 return Err(Error::DuplicateParameter(p.path(name)));
             }
         }
-        let kind = if weight.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+        let kind = compute_kind(weight.kind());
         let opts = (kind, weight.device());
         let (a, b) = tch::no_grad(|| match config.init_lora_weights {
             LoraInit::Kaiming | LoraInit::Gaussian | LoraInit::Orthogonal => {
@@ -105,8 +102,7 @@ impl LoraEmbedding {
             module: module.into(),
             r,
             scaling,
-            enabled: Arc::new(AtomicBool::new(true)),
-            original: Default::default(),
+            state: WeightMerge::new(),
         })
     }
 
@@ -119,8 +115,7 @@ impl LoraEmbedding {
             module: self.module.clone(),
             r: self.r,
             scaling: self.scaling,
-            enabled: Arc::clone(&self.enabled),
-            original: Arc::clone(&self.original),
+            state: self.state.clone(),
         }
     }
 
@@ -156,21 +151,17 @@ impl LoraEmbedding {
 
     /// Whether the adapter is active.
     pub fn is_enabled(&self) -> bool {
-        self.enabled.load(Ordering::Acquire)
+        self.state.is_enabled()
     }
 
     /// Turns the adapter on or off (disabling a merged layer unmerges it first).
     pub fn set_enabled(&self, enabled: bool) -> Result<()> {
-        if !enabled && self.is_merged() {
-            self.unmerge()?;
-        }
-        self.enabled.store(enabled, Ordering::Release);
-        Ok(())
+        self.state.set_enabled(enabled, &self.weight, &self.module)
     }
 
     /// Whether the delta is folded into the table.
     pub fn is_merged(&self) -> bool {
-        self.original.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.state.is_merged()
     }
 
     /// The update `s·(BA)ᵀ`, `[V, d]`, in the adapter dtype.
@@ -179,22 +170,7 @@ impl LoraEmbedding {
     }
 
     fn merge_impl(&self, safe: bool) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        let mut original = self.original.lock().unwrap_or_else(|e| e.into_inner());
-        if original.is_some() {
-            return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });
-        }
-        let compute = if self.weight.kind() == Kind::Double { Kind::Double } else { Kind::Float };
-        let delta = self.delta_weight().f_to_kind(compute)?;
-        let merged =
-            self.weight.f_to_kind(compute)?.f_add(&delta)?.f_to_kind(self.weight.kind())?;
-        if safe && !all_finite(&merged)? {
-            return Err(Error::NonFiniteMerge { module: self.module.clone() });
-        }
-        let saved = snapshot(&self.weight)?;
-        self.weight.shallow_clone().f_copy_(&merged)?;
-        *original = Some(saved);
-        Ok(())
+        self.state.merge(&self.weight, &self.delta_weight(), safe, &self.module)
     }
 
     /// Folds `s·(BA)ᵀ` into the table, keeping the original for [`unmerge`](Self::unmerge).
@@ -209,13 +185,7 @@ impl LoraEmbedding {
 
     /// Restores the original table bit-exactly.
     pub fn unmerge(&self) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        let mut original = self.original.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(saved) = original.take() else {
-            return Err(Error::MergeState { module: self.module.clone(), state: "not merged" });
-        };
-        self.weight.shallow_clone().f_copy_(&saved)?;
-        Ok(())
+        self.state.unmerge(&self.weight, &self.module)
     }
 
     /// Embeddings of `ids` (any shape of int64 indices in `[0, V)`), with the adapter applied

@@ -7,6 +7,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
 use super::config::{LoraBias, LoraConfig, LoraInit};
+use super::merge::{all_finite, compute_kind, snapshot};
 use crate::adapter::{Adapter, AdapterKind};
 use crate::{Error, Result};
 
@@ -90,18 +91,6 @@ pub fn fused_kernel_available() -> bool {
     cfg!(tch_peft_fused)
 }
 
-/// Whether every value is finite (one host sync; merge paths only).
-pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
-    Ok(t.f_isfinite()?.f_all()?.int64_value(&[]) != 0)
-}
-
-/// A copy of `t` with its own storage (the original kept while merged).
-pub(crate) fn snapshot(t: &Tensor) -> Result<Tensor> {
-    let mut c = t.f_zeros_like()?;
-    c.f_copy_(t)?;
-    Ok(c)
-}
-
 pub(crate) fn is_float(kind: Kind) -> bool {
     matches!(kind, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double)
 }
@@ -165,7 +154,7 @@ fn orthogonal_factors(
 /// `‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ`, from an `[out, r]` and an `[r, r]` product.
 /// Callers run it under `no_grad` (DoRA detaches the norm).
 pub(crate) fn dora_weight_norm(w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
-    let kind = if w.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+    let kind = compute_kind(w.kind());
     let (w, a, b) = (w.f_to_kind(kind)?, a.f_to_kind(kind)?, b.f_to_kind(kind)?);
     let w_sq = w.f_square()?.f_sum_dim_intlist(1, false, kind)?;
     let cross = w.f_mm(&a.f_tr()?)?.f_mul(&b)?.f_sum_dim_intlist(1, false, kind)?;
@@ -310,7 +299,7 @@ impl LoraLinear {
         }
         // f32 adapters (PEFT upcasts f16/bf16 adapters), f64 on an f64 base (PEFT follows the
         // base dtype for full-precision bases).
-        let adapter_kind = if ws.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+        let adapter_kind = compute_kind(ws.kind());
         let opts = (adapter_kind, ws.device());
         let (a, b) = init_factors(config.init_lora_weights, r, in_features, out_features, opts);
         let bias = match &base.bs {
@@ -508,7 +497,7 @@ impl LoraLinear {
     /// The merged weight `W + s·BA` in the base dtype, computed in f32 (f64 for an f64 base).
     fn merged_weight(&self) -> Result<Tensor> {
         let w = &self.base.ws;
-        let compute = if w.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+        let compute = compute_kind(w.kind());
         let delta = self.lora_b.f_to_kind(compute)?.f_mm(&self.lora_a.f_to_kind(compute)?)?;
         let mut merged = w.f_to_kind(compute)?.f_add(&(delta * self.scaling))?;
         if let Some(m) = &self.magnitude {
@@ -557,7 +546,7 @@ impl LoraLinear {
             });
         };
         let kind = base_bias.kind();
-        let compute = if kind == Kind::Double { Kind::Double } else { Kind::Float };
+        let compute = compute_kind(kind);
         let mut b = self.effective_bias().unwrap_or(base_bias).f_to_kind(compute)?;
         if let Some(bb) = &self.lora_b_bias {
             b = b.f_add(&bb.f_to_kind(compute)?.f_mul_scalar(self.scaling)?)?;

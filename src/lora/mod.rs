@@ -19,6 +19,7 @@ mod embedding;
 #[cfg(tch_peft_fused)]
 mod fused;
 mod linear;
+mod merge;
 mod model;
 
 pub use config::{scaling, LoraBias, LoraConfig, LoraInit};

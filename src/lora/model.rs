@@ -25,71 +25,34 @@ trait LoraLayer: Adapter {
     fn enable(&self, enabled: bool) -> Result<()>;
 }
 
-impl LoraLayer for LoraLinear {
-    fn module(&self) -> &str {
-        LoraLinear::module(self)
-    }
-    fn merge_layer(&self, safe: bool) -> Result<()> {
-        if safe {
-            self.safe_merge()
-        } else {
-            self.merge()
+/// The three layer types expose the same merge/enable surface under the same names.
+macro_rules! impl_lora_layer {
+    ($($t:ty),*) => {$(
+        impl LoraLayer for $t {
+            fn module(&self) -> &str {
+                <$t>::module(self)
+            }
+            fn merge_layer(&self, safe: bool) -> Result<()> {
+                if safe {
+                    self.safe_merge()
+                } else {
+                    self.merge()
+                }
+            }
+            fn unmerge_layer(&self) -> Result<()> {
+                self.unmerge()
+            }
+            fn merged(&self) -> bool {
+                self.is_merged()
+            }
+            fn enable(&self, enabled: bool) -> Result<()> {
+                self.set_enabled(enabled)
+            }
         }
-    }
-    fn unmerge_layer(&self) -> Result<()> {
-        self.unmerge()
-    }
-    fn merged(&self) -> bool {
-        self.is_merged()
-    }
-    fn enable(&self, enabled: bool) -> Result<()> {
-        self.set_enabled(enabled)
-    }
+    )*};
 }
 
-impl LoraLayer for LoraConv2d {
-    fn module(&self) -> &str {
-        LoraConv2d::module(self)
-    }
-    fn merge_layer(&self, safe: bool) -> Result<()> {
-        if safe {
-            self.safe_merge()
-        } else {
-            self.merge()
-        }
-    }
-    fn unmerge_layer(&self) -> Result<()> {
-        self.unmerge()
-    }
-    fn merged(&self) -> bool {
-        self.is_merged()
-    }
-    fn enable(&self, enabled: bool) -> Result<()> {
-        self.set_enabled(enabled)
-    }
-}
-
-impl LoraLayer for LoraEmbedding {
-    fn module(&self) -> &str {
-        LoraEmbedding::module(self)
-    }
-    fn merge_layer(&self, safe: bool) -> Result<()> {
-        if safe {
-            self.safe_merge()
-        } else {
-            self.merge()
-        }
-    }
-    fn unmerge_layer(&self) -> Result<()> {
-        self.unmerge()
-    }
-    fn merged(&self) -> bool {
-        self.is_merged()
-    }
-    fn enable(&self, enabled: bool) -> Result<()> {
-        self.set_enabled(enabled)
-    }
-}
+impl_lora_layer!(LoraLinear, LoraEmbedding, LoraConv2d);
 
 /// The name PEFT gives an adapter when none is given.
 pub const DEFAULT_ADAPTER_NAME: &str = "default";
