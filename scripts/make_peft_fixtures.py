@@ -166,7 +166,35 @@ def make_conv2d():
     print("conv2d ->", d)
 
 
+def make_init_case(init):
+    """tests/fixtures/peft/<init>: PEFT's PiSSA / OLoRA init on Tiny (no training): the base layers
+    then hold the residual W - s·BA, saved as `residual.<module>.weight` in io.safetensors."""
+    torch.manual_seed(0)
+    base = Tiny().eval()
+    base_sd = {k: v.detach().clone().contiguous() for k, v in base.state_dict().items()}
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    model = get_peft_model(base, cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 16, generator=g)
+    with torch.no_grad():
+        y = model(x)
+    d = os.path.join(OUT, init)
+    shutil.rmtree(d, ignore_errors=True)
+    model.save_pretrained(d)
+    os.remove(os.path.join(d, "README.md"))
+    tensors = {"x": x, "y": y}
+    for n, p in model.named_parameters():
+        if n.endswith("base_layer.weight"):
+            key = n.replace("base_model.model.", "").replace(".base_layer", "")
+            tensors[f"residual.{key}"] = p.detach().clone().contiguous()
+    save_file(tensors, os.path.join(d, "io.safetensors"))
+    save_file(base_sd, os.path.join(d, "base.safetensors"))
+    print(init, "->", d)
+
+
 def main():
+    make_init_case("pissa")
+    make_init_case("olora")
     make_conv2d()
     make_conv1d()
     for name, kwargs in CASES.items():

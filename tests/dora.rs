@@ -109,7 +109,7 @@ fn builder_layers_need_their_magnitude_initialised_after_loading() {
     assert!(matches!(adapter.merge(), Err(Error::Uninitialized { .. })));
     // "load" pre-trained weights, then initialise
     set(&base_vs.variables()["q.weight"], &randn(&[16, 16], Kind::Float));
-    adapter.init_dora_magnitudes().unwrap();
+    adapter.init_from_base_weights().unwrap();
     let base = x.apply(q.base());
     assert!(max_abs_diff(&q.f_forward_t(&x, true).unwrap(), &base) < 1e-5);
 }

@@ -274,3 +274,51 @@ fn peft_conv2d_adapter_matches_outputs_merged_weights_and_files() {
     }
     std::fs::remove_dir_all(out).unwrap();
 }
+
+/// PiSSA and OLoRA: initialised here from the original base weights, the factors' product, the
+/// residual base weights and the outputs equal PEFT's.
+fn check_base_init_case(case: &str) {
+    let dir = fixture(case);
+    let cfg = LoraConfig::from_pretrained(&dir).unwrap();
+    let mut base_vs = nn::VarStore::new(Device::Cpu);
+    let adapter_vs = nn::VarStore::new(Device::Cpu);
+    let builder = LoraBuilder::new(&adapter_vs.root(), cfg).unwrap();
+    let model = Tiny::new(&base_vs.root(), Some(&builder)).unwrap();
+    let adapter = builder.finish().unwrap();
+    base_vs.load(dir.join("base.safetensors")).unwrap();
+    let io_t = tensors(&dir.join("io.safetensors"));
+    let x = &io_t["x"];
+    let err = adapter.layers()[0].f_forward_t(&x.reshape([-1, 16]), false).unwrap_err();
+    assert!(matches!(err, tch_peft::Error::Uninitialized { .. }), "{case}: {err}");
+    adapter.init_from_base_weights().unwrap();
+    let vars = base_vs.variables();
+    let theirs = tensors(&dir.join(io::PEFT_WEIGHTS_NAME));
+    for l in adapter.layers() {
+        let m = l.module();
+        let residual = &io_t[&format!("residual.{m}.weight")];
+        assert!(
+            max_abs_diff(&vars[&format!("{m}.weight")], residual) < 1e-5,
+            "{case}: residual {m}"
+        );
+        let (a, b) = (
+            &theirs[&format!("base_model.model.{m}.lora_A.weight")],
+            &theirs[&format!("base_model.model.{m}.lora_B.weight")],
+        );
+        assert!(max_abs_diff(&l.lora_b().mm(l.lora_a()), &b.mm(a)) < 1e-5, "{case}: BA of {m}");
+    }
+    assert!(max_abs_diff(&model.forward(x), &io_t["y"]) < 1e-5, "{case}: outputs");
+    // initialising twice keeps the factors (the base already holds the residual)
+    let a0 = adapter.layers()[0].lora_a().copy();
+    adapter.init_from_base_weights().unwrap();
+    assert!(bit_equal(adapter.layers()[0].lora_a(), &a0));
+}
+
+#[test]
+fn pissa_init_matches_peft() {
+    check_base_init_case("pissa");
+}
+
+#[test]
+fn olora_init_matches_peft() {
+    check_base_init_case("olora");
+}

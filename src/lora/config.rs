@@ -25,6 +25,23 @@ pub enum LoraInit {
     /// (`A = (G₁ Q[0::2])ᵀ/10`, `B = (G₂ᵀ Q[1::2])/10`), so `BA = 0` with both factors non-zero.
     /// Needs an even `r`. Linear layers.
     Orthogonal,
+    /// `"pissa"` (Meng et al. 2024): from the SVD `W = U S Vᵀ`, `A = √(S_r/s)·V_rᵀ`,
+    /// `B = U_r·√(S_r/s)`, and the base weight keeps the residual `W − s·BA`, so the layer starts
+    /// equal to the base. It needs the pre-trained weight: see
+    /// [`LoraAdapter::init_from_base_weights`](super::LoraAdapter::init_from_base_weights).
+    /// Linear layers.
+    Pissa,
+    /// `"olora"` (Büyükakyüz 2024): from the QR decomposition `W = QR`, `A = R[:r]`, `B = Q[:, :r]`,
+    /// and the base weight keeps `W − s·BA`. Needs the pre-trained weight, as PiSSA. Linear
+    /// layers.
+    Olora,
+}
+
+impl LoraInit {
+    /// Whether the init derives the factors from the base weight (and rewrites it).
+    pub fn uses_base_weight(self) -> bool {
+        matches!(self, LoraInit::Pissa | LoraInit::Olora)
+    }
 }
 
 impl Serialize for LoraInit {
@@ -34,6 +51,8 @@ impl Serialize for LoraInit {
             LoraInit::Gaussian => s.serialize_str("gaussian"),
             LoraInit::Random => s.serialize_bool(false),
             LoraInit::Orthogonal => s.serialize_str("orthogonal"),
+            LoraInit::Pissa => s.serialize_str("pissa"),
+            LoraInit::Olora => s.serialize_str("olora"),
         }
     }
 }
@@ -51,8 +70,10 @@ impl<'de> Deserialize<'de> for LoraInit {
             Raw::Bool(false) => Ok(LoraInit::Random),
             Raw::Str(s) if s == "gaussian" => Ok(LoraInit::Gaussian),
             Raw::Str(s) if s == "orthogonal" => Ok(LoraInit::Orthogonal),
+            Raw::Str(s) if s == "pissa" => Ok(LoraInit::Pissa),
+            Raw::Str(s) if s == "olora" => Ok(LoraInit::Olora),
             Raw::Str(s) => Err(serde::de::Error::custom(format!(
-                "init_lora_weights `{s}` is not supported (expected true, false, \"gaussian\" or \"orthogonal\")"
+                "init_lora_weights `{s}` is not supported (expected true, false, \"gaussian\", \"orthogonal\", \"pissa\" or \"olora\")"
             ))),
         }
     }
@@ -376,7 +397,8 @@ mod tests {
         assert_eq!(c.init_lora_weights, LoraInit::Kaiming);
         let g: LoraConfig = serde_json::from_str(r#"{"init_lora_weights": "gaussian"}"#).unwrap();
         assert_eq!(g.init_lora_weights, LoraInit::Gaussian);
-        assert!(serde_json::from_str::<LoraConfig>(r#"{"init_lora_weights": "pissa"}"#).is_err());
+        assert!(serde_json::from_str::<LoraConfig>(r#"{"init_lora_weights": "pissa_niter_4"}"#)
+            .is_err());
     }
 
     #[test]

@@ -60,10 +60,16 @@ impl LoraConv2d {
                 format!("a lora_B bias on the convolution `{module}` is not implemented yet"),
             ));
         }
-        if config.init_lora_weights == LoraInit::Orthogonal {
+        if matches!(
+            config.init_lora_weights,
+            LoraInit::Orthogonal | LoraInit::Pissa | LoraInit::Olora
+        ) {
             return Err(unsupported(
                 "init_lora_weights",
-                format!("orthogonal init on the convolution `{module}` is not implemented"),
+                format!(
+                    "init {:?} on the convolution `{module}` is not implemented",
+                    config.init_lora_weights
+                ),
             ));
         }
         if conv.groups != 1 {

@@ -48,10 +48,16 @@ impl LoraEmbedding {
                 reason: format!("DoRA on the embedding `{module}` is not implemented yet"),
             });
         }
-        if config.init_lora_weights == LoraInit::Orthogonal {
+        if matches!(
+            config.init_lora_weights,
+            LoraInit::Orthogonal | LoraInit::Pissa | LoraInit::Olora
+        ) {
             return Err(Error::Unsupported {
                 field: "init_lora_weights".into(),
-                reason: format!("orthogonal init on the embedding `{module}` is not implemented"),
+                reason: format!(
+                    "init {:?} on the embedding `{module}` is not implemented",
+                    config.init_lora_weights
+                ),
             });
         }
         let r = config.rank_for(module)?;
@@ -87,9 +93,11 @@ impl LoraEmbedding {
         let kind = compute_kind(weight.kind());
         let opts = (kind, weight.device());
         let (a, b) = tch::no_grad(|| match config.init_lora_weights {
-            LoraInit::Kaiming | LoraInit::Gaussian | LoraInit::Orthogonal => {
-                (Tensor::zeros([r, v], opts), Tensor::randn([d, r], opts))
-            }
+            LoraInit::Kaiming
+            | LoraInit::Gaussian
+            | LoraInit::Orthogonal
+            | LoraInit::Pissa
+            | LoraInit::Olora => (Tensor::zeros([r, v], opts), Tensor::randn([d, r], opts)),
             LoraInit::Random => (Tensor::randn([r, v], opts), Tensor::randn([d, r], opts)),
         });
         let lora_a = p.add("lora_embedding_A", a, true);

@@ -75,6 +75,7 @@ pub struct LoraLinear {
     magnitude: Option<Tensor>,
     /// The bias of `lora_B` `[out]`, when `lora_bias`.
     lora_b_bias: Option<Tensor>,
+    init: LoraInit,
     module: String,
     r: i64,
     scaling: f64,
@@ -112,7 +113,8 @@ fn init_factors(
         // PyTorch's kaiming_uniform_(a=√5) on a [r, in] weight: U(±1/√in)
         let bound_in = 1.0 / (in_features as f64).sqrt();
         let a = match init {
-            LoraInit::Kaiming | LoraInit::Random => {
+            // PiSSA/OLoRA start as kaiming/zero and are set by `init_from_base_weights`
+            LoraInit::Kaiming | LoraInit::Random | LoraInit::Pissa | LoraInit::Olora => {
                 Tensor::empty([r, in_features], opts).uniform_(-bound_in, bound_in)
             }
             LoraInit::Gaussian => {
@@ -125,9 +127,11 @@ fn init_factors(
                 let bound_r = 1.0 / (r as f64).sqrt();
                 Tensor::empty([out_features, r], opts).uniform_(-bound_r, bound_r)
             }
-            LoraInit::Kaiming | LoraInit::Gaussian | LoraInit::Orthogonal => {
-                Tensor::zeros([out_features, r], opts)
-            }
+            LoraInit::Kaiming
+            | LoraInit::Gaussian
+            | LoraInit::Orthogonal
+            | LoraInit::Pissa
+            | LoraInit::Olora => Tensor::zeros([out_features, r], opts),
         };
         (a, b)
     })
@@ -327,13 +331,14 @@ impl LoraLinear {
         if let Some(bs) = &base.bs {
             let _ = bs.set_requires_grad(false);
         }
-        Ok(LoraLinear {
+        let layer = LoraLinear {
             base,
             lora_a,
             lora_b,
             bias,
             magnitude,
             lora_b_bias,
+            init: config.init_lora_weights,
             module: module.to_string(),
             r,
             scaling,
@@ -347,7 +352,12 @@ impl LoraLinear {
                 original: Mutex::new(None),
                 merged: AtomicBool::new(false),
             }),
-        })
+        };
+        if layer.init.uses_base_weight() {
+            layer.set_magnitude_ready(false);
+            layer.init_from_base_weights()?;
+        }
+        Ok(layer)
     }
 
     /// A second handle on the same layer: tensors are shallow clones (same storage) and the
@@ -363,6 +373,7 @@ impl LoraLinear {
             bias: self.bias.as_ref().map(Tensor::shallow_clone),
             magnitude: self.magnitude.as_ref().map(Tensor::shallow_clone),
             lora_b_bias: self.lora_b_bias.as_ref().map(Tensor::shallow_clone),
+            init: self.init,
             module: self.module.clone(),
             r: self.r,
             scaling: self.scaling,
@@ -437,35 +448,66 @@ impl LoraLinear {
         self.magnitude.as_ref()
     }
 
-    /// Sets DoRA's magnitude to `‖W + s·BA‖_row` of the current base weight, as PEFT does when
-    /// it attaches the adapter. Layers built by [`LoraBuilder`](super::LoraBuilder) create their
-    /// base weight themselves, so call this (or
-    /// [`LoraAdapter::init_dora_magnitudes`](super::LoraAdapter::init_dora_magnitudes)) once the
-    /// pre-trained weights are loaded, unless a trained adapter is loaded instead. A no-op without
-    /// DoRA.
-    pub fn init_dora_magnitude(&self) -> Result<()> {
-        let Some(m) = &self.magnitude else { return Ok(()) };
+    /// Runs the initialisation that depends on the pre-trained base weight, as PEFT does when it
+    /// attaches the adapter: PiSSA/OLoRA derive `A` and `B` from `W` and leave the residual
+    /// `W − s·BA` in the base weight (once: a layer already initialised keeps its factors), and
+    /// DoRA sets its magnitude to `‖W + s·BA‖_row`. Layers wrapped with [`new`](Self::new) run it
+    /// at construction; layers built by [`LoraBuilder`](super::LoraBuilder) create their base
+    /// weight themselves, so call this (or
+    /// [`LoraAdapter::init_from_base_weights`](super::LoraAdapter::init_from_base_weights)) once
+    /// the pre-trained weights are loaded, unless a trained adapter is loaded instead. A no-op for
+    /// the other inits.
+    pub fn init_from_base_weights(&self) -> Result<()> {
         if self.is_merged() {
             return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });
         }
         let _guard = tch::no_grad_guard();
-        let norm = dora_weight_norm(&self.base.ws, &self.lora_a, &self.lora_b, self.scaling)?;
-        m.shallow_clone().f_copy_(&norm.f_to_kind(m.kind())?)?;
+        let ready = self.state.magnitude_ready.load(Ordering::Acquire);
+        if self.init.uses_base_weight() && !ready {
+            let w = &self.base.ws;
+            let compute = compute_kind(w.kind());
+            let wf = w.f_to_kind(compute)?;
+            let (a, b) = match self.init {
+                LoraInit::Pissa => {
+                    // reduced SVD W = U·diag(S)·Vᵀ (tch's linalg_svd cannot pass "no driver")
+                    let (u, sv, v) = wf.f_svd(true, true)?;
+                    let sr = (sv.f_narrow(0, 0, self.r)? / self.scaling).f_sqrt()?;
+                    let a = v.f_narrow(1, 0, self.r)?.f_tr()?.f_mul(&sr.f_unsqueeze(1)?)?;
+                    let b = u.f_narrow(1, 0, self.r)?.f_mul(&sr.f_unsqueeze(0)?)?;
+                    (a, b)
+                }
+                _ => {
+                    let (q, r) = Tensor::f_linalg_qr(&wf, "reduced")?;
+                    (r.f_narrow(0, 0, self.r)?, q.f_narrow(1, 0, self.r)?)
+                }
+            };
+            let residual = wf.f_sub(&b.f_mm(&a)?.f_mul_scalar(self.scaling)?)?;
+            self.lora_a.shallow_clone().f_copy_(&a)?;
+            self.lora_b.shallow_clone().f_copy_(&b)?;
+            w.shallow_clone().f_copy_(&residual)?;
+        }
+        if let Some(m) = &self.magnitude {
+            let norm = dora_weight_norm(&self.base.ws, &self.lora_a, &self.lora_b, self.scaling)?;
+            m.shallow_clone().f_copy_(&norm.f_to_kind(m.kind())?)?;
+        }
         self.set_magnitude_ready(true);
         Ok(())
     }
 
-    /// Marks the DoRA magnitude as (not) matching the base weight.
+    /// Marks the base-dependent initialisation (DoRA magnitude, PiSSA/OLoRA factors) as done or
+    /// pending.
     pub(crate) fn set_magnitude_ready(&self, ready: bool) {
         self.state.magnitude_ready.store(ready, Ordering::Release);
     }
 
     fn check_magnitude(&self) -> Result<()> {
-        if self.magnitude.is_some() && !self.state.magnitude_ready.load(Ordering::Acquire) {
+        let pending = (self.magnitude.is_some() || self.init.uses_base_weight())
+            && !self.state.magnitude_ready.load(Ordering::Acquire);
+        if pending {
             return Err(Error::Uninitialized {
                 module: self.module.clone(),
-                what: "the DoRA magnitude",
-                hint: "call `init_dora_magnitudes()` after loading the base weights, or load a trained adapter",
+                what: "the initialisation from the base weight (DoRA magnitude, PiSSA/OLoRA factors)",
+                hint: "call `init_from_base_weights()` after loading the base weights, or load a trained adapter",
             });
         }
         Ok(())
@@ -654,6 +696,7 @@ impl LoraLinear {
         }
         let mut out_shape = xs.size();
         *out_shape.last_mut().expect("checked non-empty") = self.out_features;
+        self.check_magnitude()?;
         let x2 = xs.f_reshape([-1, self.in_features])?;
         let dropout = train && self.dropout > 0.0;
         if let Some(m) = &self.magnitude {

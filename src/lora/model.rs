@@ -453,11 +453,14 @@ impl LoraAdapter {
         ParamReport::from_named_tensors(&self.named_tensors())
     }
 
-    /// Initialises every DoRA magnitude from the current base weights (as PEFT does when it
-    /// attaches DoRA). Call it after loading the pre-trained weights when training a new DoRA
-    /// adapter; loading a trained adapter sets the magnitudes instead. A no-op without DoRA.
-    pub fn init_dora_magnitudes(&self) -> Result<()> {
-        self.layers.iter().try_for_each(LoraLinear::init_dora_magnitude)
+    /// Runs every layer's initialisation that depends on the pre-trained base weight (DoRA
+    /// magnitudes, PiSSA/OLoRA factors and residuals; see
+    /// [`LoraLinear::init_from_base_weights`]). Call it after loading the pre-trained weights when
+    /// training a new adapter with DoRA, PiSSA or OLoRA; loading a trained adapter marks the
+    /// layers initialised instead (a PiSSA/OLoRA adapter then expects the residual base it was
+    /// trained on). A no-op for the other inits.
+    pub fn init_from_base_weights(&self) -> Result<()> {
+        self.layers.iter().try_for_each(LoraLinear::init_from_base_weights)
     }
 
     /// Merges every layer. On failure the layers merged so far are unmerged again.
