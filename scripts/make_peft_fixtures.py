@@ -97,35 +97,6 @@ class Gpt2Block(torch.nn.Module):
         return self.c_proj(torch.nn.functional.gelu(self.c_attn(x)))
 
 
-def make_conv1d():
-    """tests/fixtures/peft/conv1d: LoRA on GPT-2 Conv1D layers (PEFT forces fan_in_fan_out)."""
-    torch.manual_seed(0)
-    base = Gpt2Block().eval()
-    base_sd = {k: v.detach().clone().contiguous() for k, v in base.state_dict().items()}
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
-    model = get_peft_model(base, cfg)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    model.eval()
-    x = torch.randn(3, 5, 16, generator=g)
-    with torch.no_grad():
-        y = model(x)
-    d = os.path.join(OUT, "conv1d")
-    shutil.rmtree(d, ignore_errors=True)
-    model.save_pretrained(d)
-    os.remove(os.path.join(d, "README.md"))
-    merged = model.merge_and_unload()
-    tensors = {"x": x, "y": y}
-    for k, v in merged.state_dict().items():
-        tensors[f"merged.{k}"] = v.detach().clone().contiguous()
-    save_file(tensors, os.path.join(d, "io.safetensors"))
-    save_file(base_sd, os.path.join(d, "base.safetensors"))
-    print("conv1d ->", d)
-
-
 class ConvNet(torch.nn.Module):
     """out = conv2(relu(conv1(x))): conv1 3→8 k3 p1, conv2 8→4 k3 s2 p1"""
 
@@ -138,94 +109,61 @@ class ConvNet(torch.nn.Module):
         return self.conv2(torch.relu(self.conv1(x)))
 
 
-def make_conv2d():
-    """tests/fixtures/peft/conv2d: LoRA on Conv2d layers (PEFT cannot do dilation: issue #3697)."""
+def make_case(name, model_cls, cfg, x_shape, randomize_b=True, base_output=False, residual=False):
+    """tests/fixtures/peft/<name>: `cfg` applied by PEFT to `model_cls()` (seeded), saved with
+    `save_pretrained`, plus base.safetensors (the original base), io.safetensors (`x`, PEFT's `y`,
+    `y_base` with the adapter disabled when asked, and `merged.<name>` from `merge_and_unload`,
+    or `residual.<module>.weight` for inits that rewrite the base) and versions.json."""
     torch.manual_seed(0)
-    base = ConvNet().eval()
+    base = model_cls().eval()
     base_sd = {k: v.detach().clone().contiguous() for k, v in base.state_dict().items()}
-    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["conv1", "conv2"]))
+    model = get_peft_model(base, cfg)
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    model.eval()
-    x = torch.randn(2, 3, 9, 9, generator=g)
-    with torch.no_grad():
-        y = model(x)
-    d = os.path.join(OUT, "conv2d")
-    shutil.rmtree(d, ignore_errors=True)
-    model.save_pretrained(d)
-    os.remove(os.path.join(d, "README.md"))
-    merged = model.merge_and_unload()
-    tensors = {"x": x, "y": y}
-    for k, v in merged.state_dict().items():
-        tensors[f"merged.{k}"] = v.detach().clone().contiguous()
-    save_file(tensors, os.path.join(d, "io.safetensors"))
-    save_file(base_sd, os.path.join(d, "base.safetensors"))
-    print("conv2d ->", d)
-
-
-def make_init_case(init):
-    """tests/fixtures/peft/<init>: PEFT's PiSSA / OLoRA init on Tiny (no training): the base layers
-    then hold the residual W - s·BA, saved as `residual.<module>.weight` in io.safetensors."""
-    torch.manual_seed(0)
-    base = Tiny().eval()
-    base_sd = {k: v.detach().clone().contiguous() for k, v in base.state_dict().items()}
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
-    model = get_peft_model(base, cfg).eval()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 5, 16, generator=g)
-    with torch.no_grad():
-        y = model(x)
-    d = os.path.join(OUT, init)
-    shutil.rmtree(d, ignore_errors=True)
-    model.save_pretrained(d)
-    os.remove(os.path.join(d, "README.md"))
-    tensors = {"x": x, "y": y}
-    for n, p in model.named_parameters():
-        if n.endswith("base_layer.weight"):
-            key = n.replace("base_model.model.", "").replace(".base_layer", "")
-            tensors[f"residual.{key}"] = p.detach().clone().contiguous()
-    save_file(tensors, os.path.join(d, "io.safetensors"))
-    save_file(base_sd, os.path.join(d, "base.safetensors"))
-    print(init, "->", d)
-
-
-def main():
-    make_init_case("pissa")
-    make_init_case("olora")
-    make_conv2d()
-    make_conv1d()
-    for name, kwargs in CASES.items():
-        torch.manual_seed(0)
-        base = Tiny().eval()
-        base_sd = {k: v.detach().clone().contiguous() for k, v in base.state_dict().items()}
-        model = get_peft_model(base, LoraConfig(**kwargs))
-        g = torch.Generator().manual_seed(1)
+    if randomize_b:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        model.eval()
-        x = torch.randn(3, 5, 16, generator=g)
-        with torch.no_grad():
-            y = model(x)
+    model.eval()
+    x = torch.randn(*x_shape, generator=g)
+    tensors = {"x": x}
+    with torch.no_grad():
+        tensors["y"] = model(x)
+        if base_output:
             with model.disable_adapter():
-                y_base = model(x)
-        d = os.path.join(OUT, name)
-        shutil.rmtree(d, ignore_errors=True)
-        model.save_pretrained(d)
-        os.remove(os.path.join(d, "README.md"))
-        merged = model.merge_and_unload()
-        tensors = {"x": x, "y": y, "y_base": y_base}
-        for k, v in merged.state_dict().items():
+                tensors["y_base"] = model(x)
+    d = os.path.join(OUT, name)
+    shutil.rmtree(d, ignore_errors=True)
+    model.save_pretrained(d)
+    os.remove(os.path.join(d, "README.md"))
+    if residual:
+        for n, p in model.named_parameters():
+            if n.endswith("base_layer.weight"):
+                key = n.replace("base_model.model.", "").replace(".base_layer", "")
+                tensors[f"residual.{key}"] = p.detach().clone().contiguous()
+    else:
+        for k, v in model.merge_and_unload().state_dict().items():
             tensors[f"merged.{k}"] = v.detach().clone().contiguous()
-        save_file(tensors, os.path.join(d, "io.safetensors"))
-        save_file(base_sd, os.path.join(d, "base.safetensors"))
-        with open(os.path.join(d, "versions.json"), "w") as f:
-            json.dump({"peft": peft.__version__, "torch": torch.__version__}, f)
-        print(name, "->", d, "max |y - y_base| =", (y - y_base).abs().max().item())
+    save_file(tensors, os.path.join(d, "io.safetensors"))
+    save_file(base_sd, os.path.join(d, "base.safetensors"))
+    with open(os.path.join(d, "versions.json"), "w") as f:
+        json.dump({"peft": peft.__version__, "torch": torch.__version__}, f)
+    print(name, "->", d)
+
+
+def main():
+    tiny_x = (3, 5, 16)
+    for name, kwargs in CASES.items():
+        make_case(name, Tiny, LoraConfig(**kwargs), tiny_x, base_output=True)
+    # PiSSA / OLoRA (no training): the base layers hold the residual W - s·BA
+    for init in ("pissa", "olora"):
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+        make_case(init, Tiny, cfg, tiny_x, randomize_b=False, residual=True)
+    # PEFT cannot do dilated convolutions (its issue #3697)
+    make_case("conv2d", ConvNet, LoraConfig(r=2, lora_alpha=4, target_modules=["conv1", "conv2"]), (2, 3, 9, 9))
+    # GPT-2 Conv1D weights are stored [in, out]; PEFT forces fan_in_fan_out
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    make_case("conv1d", Gpt2Block, cfg, tiny_x)
 
 
 if __name__ == "__main__":

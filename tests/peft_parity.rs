@@ -53,6 +53,22 @@ fn tensors(path: &Path) -> std::collections::BTreeMap<String, Tensor> {
     io::read_safetensors(path).unwrap().tensors.into_iter().collect()
 }
 
+/// Saves `adapter` and checks that its weights file equals PEFT's in `dir`: same metadata,
+/// keys, shapes and values. Returns the directory written (the caller removes it).
+fn assert_saves_peft_file(case: &str, adapter: &LoraAdapter, dir: &Path) -> PathBuf {
+    let out = temp_dir(&format!("parity-{case}"));
+    adapter.save_pretrained(&out).unwrap();
+    let ours = io::read_safetensors(out.join(io::PEFT_WEIGHTS_NAME)).unwrap();
+    let theirs = io::read_safetensors(dir.join(io::PEFT_WEIGHTS_NAME)).unwrap();
+    assert_eq!(ours.metadata, theirs.metadata, "{case}: metadata");
+    assert_eq!(ours.tensors.len(), theirs.tensors.len(), "{case}: number of tensors");
+    for ((ka, ta), (kb, tb)) in ours.tensors.iter().zip(&theirs.tensors) {
+        assert_eq!(ka, kb);
+        assert!(bit_equal(ta, tb), "{case}: {ka}");
+    }
+    out
+}
+
 fn load_case(case: &str) -> (nn::VarStore, nn::VarStore, Tiny, LoraAdapter) {
     let dir = fixture(case);
     let cfg = LoraConfig::from_pretrained(&dir).unwrap();
@@ -91,16 +107,7 @@ fn check_case(case: &str, expected_modules: &[&str]) {
     adapter.unmerge().unwrap();
 
     // what we write is what PEFT wrote: same keys, shapes, values, metadata and config fields
-    let out = temp_dir(&format!("parity-{case}"));
-    adapter.save_pretrained(&out).unwrap();
-    let ours = io::read_safetensors(out.join(io::PEFT_WEIGHTS_NAME)).unwrap();
-    let theirs = io::read_safetensors(dir.join(io::PEFT_WEIGHTS_NAME)).unwrap();
-    assert_eq!(ours.metadata, theirs.metadata);
-    assert_eq!(ours.tensors.len(), theirs.tensors.len());
-    for ((ka, ta), (kb, tb)) in ours.tensors.iter().zip(&theirs.tensors) {
-        assert_eq!(ka, kb);
-        assert!(bit_equal(ta, tb), "{case}: {ka}");
-    }
+    let out = assert_saves_peft_file(case, &adapter, &dir);
     let json = |p: PathBuf| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
     };
@@ -224,14 +231,7 @@ fn peft_conv1d_adapter_fan_in_fan_out_matches_outputs_merged_weights_and_files()
     }
     assert!(max_abs_diff(&fwd(&io_t["x"]), &io_t["y"]) < 1e-5);
     adapter.unmerge().unwrap();
-    let out = temp_dir("parity-conv1d");
-    adapter.save_pretrained(&out).unwrap();
-    let ours = io::read_safetensors(out.join(io::PEFT_WEIGHTS_NAME)).unwrap();
-    let theirs = io::read_safetensors(dir.join(io::PEFT_WEIGHTS_NAME)).unwrap();
-    for ((ka, ta), (kb, tb)) in ours.tensors.iter().zip(&theirs.tensors) {
-        assert_eq!(ka, kb);
-        assert!(bit_equal(ta, tb), "{ka}");
-    }
+    let out = assert_saves_peft_file("conv1d", &adapter, &dir);
     std::fs::remove_dir_all(out).unwrap();
 }
 
@@ -263,15 +263,7 @@ fn peft_conv2d_adapter_matches_outputs_merged_weights_and_files() {
     }
     assert!(max_abs_diff(&fwd(&io_t["x"]), &io_t["y"]) < 1e-5);
     adapter.unmerge().unwrap();
-    let out = temp_dir("parity-conv2d");
-    adapter.save_pretrained(&out).unwrap();
-    let ours = io::read_safetensors(out.join(io::PEFT_WEIGHTS_NAME)).unwrap();
-    let theirs = io::read_safetensors(dir.join(io::PEFT_WEIGHTS_NAME)).unwrap();
-    assert_eq!(ours.tensors.len(), theirs.tensors.len());
-    for ((ka, ta), (kb, tb)) in ours.tensors.iter().zip(&theirs.tensors) {
-        assert_eq!(ka, kb);
-        assert!(bit_equal(ta, tb), "{ka}");
-    }
+    let out = assert_saves_peft_file("conv2d", &adapter, &dir);
     std::fs::remove_dir_all(out).unwrap();
 }
 

@@ -17,8 +17,9 @@ struct SharedState {
     enabled: AtomicBool,
     /// Use the fused autograd node when it is compiled in and dropout is inactive.
     fused: AtomicBool,
-    /// Whether the DoRA magnitude was computed from the current base weight (or loaded).
-    magnitude_ready: AtomicBool,
+    /// Whether the initialisation that needs the base weight (DoRA magnitude, PiSSA/OLoRA
+    /// factors) is done, or the adapter was loaded.
+    base_init_done: AtomicBool,
     /// The base weight and bias as they were before merging; `Some` while merged.
     original: Mutex<Option<(Tensor, Option<Tensor>)>>,
     merged: AtomicBool,
@@ -348,13 +349,13 @@ impl LoraLinear {
             state: Arc::new(SharedState {
                 enabled: AtomicBool::new(true),
                 fused: AtomicBool::new(true),
-                magnitude_ready: AtomicBool::new(true),
+                base_init_done: AtomicBool::new(true),
                 original: Mutex::new(None),
                 merged: AtomicBool::new(false),
             }),
         };
         if layer.init.uses_base_weight() {
-            layer.set_magnitude_ready(false);
+            layer.set_base_init_done(false);
             layer.init_from_base_weights()?;
         }
         Ok(layer)
@@ -462,7 +463,7 @@ impl LoraLinear {
             return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });
         }
         let _guard = tch::no_grad_guard();
-        let ready = self.state.magnitude_ready.load(Ordering::Acquire);
+        let ready = self.state.base_init_done.load(Ordering::Acquire);
         if self.init.uses_base_weight() && !ready {
             let w = &self.base.ws;
             let compute = compute_kind(w.kind());
@@ -490,19 +491,19 @@ impl LoraLinear {
             let norm = dora_weight_norm(&self.base.ws, &self.lora_a, &self.lora_b, self.scaling)?;
             m.shallow_clone().f_copy_(&norm.f_to_kind(m.kind())?)?;
         }
-        self.set_magnitude_ready(true);
+        self.set_base_init_done(true);
         Ok(())
     }
 
     /// Marks the base-dependent initialisation (DoRA magnitude, PiSSA/OLoRA factors) as done or
     /// pending.
-    pub(crate) fn set_magnitude_ready(&self, ready: bool) {
-        self.state.magnitude_ready.store(ready, Ordering::Release);
+    pub(crate) fn set_base_init_done(&self, ready: bool) {
+        self.state.base_init_done.store(ready, Ordering::Release);
     }
 
-    fn check_magnitude(&self) -> Result<()> {
+    fn check_base_init(&self) -> Result<()> {
         let pending = (self.magnitude.is_some() || self.init.uses_base_weight())
-            && !self.state.magnitude_ready.load(Ordering::Acquire);
+            && !self.state.base_init_done.load(Ordering::Acquire);
         if pending {
             return Err(Error::Uninitialized {
                 module: self.module.clone(),
@@ -538,12 +539,12 @@ impl LoraLinear {
 
     /// The merged weight `W + s·BA` in the base dtype, computed in f32 (f64 for an f64 base).
     fn merged_weight(&self) -> Result<Tensor> {
+        self.check_base_init()?;
         let w = &self.base.ws;
         let compute = compute_kind(w.kind());
         let delta = self.lora_b.f_to_kind(compute)?.f_mm(&self.lora_a.f_to_kind(compute)?)?;
         let mut merged = w.f_to_kind(compute)?.f_add(&(delta * self.scaling))?;
         if let Some(m) = &self.magnitude {
-            self.check_magnitude()?;
             // DoRA: m / ‖W + s·BA‖_row times the adapted weight, norm of the unmerged weight
             let norm = dora_weight_norm(w, &self.lora_a, &self.lora_b, self.scaling)?;
             let g = m.f_to_kind(compute)?.f_div(&norm)?.f_unsqueeze(1)?;
@@ -696,7 +697,7 @@ impl LoraLinear {
         }
         let mut out_shape = xs.size();
         *out_shape.last_mut().expect("checked non-empty") = self.out_features;
-        self.check_magnitude()?;
+        self.check_base_init()?;
         let x2 = xs.f_reshape([-1, self.in_features])?;
         let dropout = train && self.dropout > 0.0;
         if let Some(m) = &self.magnitude {
@@ -756,7 +757,7 @@ impl LoraLinear {
         bias: Option<&Tensor>,
         dropout: bool,
     ) -> Result<Tensor> {
-        self.check_magnitude()?;
+        // `f_forward_t` has checked the base initialisation
         let kind = x2.kind();
         let norm = tch::no_grad(|| {
             dora_weight_norm(&self.base.ws, &self.lora_a, &self.lora_b, self.scaling)

@@ -265,7 +265,7 @@ impl<'a> LoraBuilder<'a> {
         let layer = LoraLinear::with_module_name(base, &p, module, &self.config)?;
         // the base weight is (usually) loaded after the model is built: DoRA magnitudes must be
         // initialised from it, or loaded, before use
-        layer.set_magnitude_ready(false);
+        layer.set_base_init_done(false);
         self.layers.lock().unwrap_or_else(|e| e.into_inner()).push(layer.share());
         Ok(MaybeLoraLinear::Lora(layer))
     }
@@ -561,7 +561,7 @@ impl LoraAdapter {
             d.f_copy_(&src.f_to_device(d.device())?.f_to_kind(d.kind())?)?;
         }
         for l in &self.layers {
-            l.set_magnitude_ready(true);
+            l.set_base_init_done(true);
         }
         Ok(())
     }
