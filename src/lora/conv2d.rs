@@ -45,6 +45,19 @@ impl LoraConv2d {
         module: &str,
         config: &LoraConfig,
     ) -> Result<Self> {
+        let nn::Conv2D { ws, bs, .. } = base;
+        Self::from_parts(ws, bs, conv, p, module, config)
+    }
+
+    /// As [`new`](Self::new), from the base weight and bias.
+    pub(crate) fn from_parts(
+        ws: Tensor,
+        bs: Option<Tensor>,
+        conv: Conv2dConfig,
+        p: &nn::Path,
+        module: &str,
+        config: &LoraConfig,
+    ) -> Result<Self> {
         config.validate()?;
         let unsupported =
             |field: &str, reason: String| Error::Unsupported { field: field.into(), reason };
@@ -78,7 +91,6 @@ impl LoraConv2d {
                 format!("`{module}` has groups = {}; only 1 is supported", conv.groups),
             ));
         }
-        let nn::Conv2D { ws, bs, .. } = base;
         if ws.dim() != 4 {
             return Err(Error::ShapeMismatch {
                 name: format!("{module}.weight"),
@@ -249,36 +261,24 @@ impl LoraConv2d {
 
     /// Forward of `xs: [batch, in, h, w]` (or `[in, h, w]`), checked before libtorch is called.
     pub fn f_forward_t(&self, xs: &Tensor, _train: bool) -> Result<Tensor> {
-        let in_c = self.weight.size()[1];
-        let size = xs.size();
-        if !(size.len() == 4 || size.len() == 3) || size[size.len() - 3] != in_c {
-            return Err(Error::ShapeMismatch {
-                name: format!("input of `{}`", self.module),
-                expected: vec![-1, in_c, -1, -1],
-                actual: size,
-            });
-        }
-        if xs.kind() != self.weight.kind() {
-            return Err(Error::DtypeMismatch {
-                name: format!("input of `{}`", self.module),
-                expected: format!("{:?} (the base weight's kind)", self.weight.kind()),
-                actual: xs.kind(),
-            });
-        }
+        let (xs, padding) = conv_input(&self.weight, &self.conv, &self.module, xs)?;
         let c = &self.conv;
-        let (xs, padding) = match c.padding_mode {
-            PaddingMode::Zeros => (xs.shallow_clone(), c.padding),
-            mode => {
-                // F.pad order (left, right, top, bottom), as PyTorch's Conv2d builds it (tch's
-                // own Conv2D interleaves them, which only matters for ph != pw)
-                let [ph, pw] = c.padding;
-                (mode.f_pad(xs, &[pw, pw, ph, ph])?, [0, 0])
-            }
-        };
         let y = xs.f_conv2d(&self.weight, self.bias.as_ref(), c.stride, padding, c.dilation, 1)?;
         if !self.is_enabled() || self.is_merged() {
             return Ok(y);
         }
+        self.f_add_delta(&xs, padding, y)
+    }
+
+    /// The base convolution's config.
+    pub(crate) fn conv_config(&self) -> &Conv2dConfig {
+        &self.conv
+    }
+
+    /// Adds `s·conv1x1(conv(x, A), B)` to `y`, the base output for the input `xs` as prepared by
+    /// [`conv_input`] (padded for a non-zero padding mode, with the `padding` it returned).
+    pub(crate) fn f_add_delta(&self, xs: &Tensor, padding: [i64; 2], y: Tensor) -> Result<Tensor> {
+        let c = &self.conv;
         let kind = xs.kind();
         let cast =
             |t: &Tensor| if t.kind() == kind { Ok(t.shallow_clone()) } else { t.f_to_kind(kind) };
@@ -287,6 +287,41 @@ impl LoraConv2d {
         let lora = h.f_conv2d::<Tensor>(&cast(&self.lora_b)?, None, [1, 1], [0, 0], [1, 1], 1)?;
         Ok(y.f_add(&lora.f_mul_scalar(self.scaling)?)?)
     }
+}
+
+/// Checks `xs` against a convolution with kernel `weight` and pads it once for a non-zero padding
+/// mode: returns the input to convolve and the padding to pass.
+pub(crate) fn conv_input(
+    weight: &Tensor,
+    c: &Conv2dConfig,
+    module: &str,
+    xs: &Tensor,
+) -> Result<(Tensor, [i64; 2])> {
+    let in_c = weight.size()[1];
+    let size = xs.size();
+    if !(size.len() == 4 || size.len() == 3) || size[size.len() - 3] != in_c {
+        return Err(Error::ShapeMismatch {
+            name: format!("input of `{module}`"),
+            expected: vec![-1, in_c, -1, -1],
+            actual: size,
+        });
+    }
+    if xs.kind() != weight.kind() {
+        return Err(Error::DtypeMismatch {
+            name: format!("input of `{module}`"),
+            expected: format!("{:?} (the base weight's kind)", weight.kind()),
+            actual: xs.kind(),
+        });
+    }
+    Ok(match c.padding_mode {
+        PaddingMode::Zeros => (xs.shallow_clone(), c.padding),
+        mode => {
+            // F.pad order (left, right, top, bottom), as PyTorch's Conv2d builds it (tch's own
+            // Conv2D interleaves them, which only matters for ph != pw)
+            let [ph, pw] = c.padding;
+            (mode.f_pad(xs, &[pw, pw, ph, ph])?, [0, 0])
+        }
+    })
 }
 
 impl nn::ModuleT for LoraConv2d {

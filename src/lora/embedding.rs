@@ -203,6 +203,11 @@ impl LoraEmbedding {
         if !self.is_enabled() || self.is_merged() {
             return Ok(y);
         }
+        self.f_add_delta(ids, y)
+    }
+
+    /// Adds `s·(Aᵀ[ids]) Bᵀ` to `y`, the base embeddings of `ids`.
+    pub(crate) fn f_add_delta(&self, ids: &Tensor, y: Tensor) -> Result<Tensor> {
         let after_a = Tensor::f_embedding(&self.lora_a.f_tr()?, ids, -1, false, false)?;
         let delta = after_a.f_matmul(&self.lora_b.f_tr()?)?.f_mul_scalar(self.scaling)?;
         Ok(y.f_add(&delta.f_to_kind(y.kind())?)?)

@@ -652,29 +652,47 @@ impl LoraLinear {
     }
 
     fn check_input(&self, xs: &Tensor) -> Result<()> {
-        let size = xs.size();
-        if size.last() != Some(&self.in_features) {
-            return Err(Error::ShapeMismatch {
-                name: format!("input of `{}`", self.module),
-                expected: vec![-1, self.in_features],
-                actual: size,
-            });
+        check_linear_input(&self.base.ws, &self.module, xs)
+    }
+
+    /// The trained copy of the base bias (`bias = "lora_only"`), if any.
+    pub(crate) fn trained_bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Adds this adapter's branch to `y`, the base output `x Wᵀ + b` on the flattened input
+    /// `x2: [N, in]` (the multi-adapter forward sums the active adapters this way). DoRA adds
+    /// `(g − 1)·(x_d Wᵀ) + g·s·(x_d Aᵀ) Bᵀ`, as PEFT does for each DoRA adapter.
+    pub(crate) fn f_add_delta(&self, x2: &Tensor, mut y: Tensor, train: bool) -> Result<Tensor> {
+        self.check_base_init()?;
+        let dropout = train && self.dropout > 0.0;
+        let xd = if dropout { x2.f_dropout(self.dropout, true)? } else { x2.shallow_clone() };
+        // The branch runs in the base dtype, as under torch.autocast: the f32 factors are cast
+        // (they are small: [r, in] and [out, r]) rather than the [N, in] activations, and their
+        // gradients come back in f32 through the cast.
+        let kind = y.kind();
+        let cast =
+            |t: &Tensor| if t.kind() == kind { Ok(t.shallow_clone()) } else { t.f_to_kind(kind) };
+        let (a, b) = (cast(&self.lora_a)?, cast(&self.lora_b)?);
+        let mut h = xd.f_mm(&a.f_tr()?)?;
+        if self.scaling != 1.0 {
+            h = h.f_mul_scalar(self.scaling)?;
         }
-        if xs.kind() != self.base.ws.kind() {
-            return Err(Error::DtypeMismatch {
-                name: format!("input of `{}`", self.module),
-                expected: format!("{:?} (the base weight's kind)", self.base.ws.kind()),
-                actual: xs.kind(),
-            });
+        if let Some(m) = &self.magnitude {
+            let norm = tch::no_grad(|| {
+                dora_weight_norm(&self.base.ws, &self.lora_a, &self.lora_b, self.scaling)
+            })?;
+            let g = m.f_div(&norm.f_to_kind(m.kind())?)?.f_to_kind(kind)?;
+            let xd_w = xd.f_linear::<Tensor>(&self.base.ws, None)?;
+            let adapted = xd_w.f_addmm(&h, &b.f_tr()?)?;
+            return Ok(y.f_sub(&xd_w)?.f_addcmul(&adapted, &g)?);
         }
-        if xs.device() != self.base.ws.device() {
-            return Err(Error::DeviceMismatch {
-                name: format!("input of `{}`", self.module),
-                expected: self.base.ws.device(),
-                actual: xs.device(),
-            });
+        let _ = y.f_addmm_(&h, &b.f_tr()?)?;
+        if let Some(bb) = &self.lora_b_bias {
+            // lora_B(h) includes its bias: s·(h Bᵀ + b_B)
+            let _ = y.f_add_(&bb.f_mul_scalar(self.scaling)?.f_to_kind(kind)?)?;
         }
-        Ok(())
+        Ok(y)
     }
 
     /// Forward with every input check done before libtorch is called: the last dimension must
@@ -722,27 +740,37 @@ impl LoraLinear {
             )?;
             return Ok(y.f_reshape(out_shape)?);
         }
-        let mut y = x2.f_linear(&self.base.ws, bias)?;
-        let xa = if dropout { x2.f_dropout(self.dropout, true)? } else { x2 };
-        // The branch runs in the base dtype, as under torch.autocast: the f32 factors are cast
-        // (they are small: [r, in] and [out, r]) rather than the [N, in] activations, and their
-        // gradients come back in f32 through the cast.
-        let kind = y.kind();
-        let cast =
-            |t: &Tensor| if t.kind() == kind { Ok(t.shallow_clone()) } else { t.f_to_kind(kind) };
-        let a = cast(&self.lora_a)?;
-        let b = cast(&self.lora_b)?;
-        let mut h = xa.f_mm(&a.f_tr()?)?;
-        if self.scaling != 1.0 {
-            h = h.f_mul_scalar(self.scaling)?;
-        }
-        let _ = y.f_addmm_(&h, &b.f_tr()?)?;
-        if let Some(bb) = &self.lora_b_bias {
-            // lora_B(h) includes its bias: s·(h Bᵀ + b_B)
-            let _ = y.f_add_(&bb.f_mul_scalar(self.scaling)?.f_to_kind(kind)?)?;
-        }
-        Ok(y.f_reshape(out_shape)?)
+        let y = x2.f_linear(&self.base.ws, bias)?;
+        Ok(self.f_add_delta(&x2, y, train)?.f_reshape(out_shape)?)
     }
+}
+
+/// Checks an input of a linear layer with weight `ws` against it: last dimension, dtype, device.
+pub(crate) fn check_linear_input(ws: &Tensor, module: &str, xs: &Tensor) -> Result<()> {
+    let size = xs.size();
+    let in_features = ws.size()[1];
+    if size.last() != Some(&in_features) {
+        return Err(Error::ShapeMismatch {
+            name: format!("input of `{module}`"),
+            expected: vec![-1, in_features],
+            actual: size,
+        });
+    }
+    if xs.kind() != ws.kind() {
+        return Err(Error::DtypeMismatch {
+            name: format!("input of `{module}`"),
+            expected: format!("{:?} (the base weight's kind)", ws.kind()),
+            actual: xs.kind(),
+        });
+    }
+    if xs.device() != ws.device() {
+        return Err(Error::DeviceMismatch {
+            name: format!("input of `{module}`"),
+            expected: ws.device(),
+            actual: xs.device(),
+        });
+    }
+    Ok(())
 }
 
 impl LoraLinear {

@@ -11,8 +11,11 @@
 //! * [`LoraConv2d`]: LoRA on a 2-D convolution (stride, padding, dilation honoured).
 //! * [`LoraBuilder`]: build-time targeting — a model calls `builder.linear(path, …)` instead of
 //!   `nn::linear` and gets a plain or adapted layer by PEFT's `target_modules` rules.
-//! * [`LoraAdapter`]: all layers of one adapter: merge, enable, save/load (PEFT keys, atomic).
+//! * [`LoraStack`]: the named adapters of one layer (their branches summed in the forward).
+//! * [`LoraAdapter`]: every adapter of a model (PEFT's `PeftModel`): add, activate (several at
+//!   once), disable, delete, merge a subset, save/load each (PEFT directories, atomic writes).
 
+mod adapters;
 mod config;
 mod conv2d;
 mod embedding;
@@ -21,12 +24,15 @@ mod fused;
 mod linear;
 mod merge;
 mod model;
+mod stack;
 
+pub use adapters::{DisabledAdapters, LoraAdapter};
 pub use config::{scaling, LoraBias, LoraConfig, LoraInit};
 pub use conv2d::{Conv2dConfig, LoraConv2d};
 pub use embedding::LoraEmbedding;
 pub use linear::{fused_kernel_available, LoraLinear};
 pub use model::{
-    embedding, linear, LoraAdapter, LoraBuilder, MaybeLoraConv2d, MaybeLoraEmbedding,
-    MaybeLoraLinear, DEFAULT_ADAPTER_NAME,
+    embedding, linear, LoraBuilder, MaybeLoraConv2d, MaybeLoraEmbedding, MaybeLoraLinear,
+    DEFAULT_ADAPTER_NAME,
 };
+pub use stack::LoraStack;

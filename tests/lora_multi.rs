@@ -1,0 +1,329 @@
+//! Several named adapters on one model: declare/add, the active set (summed), disable guard,
+//! delete, merge a subset, save/load each — expectations recomputed in f64 from the factors.
+
+mod common;
+
+use common::*;
+use tch::nn::{self, ModuleT, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+use tch_peft::lora::{self, LoraAdapter, LoraBuilder, LoraConfig, MaybeLoraLinear};
+use tch_peft::{io, Error};
+
+/// `blocks.N.{up,down}` and `head`, in f64.
+#[derive(Debug)]
+struct Mlp {
+    blocks: Vec<(MaybeLoraLinear, MaybeLoraLinear)>,
+    head: MaybeLoraLinear,
+}
+
+impl Mlp {
+    fn new(p: &nn::Path, lora: Option<&LoraBuilder>) -> Result<Self, Error> {
+        let mut blocks = Vec::new();
+        for i in 0..2 {
+            let b = p / "blocks" / i;
+            let up = lora::linear(&(&b / "up"), 6, 12, Default::default(), lora)?;
+            let down = lora::linear(&(&b / "down"), 12, 6, Default::default(), lora)?;
+            blocks.push((up, down));
+        }
+        let head = lora::linear(&(p / "head"), 6, 3, Default::default(), lora)?;
+        Ok(Mlp { blocks, head })
+    }
+}
+
+impl ModuleT for Mlp {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let mut h = xs.shallow_clone();
+        for (up, down) in &self.blocks {
+            h = &h + up.forward_t(&h, train).tanh().apply_t(down, train);
+        }
+        h.apply_t(&self.head, train)
+    }
+}
+
+/// The same network computed by hand, each linear layer `W + Σ_adapters s·BA` over the given
+/// adapters (f64).
+fn reference(model: &Mlp, adapter: &LoraAdapter, names: &[&str], xs: &Tensor) -> Tensor {
+    let lin = |l: &MaybeLoraLinear, x: &Tensor| {
+        let base = l.base();
+        let mut w = base.ws.copy();
+        if let Some(stack) = l.as_stack() {
+            for n in names {
+                if let Some(layer) = stack.get(n) {
+                    w += layer.lora_b().mm(layer.lora_a()) * layer.scaling();
+                }
+            }
+        }
+        let _ = adapter;
+        x.linear(&w, base.bs.as_ref())
+    };
+    let mut h = xs.shallow_clone();
+    for (up, down) in &model.blocks {
+        h = &h + lin(down, &lin(up, &h).tanh());
+    }
+    lin(&model.head, &h)
+}
+
+struct Built {
+    _base: nn::VarStore,
+    vs_a: nn::VarStore,
+    vs_b: nn::VarStore,
+    model: Mlp,
+    adapter: LoraAdapter,
+}
+
+/// "default" on `up` (r 2), "other" on `up` and `down` (r 3, rsLoRA); B factors random.
+fn build() -> Built {
+    tch::manual_seed(7);
+    let base = nn::VarStore::new(Device::Cpu);
+    let (vs_a, vs_b) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let c1 = LoraConfig { r: 2, lora_alpha: 4.0, ..LoraConfig::for_targets(["up"]) };
+    let c2 = LoraConfig {
+        r: 3,
+        lora_alpha: 5.0,
+        use_rslora: true,
+        ..LoraConfig::for_targets(["up", "down"])
+    };
+    let builder = LoraBuilder::new(&vs_a.root(), c1)
+        .unwrap()
+        .with_adapter("other", &vs_b.root(), c2)
+        .unwrap();
+    let model = Mlp::new(&base.root(), Some(&builder)).unwrap();
+    let adapter = builder.finish().unwrap();
+    let mut base = base;
+    base.double();
+    let (mut vs_a, mut vs_b) = (vs_a, vs_b);
+    vs_a.double();
+    vs_b.double();
+    for name in ["default", "other"] {
+        for l in adapter.layers_of(name) {
+            set(l.lora_b(), &(randn(&l.lora_b().size(), Kind::Double) * 0.3));
+        }
+    }
+    Built { _base: base, vs_a, vs_b, model, adapter }
+}
+
+fn xs() -> Tensor {
+    randn(&[4, 6], Kind::Double)
+}
+
+#[test]
+fn declared_adapters_sum_when_active_together() {
+    let Built { model, mut adapter, .. } = build();
+    assert_eq!(adapter.adapter_names(), ["default", "other"]);
+    assert_eq!(adapter.active_adapters(), ["default"]);
+    assert_eq!(
+        adapter.modules_of("other"),
+        ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
+    );
+    let x = xs();
+    let y = model.forward_t(&x, false);
+    assert!(max_abs_diff(&y, &reference(&model, &adapter, &["default"], &x)) < 1e-12);
+
+    adapter.set_active(&["default", "other"]).unwrap();
+    let y2 = model.forward_t(&x, false);
+    assert!(max_abs_diff(&y2, &reference(&model, &adapter, &["default", "other"], &x)) < 1e-12);
+    assert!(max_abs_diff(&y2, &y) > 1e-3, "the second adapter changes the output");
+
+    adapter.set_active(&["other"]).unwrap();
+    assert_eq!(adapter.current(), "other");
+    let y3 = model.forward_t(&x, false);
+    assert!(max_abs_diff(&y3, &reference(&model, &adapter, &["other"], &x)) < 1e-12);
+    // rsLoRA scaling of "other": 5/√3
+    assert!((adapter.layers()[0].scaling() - 5.0 / 3f64.sqrt()).abs() < 1e-12);
+
+    let err = adapter.set_active(&["nope"]).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidConfig { .. }) && err.to_string().contains("nope"),
+        "{err}"
+    );
+}
+
+#[test]
+fn disable_guard_gives_the_base_and_restores_the_active_set() {
+    let Built { model, mut adapter, .. } = build();
+    adapter.set_active(&["default", "other"]).unwrap();
+    let x = xs();
+    let y = model.forward_t(&x, false);
+    {
+        let _off = adapter.disable_adapters().unwrap();
+        let base = model.forward_t(&x, false);
+        assert!(max_abs_diff(&base, &reference(&model, &adapter, &[], &x)) < 1e-12);
+    }
+    assert!(bit_equal(&model.forward_t(&x, false), &y));
+}
+
+#[test]
+fn merging_a_subset_keeps_outputs_and_unmerges_bit_exactly() {
+    let Built { model, mut adapter, .. } = build();
+    adapter.set_active(&["default", "other"]).unwrap();
+    let x = xs();
+    let y = model.forward_t(&x, false);
+    let originals: Vec<Tensor> = model.blocks.iter().map(|(u, _)| u.base().ws.copy()).collect();
+    adapter.merge_adapters(&["other"], false).unwrap();
+    assert_eq!(adapter.merged_adapters(), ["other"]);
+    // "other" is in the weights, "default" still runs as a branch
+    assert!(max_abs_diff(&model.forward_t(&x, false), &y) < 1e-12);
+    adapter.merge_adapters(&["default"], true).unwrap();
+    assert_eq!(adapter.merged_adapters(), ["other", "default"]);
+    assert!(max_abs_diff(&model.forward_t(&x, false), &y) < 1e-12);
+    let err = adapter.delete_adapter("other", None).unwrap_err();
+    assert!(matches!(err, Error::MergeState { .. }), "{err}");
+    adapter.unmerge().unwrap();
+    assert!(adapter.merged_adapters().is_empty());
+    for ((u, _), w0) in model.blocks.iter().zip(&originals) {
+        assert!(bit_equal(&u.base().ws, w0));
+    }
+    assert!(bit_equal(&model.forward_t(&x, false), &y));
+    assert!(adapter.merge_adapters(&["missing"], false).is_err());
+}
+
+#[test]
+fn delete_removes_the_adapter_and_its_variables() {
+    let Built { model, mut adapter, vs_b, .. } = build();
+    adapter.set_active(&["default", "other"]).unwrap();
+    assert_eq!(vs_b.trainable_variables().len(), 8);
+    adapter.delete_adapter("other", Some(&vs_b)).unwrap();
+    assert_eq!(adapter.adapter_names(), ["default"]);
+    assert_eq!(adapter.active_adapters(), ["default"]);
+    assert_eq!(vs_b.trainable_variables().len(), 0);
+    assert!(vs_b.variables().is_empty());
+    let x = xs();
+    assert!(
+        max_abs_diff(&model.forward_t(&x, false), &reference(&model, &adapter, &["default"], &x))
+            < 1e-12
+    );
+    let err = adapter.delete_adapter("default", None).unwrap_err();
+    assert!(err.to_string().contains("only adapter"), "{err}");
+}
+
+#[test]
+fn added_adapter_is_inactive_until_set_and_refuses_plain_layers() {
+    let Built { model, mut adapter, .. } = build();
+    let vs_c = nn::VarStore::new(Device::Cpu);
+    let c3 = LoraConfig {
+        r: 1,
+        lora_alpha: 1.0,
+        init_lora_weights: lora::LoraInit::Random,
+        ..LoraConfig::for_targets(["down"])
+    };
+    adapter.add_adapter("third", &vs_c.root(), c3.clone()).unwrap();
+    let x = randn(&[4, 6], Kind::Double);
+    let y_default = reference(&model, &adapter, &["default"], &x);
+    // on an f64 base the new factors are f64
+    assert_eq!(adapter.layers_of("third")[0].lora_a().kind(), Kind::Double);
+    assert!(max_abs_diff(&model.forward_t(&x, false), &y_default) < 1e-12, "inactive");
+    adapter.set_active(&["third"]).unwrap();
+    assert!(
+        max_abs_diff(&model.forward_t(&x, false), &reference(&model, &adapter, &["third"], &x))
+            < 1e-12
+    );
+
+    // a name in use, an unusable name, a plain layer as target
+    let err = adapter.add_adapter("third", &vs_c.root(), c3.clone()).unwrap_err();
+    assert!(err.to_string().contains("exists"), "{err}");
+    assert!(adapter.add_adapter("a.b", &vs_c.root(), c3).is_err());
+    let vs_d = nn::VarStore::new(Device::Cpu);
+    let err =
+        adapter.add_adapter("head", &vs_d.root(), LoraConfig::for_targets(["head"])).unwrap_err();
+    assert!(
+        matches!(err, Error::Unsupported { .. }) && err.to_string().contains("with_adapter"),
+        "{err}"
+    );
+    assert_eq!(vs_d.len(), 0, "nothing registered on error");
+    assert_eq!(adapter.adapter_names(), ["default", "other", "third"]);
+}
+
+#[test]
+fn only_the_active_adapter_trains() {
+    let Built { model, mut adapter, vs_a, vs_b, .. } = build();
+    adapter.set_active(&["other"]).unwrap();
+    let a_before: Vec<Tensor> = vs_a.trainable_variables().iter().map(Tensor::copy).collect();
+    let mut opt = nn::Sgd::default().build(&vs_b, 0.02).unwrap();
+    let x = xs();
+    let target = Tensor::zeros([4, 3], (Kind::Double, Device::Cpu));
+    let loss0 = (model.forward_t(&x, true) - &target).square().mean(Kind::Double).double_value(&[]);
+    for _ in 0..20 {
+        let loss = (model.forward_t(&x, true) - &target).square().mean(Kind::Double);
+        opt.backward_step(&loss);
+    }
+    let loss1 = (model.forward_t(&x, true) - &target).square().mean(Kind::Double).double_value(&[]);
+    assert!(loss1 < loss0 * 0.9, "{loss0} → {loss1}");
+    for (t, t0) in vs_a.trainable_variables().iter().zip(&a_before) {
+        assert!(bit_equal(t, t0), "the inactive adapter is untouched");
+        assert!(!t.grad().defined() || t.grad().abs().max().double_value(&[]) == 0.0);
+    }
+}
+
+#[test]
+fn save_and_load_every_adapter_in_peft_layout() {
+    let Built { model, mut adapter, .. } = build();
+    adapter.set_active(&["default", "other"]).unwrap();
+    let dir = temp_dir("multi-save");
+    adapter.save_pretrained(&dir).unwrap();
+    assert!(dir.join(io::PEFT_WEIGHTS_NAME).exists() && dir.join(io::PEFT_CONFIG_NAME).exists());
+    assert!(dir.join("other").join(io::PEFT_WEIGHTS_NAME).exists());
+    let other_cfg = LoraConfig::from_pretrained(dir.join("other")).unwrap();
+    assert!(other_cfg.use_rslora && other_cfg.r == 3);
+    let file = io::read_safetensors(dir.join("other").join(io::PEFT_WEIGHTS_NAME)).unwrap();
+    assert_eq!(file.tensors.len(), 8);
+    assert!(file.tensors.iter().any(|(k, _)| k == "base_model.model.blocks.1.down.lora_B.weight"));
+
+    // a fresh model declaring both adapters from the saved configs loads them all
+    let base2 = nn::VarStore::new(Device::Cpu);
+    let (a2, b2) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let builder = LoraBuilder::new(&a2.root(), LoraConfig::from_pretrained(&dir).unwrap())
+        .unwrap()
+        .with_adapter("other", &b2.root(), other_cfg)
+        .unwrap();
+    let model2 = Mlp::new(&base2.root(), Some(&builder)).unwrap();
+    let mut adapter2 = builder.finish().unwrap();
+    let mut base2 = base2;
+    base2.double();
+    let (mut a2, mut b2) = (a2, b2);
+    a2.double();
+    b2.double();
+    base2.copy(&model_store(&model)).unwrap();
+    adapter2.load_pretrained(&dir).unwrap();
+    adapter2.set_active(&["default", "other"]).unwrap();
+    let x = xs();
+    assert!(bit_equal(&model2.forward_t(&x, false), &model.forward_t(&x, false)));
+
+    // load_adapter: one directory as a new, inactive adapter
+    let c = nn::VarStore::new(Device::Cpu);
+    adapter2.load_adapter(dir.join("other"), "again", &c.root()).unwrap();
+    assert_eq!(adapter2.adapter_names(), ["default", "other", "again"]);
+    for (l1, l2) in adapter2.layers_of("other").iter().zip(adapter2.layers_of("again")) {
+        assert!(max_abs_diff(l1.lora_b(), l2.lora_b()) == 0.0);
+    }
+    // a file that does not fit the adapter's layers: nothing is added
+    let bad = temp_dir("multi-save-bad");
+    std::fs::copy(dir.join("other").join(io::PEFT_CONFIG_NAME), bad.join(io::PEFT_CONFIG_NAME))
+        .unwrap();
+    std::fs::copy(dir.join(io::PEFT_WEIGHTS_NAME), bad.join(io::PEFT_WEIGHTS_NAME)).unwrap();
+    let d = nn::VarStore::new(Device::Cpu);
+    let err = adapter2.load_adapter(&bad, "bad", &d.root()).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. } | Error::MissingTensor { .. }), "{err}");
+    assert_eq!(adapter2.adapter_names(), ["default", "other", "again"]);
+    let _ = std::fs::remove_dir_all(&bad);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A VarStore holding the base weights of `model` under their names (for copying).
+fn model_store(model: &Mlp) -> nn::VarStore {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let root = vs.root();
+    let put = |name: String, l: &MaybeLoraLinear| {
+        let b = l.base();
+        let p = name.split('.').fold(root.clone(), |p, c| p / c);
+        let _ = p.add("weight", b.ws.copy(), false);
+        if let Some(bs) = &b.bs {
+            let _ = p.add("bias", bs.copy(), false);
+        }
+    };
+    for (i, (u, d)) in model.blocks.iter().enumerate() {
+        put(format!("blocks.{i}.up"), u);
+        put(format!("blocks.{i}.down"), d);
+    }
+    put("head".into(), &model.head);
+    vs
+}
