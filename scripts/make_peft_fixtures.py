@@ -151,6 +151,69 @@ def make_case(name, model_cls, cfg, x_shape, randomize_b=True, base_output=False
     print(name, "->", d)
 
 
+COMBINATIONS = {
+    # name: (combination_type, kwargs)
+    "cat": ("cat", {}),
+    "svd": ("svd", {}),
+    "svd_r2": ("svd", {"svd_rank": 2}),
+    "linear": ("linear", {}),
+    "ties": ("ties", {"density": 0.5}),
+    "ties_frequency": ("ties", {"density": 0.5, "majority_sign_method": "frequency"}),
+    "ties_svd": ("ties_svd", {"density": 0.5}),
+    "dare_linear_full": ("dare_linear", {"density": 1.0}),
+    "magnitude_prune": ("magnitude_prune", {"density": 0.5}),
+}
+
+
+def make_multi():
+    """tests/fixtures/peft/multi: two adapters on Tiny, "default" (r 4, alpha 8, q_proj+v_proj)
+    and "other" (r 4, alpha 6, q_proj+up_proj), saved with save_pretrained ("other" in other/);
+    io.safetensors: `x`, `y_default`, `y_other`, `y_both` (both active, summed), and for each
+    add_weighted_adapter combination of (default 0.7, other -0.4): `y.<comb>` (only the new
+    adapter active) and `BA.<comb>.<module>` (its B @ A, unscaled; PEFT's scaling is 1 here)."""
+    torch.manual_seed(0)
+    base = Tiny().eval()
+    base_sd = {k: v.detach().clone().contiguous() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("other", LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "up_proj"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.eval()
+    x = torch.randn(3, 5, 16, generator=g)
+    t = {"x": x}
+    lora_model = model.base_model
+    with torch.no_grad():
+        for name, active in [("y_default", "default"), ("y_other", "other"), ("y_both", ["default", "other"])]:
+            lora_model.set_adapter(active)
+            t[name] = model(x)
+        for comb, (ctype, kw) in COMBINATIONS.items():
+            new = f"mix_{comb}"
+            lora_model.add_weighted_adapter(["default", "other"], [0.7, -0.4], new, combination_type=ctype, **kw)
+            lora_model.set_adapter(new)
+            t[f"y.{comb}"] = model(x)
+            for mod_name, mod in model.named_modules():
+                if hasattr(mod, "lora_A") and new in mod.lora_A:
+                    key = mod_name.replace("base_model.model.", "")
+                    ba = mod.lora_B[new].weight @ mod.lora_A[new].weight
+                    assert abs(mod.scaling[new] - 1.0) < 1e-12
+                    t[f"BA.{comb}.{key}"] = ba.detach().clone().contiguous()
+            lora_model.delete_adapter(new)
+    d = os.path.join(OUT, "multi")
+    shutil.rmtree(d, ignore_errors=True)
+    model.save_pretrained(d, selected_adapters=["default", "other"])
+    for root, _, files in os.walk(d):
+        if "README.md" in files:
+            os.remove(os.path.join(root, "README.md"))
+    save_file(t, os.path.join(d, "io.safetensors"))
+    save_file(base_sd, os.path.join(d, "base.safetensors"))
+    with open(os.path.join(d, "versions.json"), "w") as f:
+        json.dump({"peft": peft.__version__, "torch": torch.__version__}, f)
+    print("multi ->", d)
+
+
 def main():
     tiny_x = (3, 5, 16)
     for name, kwargs in CASES.items():
@@ -164,6 +227,7 @@ def main():
     # GPT-2 Conv1D weights are stored [in, out]; PEFT forces fan_in_fan_out
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
     make_case("conv1d", Gpt2Block, cfg, tiny_x)
+    make_multi()
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ use crate::{Error, Result};
 pub struct LoraAdapter {
     adapters: Vec<(String, LoraConfig)>,
     active: Vec<String>,
-    linears: Vec<LoraStack<LoraLinear>>,
-    embeddings: Vec<LoraStack<LoraEmbedding>>,
-    convs: Vec<LoraStack<LoraConv2d>>,
+    pub(crate) linears: Vec<LoraStack<LoraLinear>>,
+    pub(crate) embeddings: Vec<LoraStack<LoraEmbedding>>,
+    pub(crate) convs: Vec<LoraStack<LoraConv2d>>,
     /// Layers built without LoRA (no adapter can be added to them later).
     plain: Vec<String>,
 }
@@ -400,7 +400,7 @@ impl LoraAdapter {
         self.add_adapter_impl(name, root, config, true)
     }
 
-    fn add_adapter_impl(
+    pub(crate) fn add_adapter_impl(
         &mut self,
         name: &str,
         root: &nn::Path,
@@ -441,6 +441,18 @@ impl LoraAdapter {
                     in_features: i,
                     out_features: o,
                 });
+            }
+        }
+        // and the adapter's variable names are free
+        let taken = (self
+            .embeddings
+            .iter()
+            .map(|s| LoraEmbedding::registered(&module_path(root, s.module()))))
+        .chain(self.convs.iter().map(|s| LoraConv2d::registered(&module_path(root, s.module()))))
+        .chain(self.linears.iter().map(|s| LoraLinear::registered(&module_path(root, s.module()))));
+        for (t, on) in taken.zip(&chosen) {
+            if let (Some(name), true) = (t, on) {
+                return Err(Error::DuplicateParameter(name));
             }
         }
         let mut chosen = chosen.into_iter();

@@ -16,6 +16,7 @@
 //!   once), disable, delete, merge a subset, save/load each (PEFT directories, atomic writes).
 
 mod adapters;
+mod combine;
 mod config;
 mod conv2d;
 mod embedding;
@@ -27,6 +28,7 @@ mod model;
 mod stack;
 
 pub use adapters::{DisabledAdapters, LoraAdapter};
+pub use combine::{Combination, MajoritySign, TaskMerge};
 pub use config::{scaling, LoraBias, LoraConfig, LoraInit};
 pub use conv2d::{Conv2dConfig, LoraConv2d};
 pub use embedding::LoraEmbedding;

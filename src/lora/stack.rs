@@ -38,6 +38,23 @@ pub trait StackLayer: Adapter + Sized {
     fn attach(base: &Self::Base, p: &nn::Path, module: &str, config: &LoraConfig) -> Result<Self>;
     /// `(rows, cols)` whose minimum bounds the rank.
     fn rank_bound(base: &Self::Base) -> (i64, i64);
+    /// Handles on the adapter's tensors (shared storage).
+    fn factors(&self) -> Factors;
+    /// The first variable an adapter of this type would register under `p`, if it exists.
+    fn registered(p: &nn::Path) -> Option<String>;
+}
+
+/// An adapter's tensors on one layer, whatever its type: `A: [r, …]` and `B: [out, r, …]`
+/// (linear `[r, in]`/`[out, r]`, embedding `[r, V]`/`[d, r]`, convolution `[r, in, kh, kw]`/
+/// `[out, r, 1, 1]`), so that `B.reshape(out, r) · A.reshape(r, −1)` is the update up to its
+/// layout.
+#[derive(Debug)]
+pub struct Factors {
+    pub(crate) a: Tensor,
+    pub(crate) b: Tensor,
+    pub(crate) scaling: f64,
+    pub(crate) magnitude: Option<Tensor>,
+    pub(crate) lora_b_bias: Option<Tensor>,
 }
 
 macro_rules! impl_stack_layer_common {
@@ -92,6 +109,19 @@ impl StackLayer for LoraLinear {
     fn rank_bound(b: &nn::Linear) -> (i64, i64) {
         (b.ws.size()[1], b.ws.size()[0])
     }
+    fn registered(p: &nn::Path) -> Option<String> {
+        let a = p / "lora_A";
+        a.get("weight").map(|_| a.path("weight"))
+    }
+    fn factors(&self) -> Factors {
+        Factors {
+            a: self.lora_a().shallow_clone(),
+            b: self.lora_b().shallow_clone(),
+            scaling: self.scaling(),
+            magnitude: self.magnitude().map(Tensor::shallow_clone),
+            lora_b_bias: self.lora_b_bias().map(Tensor::shallow_clone),
+        }
+    }
 }
 
 impl StackLayer for LoraEmbedding {
@@ -112,6 +142,18 @@ impl StackLayer for LoraEmbedding {
     }
     fn rank_bound(w: &Tensor) -> (i64, i64) {
         (w.size()[0], w.size()[1])
+    }
+    fn registered(p: &nn::Path) -> Option<String> {
+        p.get("lora_embedding_A").map(|_| p.path("lora_embedding_A"))
+    }
+    fn factors(&self) -> Factors {
+        Factors {
+            a: self.lora_a().shallow_clone(),
+            b: self.lora_b().shallow_clone(),
+            scaling: self.scaling(),
+            magnitude: None,
+            lora_b_bias: None,
+        }
     }
 }
 
@@ -151,6 +193,19 @@ impl StackLayer for LoraConv2d {
     fn rank_bound(b: &ConvBase) -> (i64, i64) {
         let s = b.ws.size();
         (s[1..].iter().product(), s[0])
+    }
+    fn registered(p: &nn::Path) -> Option<String> {
+        let a = p / "lora_A";
+        a.get("weight").map(|_| a.path("weight"))
+    }
+    fn factors(&self) -> Factors {
+        Factors {
+            a: self.lora_a().shallow_clone(),
+            b: self.lora_b().shallow_clone(),
+            scaling: self.scaling(),
+            magnitude: None,
+            lora_b_bias: None,
+        }
     }
 }
 
