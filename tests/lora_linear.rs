@@ -532,3 +532,40 @@ fn orthogonal_init_has_non_zero_factors_whose_product_is_zero() {
     let json = serde_json::to_value(&c).unwrap();
     assert_eq!(json["init_lora_weights"], "orthogonal");
 }
+
+/// `pissa_niter_K`: randomized SVD; the base keeps the exact residual, and on a weight with a
+/// spectral gap the update matches exact PiSSA's.
+#[test]
+fn pissa_niter_keeps_the_exact_residual_and_finds_the_top_subspace() {
+    let cfg: LoraConfig =
+        serde_json::from_str(r#"{"r": 3, "lora_alpha": 6, "init_lora_weights": "pissa_niter_4", "target_modules": ["w"]}"#)
+            .unwrap();
+    assert_eq!(cfg.init_lora_weights, LoraInit::PissaNiter(4));
+    assert!(serde_json::to_string(&cfg)
+        .unwrap()
+        .contains(r#""init_lora_weights":"pissa_niter_4""#));
+    tch::manual_seed(2);
+    // W = U diag(S) Vᵀ with singular values 10, 9, 8, then ≤ 0.1
+    let (u, _) = Tensor::linalg_qr(&randn(&[12, 12], Kind::Double), "reduced");
+    let (v, _) = Tensor::linalg_qr(&randn(&[10, 10], Kind::Double), "reduced");
+    let s = Tensor::from_slice(&[10.0, 9.0, 8.0, 0.1, 0.08, 0.06, 0.05, 0.04, 0.02, 0.01]);
+    let w = u.narrow(1, 0, 10).mm(&s.diag(0)).mm(&v.tr());
+    let mut deltas = Vec::new();
+    for init in [LoraInit::PissaNiter(4), LoraInit::Pissa] {
+        let base_vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let base = nn::Linear { ws: base_vs.root().add("w", w.copy(), false), bs: None };
+        let layer = LoraLinear::new(
+            base,
+            &vs.root(),
+            &LoraConfig { init_lora_weights: init, ..cfg.clone() },
+        )
+        .unwrap();
+        let restored = &layer.base().ws + layer.delta_weight();
+        assert!(max_abs_diff(&restored, &w) < 1e-12, "{init:?}");
+        deltas.push(layer.delta_weight());
+    }
+    assert!(max_abs_diff(&deltas[0], &deltas[1]) < 1e-6);
+    let bad = serde_json::from_str::<LoraConfig>(r#"{"init_lora_weights": "pissa_niter_x"}"#);
+    assert!(bad.unwrap_err().to_string().contains("pissa_niter_K"));
+}

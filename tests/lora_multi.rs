@@ -327,3 +327,69 @@ fn model_store(model: &Mlp) -> nn::VarStore {
     put("head".into(), &model.head);
     vs
 }
+
+/// PiSSA/OLoRA adapters saved as a plain rank-2r LoRA apply to the original base weights and
+/// reproduce the trained model (PEFT's `path_initial_model_for_weight_conversion`).
+#[test]
+fn pissa_and_olora_convert_to_plain_lora_on_the_original_base() {
+    for (init, rslora) in [(lora::LoraInit::Pissa, false), (lora::LoraInit::Olora, true)] {
+        tch::manual_seed(5);
+        let cfg = LoraConfig {
+            r: 2,
+            lora_alpha: 3.0,
+            use_rslora: rslora,
+            init_lora_weights: init,
+            alpha_pattern: [("down".to_string(), 5.0)].into(),
+            ..LoraConfig::for_targets(["up", "down"])
+        };
+        let mut base = nn::VarStore::new(Device::Cpu);
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let builder = LoraBuilder::new(&vs.root(), cfg).unwrap();
+        let model = Mlp::new(&base.root(), Some(&builder)).unwrap();
+        let adapter = builder.finish().unwrap();
+        base.double();
+        vs.double();
+        let original = model_store(&model);
+        let x = xs();
+        let y_base = {
+            let _off = adapter.disable_adapters().unwrap();
+            model.forward_t(&x, false)
+        };
+        adapter.init_from_base_weights().unwrap();
+        // PiSSA/OLoRA start where the base was
+        assert!(max_abs_diff(&model.forward_t(&x, false), &y_base) < 1e-10);
+        let initial = temp_dir(&format!("convert-initial-{init:?}"));
+        adapter.save_pretrained(&initial).unwrap();
+        // "training"
+        for t in vs.trainable_variables() {
+            set(&t, &(&t + randn(&t.size(), Kind::Double) * 0.05));
+        }
+        let y_trained = model.forward_t(&x, false);
+        assert!(max_abs_diff(&y_trained, &y_base) > 1e-3);
+        let out = temp_dir(&format!("convert-out-{init:?}"));
+        adapter.save_pretrained_converted("default", &out, &initial).unwrap();
+
+        // a plain LoRA of rank 4 on the original weights
+        let cfg2 = LoraConfig::from_pretrained(&out).unwrap();
+        assert_eq!((cfg2.r, cfg2.init_lora_weights), (4, lora::LoraInit::Kaiming));
+        for m in ["blocks.0.up", "blocks.1.down"] {
+            let before = adapter.adapter_config("default").unwrap().scaling_for(m).unwrap();
+            assert!((cfg2.scaling_for(m).unwrap() - before).abs() < 1e-12, "{m}");
+        }
+        let mut base2 = nn::VarStore::new(Device::Cpu);
+        let mut vs2 = nn::VarStore::new(Device::Cpu);
+        let builder = LoraBuilder::new(&vs2.root(), cfg2).unwrap();
+        let model2 = Mlp::new(&base2.root(), Some(&builder)).unwrap();
+        let adapter2 = builder.finish().unwrap();
+        base2.double();
+        vs2.double();
+        base2.copy(&original).unwrap();
+        adapter2.load_pretrained(&out).unwrap();
+        let d = max_abs_diff(&model2.forward_t(&x, false), &y_trained);
+        assert!(d < 1e-10, "{init:?}: {d}");
+        // merged on the original weights, too
+        adapter2.merge().unwrap();
+        assert!(max_abs_diff(&model2.forward_t(&x, false), &y_trained) < 1e-10);
+        let _ = (std::fs::remove_dir_all(&initial), std::fs::remove_dir_all(&out));
+    }
+}

@@ -625,22 +625,97 @@ impl LoraAdapter {
             self.check_known(n)?;
         }
         for n in names {
-            let config = self.adapter_config(n).expect("checked");
             let dir = Self::adapter_dir(n, dir.as_ref());
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            let mut json = serde_json::to_value(config)?;
-            if let Some(map) = json.as_object_mut() {
-                map.insert("peft_type".into(), "LORA".into());
-                map.insert("task_type".into(), serde_json::Value::Null);
-                map.insert("inference_mode".into(), true.into());
-                map.insert("base_model_name_or_path".into(), serde_json::Value::Null);
-                map.insert("revision".into(), serde_json::Value::Null);
-            }
-            let text = serde_json::to_string_pretty(&json)?;
-            io::write_atomic(&dir.join(io::PEFT_CONFIG_NAME), text.as_bytes())?;
+            write_config(&dir, self.adapter_config(n).expect("checked"))?;
             self.save_adapter_safetensors(n, dir.join(io::PEFT_WEIGHTS_NAME))?;
         }
         Ok(())
+    }
+
+    /// Saves the adapter `name` as a plain LoRA of rank `2r` that applies to the **original**
+    /// base weights (PEFT's `save_pretrained(…, path_initial_model_for_weight_conversion=…)`):
+    /// for PiSSA/OLoRA the base holds `W − s·B₀A₀`, so the trained update is
+    /// `s·(BA − B₀A₀) = s·[B | −B₀]·[A ; A₀]`. `initial` is the adapter directory saved right
+    /// after initialisation (before training), e.g. with [`save_pretrained`](Self::save_pretrained);
+    /// its `A₀`, `B₀` are read from there. The written config has `r` and the rank pattern
+    /// doubled, `lora_alpha` (and the alpha pattern) scaled to keep the scaling (×2, or ×√2 with
+    /// rsLoRA — PEFT doubles an rsLoRA alpha pattern, which changes its scaling) and the default
+    /// init, so it loads anywhere as an ordinary LoRA adapter. Written to `dir` (`dir/<name>` for
+    /// a non-default adapter).
+    ///
+    /// Errors: `use_dora` or `lora_bias` (their tensors do not convert this way), embedding or
+    /// convolution layers, or an `initial` file that lacks a factor or has other shapes.
+    pub fn save_pretrained_converted(
+        &self,
+        name: &str,
+        dir: impl AsRef<Path>,
+        initial: impl AsRef<Path>,
+    ) -> Result<()> {
+        self.check_known(name)?;
+        let config = self.adapter_config(name).expect("checked");
+        for (flag, field) in [(config.use_dora, "use_dora"), (config.lora_bias, "lora_bias")] {
+            if flag {
+                return Err(Error::Unsupported {
+                    field: field.into(),
+                    reason: "only lora_A/lora_B adapters convert to a plain LoRA of rank 2r".into(),
+                });
+            }
+        }
+        if let Some(m) = self.modules_of(name).into_iter().find(|m| {
+            self.embeddings.iter().any(|s| s.module() == *m)
+                || self.convs.iter().any(|s| s.module() == *m)
+        }) {
+            return Err(Error::Unsupported {
+                field: "target_modules".into(),
+                reason: format!("`{m}` is not a linear layer; only linear layers are converted"),
+            });
+        }
+        let initial = initial.as_ref().join(io::PEFT_WEIGHTS_NAME);
+        let init: HashMap<String, Tensor> = io::read_safetensors(&initial)?
+            .tensors
+            .into_iter()
+            .map(|(k, t)| (io::from_peft_key(&k).to_string(), t))
+            .collect();
+        let mut tensors = Vec::new();
+        for l in self.layers_of(name) {
+            let get = |suffix: &str, like: &Tensor| -> Result<Tensor> {
+                let key = format!("{}.{suffix}", l.module());
+                let t = init.get(&key).ok_or_else(|| Error::MissingTensor {
+                    name: io::to_peft_key(&key),
+                    file: initial.clone(),
+                })?;
+                if t.size() != like.size() {
+                    return Err(Error::ShapeMismatch {
+                        name: io::to_peft_key(&key),
+                        expected: like.size(),
+                        actual: t.size(),
+                    });
+                }
+                Ok(t.f_to_kind(like.kind())?.f_to_device(like.device())?)
+            };
+            let (a, b) = (l.lora_a(), l.lora_b());
+            let (a0, b0) = (get("lora_A.weight", a)?, get("lora_B.weight", b)?);
+            let a2 = tch::no_grad(|| Tensor::f_cat(&[a.shallow_clone(), a0], 0))?;
+            let b2 = tch::no_grad(|| Tensor::f_cat(&[b.shallow_clone(), b0.f_neg()?], 1))?;
+            tensors.push((io::to_peft_key(&format!("{}.lora_A.weight", l.module())), a2));
+            tensors.push((io::to_peft_key(&format!("{}.lora_B.weight", l.module())), b2));
+        }
+        let keep = if config.use_rslora { 2f64.sqrt() } else { 2.0 };
+        let converted = LoraConfig {
+            r: 2 * config.r,
+            lora_alpha: config.lora_alpha * keep,
+            rank_pattern: config.rank_pattern.iter().map(|(k, v)| (k.clone(), 2 * v)).collect(),
+            alpha_pattern: config
+                .alpha_pattern
+                .iter()
+                .map(|(k, v)| (k.clone(), v * keep))
+                .collect(),
+            init_lora_weights: super::config::LoraInit::Kaiming,
+            ..config.clone()
+        };
+        let dir = Self::adapter_dir(name, dir.as_ref());
+        write_config(&dir, &converted)?;
+        io::write_safetensors(dir.join(io::PEFT_WEIGHTS_NAME), &tensors, Some(io::pt_metadata()))
     }
 
     /// Loads the weights of every adapter from a directory laid out as
@@ -672,6 +747,21 @@ impl LoraAdapter {
         }
         Ok(())
     }
+}
+
+/// Writes `config` as PEFT's `adapter_config.json` in `dir` (created), atomically.
+fn write_config(dir: &Path, config: &LoraConfig) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut json = serde_json::to_value(config)?;
+    if let Some(map) = json.as_object_mut() {
+        map.insert("peft_type".into(), "LORA".into());
+        map.insert("task_type".into(), serde_json::Value::Null);
+        map.insert("inference_mode".into(), true.into());
+        map.insert("base_model_name_or_path".into(), serde_json::Value::Null);
+        map.insert("revision".into(), serde_json::Value::Null);
+    }
+    let text = serde_json::to_string_pretty(&json)?;
+    io::write_atomic(&dir.join(io::PEFT_CONFIG_NAME), text.as_bytes())
 }
 
 /// Attaches adapter `name` to the picked stacks.

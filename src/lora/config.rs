@@ -31,6 +31,10 @@ pub enum LoraInit {
     /// [`LoraAdapter::init_from_base_weights`](super::LoraAdapter::init_from_base_weights).
     /// Linear layers.
     Pissa,
+    /// `"pissa_niter_K"`: PiSSA from a fast randomized SVD (`K` subspace iterations, as PEFT's
+    /// `torch.svd_lowrank(W, r, niter=K)`). The factors approximate PiSSA's and differ from run
+    /// to run; the base keeps `W − s·BA` exactly, so the layer still starts equal to the base.
+    PissaNiter(u32),
     /// `"olora"` (Büyükakyüz 2024): from the QR decomposition `W = QR`, `A = R[:r]`, `B = Q[:, :r]`,
     /// and the base weight keeps `W − s·BA`. Needs the pre-trained weight, as PiSSA. Linear
     /// layers.
@@ -40,7 +44,7 @@ pub enum LoraInit {
 impl LoraInit {
     /// Whether the init derives the factors from the base weight (and rewrites it).
     pub fn uses_base_weight(self) -> bool {
-        matches!(self, LoraInit::Pissa | LoraInit::Olora)
+        matches!(self, LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora)
     }
 }
 
@@ -52,6 +56,7 @@ impl Serialize for LoraInit {
             LoraInit::Random => s.serialize_bool(false),
             LoraInit::Orthogonal => s.serialize_str("orthogonal"),
             LoraInit::Pissa => s.serialize_str("pissa"),
+            LoraInit::PissaNiter(k) => s.serialize_str(&format!("pissa_niter_{k}")),
             LoraInit::Olora => s.serialize_str("olora"),
         }
     }
@@ -72,8 +77,11 @@ impl<'de> Deserialize<'de> for LoraInit {
             Raw::Str(s) if s == "orthogonal" => Ok(LoraInit::Orthogonal),
             Raw::Str(s) if s == "pissa" => Ok(LoraInit::Pissa),
             Raw::Str(s) if s == "olora" => Ok(LoraInit::Olora),
+            Raw::Str(s) if s.strip_prefix("pissa_niter_").is_some_and(|k| k.parse::<u32>().is_ok()) => {
+                Ok(LoraInit::PissaNiter(s["pissa_niter_".len()..].parse().expect("checked")))
+            }
             Raw::Str(s) => Err(serde::de::Error::custom(format!(
-                "init_lora_weights `{s}` is not supported (expected true, false, \"gaussian\", \"orthogonal\", \"pissa\" or \"olora\")"
+                "init_lora_weights `{s}` is not supported (expected true, false, \"gaussian\", \"orthogonal\", \"pissa\", \"pissa_niter_K\" or \"olora\")"
             ))),
         }
     }

@@ -75,7 +75,7 @@ impl LoraConv2d {
         }
         if matches!(
             config.init_lora_weights,
-            LoraInit::Orthogonal | LoraInit::Pissa | LoraInit::Olora
+            LoraInit::Orthogonal | LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora
         ) {
             return Err(unsupported(
                 "init_lora_weights",

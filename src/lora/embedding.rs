@@ -50,7 +50,7 @@ impl LoraEmbedding {
         }
         if matches!(
             config.init_lora_weights,
-            LoraInit::Orthogonal | LoraInit::Pissa | LoraInit::Olora
+            LoraInit::Orthogonal | LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora
         ) {
             return Err(Error::Unsupported {
                 field: "init_lora_weights".into(),
@@ -97,6 +97,7 @@ impl LoraEmbedding {
             | LoraInit::Gaussian
             | LoraInit::Orthogonal
             | LoraInit::Pissa
+            | LoraInit::PissaNiter(_)
             | LoraInit::Olora => (Tensor::zeros([r, v], opts), Tensor::randn([d, r], opts)),
             LoraInit::Random => (Tensor::randn([r, v], opts), Tensor::randn([d, r], opts)),
         });

@@ -115,7 +115,11 @@ fn init_factors(
         let bound_in = 1.0 / (in_features as f64).sqrt();
         let a = match init {
             // PiSSA/OLoRA start as kaiming/zero and are set by `init_from_base_weights`
-            LoraInit::Kaiming | LoraInit::Random | LoraInit::Pissa | LoraInit::Olora => {
+            LoraInit::Kaiming
+            | LoraInit::Random
+            | LoraInit::Pissa
+            | LoraInit::PissaNiter(_)
+            | LoraInit::Olora => {
                 Tensor::empty([r, in_features], opts).uniform_(-bound_in, bound_in)
             }
             LoraInit::Gaussian => {
@@ -132,6 +136,7 @@ fn init_factors(
             | LoraInit::Gaussian
             | LoraInit::Orthogonal
             | LoraInit::Pissa
+            | LoraInit::PissaNiter(_)
             | LoraInit::Olora => Tensor::zeros([out_features, r], opts),
         };
         (a, b)
@@ -153,6 +158,23 @@ fn orthogonal_factors(
     let a = Tensor::randn([in_features, r / 2], opts).mm(&set1).tr().contiguous() / 10.0;
     let b = Tensor::randn([r / 2, out_features], opts).tr().mm(&set2) / 10.0;
     (a, b)
+}
+
+/// A rank-`q` SVD of `a: [m, n]` by randomized subspace iteration (Halko et al. 2011, as
+/// `torch.svd_lowrank(a, q, niter)` without centring or oversampling): `(U [m, q], S [q],
+/// V [n, q])`.
+fn svd_lowrank(a: &Tensor, q: i64, niter: u32) -> Result<(Tensor, Tensor, Tensor)> {
+    let n = a.size()[1];
+    let orth = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::f_linalg_qr(t, "reduced")?.0) };
+    let g = Tensor::f_randn([n, q], (a.kind(), a.device()))?;
+    let mut basis = orth(&a.f_mm(&g)?)?;
+    for _ in 0..niter {
+        let z = orth(&a.f_tr()?.f_mm(&basis)?)?;
+        basis = orth(&a.f_mm(&z)?)?;
+    }
+    let small = basis.f_tr()?.f_mm(a)?; // [q, n]
+    let (u, s, v) = small.f_svd(true, true)?;
+    Ok((basis.f_mm(&u)?, s, v))
 }
 
 /// `‖W + s·BA‖` per output row, in f32 (f64 for an f64 base), without forming `W + s·BA`:
@@ -469,9 +491,12 @@ impl LoraLinear {
             let compute = compute_kind(w.kind());
             let wf = w.f_to_kind(compute)?;
             let (a, b) = match self.init {
-                LoraInit::Pissa => {
+                LoraInit::Pissa | LoraInit::PissaNiter(_) => {
                     // reduced SVD W = U·diag(S)·Vᵀ (tch's linalg_svd cannot pass "no driver")
-                    let (u, sv, v) = wf.f_svd(true, true)?;
+                    let (u, sv, v) = match self.init {
+                        LoraInit::PissaNiter(k) => svd_lowrank(&wf, self.r, k)?,
+                        _ => wf.f_svd(true, true)?,
+                    };
                     let sr = (sv.f_narrow(0, 0, self.r)? / self.scaling).f_sqrt()?;
                     let a = v.f_narrow(1, 0, self.r)?.f_tr()?.f_mul(&sr.f_unsqueeze(1)?)?;
                     let b = u.f_narrow(1, 0, self.r)?.f_mul(&sr.f_unsqueeze(0)?)?;
