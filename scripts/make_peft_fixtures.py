@@ -109,6 +109,18 @@ class ConvNet(torch.nn.Module):
         return self.conv2(torch.relu(self.conv1(x)))
 
 
+class EmbedNet(torch.nn.Module):
+    """out = proj(embed_tokens(ids)): a table 20 x 8 and a linear 8 -> 6"""
+
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(20, 8)
+        self.proj = torch.nn.Linear(8, 6)
+
+    def forward(self, ids):
+        return self.proj(self.embed_tokens(ids))
+
+
 def make_case(name, model_cls, cfg, x_shape, randomize_b=True, base_output=False, residual=False):
     """tests/fixtures/peft/<name>: `cfg` applied by PEFT to `model_cls()` (seeded), saved with
     `save_pretrained`, plus base.safetensors (the original base), io.safetensors (`x`, PEFT's `y`,
@@ -122,10 +134,14 @@ def make_case(name, model_cls, cfg, x_shape, randomize_b=True, base_output=False
     if randomize_b:
         with torch.no_grad():
             for n, p in model.named_parameters():
-                if "lora_B" in n:
+                # embeddings start with A = 0 (B random): randomise A there
+                if "lora_B" in n or "lora_embedding_A" in n:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     model.eval()
-    x = torch.randn(*x_shape, generator=g)
+    if model_cls is EmbedNet:
+        x = torch.randint(0, 20, x_shape, generator=g)
+    else:
+        x = torch.randn(*x_shape, generator=g)
     tensors = {"x": x}
     with torch.no_grad():
         tensors["y"] = model(x)
@@ -227,6 +243,9 @@ def main():
     # GPT-2 Conv1D weights are stored [in, out]; PEFT forces fan_in_fan_out
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
     make_case("conv1d", Gpt2Block, cfg, tiny_x)
+    # DoRA on an embedding (magnitude over the vocabulary, per coordinate) and a linear layer
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "proj"], use_dora=True)
+    make_case("dora_embedding", EmbedNet, cfg, (3, 5), base_output=True)
     make_multi()
 
 

@@ -139,16 +139,18 @@ fn bf16_dora_unmerge_is_bit_exact() {
 }
 
 #[test]
-fn dora_with_lora_bias_or_on_embeddings_is_refused() {
+fn dora_with_lora_bias_or_on_convolutions_is_refused() {
     let c = LoraConfig { lora_bias: true, ..dora_cfg(2) };
     assert!(
         matches!(c.validate(), Err(Error::InvalidConfig { ref field, .. }) if field == "lora_bias")
     );
-    let va = nn::VarStore::new(Device::Cpu);
-    let w = Tensor::randn([10, 8], (Kind::Float, Device::Cpu));
-    let err =
-        tch_peft::lora::LoraEmbedding::new(w, &(va.root() / "e"), "e", &dora_cfg(2)).unwrap_err();
+    let (vb, va) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let conv = nn::conv2d(vb.root() / "c", 3, 4, 3, Default::default());
+    let cfg = tch_peft::lora::Conv2dConfig::default();
+    let err = tch_peft::lora::LoraConv2d::new(conv, cfg, &(va.root() / "c"), "c", &dora_cfg(2))
+        .unwrap_err();
     assert!(matches!(err, Error::Unsupported { ref field, .. } if field == "use_dora"), "{err}");
+    // (DoRA on embeddings is supported: tests/peft_parity.rs)
 }
 
 #[test]

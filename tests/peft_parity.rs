@@ -274,3 +274,55 @@ fn pissa_init_matches_peft() {
 fn olora_init_matches_peft() {
     check_base_init_case("olora");
 }
+
+/// DoRA on an embedding table (magnitude per coordinate, norm over the vocabulary) and on a
+/// linear layer: `proj(embed_tokens(ids))`.
+#[test]
+fn peft_dora_embedding_adapter_matches_outputs_merged_weights_and_files() {
+    let dir = fixture("dora_embedding");
+    let cfg = LoraConfig::from_pretrained(&dir).unwrap();
+    assert!(cfg.use_dora);
+    let (mut base_vs, adapter_vs) =
+        (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let builder = LoraBuilder::new(&adapter_vs.root(), cfg).unwrap();
+    let emb = builder.embedding(&(base_vs.root() / "embed_tokens"), 20, 8, Default::default());
+    let emb = emb.unwrap();
+    let proj = builder.linear(&(base_vs.root() / "proj"), 8, 6, Default::default()).unwrap();
+    let adapter = builder.finish().unwrap();
+    base_vs.load(dir.join("base.safetensors")).unwrap();
+    let io_t = tensors(&dir.join("io.safetensors"));
+    let fwd = |ids: &Tensor| proj.forward_t(&emb.f_forward(ids).unwrap(), false);
+    // before the magnitudes are initialised or loaded, the forward refuses
+    assert!(emb.f_forward(&io_t["x"]).is_err());
+    adapter.load_pretrained(&dir).unwrap();
+    assert_eq!(adapter.embeddings()[0].magnitude().unwrap().size(), [8]);
+    let y = fwd(&io_t["x"]);
+    assert!(max_abs_diff(&y, &io_t["y"]) < 1e-5, "{}", max_abs_diff(&y, &io_t["y"]));
+    {
+        let _off = adapter.disable_adapters().unwrap();
+        assert!(max_abs_diff(&fwd(&io_t["x"]), &io_t["y_base"]) < 1e-6);
+    }
+    adapter.merge().unwrap();
+    let vars = base_vs.variables();
+    for name in ["embed_tokens.weight", "proj.weight", "proj.bias"] {
+        let d = max_abs_diff(&vars[name], &io_t[&format!("merged.{name}")]);
+        assert!(d < 1e-6, "merged {name}: {d}");
+    }
+    assert!(max_abs_diff(&fwd(&io_t["x"]), &io_t["y"]) < 1e-5);
+    adapter.unmerge().unwrap();
+    let out = assert_saves_peft_file("dora_embedding", &adapter, &dir);
+    std::fs::remove_dir_all(out).unwrap();
+
+    // a fresh DoRA embedding starts at ‖W_:j‖ and equal to the base
+    let (base2, vs2) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let cfg = LoraConfig { r: 2, use_dora: true, ..LoraConfig::for_targets(["embed_tokens"]) };
+    let b2 = LoraBuilder::new(&vs2.root(), cfg).unwrap();
+    let e2 = b2.embedding(&(base2.root() / "embed_tokens"), 20, 8, Default::default()).unwrap();
+    let a2 = b2.finish().unwrap();
+    a2.init_from_base_weights().unwrap();
+    let w = e2.weight();
+    let col = w.square().sum_dim_intlist(0, false, tch::Kind::Float).sqrt();
+    assert!(max_abs_diff(a2.embeddings()[0].magnitude().unwrap(), &col) < 1e-6);
+    let ids = Tensor::from_slice(&[0i64, 5, 19]);
+    assert!(max_abs_diff(&e2.f_forward(&ids).unwrap(), &w.index_select(0, &ids)) < 1e-6);
+}

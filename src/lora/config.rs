@@ -405,8 +405,7 @@ mod tests {
         assert_eq!(c.init_lora_weights, LoraInit::Kaiming);
         let g: LoraConfig = serde_json::from_str(r#"{"init_lora_weights": "gaussian"}"#).unwrap();
         assert_eq!(g.init_lora_weights, LoraInit::Gaussian);
-        assert!(serde_json::from_str::<LoraConfig>(r#"{"init_lora_weights": "pissa_niter_4"}"#)
-            .is_err());
+        assert!(serde_json::from_str::<LoraConfig>(r#"{"init_lora_weights": "loftq"}"#).is_err());
     }
 
     #[test]

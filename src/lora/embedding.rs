@@ -1,5 +1,8 @@
 //! [`LoraEmbedding`]: LoRA on an embedding table, with PEFT's layout and init.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use tch::nn;
 use tch::Tensor;
 
@@ -20,15 +23,23 @@ use crate::{Error, Result};
 /// layer starts equal to the base; `init_lora_weights = false` draws both from N(0, 1)), and no
 /// dropout is applied. The delta weight is `s·(BA)ᵀ: [V, d]`; merging saves the original table so
 /// that unmerging restores it bit-exactly.
+///
+/// DoRA (`use_dora`), as PEFT: the magnitude `lora_magnitude_vector: [d]` scales each embedding
+/// coordinate, `y = g ⊙ (W[ids] + s·(Aᵀ[ids]) Bᵀ)` with `g = m / ‖W + s·(BA)ᵀ‖` taken over the
+/// vocabulary (per column of `W`, detached), and `m` starts at that norm. The norm is computed
+/// from `‖W_:j‖²`, `(BA)·W` and `A Aᵀ` without forming the `[V, d]` update.
 #[derive(Debug)]
 pub struct LoraEmbedding {
     weight: Tensor,
     lora_a: Tensor,
     lora_b: Tensor,
+    magnitude: Option<Tensor>,
     module: String,
     r: i64,
     scaling: f64,
     state: WeightMerge,
+    /// Whether the DoRA magnitude was set from the loaded base table (or loaded).
+    base_ready: Arc<AtomicBool>,
 }
 
 impl LoraEmbedding {
@@ -40,12 +51,6 @@ impl LoraEmbedding {
             return Err(Error::Unsupported {
                 field: "lora_bias".into(),
                 reason: format!("a lora_B bias on the embedding `{module}` is not implemented"),
-            });
-        }
-        if config.use_dora {
-            return Err(Error::Unsupported {
-                field: "use_dora".into(),
-                reason: format!("DoRA on the embedding `{module}` is not implemented yet"),
             });
         }
         if matches!(
@@ -85,7 +90,7 @@ impl LoraEmbedding {
                 out_features: d,
             });
         }
-        for name in ["lora_embedding_A", "lora_embedding_B"] {
+        for name in ["lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"] {
             if p.get(name).is_some() {
                 return Err(Error::DuplicateParameter(p.path(name)));
             }
@@ -101,6 +106,12 @@ impl LoraEmbedding {
             | LoraInit::Olora => (Tensor::zeros([r, v], opts), Tensor::randn([d, r], opts)),
             LoraInit::Random => (Tensor::randn([r, v], opts), Tensor::randn([d, r], opts)),
         });
+        let magnitude = if config.use_dora {
+            let norm = tch::no_grad(|| column_norm(&weight, &a, &b, scaling))?;
+            Some(p.add("lora_magnitude_vector", norm.f_to_kind(kind)?, true))
+        } else {
+            None
+        };
         let lora_a = p.add("lora_embedding_A", a, true);
         let lora_b = p.add("lora_embedding_B", b, true);
         let _ = weight.set_requires_grad(false);
@@ -108,11 +119,56 @@ impl LoraEmbedding {
             weight,
             lora_a,
             lora_b,
+            magnitude,
             module: module.into(),
             r,
             scaling,
             state: WeightMerge::new(),
+            base_ready: Arc::new(AtomicBool::new(true)),
         })
+    }
+
+    /// DoRA's magnitude `lora_magnitude_vector: [d]`, with `use_dora`.
+    pub fn magnitude(&self) -> Option<&Tensor> {
+        self.magnitude.as_ref()
+    }
+
+    /// Sets the DoRA magnitude to the column norm of `W + s·(BA)ᵀ` of the (loaded) base table; a
+    /// no-op without DoRA. The builder defers this until the pre-trained weights are loaded (see
+    /// [`LoraAdapter::init_from_base_weights`](super::LoraAdapter::init_from_base_weights)).
+    pub fn init_from_base_weights(&self) -> Result<()> {
+        if self.is_merged() {
+            return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });
+        }
+        if let Some(m) = &self.magnitude {
+            let _guard = tch::no_grad_guard();
+            let norm = column_norm(&self.weight, &self.lora_a, &self.lora_b, self.scaling)?;
+            m.shallow_clone().f_copy_(&norm.f_to_kind(m.kind())?)?;
+        }
+        self.set_base_init_done(true);
+        Ok(())
+    }
+
+    pub(crate) fn set_base_init_done(&self, ready: bool) {
+        self.base_ready.store(ready, Ordering::Release);
+    }
+
+    fn check_base_init(&self) -> Result<()> {
+        if self.magnitude.is_some() && !self.base_ready.load(Ordering::Acquire) {
+            return Err(Error::Uninitialized {
+                module: self.module.clone(),
+                what: "the DoRA magnitude",
+                hint: "call `init_from_base_weights()` after loading the base weights, or load a trained adapter",
+            });
+        }
+        Ok(())
+    }
+
+    /// DoRA's `g = m / ‖W + s·(BA)ᵀ‖_col` (norm detached), `[d]`, in the adapter dtype.
+    fn dora_scale(&self, m: &Tensor) -> Result<Tensor> {
+        let norm =
+            tch::no_grad(|| column_norm(&self.weight, &self.lora_a, &self.lora_b, self.scaling))?;
+        Ok(m.f_div(&norm.f_to_kind(m.kind())?)?)
     }
 
     /// A second handle on the same layer (shared storage and merge state).
@@ -121,10 +177,12 @@ impl LoraEmbedding {
             weight: self.weight.shallow_clone(),
             lora_a: self.lora_a.shallow_clone(),
             lora_b: self.lora_b.shallow_clone(),
+            magnitude: self.magnitude.as_ref().map(Tensor::shallow_clone),
             module: self.module.clone(),
             r: self.r,
             scaling: self.scaling,
             state: self.state.clone(),
+            base_ready: Arc::clone(&self.base_ready),
         }
     }
 
@@ -179,7 +237,19 @@ impl LoraEmbedding {
     }
 
     fn merge_impl(&self, safe: bool) -> Result<()> {
-        self.state.merge(&self.weight, &self.delta_weight(), safe, &self.module)
+        self.check_base_init()?;
+        let delta = match &self.magnitude {
+            None => self.delta_weight(),
+            Some(m) => {
+                // g ⊙ (W + Δ) − W, so that the merge writes g ⊙ (W + Δ)
+                let _guard = tch::no_grad_guard();
+                let kind = super::merge::compute_kind(self.weight.kind());
+                let w = self.weight.f_to_kind(kind)?;
+                let g = self.dora_scale(m)?.f_to_kind(kind)?.f_unsqueeze(0)?;
+                w.f_add(&self.delta_weight().f_to_kind(kind)?)?.f_mul(&g)?.f_sub(&w)?
+            }
+        };
+        self.state.merge(&self.weight, &delta, safe, &self.module)
     }
 
     /// Folds `s·(BA)ᵀ` into the table, keeping the original for [`unmerge`](Self::unmerge).
@@ -207,12 +277,24 @@ impl LoraEmbedding {
         self.f_add_delta(ids, y)
     }
 
-    /// Adds `s·(Aᵀ[ids]) Bᵀ` to `y`, the base embeddings of `ids`.
+    /// Adds `s·(Aᵀ[ids]) Bᵀ` to `y`, the embeddings of `ids` so far; DoRA scales the sum by
+    /// `g`, as PEFT does (`g ⊙ y + g ⊙ s·(Aᵀ[ids]) Bᵀ`).
     pub(crate) fn f_add_delta(&self, ids: &Tensor, y: Tensor) -> Result<Tensor> {
+        self.check_base_init()?;
         let after_a = Tensor::f_embedding(&self.lora_a.f_tr()?, ids, -1, false, false)?;
         let delta = after_a.f_matmul(&self.lora_b.f_tr()?)?.f_mul_scalar(self.scaling)?;
-        Ok(y.f_add(&delta.f_to_kind(y.kind())?)?)
+        let sum = y.f_add(&delta.f_to_kind(y.kind())?)?;
+        match &self.magnitude {
+            None => Ok(sum),
+            Some(m) => Ok(sum.f_mul(&self.dora_scale(m)?.f_to_kind(sum.kind())?)?),
+        }
     }
+}
+
+/// `‖W + s·(BA)ᵀ‖` per column of `W: [V, d]` (A: `[r, V]`, B: `[d, r]`), in f32/f64: the row
+/// norms of `Wᵀ + s·BA`.
+fn column_norm(w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+    super::linear::dora_weight_norm(&w.f_tr()?, a, b, s)
 }
 
 impl Adapter for LoraEmbedding {
@@ -225,10 +307,14 @@ impl Adapter for LoraEmbedding {
     }
 
     fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        vec![
+        let mut v = vec![
             (format!("{}.lora_embedding_A", self.module), self.lora_a.shallow_clone()),
             (format!("{}.lora_embedding_B", self.module), self.lora_b.shallow_clone()),
-        ]
+        ];
+        if let Some(m) = &self.magnitude {
+            v.push((format!("{}.lora_magnitude_vector", self.module), m.shallow_clone()));
+        }
+        v
     }
 
     fn can_apply(&self) -> bool {

@@ -128,9 +128,11 @@ impl StackLayer for LoraEmbedding {
     type Base = Tensor;
     impl_stack_layer_common!();
     fn init_from_base(&self) -> Result<()> {
-        Ok(())
+        self.init_from_base_weights()
     }
-    fn set_base_ready(&self, _ready: bool) {}
+    fn set_base_ready(&self, ready: bool) {
+        self.set_base_init_done(ready)
+    }
     fn base_handle(&self) -> Tensor {
         self.weight().shallow_clone()
     }
@@ -151,7 +153,7 @@ impl StackLayer for LoraEmbedding {
             a: self.lora_a().shallow_clone(),
             b: self.lora_b().shallow_clone(),
             scaling: self.scaling(),
-            magnitude: None,
+            magnitude: self.magnitude().map(Tensor::shallow_clone),
             lora_b_bias: None,
         }
     }
