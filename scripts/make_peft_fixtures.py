@@ -137,6 +137,9 @@ def make_case(name, model_cls, cfg, x_shape, randomize_b=True, base_output=False
                 # embeddings start with A = 0 (B random): randomise A there
                 if "lora_B" in n or "lora_embedding_A" in n:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                # the trainable copies of modules_to_save start as the base module: move them
+                if "modules_to_save" in n:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
     model.eval()
     if model_cls is EmbedNet:
         x = torch.randint(0, 20, x_shape, generator=g)
@@ -246,6 +249,11 @@ def main():
     # DoRA on an embedding (magnitude over the vocabulary, per coordinate) and a linear layer
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "proj"], use_dora=True)
     make_case("dora_embedding", EmbedNet, cfg, (3, 5), base_output=True)
+    # modules_to_save: a trainable copy of a linear layer (Tiny) and of an embedding table
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["up_proj"])
+    make_case("modules_to_save", Tiny, cfg, tiny_x, base_output=True)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], modules_to_save=["embed_tokens"])
+    make_case("modules_to_save_embedding", EmbedNet, cfg, (3, 5), base_output=True)
     make_multi()
 
 

@@ -326,3 +326,85 @@ fn peft_dora_embedding_adapter_matches_outputs_merged_weights_and_files() {
     let ids = Tensor::from_slice(&[0i64, 5, 19]);
     assert!(max_abs_diff(&e2.f_forward(&ids).unwrap(), &w.index_select(0, &ids)) < 1e-6);
 }
+
+/// `modules_to_save`: a trainable copy of each `up_proj` next to LoRA on `q_proj`/`v_proj`.
+#[test]
+fn peft_modules_to_save_linear_matches_outputs_merged_weights_and_files() {
+    check_case(
+        "modules_to_save",
+        &[
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.v_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.v_proj",
+            "model.layers.0.mlp.up_proj",
+            "model.layers.1.mlp.up_proj",
+        ],
+    );
+    let (_b, adapter_vs, model, adapter) = load_case("modules_to_save");
+    assert!(matches!(model.layers[0][2], tch_peft::lora::MaybeLoraLinear::Copy { .. }));
+    // the copies train, the base does not
+    assert!(adapter_vs.variables()["model.layers.0.mlp.up_proj.weight"].requires_grad());
+    assert_eq!(adapter.module_copies().len(), 2);
+}
+
+/// `modules_to_save` on an embedding table, LoRA on the projection after it.
+#[test]
+fn peft_modules_to_save_embedding_matches_outputs_merged_weights_and_files() {
+    let dir = fixture("modules_to_save_embedding");
+    let cfg = LoraConfig::from_pretrained(&dir).unwrap();
+    let (mut base_vs, adapter_vs) =
+        (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let builder = LoraBuilder::new(&adapter_vs.root(), cfg).unwrap();
+    let emb = builder.embedding(&(base_vs.root() / "embed_tokens"), 20, 8, Default::default());
+    let emb = emb.unwrap();
+    let proj = builder.linear(&(base_vs.root() / "proj"), 8, 6, Default::default()).unwrap();
+    let adapter = builder.finish().unwrap();
+    base_vs.load(dir.join("base.safetensors")).unwrap();
+    let io_t = tensors(&dir.join("io.safetensors"));
+    let fwd = |ids: &Tensor| proj.forward_t(&emb.f_forward(ids).unwrap(), false);
+    assert!(emb.f_forward(&io_t["x"]).is_err(), "the copy is not taken yet");
+    adapter.load_pretrained(&dir).unwrap();
+    assert!(max_abs_diff(&fwd(&io_t["x"]), &io_t["y"]) < 1e-5);
+    {
+        let _off = adapter.disable_adapters().unwrap();
+        assert!(max_abs_diff(&fwd(&io_t["x"]), &io_t["y_base"]) < 1e-6);
+    }
+    let original = base_vs.variables()["embed_tokens.weight"].copy();
+    adapter.merge().unwrap();
+    let vars = base_vs.variables();
+    for name in ["embed_tokens.weight", "proj.weight", "proj.bias"] {
+        let d = max_abs_diff(&vars[name], &io_t[&format!("merged.{name}")]);
+        assert!(d < 1e-6, "merged {name}: {d}");
+    }
+    assert!(max_abs_diff(&fwd(&io_t["x"]), &io_t["y"]) < 1e-5);
+    adapter.unmerge().unwrap();
+    assert!(bit_equal(&vars["embed_tokens.weight"], &original));
+    let out = assert_saves_peft_file("modules_to_save_embedding", &adapter, &dir);
+    std::fs::remove_dir_all(out).unwrap();
+
+    // a module both copied and targeted by LoRA is refused; an entry matching nothing too
+    let (b2, v2) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let cfg = LoraConfig {
+        r: 2,
+        modules_to_save: Some(vec!["proj".into()]),
+        ..LoraConfig::for_targets(["proj"])
+    };
+    let other = LoraConfig { r: 2, ..LoraConfig::for_targets(["proj"]) };
+    let builder = LoraBuilder::new(&v2.root(), cfg.clone())
+        .unwrap()
+        .with_adapter("second", &(v2.root() / "second"), other)
+        .unwrap();
+    let err = builder.linear(&(b2.root() / "proj"), 8, 6, Default::default()).unwrap_err();
+    assert!(err.to_string().contains("copied in full"), "{err}");
+    let cfg = LoraConfig {
+        r: 2,
+        modules_to_save: Some(vec!["head".into()]),
+        ..LoraConfig::for_targets(["proj"])
+    };
+    let builder = LoraBuilder::new(&v2.root(), cfg).unwrap();
+    let b3 = nn::VarStore::new(Device::Cpu);
+    let _ = builder.linear(&(b3.root() / "proj"), 8, 6, Default::default()).unwrap();
+    let err = builder.finish().unwrap_err();
+    assert!(err.to_string().contains("head"), "{err}");
+}

@@ -8,6 +8,7 @@ use tch::{nn, Tensor};
 
 use super::config::LoraConfig;
 use super::conv2d::LoraConv2d;
+use super::copy::ModuleCopy;
 use super::embedding::LoraEmbedding;
 use super::linear::{is_float, LoraLinear};
 use super::model::{check_adapter_name, module_path, DEFAULT_ADAPTER_NAME};
@@ -30,6 +31,8 @@ pub struct LoraAdapter {
     pub(crate) linears: Vec<LoraStack<LoraLinear>>,
     pub(crate) embeddings: Vec<LoraStack<LoraEmbedding>>,
     pub(crate) convs: Vec<LoraStack<LoraConv2d>>,
+    /// Trainable copies of `modules_to_save` modules.
+    pub(crate) copies: Vec<LoraStack<ModuleCopy>>,
     /// Layers built without LoRA (no adapter can be added to them later).
     plain: Vec<String>,
 }
@@ -135,19 +138,27 @@ impl LoraAdapter {
         linears: Vec<LoraStack<LoraLinear>>,
         embeddings: Vec<LoraStack<LoraEmbedding>>,
         convs: Vec<LoraStack<LoraConv2d>>,
+        copies: Vec<LoraStack<ModuleCopy>>,
         plain: Vec<String>,
     ) -> Result<Self> {
         let active = vec![adapters[0].0.clone()];
-        let a = LoraAdapter { adapters, active, linears, embeddings, convs, plain };
+        let a = LoraAdapter { adapters, active, linears, embeddings, convs, copies, plain };
         a.apply_active()?;
         Ok(a)
     }
 
-    /// Every stack: embeddings, convolutions, then linear layers, each in build order.
+    /// Every stack: embeddings, convolutions, linear layers, then module copies, each in build
+    /// order.
     fn stacks(&self) -> impl Iterator<Item = &dyn AnyStack> + '_ {
         let e = self.embeddings.iter().map(|s| s as &dyn AnyStack);
         let c = self.convs.iter().map(|s| s as &dyn AnyStack);
-        e.chain(c).chain(self.linears.iter().map(|s| s as &dyn AnyStack))
+        let l = self.linears.iter().map(|s| s as &dyn AnyStack);
+        e.chain(c).chain(l).chain(self.copies.iter().map(|s| s as &dyn AnyStack))
+    }
+
+    /// The current adapter's trainable module copies (`modules_to_save`), in build order.
+    pub fn module_copies(&self) -> Vec<ModuleCopy> {
+        self.copies.iter().filter_map(|s| s.get(self.current())).collect()
     }
 
     fn for_each_layer(
@@ -262,7 +273,7 @@ impl LoraAdapter {
     }
 
     /// Runs every layer's initialisation that depends on the pre-trained base weight (DoRA
-    /// magnitudes, PiSSA/OLoRA factors and residuals; see
+    /// magnitudes, PiSSA/OLoRA factors and residuals, the copies of `modules_to_save`; see
     /// [`LoraLinear::init_from_base_weights`]), for every adapter. Call it after loading the
     /// pre-trained weights when training a new adapter with DoRA, PiSSA or OLoRA; loading a
     /// trained adapter marks the layers initialised instead (a PiSSA/OLoRA adapter then expects
@@ -423,47 +434,37 @@ impl LoraAdapter {
                 ),
             });
         }
-        let chosen: Vec<bool> = self.stacks().map(|s| targets.matches(s.module())).collect();
+        let saves = |m: &str| config.saves_module(m);
+        if let Some(p) = self.plain.iter().find(|p| saves(p)) {
+            return Err(Error::Unsupported {
+                field: "modules_to_save".into(),
+                reason: format!(
+                    "`{p}` was built without a trainable copy; declare `{name}` on the builder \
+                     (`LoraBuilder::with_adapter`) before building the model"
+                ),
+            });
+        }
+        // modules copied in full are not LoRA targets (as PEFT)
+        let pick = |m: &str| targets.matches(m) && !saves(m);
+        let pick_e: Vec<bool> = self.embeddings.iter().map(|s| pick(s.module())).collect();
+        let pick_c: Vec<bool> = self.convs.iter().map(|s| pick(s.module())).collect();
+        let pick_l: Vec<bool> = self.linears.iter().map(|s| pick(s.module())).collect();
+        let pick_s: Vec<bool> = self.copies.iter().map(|s| saves(s.module())).collect();
+        for s in &self.copies {
+            let _ = targets.matches(s.module());
+        }
         targets.check_all_matched()?;
-        // ranks are checked for every layer before anything is registered
-        let bounds = self
-            .embeddings
-            .iter()
-            .map(|s| (s.module(), LoraEmbedding::rank_bound(s.base())))
-            .chain(self.convs.iter().map(|s| (s.module(), LoraConv2d::rank_bound(s.base()))))
-            .chain(self.linears.iter().map(|s| (s.module(), LoraLinear::rank_bound(s.base()))));
-        for ((module, (i, o)), on) in bounds.zip(&chosen) {
-            let r = config.rank_for(module)?;
-            if *on && r > i.min(o) {
-                return Err(Error::RankTooLarge {
-                    module: module.into(),
-                    rank: r,
-                    in_features: i,
-                    out_features: o,
-                });
-            }
-        }
-        // and the adapter's variable names are free
-        let taken = (self
-            .embeddings
-            .iter()
-            .map(|s| LoraEmbedding::registered(&module_path(root, s.module()))))
-        .chain(self.convs.iter().map(|s| LoraConv2d::registered(&module_path(root, s.module()))))
-        .chain(self.linears.iter().map(|s| LoraLinear::registered(&module_path(root, s.module()))));
-        for (t, on) in taken.zip(&chosen) {
-            if let (Some(name), true) = (t, on) {
-                return Err(Error::DuplicateParameter(name));
-            }
-        }
-        let mut chosen = chosen.into_iter();
-        let (ne, nc) = (self.embeddings.len(), self.convs.len());
-        let pick_e: Vec<bool> = chosen.by_ref().take(ne).collect();
-        let pick_c: Vec<bool> = chosen.by_ref().take(nc).collect();
-        let pick_l: Vec<bool> = chosen.collect();
+        config.check_saved_matched(self.copies.iter().map(|s| s.module()))?;
+        // ranks and variable names are checked for every layer before anything is registered
+        precheck(&self.embeddings, &pick_e, root, &config)?;
+        precheck(&self.convs, &pick_c, root, &config)?;
+        precheck(&self.linears, &pick_l, root, &config)?;
+        precheck(&self.copies, &pick_s, root, &config)?;
         let r = (|| -> Result<()> {
             attach_all(&self.embeddings, &pick_e, name, root, &config, init)?;
             attach_all(&self.convs, &pick_c, name, root, &config, init)?;
-            attach_all(&self.linears, &pick_l, name, root, &config, init)
+            attach_all(&self.linears, &pick_l, name, root, &config, init)?;
+            attach_all(&self.copies, &pick_s, name, root, &config, init)
         })();
         if let Err(e) = r {
             // take the half-added adapter off the layers again
@@ -762,6 +763,34 @@ fn write_config(dir: &Path, config: &LoraConfig) -> Result<()> {
     }
     let text = serde_json::to_string_pretty(&json)?;
     io::write_atomic(&dir.join(io::PEFT_CONFIG_NAME), text.as_bytes())
+}
+
+/// Checks the rank bound and that the variable names are free on the picked stacks.
+fn precheck<L: StackLayer>(
+    stacks: &[LoraStack<L>],
+    pick: &[bool],
+    root: &nn::Path,
+    config: &LoraConfig,
+) -> Result<()> {
+    for (s, on) in stacks.iter().zip(pick) {
+        if !on {
+            continue;
+        }
+        let (i, o) = L::rank_bound(s.base());
+        let r = config.rank_for(s.module())?;
+        if r > i.min(o) {
+            return Err(Error::RankTooLarge {
+                module: s.module().into(),
+                rank: r,
+                in_features: i,
+                out_features: o,
+            });
+        }
+        if let Some(v) = L::registered(&module_path(root, s.module())) {
+            return Err(Error::DuplicateParameter(v));
+        }
+    }
+    Ok(())
 }
 
 /// Attaches adapter `name` to the picked stacks.

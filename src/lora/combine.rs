@@ -352,8 +352,10 @@ fn combine_stacks<L: StackLayer>(
 ) -> Result<Vec<(String, Combined)>> {
     let mut out = Vec::new();
     for s in stacks {
-        let present: Vec<(Factors, f64)> =
-            sources.iter().filter_map(|(n, w)| s.get(n).map(|l| (l.factors(), *w))).collect();
+        let present: Vec<(Factors, f64)> = sources
+            .iter()
+            .filter_map(|(n, w)| s.get(n).and_then(|l| l.factors()).map(|f| (f, *w)))
+            .collect();
         if present.is_empty() {
             continue;
         }
@@ -374,7 +376,7 @@ fn write_stacks<L: StackLayer>(
     for s in stacks {
         let Some((_, c)) = values.iter().find(|(m, _)| m == s.module()) else { continue };
         let layer = s.get(name).expect("added to every combined layer");
-        let f = layer.factors();
+        let f = layer.factors().expect("a low-rank layer");
         let copy = |dst: &Tensor, src: &Tensor| -> Result<()> {
             dst.shallow_clone().f_copy_(&src.f_to_kind(dst.kind())?)?;
             Ok(())
@@ -469,6 +471,14 @@ impl LoraAdapter {
             return Err(Error::Unsupported {
                 field: "use_dora".into(),
                 reason: "DoRA and plain LoRA adapters cannot be combined".into(),
+            });
+        }
+        if let Some((n, _)) =
+            sources.iter().zip(&configs).find(|(_, c)| c.modules_to_save.is_some())
+        {
+            return Err(Error::Unsupported {
+                field: "modules_to_save".into(),
+                reason: format!("`{}` has trainable module copies, which are not combined", n.0),
             });
         }
         let lora_bias = configs.iter().any(|c| c.lora_bias);

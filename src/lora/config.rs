@@ -164,7 +164,10 @@ pub struct LoraConfig {
     /// A trainable bias on `lora_B` (`<module>.lora_B.bias: [out]`, zero-initialised): the
     /// branch adds `s·(x Aᵀ Bᵀ + b_B)`; merging adds `s·b_B` to the layer's bias. Linear layers.
     pub lora_bias: bool,
-    /// Modules trained in full and saved with the adapter (not supported yet).
+    /// Modules trained in full and saved with the adapter (PEFT's `modules_to_save`, e.g. a
+    /// classification head): a module whose name equals an entry or ends with `.` + entry gets
+    /// a trainable copy per adapter (linear layers and embedding tables; see
+    /// [`ModuleCopy`](super::ModuleCopy)). Such modules are not LoRA targets.
     pub modules_to_save: Option<Vec<String>>,
 }
 
@@ -227,6 +230,31 @@ fn pattern_regex(field: &str, p: &str) -> Result<Regex> {
 }
 
 impl LoraConfig {
+    /// Whether `module` is listed in `modules_to_save` (equal, or a `.`-suffix).
+    pub fn saves_module(&self, module: &str) -> bool {
+        self.modules_to_save
+            .as_ref()
+            .is_some_and(|v| v.iter().any(|m| module == m || module.ends_with(&format!(".{m}"))))
+    }
+
+    /// Errors when an entry of `modules_to_save` matches none of `modules`.
+    pub(crate) fn check_saved_matched<'m>(
+        &self,
+        modules: impl Iterator<Item = &'m str> + Clone,
+    ) -> Result<()> {
+        for m in self.modules_to_save.iter().flatten() {
+            let hit = modules.clone().any(|k| k == m || k.ends_with(&format!(".{m}")));
+            if !hit {
+                return Err(Error::UnmatchedTarget {
+                    field: "modules_to_save".into(),
+                    target: m.clone(),
+                    checked: modules.clone().count(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// A default config targeting the given modules.
     pub fn for_targets<I, S>(targets: I) -> Self
     where
@@ -290,9 +318,6 @@ impl LoraConfig {
                 "bias",
                 "`all` is not implemented yet; use `none` or `lora_only`",
             ));
-        }
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(unsupported("modules_to_save", "not implemented yet"));
         }
         Ok(())
     }

@@ -270,11 +270,6 @@ impl LoraConv2d {
         self.f_add_delta(&xs, padding, y)
     }
 
-    /// The base convolution's config.
-    pub(crate) fn conv_config(&self) -> &Conv2dConfig {
-        &self.conv
-    }
-
     /// Adds `s·conv1x1(conv(x, A), B)` to `y`, the base output for the input `xs` as prepared by
     /// [`conv_input`] (padded for a non-zero padding mode, with the `padding` it returned).
     pub(crate) fn f_add_delta(&self, xs: &Tensor, padding: [i64; 2], y: Tensor) -> Result<Tensor> {

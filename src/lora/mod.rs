@@ -19,6 +19,7 @@ mod adapters;
 mod combine;
 mod config;
 mod conv2d;
+mod copy;
 mod embedding;
 #[cfg(tch_peft_fused)]
 mod fused;
@@ -31,6 +32,7 @@ pub use adapters::{DisabledAdapters, LoraAdapter};
 pub use combine::{Combination, MajoritySign, TaskMerge};
 pub use config::{scaling, LoraBias, LoraConfig, LoraInit};
 pub use conv2d::{Conv2dConfig, LoraConv2d};
+pub use copy::ModuleCopy;
 pub use embedding::LoraEmbedding;
 pub use linear::{fused_kernel_available, LoraLinear};
 pub use model::{

@@ -9,6 +9,7 @@ use tch::Tensor;
 use super::adapters::LoraAdapter;
 use super::config::LoraConfig;
 use super::conv2d::{Conv2dConfig, LoraConv2d};
+use super::copy::{CopyBase, CopyKind, ModuleCopy};
 use super::embedding::LoraEmbedding;
 use super::linear::{path_name, LoraLinear};
 use super::stack::{ConvBase, LoraStack, StackLayer};
@@ -45,6 +46,13 @@ pub enum MaybeLoraLinear {
     Plain(nn::Linear),
     /// Targeted: the base layer with its named LoRA adapters.
     Lora(LoraStack<LoraLinear>),
+    /// Listed in `modules_to_save`: the base layer and its trainable copies.
+    Copy {
+        /// The frozen base layer.
+        base: nn::Linear,
+        /// The adapters' copies.
+        copies: LoraStack<ModuleCopy>,
+    },
 }
 
 impl MaybeLoraLinear {
@@ -57,14 +65,14 @@ impl MaybeLoraLinear {
     pub fn as_stack(&self) -> Option<&LoraStack<LoraLinear>> {
         match self {
             MaybeLoraLinear::Lora(s) => Some(s),
-            MaybeLoraLinear::Plain(_) => None,
+            MaybeLoraLinear::Plain(_) | MaybeLoraLinear::Copy { .. } => None,
         }
     }
 
     /// The base layer.
     pub fn base(&self) -> &nn::Linear {
         match self {
-            MaybeLoraLinear::Plain(l) => l,
+            MaybeLoraLinear::Plain(l) | MaybeLoraLinear::Copy { base: l, .. } => l,
             MaybeLoraLinear::Lora(s) => s.base_linear(),
         }
     }
@@ -84,6 +92,7 @@ impl MaybeLoraLinear {
                 Ok(xs.f_linear(&l.ws, l.bs.as_ref())?)
             }
             MaybeLoraLinear::Lora(s) => s.f_forward_t(xs, train),
+            MaybeLoraLinear::Copy { copies, .. } => copies.f_forward(xs),
         }
     }
 }
@@ -93,6 +102,7 @@ impl ModuleT for MaybeLoraLinear {
         match self {
             MaybeLoraLinear::Plain(l) => xs.linear(&l.ws, l.bs.as_ref()),
             MaybeLoraLinear::Lora(s) => s.forward_t(xs, train),
+            MaybeLoraLinear::Copy { copies, .. } => copies.forward_t(xs, train),
         }
     }
 }
@@ -132,6 +142,8 @@ pub enum MaybeLoraEmbedding {
     Plain(Tensor),
     /// Targeted: the table with its named LoRA adapters.
     Lora(LoraStack<LoraEmbedding>),
+    /// Listed in `modules_to_save`: the table and its trainable copies.
+    Copy(LoraStack<ModuleCopy>),
 }
 
 impl MaybeLoraEmbedding {
@@ -140,6 +152,7 @@ impl MaybeLoraEmbedding {
         match self {
             MaybeLoraEmbedding::Plain(w) => w,
             MaybeLoraEmbedding::Lora(s) => s.weight(),
+            MaybeLoraEmbedding::Copy(s) => s.base_weight(),
         }
     }
 
@@ -147,7 +160,7 @@ impl MaybeLoraEmbedding {
     pub fn as_lora(&self) -> Option<LoraEmbedding> {
         match self {
             MaybeLoraEmbedding::Lora(s) => s.first(),
-            MaybeLoraEmbedding::Plain(_) => None,
+            MaybeLoraEmbedding::Plain(_) | MaybeLoraEmbedding::Copy(_) => None,
         }
     }
 
@@ -157,6 +170,7 @@ impl MaybeLoraEmbedding {
         match self {
             MaybeLoraEmbedding::Plain(w) => Ok(Tensor::f_embedding(w, ids, -1, false, false)?),
             MaybeLoraEmbedding::Lora(s) => s.f_forward(ids),
+            MaybeLoraEmbedding::Copy(s) => s.f_forward(ids),
         }
     }
 }
@@ -204,6 +218,7 @@ pub struct LoraBuilder<'a> {
     linears: Mutex<Vec<LoraStack<LoraLinear>>>,
     embeddings: Mutex<Vec<LoraStack<LoraEmbedding>>>,
     convs: Mutex<Vec<LoraStack<LoraConv2d>>>,
+    copies: Mutex<Vec<LoraStack<ModuleCopy>>>,
     plain: Mutex<Vec<String>>,
 }
 
@@ -230,6 +245,7 @@ impl<'a> LoraBuilder<'a> {
             linears: Mutex::new(Vec::new()),
             embeddings: Mutex::new(Vec::new()),
             convs: Mutex::new(Vec::new()),
+            copies: Mutex::new(Vec::new()),
             plain: Mutex::new(Vec::new()),
         };
         b.with_adapter(name, root, config)
@@ -260,11 +276,48 @@ impl<'a> LoraBuilder<'a> {
         &self.declared[0].config
     }
 
-    /// The declared adapters that target `module` (every declared target set sees the name, so
-    /// that unmatched targets are reported by `finish`).
+    /// The declared adapters that target `module` with LoRA (every declared target set sees the
+    /// name, so that unmatched targets are reported by `finish`; a module an adapter copies in
+    /// full is not its LoRA target, as in PEFT).
     fn targeting(&self, module: &str) -> Vec<&Declared<'a>> {
         let hits: Vec<bool> = self.declared.iter().map(|d| d.targets.matches(module)).collect();
-        self.declared.iter().zip(hits).filter(|(_, h)| *h).map(|(d, _)| d).collect()
+        self.declared
+            .iter()
+            .zip(hits)
+            .filter(|(d, h)| *h && !d.config.saves_module(module))
+            .map(|(d, _)| d)
+            .collect()
+    }
+
+    /// For a module some declared adapter lists in `modules_to_save`: the stack of copies, or
+    /// an error when another adapter targets it with LoRA. `None` when no adapter copies it.
+    fn copies_for(
+        &self,
+        module: &str,
+        kind: CopyKind,
+        ws: &Tensor,
+        bs: Option<&Tensor>,
+    ) -> Result<Option<LoraStack<ModuleCopy>>> {
+        let saving: Vec<&Declared<'a>> =
+            self.declared.iter().filter(|d| d.config.saves_module(module)).collect();
+        if saving.is_empty() {
+            return Ok(None);
+        }
+        if let Some(d) = self.targeting(module).first() {
+            return Err(Error::Unsupported {
+                field: "modules_to_save".into(),
+                reason: format!(
+                    "`{module}` is a LoRA target of adapter `{}` and copied in full by `{}`; a \
+                     module can be one or the other",
+                    d.name, saving[0].name
+                ),
+            });
+        }
+        let base = CopyBase { kind, ws: ws.shallow_clone(), bs: bs.map(Tensor::shallow_clone) };
+        let decl: Vec<&Declared<'a>> = saving;
+        let stack = self.stack::<ModuleCopy>(module, base, &decl)?;
+        lock(&self.copies).push(stack.clone());
+        Ok(Some(stack))
     }
 
     /// A stack over `base` with a slot for every adapter in `decl`; the base-dependent
@@ -305,6 +358,11 @@ impl<'a> LoraBuilder<'a> {
         let _ = base.ws.set_requires_grad(false);
         if let Some(bs) = &base.bs {
             let _ = bs.set_requires_grad(false);
+        }
+        if let Some(copies) =
+            self.copies_for(module, CopyKind::Linear, &base.ws, base.bs.as_ref())?
+        {
+            return Ok(MaybeLoraLinear::Copy { base, copies });
         }
         let decl = self.targeting(module);
         if decl.is_empty() {
@@ -389,6 +447,9 @@ impl<'a> LoraBuilder<'a> {
     /// the table stops requiring grad.
     pub fn wrap_embedding(&self, module: &str, weight: Tensor) -> Result<MaybeLoraEmbedding> {
         let _ = weight.set_requires_grad(false);
+        if let Some(copies) = self.copies_for(module, CopyKind::Embedding, &weight, None)? {
+            return Ok(MaybeLoraEmbedding::Copy(copies));
+        }
         let decl = self.targeting(module);
         if decl.is_empty() {
             lock(&self.plain).push(module.into());
@@ -403,8 +464,10 @@ impl<'a> LoraBuilder<'a> {
     /// matched no layer, and returns the handle on every adapted layer, with the first declared
     /// adapter active.
     pub fn finish(self) -> Result<LoraAdapter> {
+        let copies = self.copies.into_inner().unwrap_or_else(|e| e.into_inner());
         for d in &self.declared {
             d.targets.check_all_matched()?;
+            d.config.check_saved_matched(copies.iter().map(|s| s.module()))?;
         }
         let adapters: Vec<(String, LoraConfig)> =
             self.declared.into_iter().map(|d| (d.name, d.config)).collect();
@@ -413,6 +476,7 @@ impl<'a> LoraBuilder<'a> {
             self.linears.into_inner().unwrap_or_else(|e| e.into_inner()),
             self.embeddings.into_inner().unwrap_or_else(|e| e.into_inner()),
             self.convs.into_inner().unwrap_or_else(|e| e.into_inner()),
+            copies,
             self.plain.into_inner().unwrap_or_else(|e| e.into_inner()),
         )
     }

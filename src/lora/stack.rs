@@ -8,6 +8,7 @@ use tch::Tensor;
 
 use super::config::LoraConfig;
 use super::conv2d::{conv_input, Conv2dConfig, LoraConv2d};
+use super::copy::{CopyBase, CopyKind, ModuleCopy};
 use super::embedding::LoraEmbedding;
 use super::linear::{check_linear_input, LoraLinear};
 use crate::adapter::Adapter;
@@ -31,15 +32,13 @@ pub trait StackLayer: Adapter + Sized {
     fn init_from_base(&self) -> Result<()>;
     /// Marks that initialisation done (a trained adapter was loaded) or pending.
     fn set_base_ready(&self, ready: bool);
-    /// A handle on the base the layer wraps.
-    fn base_handle(&self) -> Self::Base;
     fn share_base(base: &Self::Base) -> Self::Base;
     /// A new adapter on `base`, its variables under `p`.
     fn attach(base: &Self::Base, p: &nn::Path, module: &str, config: &LoraConfig) -> Result<Self>;
     /// `(rows, cols)` whose minimum bounds the rank.
     fn rank_bound(base: &Self::Base) -> (i64, i64);
-    /// Handles on the adapter's tensors (shared storage).
-    fn factors(&self) -> Factors;
+    /// Handles on the adapter's low-rank tensors (shared storage); `None` for a module copy.
+    fn factors(&self) -> Option<Factors>;
     /// The first variable an adapter of this type would register under `p`, if it exists.
     fn registered(p: &nn::Path) -> Option<String>;
 }
@@ -96,9 +95,6 @@ impl StackLayer for LoraLinear {
     fn set_base_ready(&self, ready: bool) {
         self.set_base_init_done(ready)
     }
-    fn base_handle(&self) -> nn::Linear {
-        Self::share_base(self.base())
-    }
     fn share_base(b: &nn::Linear) -> nn::Linear {
         nn::Linear { ws: b.ws.shallow_clone(), bs: b.bs.as_ref().map(Tensor::shallow_clone) }
     }
@@ -113,14 +109,14 @@ impl StackLayer for LoraLinear {
         let a = p / "lora_A";
         a.get("weight").map(|_| a.path("weight"))
     }
-    fn factors(&self) -> Factors {
-        Factors {
+    fn factors(&self) -> Option<Factors> {
+        Some(Factors {
             a: self.lora_a().shallow_clone(),
             b: self.lora_b().shallow_clone(),
             scaling: self.scaling(),
             magnitude: self.magnitude().map(Tensor::shallow_clone),
             lora_b_bias: self.lora_b_bias().map(Tensor::shallow_clone),
-        }
+        })
     }
 }
 
@@ -132,9 +128,6 @@ impl StackLayer for LoraEmbedding {
     }
     fn set_base_ready(&self, ready: bool) {
         self.set_base_init_done(ready)
-    }
-    fn base_handle(&self) -> Tensor {
-        self.weight().shallow_clone()
     }
     fn share_base(w: &Tensor) -> Tensor {
         w.shallow_clone()
@@ -148,14 +141,14 @@ impl StackLayer for LoraEmbedding {
     fn registered(p: &nn::Path) -> Option<String> {
         p.get("lora_embedding_A").map(|_| p.path("lora_embedding_A"))
     }
-    fn factors(&self) -> Factors {
-        Factors {
+    fn factors(&self) -> Option<Factors> {
+        Some(Factors {
             a: self.lora_a().shallow_clone(),
             b: self.lora_b().shallow_clone(),
             scaling: self.scaling(),
             magnitude: self.magnitude().map(Tensor::shallow_clone),
             lora_b_bias: None,
-        }
+        })
     }
 }
 
@@ -174,13 +167,6 @@ impl StackLayer for LoraConv2d {
         Ok(())
     }
     fn set_base_ready(&self, _ready: bool) {}
-    fn base_handle(&self) -> ConvBase {
-        ConvBase {
-            ws: self.weight().shallow_clone(),
-            bs: self.bias().map(Tensor::shallow_clone),
-            conv: *self.conv_config(),
-        }
-    }
     fn share_base(b: &ConvBase) -> ConvBase {
         ConvBase {
             ws: b.ws.shallow_clone(),
@@ -200,14 +186,40 @@ impl StackLayer for LoraConv2d {
         let a = p / "lora_A";
         a.get("weight").map(|_| a.path("weight"))
     }
-    fn factors(&self) -> Factors {
-        Factors {
+    fn factors(&self) -> Option<Factors> {
+        Some(Factors {
             a: self.lora_a().shallow_clone(),
             b: self.lora_b().shallow_clone(),
             scaling: self.scaling(),
             magnitude: None,
             lora_b_bias: None,
-        }
+        })
+    }
+}
+
+impl StackLayer for ModuleCopy {
+    type Base = CopyBase;
+    impl_stack_layer_common!();
+    fn init_from_base(&self) -> Result<()> {
+        self.init_from_base_weights()
+    }
+    fn set_base_ready(&self, ready: bool) {
+        self.set_ready(ready)
+    }
+    fn share_base(b: &CopyBase) -> CopyBase {
+        b.share()
+    }
+    fn attach(b: &CopyBase, p: &nn::Path, module: &str, _config: &LoraConfig) -> Result<Self> {
+        ModuleCopy::new(b, p, module)
+    }
+    fn rank_bound(_b: &CopyBase) -> (i64, i64) {
+        (i64::MAX, i64::MAX)
+    }
+    fn factors(&self) -> Option<Factors> {
+        None
+    }
+    fn registered(p: &nn::Path) -> Option<String> {
+        p.get("weight").map(|_| p.path("weight"))
     }
 }
 
@@ -451,5 +463,38 @@ impl ModuleT for LoraStack<LoraConv2d> {
     /// [`LoraStack::f_forward_t`] returns.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         self.f_forward_t(xs, train).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+impl LoraStack<ModuleCopy> {
+    /// The frozen module's weight (the merged copy while merged).
+    pub fn base_weight(&self) -> &Tensor {
+        &self.base.ws
+    }
+
+    /// Forward with the first enabled, unmerged copy, else with the base module (a linear
+    /// layer's `x Wᵀ + b` or a table's `W[ids]`).
+    pub fn f_forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let st = self.read();
+        let b = &self.base;
+        if b.kind == CopyKind::Linear {
+            check_linear_input(&b.ws, &self.module, xs)?;
+        }
+        if let Some((_, c)) = st.slots.iter().find(|(_, c)| c.is_enabled() && !c.is_merged()) {
+            return c.f_forward(xs);
+        }
+        Ok(match b.kind {
+            CopyKind::Linear => xs.f_linear(&b.ws, b.bs.as_ref())?,
+            CopyKind::Embedding => Tensor::f_embedding(&b.ws, xs, -1, false, false)?,
+        })
+    }
+}
+
+impl ModuleT for LoraStack<ModuleCopy> {
+    /// # Panics
+    /// On an input that does not fit the module, with the message of the typed error
+    /// [`LoraStack::f_forward`] returns.
+    fn forward_t(&self, xs: &Tensor, _train: bool) -> Tensor {
+        self.f_forward(xs).unwrap_or_else(|e| panic!("{e}"))
     }
 }
