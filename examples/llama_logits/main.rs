@@ -8,6 +8,11 @@
 //! * `--model`: a directory with `config.json` and `model.safetensors` (or a sharded
 //!   `model.safetensors.index.json`).
 //! * `--adapter`: a PEFT LoRA directory (`adapter_config.json`, `adapter_model.safetensors`).
+//! * `--new-adapter CONFIG.json --save-adapter DIR [--seed N]`: instead of loading an adapter,
+//!   create one from a PEFT `adapter_config.json` (DoRA/PiSSA/module copies initialised from the
+//!   loaded weights), move every adapter variable by seeded noise (a stand-in for training, so
+//!   that the adapter changes the logits), and save it as a PEFT directory. Used by
+//!   `scripts/check_rust_adapters_in_peft.py` to show that Python PEFT loads what Rust writes.
 //! * `--merge`: merge the adapter into the weights before the forward.
 //! * `--input`: JSON `{"input_ids": [[...], ...]}` (rows of equal length; an optional
 //!   `"attention_mask"` of the same shape marks padding with 0).
@@ -20,11 +25,12 @@ use tch_peft::lora::{LoraBuilder, LoraConfig};
 use tch_peft::models::llama::{load_weights, Llama, LlamaConfig};
 use tch_peft::{io, Error};
 
-const USAGE: &str = "usage: llama_logits --model DIR [--adapter PEFT_DIR] [--merge] --input FILE.json --output FILE.safetensors";
+const USAGE: &str = "usage: llama_logits --model DIR [--adapter PEFT_DIR | --new-adapter CONFIG.json --save-adapter DIR [--seed N]] [--merge] --input FILE.json --output FILE.safetensors";
 
 struct Args {
     model: PathBuf,
     adapter: Option<PathBuf>,
+    new_adapter: Option<(PathBuf, PathBuf, i64)>,
     merge: bool,
     input: PathBuf,
     output: PathBuf,
@@ -34,12 +40,19 @@ fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let (mut model, mut adapter, mut merge, mut input, mut output) =
         (None, None, false, None, None);
+    let (mut new_adapter, mut save_adapter, mut seed) = (None, None, 0i64);
     while let Some(arg) = it.next() {
         let mut value =
             |name: &str| it.next().map(PathBuf::from).ok_or(format!("{name} needs a value"));
         match arg.as_str() {
             "--model" => model = Some(value("--model")?),
             "--adapter" => adapter = Some(value("--adapter")?),
+            "--new-adapter" => new_adapter = Some(value("--new-adapter")?),
+            "--save-adapter" => save_adapter = Some(value("--save-adapter")?),
+            "--seed" => {
+                let v = value("--seed")?;
+                seed = v.to_string_lossy().parse().map_err(|_| "--seed needs an integer")?;
+            }
             "--merge" => merge = true,
             "--input" => input = Some(value("--input")?),
             "--output" => output = Some(value("--output")?),
@@ -48,12 +61,21 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     let need = |v: Option<PathBuf>, name: &str| v.ok_or(format!("{name} is required"));
-    if merge && adapter.is_none() {
-        return Err("--merge needs --adapter".into());
+    let new_adapter = match (new_adapter, save_adapter) {
+        (Some(c), Some(d)) => Some((c, d, seed)),
+        (None, None) => None,
+        _ => return Err("--new-adapter and --save-adapter go together".into()),
+    };
+    if adapter.is_some() && new_adapter.is_some() {
+        return Err("--adapter and --new-adapter exclude each other".into());
+    }
+    if merge && adapter.is_none() && new_adapter.is_none() {
+        return Err("--merge needs an adapter".into());
     }
     Ok(Args {
         model: need(model, "--model")?,
         adapter,
+        new_adapter,
         merge,
         input: need(input, "--input")?,
         output: need(output, "--output")?,
@@ -89,16 +111,37 @@ fn run(args: Args) -> tch_peft::Result<()> {
     let device = Device::cuda_if_available();
     let config = LlamaConfig::from_pretrained(&args.model)?;
     let (base_vs, adapter_vs) = (nn::VarStore::new(device), nn::VarStore::new(device));
-    let lora = match &args.adapter {
-        Some(dir) => Some(LoraBuilder::new(&adapter_vs.root(), LoraConfig::from_pretrained(dir)?)?),
+    let config_file = args.adapter.as_ref().or(args.new_adapter.as_ref().map(|n| &n.0));
+    let lora = match config_file {
+        Some(file) => {
+            Some(LoraBuilder::new(&adapter_vs.root(), LoraConfig::from_pretrained(file)?)?)
+        }
         None => None,
     };
+    if let Some((_, _, seed)) = &args.new_adapter {
+        // the adapter's random init and the noise below are reproducible
+        tch::manual_seed(*seed);
+    }
     let model = Llama::new(&base_vs.root(), &config, lora.as_ref())?;
     load_weights(&base_vs, &args.model, &config)?;
-    if let (Some(builder), Some(dir)) = (lora, &args.adapter) {
+    if let Some(builder) = lora {
         let adapter = builder.finish()?;
-        adapter.load_pretrained(dir)?;
-        eprintln!("adapter: LoRA on {} modules", adapter.layers().len());
+        match (&args.adapter, &args.new_adapter) {
+            (Some(dir), _) => adapter.load_pretrained(dir)?,
+            (None, Some((_, out, _))) => {
+                adapter.init_from_base_weights()?;
+                tch::no_grad(|| {
+                    for t in adapter_vs.trainable_variables() {
+                        let noise = Tensor::randn_like(&t) * 0.05;
+                        let _ = t.shallow_clone().g_add_(&noise);
+                    }
+                });
+                adapter.save_pretrained(out)?;
+                eprintln!("adapter saved to {}", out.display());
+            }
+            (None, None) => unreachable!("a config file implies an adapter"),
+        }
+        eprintln!("adapter: {} modules", adapter.modules().len());
         if args.merge {
             adapter.safe_merge()?;
             eprintln!("adapter merged");
