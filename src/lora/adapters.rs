@@ -43,25 +43,19 @@ pub struct LoraAdapter {
 #[must_use = "the adapters are enabled again when the guard is dropped"]
 pub struct DisabledAdapters<'a> {
     adapter: &'a LoraAdapter,
-    flags: Vec<(String, String, bool)>,
+    /// The enabled flag of every layer, in `for_each_layer` order.
+    flags: Vec<bool>,
 }
 
 impl Drop for DisabledAdapters<'_> {
     fn drop(&mut self) {
-        let a = self.adapter;
-        for (module, name, on) in &self.flags {
-            // enabling never fails (only disabling may unmerge)
-            let _ =
-                a.for_each_layer(
-                    |m, n, l| {
-                        if m == module && n == name {
-                            l.enable_dyn(*on)
-                        } else {
-                            Ok(())
-                        }
-                    },
-                );
-        }
+        let mut flags = self.flags.iter();
+        // enabling never fails (only disabling may unmerge); no layer was added meanwhile (the
+        // guard borrows the adapter)
+        let _ = self.adapter.for_each_layer(|_, _, l| match flags.next() {
+            Some(true) => l.enable_dyn(true),
+            _ => Ok(()),
+        });
     }
 }
 
@@ -331,8 +325,8 @@ impl LoraAdapter {
     pub fn disable_adapters(&self) -> Result<DisabledAdapters<'_>> {
         self.unmerge()?;
         let mut flags = Vec::new();
-        self.for_each_layer(|m, n, l| {
-            flags.push((m.to_string(), n.to_string(), l.is_enabled_dyn()));
+        self.for_each_layer(|_, _, l| {
+            flags.push(l.is_enabled_dyn());
             Ok(())
         })?;
         self.for_each_layer(|_, _, l| l.enable_dyn(false))?;
