@@ -9,6 +9,7 @@ mod error;
 pub mod io;
 pub mod lora;
 pub mod models;
+pub mod reft;
 pub mod target;
 
 pub use adapter::{Adapter, AdapterKind, ParamEntry, ParamReport};

@@ -25,6 +25,7 @@ use serde::Deserialize;
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
+use super::ResidualHook;
 use crate::io;
 use crate::lora::{self, LoraBuilder, MaybeLoraEmbedding, MaybeLoraLinear};
 use crate::{Error, Result};
@@ -258,6 +259,20 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
+        self.forward_hooked(input_ids, attention_mask, train, None)
+    }
+
+    /// As [`forward_t`](Self::forward_t), calling `hook` on the residual stream after every
+    /// decoder block (`hidden: [batch, seq, hidden]`, block index from 0) and continuing with what
+    /// it returns: where ReFT interventions attach (see
+    /// [`ReftModel::hook`](crate::reft::ReftModel::hook)).
+    pub fn forward_hooked(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+        hook: Option<&dyn ResidualHook>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let size = input_ids.size();
         if size.len() != 2 || input_ids.kind() != Kind::Int64 {
@@ -319,7 +334,7 @@ impl Llama {
             }
         }
         let mut h = self.embed_tokens.f_forward(&ids).map_err(|_| bad_ids())?;
-        for l in &self.layers {
+        for (i, l) in self.layers.iter().enumerate() {
             let n = rms_norm(&h, &l.input_layernorm, c.rms_norm_eps);
             let q = l.q_proj.f_forward_t(&n, train)?.view([b, s, heads, hd]).transpose(1, 2);
             let k = l.k_proj.f_forward_t(&n, train)?.view([b, s, kv, hd]).transpose(1, 2);
@@ -351,6 +366,9 @@ impl Llama {
             let gated =
                 l.gate_proj.f_forward_t(&m, train)?.silu() * l.up_proj.f_forward_t(&m, train)?;
             h = h.f_add(&l.down_proj.f_forward_t(&gated, train)?)?;
+            if let Some(hook) = hook {
+                h = hook.after_block(i as i64, &h, train)?;
+            }
         }
         let h = rms_norm(&h, &self.norm, c.rms_norm_eps);
         Ok(match &self.lm_head {

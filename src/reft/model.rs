@@ -1,0 +1,357 @@
+//! [`ReftModel`]: interventions at chosen layers and positions of a model's residual stream.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{nn, Kind, Tensor};
+
+use super::intervention::{Intervention, InterventionConfig, LowRankIntervention};
+use super::positions::Positions;
+use crate::adapter::{Adapter, AdapterKind, ParamReport};
+use crate::io;
+use crate::models::ResidualHook;
+use crate::{Error, Result};
+
+/// Which blocks are intervened on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ReftLayers {
+    /// Every block (`"all"`).
+    All(AllLayers),
+    /// These block indices.
+    List(Vec<i64>),
+}
+
+/// The string `"all"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AllLayers {
+    /// `"all"`.
+    #[serde(rename = "all")]
+    All,
+}
+
+impl ReftLayers {
+    /// Every block.
+    pub fn all() -> Self {
+        ReftLayers::All(AllLayers::All)
+    }
+
+    /// The indices for a model of `num_layers` blocks; errors on an index out of range or twice.
+    pub fn resolve(&self, num_layers: i64) -> Result<Vec<i64>> {
+        match self {
+            ReftLayers::All(_) => Ok((0..num_layers).collect()),
+            ReftLayers::List(v) => {
+                for (i, &l) in v.iter().enumerate() {
+                    if l < 0 || l >= num_layers {
+                        return Err(Error::UnmatchedTarget {
+                            field: "layers".into(),
+                            target: l.to_string(),
+                            checked: num_layers as usize,
+                        });
+                    }
+                    if v[..i].contains(&l) {
+                        return Err(Error::config("layers", format!("layer {l} is listed twice")));
+                    }
+                }
+                Ok(v.clone())
+            }
+        }
+    }
+}
+
+/// A ReFT configuration: one intervention config applied at a set of blocks and positions.
+/// Serialises to the JSON saved next to the weights (all fields kept, unlike pyreft's
+/// `config.json`, which loses dropout, activation and dtype).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReftConfig {
+    /// The intervention at each position group of each layer.
+    pub intervention: InterventionConfig,
+    /// The blocks (pyreft's `-l all` or `"2;10;18;26"`).
+    pub layers: ReftLayers,
+    /// The prompt positions (`"f7+l7"`).
+    pub positions: Positions,
+    /// Tied weights (pyreft's `share_weights`): one intervention per layer for all positions;
+    /// untied, a two-sided spec gets one for the first and one for the last positions.
+    pub share_weights: bool,
+}
+
+impl ReftConfig {
+    /// `intervention` at `layers` and `positions`, tied.
+    pub fn new(intervention: InterventionConfig, layers: ReftLayers, positions: Positions) -> Self {
+        ReftConfig { intervention, layers, positions, share_weights: true }
+    }
+
+    /// Position groups per layer: 1 tied (or one-sided), 2 untied two-sided.
+    pub fn groups(&self) -> usize {
+        if self.share_weights || !self.positions.splits() {
+            1
+        } else {
+            2
+        }
+    }
+}
+
+/// The file names of a saved ReFT directory.
+pub const REFT_CONFIG_NAME: &str = "reft_config.json";
+/// The weights file of a saved ReFT directory.
+pub const REFT_WEIGHTS_NAME: &str = "reft_model.safetensors";
+
+/// Interventions on a model's residual stream: one per (layer, position group), variables under
+/// `p/layers/<l>/<group>/…` of the caller's store (only they train; the model stays frozen).
+///
+/// Per batch, compute the positions with [`Positions::batch_locations`] and pass
+/// [`hook`](Self::hook)`(&locations)` to the model's hooked forward (e.g.
+/// [`Llama::forward_hooked`](crate::models::Llama::forward_hooked)). Only the intervened positions
+/// are computed: they are gathered, edited and added back (`scatter_add` of the edit).
+///
+/// ```
+/// use tch::{nn, Device, Kind, Tensor};
+/// use tch_peft::models::ResidualHook;
+/// use tch_peft::reft::{InterventionConfig, InterventionKind, ReftConfig, ReftLayers, ReftModel};
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let cfg = ReftConfig::new(
+///     InterventionConfig::new(InterventionKind::LoReft, 16, 2),
+///     ReftLayers::List(vec![0]),
+///     "f1+l1".parse()?,
+/// );
+/// let reft = ReftModel::new(&vs.root(), cfg, 2)?;
+/// assert_eq!(reft.num_params(), 2 * 16 * 2 + 2);
+/// let h = Tensor::randn([1, 6, 16], (Kind::Float, Device::Cpu));
+/// let loc = reft.config().positions.batch_locations(&[6], &[0], true, Device::Cpu)?;
+/// let out = reft.hook(&loc).after_block(0, &h, false)?;
+/// // positions 1..5 are untouched
+/// assert!(out.narrow(1, 1, 4).equal(&h.narrow(1, 1, 4)));
+/// # Ok::<(), tch_peft::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct ReftModel {
+    config: ReftConfig,
+    /// `(layer, group, intervention)`.
+    interventions: Vec<(i64, usize, LowRankIntervention)>,
+    name: String,
+}
+
+impl ReftModel {
+    /// Interventions for a model of `num_layers` blocks, variables under `p`.
+    pub fn new(p: &nn::Path, config: ReftConfig, num_layers: i64) -> Result<Self> {
+        config.intervention.validate()?;
+        let layers = config.layers.resolve(num_layers)?;
+        let mut interventions = Vec::new();
+        for l in layers {
+            for g in 0..config.groups() {
+                let ip = p / "layers" / l / g;
+                interventions.push((l, g, LowRankIntervention::new(&ip, config.intervention)?));
+            }
+        }
+        Ok(ReftModel { config, interventions, name: "reft".into() })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &ReftConfig {
+        &self.config
+    }
+
+    /// The interventions: `(layer, position group, intervention)`.
+    pub fn interventions(&self) -> impl Iterator<Item = (i64, usize, &LowRankIntervention)> {
+        self.interventions.iter().map(|(l, g, i)| (*l, *g, i))
+    }
+
+    /// Trainable parameters (`(2dr + r)` per LoReFT intervention).
+    pub fn num_params(&self) -> i64 {
+        self.interventions.len() as i64 * self.config.intervention.num_params()
+    }
+
+    /// Parameter report over the interventions' variables.
+    pub fn report(&self) -> ParamReport {
+        ParamReport::from_named_tensors(&self.named_tensors())
+    }
+
+    /// The hook that applies the interventions at `locations` (`[groups, batch, slots]` int64,
+    /// `-1` = no intervention; see [`Positions::batch_locations`]).
+    pub fn hook<'a>(&'a self, locations: &'a Tensor) -> ReftHook<'a> {
+        ReftHook { model: self, locations }
+    }
+
+    /// Applies the interventions of `layer` to `h: [batch, seq, d]` at `locations`.
+    pub fn apply(&self, layer: i64, h: &Tensor, locations: &Tensor, train: bool) -> Result<Tensor> {
+        let mut here = self.interventions.iter().filter(|(l, _, _)| *l == layer).peekable();
+        if here.peek().is_none() {
+            return Ok(h.shallow_clone());
+        }
+        let size = h.size();
+        let d = self.config.intervention.embed_dim;
+        if size.len() != 3 || size[2] != d {
+            return Err(Error::ShapeMismatch {
+                name: format!("hidden states at layer {layer}"),
+                expected: vec![-1, -1, d],
+                actual: size,
+            });
+        }
+        let ls = locations.size();
+        let groups = self.config.groups() as i64;
+        if ls.len() != 3 || ls[0] != groups || ls[1] != size[0] {
+            return Err(Error::ShapeMismatch {
+                name: "intervention locations".into(),
+                expected: vec![groups, size[0], -1],
+                actual: ls,
+            });
+        }
+        if locations.kind() != Kind::Int64 {
+            return Err(Error::DtypeMismatch {
+                name: "intervention locations".into(),
+                expected: "Int64".into(),
+                actual: locations.kind(),
+            });
+        }
+        let locations = locations.f_to_device(h.device())?;
+        let mut out = h.shallow_clone();
+        for (_, g, iv) in here {
+            let idx = locations.f_get(*g as i64)?; // [b, p]
+            let valid = idx.f_ge(0)?.f_unsqueeze(-1)?.f_to_kind(h.kind())?;
+            let idx = idx.f_clamp_min(0)?.f_unsqueeze(-1)?.f_expand([size[0], -1, d], false)?;
+            let gathered = out.f_gather(1, &idx, false)?;
+            let edited = iv.f_forward_t(&gathered, train)?;
+            let delta = edited.f_sub(&gathered)?.f_mul(&valid)?;
+            out = out.f_scatter_add(1, &idx, &delta)?;
+        }
+        Ok(out)
+    }
+
+    /// Saves as a directory: `reft_config.json` (the whole config) and `reft_model.safetensors`
+    /// (each intervention's pyreft state dict under `layers.<l>.<group>.`), atomically.
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let text = serde_json::to_string_pretty(&self.config)?;
+        io::write_atomic(&dir.join(REFT_CONFIG_NAME), text.as_bytes())?;
+        let mut tensors = Vec::new();
+        for (l, g, iv) in &self.interventions {
+            for (k, t) in iv.state_dict_pyreft()? {
+                tensors.push((format!("layers.{l}.{g}.{k}"), t));
+            }
+        }
+        io::write_safetensors(dir.join(REFT_WEIGHTS_NAME), &tensors, Some(io::pt_metadata()))
+    }
+
+    /// Reads the config of a directory written by [`save`](Self::save).
+    pub fn config_from_dir(dir: impl AsRef<Path>) -> Result<ReftConfig> {
+        let file = dir.as_ref().join(REFT_CONFIG_NAME);
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::CorruptFile { file, reason: e.to_string() })
+    }
+
+    /// Builds the interventions of a saved directory (variables under `p`) and loads them.
+    pub fn load(p: &nn::Path, dir: impl AsRef<Path>, num_layers: i64) -> Result<Self> {
+        let dir = dir.as_ref();
+        let model = ReftModel::new(p, Self::config_from_dir(dir)?, num_layers)?;
+        model.load_weights(dir.join(REFT_WEIGHTS_NAME))?;
+        Ok(model)
+    }
+
+    /// Loads the weights file of a saved directory into these interventions, strictly.
+    pub fn load_weights(&self, file: impl AsRef<Path>) -> Result<()> {
+        let file = file.as_ref();
+        let mut all: HashMap<String, Tensor> =
+            io::read_safetensors(file)?.tensors.into_iter().collect();
+        let mut per = Vec::new();
+        for (l, g, iv) in &self.interventions {
+            let prefix = format!("layers.{l}.{g}.");
+            let keys: Vec<String> =
+                all.keys().filter(|k| k.starts_with(&prefix)).cloned().collect();
+            let own: HashMap<String, Tensor> = keys
+                .into_iter()
+                .map(|k| {
+                    let t = all.remove(&k).expect("listed");
+                    (k[prefix.len()..].to_string(), t)
+                })
+                .collect();
+            per.push((iv, own, prefix));
+        }
+        if let Some(extra) = all.keys().min() {
+            return Err(Error::UnexpectedTensor { name: extra.clone(), file: file.to_path_buf() });
+        }
+        // check everything before writing anything
+        for (iv, own, prefix) in &per {
+            for (name, like) in iv.state_dict_pyreft()? {
+                match own.get(&name) {
+                    None => {
+                        return Err(Error::MissingTensor {
+                            name: format!("{prefix}{name}"),
+                            file: file.to_path_buf(),
+                        })
+                    }
+                    Some(t) if t.size() != like.size() => {
+                        return Err(Error::ShapeMismatch {
+                            name: format!("{prefix}{name}"),
+                            expected: like.size(),
+                            actual: t.size(),
+                        })
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        for (iv, own, _) in per {
+            iv.load_pyreft(&own, file)?;
+        }
+        Ok(())
+    }
+}
+
+/// [`ReftModel`] with the locations of one batch: the [`ResidualHook`] a model calls.
+#[derive(Debug, Clone, Copy)]
+pub struct ReftHook<'a> {
+    model: &'a ReftModel,
+    locations: &'a Tensor,
+}
+
+impl ResidualHook for ReftHook<'_> {
+    fn after_block(&self, layer: i64, hidden: &Tensor, train: bool) -> Result<Tensor> {
+        self.model.apply(layer, hidden, self.locations, train)
+    }
+}
+
+impl Adapter for ReftModel {
+    fn kind(&self) -> AdapterKind {
+        AdapterKind::Reft
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.interventions
+            .iter()
+            .flat_map(|(l, g, iv)| {
+                iv.variables().into_iter().map(move |(k, t)| (format!("layers.{l}.{g}.{k}"), t))
+            })
+            .collect()
+    }
+
+    /// ReFT edits activations at chosen positions; there is no weight to fold it into.
+    fn can_apply(&self) -> bool {
+        false
+    }
+
+    fn apply(&mut self) -> Result<()> {
+        Err(Error::NotSupportedByAdapter {
+            kind: "ReFT".into(),
+            name: self.name.clone(),
+            operation: "merge (interventions edit hidden states at chosen positions)",
+        })
+    }
+
+    fn revert(&mut self) -> Result<()> {
+        Err(Error::NotSupportedByAdapter {
+            kind: "ReFT".into(),
+            name: self.name.clone(),
+            operation: "unmerge (it is never merged)",
+        })
+    }
+
+    fn is_applied(&self) -> bool {
+        false
+    }
+}
