@@ -36,6 +36,49 @@ CASES = {
 }
 
 
+def make_pyvene_dirs():
+    """pyvene save directories of interventions on the tiny GQA Llama fixture (config.json +
+    intkey_*.bin torch pickles, post-2025 key naming), with the intervened logits:
+      pyvene_loreft/     LoReFT r 4 at layers 0 and 1 (tied), positions [0, 5] of each row
+      pyvene_nodireft/   NodiReFT r 2 at layer 1, untied: two interventions, one on position 0,
+                         one on position 5
+      io.safetensors in each: `input_ids` [2, 6], `logits` (intervened), `locations`
+      [interventions, batch, positions] as given to pyvene."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    model_dir = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "llama", "gqa")
+    cases = {
+        "pyvene_loreft": (pyreft.LoreftIntervention, [0, 1], 4, [[0, 5], [0, 5]]),
+        "pyvene_nodireft": (pyreft.NodireftIntervention, [1, 1], 2, [[0], [5]]),
+    }
+    for k, (name, (cls, layers, r, pos)) in enumerate(cases.items()):
+        torch.manual_seed(10 + k)
+        model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+        reps = []
+        for layer in layers:
+            kw = {"add_bias": False} if cls is pyreft.NodireftIntervention else {}
+            iv = cls(embed_dim=64, low_rank_dimension=r, dtype=torch.float32, **kw)
+            with torch.no_grad():
+                for n, p in iv.named_parameters():
+                    if n.endswith("bias"):
+                        p.copy_(torch.randn(p.shape) * 0.5)
+            reps.append({"layer": layer, "component": "block_output", "low_rank_dimension": r, "intervention": iv})
+        rm = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps))
+        rm.eval()
+        ids = torch.randint(0, 128, (2, 6))
+        locations = [[p] * 2 for p in pos]  # [interventions, batch, positions]
+        with torch.no_grad():
+            _, out = rm({"input_ids": ids}, unit_locations={"sources->base": (None, locations)})
+        d = os.path.join(OUT, name)
+        shutil.rmtree(d, ignore_errors=True)
+        rm.save(d)
+        save_file({"input_ids": ids, "logits": out.logits.contiguous(), "locations": torch.tensor(locations)},
+                  os.path.join(d, "io.safetensors"))
+        print(name, sorted(os.listdir(d)))
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     for i, (name, (cls, kw)) in enumerate(CASES.items()):
@@ -56,6 +99,7 @@ def main():
             t["rotate_layer_materialised"] = iv.rotate_layer.weight.detach().clone().contiguous()
         save_file(t, os.path.join(OUT, f"{name}.safetensors"))
         print(name, sorted(k for k in t if k.startswith("sd.")))
+    make_pyvene_dirs()
     with open(os.path.join(OUT, "versions.json"), "w") as f:
         json.dump({"pyreft": "0.1.0", "torch": torch.__version__}, f)
 

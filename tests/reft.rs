@@ -289,3 +289,79 @@ fn loreft_trains_on_the_tiny_llama_with_the_base_bit_identical() {
         assert!(bit_equal(&base_vs.variables()[&k], &v), "{k} changed");
     }
 }
+
+/// pyvene save directories (torch pickles) import and reproduce pyreft's intervened logits on
+/// the tiny Llama, with both of pyvene's key namings.
+#[test]
+fn pyvene_directories_import_and_match_pyreft_logits() {
+    let llama_dir = fixture("llama").join("gqa");
+    let cfg = LlamaConfig::from_pretrained(&llama_dir).unwrap();
+    let base_vs = nn::VarStore::new(Device::Cpu);
+    let model = Llama::new(&base_vs.root(), &cfg, None).unwrap();
+    load_weights(&base_vs, &llama_dir, &cfg).unwrap();
+    for (case, positions) in [("pyvene_loreft", "f1+l1"), ("pyvene_nodireft", "f1+l1")] {
+        let dir = fixture("reft").join(case);
+        let t: HashMap<String, Tensor> =
+            io::read_safetensors(dir.join("io.safetensors")).unwrap().tensors.into_iter().collect();
+        let check = |dir: &Path| {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let reft = ReftModel::from_pyvene(
+                &vs.root(),
+                dir,
+                cfg.num_hidden_layers,
+                positions.parse().unwrap(),
+                Activation::Linear,
+                0.0,
+            )
+            .unwrap();
+            // pyvene's locations [interventions, batch, positions]: per layer, its groups
+            let groups = reft.config().groups() as i64;
+            let loc = t["locations"].narrow(0, 0, groups);
+            let loc = if groups == 1 { loc } else { t["locations"].shallow_clone() };
+            let logits =
+                model.forward_hooked(&t["input_ids"], None, false, Some(&reft.hook(&loc))).unwrap();
+            let plain = model.forward_t(&t["input_ids"], None, false).unwrap();
+            assert!(max_abs_diff(&plain, &t["logits"]) > 1e-3, "{case}: the intervention matters");
+            let d = max_abs_diff(&logits, &t["logits"]);
+            assert!(d < 1e-4, "{case}: {d}");
+        };
+        check(&dir);
+        // the same directory with pyvene's earlier dotted key naming
+        let old = temp_dir(&format!("pyvene-old-{case}"));
+        let mut config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if let Some(key) = name.strip_prefix("intkey_").and_then(|k| k.strip_suffix(".bin")) {
+                let (body, collision) = key.split_once('#').unwrap();
+                let dotted = body
+                    .replacen("layer_", "layer.", 1)
+                    .replacen("_comp_", ".comp.", 1)
+                    .replacen("_unit_", ".unit.", 1)
+                    .replacen("_nunit_", ".nunit.", 1);
+                config = config.replace(key, &format!("{dotted}#{collision}"));
+                std::fs::copy(
+                    dir.join(&name),
+                    old.join(format!("intkey_{dotted}#{collision}.bin")),
+                )
+                .unwrap();
+            }
+        }
+        std::fs::write(old.join("config.json"), config).unwrap();
+        check(&old);
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    // a missing file is an error naming it
+    let vs = nn::VarStore::new(Device::Cpu);
+    let err = tch_peft::io::read_torch_dict(fixture("reft").join("nope.bin")).unwrap_err();
+    assert!(err.to_string().contains("nope.bin"), "{err}");
+    let err = ReftModel::from_pyvene(
+        &vs.root(),
+        fixture("reft"),
+        2,
+        "f1".parse().unwrap(),
+        Activation::Linear,
+        0.0,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("config.json"), "{err}");
+}

@@ -1,11 +1,15 @@
-//! File formats: safetensors with atomic writes, and PEFT's key naming at the file boundary.
+//! File formats: safetensors with atomic writes, PEFT's key naming at the file boundary, and
+//! reading `torch.save` state dicts ([`read_torch_dict`], for pyvene's intervention files).
 //!
 //! In memory, adapter tensors are named by the adapted module's path
 //! (`model.layers.0.self_attn.q_proj.lora_A.weight`). PEFT's files prefix every key with
 //! `base_model.model.` (the `PeftModel` wrapper's path); [`to_peft_key`] adds it on save and
 //! [`from_peft_key`] strips it on load.
 
+mod pickle;
 mod safetensors;
+
+pub use self::pickle::read_torch_dict;
 
 pub use self::safetensors::{
     pt_metadata, read_safetensors, write_atomic, write_safetensors, SafetensorsFile,

@@ -299,6 +299,169 @@ impl ReftModel {
     }
 }
 
+/// A layer index from a pyvene component: `"block_output"` uses the representation's layer;
+/// a path such as `"model.layers[15].output"` names it.
+fn pyvene_layer(layer: i64, component: &str) -> Result<i64> {
+    if component == "block_output" {
+        return Ok(layer);
+    }
+    let in_brackets = component.split_once("layers[").and_then(|(_, r)| r.split_once(']'));
+    match in_brackets {
+        Some((n, ".output")) => n
+            .parse()
+            .map_err(|_| Error::config("component", format!("`{component}`: no layer index"))),
+        _ => Err(Error::Unsupported {
+            field: "component".into(),
+            reason: format!(
+                "`{component}`: only the residual stream after a block (`block_output` or \
+                 `…layers[N].output`) is a hook point here"
+            ),
+        }),
+    }
+}
+
+/// The other pyvene key naming for the same intervention: pyvene ≥ 2025-02 writes
+/// `layer_0_comp_block_output_unit_pos_nunit_1#0`, earlier releases
+/// `layer.0.comp.block_output.unit.pos.nunit.1#0`.
+fn pyvene_other_key(key: &str) -> String {
+    let (body, collision) = key.split_once('#').unwrap_or((key, "0"));
+    let other = if body.contains('.') {
+        body.replace('.', "_")
+    } else {
+        // the component itself may hold underscores: rebuild from the known field names
+        let mut out = body.to_string();
+        for f in ["layer_", "_comp_", "_unit_", "_nunit_"] {
+            out = out.replacen(f, &f.replace('_', "."), 1);
+        }
+        out
+    };
+    format!("{other}#{collision}")
+}
+
+impl ReftModel {
+    /// Imports a pyvene/pyreft save directory (`config.json` + one `intkey_<key>.bin` torch
+    /// pickle per intervention, as `ReftModel.save` writes it; both pyvene's pre- and post-2025
+    /// key naming), its variables under `p`. pyvene does not save positions, dropout or the
+    /// activation: give them (`positions`, `act_fn`, `dropout`). A layer listed twice is an
+    /// untied pair (first positions, then last positions), as pyreft builds it. All
+    /// interventions must share one type, dimension and rank.
+    pub fn from_pyvene(
+        p: &nn::Path,
+        dir: impl AsRef<Path>,
+        num_layers: i64,
+        positions: Positions,
+        act_fn: super::intervention::Activation,
+        dropout: f64,
+    ) -> Result<Self> {
+        let dir = dir.as_ref();
+        let file = dir.join("config.json");
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        let corrupt = |reason: String| Error::CorruptFile { file: file.clone(), reason };
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        let list = |name: &str| -> Result<Vec<serde_json::Value>> {
+            json.get(name)
+                .and_then(|v| v.as_array())
+                .cloned()
+                .ok_or_else(|| corrupt(format!("`{name}` is missing or not a list")))
+        };
+        let (reps, types, dims, keys) = (
+            list("representations")?,
+            list("intervention_types")?,
+            list("intervention_dimensions")?,
+            list("sorted_keys")?,
+        );
+        let n = reps.len();
+        if types.len() != n || dims.len() != n || keys.len() != n || n == 0 {
+            return Err(corrupt("the intervention lists differ in length or are empty".into()));
+        }
+        let mut entries = Vec::with_capacity(n); // (layer, key, kind, d, r)
+        for i in 0..n {
+            let rep = reps[i].as_array().ok_or_else(|| corrupt(format!("representation {i}")))?;
+            let layer = rep.first().and_then(|v| v.as_i64());
+            let component = rep.get(1).and_then(|v| v.as_str());
+            let r = rep.get(4).and_then(|v| v.as_i64());
+            let (Some(layer), Some(component), Some(r)) = (layer, component, r) else {
+                return Err(corrupt(format!("representation {i} lacks layer, component or rank")));
+            };
+            let kind = super::intervention::InterventionKind::from_pyreft_class(
+                types[i].as_str().unwrap_or_default(),
+            )?;
+            let d = dims[i].as_i64().ok_or_else(|| corrupt(format!("dimension {i}")))?;
+            let key = keys[i].as_str().ok_or_else(|| corrupt(format!("key {i}")))?.to_string();
+            entries.push((pyvene_layer(layer, component)?, key, kind, d, r));
+        }
+        let (_, _, kind, d, r) = entries[0].clone();
+        if let Some(e) = entries.iter().find(|e| (e.2, e.3, e.4) != (kind, d, r)) {
+            return Err(Error::Unsupported {
+                field: "intervention_types".into(),
+                reason: format!(
+                    "mixed interventions ({kind:?} d {d} r {r} and {:?} d {} r {}) in one model",
+                    e.2, e.3, e.4
+                ),
+            });
+        }
+        let mut layers: Vec<i64> = Vec::new();
+        for e in &entries {
+            if !layers.contains(&e.0) {
+                layers.push(e.0);
+            }
+        }
+        let counts: Vec<usize> =
+            layers.iter().map(|l| entries.iter().filter(|e| e.0 == *l).count()).collect();
+        let groups = counts[0];
+        if counts.iter().any(|&c| c != groups) || groups > 2 {
+            return Err(Error::Unsupported {
+                field: "representations".into(),
+                reason: "every layer must have the same one (tied) or two (untied) interventions"
+                    .into(),
+            });
+        }
+        // load every state dict first, to learn add_bias and to fail before building anything
+        let mut states = Vec::with_capacity(n);
+        for (_, key, ..) in &entries {
+            let mut f = dir.join(format!("intkey_{key}.bin"));
+            if !f.is_file() {
+                f = dir.join(format!("intkey_{}.bin", pyvene_other_key(key)));
+            }
+            let t: HashMap<String, Tensor> = io::read_torch_dict(&f)?.into_iter().collect();
+            states.push((f, t));
+        }
+        let add_bias = states[0].1.contains_key("proj_layer.bias");
+        let intervention =
+            InterventionConfig { dropout, act_fn, add_bias, ..InterventionConfig::new(kind, d, r) };
+        let config = ReftConfig {
+            intervention,
+            layers: ReftLayers::List(layers.clone()),
+            positions,
+            share_weights: groups == 1,
+        };
+        if config.groups() != groups {
+            return Err(Error::config(
+                "positions",
+                format!(
+                    "{groups} interventions per layer, but `{positions}` gives {}",
+                    config.groups()
+                ),
+            ));
+        }
+        let model = ReftModel::new(p, config, num_layers)?;
+        // entries of a layer in file order are its groups 0, 1
+        for (l, g, iv) in &model.interventions {
+            let idx = entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.0 == *l)
+                .nth(*g)
+                .map(|(i, _)| i)
+                .expect("counted");
+            let (f, t) = &states[idx];
+            iv.load_pyreft(t, f)?;
+        }
+        Ok(model)
+    }
+}
+
 /// [`ReftModel`] with the locations of one batch: the [`ResidualHook`] a model calls.
 #[derive(Debug, Clone, Copy)]
 pub struct ReftHook<'a> {
@@ -353,5 +516,23 @@ impl Adapter for ReftModel {
 
     fn is_applied(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pyvene_components_and_key_namings() {
+        assert_eq!(pyvene_layer(3, "block_output").unwrap(), 3);
+        assert_eq!(pyvene_layer(0, "model.layers[15].output").unwrap(), 15);
+        assert_eq!(pyvene_layer(0, "base_model.model.model.layers[2].output").unwrap(), 2);
+        assert!(pyvene_layer(0, "model.layers[2].mlp.output").is_err());
+        assert!(pyvene_layer(0, "model.layers[x].output").is_err());
+        let new = "layer_0_comp_block_output_unit_pos_nunit_1#1";
+        let old = "layer.0.comp.block_output.unit.pos.nunit.1#1";
+        assert_eq!(pyvene_other_key(new), old);
+        assert_eq!(pyvene_other_key(old), new);
     }
 }
