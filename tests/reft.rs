@@ -365,3 +365,58 @@ fn pyvene_directories_import_and_match_pyreft_logits() {
     .unwrap_err();
     assert!(err.to_string().contains("config.json"), "{err}");
 }
+
+/// ReFT and LoRA on one model: both train from their own stores, the base stays bit-identical.
+#[test]
+fn reft_and_lora_train_together() {
+    tch::manual_seed(4);
+    let dir = fixture("llama").join("gqa");
+    let cfg = LlamaConfig::from_pretrained(&dir).unwrap();
+    let (mut base_vs, lora_vs, reft_vs) = (
+        nn::VarStore::new(Device::Cpu),
+        nn::VarStore::new(Device::Cpu),
+        nn::VarStore::new(Device::Cpu),
+    );
+    let lcfg = tch_peft::lora::LoraConfig {
+        r: 2,
+        lora_alpha: 4.0,
+        ..tch_peft::lora::LoraConfig::for_targets(["q_proj", "v_proj"])
+    };
+    let builder = tch_peft::lora::LoraBuilder::new(&lora_vs.root(), lcfg).unwrap();
+    let model = Llama::new(&base_vs.root(), &cfg, Some(&builder)).unwrap();
+    let lora = builder.finish().unwrap();
+    load_weights(&base_vs, &dir, &cfg).unwrap();
+    base_vs.freeze();
+    let before: Vec<(String, Tensor)> =
+        base_vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
+    let reft = ReftModel::new(
+        &reft_vs.root(),
+        loreft_config(ReftLayers::List(vec![1]), "l2", true, cfg.hidden_size),
+        cfg.num_hidden_layers,
+    )
+    .unwrap();
+    let ids = Tensor::randint(cfg.vocab_size, [2, 6], (Kind::Int64, Device::Cpu));
+    let loc = reft.config().positions.batch_locations(&[6, 6], &[0, 0], true, Device::Cpu).unwrap();
+    let mut opt_l = nn::Adam::default().build(&lora_vs, 1e-2).unwrap();
+    let mut opt_r = nn::Adam::default().build(&reft_vs, 1e-2).unwrap();
+    let lora_b0 = lora.layers()[0].lora_b().copy();
+    let rot0 = reft.interventions().next().unwrap().2.rotation().unwrap().unwrap().detach().copy();
+    for _ in 0..5 {
+        let logits = model.forward_hooked(&ids, None, true, Some(&reft.hook(&loc))).unwrap();
+        let loss = logits
+            .narrow(1, 0, 5)
+            .reshape([-1, cfg.vocab_size])
+            .cross_entropy_for_logits(&ids.narrow(1, 1, 5).reshape([-1]));
+        opt_l.zero_grad();
+        opt_r.zero_grad();
+        loss.backward();
+        opt_l.step();
+        opt_r.step();
+    }
+    assert!(max_abs_diff(lora.layers()[0].lora_b(), &lora_b0) > 0.0, "LoRA trained");
+    let rot1 = reft.interventions().next().unwrap().2.rotation().unwrap().unwrap();
+    assert!(max_abs_diff(&rot1, &rot0) > 0.0, "ReFT trained");
+    for (k, v) in before {
+        assert!(bit_equal(&base_vs.variables()[&k], &v), "{k} changed");
+    }
+}

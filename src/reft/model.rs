@@ -92,6 +92,10 @@ impl ReftConfig {
     }
 }
 
+/// The key suffix of the raw rotation parameter `V` in our own weights file (next to pyreft's
+/// materialised `rotate_layer` = `Rᵀ`).
+const RAW_ROTATION: &str = "rotate_layer.parameter";
+
 /// The file names of a saved ReFT directory.
 pub const REFT_CONFIG_NAME: &str = "reft_config.json";
 /// The weights file of a saved ReFT directory.
@@ -219,7 +223,8 @@ impl ReftModel {
     }
 
     /// Saves as a directory: `reft_config.json` (the whole config) and `reft_model.safetensors`
-    /// (each intervention's pyreft state dict under `layers.<l>.<group>.`), atomically.
+    /// (each intervention's pyreft state dict under `layers.<l>.<group>.`, plus the raw rotation
+    /// parameter as `….rotate_layer.parameter` so that a reload is bit-exact), atomically.
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -229,6 +234,10 @@ impl ReftModel {
         for (l, g, iv) in &self.interventions {
             for (k, t) in iv.state_dict_pyreft()? {
                 tensors.push((format!("layers.{l}.{g}.{k}"), t));
+            }
+            // the raw parameter too, so that a reload reproduces R bit for bit
+            if let Some((_, v)) = iv.variables().into_iter().find(|(k, _)| k == "rotate_layer") {
+                tensors.push((format!("layers.{l}.{g}.{RAW_ROTATION}"), v.detach()));
             }
         }
         io::write_safetensors(dir.join(REFT_WEIGHTS_NAME), &tensors, Some(io::pt_metadata()))
@@ -259,20 +268,32 @@ impl ReftModel {
             let prefix = format!("layers.{l}.{g}.");
             let keys: Vec<String> =
                 all.keys().filter(|k| k.starts_with(&prefix)).cloned().collect();
-            let own: HashMap<String, Tensor> = keys
+            let mut own: HashMap<String, Tensor> = keys
                 .into_iter()
                 .map(|k| {
                     let t = all.remove(&k).expect("listed");
                     (k[prefix.len()..].to_string(), t)
                 })
                 .collect();
-            per.push((iv, own, prefix));
+            let raw = own.remove(RAW_ROTATION);
+            per.push((iv, own, prefix, raw));
         }
         if let Some(extra) = all.keys().min() {
             return Err(Error::UnexpectedTensor { name: extra.clone(), file: file.to_path_buf() });
         }
         // check everything before writing anything
-        for (iv, own, prefix) in &per {
+        for (iv, own, prefix, raw) in &per {
+            if let (Some(raw), Some((_, v))) =
+                (raw, iv.variables().into_iter().find(|(k, _)| k == "rotate_layer"))
+            {
+                if raw.size() != v.size() {
+                    return Err(Error::ShapeMismatch {
+                        name: format!("{prefix}{RAW_ROTATION}"),
+                        expected: v.size(),
+                        actual: raw.size(),
+                    });
+                }
+            }
             for (name, like) in iv.state_dict_pyreft()? {
                 match own.get(&name) {
                     None => {
@@ -292,8 +313,13 @@ impl ReftModel {
                 }
             }
         }
-        for (iv, own, _) in per {
+        for (iv, own, _, raw) in per {
             iv.load_pyreft(&own, file)?;
+            if let (Some(raw), Some((_, v))) =
+                (raw, iv.variables().into_iter().find(|(k, _)| k == "rotate_layer"))
+            {
+                tch::no_grad(|| v.shallow_clone().f_copy_(&raw.f_to_kind(v.kind())?))?;
+            }
         }
         Ok(())
     }

@@ -1,0 +1,152 @@
+//! LoReFT's cost relative to the model forward it sits in, in one run.
+//!
+//! ```text
+//! scripts/with-torch cargo bench --bench reft
+//! ```
+//!
+//! A Llama-shaped decoder (hidden 1024, intermediate 2816, 16 heads / 8 KV heads, vocab 1000,
+//! random weights, frozen) on one sequence of 512 tokens; LoReFT r 4 at every layer on the
+//! `f7+l7` positions (14 of 512), tied. Printed: the medians of the plain forward and the hooked
+//! forward (`no_grad`) measured in alternation. Then criterion groups for both forwards and for a
+//! training step of the interventions (forward, backward through the frozen model, SGD).
+//!
+//! Environment: `TCH_PEFT_BENCH_DEVICE=cuda`, `TCH_PEFT_BENCH_KIND=bf16|f16|f32` (the model's
+//! dtype; interventions stay f32), `TCH_PEFT_BENCH_LAYERS` (default 2), `TCH_PEFT_BENCH_SEQ`
+//! (default 512), `TCH_PEFT_BENCH_BATCH` (default 1), `TCH_PEFT_BENCH_ROUNDS` (default 15).
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use tch::nn::{self, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+use tch_peft::models::llama::{Llama, LlamaConfig};
+use tch_peft::reft::{InterventionConfig, InterventionKind, ReftConfig, ReftLayers, ReftModel};
+
+fn env_i64(name: &str, default: i64) -> i64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn device() -> Device {
+    match std::env::var("TCH_PEFT_BENCH_DEVICE").as_deref() {
+        Ok("cuda") => Device::Cuda(0),
+        _ => Device::Cpu,
+    }
+}
+
+fn kind() -> Kind {
+    match std::env::var("TCH_PEFT_BENCH_KIND").as_deref() {
+        Ok("bf16") => Kind::BFloat16,
+        Ok("f16") => Kind::Half,
+        _ => Kind::Float,
+    }
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Medians of each closure's time, the closures run in alternation.
+fn interleaved(fs: &mut [&mut dyn FnMut()], rounds: usize) -> Vec<f64> {
+    if rounds == 0 {
+        return vec![f64::NAN; fs.len()];
+    }
+    for f in fs.iter_mut() {
+        for _ in 0..2 {
+            f();
+        }
+    }
+    let mut times = vec![Vec::with_capacity(rounds); fs.len()];
+    for _ in 0..rounds {
+        for (f, t) in fs.iter_mut().zip(times.iter_mut()) {
+            let start = std::time::Instant::now();
+            f();
+            t.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let (device, kind) = (device(), kind());
+    let layers = env_i64("TCH_PEFT_BENCH_LAYERS", 2);
+    let (seq, batch) = (env_i64("TCH_PEFT_BENCH_SEQ", 512), env_i64("TCH_PEFT_BENCH_BATCH", 1));
+    let cfg: LlamaConfig = serde_json::from_str(&format!(
+        r#"{{"vocab_size": 1000, "hidden_size": 1024, "intermediate_size": 2816,
+            "num_hidden_layers": {layers}, "num_attention_heads": 16, "num_key_value_heads": 8,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false}}"#
+    ))
+    .expect("config");
+    tch::manual_seed(0);
+    let mut base_vs = nn::VarStore::new(device);
+    let model = Llama::new(&base_vs.root(), &cfg, None).expect("model");
+    base_vs.set_kind(kind);
+    base_vs.freeze();
+    let reft_vs = nn::VarStore::new(device);
+    let rcfg = ReftConfig::new(
+        InterventionConfig::new(InterventionKind::LoReft, cfg.hidden_size, 4),
+        ReftLayers::all(),
+        "f7+l7".parse().expect("positions"),
+    );
+    let reft = ReftModel::new(&reft_vs.root(), rcfg, cfg.num_hidden_layers).expect("reft");
+    let prompt_lengths = vec![seq; batch as usize];
+    let offsets = vec![0; batch as usize];
+    let loc = reft
+        .config()
+        .positions
+        .batch_locations(&prompt_lengths, &offsets, true, device)
+        .expect("locations");
+    let ids = Tensor::randint(cfg.vocab_size, [batch, seq], (Kind::Int64, device));
+    let mut opt = nn::Sgd::default().build(&reft_vs, 0.0).expect("optimizer");
+    let hook = reft.hook(&loc);
+    let id = format!("L{layers}_d1024_seq{seq}_b{batch}_{kind:?}_{device:?}");
+
+    let benching = std::env::args().any(|a| a == "--bench");
+    let rounds = match std::env::var("TCH_PEFT_BENCH_ROUNDS") {
+        _ if !benching => 0,
+        Ok(r) => r.parse().expect("TCH_PEFT_BENCH_ROUNDS is a number"),
+        Err(_) => 15,
+    };
+    let fwd_plain = || {
+        let y = tch::no_grad(|| model.forward_t(&ids, None, false).expect("forward"));
+        sync(device);
+        y
+    };
+    let fwd_reft = || {
+        let y = tch::no_grad(|| model.forward_hooked(&ids, None, false, Some(&hook)).expect("fwd"));
+        sync(device);
+        y
+    };
+    // a training step of the interventions (the frozen model passes gradients down to them)
+    let step = |opt: &mut nn::Optimizer| {
+        let logits = model.forward_hooked(&ids, None, true, Some(&hook)).expect("forward");
+        opt.backward_step(&logits.to_kind(Kind::Float).mean(Kind::Float));
+        sync(device);
+    };
+    let m_fwd = interleaved(&mut [&mut || drop(fwd_plain()), &mut || drop(fwd_reft())], rounds);
+    if benching {
+        println!(
+            "interleaved fwd {id}: model {:.3} ms, with LoReFT r4 f7+l7 at every layer {:.3} ms ({:.4}x) [median of {rounds}]",
+            m_fwd[0] * 1e3,
+            m_fwd[1] * 1e3,
+            m_fwd[1] / m_fwd[0]
+        );
+    }
+    let mut g = c.benchmark_group("reft_fwd");
+    g.sample_size(10);
+    g.bench_function(format!("model/{id}"), |b| b.iter(fwd_plain));
+    g.bench_function(format!("loreft/{id}"), |b| b.iter(fwd_reft));
+    g.finish();
+    let mut g = c.benchmark_group("reft_train_step");
+    g.sample_size(10);
+    g.bench_function(format!("loreft/{id}"), |b| b.iter(|| step(&mut opt)));
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
