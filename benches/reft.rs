@@ -125,7 +125,7 @@ fn bench(c: &mut Criterion) {
     // a training step of the interventions (the frozen model passes gradients down to them)
     let step = |opt: &mut nn::Optimizer| {
         let logits = model.forward_hooked(&ids, None, true, Some(&hook)).expect("forward");
-        opt.backward_step(&logits.to_kind(Kind::Float).mean(Kind::Float));
+        reft.step(opt, &logits.to_kind(Kind::Float).mean(Kind::Float)).expect("step");
         sync(device);
     };
     let m_fwd = interleaved(&mut [&mut || drop(fwd_plain()), &mut || drop(fwd_reft())], rounds);
@@ -137,6 +137,55 @@ fn bench(c: &mut Criterion) {
             m_fwd[1] / m_fwd[0]
         );
     }
+    // the intervention alone, at the positions of the batch: the orthonormalisation of R
+    // (CholeskyQR2, forward and backward) against the whole intervention's forward and backward
+    let d = cfg.hidden_size;
+    let iv_vs = nn::VarStore::new(device);
+    let iv = tch_peft::reft::LowRankIntervention::new(
+        &iv_vs.root(),
+        InterventionConfig {
+            orthogonality: tch_peft::reft::Orthogonality::Parametrized,
+            ..InterventionConfig::new(InterventionKind::LoReft, d, 4)
+        },
+    )
+    .expect("intervention");
+    let v = iv_vs.variables()["rotate_layer"].shallow_clone();
+    let h = Tensor::randn([batch * 14, d], (Kind::Float, device));
+    let ortho = || {
+        let q = tch_peft::reft::orthogonal::orthonormalize(&v).expect("orthonormalize");
+        q.sum(Kind::Float).backward();
+        sync(device);
+    };
+    let whole = || {
+        use tch_peft::reft::Intervention;
+        iv.f_forward_t(&h, true).expect("intervention").sum(Kind::Float).backward();
+        sync(device);
+    };
+    let fast_vs = nn::VarStore::new(device);
+    let fast = tch_peft::reft::LowRankIntervention::new(
+        &fast_vs.root(),
+        InterventionConfig::new(InterventionKind::LoReft, d, 4),
+    )
+    .expect("intervention");
+    let fast_step = || {
+        use tch_peft::reft::Intervention;
+        fast.f_forward_t(&h, true).expect("intervention").sum(Kind::Float).backward();
+        fast.retract().expect("retract");
+        sync(device);
+    };
+    let m_iv =
+        interleaved(&mut [&mut || ortho(), &mut || whole(), &mut || fast_step()], rounds * 20);
+    if benching {
+        println!(
+            "interleaved intervention d{d} r4 {} positions: parametrized R = CholeskyQR2(V) fwd+bwd {:.1} us, whole parametrized LoReFT fwd+bwd {:.1} us; retraction LoReFT fwd+bwd + QR retraction {:.1} us [median of {}]",
+            batch * 14,
+            m_iv[0] * 1e6,
+            m_iv[1] * 1e6,
+            m_iv[2] * 1e6,
+            rounds * 20
+        );
+    }
+
     let mut g = c.benchmark_group("reft_fwd");
     g.sample_size(10);
     g.bench_function(format!("model/{id}"), |b| b.iter(fwd_plain));

@@ -14,8 +14,8 @@ use tch_peft::models::llama::{load_weights, Llama, LlamaConfig};
 use tch_peft::models::ResidualHook;
 use tch_peft::reft::orthogonal::orthonormality_error;
 use tch_peft::reft::{
-    Activation, Intervention, InterventionConfig, InterventionKind, LowRankIntervention, Positions,
-    ReftConfig, ReftLayers, ReftModel,
+    Activation, Intervention, InterventionConfig, InterventionKind, LowRankIntervention,
+    Orthogonality, Positions, ReftConfig, ReftLayers, ReftModel,
 };
 use tch_peft::{io, Adapter, Error};
 
@@ -95,31 +95,47 @@ fn loading_a_pyreft_state_dict_checks_names_and_shapes() {
 
 #[test]
 fn r_stays_orthonormal_through_many_adam_steps() {
+    for mode in [Orthogonality::Retraction, Orthogonality::Parametrized] {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = InterventionConfig {
+            orthogonality: mode,
+            ..InterventionConfig::new(InterventionKind::LoReft, 64, 8)
+        };
+        let iv = LowRankIntervention::new(&vs.root(), cfg).unwrap();
+        let mut opt = nn::Adam::default().build(&vs, 0.05).unwrap();
+        let x = randn(&[32, 64], Kind::Float);
+        let target = randn(&[32, 64], Kind::Float);
+        let loss = |iv: &LowRankIntervention| {
+            (iv.f_forward_t(&x, true).unwrap() - &target).square().mean(Kind::Float)
+        };
+        let l0 = loss(&iv).double_value(&[]);
+        for _ in 0..500 {
+            opt.backward_step(&loss(&iv));
+            iv.retract().unwrap();
+        }
+        let l1 = loss(&iv).double_value(&[]);
+        assert!(l1 < l0 * 0.9, "{mode:?}: {l0} → {l1}");
+        let r = tch::no_grad(|| iv.rotation()).unwrap().unwrap();
+        let err = orthonormality_error(&r).unwrap();
+        assert!(err < 1e-5, "{mode:?}: ‖RRᵀ − I‖ = {err}");
+        if mode == Orthogonality::Parametrized {
+            // the raw parameter has drifted: the parametrisation does the work
+            let v = &vs.variables()["rotate_layer"];
+            assert!(orthonormality_error(v).unwrap() > 1e-3);
+        }
+    }
+    // without the retraction, R drifts: the check shows it
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
-    let iv = LowRankIntervention::new(
-        &vs.root(),
-        InterventionConfig::new(InterventionKind::LoReft, 64, 8),
-    )
-    .unwrap();
-    let mut opt = nn::Adam::default().build(&vs, 0.05).unwrap();
-    let x = randn(&[32, 64], Kind::Float);
-    let target = randn(&[32, 64], Kind::Float);
-    let loss = |iv: &LowRankIntervention| {
-        (iv.f_forward_t(&x, true).unwrap() - &target).square().mean(Kind::Float)
-    };
-    let l0 = loss(&iv).double_value(&[]);
-    for _ in 0..500 {
-        opt.backward_step(&loss(&iv));
+    let reft =
+        ReftModel::new(&vs.root(), loreft_config(ReftLayers::all(), "f1", true, 16), 1).unwrap();
+    for t in vs.trainable_variables() {
+        set(&t, &(&t + randn(&t.size(), Kind::Float) * 0.1));
     }
-    let l1 = loss(&iv).double_value(&[]);
-    assert!(l1 < l0 * 0.9, "{l0} → {l1}");
-    let r = tch::no_grad(|| iv.rotation()).unwrap().unwrap();
-    let err = orthonormality_error(&r).unwrap();
-    assert!(err < 1e-5, "‖RRᵀ − I‖ = {err}");
-    // the raw parameter itself has drifted away from orthonormality: the parametrisation does it
-    let v = &vs.variables()["rotate_layer"];
-    assert!(orthonormality_error(v).unwrap() > 1e-3);
+    assert!(reft.orthonormality_error().unwrap() > 1e-3);
+    reft.retract().unwrap();
+    assert!(reft.orthonormality_error().unwrap() < 1e-5);
 }
 
 #[test]
@@ -281,8 +297,9 @@ fn loreft_trains_on_the_tiny_llama_with_the_base_bit_identical() {
     };
     let l0 = loss().double_value(&[]);
     for _ in 0..100 {
-        opt.backward_step(&loss());
+        reft.step(&mut opt, &loss()).unwrap();
     }
+    assert!(reft.orthonormality_error().unwrap() < 1e-5);
     let l1 = loss().double_value(&[]);
     assert!(l1 < 0.05 && l0 > 3.0, "{l0} → {l1}");
     for (k, v) in before {
@@ -412,6 +429,7 @@ fn reft_and_lora_train_together() {
         loss.backward();
         opt_l.step();
         opt_r.step();
+        reft.retract().unwrap();
     }
     assert!(max_abs_diff(lora.layers()[0].lora_b(), &lora_b0) > 0.0, "LoRA trained");
     let rot1 = reft.interventions().next().unwrap().2.rotation().unwrap().unwrap();

@@ -70,7 +70,7 @@ fn main() -> tch_peft::Result<()> {
         if step % 20 == 0 {
             println!("step {step:2}: loss {:.4}", loss.double_value(&[]));
         }
-        opt.backward_step(&loss);
+        reft.step(&mut opt, &loss)?; // backward, step, and R back to orthonormal rows
     }
     let predicted = tch::no_grad(|| next_token_logits(false, &reft))?.argmax(-1, false);
     println!("predicted {:?}, wanted {:?}", Vec::<i64>::try_from(&predicted)?, [7, 42, 99, 3]);

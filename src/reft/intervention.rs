@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::{Kind, Tensor};
 
-use super::orthogonal::{orthonormalize, random_orthonormal};
+use super::orthogonal::{orthonormalize, random_orthonormal, Orthogonality};
 use crate::{Error, Result};
 
 /// Which intervention (pyreft's class names in brackets). `R: [r, d]` has orthonormal rows
@@ -131,6 +131,10 @@ pub struct InterventionConfig {
     /// A bias on NoReFT's/DiReFT's `W₂` (pyreft's `add_bias`). Default false.
     #[serde(default)]
     pub add_bias: bool,
+    /// How `R` stays orthonormal (orthogonal kinds): a QR retraction after each step (default;
+    /// see [`ReftModel::step`](super::ReftModel::step)) or CholeskyQR2 in every forward.
+    #[serde(default)]
+    pub orthogonality: Orthogonality,
 }
 
 impl InterventionConfig {
@@ -143,6 +147,7 @@ impl InterventionConfig {
             dropout: 0.0,
             act_fn: Activation::Linear,
             add_bias: false,
+            orthogonality: Orthogonality::Retraction,
         }
     }
 
@@ -268,9 +273,28 @@ impl LowRankIntervention {
         Ok(LowRankIntervention { config, rotate, proj, source_w, source_b })
     }
 
-    /// `Rᵀ: [d, r]` with orthonormal columns, when the kind has it (differentiable in `V`).
+    /// `Rᵀ: [d, r]`, when the kind has it: the variable itself with
+    /// [`Orthogonality::Retraction`] (orthonormal after each [`retract`](Self::retract)), its
+    /// CholeskyQR2 factor with [`Orthogonality::Parametrized`] (differentiable in `V`).
     pub fn rotation(&self) -> Result<Option<Tensor>> {
-        self.rotate.as_ref().map(orthonormalize).transpose()
+        match self.config.orthogonality {
+            Orthogonality::Retraction => Ok(self.rotate.as_ref().map(Tensor::shallow_clone)),
+            Orthogonality::Parametrized => self.rotate.as_ref().map(orthonormalize).transpose(),
+        }
+    }
+
+    /// The rotation variable `V: [d, r]`, when the kind has it.
+    pub fn rotation_variable(&self) -> Option<&Tensor> {
+        self.rotate.as_ref()
+    }
+
+    /// Puts `R` back on the manifold after an optimizer step ([`Orthogonality::Retraction`];
+    /// a no-op otherwise).
+    pub fn retract(&self) -> Result<()> {
+        match (&self.rotate, self.config.orthogonality) {
+            (Some(v), Orthogonality::Retraction) => super::orthogonal::retract(v),
+            _ => Ok(()),
+        }
     }
 
     fn check(&self, h: &Tensor) -> Result<()> {

@@ -5,8 +5,8 @@
 //! * [`InterventionKind`], [`InterventionConfig`], the [`Intervention`] trait and
 //!   [`LowRankIntervention`]: LoReFT `h + Rᵀ(W h + b − R h)`, NoReFT, DiReFT, pyreft's
 //!   orthogonal DiReFT, ConsReFT, LoBiReFT.
-//! * [`orthogonal`]: how `R` keeps orthonormal rows (CholeskyQR2 of an unconstrained matrix in
-//!   every forward: exact, cheap, differentiable).
+//! * [`orthogonal`]: how `R` keeps orthonormal rows (a QR retraction after each step by
+//!   default, [`ReftModel::step`]; or CholeskyQR2 in every forward).
 //! * [`Positions`]: `f{p}+l{s}` with pyreft's `n/2` truncation, tied or untied.
 //! * [`ReftModel`]: the interventions of a model, applied through a
 //!   [`ResidualHook`](crate::models::ResidualHook); save/load with the whole config.
@@ -22,4 +22,5 @@ pub use intervention::{
 pub use model::{
     AllLayers, ReftConfig, ReftHook, ReftLayers, ReftModel, REFT_CONFIG_NAME, REFT_WEIGHTS_NAME,
 };
+pub use orthogonal::Orthogonality;
 pub use positions::Positions;

@@ -166,6 +166,46 @@ impl ReftModel {
         self.interventions.len() as i64 * self.config.intervention.num_params()
     }
 
+    /// Puts every `R` back on the manifold after an optimizer step (one batched QR; a no-op for
+    /// [`Orthogonality::Parametrized`](super::orthogonal::Orthogonality) and kinds without `R`).
+    pub fn retract(&self) -> Result<()> {
+        let vs: Vec<Tensor> = self
+            .interventions
+            .iter()
+            .filter(|(_, _, iv)| {
+                iv.config().orthogonality == super::orthogonal::Orthogonality::Retraction
+            })
+            .filter_map(|(_, _, iv)| iv.rotation_variable().map(Tensor::shallow_clone))
+            .collect();
+        if vs.is_empty() {
+            return Ok(());
+        }
+        let stacked = Tensor::f_stack(&vs, 0)?;
+        super::orthogonal::retract(&stacked)?;
+        let _guard = tch::no_grad_guard();
+        for (i, v) in vs.iter().enumerate() {
+            v.shallow_clone().f_copy_(&stacked.f_get(i as i64)?)?;
+        }
+        Ok(())
+    }
+
+    /// One training step: `opt.backward_step(loss)`, then [`retract`](Self::retract).
+    pub fn step(&self, opt: &mut nn::Optimizer, loss: &Tensor) -> Result<()> {
+        opt.backward_step(loss);
+        self.retract()
+    }
+
+    /// The largest `‖RᵀR − I‖` over the interventions (a check; one host sync each).
+    pub fn orthonormality_error(&self) -> Result<f64> {
+        let mut worst: f64 = 0.0;
+        for (_, _, iv) in &self.interventions {
+            if let Some(r) = tch::no_grad(|| iv.rotation())? {
+                worst = worst.max(super::orthogonal::orthonormality_error(&r)?);
+            }
+        }
+        Ok(worst)
+    }
+
     /// Parameter report over the interventions' variables.
     pub fn report(&self) -> ParamReport {
         ParamReport::from_named_tensors(&self.named_tensors())

@@ -1,22 +1,52 @@
-//! How `R` keeps orthonormal rows: the `[d, r]` matrix `Rᵀ` with orthonormal columns,
-//! parametrised so that every optimizer step stays on the manifold.
+//! How `R` keeps orthonormal rows: the `[d, r]` matrix `Rᵀ` with orthonormal columns.
 //!
-//! Why this parametrisation: pyreft uses `torch.nn.utils.parametrizations.orthogonal`
-//! (Householder products for a non-square matrix), rebuilt at every forward from `r` sequential
-//! reflections — its authors name it the main training bottleneck (pyreft issue #63). A QR
-//! retraction after each step would be cheap but only holds if the caller never forgets it.
-//! Here the trainable variable is an unconstrained `V: [d, r]` and the forward uses its
-//! orthonormal factor by **CholeskyQR2**: `G = VᵀV = L Lᵀ`, `Q₁ = V L⁻ᵀ`, then once more on `Q₁`
-//! (the second pass restores orthogonality to rounding level for any reasonably conditioned `V`).
-//! That is two `[d, r]ᵀ[d, r]` Gram products, two `r × r` Cholesky factorisations and two
-//! triangular solves — `O(d r²)`, a handful of small kernels, no host synchronisation
-//! (`linalg_cholesky_ex` does not check), differentiable end to end, and exact by construction
-//! after any number of steps. The result equals the `Q` of the QR decomposition of `V` with a
-//! positive `R` diagonal, so the map is onto the whole Stiefel manifold.
+//! pyreft uses `torch.nn.utils.parametrizations.orthogonal` (Householder products for a
+//! non-square matrix), rebuilt in every forward from `r` sequential reflections; its authors
+//! name it the main training bottleneck (pyreft issue #63). Two choices here
+//! ([`Orthogonality`]):
+//!
+//! * **Retraction** (the default): the forward uses the variable `V` itself as `Rᵀ`, and after
+//!   each optimizer step [`retract`] puts it back on the manifold: `V ← Q` of its QR
+//!   decomposition (signs fixed so that an orthonormal `V` maps to itself). The forward and
+//!   backward cost nothing beyond the intervention's own matmuls, and the retraction is one
+//!   batched QR per step for all interventions (`ReftModel::step` does both). This is the usual
+//!   projected-gradient scheme on the Stiefel manifold; it needs the retraction call, which
+//!   `ReftModel::step` makes.
+//! * **Parametrized**: the variable is an unconstrained `V` and every forward uses its
+//!   orthonormal factor by **CholeskyQR2** ([`orthonormalize`]): `G = VᵀV = L Lᵀ`,
+//!   `Q₁ = V L⁻ᵀ`, once more on `Q₁`. Exact after any number of steps without any call, and
+//!   differentiable; but the `r × r` Cholesky factorisations and triangular solves are tiny
+//!   library calls that cost about 1.5 ms per intervention and step on an H200 (measured,
+//!   docs/PERFORMANCE.md): acceptable on a CPU, too slow on a GPU with many layers.
 
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::Result;
+
+/// How an intervention's `R` keeps orthonormal rows (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Orthogonality {
+    /// `R` is the variable, re-orthonormalised by a QR retraction after each optimizer step.
+    #[default]
+    Retraction,
+    /// `R` is CholeskyQR2 of an unconstrained variable, in every forward.
+    Parametrized,
+}
+
+/// `v ← Q` of `v`'s reduced QR decomposition with `R`'s diagonal made positive, in place and
+/// without gradient; `v` may be one `[d, r]` matrix or a batch `[n, d, r]`.
+pub fn retract(v: &Tensor) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    let (q, r) = Tensor::f_linalg_qr(v, "reduced")?;
+    let signs = r.f_diagonal(0, -2, -1)?.f_sign()?;
+    // a zero diagonal entry (rank-deficient v) keeps its column as QR gives it
+    let signs = signs.f_add(&signs.f_eq(0.0)?.f_to_kind(signs.kind())?)?;
+    let q = q.f_mul(&signs.f_unsqueeze(-2)?)?;
+    v.shallow_clone().f_copy_(&q)?;
+    Ok(())
+}
 
 /// One CholeskyQR pass: `V L⁻ᵀ` with `L Lᵀ = VᵀV`.
 fn cholesky_qr(v: &Tensor) -> Result<Tensor> {
