@@ -194,6 +194,12 @@ pub trait Intervention: std::fmt::Debug + Send {
     /// The edited states, checked: the last dimension must be `d` and the input floating.
     fn f_forward_t(&self, h: &Tensor, train: bool) -> Result<Tensor>;
 
+    /// The edit `forward(h) − h` (what is added back at the intervened positions), in `h`'s
+    /// dtype. The default subtracts; implementations compute it directly when they can.
+    fn f_delta_t(&self, h: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.f_forward_t(h, train)?.f_sub(h)?)
+    }
+
     /// The trainable variables with pyreft's state-dict names (`rotate_layer` holds the raw
     /// parameter `V` here, not `Rᵀ`; see [`Intervention::state_dict_pyreft`]).
     fn variables(&self) -> Vec<(String, Tensor)>;
@@ -440,6 +446,17 @@ impl Intervention for LowRankIntervention {
             return Ok(out.f_dropout(p, true)?);
         }
         Ok(out)
+    }
+
+    fn f_delta_t(&self, h: &Tensor, train: bool) -> Result<Tensor> {
+        let dropout =
+            train && self.config.dropout > 0.0 && self.config.kind != InterventionKind::ConsReft;
+        if dropout {
+            // dropout acts on the whole output h + Δ (pyreft)
+            return Ok(self.f_forward_t(h, train)?.f_sub(h)?);
+        }
+        self.check(h)?;
+        Ok(self.delta(h)?.f_to_kind(h.kind())?)
     }
 
     fn variables(&self) -> Vec<(String, Tensor)> {

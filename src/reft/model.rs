@@ -212,22 +212,20 @@ impl ReftModel {
     }
 
     /// The hook that applies the interventions at `locations` (`[groups, batch, slots]` int64,
-    /// `-1` = no intervention; see [`Positions::batch_locations`]).
+    /// `-1` = no intervention; see [`Positions::batch_locations`]). The gather/scatter indices
+    /// are prepared once per hook, on first use, and shared by every layer.
     pub fn hook<'a>(&'a self, locations: &'a Tensor) -> ReftHook<'a> {
-        ReftHook { model: self, locations }
+        ReftHook { model: self, locations, prepared: std::cell::OnceCell::new() }
     }
 
-    /// Applies the interventions of `layer` to `h: [batch, seq, d]` at `locations`.
-    pub fn apply(&self, layer: i64, h: &Tensor, locations: &Tensor, train: bool) -> Result<Tensor> {
-        let mut here = self.interventions.iter().filter(|(l, _, _)| *l == layer).peekable();
-        if here.peek().is_none() {
-            return Ok(h.shallow_clone());
-        }
+    /// Checks `h` and `locations` and builds, per position group, the gather index
+    /// `[batch, slots, d]` and the validity mask `[batch, slots, 1]` (h's dtype and device).
+    fn prepare(&self, h: &Tensor, locations: &Tensor) -> Result<Vec<(Tensor, Tensor)>> {
         let size = h.size();
         let d = self.config.intervention.embed_dim;
         if size.len() != 3 || size[2] != d {
             return Err(Error::ShapeMismatch {
-                name: format!("hidden states at layer {layer}"),
+                name: "hidden states".into(),
                 expected: vec![-1, -1, d],
                 actual: size,
             });
@@ -249,17 +247,47 @@ impl ReftModel {
             });
         }
         let locations = locations.f_to_device(h.device())?;
+        (0..groups)
+            .map(|g| {
+                let idx = locations.f_get(g)?; // [b, p]
+                let valid = idx.f_ge(0)?.f_unsqueeze(-1)?.f_to_kind(h.kind())?;
+                let idx = idx.f_clamp_min(0)?.f_unsqueeze(-1)?.f_expand([size[0], -1, d], false)?;
+                Ok((idx, valid))
+            })
+            .collect()
+    }
+
+    fn apply_prepared(
+        &self,
+        layer: i64,
+        h: &Tensor,
+        prepared: &[(Tensor, Tensor)],
+        train: bool,
+    ) -> Result<Tensor> {
         let mut out = h.shallow_clone();
-        for (_, g, iv) in here {
-            let idx = locations.f_get(*g as i64)?; // [b, p]
-            let valid = idx.f_ge(0)?.f_unsqueeze(-1)?.f_to_kind(h.kind())?;
-            let idx = idx.f_clamp_min(0)?.f_unsqueeze(-1)?.f_expand([size[0], -1, d], false)?;
-            let gathered = out.f_gather(1, &idx, false)?;
-            let edited = iv.f_forward_t(&gathered, train)?;
-            let delta = edited.f_sub(&gathered)?.f_mul(&valid)?;
-            out = out.f_scatter_add(1, &idx, &delta)?;
+        for (_, g, iv) in self.interventions.iter().filter(|(l, _, _)| *l == layer) {
+            let (idx, valid) = &prepared[*g];
+            if idx.size()[0] != h.size()[0] || h.size().get(2) != idx.size().get(2) {
+                return Err(Error::ShapeMismatch {
+                    name: format!("hidden states at layer {layer}"),
+                    expected: idx.size(),
+                    actual: h.size(),
+                });
+            }
+            let gathered = out.f_gather(1, idx, false)?;
+            let delta = iv.f_delta_t(&gathered, train)?.f_mul(valid)?;
+            out = out.f_scatter_add(1, idx, &delta)?;
         }
         Ok(out)
+    }
+
+    /// Applies the interventions of `layer` to `h: [batch, seq, d]` at `locations`.
+    pub fn apply(&self, layer: i64, h: &Tensor, locations: &Tensor, train: bool) -> Result<Tensor> {
+        if !self.interventions.iter().any(|(l, _, _)| *l == layer) {
+            return Ok(h.shallow_clone());
+        }
+        let prepared = self.prepare(h, locations)?;
+        self.apply_prepared(layer, h, &prepared, train)
     }
 
     /// Saves as a directory: `reft_config.json` (the whole config) and `reft_model.safetensors`
@@ -529,15 +557,28 @@ impl ReftModel {
 }
 
 /// [`ReftModel`] with the locations of one batch: the [`ResidualHook`] a model calls.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct ReftHook<'a> {
     model: &'a ReftModel,
     locations: &'a Tensor,
+    /// Gather indices and masks per group, built on first use (they are the same at every
+    /// layer).
+    prepared: std::cell::OnceCell<Vec<(Tensor, Tensor)>>,
 }
 
 impl ResidualHook for ReftHook<'_> {
     fn after_block(&self, layer: i64, hidden: &Tensor, train: bool) -> Result<Tensor> {
-        self.model.apply(layer, hidden, self.locations, train)
+        if !self.model.interventions.iter().any(|(l, _, _)| *l == layer) {
+            return Ok(hidden.shallow_clone());
+        }
+        let prepared = match self.prepared.get() {
+            Some(p) => p,
+            None => {
+                let p = self.model.prepare(hidden, self.locations)?;
+                self.prepared.get_or_init(|| p)
+            }
+        };
+        self.model.apply_prepared(layer, hidden, prepared, train)
     }
 }
 
