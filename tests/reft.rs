@@ -438,3 +438,32 @@ fn reft_and_lora_train_together() {
         assert!(bit_equal(&base_vs.variables()[&k], &v), "{k} changed");
     }
 }
+
+/// One intervention's state dict from a file: a pyvene pickle, and a safetensors re-export.
+#[test]
+fn an_intervention_loads_from_a_pickle_or_a_safetensors_file() {
+    let dir = fixture("reft").join("pyvene_loreft");
+    let pickle = dir.join("intkey_layer_0_comp_block_output_unit_pos_nunit_1#0.bin");
+    let vs = nn::VarStore::new(Device::Cpu);
+    let cfg = InterventionConfig::new(InterventionKind::LoReft, 64, 4);
+    let a = LowRankIntervention::new(&vs.root(), cfg).unwrap();
+    a.load_pyreft_file(&pickle).unwrap();
+    let out = temp_dir("reft-file").join("loreft.safetensors");
+    let sd = a.state_dict_pyreft().unwrap();
+    io::write_safetensors(&out, &sd, None).unwrap();
+    let vs2 = nn::VarStore::new(Device::Cpu);
+    let b = LowRankIntervention::new(&vs2.root(), cfg).unwrap();
+    b.load_pyreft_file(&out).unwrap();
+    let h = randn(&[5, 64], Kind::Float);
+    assert!(bit_equal(&a.f_forward_t(&h, false).unwrap(), &b.f_forward_t(&h, false).unwrap()));
+    let raw: HashMap<String, Tensor> = io::read_torch_dict(&pickle).unwrap().into_iter().collect();
+    assert_eq!(raw["rotate_layer"].size(), [64, 4]);
+    assert!(bit_equal(
+        &sd.iter().find(|(k, _)| k == "rotate_layer").unwrap().1,
+        &raw["rotate_layer"]
+    ));
+    // a file that is not a pickle
+    let err = b.load_pyreft_file(fixture("reft").join("versions.json")).unwrap_err();
+    assert!(matches!(err, Error::CorruptFile { .. }), "{err}");
+    let _ = std::fs::remove_dir_all(out.parent().unwrap());
+}

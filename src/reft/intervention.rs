@@ -289,6 +289,20 @@ impl LowRankIntervention {
         }
     }
 
+    /// Loads a file holding one intervention's pyreft state dict: safetensors (by extension) or
+    /// a `torch.save` pickle (pyvene's `intkey_*.bin`), strictly (see
+    /// [`Intervention::load_pyreft`]).
+    pub fn load_pyreft_file(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let path = path.as_ref();
+        let tensors: HashMap<String, Tensor> =
+            if path.extension().is_some_and(|e| e == "safetensors") {
+                crate::io::read_safetensors(path)?.tensors.into_iter().collect()
+            } else {
+                crate::io::read_torch_dict(path)?.into_iter().collect()
+            };
+        self.load_pyreft(&tensors, path)
+    }
+
     /// The rotation variable `V: [d, r]`, when the kind has it.
     pub fn rotation_variable(&self) -> Option<&Tensor> {
         self.rotate.as_ref()
