@@ -9,7 +9,10 @@
 //!   default, [`ReftModel::step`]; or CholeskyQR2 in every forward).
 //! * [`Positions`]: `f{p}+l{s}` with pyreft's `n/2` truncation, tied or untied.
 //! * [`ReftModel`]: the interventions of a model, applied through a
-//!   [`ResidualHook`](crate::models::ResidualHook); save/load with the whole config.
+//!   [`ResidualHook`](crate::models::ResidualHook); save/load with the whole config; import of
+//!   pyvene save directories.
+//!
+//! The mapping to pyreft, its quirks and the file formats: `docs/reft.md`.
 
 mod intervention;
 mod model;
