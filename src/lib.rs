@@ -6,6 +6,7 @@
 
 pub mod adapter;
 mod error;
+pub mod freeze;
 pub mod io;
 pub mod lora;
 pub mod models;
