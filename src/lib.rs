@@ -9,6 +9,7 @@ mod error;
 pub mod freeze;
 pub mod io;
 pub mod lora;
+pub mod merge;
 pub mod models;
 pub mod reft;
 pub mod target;
