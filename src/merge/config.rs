@@ -98,10 +98,15 @@ pub struct MergeConfig {
     /// The output dtype (`float32`, `float16`, `bfloat16`, `float64`); default the base's.
     #[serde(default)]
     pub dtype: Option<String>,
+    /// Seeds libtorch's generator before merging, so that DARE's masks are reproducible
+    /// (mergekit's `--random-seed`).
+    #[serde(default)]
+    pub random_seed: Option<i64>,
 }
 
 const MODEL_KEYS: [&str; 3] = ["weight", "density", "gamma"];
-const GLOBAL_KEYS: [&str; 6] = ["normalize", "rescale", "lambda", "t", "filter_wise", "int8_mask"];
+const GLOBAL_KEYS: [&str; 7] =
+    ["normalize", "rescale", "lambda", "t", "filter_wise", "int8_mask", "inverse_density"];
 
 impl MergeConfig {
     /// Parses YAML, refusing unknown fields and parameters with errors naming them.
@@ -186,6 +191,9 @@ impl MergeConfig {
             lambda: p("lambda").and_then(|s| s.number(tensor, t)).unwrap_or(1.0),
             t: p("t").and_then(|s| s.number(tensor, t)),
             filter_wise: p("filter_wise").and_then(|s| s.boolean(tensor, t)).unwrap_or(false),
+            inverse_density: p("inverse_density")
+                .and_then(|s| s.boolean(tensor, t))
+                .unwrap_or(false),
         }
     }
 }

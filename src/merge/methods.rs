@@ -100,11 +100,21 @@ pub struct GlobalParams {
     pub t: Option<f64>,
     /// Model Stock's `filter_wise` (default false).
     pub filter_wise: bool,
+    /// DARE: rescale the kept entries by `1/density` (the paper's) instead of mergekit's L1-norm
+    /// ratio. Config key `inverse_density` (not in mergekit). Default false.
+    pub inverse_density: bool,
 }
 
 impl Default for GlobalParams {
     fn default() -> Self {
-        GlobalParams { normalize: None, rescale: None, lambda: 1.0, t: None, filter_wise: false }
+        GlobalParams {
+            normalize: None,
+            rescale: None,
+            lambda: 1.0,
+            t: None,
+            filter_wise: false,
+            inverse_density: false,
+        }
     }
 }
 
@@ -132,7 +142,13 @@ fn masked(t: &Tensor, mask: &Tensor, l1: bool) -> Result<Tensor> {
     Ok(m.f_mul_scalar(before / after)?)
 }
 
-fn sparsify(delta: &Tensor, how: Sparsify, p: &ModelParams, l1: bool) -> Result<Tensor> {
+fn sparsify(
+    delta: &Tensor,
+    how: Sparsify,
+    p: &ModelParams,
+    l1: bool,
+    inverse_density: bool,
+) -> Result<Tensor> {
     let density = p.density;
     if density >= 1.0 {
         return Ok(delta.shallow_clone());
@@ -166,7 +182,13 @@ fn sparsify(delta: &Tensor, how: Sparsify, p: &ModelParams, l1: bool) -> Result<
             let work = if delta.kind() == Kind::BFloat16 { Kind::BFloat16 } else { Kind::Float };
             let mask =
                 Tensor::f_full(delta.size(), density, (work, delta.device()))?.f_bernoulli()?;
-            Ok(masked(&delta.f_to_kind(work)?, &mask, l1)?.f_to_kind(delta.kind())?)
+            let d = delta.f_to_kind(work)?;
+            let out = if inverse_density && l1 {
+                d.f_mul(&mask)?.f_div_scalar(density)?
+            } else {
+                masked(&d, &mask, l1)?
+            };
+            Ok(out.f_to_kind(delta.kind())?)
         }
     }
 }
@@ -253,7 +275,7 @@ pub fn merge_tensor(
             for (t, p) in models {
                 let d = t.f_sub(base)?;
                 deltas.push(match method.sparsification() {
-                    Some(how) => sparsify(&d, how, p, rescale)?,
+                    Some(how) => sparsify(&d, how, p, rescale, global.inverse_density)?,
                     None => d,
                 });
             }

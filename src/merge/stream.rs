@@ -1,7 +1,8 @@
 //! Merging checkpoint directories tensor by tensor with bounded memory: each input tensor is
-//! read from its safetensors file on its own (header offsets, one seek and read), merged, and
-//! appended to the output file, whose header is written first from the inputs' headers. Peak
-//! memory grows with the largest tensor times the number of inputs, not with the model.
+//! read from its safetensors file on its own (header offsets, one seek and read — no mmap, so
+//! the page cache, not the process, holds what the OS keeps), merged, and appended to the output
+//! file, whose header is written first from the inputs' headers. Peak memory grows with the
+//! largest tensor times the number of inputs, not with the model.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -210,6 +211,9 @@ pub struct MergeStats {
 /// base. Errors name the tensor and model when a tensor is missing or shaped differently.
 pub fn merge_directories(cfg: &MergeConfig, out: impl AsRef<Path>) -> Result<MergeStats> {
     cfg.validate()?;
+    if let Some(seed) = cfg.random_seed {
+        tch::manual_seed(seed);
+    }
     let started = Instant::now();
     let out = out.as_ref();
     let base = cfg.base_model.as_ref().map(ModelFiles::open).transpose()?;
