@@ -1,8 +1,10 @@
 //! Reference models with Hugging Face parameter names, built so that adapters attach to them:
 //! their linear layers go through [`crate::lora::LoraBuilder`].
 
+pub mod bert;
 pub mod llama;
 
+pub use bert::{Bert, BertConfig};
 pub use llama::{Llama, LlamaConfig};
 
 /// A callback on a model's residual stream: [`Llama::forward_hooked`] calls it after every
