@@ -5,6 +5,7 @@
 #![allow(clippy::needless_doctest_main)]
 
 pub mod adapter;
+pub mod compare;
 pub mod data;
 mod error;
 pub mod freeze;
