@@ -428,3 +428,57 @@ pub fn kotzias_task(dir: impl AsRef<Path>, seed: u64) -> Result<Task> {
         ],
     })
 }
+
+/// Task A of REAL-DATA: VADER movie-review snippets (balanced; train 2000, validation 200,
+/// test 1000) → tweets, Amazon product snippets, NYT editorials (1000 each, balanced).
+pub fn vader_task(dir: impl AsRef<Path>, seed: u64) -> Result<Task> {
+    let dir = dir.as_ref();
+    let movie = crate::data::vader(dir, "movieReviewSnippets")?;
+    let mut m = crate::data::balanced(&movie, 1600, seed);
+    if m.len() < 3200 {
+        return Err(Error::config(
+            "vader",
+            format!("expected 3200 balanced movie snippets, found {}", m.len()),
+        ));
+    }
+    let test = m.split_off(2200);
+    let val = m.split_off(2000);
+    let mut tests = vec![("movie (ID)".to_string(), test)];
+    for (name, file) in
+        [("tweets", "tweets"), ("amazon", "amazonReviewSnippets"), ("nyt", "nytEditorialSnippets")]
+    {
+        tests
+            .push((name.into(), crate::data::balanced(&crate::data::vader(dir, file)?, 500, seed)));
+    }
+    Ok(Task { name: "A: VADER movie snippets → tweets/Amazon/NYT".into(), train: m, val, tests })
+}
+
+/// Task B of REAL-DATA: SpamAssassin early mail (easy-ham-1 + spam-1, balanced; train 630,
+/// validation 70, test 300) → later mail (easy-ham-2 + spam-2, 1000 balanced) and hard ham
+/// (250 ham: accuracy is specificity).
+pub fn spam_task(dir: impl AsRef<Path>, seed: u64) -> Result<Task> {
+    let dir = dir.as_ref();
+    let mut early = crate::data::spam(dir, "easy-ham-1")?;
+    early.extend(crate::data::spam(dir, "spam-1")?);
+    let mut e = crate::data::balanced(&early, 500, seed);
+    if e.len() < 1000 {
+        return Err(Error::config(
+            "spam",
+            format!("expected 1000 balanced early messages, found {}", e.len()),
+        ));
+    }
+    let test = e.split_off(700);
+    let val = e.split_off(630);
+    let mut later = crate::data::spam(dir, "easy-ham-2")?;
+    later.extend(crate::data::spam(dir, "spam-2")?);
+    Ok(Task {
+        name: "B: SpamAssassin early → later mail, hard ham".into(),
+        train: e,
+        val,
+        tests: vec![
+            ("early (ID)".into(), test),
+            ("later".into(), crate::data::balanced(&later, 500, seed)),
+            ("hard-ham".into(), crate::data::spam(dir, "hard-ham-1")?),
+        ],
+    })
+}

@@ -4,17 +4,21 @@
 //!
 //! ```text
 //! scripts/fetch-assets.sh
-//! scripts/with-torch cargo run --release --example compare -- [--seeds 3] [--epochs 3] [--out results]
+//! scripts/with-torch cargo run --release --example compare -- [--task a|b|c] [--seeds 3] [--epochs 3] [--out results]
 //! ```
 //!
-//! Task C (Kotzias Amazon → Yelp/IMDb; REAL-DATA's splits). Prints a table (accuracy per test
+//! `--task c` (default, fast): Kotzias Amazon → Yelp/IMDb; `--task a`: VADER movie snippets →
+//! tweets/Amazon/NYT; `--task b`: SpamAssassin early → later mail and hard ham (REAL-DATA's
+//! splits). Prints a table (accuracy per test
 //! set as mean ± std over seeds, trainable parameters, median step time, saved size) and writes
 //! `results/compare.csv` and `results/compare.json`.
 
 use std::path::PathBuf;
 
 use tch::Device;
-use tch_peft::compare::{kotzias_task, run, wise_ft_curve, Method, RunConfig, RunResult};
+use tch_peft::compare::{
+    kotzias_task, run, spam_task, vader_task, wise_ft_curve, Method, RunConfig, RunResult,
+};
 use tch_peft::data::TextBatcher;
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -26,12 +30,14 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 fn main() -> tch_peft::Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut seeds, mut epochs, mut out) = (3u64, 3usize, PathBuf::from("results"));
+    let mut task_name = "c".to_string();
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_default();
         match a.as_str() {
             "--seeds" => seeds = v.parse().unwrap_or(3),
             "--epochs" => epochs = v.parse().unwrap_or(3),
             "--out" => out = PathBuf::from(v),
+            "--task" => task_name = v.to_lowercase(),
             other => {
                 eprintln!(
                     "usage: compare [--seeds N] [--epochs N] [--out DIR] (unknown `{other}`)"
@@ -59,7 +65,11 @@ fn main() -> tch_peft::Result<()> {
     let mut results: Vec<RunResult> = Vec::new();
     let mut wise = Vec::new();
     for seed in 0..seeds {
-        let task = kotzias_task(root.join("kotzias"), seed)?;
+        let task = match task_name.as_str() {
+            "a" => vader_task(root.join("vader"), seed)?,
+            "b" => spam_task(root.join("spam"), seed)?,
+            _ => kotzias_task(root.join("kotzias"), seed)?,
+        };
         let cfg = RunConfig {
             model_dir: root.join("minilm"),
             epochs,
@@ -142,7 +152,7 @@ fn main() -> tch_peft::Result<()> {
     std::fs::write(out.join("compare.csv"), csv)
         .map_err(|e| tch_peft::Error::Io { path: out.clone(), source: e })?;
     let json = serde_json::json!({
-        "task": "C: Kotzias Amazon -> Yelp/IMDb",
+        "task": task_name,
         "runs": results.iter().map(|r| serde_json::json!({
             "method": r.method, "seed": r.seed, "trainable": r.trainable, "total": r.total,
             "step_ms": r.step_ms, "adapter_bytes": r.adapter_bytes, "val_curve": r.val_curve,
