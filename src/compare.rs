@@ -292,6 +292,15 @@ pub fn run(
         let mut since_best = 0;
         let mut step = 0usize;
         let mut train = task.train.clone();
+        // a progress bar on stderr (hidden when it is not a terminal)
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:24} {bar:30} {pos}/{len} steps {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(method.name());
         for epoch in 0..cfg.epochs {
             shuffle(&mut train, cfg.seed.wrapping_add(epoch as u64));
             for chunk in train.chunks(cfg.batch) {
@@ -323,6 +332,7 @@ pub fn run(
                 }
                 step_times.push(t0.elapsed().as_secs_f64() * 1e3);
                 step += 1;
+                bar.inc(1);
             }
             let val = accuracy(&c, batcher, &task.val, cfg)?;
             val_curve.push(val);
@@ -336,6 +346,7 @@ pub fn run(
                 }
             }
         }
+        bar.finish_and_clear();
         // keep the best epoch
         tch::no_grad(|| {
             for ((_, t), b) in trained(&c).into_iter().zip(&best.1) {
