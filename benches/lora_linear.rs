@@ -20,26 +20,14 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use tch::nn::{self, ModuleT};
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 use tch_peft::lora::{LoraConfig, LoraLinear};
+
+mod common;
+use common::{device, interleaved, kind, sync};
 
 fn rank() -> i64 {
     std::env::var("TCH_PEFT_BENCH_RANK").ok().and_then(|r| r.parse().ok()).unwrap_or(8)
-}
-
-fn device() -> Device {
-    match std::env::var("TCH_PEFT_BENCH_DEVICE").as_deref() {
-        Ok("cuda") => Device::Cuda(0),
-        _ => Device::Cpu,
-    }
-}
-
-fn kind() -> Kind {
-    match std::env::var("TCH_PEFT_BENCH_KIND").as_deref() {
-        Ok("bf16") => Kind::BFloat16,
-        Ok("f16") => Kind::Half,
-        _ => Kind::Float,
-    }
 }
 
 fn shapes() -> Vec<(i64, i64, i64)> {
@@ -53,12 +41,6 @@ fn shapes() -> Vec<(i64, i64, i64)> {
         .collect()
 }
 
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-}
-
 /// Forward, then backward of a dense upstream gradient `g` to `inputs` (injected as
 /// `sum(y ⊙ g)`, which costs the same two elementwise kernels in every variant; a bare `sum(y)`
 /// would hand back a stride-0 gradient that each consumer copies, which real training never
@@ -66,34 +48,6 @@ fn sync(device: Device) {
 fn fwd_bwd(layer: &impl ModuleT, x: &Tensor, g: &Tensor, inputs: &[&Tensor]) -> Vec<Tensor> {
     let y = layer.forward_t(x, true);
     Tensor::run_backward(&[(y * g).sum(g.kind())], inputs, false, false)
-}
-
-/// Median seconds of `f` over `rounds`, measured in alternation with the other closures so
-/// that drifting machine load hits every variant alike. Returns one median per closure.
-fn interleaved(fs: &mut [&mut dyn FnMut()], rounds: usize) -> Vec<f64> {
-    if rounds == 0 {
-        return vec![f64::NAN; fs.len()];
-    }
-    for f in fs.iter_mut() {
-        for _ in 0..3 {
-            f();
-        }
-    }
-    let mut times = vec![Vec::with_capacity(rounds); fs.len()];
-    for _ in 0..rounds {
-        for (f, t) in fs.iter_mut().zip(times.iter_mut()) {
-            let start = std::time::Instant::now();
-            f();
-            t.push(start.elapsed().as_secs_f64());
-        }
-    }
-    times
-        .into_iter()
-        .map(|mut t| {
-            t.sort_by(f64::total_cmp);
-            t[t.len() / 2]
-        })
-        .collect()
 }
 
 fn bench(c: &mut Criterion) {

@@ -16,60 +16,15 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tch::nn::{self, OptimizerConfig};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 use tch_peft::models::llama::{Llama, LlamaConfig};
 use tch_peft::reft::{InterventionConfig, InterventionKind, ReftConfig, ReftLayers, ReftModel};
 
+mod common;
+use common::{device, interleaved, kind, sync};
+
 fn env_i64(name: &str, default: i64) -> i64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn device() -> Device {
-    match std::env::var("TCH_PEFT_BENCH_DEVICE").as_deref() {
-        Ok("cuda") => Device::Cuda(0),
-        _ => Device::Cpu,
-    }
-}
-
-fn kind() -> Kind {
-    match std::env::var("TCH_PEFT_BENCH_KIND").as_deref() {
-        Ok("bf16") => Kind::BFloat16,
-        Ok("f16") => Kind::Half,
-        _ => Kind::Float,
-    }
-}
-
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-}
-
-/// Medians of each closure's time, the closures run in alternation.
-fn interleaved(fs: &mut [&mut dyn FnMut()], rounds: usize) -> Vec<f64> {
-    if rounds == 0 {
-        return vec![f64::NAN; fs.len()];
-    }
-    for f in fs.iter_mut() {
-        for _ in 0..2 {
-            f();
-        }
-    }
-    let mut times = vec![Vec::with_capacity(rounds); fs.len()];
-    for _ in 0..rounds {
-        for (f, t) in fs.iter_mut().zip(times.iter_mut()) {
-            let start = std::time::Instant::now();
-            f();
-            t.push(start.elapsed().as_secs_f64());
-        }
-    }
-    times
-        .into_iter()
-        .map(|mut t| {
-            t.sort_by(f64::total_cmp);
-            t[t.len() / 2]
-        })
-        .collect()
 }
 
 fn bench(c: &mut Criterion) {

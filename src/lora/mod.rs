@@ -40,3 +40,6 @@ pub use model::{
     DEFAULT_ADAPTER_NAME,
 };
 pub use stack::LoraStack;
+
+pub(crate) use linear::is_float;
+pub(crate) use merge::compute_kind;

@@ -264,12 +264,8 @@ impl<L: StackLayer> LoraStack<L> {
         }
     }
 
-    fn read(&self) -> MutexGuard<'_, StackState<L>> {
+    fn lock(&self) -> MutexGuard<'_, StackState<L>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write(&self) -> MutexGuard<'_, StackState<L>> {
-        self.read()
     }
 
     /// The module path of the layer.
@@ -283,35 +279,35 @@ impl<L: StackLayer> LoraStack<L> {
 
     /// The adapter names on this layer, in the order they were added.
     pub fn adapter_names(&self) -> Vec<String> {
-        self.read().slots.iter().map(|(n, _)| n.clone()).collect()
+        self.lock().slots.iter().map(|(n, _)| n.clone()).collect()
     }
 
     /// A handle on the adapter `name` of this layer.
     pub fn get(&self, name: &str) -> Option<L> {
-        self.read().slots.iter().find(|(n, _)| n == name).map(|(_, l)| l.share())
+        self.lock().slots.iter().find(|(n, _)| n == name).map(|(_, l)| l.share())
     }
 
     /// A handle on the first adapter of this layer.
     pub fn first(&self) -> Option<L> {
-        self.read().slots.first().map(|(_, l)| l.share())
+        self.lock().slots.first().map(|(_, l)| l.share())
     }
 
     /// The names merged into the base weight, in merge order.
     pub fn merged_adapters(&self) -> Vec<String> {
-        self.read().merged.clone()
+        self.lock().merged.clone()
     }
 
     pub(crate) fn has(&self, name: &str) -> bool {
-        self.read().slots.iter().any(|(n, _)| n == name)
+        self.lock().slots.iter().any(|(n, _)| n == name)
     }
 
     pub(crate) fn push(&self, name: &str, layer: L) {
-        self.write().slots.push((name.to_string(), layer));
+        self.lock().slots.push((name.to_string(), layer));
     }
 
     /// Removes the adapter `name` (refused while it is merged); returns it if it was here.
     pub(crate) fn remove(&self, name: &str) -> Result<Option<L>> {
-        let mut st = self.write();
+        let mut st = self.lock();
         if st.merged.iter().any(|n| n == name) {
             return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });
         }
@@ -321,7 +317,7 @@ impl<L: StackLayer> LoraStack<L> {
     /// Merges the named adapters present on this layer, in the given order (already merged ones
     /// are skipped). On failure the ones merged by this call are unmerged again.
     pub(crate) fn merge(&self, names: &[String], safe: bool) -> Result<()> {
-        let mut st = self.write();
+        let mut st = self.lock();
         let before = st.merged.len();
         for name in names {
             if st.merged.contains(name) {
@@ -353,13 +349,13 @@ impl<L: StackLayer> LoraStack<L> {
 
     /// Unmerges every merged adapter, last merged first, restoring the base bit-exactly.
     pub(crate) fn unmerge_all(&self) -> Result<()> {
-        Self::unmerge_down_to(&mut self.write(), 0)
+        Self::unmerge_down_to(&mut self.lock(), 0)
     }
 
     /// Enables exactly the adapters in `names` (unmerging everything first).
     pub(crate) fn set_active(&self, names: &[String]) -> Result<()> {
         self.unmerge_all()?;
-        for (n, l) in &self.read().slots {
+        for (n, l) in &self.lock().slots {
             l.enable(names.contains(n))?;
         }
         Ok(())
@@ -369,7 +365,7 @@ impl<L: StackLayer> LoraStack<L> {
 impl<L: StackLayer> LoraStack<L> {
     /// Runs `f` over every adapter of the layer.
     pub(crate) fn for_each(&self, mut f: impl FnMut(&str, &L) -> Result<()>) -> Result<()> {
-        self.read().slots.iter().try_for_each(|(n, l)| f(n, l))
+        self.lock().slots.iter().try_for_each(|(n, l)| f(n, l))
     }
 }
 
@@ -383,7 +379,7 @@ impl LoraStack<LoraLinear> {
     /// checked first (see [`LoraLinear::f_forward_t`]). With one adapter this is that layer's own
     /// forward (the fused training path included).
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let st = self.read();
+        let st = self.lock();
         if let [(_, only)] = st.slots.as_slice() {
             return only.f_forward_t(xs, train);
         }
@@ -423,7 +419,7 @@ impl LoraStack<LoraEmbedding> {
 
     /// Embeddings of `ids` plus every enabled, unmerged adapter's delta.
     pub fn f_forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let st = self.read();
+        let st = self.lock();
         if let [(_, only)] = st.slots.as_slice() {
             return only.f_forward(ids);
         }
@@ -440,7 +436,7 @@ impl LoraStack<LoraEmbedding> {
 impl LoraStack<LoraConv2d> {
     /// Forward of `xs: [batch, in, h, w]` plus every enabled, unmerged adapter's branch.
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let st = self.read();
+        let st = self.lock();
         if let [(_, only)] = st.slots.as_slice() {
             return only.f_forward_t(xs, train);
         }
@@ -475,7 +471,7 @@ impl LoraStack<ModuleCopy> {
     /// Forward with the first enabled, unmerged copy, else with the base module (a linear
     /// layer's `x Wᵀ + b` or a table's `W[ids]`).
     pub fn f_forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let st = self.read();
+        let st = self.lock();
         let b = &self.base;
         if b.kind == CopyKind::Linear {
             check_linear_input(&b.ws, &self.module, xs)?;

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use crate::lora::compute_kind;
 use crate::{Error, Result};
 
 /// A merge method, by mergekit's name.
@@ -118,15 +119,6 @@ impl Default for GlobalParams {
     }
 }
 
-/// The kind merges compute in: f64 for f64 inputs, else f32 (as mergekit's linear and SLERP).
-fn work_kind(k: Kind) -> Kind {
-    if k == Kind::Double {
-        Kind::Double
-    } else {
-        Kind::Float
-    }
-}
-
 /// `tensor ⊙ mask`, rescaled to keep the L1 norm when asked (mergekit's
 /// `rescaled_masked_tensor`, eps 1e-7).
 fn masked(t: &Tensor, mask: &Tensor, l1: bool) -> Result<Tensor> {
@@ -238,7 +230,7 @@ pub fn merge_tensor(
     match method {
         MergeMethod::Linear => {
             let out_kind = models[0].0.kind();
-            let wk = work_kind(out_kind);
+            let wk = compute_kind(out_kind);
             let mut acc = models[0].0.f_zeros_like()?.f_to_kind(wk)?;
             let mut total = 0.0;
             for (t, p) in models {
@@ -325,7 +317,7 @@ pub fn merge_tensor(
 
 /// mergekit's SLERP of two tensors (flattened), in f32 (f64 for f64).
 pub fn slerp(t: f64, v0: &Tensor, v1: &Tensor) -> Result<Tensor> {
-    let kind = work_kind(v0.kind());
+    let kind = compute_kind(v0.kind());
     let (a, b) = (v0.f_reshape([-1])?.f_to_kind(kind)?, v1.f_reshape([-1])?.f_to_kind(kind)?);
     if a.numel() == 0 {
         return Ok(v0.shallow_clone());
@@ -358,7 +350,7 @@ fn model_stock(
     filter_wise: bool,
 ) -> Result<Tensor> {
     let shape = base.size();
-    let kind = work_kind(base.kind());
+    let kind = compute_kind(base.kind());
     let prep = |t: &Tensor| -> Result<Tensor> {
         let t = t.f_to_kind(kind)?;
         Ok(if filter_wise {

@@ -22,7 +22,6 @@ use crate::{Error, Result};
 struct Entry {
     file: usize,
     kind: Kind,
-    dtype: String,
     shape: Vec<i64>,
     start: u64,
     end: u64,
@@ -147,7 +146,7 @@ impl ModelFiles {
                     )));
                 }
                 if tensors
-                    .insert(name.clone(), Entry { file: i, kind, dtype, shape, start, end })
+                    .insert(name.clone(), Entry { file: i, kind, shape, start, end })
                     .is_some()
                 {
                     return Err(corrupt(format!("`{name}` appears in two files")));
@@ -185,7 +184,6 @@ impl ModelFiles {
         f.seek(SeekFrom::Start(data_start + e.start)).map_err(|err| Error::io(path, err))?;
         let mut buf = vec![0u8; (e.end - e.start) as usize];
         f.read_exact(&mut buf).map_err(|err| Error::io(path, err))?;
-        let _ = &e.dtype;
         Ok(Tensor::f_from_data_size(&buf, &e.shape, e.kind)?)
     }
 }
@@ -251,7 +249,7 @@ pub fn merge_directories(cfg: &MergeConfig, out: impl AsRef<Path>) -> Result<Mer
     let mut plan = Vec::with_capacity(names.len());
     for n in &names {
         let (shape, kind) = reference.info(n).expect("listed");
-        let float = matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16);
+        let float = crate::lora::is_float(kind);
         let k = if float { out_kind.unwrap_or(kind) } else { kind };
         let bytes = shape.iter().product::<i64>() as u64 * k.elt_size_in_bytes() as u64;
         header.insert(

@@ -3,18 +3,11 @@
 use std::collections::HashMap;
 
 use tch::nn::VarStore;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::adapter::{Adapter, AdapterKind};
+use crate::lora::{compute_kind, is_float};
 use crate::{Error, Result};
-
-fn compute_kind(k: Kind) -> Kind {
-    if k == Kind::Double {
-        Kind::Double
-    } else {
-        Kind::Float
-    }
-}
 
 /// The pairs `(name, θ₀, θ₁)` to interpolate: with `partial = false` both stores must hold the
 /// same names with the same shapes and dtypes (errors name the first difference); with
@@ -73,7 +66,7 @@ fn pairs(
 /// take `b` when `α ≥ 0.5`, else `a`.
 pub fn lerp(a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
     let kind = a.kind();
-    if !matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16) {
+    if !is_float(kind) {
         return Ok(if alpha >= 0.5 { b.copy() } else { a.copy() });
     }
     let c = compute_kind(kind);

@@ -9,7 +9,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
 use super::llama::weight_files;
-use super::ResidualHook;
+use super::{embed_checked, ResidualHook};
 use crate::io;
 use crate::lora::{self, LoraBuilder, MaybeLoraEmbedding, MaybeLoraLinear};
 use crate::{Error, Result};
@@ -185,43 +185,17 @@ impl Bert {
         hook: Option<&dyn ResidualHook>,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let size = input_ids.size();
-        if size.len() != 2 || input_ids.kind() != Kind::Int64 {
-            return Err(Error::ShapeMismatch {
-                name: "input_ids (int64)".into(),
-                expected: vec![-1, -1],
-                actual: size,
-            });
-        }
-        let (b, s) = (size[0], size[1]);
-        if s > c.max_position_embeddings {
+        let seq = input_ids.size().get(1).copied().unwrap_or(0);
+        if seq > c.max_position_embeddings {
             return Err(Error::ShapeMismatch {
                 name: "input_ids (sequence length)".into(),
-                expected: vec![b, c.max_position_embeddings],
-                actual: size,
+                expected: vec![-1, c.max_position_embeddings],
+                actual: input_ids.size(),
             });
         }
-        if let Some(m) = attention_mask {
-            if m.size() != [b, s] {
-                return Err(Error::ShapeMismatch {
-                    name: "attention_mask".into(),
-                    expected: vec![b, s],
-                    actual: m.size(),
-                });
-            }
-        }
+        let (b, s, words) = embed_checked(&self.word, input_ids, attention_mask, c.vocab_size)?;
         let device = self.word.weight().device();
         let kind = self.word.weight().kind();
-        let ids = input_ids.to_device(device);
-        let bad_ids =
-            || Error::config("input_ids", format!("token ids must lie in [0, {})", c.vocab_size));
-        if device.is_cuda() {
-            let out_of_range = ids.lt(0).logical_or(&ids.ge(c.vocab_size)).any();
-            if out_of_range.int64_value(&[]) != 0 {
-                return Err(bad_ids());
-            }
-        }
-        let words = self.word.f_forward(&ids).map_err(|_| bad_ids())?;
         let pos = self.position.narrow(0, 0, s).unsqueeze(0);
         let tt = self.token_type.get(0).view([1, 1, -1]);
         let mut h = (words + pos + tt).apply(&self.emb_norm).dropout(c.hidden_dropout_prob, train);

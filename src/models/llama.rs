@@ -25,7 +25,7 @@ use serde::Deserialize;
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
-use super::ResidualHook;
+use super::{embed_checked, ResidualHook};
 use crate::io;
 use crate::lora::{self, LoraBuilder, MaybeLoraEmbedding, MaybeLoraLinear};
 use crate::{Error, Result};
@@ -274,24 +274,8 @@ impl Llama {
         hook: Option<&dyn ResidualHook>,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let size = input_ids.size();
-        if size.len() != 2 || input_ids.kind() != Kind::Int64 {
-            return Err(Error::ShapeMismatch {
-                name: "input_ids (int64)".into(),
-                expected: vec![-1, -1],
-                actual: size,
-            });
-        }
-        let (b, s) = (size[0], size[1]);
-        if let Some(m) = attention_mask {
-            if m.size() != [b, s] {
-                return Err(Error::ShapeMismatch {
-                    name: "attention_mask".into(),
-                    expected: vec![b, s],
-                    actual: m.size(),
-                });
-            }
-        }
+        let (b, s, mut h) =
+            embed_checked(&self.embed_tokens, input_ids, attention_mask, c.vocab_size)?;
         let device = self.embed_tokens.weight().device();
         let kind = self.embed_tokens.weight().kind();
         let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
@@ -322,18 +306,6 @@ impl Llama {
         }
         let mask = Tensor::zeros([1], (kind, device)).masked_fill(&blocked, lowest);
 
-        let bad_ids =
-            || Error::config("input_ids", format!("token ids must lie in [0, {})", c.vocab_size));
-        let ids = input_ids.to_device(device);
-        if device.is_cuda() {
-            // an out-of-range index is a device-side assert on CUDA (fatal), so check first; on
-            // the CPU the embedding's own error is caught below, at no extra cost
-            let out_of_range = ids.lt(0).logical_or(&ids.ge(c.vocab_size)).any();
-            if out_of_range.int64_value(&[]) != 0 {
-                return Err(bad_ids());
-            }
-        }
-        let mut h = self.embed_tokens.f_forward(&ids).map_err(|_| bad_ids())?;
         for (i, l) in self.layers.iter().enumerate() {
             let n = rms_norm(&h, &l.input_layernorm, c.rms_norm_eps);
             let q = l.q_proj.f_forward_t(&n, train)?.view([b, s, heads, hd]).transpose(1, 2);

@@ -19,3 +19,45 @@ pub trait ResidualHook {
         train: bool,
     ) -> crate::Result<tch::Tensor>;
 }
+
+/// Checks `input_ids` (`[batch, seq]`, int64) and `attention_mask` (`[batch, seq]`) and embeds
+/// the ids with `table`; returns `(batch, seq, embeddings)`. An id outside `[0, vocab)` is an
+/// error: checked up front on CUDA (where the lookup would be a fatal device assert), caught
+/// from the lookup itself on the CPU at no extra cost.
+pub(crate) fn embed_checked(
+    table: &crate::lora::MaybeLoraEmbedding,
+    input_ids: &tch::Tensor,
+    attention_mask: Option<&tch::Tensor>,
+    vocab: i64,
+) -> crate::Result<(i64, i64, tch::Tensor)> {
+    use crate::Error;
+    let size = input_ids.size();
+    if size.len() != 2 || input_ids.kind() != tch::Kind::Int64 {
+        return Err(Error::ShapeMismatch {
+            name: "input_ids (int64)".into(),
+            expected: vec![-1, -1],
+            actual: size,
+        });
+    }
+    let (b, s) = (size[0], size[1]);
+    if let Some(m) = attention_mask {
+        if m.size() != [b, s] {
+            return Err(Error::ShapeMismatch {
+                name: "attention_mask".into(),
+                expected: vec![b, s],
+                actual: m.size(),
+            });
+        }
+    }
+    let device = table.weight().device();
+    let bad_ids = || Error::config("input_ids", format!("token ids must lie in [0, {vocab})"));
+    let ids = input_ids.to_device(device);
+    if device.is_cuda() {
+        let out_of_range = ids.lt(0).logical_or(&ids.ge(vocab)).any();
+        if out_of_range.int64_value(&[]) != 0 {
+            return Err(bad_ids());
+        }
+    }
+    let emb = table.f_forward(&ids).map_err(|_| bad_ids())?;
+    Ok((b, s, emb))
+}

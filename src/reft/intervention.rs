@@ -326,7 +326,7 @@ impl LowRankIntervention {
                 actual: h.size(),
             });
         }
-        if !matches!(h.kind(), Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double) {
+        if !crate::lora::is_float(h.kind()) {
             return Err(Error::DtypeMismatch {
                 name: "hidden states".into(),
                 expected: "a floating-point kind".into(),
