@@ -15,7 +15,7 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{shuffle, Example, TextBatcher};
-use crate::freeze::{FreezePlan, Select};
+use crate::freeze::{FreezePlan, GradualUnfreezing, LayerGroups, Select};
 use crate::lora::{LoraBuilder, LoraConfig};
 use crate::models::bert::{load_weights, mean_pool, Bert, BertConfig};
 use crate::reft::{InterventionConfig, InterventionKind, ReftConfig, ReftLayers, ReftModel};
@@ -30,6 +30,10 @@ pub enum Method {
     LinearProbe,
     /// The top `k` encoder layers and the head train.
     TopLayers(i64),
+    /// ULMFiT's gradual unfreezing ([`GradualUnfreezing`]): the head and the top encoder
+    /// layer train first, one more group (next layer down, finally the embeddings) every
+    /// `1/(layers + 1)` of the step budget.
+    GradualUnfreezing,
     /// LoRA r 8, α 16 on every linear layer of the encoder, and the head.
     Lora,
     /// DoRA with the same targets, and the head.
@@ -47,6 +51,7 @@ impl Method {
             Method::ZeroShot => "zero-shot head".into(),
             Method::LinearProbe => "linear probe".into(),
             Method::TopLayers(k) => format!("top-{k} layers"),
+            Method::GradualUnfreezing => "gradual unfreezing".into(),
             Method::Lora => "LoRA r8 all-linear".into(),
             Method::Dora => "DoRA r8 all-linear".into(),
             Method::LoReft => "LoReFT r4".into(),
@@ -59,7 +64,7 @@ impl Method {
         match self {
             Method::ZeroShot => 0.0,
             Method::LinearProbe => 1e-2,
-            Method::TopLayers(_) => 1e-4,
+            Method::TopLayers(_) | Method::GradualUnfreezing => 1e-4,
             Method::Lora | Method::Dora => 5e-4,
             Method::LoReft => 2e-3,
             Method::Full => 3e-5,
@@ -78,6 +83,16 @@ pub struct Task {
     pub val: Vec<Example>,
     /// `(domain, examples)`; the first is the in-distribution test set.
     pub tests: Vec<(String, Vec<Example>)>,
+    /// The label prompts whose embeddings (×20) are the zero-shot head's rows, label 0 first.
+    pub prompts: [String; 2],
+}
+
+/// The sentiment prompts of REAL-DATA's zero-shot head (negative, positive).
+pub fn sentiment_prompts() -> [String; 2] {
+    [
+        "This is negative. It is bad, I hate it.".to_string(),
+        "This is positive. It is good, I love it.".to_string(),
+    ]
 }
 
 /// Run settings.
@@ -118,6 +133,10 @@ pub struct RunResult {
     pub val_curve: Vec<f64>,
     /// Bytes of the trained parameters saved as safetensors (what one would ship).
     pub adapter_bytes: u64,
+    /// Peak memory while the method built, trained and evaluated ([`crate::memory`]): the
+    /// process's peak resident set on the CPU, the caching allocator's peak on CUDA; `None`
+    /// where it cannot be measured.
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// The encoder, its head and the stores they live in.
@@ -130,9 +149,6 @@ struct Classifier {
     reft: Option<ReftModel>,
     lora: Option<crate::lora::LoraAdapter>,
 }
-
-const PROMPTS: [&str; 2] =
-    ["This is negative. It is bad, I hate it.", "This is positive. It is good, I love it."];
 
 fn normalized_embedding(
     c: &Classifier,
@@ -154,7 +170,12 @@ fn normalized_embedding(
     Ok(&e / e.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-12))
 }
 
-fn build(method: Method, cfg: &RunConfig, batcher: &TextBatcher) -> Result<Classifier> {
+fn build(
+    method: Method,
+    cfg: &RunConfig,
+    batcher: &TextBatcher,
+    prompts: &[String; 2],
+) -> Result<Classifier> {
     let bcfg = BertConfig::from_pretrained(&cfg.model_dir)?;
     let mut base = nn::VarStore::new(cfg.device);
     let adapter_vs = nn::VarStore::new(cfg.device);
@@ -195,7 +216,7 @@ fn build(method: Method, cfg: &RunConfig, batcher: &TextBatcher) -> Result<Class
     let head = nn::linear(head_vs.root() / "head", bcfg.hidden_size, 2, Default::default());
     let c = Classifier { base, head_vs, adapter_vs, bert, head, reft, lora };
     // the zero-shot head: 20 × the prompt embeddings
-    let prompts: Vec<Example> = PROMPTS
+    let prompts: Vec<Example> = prompts
         .iter()
         .map(|p| Example { text: p.to_string(), label: 0, domain: String::new() })
         .collect();
@@ -260,7 +281,9 @@ pub fn run(
     lr: Option<f64>,
 ) -> Result<(RunResult, nn::VarStore, nn::VarStore)> {
     tch::manual_seed(cfg.seed as i64);
-    let mut c = build(method, cfg, batcher)?;
+    crate::memory::reset_peak(cfg.device);
+    let mut c = build(method, cfg, batcher, &task.prompts)?;
+    let mut schedule = None;
     match method {
         Method::ZeroShot => {
             c.head_vs.freeze();
@@ -275,7 +298,16 @@ pub fn run(
             )?;
             plan.apply()?;
         }
+        Method::GradualUnfreezing => c.base.unfreeze(),
         _ => {}
+    }
+    // what trains at some point (and is kept at the best epoch, and saved)
+    let to_train = trained(&c);
+    if method == Method::GradualUnfreezing {
+        let groups = LayerGroups::from_store(&c.base, &[], &[])?;
+        let steps = task.train.len().div_ceil(cfg.batch.max(1)) * cfg.epochs;
+        let every = (steps / groups.groups.len().max(1)).max(1);
+        schedule = Some(GradualUnfreezing::new(&c.base, groups, every)?);
     }
     let lr = lr.unwrap_or(method.default_lr());
     let mut step_times = Vec::new();
@@ -317,6 +349,11 @@ pub fn run(
                 let loc = locations(&c, &b, cfg.device)?;
                 let logits = normalized_embedding(&c, &b, true, loc.as_ref())?.apply(&c.head);
                 let loss = logits.cross_entropy_for_logits(&b.labels);
+                if let Some(s) = schedule.as_mut() {
+                    if step > 0 {
+                        s.advance();
+                    }
+                }
                 for o in [&mut opt, &mut opt2, &mut opt3] {
                     o.zero_grad();
                 }
@@ -337,7 +374,7 @@ pub fn run(
             let val = accuracy(&c, batcher, &task.val, cfg)?;
             val_curve.push(val);
             if val > best.0 {
-                best = (val, trained(&c).into_iter().map(|(_, t)| t.copy()).collect());
+                best = (val, to_train.iter().map(|(_, t)| t.copy()).collect());
                 since_best = 0;
             } else {
                 since_best += 1;
@@ -349,7 +386,7 @@ pub fn run(
         bar.finish_and_clear();
         // keep the best epoch
         tch::no_grad(|| {
-            for ((_, t), b) in trained(&c).into_iter().zip(&best.1) {
+            for ((_, t), b) in to_train.iter().zip(&best.1) {
                 t.shallow_clone().copy_(b);
             }
         });
@@ -359,8 +396,10 @@ pub fn run(
         .iter()
         .map(|(n, ex)| Ok((n.clone(), accuracy(&c, batcher, ex, cfg)?)))
         .collect::<Result<Vec<_>>>()?;
+    let peak_memory_bytes = crate::memory::peak_bytes(cfg.device);
     let report = crate::ParamReport::from_var_stores(&[&c.base, &c.head_vs, &c.adapter_vs]);
-    let to_save = trained(&c);
+    let trainable = to_train.iter().map(|(_, t)| t.numel() as i64).sum();
+    let to_save = to_train;
     let adapter_bytes = if to_save.is_empty() {
         0
     } else {
@@ -376,12 +415,13 @@ pub fn run(
     let result = RunResult {
         method: method.name(),
         seed: cfg.seed,
-        trainable: report.trainable,
+        trainable,
         total: report.total,
         accuracies,
         step_ms,
         val_curve,
         adapter_bytes,
+        peak_memory_bytes,
     };
     Ok((result, c.base, c.head_vs))
 }
@@ -399,7 +439,7 @@ pub fn wise_ft_curve(
     batcher: &TextBatcher,
     cfg: &RunConfig,
 ) -> Result<Vec<WisePoint>> {
-    let c = build(Method::ZeroShot, cfg, batcher)?;
+    let c = build(Method::ZeroShot, cfg, batcher, &task.prompts)?;
     let mut out = Vec::new();
     for &a in alphas {
         crate::merge::wise_ft::interpolate_into(&c.base, &zero.0, &tuned.0, a, false)?;
@@ -437,6 +477,7 @@ pub fn kotzias_task(dir: impl AsRef<Path>, seed: u64) -> Result<Task> {
             ("yelp".into(), crate::data::kotzias(dir, "yelp")?),
             ("imdb".into(), crate::data::kotzias(dir, "imdb")?),
         ],
+        prompts: sentiment_prompts(),
     })
 }
 
@@ -461,7 +502,23 @@ pub fn vader_task(dir: impl AsRef<Path>, seed: u64) -> Result<Task> {
         tests
             .push((name.into(), crate::data::balanced(&crate::data::vader(dir, file)?, 500, seed)));
     }
-    Ok(Task { name: "A: VADER movie snippets → tweets/Amazon/NYT".into(), train: m, val, tests })
+    Ok(Task {
+        name: "A: VADER movie snippets → tweets/Amazon/NYT".into(),
+        train: m,
+        val,
+        tests,
+        prompts: sentiment_prompts(),
+    })
+}
+
+/// Label prompts for Task B's zero-shot head (ham, spam): REAL-DATA notes that the sentiment
+/// prompts mean nothing for spam.
+pub fn spam_prompts() -> [String; 2] {
+    [
+        "This is a normal personal or work email about a real conversation.".to_string(),
+        "This is spam: an unsolicited advertisement, a scam, buy now, free money offer."
+            .to_string(),
+    ]
 }
 
 /// Task B of REAL-DATA: SpamAssassin early mail (easy-ham-1 + spam-1, balanced; train 630,
@@ -491,5 +548,6 @@ pub fn spam_task(dir: impl AsRef<Path>, seed: u64) -> Result<Task> {
             ("later".into(), crate::data::balanced(&later, 500, seed)),
             ("hard-ham".into(), crate::data::spam(dir, "hard-ham-1")?),
         ],
+        prompts: spam_prompts(),
     })
 }

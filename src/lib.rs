@@ -11,6 +11,7 @@ mod error;
 pub mod freeze;
 pub mod io;
 pub mod lora;
+pub mod memory;
 pub mod merge;
 pub mod models;
 pub mod reft;

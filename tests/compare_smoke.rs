@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use tch::Device;
-use tch_peft::compare::{run, wise_ft_curve, Method, RunConfig, Task};
+use tch_peft::compare::{run, sentiment_prompts, wise_ft_curve, Method, RunConfig, Task};
 use tch_peft::data::{kotzias, TextBatcher};
 
 fn fixtures() -> PathBuf {
@@ -19,6 +19,7 @@ fn every_method_runs_and_wise_ft_interpolates_between_its_ends() {
         train: ex.clone(),
         val: ex[..2].to_vec(),
         tests: vec![("id".into(), ex.clone()), ("other".into(), ex[1..].to_vec())],
+        prompts: sentiment_prompts(),
     };
     let batcher = TextBatcher::from_file(fixtures().join("data/tokenizer.json"), 16).unwrap();
     let cfg = RunConfig {
@@ -37,6 +38,7 @@ fn every_method_runs_and_wise_ft_interpolates_between_its_ends() {
         Method::ZeroShot,
         Method::LinearProbe,
         Method::TopLayers(1),
+        Method::GradualUnfreezing,
         Method::LoReft,
         Method::Lora,
         Method::Dora,
@@ -45,6 +47,9 @@ fn every_method_runs_and_wise_ft_interpolates_between_its_ends() {
         let (r, base, head) = run(m, &task, &batcher, &cfg, None).unwrap();
         assert_eq!(r.accuracies.len(), 2);
         assert!(r.accuracies.iter().all(|(_, a)| (0.0..=1.0).contains(a)), "{r:?}");
+        if cfg!(target_os = "linux") {
+            assert!(r.peak_memory_bytes.unwrap() > 10 << 20, "{r:?}");
+        }
         match m {
             Method::ZeroShot => {
                 assert_eq!((r.trainable, r.adapter_bytes), (0, 0));
@@ -60,6 +65,8 @@ fn every_method_runs_and_wise_ft_interpolates_between_its_ends() {
     assert_eq!(t("LoReFT"), 32 * 2 + 2 + (2 * 32 * 4 + 4));
     assert!(t("LoRA") > t("LoReFT") && t("DoRA") > t("LoRA"));
     assert!(t("top-1") > t("LoRA") && t("full") > t("top-1"));
+    // gradual unfreezing ends with every encoder variable trainable (and saved)
+    assert_eq!(t("gradual"), t("full"));
     let total = results.iter().find(|r| r.method.starts_with("full")).unwrap();
     assert_eq!(total.trainable, total.total);
     let curve = wise_ft_curve(
