@@ -244,11 +244,11 @@ fn locations(c: &Classifier, b: &crate::data::Batch, device: Device) -> Result<O
     }
 }
 
-fn accuracy(c: &Classifier, batcher: &TextBatcher, ex: &[Example], cfg: &RunConfig) -> Result<f64> {
+fn accuracy(c: &Classifier, batcher: &TextBatcher, ex: &[Example], device: Device) -> Result<f64> {
     let mut correct = 0i64;
     for chunk in ex.chunks(64) {
-        let b = batcher.batch(chunk, cfg.device)?;
-        let loc = locations(c, &b, cfg.device)?;
+        let b = batcher.batch(chunk, device)?;
+        let loc = locations(c, &b, device)?;
         let logits = tch::no_grad(|| {
             normalized_embedding(c, &b, false, loc.as_ref()).map(|e| e.apply(&c.head))
         })?;
@@ -271,6 +271,114 @@ fn trained(c: &Classifier) -> Vec<(String, Tensor)> {
     v
 }
 
+/// One method set up for training: the encoder, head and adapters, which variables train, the
+/// optimizers (AdamW over the head, the adapters and the encoder) and, for gradual unfreezing,
+/// its schedule. [`run`] drives it; the `compare` bench times [`Trainer::step`] alone.
+pub struct Trainer {
+    c: Classifier,
+    method: Method,
+    device: Device,
+    to_train: Vec<(String, Tensor)>,
+    opts: Vec<nn::Optimizer>,
+    schedule: Option<GradualUnfreezing>,
+    steps: usize,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("method", &self.method)
+            .field("trained_variables", &self.to_train.len())
+            .field("steps", &self.steps)
+            .finish()
+    }
+}
+
+impl Trainer {
+    /// Builds `method` on the encoder of `cfg.model_dir` with a zero-shot head from `prompts`
+    /// (seeded by `cfg.seed`); `total_steps` paces gradual unfreezing.
+    pub fn new(
+        method: Method,
+        cfg: &RunConfig,
+        batcher: &TextBatcher,
+        prompts: &[String; 2],
+        total_steps: usize,
+    ) -> Result<Trainer> {
+        tch::manual_seed(cfg.seed as i64);
+        let mut c = build(method, cfg, batcher, prompts)?;
+        match method {
+            Method::ZeroShot => c.head_vs.freeze(),
+            Method::Full | Method::GradualUnfreezing => c.base.unfreeze(),
+            Method::TopLayers(k) => {
+                let n = c.bert.config().num_hidden_layers;
+                c.base.unfreeze();
+                let mut plan = FreezePlan::new(
+                    &c.base,
+                    Select::predicate(|_| true).except(Select::layers((n - k).max(0)..n)),
+                )?;
+                plan.apply()?;
+            }
+            _ => {}
+        }
+        // what trains at some point (kept at the best epoch, and saved)
+        let to_train = trained(&c);
+        let schedule = if method == Method::GradualUnfreezing {
+            let groups = LayerGroups::from_store(&c.base, &[], &[])?;
+            let every = (total_steps / groups.groups.len().max(1)).max(1);
+            Some(GradualUnfreezing::new(&c.base, groups, every)?)
+        } else {
+            None
+        };
+        let lr = method.default_lr();
+        let opts = if method == Method::ZeroShot {
+            Vec::new()
+        } else {
+            vec![
+                nn::AdamW::default().build(&c.head_vs, lr)?,
+                nn::AdamW::default().build(&c.adapter_vs, lr)?,
+                nn::AdamW::default().build(&c.base, lr)?,
+            ]
+        };
+        Ok(Trainer { c, method, device: cfg.device, to_train, opts, schedule, steps: 0 })
+    }
+
+    /// One training step on `batch` at learning rate `lr`: forward, cross-entropy, backward,
+    /// AdamW, ReFT's retraction, gradual unfreezing's schedule. Returns the loss (not synced).
+    pub fn step(&mut self, batch: &crate::data::Batch, lr: f64) -> Result<Tensor> {
+        if self.opts.is_empty() {
+            return Err(Error::config("method", "the zero-shot head does not train"));
+        }
+        for o in self.opts.iter_mut() {
+            o.set_lr(lr);
+        }
+        let loc = locations(&self.c, batch, self.device)?;
+        let logits = normalized_embedding(&self.c, batch, true, loc.as_ref())?.apply(&self.c.head);
+        let loss = logits.cross_entropy_for_logits(&batch.labels);
+        if let Some(s) = self.schedule.as_mut() {
+            if self.steps > 0 {
+                s.advance();
+            }
+        }
+        for o in self.opts.iter_mut() {
+            o.zero_grad();
+        }
+        loss.backward();
+        for o in self.opts.iter_mut() {
+            o.step();
+        }
+        if let Some(r) = &self.c.reft {
+            r.retract()?;
+        }
+        self.steps += 1;
+        Ok(loss.detach())
+    }
+
+    /// Accuracy on `examples` (batches of 64, no gradients).
+    pub fn accuracy(&self, batcher: &TextBatcher, examples: &[Example]) -> Result<f64> {
+        accuracy(&self.c, batcher, examples, self.device)
+    }
+}
+
 /// Trains `method` on `task` with `cfg` and evaluates it; returns the result and the final
 /// encoder + head stores (for WiSE-FT).
 pub fn run(
@@ -280,46 +388,15 @@ pub fn run(
     cfg: &RunConfig,
     lr: Option<f64>,
 ) -> Result<(RunResult, nn::VarStore, nn::VarStore)> {
-    tch::manual_seed(cfg.seed as i64);
     crate::memory::reset_peak(cfg.device);
-    let mut c = build(method, cfg, batcher, &task.prompts)?;
-    let mut schedule = None;
-    match method {
-        Method::ZeroShot => {
-            c.head_vs.freeze();
-        }
-        Method::Full => c.base.unfreeze(),
-        Method::TopLayers(k) => {
-            let n = c.bert.config().num_hidden_layers;
-            c.base.unfreeze();
-            let mut plan = FreezePlan::new(
-                &c.base,
-                Select::predicate(|_| true).except(Select::layers((n - k).max(0)..n)),
-            )?;
-            plan.apply()?;
-        }
-        Method::GradualUnfreezing => c.base.unfreeze(),
-        _ => {}
-    }
-    // what trains at some point (and is kept at the best epoch, and saved)
-    let to_train = trained(&c);
-    if method == Method::GradualUnfreezing {
-        let groups = LayerGroups::from_store(&c.base, &[], &[])?;
-        let steps = task.train.len().div_ceil(cfg.batch.max(1)) * cfg.epochs;
-        let every = (steps / groups.groups.len().max(1)).max(1);
-        schedule = Some(GradualUnfreezing::new(&c.base, groups, every)?);
-    }
+    let steps_per_epoch = task.train.len().div_ceil(cfg.batch.max(1));
+    let total = (steps_per_epoch * cfg.epochs).max(1);
+    let mut t = Trainer::new(method, cfg, batcher, &task.prompts, total)?;
     let lr = lr.unwrap_or(method.default_lr());
     let mut step_times = Vec::new();
     let mut val_curve = Vec::new();
     if method != Method::ZeroShot {
-        let steps_per_epoch = task.train.len().div_ceil(cfg.batch);
-        let total = (steps_per_epoch * cfg.epochs).max(1);
         let warm = (total / 10).max(1);
-        let mut opt = nn::AdamW::default().build(&c.head_vs, lr)?;
-        // adapters and unfrozen encoder variables train with the head: one optimizer over all
-        let mut opt2 = nn::AdamW::default().build(&c.adapter_vs, lr)?;
-        let mut opt3 = nn::AdamW::default().build(&c.base, lr)?;
         let mut best = (-1.0f64, Vec::<Tensor>::new());
         let mut since_best = 0;
         let mut step = 0usize;
@@ -341,29 +418,9 @@ pub fn run(
                 } else {
                     (total - step) as f64 / (total - warm).max(1) as f64
                 };
-                for o in [&mut opt, &mut opt2, &mut opt3] {
-                    o.set_lr(lr * scale.max(0.0));
-                }
                 let t0 = Instant::now();
                 let b = batcher.batch(chunk, cfg.device)?;
-                let loc = locations(&c, &b, cfg.device)?;
-                let logits = normalized_embedding(&c, &b, true, loc.as_ref())?.apply(&c.head);
-                let loss = logits.cross_entropy_for_logits(&b.labels);
-                if let Some(s) = schedule.as_mut() {
-                    if step > 0 {
-                        s.advance();
-                    }
-                }
-                for o in [&mut opt, &mut opt2, &mut opt3] {
-                    o.zero_grad();
-                }
-                loss.backward();
-                for o in [&mut opt, &mut opt2, &mut opt3] {
-                    o.step();
-                }
-                if let Some(r) = &c.reft {
-                    r.retract()?;
-                }
+                let _loss = t.step(&b, lr * scale.max(0.0))?;
                 if let Device::Cuda(i) = cfg.device {
                     tch::Cuda::synchronize(i as i64);
                 }
@@ -371,10 +428,10 @@ pub fn run(
                 step += 1;
                 bar.inc(1);
             }
-            let val = accuracy(&c, batcher, &task.val, cfg)?;
+            let val = t.accuracy(batcher, &task.val)?;
             val_curve.push(val);
             if val > best.0 {
-                best = (val, to_train.iter().map(|(_, t)| t.copy()).collect());
+                best = (val, t.to_train.iter().map(|(_, v)| v.copy()).collect());
                 since_best = 0;
             } else {
                 since_best += 1;
@@ -386,15 +443,17 @@ pub fn run(
         bar.finish_and_clear();
         // keep the best epoch
         tch::no_grad(|| {
-            for ((_, t), b) in to_train.iter().zip(&best.1) {
-                t.shallow_clone().copy_(b);
+            for ((_, v), b) in t.to_train.iter().zip(&best.1) {
+                v.shallow_clone().copy_(b);
             }
         });
     }
+    let to_train = std::mem::take(&mut t.to_train);
+    let c = t.c;
     let accuracies = task
         .tests
         .iter()
-        .map(|(n, ex)| Ok((n.clone(), accuracy(&c, batcher, ex, cfg)?)))
+        .map(|(n, ex)| Ok((n.clone(), accuracy(&c, batcher, ex, cfg.device)?)))
         .collect::<Result<Vec<_>>>()?;
     let peak_memory_bytes = crate::memory::peak_bytes(cfg.device);
     let report = crate::ParamReport::from_var_stores(&[&c.base, &c.head_vs, &c.adapter_vs]);
@@ -447,7 +506,7 @@ pub fn wise_ft_curve(
         let accs = task
             .tests
             .iter()
-            .map(|(n, ex)| Ok((n.clone(), accuracy(&c, batcher, ex, cfg)?)))
+            .map(|(n, ex)| Ok((n.clone(), accuracy(&c, batcher, ex, cfg.device)?)))
             .collect::<Result<Vec<_>>>()?;
         out.push((a, accs));
     }

@@ -109,3 +109,33 @@ fn bad_inputs_and_mismatched_checkpoints_are_typed_errors() {
     let err = load_weights(&vs, fixture("tied"), &cfg).unwrap_err();
     assert!(matches!(err, Error::ShapeMismatch { .. } | Error::MissingTensor { .. }), "{err}");
 }
+
+#[test]
+fn forward_from_embeddings_equals_forward_from_ids_and_checks_its_input() {
+    let (_vs, model) = load("gqa");
+    let t = io_tensors("gqa");
+    let (ids, mask) = (&t["input_ids"], &t["attention_mask"]);
+    let from_ids = model.forward_t(ids, Some(mask), false).unwrap();
+    // the embeddings made trainable: gradients reach them through every block
+    let emb = model.embed(ids).unwrap().detach().set_requires_grad(true);
+    let from_embeds = model.forward_embeds(&emb, Some(mask), false, None).unwrap();
+    assert_eq!(max_abs_diff(&from_ids, &from_embeds), 0.0);
+    from_embeds.sum(Kind::Float).backward();
+    assert!(emb.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    let d = model.config().hidden_size;
+    let wrong_width = Tensor::zeros([1, 3, d + 1], (Kind::Float, Device::Cpu));
+    assert!(matches!(
+        model.forward_embeds(&wrong_width, None, false, None),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let wrong_kind = Tensor::zeros([1, 3, d], (Kind::Double, Device::Cpu));
+    assert!(matches!(
+        model.forward_embeds(&wrong_kind, None, false, None),
+        Err(Error::DtypeMismatch { .. })
+    ));
+    let wrong_mask = Tensor::ones([1, 4], (Kind::Int64, Device::Cpu));
+    assert!(matches!(
+        model.forward_embeds(&emb.narrow(0, 0, 1).narrow(1, 0, 3), Some(&wrong_mask), false, None),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}

@@ -273,9 +273,75 @@ impl Llama {
         train: bool,
         hook: Option<&dyn ResidualHook>,
     ) -> Result<Tensor> {
+        let (b, s, h) =
+            embed_checked(&self.embed_tokens, input_ids, attention_mask, self.config.vocab_size)?;
+        self.decode(b, s, h, attention_mask, train, hook)
+    }
+
+    /// The token embeddings `[batch, seq, hidden]` of `input_ids: [batch, seq]` (checked as in
+    /// [`forward_t`](Self::forward_t)).
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok(embed_checked(&self.embed_tokens, input_ids, None, self.config.vocab_size)?.2)
+    }
+
+    /// As [`forward_hooked`](Self::forward_hooked) from embeddings rather than ids
+    /// (transformers' `inputs_embeds`): `inputs_embeds: [batch, seq, hidden]` in the model's
+    /// dtype. With `inputs_embeds` requiring grad, the backward runs through every block even
+    /// when nothing in the model trains (transformers' `enable_input_require_grads`).
+    pub fn forward_embeds(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+        hook: Option<&dyn ResidualHook>,
+    ) -> Result<Tensor> {
+        let size = inputs_embeds.size();
+        let d = self.config.hidden_size;
+        let weight = self.embed_tokens.weight();
+        if size.len() != 3 || size[2] != d {
+            return Err(Error::ShapeMismatch {
+                name: "inputs_embeds".into(),
+                expected: vec![-1, -1, d],
+                actual: size,
+            });
+        }
+        if inputs_embeds.kind() != weight.kind() {
+            return Err(Error::DtypeMismatch {
+                name: "inputs_embeds".into(),
+                expected: format!("{:?}, the model's dtype", weight.kind()),
+                actual: inputs_embeds.kind(),
+            });
+        }
+        if inputs_embeds.device() != weight.device() {
+            return Err(Error::DeviceMismatch {
+                name: "inputs_embeds".into(),
+                expected: weight.device(),
+                actual: inputs_embeds.device(),
+            });
+        }
+        let (b, s) = (size[0], size[1]);
+        if let Some(m) = attention_mask {
+            if m.size() != [b, s] {
+                return Err(Error::ShapeMismatch {
+                    name: "attention_mask".into(),
+                    expected: vec![b, s],
+                    actual: m.size(),
+                });
+            }
+        }
+        self.decode(b, s, inputs_embeds.shallow_clone(), attention_mask, train, hook)
+    }
+
+    fn decode(
+        &self,
+        b: i64,
+        s: i64,
+        mut h: Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+        hook: Option<&dyn ResidualHook>,
+    ) -> Result<Tensor> {
         let c = &self.config;
-        let (b, s, mut h) =
-            embed_checked(&self.embed_tokens, input_ids, attention_mask, c.vocab_size)?;
         let device = self.embed_tokens.weight().device();
         let kind = self.embed_tokens.weight().kind();
         let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
