@@ -1,0 +1,388 @@
+//! The GPU side-by-side harness, Rust half (issue 7). `benches/gpu/peft_side.py` runs the same
+//! workloads with Python PEFT / pyreft / transformers; both print the same table.
+//!
+//! ```text
+//! scripts/with-torch cargo bench --bench gpu --no-run     # build here, run where the GPU is:
+//! target/release/deps/gpu-<hash> --bench [--only linear,train,infer] [--variants none,lora,dora,loreft,full]
+//!     [--steps 20] [--warmup 5] [--layers 16] [--batch 8] [--seq 1024] [--json FILE]
+//! python3 benches/gpu/peft_side.py   [the same flags]
+//! ```
+//!
+//! Workloads (bf16 base, f32 adapters, seed 0, a median of `--steps` CUDA-synchronised steps
+//! after `--warmup`; peak memory = the caching allocator's peak of allocated bytes from the
+//! variant's construction to its last step):
+//! 1. `linear`: one Linear 4096 → 4096 on 8192 tokens, forward + backward of `sum(y ⊙ g)` to the
+//!    input (and the adapter): the frozen base, LoRA r 16, DoRA r 16.
+//! 2. `train`: a training step (forward, causal-LM cross-entropy in f32 as transformers, backward,
+//!    AdamW) of a Llama-3.2-1B-shaped model (hidden 2048, 16 layers, 32 heads / 8 KV heads, MLP
+//!    8192, vocabulary 128256, tied embeddings) on 8 × 1024 random tokens: `none` (frozen; the
+//!    input embeddings require grad, so the backward runs through every block: the floor), `lora`
+//!    (r 16, α 32, on all seven linear layers of every block), `dora`, `loreft` (r 8, `f7+l7`,
+//!    every layer), `full` (every weight, AdamW on the bf16 weights).
+//! 3. `infer`: the same model's inference forward (logits, `no_grad`): base, LoRA unmerged, LoRA
+//!    merged.
+//!
+//! Besides the median step, each row gives the host time (until the step's last kernel is
+//! queued): when it is close to the step time, the GPU waits on the CPU (launch-bound).
+//!
+//! Without `--bench` (`cargo test --benches`) or without CUDA it measures nothing.
+
+use std::time::Instant;
+
+use tch::nn::{self, OptimizerConfig};
+use tch::{Device, Kind, Reduction, Tensor};
+use tch_peft::lora::{LoraBuilder, LoraConfig, LoraLinear};
+use tch_peft::models::llama::{Llama, LlamaConfig};
+use tch_peft::reft::{InterventionConfig, InterventionKind, ReftConfig, ReftLayers, ReftModel};
+
+struct Args {
+    only: Vec<String>,
+    variants: Vec<String>,
+    steps: usize,
+    warmup: usize,
+    layers: i64,
+    batch: i64,
+    seq: i64,
+    json: Option<String>,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        only: vec!["linear".into(), "train".into(), "infer".into()],
+        variants: ["none", "lora", "dora", "loreft", "full"].map(String::from).to_vec(),
+        steps: 20,
+        warmup: 5,
+        layers: 16,
+        batch: 8,
+        seq: 1024,
+        json: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let list = |v: Option<String>| -> Vec<String> {
+            v.unwrap_or_default().split(',').map(|s| s.trim().to_string()).collect()
+        };
+        let num = |v: Option<String>| -> i64 {
+            v.and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{k} takes a number"))
+        };
+        match k.as_str() {
+            "--only" => a.only = list(it.next()),
+            "--variants" => a.variants = list(it.next()),
+            "--steps" => a.steps = num(it.next()) as usize,
+            "--warmup" => a.warmup = num(it.next()) as usize,
+            "--layers" => a.layers = num(it.next()),
+            "--batch" => a.batch = num(it.next()),
+            "--seq" => a.seq = num(it.next()),
+            "--json" => a.json = it.next(),
+            _ => {} // cargo's and criterion's own flags (--bench, filters)
+        }
+    }
+    a
+}
+
+/// One measured row.
+struct Row {
+    workload: String,
+    variant: String,
+    step_ms: f64,
+    host_ms: f64,
+    peak_gb: f64,
+    trainable: i64,
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Medians of the step time and of the host (enqueue) time over `steps` after `warmup`.
+fn time_steps(device: Device, warmup: usize, steps: usize, mut f: impl FnMut()) -> (f64, f64) {
+    for _ in 0..warmup {
+        f();
+    }
+    sync(device);
+    let (mut total, mut host) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        let t = Instant::now();
+        f();
+        host.push(t.elapsed().as_secs_f64() * 1e3);
+        sync(device);
+        total.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (median(total), median(host))
+}
+
+fn peak_gb(device: Device) -> f64 {
+    tch_peft::memory::peak_bytes(device).map(|b| b as f64 / 1e9).unwrap_or(f64::NAN)
+}
+
+fn linear_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
+    let (tokens, d) = (8192, 4096);
+    for variant in ["base", "lora", "dora"] {
+        tch_peft::memory::reset_peak(device);
+        tch::manual_seed(0);
+        let mut base_vs = nn::VarStore::new(device);
+        let base = nn::linear(base_vs.root() / "proj", d, d, Default::default());
+        base_vs.set_kind(Kind::BFloat16);
+        base_vs.freeze();
+        let adapter_vs = nn::VarStore::new(device);
+        let x = Tensor::randn([tokens, d], (Kind::BFloat16, device)).set_requires_grad(true);
+        let g = Tensor::randn([tokens, d], (Kind::BFloat16, device));
+        let cfg = LoraConfig {
+            r: 16,
+            lora_alpha: 32.0,
+            use_dora: variant == "dora",
+            ..Default::default()
+        };
+        let (step_ms, host_ms, trainable) = if variant == "base" {
+            let (s, h) = time_steps(device, args.warmup, args.steps, || {
+                let y = x.apply(&base);
+                let _ = Tensor::run_backward(&[(y * &g).sum(Kind::BFloat16)], &[&x], false, false);
+            });
+            (s, h, 0)
+        } else {
+            let lora = LoraLinear::new(base, &(adapter_vs.root() / "proj"), &cfg).expect("lora");
+            let (a, b) = (lora.lora_a().shallow_clone(), lora.lora_b().shallow_clone());
+            let mut inputs = vec![x.shallow_clone(), a, b];
+            if let Some(m) = lora.magnitude() {
+                inputs.push(m.shallow_clone());
+            }
+            let refs: Vec<&Tensor> = inputs.iter().collect();
+            let (s, h) = time_steps(device, args.warmup, args.steps, || {
+                let y = lora.f_forward_t(&x, true).expect("forward");
+                let _ = Tensor::run_backward(&[(y * &g).sum(Kind::BFloat16)], &refs, false, false);
+            });
+            let n = adapter_vs.variables().values().map(|t| t.numel() as i64).sum();
+            (s, h, n)
+        };
+        rows.push(Row {
+            workload: "linear 8192x4096->4096 r16 fwd+bwd".into(),
+            variant: variant.into(),
+            step_ms,
+            host_ms,
+            peak_gb: peak_gb(device),
+            trainable,
+        });
+    }
+}
+
+fn llama_config(args: &Args) -> LlamaConfig {
+    serde_json::from_str(&format!(
+        r#"{{"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+            "num_hidden_layers": {}, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": true}}"#,
+        args.layers
+    ))
+    .expect("config")
+}
+
+const ALL_LINEAR: [&str; 7] =
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// A frozen bf16 Llama with, for `lora`/`dora`, f32 adapters on every linear layer of the
+/// blocks.
+fn llama(
+    cfg: &LlamaConfig,
+    device: Device,
+    variant: &str,
+) -> (nn::VarStore, nn::VarStore, Llama, Option<tch_peft::LoraAdapter>) {
+    tch::manual_seed(0);
+    let mut base_vs = nn::VarStore::new(device);
+    let adapter_vs = nn::VarStore::new(device);
+    let builder = matches!(variant, "lora" | "dora").then(|| {
+        LoraBuilder::new(
+            &adapter_vs.root(),
+            LoraConfig {
+                r: 16,
+                lora_alpha: 32.0,
+                use_dora: variant == "dora",
+                ..LoraConfig::for_targets(ALL_LINEAR)
+            },
+        )
+        .expect("lora config")
+    });
+    let model = Llama::new(&base_vs.root(), cfg, builder.as_ref()).expect("model");
+    let lora = builder.map(|b| b.finish().expect("lora"));
+    base_vs.set_kind(Kind::BFloat16);
+    base_vs.freeze();
+    if let Some(l) = &lora {
+        // DoRA's magnitude from the bf16 weights
+        l.init_from_base_weights().expect("init");
+    }
+    (base_vs, adapter_vs, model, lora)
+}
+
+fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
+    let v = logits.size()[2];
+    logits.to_kind(Kind::Float).view([-1, v]).cross_entropy_loss::<Tensor>(
+        &labels.view([-1]),
+        None,
+        Reduction::Mean,
+        -100,
+        0.0,
+    )
+}
+
+fn train_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
+    let cfg = llama_config(args);
+    let (b, s) = (args.batch, args.seq);
+    tch::manual_seed(1);
+    let ids = Tensor::randint(cfg.vocab_size, [b, s], (Kind::Int64, device));
+    // transformers' shift: position i predicts token i + 1, the last position is ignored
+    let labels = Tensor::cat(
+        &[ids.narrow(1, 1, s - 1), Tensor::full([b, 1], -100, (Kind::Int64, device))],
+        1,
+    );
+    for variant in &args.variants {
+        tch_peft::memory::reset_peak(device);
+        let (mut base_vs, adapter_vs, model, _lora) = llama(&cfg, device, variant);
+        let reft = (variant == "loreft").then(|| {
+            ReftModel::new(
+                &adapter_vs.root(),
+                ReftConfig::new(
+                    InterventionConfig::new(InterventionKind::LoReft, cfg.hidden_size, 8),
+                    ReftLayers::all(),
+                    "f7+l7".parse().expect("positions"),
+                ),
+                cfg.num_hidden_layers,
+            )
+            .expect("reft")
+        });
+        let loc = reft.as_ref().map(|r| {
+            r.config()
+                .positions
+                .batch_locations(&vec![s; b as usize], &vec![0; b as usize], true, device)
+                .expect("locations")
+        });
+        let hook = reft.as_ref().zip(loc.as_ref()).map(|(r, l)| r.hook(l));
+        if variant == "full" {
+            base_vs.unfreeze();
+        }
+        let trained_vs = if variant == "full" { &base_vs } else { &adapter_vs };
+        let trainable: i64 = trained_vs.variables().values().map(|t| t.numel() as i64).sum();
+        let mut opt = (variant != "none")
+            .then(|| nn::AdamW::default().build(trained_vs, 1e-5).expect("optimizer"));
+        let (step_ms, host_ms) = time_steps(device, args.warmup, args.steps, || {
+            let logits = if variant == "none" {
+                let emb = model.embed(&ids).expect("embed").detach().set_requires_grad(true);
+                model.forward_embeds(&emb, None, true, None).expect("forward")
+            } else {
+                model
+                    .forward_hooked(
+                        &ids,
+                        None,
+                        true,
+                        hook.as_ref().map(|h| h as &dyn tch_peft::models::ResidualHook),
+                    )
+                    .expect("forward")
+            };
+            let loss = causal_lm_loss(&logits, &labels);
+            match (&mut opt, &reft) {
+                (Some(o), Some(r)) => r.step(o, &loss).expect("step"),
+                (Some(o), None) => {
+                    o.zero_grad();
+                    loss.backward();
+                    o.step();
+                }
+                (None, _) => loss.backward(),
+            }
+        });
+        rows.push(Row {
+            workload: format!("train llama-1B b{b} s{s} L{}", cfg.num_hidden_layers),
+            variant: variant.clone(),
+            step_ms,
+            host_ms,
+            peak_gb: peak_gb(device),
+            trainable,
+        });
+    }
+}
+
+fn infer_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
+    let cfg = llama_config(args);
+    let (b, s) = (args.batch, args.seq);
+    tch::manual_seed(1);
+    let ids = Tensor::randint(cfg.vocab_size, [b, s], (Kind::Int64, device));
+    for variant in ["base", "lora unmerged", "lora merged"] {
+        tch_peft::memory::reset_peak(device);
+        let (_base_vs, adapter_vs, model, lora) =
+            llama(&cfg, device, if variant == "base" { "none" } else { "lora" });
+        if let Some(l) = &lora {
+            // non-zero B so the unmerged branch does real work and the merge changes weights
+            tch::no_grad(|| {
+                for (_, t) in adapter_vs.variables() {
+                    let _ = t.shallow_clone().normal_(0.0, 0.01);
+                }
+            });
+            if variant == "lora merged" {
+                l.merge().expect("merge");
+            }
+        }
+        let (step_ms, host_ms) = time_steps(device, args.warmup, args.steps, || {
+            let _ = tch::no_grad(|| model.forward_t(&ids, None, false).expect("forward"));
+        });
+        rows.push(Row {
+            workload: format!("infer llama-1B b{b} s{s} L{}", cfg.num_hidden_layers),
+            variant: variant.into(),
+            step_ms,
+            host_ms,
+            peak_gb: peak_gb(device),
+            trainable: 0,
+        });
+    }
+}
+
+fn main() {
+    let benching = std::env::args().any(|a| a == "--bench");
+    if !benching {
+        println!("gpu harness: run with --bench on a CUDA machine (nothing measured)");
+        return;
+    }
+    if !tch::Cuda::is_available() {
+        println!("gpu harness: no CUDA device (nothing measured)");
+        return;
+    }
+    let args = parse_args();
+    let device = Device::Cuda(0);
+    println!(
+        "tch-peft {} (libtorch via tch 0.24), fused LoRA node: {}",
+        env!("CARGO_PKG_VERSION"),
+        tch_peft::lora::fused_kernel_available()
+    );
+    let mut rows = Vec::new();
+    for w in &args.only {
+        match w.as_str() {
+            "linear" => linear_rows(&args, device, &mut rows),
+            "train" => train_rows(&args, device, &mut rows),
+            "infer" => infer_rows(&args, device, &mut rows),
+            other => eprintln!("unknown workload `{other}` (linear, train, infer)"),
+        }
+    }
+    println!(
+        "{:<40} {:<16} {:>10} {:>10} {:>9} {:>12}",
+        "workload", "variant", "step ms", "host ms", "peak GB", "trainable"
+    );
+    for r in &rows {
+        println!(
+            "{:<40} {:<16} {:>10.2} {:>10.2} {:>9.2} {:>12}",
+            r.workload, r.variant, r.step_ms, r.host_ms, r.peak_gb, r.trainable
+        );
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({
+            "library": "tch-peft",
+            "steps": args.steps, "warmup": args.warmup,
+            "rows": rows.iter().map(|r| serde_json::json!({
+                "workload": r.workload, "variant": r.variant, "step_ms": r.step_ms,
+                "host_ms": r.host_ms, "peak_gb": r.peak_gb, "trainable": r.trainable,
+            })).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&json).expect("json"))
+            .expect("write json");
+    }
+}

@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""The GPU side-by-side harness, Python half (issue 7): the workloads of benches/gpu/main.rs with
+Hugging Face PEFT 0.21, pyreft 0.1.0 and transformers (torch eager, sdpa attention).
+
+    python3 benches/gpu/peft_side.py [--only linear,train,infer] [--variants none,lora,...]
+        [--steps 20] [--warmup 5] [--layers 16] [--batch 8] [--seq 1024] [--json FILE]
+
+Same shapes, dtypes (bf16 base; adapters f32 as PEFT's default `autocast_adapter_dtype=True`,
+plus the `*_bf16` variants with `autocast_adapter_dtype=False`), seeds, step counts and timing
+(median of CUDA-synchronised steps after warm-up; host time = until the step's last kernel is
+queued; peak = torch.cuda.max_memory_allocated from the variant's construction on). pyreft's
+interventions run in bf16 (`dtype=torch.bfloat16`): with f32 interventions its forward fails on a
+bf16 model. Needs a CUDA device; pyreft and pyvene importable for `loreft`.
+"""
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# the CPU only for trying the script out at tiny sizes (no memory figures there)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(f, warmup, steps):
+    for _ in range(warmup):
+        f()
+    sync()
+    total, host = [], []
+    for _ in range(steps):
+        t = time.perf_counter()
+        f()
+        host.append((time.perf_counter() - t) * 1e3)
+        sync()
+        total.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(total), statistics.median(host)
+
+
+def fresh():
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb():
+    return torch.cuda.max_memory_allocated() / 1e9 if DEV == "cuda" else float("nan")
+
+
+def linear_rows(args, rows):
+    from peft import LoraConfig, get_peft_model
+
+    tokens, d = 8192, 4096
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(d, d)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    for variant in ["base", "lora", "lora_bf16", "dora", "dora_bf16"]:
+        fresh()
+        torch.manual_seed(0)
+        base = One().to(device=DEV, dtype=torch.bfloat16)
+        base.requires_grad_(False)
+        x = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16)
+        if variant == "base":
+            model, inputs = base, [x]
+        else:
+            cfg = LoraConfig(r=16, lora_alpha=32, target_modules=["proj"], lora_dropout=0.0,
+                             use_dora=variant.startswith("dora"))
+            model = get_peft_model(base, cfg, autocast_adapter_dtype=not variant.endswith("bf16"))
+            inputs = [x] + [p for p in model.parameters() if p.requires_grad]
+
+        def step():
+            y = model(x)
+            torch.autograd.grad((y * g).sum(), inputs)
+
+        s, h = time_steps(step, args.warmup, args.steps)
+        trainable = sum(p.numel() for p in inputs[1:])
+        rows.append(dict(workload="linear 8192x4096->4096 r16 fwd+bwd", variant=variant,
+                         step_ms=s, host_ms=h, peak_gb=peak_gb(), trainable=trainable))
+        del model, base, x, g, inputs
+
+
+def llama(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+        num_hidden_layers=args.layers, num_attention_heads=32, num_key_value_heads=8,
+        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+        max_position_embeddings=max(2048, args.seq),
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = LlamaForCausalLM(cfg)
+    model.to(torch.bfloat16)
+    model.config.use_cache = False
+    return model
+
+
+def batch(args):
+    torch.manual_seed(1)
+    return torch.randint(0, 128256, (args.batch, args.seq), device=DEV)
+
+
+def train_rows(args, rows):
+    from peft import LoraConfig, get_peft_model
+
+    ids = batch(args)
+    for variant in args.variants:
+        fresh()
+        model = llama(args)
+        model.train()
+        run = None
+        if variant == "none":
+            model.requires_grad_(False)
+            model.enable_input_require_grads()
+            params = []
+        elif variant in ("lora", "lora_bf16", "dora", "dora_bf16"):
+            cfg = LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LINEAR, lora_dropout=0.0,
+                             use_dora=variant.startswith("dora"))
+            model = get_peft_model(model, cfg, autocast_adapter_dtype=not variant.endswith("bf16"))
+            params = [p for p in model.parameters() if p.requires_grad]
+        elif variant == "loreft":
+            import pyreft
+
+            reps = [{
+                "layer": l, "component": "block_output", "low_rank_dimension": 8,
+                "intervention": pyreft.LoreftIntervention(
+                    embed_dim=2048, low_rank_dimension=8, dtype=torch.bfloat16),
+            } for l in range(args.layers)]
+            model.requires_grad_(False)
+            rm = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps))
+            rm.set_device(DEV)
+            s = args.seq
+            positions = list(range(7)) + list(range(s - 7, s))
+            locations = [[positions] * args.batch] * args.layers
+            params = [p for p in rm.parameters() if p.requires_grad]
+
+            def run():
+                _, out = rm({"input_ids": ids, "labels": ids},
+                            unit_locations={"sources->base": (None, locations)})
+                return out.loss
+        elif variant == "full":
+            model.requires_grad_(True)
+            params = list(model.parameters())
+        else:
+            raise SystemExit(f"unknown variant {variant}")
+        opt = torch.optim.AdamW(params, lr=1e-5) if params else None
+        if run is None:
+            def run():
+                return model(input_ids=ids, labels=ids).loss
+
+        def step():
+            loss = run()
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if opt is not None:
+                opt.step()
+
+        s, h = time_steps(step, args.warmup, args.steps)
+        rows.append(dict(workload=f"train llama-1B b{args.batch} s{args.seq} L{args.layers}",
+                         variant=variant, step_ms=s, host_ms=h, peak_gb=peak_gb(),
+                         trainable=sum(p.numel() for p in params)))
+        del model, opt, params, run, step
+        if variant == "loreft":
+            del rm
+
+
+def infer_rows(args, rows):
+    from peft import LoraConfig, get_peft_model
+
+    ids = batch(args)
+    for variant in ["base", "lora unmerged", "lora merged", "lora unmerged bf16"]:
+        fresh()
+        model = llama(args)
+        model.eval()
+        if variant != "base":
+            cfg = LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LINEAR, lora_dropout=0.0)
+            model = get_peft_model(model, cfg, autocast_adapter_dtype=not variant.endswith("bf16"))
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if "lora_" in n:
+                        p.normal_(0.0, 0.01)
+            if variant == "lora merged":
+                model.merge_adapter()
+            model.eval()
+
+        def step():
+            with torch.no_grad():
+                model(input_ids=ids).logits
+
+        s, h = time_steps(step, args.warmup, args.steps)
+        rows.append(dict(workload=f"infer llama-1B b{args.batch} s{args.seq} L{args.layers}",
+                         variant=variant, step_ms=s, host_ms=h, peak_gb=peak_gb(), trainable=0))
+        del model
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="linear,train,infer")
+    ap.add_argument("--variants", default="none,lora,lora_bf16,dora,dora_bf16,loreft,full")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    args.variants = [v.strip() for v in args.variants.split(",")]
+    import peft
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"peft {peft.__version__}, {torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU'}")
+    rows = []
+    for w in args.only.split(","):
+        {"linear": linear_rows, "train": train_rows, "infer": infer_rows}[w.strip()](args, rows)
+    print(f"{'workload':<40} {'variant':<20} {'step ms':>10} {'host ms':>10} {'peak GB':>9} {'trainable':>12}")
+    for r in rows:
+        print(f"{r['workload']:<40} {r['variant']:<20} {r['step_ms']:>10.2f} {r['host_ms']:>10.2f} "
+              f"{r['peak_gb']:>9.2f} {r['trainable']:>12}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"library": "peft", "torch": torch.__version__, "steps": args.steps,
+                       "warmup": args.warmup, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
