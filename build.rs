@@ -5,8 +5,9 @@
 //! `libtorch_cuda.so` when present: it is only reached through static initialisers, so
 //! `--as-needed` linkers drop it and CUDA silently disappears (`Cuda::is_available() == false`).
 //!
-//! It also compiles `csrc/lora_linear.cpp` (the fused LoRA Linear autograd node) and
-//! `csrc/memory.cpp` (the device allocator's peak statistics) against the same libtorch
+//! It also compiles `csrc/lora_linear.cpp` (the fused LoRA Linear autograd node),
+//! `csrc/memory.cpp` (the device allocator's peak statistics) and `csrc/optim.cpp` (the fused
+//! multi-tensor AdamW) against the same libtorch
 //! headers, and sets `cfg(tch_peft_fused)` when it did.
 use std::env;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/lora_linear.cpp");
     println!("cargo:rerun-if-changed=csrc/memory.cpp");
+    println!("cargo:rerun-if-changed=csrc/optim.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo::rustc-check-cfg=cfg(tch_peft_fused)");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
@@ -46,6 +48,7 @@ fn main() {
             .flag("-DGLOG_USE_GLOG_EXPORT")
             .file("csrc/lora_linear.cpp")
             .file("csrc/memory.cpp")
+            .file("csrc/optim.cpp")
             .compile("tch_peft_csrc");
         println!("cargo:rustc-cfg=tch_peft_fused");
     }

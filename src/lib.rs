@@ -14,6 +14,7 @@ pub mod lora;
 pub mod memory;
 pub mod merge;
 pub mod models;
+pub mod optim;
 pub mod reft;
 pub mod target;
 

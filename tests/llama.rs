@@ -139,3 +139,22 @@ fn forward_from_embeddings_equals_forward_from_ids_and_checks_its_input() {
         Err(Error::ShapeMismatch { .. })
     ));
 }
+
+#[test]
+fn unpadded_fast_attention_path_equals_the_masked_path() {
+    // no mask: SDPA's is_causal with native GQA; an all-ones mask: the additive-mask path
+    let (_vs, model) = load("gqa");
+    let ids = io_tensors("gqa")["input_ids"].shallow_clone();
+    let ones = ids.ones_like();
+    let fast = model.forward_t(&ids, None, false).unwrap();
+    let masked = model.forward_t(&ids, Some(&ones), false).unwrap();
+    let d = max_abs_diff(&fast, &masked);
+    assert!(d < 1e-5, "max |Δ| = {d}");
+    // one token: no causal mask at all
+    let one = ids.narrow(1, 0, 1);
+    let d1 = max_abs_diff(
+        &model.forward_t(&one, None, false).unwrap(),
+        &model.forward_t(&one, Some(&one.ones_like()), false).unwrap(),
+    );
+    assert!(d1 < 1e-5, "max |Δ| = {d1}");
+}

@@ -357,20 +357,26 @@ impl Llama {
         let (cos, sin) = (emb.cos().to_kind(kind), emb.sin().to_kind(kind));
         let rope = |x: &Tensor| x * &cos + rotate_half(x) * &sin;
 
-        // additive mask [b, 1, s, s]: lowest value where j > i or key j is padding
-        let lowest = match kind {
-            Kind::Half => -65504.0,
-            Kind::BFloat16 => -3.3895313892515355e38,
-            Kind::Double => f64::MIN,
-            _ => f32::MIN as f64,
+        // Without padding, causal attention needs no mask tensor: SDPA's `is_causal` with native
+        // grouped-query heads (`enable_gqa`) runs the flash kernel on CUDA, as transformers' sdpa
+        // path does. With padding: an additive mask [b, 1, s, s] (lowest value where j > i or key
+        // j is padding) and K/V repeated per query head.
+        let mask = match attention_mask {
+            None => None,
+            Some(m) => {
+                let lowest = match kind {
+                    Kind::Half => -65504.0,
+                    Kind::BFloat16 => -3.3895313892515355e38,
+                    Kind::Double => f64::MIN,
+                    _ => f32::MIN as f64,
+                };
+                let idx = Tensor::arange(s, (Kind::Int64, device));
+                let blocked = idx.unsqueeze(0).gt_tensor(&idx.unsqueeze(1)).view([1, 1, s, s]);
+                let pad = m.to_device(device).eq(0).view([b, 1, 1, s]);
+                let blocked = blocked.logical_or(&pad);
+                Some(Tensor::zeros([1], (kind, device)).masked_fill(&blocked, lowest))
+            }
         };
-        let idx = Tensor::arange(s, (Kind::Int64, device));
-        let mut blocked = idx.unsqueeze(0).gt_tensor(&idx.unsqueeze(1)).view([1, 1, s, s]);
-        if let Some(m) = attention_mask {
-            let pad = m.to_device(device).eq(0).view([b, 1, 1, s]);
-            blocked = blocked.logical_or(&pad);
-        }
-        let mask = Tensor::zeros([1], (kind, device)).masked_fill(&blocked, lowest);
 
         for (i, l) in self.layers.iter().enumerate() {
             let n = rms_norm(&h, &l.input_layernorm, c.rms_norm_eps);
@@ -378,25 +384,40 @@ impl Llama {
             let k = l.k_proj.f_forward_t(&n, train)?.view([b, s, kv, hd]).transpose(1, 2);
             let v = l.v_proj.f_forward_t(&n, train)?.view([b, s, kv, hd]).transpose(1, 2);
             let (q, k) = (rope(&q), rope(&k));
-            let (k, v) = if kv == heads {
-                (k, v)
-            } else {
-                let rep = heads / kv;
-                (
-                    k.repeat_interleave_self_int(rep, 1, None),
-                    v.repeat_interleave_self_int(rep, 1, None),
-                )
+            let scale = 1.0 / (hd as f64).sqrt();
+            let attn = match &mask {
+                None => Tensor::f_scaled_dot_product_attention::<Tensor>(
+                    &q,
+                    &k,
+                    &v,
+                    None,
+                    0.0,
+                    s > 1,
+                    scale,
+                    kv != heads,
+                )?,
+                Some(mask) => {
+                    let (k, v) = if kv == heads {
+                        (k, v)
+                    } else {
+                        let rep = heads / kv;
+                        (
+                            k.repeat_interleave_self_int(rep, 1, None),
+                            v.repeat_interleave_self_int(rep, 1, None),
+                        )
+                    };
+                    Tensor::f_scaled_dot_product_attention(
+                        &q,
+                        &k,
+                        &v,
+                        Some(mask),
+                        0.0,
+                        false,
+                        scale,
+                        false,
+                    )?
+                }
             };
-            let attn = Tensor::f_scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                Some(&mask),
-                0.0,
-                false,
-                1.0 / (hd as f64).sqrt(),
-                false,
-            )?;
             let attn = attn.transpose(1, 2).reshape([b, s, heads * hd]);
             // out of place: `h` is saved for the norm's backward
             h = h.f_add(&l.o_proj.f_forward_t(&attn, train)?)?;
