@@ -44,6 +44,10 @@ struct Args {
     batch: i64,
     seq: i64,
     json: Option<String>,
+    /// `fused` (tch_peft::optim::FusedAdamW, default) or `libtorch` (tch's nn::AdamW).
+    optimizer: String,
+    /// Also time forward+loss, backward and the optimizer apart (synchronised between).
+    phases: bool,
 }
 
 fn parse_args() -> Args {
@@ -56,6 +60,8 @@ fn parse_args() -> Args {
         batch: 8,
         seq: 1024,
         json: None,
+        optimizer: "fused".into(),
+        phases: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -74,10 +80,33 @@ fn parse_args() -> Args {
             "--batch" => a.batch = num(it.next()),
             "--seq" => a.seq = num(it.next()),
             "--json" => a.json = it.next(),
+            "--optimizer" => a.optimizer = it.next().unwrap_or_default(),
+            "--phases" => a.phases = true,
             _ => {} // cargo's and criterion's own flags (--bench, filters)
         }
     }
     a
+}
+
+/// The optimizer of a training step.
+enum Opt {
+    Fused(tch_peft::optim::FusedAdamW),
+    Libtorch(nn::Optimizer),
+}
+
+impl Opt {
+    fn zero_grad(&mut self) {
+        match self {
+            Opt::Fused(o) => o.zero_grad(),
+            Opt::Libtorch(o) => o.zero_grad(),
+        }
+    }
+    fn step(&mut self) {
+        match self {
+            Opt::Fused(o) => o.step().expect("step"),
+            Opt::Libtorch(o) => o.step(),
+        }
+    }
 }
 
 /// One measured row.
@@ -265,9 +294,16 @@ fn train_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
         }
         let trained_vs = if variant == "full" { &base_vs } else { &adapter_vs };
         let trainable: i64 = trained_vs.variables().values().map(|t| t.numel() as i64).sum();
-        let mut opt = (variant != "none")
-            .then(|| nn::AdamW::default().build(trained_vs, 1e-5).expect("optimizer"));
-        let (step_ms, host_ms) = time_steps(device, args.warmup, args.steps, || {
+        let mut opt = (variant != "none").then(|| {
+            if args.optimizer == "libtorch" {
+                Opt::Libtorch(nn::AdamW::default().build(trained_vs, 1e-5).expect("optimizer"))
+            } else {
+                Opt::Fused(
+                    tch_peft::optim::FusedAdamW::from_var_store(trained_vs, 1e-5).expect("optim"),
+                )
+            }
+        });
+        let forward = || {
             let logits = if variant == "none" {
                 let emb = model.embed(&ids).expect("embed").detach().set_requires_grad(true);
                 model.forward_embeds(&emb, None, true, None).expect("forward")
@@ -281,20 +317,55 @@ fn train_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
                     )
                     .expect("forward")
             };
-            let loss = causal_lm_loss(&logits, &labels);
-            match (&mut opt, &reft) {
-                (Some(o), Some(r)) => r.step(o, &loss).expect("step"),
-                (Some(o), None) => {
-                    o.zero_grad();
-                    loss.backward();
-                    o.step();
-                }
-                (None, _) => loss.backward(),
+            causal_lm_loss(&logits, &labels)
+        };
+        let mut step = |phase: &mut dyn FnMut(usize)| {
+            let loss = forward();
+            phase(0);
+            if let Some(o) = opt.as_mut() {
+                o.zero_grad();
             }
-        });
+            loss.backward();
+            phase(1);
+            if let Some(o) = opt.as_mut() {
+                o.step();
+            }
+            if let Some(r) = &reft {
+                r.retract().expect("retract");
+            }
+            phase(2);
+        };
+        let (step_ms, host_ms) =
+            time_steps(device, args.warmup, args.steps, || step(&mut |_: usize| {}));
+        if args.phases {
+            let mut t = [Vec::new(), Vec::new(), Vec::new()];
+            for _ in 0..args.steps.min(10) {
+                sync(device);
+                let mut last = Instant::now();
+                step(&mut |p: usize| {
+                    sync(device);
+                    t[p].push(last.elapsed().as_secs_f64() * 1e3);
+                    last = Instant::now();
+                });
+            }
+            let med = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            println!(
+                "phases {variant}: forward+loss {:.2} ms, backward {:.2} ms, optimizer+retraction {:.2} ms (synchronised)",
+                med(&mut t[0]),
+                med(&mut t[1]),
+                med(&mut t[2])
+            );
+        }
         rows.push(Row {
             workload: format!("train llama-1B b{b} s{s} L{}", cfg.num_hidden_layers),
-            variant: variant.clone(),
+            variant: if variant == "none" {
+                variant.clone()
+            } else {
+                format!("{variant} ({} AdamW)", args.optimizer)
+            },
             step_ms,
             host_ms,
             peak_gb: peak_gb(device),
@@ -364,12 +435,12 @@ fn main() {
         }
     }
     println!(
-        "{:<40} {:<16} {:>10} {:>10} {:>9} {:>12}",
+        "{:<40} {:<24} {:>10} {:>10} {:>9} {:>12}",
         "workload", "variant", "step ms", "host ms", "peak GB", "trainable"
     );
     for r in &rows {
         println!(
-            "{:<40} {:<16} {:>10.2} {:>10.2} {:>9.2} {:>12}",
+            "{:<40} {:<24} {:>10.2} {:>10.2} {:>9.2} {:>12}",
             r.workload, r.variant, r.step_ms, r.host_ms, r.peak_gb, r.trainable
         );
     }

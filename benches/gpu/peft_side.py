@@ -165,15 +165,34 @@ def train_rows(args, rows):
             def run():
                 return model(input_ids=ids, labels=ids).loss
 
-        def step():
+        def step(phase=lambda p: None):
             loss = run()
+            phase(0)
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
+            phase(1)
             if opt is not None:
                 opt.step()
+            phase(2)
 
         s, h = time_steps(step, args.warmup, args.steps)
+        if args.phases:
+            t = [[], [], []]
+            for _ in range(min(args.steps, 10)):
+                sync()
+                last = [time.perf_counter()]
+
+                def phase(p):
+                    sync()
+                    now = time.perf_counter()
+                    t[p].append((now - last[0]) * 1e3)
+                    last[0] = now
+
+                step(phase)
+            m = [statistics.median(x) for x in t]
+            print(f"phases {variant}: forward+loss {m[0]:.2f} ms, backward {m[1]:.2f} ms, "
+                  f"optimizer {m[2]:.2f} ms (synchronised)")
         rows.append(dict(workload=f"train llama-1B b{args.batch} s{args.seq} L{args.layers}",
                          variant=variant, step_ms=s, host_ms=h, peak_gb=peak_gb(),
                          trainable=sum(p.numel() for p in params)))
@@ -221,6 +240,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--json")
+    ap.add_argument("--phases", action="store_true")
     args = ap.parse_args()
     args.variants = [v.strip() for v in args.variants.split(",")]
     import peft
