@@ -118,3 +118,27 @@ fn adapter_saved_from_cuda_reloads_into_a_cpu_model() {
     assert!(max_abs_diff(&y_gpu, &q_cpu.forward_t(&x, false)) < 1e-5);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn dora_row_norm_of_a_bf16_weight_is_f32_accurate_on_cuda() {
+    // the norm reads the bf16 weight once, with A split into a bf16 head and tail
+    let d = cuda();
+    tch::manual_seed(2);
+    let mut vb = nn::VarStore::new(d);
+    let va = nn::VarStore::new(d);
+    let base = nn::linear(vb.root() / "proj", 512, 384, Default::default());
+    vb.set_kind(Kind::BFloat16);
+    let cfg = LoraConfig { r: 16, lora_alpha: 32.0, use_dora: true, ..Default::default() };
+    let l = LoraLinear::new(base, &(va.root() / "proj"), &cfg).unwrap();
+    tch::no_grad(|| {
+        let _ = l.lora_b().shallow_clone().normal_(0.0, 0.05);
+    });
+    l.init_from_base_weights().unwrap();
+    // exact: W + s·BA in f64
+    let w = l.base().ws.to_kind(Kind::Double);
+    let delta = l.lora_b().to_kind(Kind::Double).matmul(&l.lora_a().to_kind(Kind::Double));
+    let exact = (w + delta * l.scaling()).square().sum_dim_intlist(1, false, Kind::Double).sqrt();
+    let m = l.magnitude().unwrap().to_kind(Kind::Double);
+    let rel = ((m - &exact).abs() / &exact).max().double_value(&[]);
+    assert!(rel < 1e-5, "relative error of the bf16 row norm: {rel}");
+}

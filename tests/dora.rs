@@ -180,3 +180,17 @@ fn dropout_in_training_follows_peft_form() {
     assert!(max_abs_diff(&y, &expected) < 1e-12);
     assert!(max_abs_diff(&y, &l.forward_t(&x, false)) > 1e-3, "dropout acted");
 }
+
+#[test]
+fn the_cached_row_norm_follows_in_place_changes_of_the_base_weight() {
+    tch::manual_seed(4);
+    let (vb, va) = f64_stores();
+    let l = f64_dora(&vb, &va);
+    let x = randn(&[5, 12], Kind::Double);
+    let _ = l.forward_t(&x, false); // fills the cache
+                                    // the base weight changes in place (a reload, say): the norm must follow
+    set(&l.base().ws, &randn(&[10, 12], Kind::Double));
+    let expected = x.matmul(&materialised_weight(&l).tr()) + l.base().bs.as_ref().unwrap();
+    let d = max_abs_diff(&l.forward_t(&x, false), &expected);
+    assert!(d < 1e-10, "stale ‖W‖ cache: max |Δ| = {d}");
+}

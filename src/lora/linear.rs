@@ -23,6 +23,9 @@ struct SharedState {
     /// The base weight and bias as they were before merging; `Some` while merged.
     original: Mutex<Option<(Tensor, Option<Tensor>)>>,
     merged: AtomicBool,
+    /// DoRA: `‖W_i‖²` of the frozen base weight, keyed on the weight's storage and version
+    /// counter (any in-place change of `W` invalidates it).
+    row_sq: Mutex<Option<(usize, i64, Tensor)>>,
 }
 
 /// A LoRA-adapted linear layer.
@@ -181,10 +184,38 @@ fn svd_lowrank(a: &Tensor, q: i64, niter: u32) -> Result<(Tensor, Tensor, Tensor
 /// `‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ`, from an `[out, r]` and an `[r, r]` product.
 /// Callers run it under `no_grad` (DoRA detaches the norm).
 pub(crate) fn dora_weight_norm(w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+    dora_weight_norm_with(&dora_row_sq(w)?, w, a, b, s)
+}
+
+/// `‖W_i‖²` per row in the compute kind (f32 for half types).
+pub(crate) fn dora_row_sq(w: &Tensor) -> Result<Tensor> {
     let kind = compute_kind(w.kind());
-    let (w, a, b) = (w.f_to_kind(kind)?, a.f_to_kind(kind)?, b.f_to_kind(kind)?);
-    let w_sq = w.f_square()?.f_sum_dim_intlist(1, false, kind)?;
-    let cross = w.f_mm(&a.f_tr()?)?.f_mul(&b)?.f_sum_dim_intlist(1, false, kind)?;
+    Ok(w.f_to_kind(kind)?.f_square()?.f_sum_dim_intlist(1, false, kind)?)
+}
+
+/// `‖W + s·BA‖` per row from `‖W_i‖²` (`w_sq`): `‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ`,
+/// without forming the `[out, in]` matrix. On a bf16/f16 CUDA weight, `W Aᵀ` reads `W` once in
+/// its own dtype: A (f32) is split into a half-precision head and tail (`A = A_hi + A_lo` to
+/// about 2⁻¹⁶ relative) and one GEMM against both accumulates in f32.
+pub(crate) fn dora_weight_norm_with(
+    w_sq: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+) -> Result<Tensor> {
+    let kind = compute_kind(w.kind());
+    let (a, b) = (a.f_to_kind(kind)?, b.f_to_kind(kind)?);
+    let wa = if w.kind() != kind && w.device().is_cuda() {
+        let r = a.size()[0];
+        let hi = a.f_to_kind(w.kind())?;
+        let lo = a.f_sub(&hi.f_to_kind(kind)?)?.f_to_kind(w.kind())?;
+        let both = w.f_mm_dtype(&Tensor::f_cat(&[&hi, &lo], 0)?.f_tr()?, kind)?;
+        both.f_narrow(1, 0, r)?.f_add(&both.f_narrow(1, r, r)?)?
+    } else {
+        w.f_to_kind(kind)?.f_mm(&a.f_tr()?)?
+    };
+    let cross = wa.f_mul(&b)?.f_sum_dim_intlist(1, false, kind)?;
     let ba_sq = b.f_mm(&a.f_mm(&a.f_tr()?)?)?.f_mul(&b)?.f_sum_dim_intlist(1, false, kind)?;
     let sq = w_sq.f_add(&cross.f_mul_scalar(2.0 * s)?)?.f_add(&ba_sq.f_mul_scalar(s * s)?)?;
     // rounding can take an exactly-zero row slightly negative
@@ -374,6 +405,7 @@ impl LoraLinear {
                 base_init_done: AtomicBool::new(true),
                 original: Mutex::new(None),
                 merged: AtomicBool::new(false),
+                row_sq: Mutex::new(None),
             }),
         };
         if layer.init.uses_base_weight() {
@@ -562,6 +594,25 @@ impl LoraLinear {
         self.lora_b.mm(&self.lora_a) * self.scaling
     }
 
+    /// DoRA's `‖W + s·BA‖` per row of the current base weight, with `‖W_i‖²` cached while the
+    /// weight is unchanged (frozen bases: computed once). No gradient.
+    fn dora_norm(&self) -> Result<Tensor> {
+        let w = &self.base.ws;
+        let key = (w.data_ptr() as usize, w.f_internal_version()?);
+        let w_sq = {
+            let mut cache = self.state.row_sq.lock().unwrap_or_else(|e| e.into_inner());
+            match cache.as_ref() {
+                Some((ptr, version, t)) if (*ptr, *version) == key => t.shallow_clone(),
+                _ => {
+                    let t = tch::no_grad(|| dora_row_sq(w))?;
+                    *cache = Some((key.0, key.1, t.shallow_clone()));
+                    t
+                }
+            }
+        };
+        tch::no_grad(|| dora_weight_norm_with(&w_sq, w, &self.lora_a, &self.lora_b, self.scaling))
+    }
+
     /// The merged weight `W + s·BA` in the base dtype, computed in f32 (f64 for an f64 base).
     fn merged_weight(&self) -> Result<Tensor> {
         self.check_base_init()?;
@@ -704,9 +755,7 @@ impl LoraLinear {
             h = h.f_mul_scalar(self.scaling)?;
         }
         if let Some(m) = &self.magnitude {
-            let norm = tch::no_grad(|| {
-                dora_weight_norm(&self.base.ws, &self.lora_a, &self.lora_b, self.scaling)
-            })?;
+            let norm = self.dora_norm()?;
             let g = m.f_div(&norm.f_to_kind(m.kind())?)?.f_to_kind(kind)?;
             let xd_w = xd.f_linear::<Tensor>(&self.base.ws, None)?;
             let adapted = xd_w.f_addmm(&h, &b.f_tr()?)?;
@@ -747,14 +796,10 @@ impl LoraLinear {
             let y = self.dora_forward(&x2, m, bias, dropout)?;
             return Ok(y.f_reshape(out_shape)?);
         }
-        // The fused node pays off in training (its backward); in eval the composed ops are as
-        // fast and skip the node's bookkeeping.
+        // The fused node: in training its backward; in eval one kernel fewer than the composed
+        // ops (the scaling rides on the accumulating GEMM).
         #[cfg(tch_peft_fused)]
-        if train
-            && !dropout
-            && self.lora_b_bias.is_none()
-            && self.state.fused.load(Ordering::Relaxed)
-        {
+        if !dropout && self.lora_b_bias.is_none() && self.state.fused.load(Ordering::Relaxed) {
             let y = super::fused::lora_linear(
                 &x2,
                 &self.base.ws,
@@ -812,9 +857,7 @@ impl LoraLinear {
     ) -> Result<Tensor> {
         // `f_forward_t` has checked the base initialisation
         let kind = x2.kind();
-        let norm = tch::no_grad(|| {
-            dora_weight_norm(&self.base.ws, &self.lora_a, &self.lora_b, self.scaling)
-        })?;
+        let norm = self.dora_norm()?;
         let g = m.f_div(&norm.f_to_kind(m.kind())?)?.f_to_kind(kind)?; // [out], grad to m
         let cast =
             |t: &Tensor| if t.kind() == kind { Ok(t.shallow_clone()) } else { t.f_to_kind(kind) };
