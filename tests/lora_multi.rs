@@ -394,3 +394,28 @@ fn pissa_and_olora_convert_to_plain_lora_on_the_original_base() {
         let _ = (std::fs::remove_dir_all(&initial), std::fs::remove_dir_all(&out));
     }
 }
+
+#[test]
+fn merge_and_unload_folds_the_active_adapters_in_and_leaves_a_plain_model() {
+    let Built { model, mut adapter, vs_a, vs_b, .. } = build();
+    adapter.set_active(&["default", "other"]).unwrap();
+    let x = xs();
+    let y = model.forward_t(&x, false);
+    let w0 = model.blocks[0].0.base().ws.copy();
+    adapter.merge_and_unload(Some(&vs_a)).unwrap();
+    // same outputs, from the merged weights alone
+    assert!(max_abs_diff(&model.forward_t(&x, false), &y) < 1e-12);
+    assert!(max_abs_diff(&model.blocks[0].0.base().ws, &w0) > 1e-3, "the weight holds the merge");
+    // no adapter is left on any layer, and a training forward is the plain one too
+    for (up, down) in &model.blocks {
+        for l in [up, down] {
+            if let MaybeLoraLinear::Lora(stack) = l {
+                assert!(stack.adapter_names().is_empty());
+            }
+        }
+    }
+    assert!(max_abs_diff(&model.forward_t(&x, true), &y) < 1e-12);
+    // the store passed lost its variables ("default" lives in vs_a; "other" in vs_b stays)
+    assert!(vs_a.variables().is_empty());
+    assert_eq!(vs_b.variables().len(), 8);
+}

@@ -20,7 +20,8 @@
 //!    (r 16, α 32, on all seven linear layers of every block), `dora`, `loreft` (r 8, `f7+l7`,
 //!    every layer), `full` (every weight, AdamW on the bf16 weights).
 //! 3. `infer`: the same model's inference forward (logits, `no_grad`): base, LoRA unmerged, LoRA
-//!    merged.
+//!    merged (`merge`, which keeps the pre-merge weights for a bit-exact unmerge) and
+//!    `merge_and_unload` (no copy kept, as PEFT's merge).
 //!
 //! Besides the median step, each row gives the host time (until the step's last kernel is
 //! queued): when it is close to the step time, the GPU waits on the CPU (launch-bound).
@@ -379,19 +380,23 @@ fn infer_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
     let (b, s) = (args.batch, args.seq);
     tch::manual_seed(1);
     let ids = Tensor::randint(cfg.vocab_size, [b, s], (Kind::Int64, device));
-    for variant in ["base", "lora unmerged", "lora merged"] {
+    for variant in ["base", "lora unmerged", "lora merged", "lora merge_and_unload"] {
         tch_peft::memory::reset_peak(device);
         let (_base_vs, adapter_vs, model, lora) =
             llama(&cfg, device, if variant == "base" { "none" } else { "lora" });
-        if let Some(l) = &lora {
+        if let Some(l) = lora {
             // non-zero B so the unmerged branch does real work and the merge changes weights
             tch::no_grad(|| {
                 for (_, t) in adapter_vs.variables() {
                     let _ = t.shallow_clone().normal_(0.0, 0.01);
                 }
             });
-            if variant == "lora merged" {
-                l.merge().expect("merge");
+            match variant {
+                // keeps the pre-merge weights for a bit-exact unmerge
+                "lora merged" => l.merge().expect("merge"),
+                // PEFT's merge_and_unload: no copy kept, the adapters dropped
+                "lora merge_and_unload" => l.merge_and_unload(Some(&adapter_vs)).expect("merge"),
+                _ => {}
             }
         }
         let (step_ms, host_ms) = time_steps(device, args.warmup, args.steps, || {

@@ -95,6 +95,7 @@ trait AnyStack {
     fn set_active(&self, names: &[String]) -> Result<()>;
     fn merged_adapters(&self) -> Vec<String>;
     fn remove(&self, name: &str) -> Result<Vec<(String, Tensor)>>;
+    fn merge_and_unload(&self, names: &[String]) -> Result<Vec<(String, Tensor)>>;
     fn each(&self, f: &mut dyn FnMut(&str, &str, &dyn AnyLayer) -> Result<()>) -> Result<()>;
 }
 
@@ -119,6 +120,9 @@ impl<L: StackLayer> AnyStack for LoraStack<L> {
     }
     fn remove(&self, name: &str) -> Result<Vec<(String, Tensor)>> {
         Ok(LoraStack::remove(self, name)?.map(|l| l.named_tensors()).unwrap_or_default())
+    }
+    fn merge_and_unload(&self, names: &[String]) -> Result<Vec<(String, Tensor)>> {
+        LoraStack::merge_and_unload(self, names)
     }
     fn each(&self, f: &mut dyn FnMut(&str, &str, &dyn AnyLayer) -> Result<()>) -> Result<()> {
         let module = self.module().to_string();
@@ -501,6 +505,44 @@ impl LoraAdapter {
             remove_from_store(vs, &removed);
         }
         self.apply_active()
+    }
+
+    /// PEFT's `merge_and_unload`: merges the active adapters into the base weights for good and
+    /// removes every adapter from the model, which then runs as the plain base model with the
+    /// merged weights (zero adapter overhead). Unlike [`merge`](Self::merge), no copy of the
+    /// pre-merge weights is kept (layer by layer, so the peak is one layer's copy): there is no
+    /// unmerge. With `store`, the adapters' variables also leave it.
+    ///
+    /// On an error (a layer that cannot merge, e.g. `lora_bias` into a layer without bias), the
+    /// layers processed before the one named in the error keep their merged weights.
+    ///
+    /// ```
+    /// # use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
+    /// # use tch_peft::lora::{self, LoraBuilder, LoraConfig};
+    /// let (base, adapters) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    /// let cfg = LoraConfig { r: 2, ..LoraConfig::for_targets(["proj"]) };
+    /// let builder = LoraBuilder::new(&adapters.root(), cfg)?;
+    /// let proj = lora::linear(&(base.root() / "proj"), 8, 4, Default::default(), Some(&builder))?;
+    /// let lora = builder.finish()?;
+    /// # tch::no_grad(|| { for (_, t) in adapters.variables() { let _ = t.shallow_clone().normal_(0.0, 0.1); } });
+    /// let x = Tensor::randn([2, 8], (Kind::Float, Device::Cpu));
+    /// let before = proj.forward_t(&x, false);
+    /// lora.merge_and_unload(Some(&adapters))?;
+    /// let after = proj.forward_t(&x, false); // the plain layer with merged weights
+    /// assert!((before - after).abs().max().double_value(&[]) < 1e-5);
+    /// assert!(adapters.variables().is_empty());
+    /// # Ok::<(), tch_peft::Error>(())
+    /// ```
+    pub fn merge_and_unload(self, store: Option<&nn::VarStore>) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let mut dropped = Vec::new();
+        for s in self.stacks() {
+            dropped.extend(s.merge_and_unload(&self.active)?);
+        }
+        if let Some(vs) = store {
+            remove_from_store(vs, &dropped);
+        }
+        Ok(())
     }
 
     /// Writes the current adapter's tensors as safetensors with PEFT's keys

@@ -348,6 +348,27 @@ impl<L: StackLayer> LoraStack<L> {
     }
 
     /// Unmerges every merged adapter, last merged first, restoring the base bit-exactly.
+    /// Merges the named adapters present on this layer (in order, on top of any already merged)
+    /// and then drops every adapter of the layer, with the saved pre-merge weights: the base
+    /// keeps the merged values for good. Returns the dropped adapters' tensors.
+    pub(crate) fn merge_and_unload(&self, names: &[String]) -> Result<Vec<(String, Tensor)>> {
+        let mut st = self.lock();
+        for name in names {
+            if st.merged.contains(name) {
+                continue;
+            }
+            let Some(layer) = st.slots.iter().find(|(n, _)| n == name).map(|(_, l)| l.share())
+            else {
+                continue;
+            };
+            layer.merge_layer(false)?;
+            st.merged.push(name.clone());
+        }
+        st.merged.clear();
+        let dropped = st.slots.drain(..).flat_map(|(_, l)| l.named_tensors()).collect();
+        Ok(dropped)
+    }
+
     pub(crate) fn unmerge_all(&self) -> Result<()> {
         Self::unmerge_down_to(&mut self.lock(), 0)
     }
