@@ -126,4 +126,7 @@ at::Tensor* tch_peft_lora_linear(const at::Tensor* x, const at::Tensor* w,
 
 void tch_peft_free_error(char* error) { std::free(error); }
 
+// Whether autograd records operations on this thread (c10::GradMode).
+int tch_peft_grad_enabled() { return c10::GradMode::is_enabled() ? 1 : 0; }
+
 }  // extern "C"

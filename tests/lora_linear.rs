@@ -569,3 +569,34 @@ fn pissa_niter_keeps_the_exact_residual_and_finds_the_top_subspace() {
     let bad = serde_json::from_str::<LoraConfig>(r#"{"init_lora_weights": "pissa_niter_x"}"#);
     assert!(bad.unwrap_err().to_string().contains("pissa_niter_K"));
 }
+
+#[test]
+fn inference_reuses_cast_factors_until_they_change() {
+    // bf16 base, f32 factors: under no_grad the casts are cached on the factors' versions
+    tch::manual_seed(15);
+    let mut vb = nn::VarStore::new(Device::Cpu);
+    let base = base_linear(&vb, "proj", 32, 16);
+    vb.bfloat16();
+    let va = nn::VarStore::new(Device::Cpu);
+    let l = LoraLinear::new(base, &(va.root() / "proj"), &cfg(4, 8.0)).unwrap();
+    set(l.lora_b(), &randn(&[16, 4], Kind::Float));
+    let x = randn(&[6, 32], Kind::Float).to_kind(Kind::BFloat16);
+    let composed = |l: &LoraLinear| {
+        l.set_fused(false);
+        let y = tch::no_grad(|| l.forward_t(&x, false));
+        l.set_fused(true);
+        y
+    };
+    let first = tch::no_grad(|| l.forward_t(&x, false));
+    assert!(max_abs_diff(&first, &composed(&l)) < 0.1);
+    // an in-place change of a factor (an optimizer step, a load) must be seen
+    set(l.lora_b(), &randn(&[16, 4], Kind::Float));
+    set(l.lora_a(), &randn(&[4, 32], Kind::Float));
+    let second = tch::no_grad(|| l.forward_t(&x, false));
+    assert!(max_abs_diff(&second, &first) > 0.5, "stale cast factors");
+    assert!(max_abs_diff(&second, &composed(&l)) < 0.1);
+    // with autograd on, gradients still reach the f32 factors
+    let y = l.forward_t(&x, false);
+    let g = Tensor::run_backward(&[y.sum(Kind::Float)], &[l.lora_a()], false, false);
+    assert_eq!(g[0].kind(), Kind::Float);
+}

@@ -22,6 +22,13 @@ extern "C" {
         error: *mut *mut c_char,
     ) -> *mut C_tensor;
     fn tch_peft_free_error(error: *mut c_char);
+    fn tch_peft_grad_enabled() -> i32;
+}
+
+/// Whether autograd records operations on this thread (false inside `tch::no_grad`).
+pub(crate) fn grad_enabled() -> bool {
+    // SAFETY: reads a thread-local flag; cannot fail.
+    unsafe { tch_peft_grad_enabled() != 0 }
 }
 
 /// `x Wᵀ + bias + s·(x Aᵀ) Bᵀ` for a 2-D `x`, as one autograd node. Shapes, dtypes and devices

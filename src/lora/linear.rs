@@ -26,6 +26,17 @@ struct SharedState {
     /// DoRA: `‖W_i‖²` of the frozen base weight, keyed on the weight's storage and version
     /// counter (any in-place change of `W` invalidates it).
     row_sq: Mutex<Option<(usize, i64, Tensor)>>,
+    /// Inference without autograd: A and B cast to the activations' dtype, keyed on the
+    /// factors' versions and the dtype (an optimizer step or a load invalidates it).
+    cast: Mutex<Option<CastCache>>,
+}
+
+/// See [`SharedState::cast`].
+#[derive(Debug)]
+struct CastCache {
+    key: (Kind, i64, i64),
+    a: Tensor,
+    b: Tensor,
 }
 
 /// A LoRA-adapted linear layer.
@@ -406,6 +417,7 @@ impl LoraLinear {
                 original: Mutex::new(None),
                 merged: AtomicBool::new(false),
                 row_sq: Mutex::new(None),
+                cast: Mutex::new(None),
             }),
         };
         if layer.init.uses_base_weight() {
@@ -592,6 +604,19 @@ impl LoraLinear {
     /// The update `s·BA`, shape `[out, in]`, in the adapter dtype (f32 by default).
     pub fn delta_weight(&self) -> Tensor {
         self.lora_b.mm(&self.lora_a) * self.scaling
+    }
+
+    /// A and B in `kind`, cast once per change of the factors (their version counters).
+    #[cfg(tch_peft_fused)]
+    fn cast_factors(&self, kind: Kind) -> Result<(Tensor, Tensor)> {
+        let key = (kind, self.lora_a.f_internal_version()?, self.lora_b.f_internal_version()?);
+        let mut cache = self.state.cast.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.as_ref().filter(|c| c.key == key) {
+            return Ok((c.a.shallow_clone(), c.b.shallow_clone()));
+        }
+        let (a, b) = (self.lora_a.f_to_kind(kind)?, self.lora_b.f_to_kind(kind)?);
+        *cache = Some(CastCache { key, a: a.shallow_clone(), b: b.shallow_clone() });
+        Ok((a, b))
     }
 
     /// DoRA's `‖W + s·BA‖` per row of the current base weight, with `‖W_i‖²` cached while the
@@ -800,14 +825,17 @@ impl LoraLinear {
         // ops (the scaling rides on the accumulating GEMM).
         #[cfg(tch_peft_fused)]
         if !dropout && self.lora_b_bias.is_none() && self.state.fused.load(Ordering::Relaxed) {
-            let y = super::fused::lora_linear(
-                &x2,
-                &self.base.ws,
-                bias,
-                &self.lora_a,
-                &self.lora_b,
-                self.scaling,
-            )?;
+            // without autograd (inference), the factors' casts are reused until they change
+            let cached = if !super::fused::grad_enabled() && self.lora_a.kind() != x2.kind() {
+                Some(self.cast_factors(x2.kind())?)
+            } else {
+                None
+            };
+            let (a, b) = match &cached {
+                Some((a, b)) => (a, b),
+                None => (&self.lora_a, &self.lora_b),
+            };
+            let y = super::fused::lora_linear(&x2, &self.base.ws, bias, a, b, self.scaling)?;
             return Ok(y.f_reshape(out_shape)?);
         }
         let y = x2.f_linear(&self.base.ws, bias)?;
