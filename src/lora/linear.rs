@@ -205,9 +205,9 @@ pub(crate) fn dora_row_sq(w: &Tensor) -> Result<Tensor> {
 }
 
 /// `‖W + s·BA‖` per row from `‖W_i‖²` (`w_sq`): `‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ`,
-/// without forming the `[out, in]` matrix. On a bf16/f16 CUDA weight, `W Aᵀ` reads `W` once in
-/// its own dtype: A (f32) is split into a half-precision head and tail (`A = A_hi + A_lo` to
-/// about 2⁻¹⁶ relative) and one GEMM against both accumulates in f32.
+/// without forming the `[out, in]` matrix. On a bf16/f16 CUDA weight, `W Aᵀ` reads `W` in its
+/// own dtype rather than an f32 copy: A (f32) is split into a half-precision head and tail
+/// (`A = A_hi + A_lo` to about 2⁻¹⁶ relative) and two GEMMs accumulate in f32.
 pub(crate) fn dora_weight_norm_with(
     w_sq: &Tensor,
     w: &Tensor,
@@ -218,11 +218,10 @@ pub(crate) fn dora_weight_norm_with(
     let kind = compute_kind(w.kind());
     let (a, b) = (a.f_to_kind(kind)?, b.f_to_kind(kind)?);
     let wa = if w.kind() != kind && w.device().is_cuda() {
-        let r = a.size()[0];
+        // five launches: head, tail (the subtraction promotes to f32), its cast, two GEMMs
         let hi = a.f_to_kind(w.kind())?;
-        let lo = a.f_sub(&hi.f_to_kind(kind)?)?.f_to_kind(w.kind())?;
-        let both = w.f_mm_dtype(&Tensor::f_cat(&[&hi, &lo], 0)?.f_tr()?, kind)?;
-        both.f_narrow(1, 0, r)?.f_add(&both.f_narrow(1, r, r)?)?
+        let lo = a.f_sub(&hi)?.f_to_kind(w.kind())?;
+        w.f_mm_dtype(&hi.f_tr()?, kind)?.f_addmm_dtype(w, &lo.f_tr()?, kind)?
     } else {
         w.f_to_kind(kind)?.f_mm(&a.f_tr()?)?
     };
