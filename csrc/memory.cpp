@@ -21,27 +21,16 @@ c10::DeviceAllocator* cuda_allocator() {
 
 extern "C" {
 
-// Peak bytes handed out (`allocated_bytes`, all pools) since the last reset, or -1.
-int64_t tch_peft_cuda_peak_allocated(int device) {
+// Bytes handed out (`allocated_bytes`, all pools): the peak since the last reset when `peak` is
+// non-zero, else the current value; -1 when unavailable.
+int64_t tch_peft_cuda_allocated(int device, int peak) {
   try {
     c10::DeviceAllocator* a = cuda_allocator();
     if (a == nullptr) return -1;
     const auto stats = a->getDeviceStats(static_cast<c10::DeviceIndex>(device));
-    return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)]
-        .peak;
-  } catch (...) {
-    return -1;
-  }
-}
-
-// Bytes handed out now, or -1.
-int64_t tch_peft_cuda_allocated(int device) {
-  try {
-    c10::DeviceAllocator* a = cuda_allocator();
-    if (a == nullptr) return -1;
-    const auto stats = a->getDeviceStats(static_cast<c10::DeviceIndex>(device));
-    return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)]
-        .current;
+    const auto& stat =
+        stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+    return peak != 0 ? stat.peak : stat.current;
   } catch (...) {
     return -1;
   }

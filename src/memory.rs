@@ -17,8 +17,7 @@ use tch::Device;
 
 #[cfg(tch_peft_fused)]
 extern "C" {
-    fn tch_peft_cuda_peak_allocated(device: i32) -> i64;
-    fn tch_peft_cuda_allocated(device: i32) -> i64;
+    fn tch_peft_cuda_allocated(device: i32, peak: i32) -> i64;
     fn tch_peft_cuda_reset_peak(device: i32) -> i32;
 }
 
@@ -73,13 +72,7 @@ fn cuda_stat(device: usize, peak: bool) -> Option<u64> {
         return None;
     }
     // SAFETY: plain C functions that catch every C++ exception and return -1 on failure.
-    let v = unsafe {
-        if peak {
-            tch_peft_cuda_peak_allocated(device as i32)
-        } else {
-            tch_peft_cuda_allocated(device as i32)
-        }
-    };
+    let v = unsafe { tch_peft_cuda_allocated(device as i32, i32::from(peak)) };
     u64::try_from(v).ok()
 }
 

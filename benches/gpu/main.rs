@@ -30,6 +30,10 @@
 
 use std::time::Instant;
 
+#[path = "../common/mod.rs"]
+mod common;
+use common::sync;
+
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Reduction, Tensor};
 use tch_peft::lora::{LoraBuilder, LoraConfig, LoraLinear};
@@ -118,12 +122,6 @@ struct Row {
     host_ms: f64,
     peak_gb: f64,
     trainable: i64,
-}
-
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
 }
 
 /// Medians of the step time and of the host (enqueue) time over `steps` after `warmup`.

@@ -23,6 +23,7 @@ mod chart;
 use std::path::{Path, PathBuf};
 
 use tch::Device;
+use tch_peft::adapter::thousands;
 use tch_peft::compare::{
     kotzias_task, run, spam_task, vader_task, wise_ft_curve, Method, RunConfig, RunResult,
     WisePoint,
@@ -71,18 +72,6 @@ fn human(bytes: u64) -> String {
     } else {
         format!("{} kB", bytes.div_ceil(1024))
     }
-}
-
-fn thousands(n: i64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

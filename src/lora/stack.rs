@@ -317,7 +317,10 @@ impl<L: StackLayer> LoraStack<L> {
     /// Merges the named adapters present on this layer, in the given order (already merged ones
     /// are skipped). On failure the ones merged by this call are unmerged again.
     pub(crate) fn merge(&self, names: &[String], safe: bool) -> Result<()> {
-        let mut st = self.lock();
+        Self::merge_locked(&mut self.lock(), names, safe)
+    }
+
+    fn merge_locked(st: &mut StackState<L>, names: &[String], safe: bool) -> Result<()> {
         let before = st.merged.len();
         for name in names {
             if st.merged.contains(name) {
@@ -328,7 +331,7 @@ impl<L: StackLayer> LoraStack<L> {
                 continue;
             };
             if let Err(e) = layer.merge_layer(safe) {
-                Self::unmerge_down_to(&mut st, before)?;
+                Self::unmerge_down_to(st, before)?;
                 return Err(e);
             }
             st.merged.push(name.clone());
@@ -347,28 +350,19 @@ impl<L: StackLayer> LoraStack<L> {
         Ok(())
     }
 
-    /// Unmerges every merged adapter, last merged first, restoring the base bit-exactly.
     /// Merges the named adapters present on this layer (in order, on top of any already merged)
     /// and then drops every adapter of the layer, with the saved pre-merge weights: the base
-    /// keeps the merged values for good. Returns the dropped adapters' tensors.
+    /// keeps the merged values for good. Returns the dropped adapters' tensors. On failure the
+    /// layer is left as it was.
     pub(crate) fn merge_and_unload(&self, names: &[String]) -> Result<Vec<(String, Tensor)>> {
         let mut st = self.lock();
-        for name in names {
-            if st.merged.contains(name) {
-                continue;
-            }
-            let Some(layer) = st.slots.iter().find(|(n, _)| n == name).map(|(_, l)| l.share())
-            else {
-                continue;
-            };
-            layer.merge_layer(false)?;
-            st.merged.push(name.clone());
-        }
+        Self::merge_locked(&mut st, names, false)?;
         st.merged.clear();
         let dropped = st.slots.drain(..).flat_map(|(_, l)| l.named_tensors()).collect();
         Ok(dropped)
     }
 
+    /// Unmerges every merged adapter, last merged first, restoring the base bit-exactly.
     pub(crate) fn unmerge_all(&self) -> Result<()> {
         Self::unmerge_down_to(&mut self.lock(), 0)
     }

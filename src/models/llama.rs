@@ -320,15 +320,7 @@ impl Llama {
             });
         }
         let (b, s) = (size[0], size[1]);
-        if let Some(m) = attention_mask {
-            if m.size() != [b, s] {
-                return Err(Error::ShapeMismatch {
-                    name: "attention_mask".into(),
-                    expected: vec![b, s],
-                    actual: m.size(),
-                });
-            }
-        }
+        super::check_mask(attention_mask, b, s)?;
         self.decode(b, s, inputs_embeds.shallow_clone(), attention_mask, train, hook)
     }
 

@@ -20,6 +20,22 @@ pub trait ResidualHook {
     ) -> crate::Result<tch::Tensor>;
 }
 
+/// An attention mask, when given, must be `[batch, seq]`.
+pub(crate) fn check_mask(
+    attention_mask: Option<&tch::Tensor>,
+    b: i64,
+    s: i64,
+) -> crate::Result<()> {
+    match attention_mask {
+        Some(m) if m.size() != [b, s] => Err(crate::Error::ShapeMismatch {
+            name: "attention_mask".into(),
+            expected: vec![b, s],
+            actual: m.size(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Checks `input_ids` (`[batch, seq]`, int64) and `attention_mask` (`[batch, seq]`) and embeds
 /// the ids with `table`; returns `(batch, seq, embeddings)`. An id outside `[0, vocab)` is an
 /// error: checked up front on CUDA (where the lookup would be a fatal device assert), caught
@@ -40,15 +56,7 @@ pub(crate) fn embed_checked(
         });
     }
     let (b, s) = (size[0], size[1]);
-    if let Some(m) = attention_mask {
-        if m.size() != [b, s] {
-            return Err(Error::ShapeMismatch {
-                name: "attention_mask".into(),
-                expected: vec![b, s],
-                actual: m.size(),
-            });
-        }
-    }
+    check_mask(attention_mask, b, s)?;
     let device = table.weight().device();
     let bad_ids = || Error::config("input_ids", format!("token ids must lie in [0, {vocab})"));
     let ids = input_ids.to_device(device);
