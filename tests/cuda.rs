@@ -19,9 +19,13 @@ fn cuda() -> Device {
 }
 
 fn layer(kind: Kind, vb: &mut nn::VarStore, va: &nn::VarStore) -> LoraLinear {
+    layer_with(kind, vb, va, false)
+}
+
+fn layer_with(kind: Kind, vb: &mut nn::VarStore, va: &nn::VarStore, dora: bool) -> LoraLinear {
     let base = nn::linear(vb.root() / "proj", 256, 192, Default::default());
     vb.set_kind(kind);
-    let cfg = LoraConfig { r: 16, lora_alpha: 32.0, ..Default::default() };
+    let cfg = LoraConfig { r: 16, lora_alpha: 32.0, use_dora: dora, ..Default::default() };
     let l = LoraLinear::new(base, &(va.root() / "proj"), &cfg).unwrap();
     tch::no_grad(|| {
         let mut b = l.lora_b().shallow_clone();
@@ -33,12 +37,9 @@ fn layer(kind: Kind, vb: &mut nn::VarStore, va: &nn::VarStore) -> LoraLinear {
 fn fwd_bwd(l: &LoraLinear, x: &Tensor, g: &Tensor) -> Vec<Tensor> {
     let x = x.detach().set_requires_grad(true);
     let y = l.forward_t(&x, true);
-    let mut out = Tensor::run_backward(
-        &[(&y * g).sum(Kind::Float)],
-        &[&x, l.lora_a(), l.lora_b()],
-        false,
-        false,
-    );
+    let mut params = vec![&x, l.lora_a(), l.lora_b()];
+    params.extend(l.magnitude());
+    let mut out = Tensor::run_backward(&[(&y * g).sum(Kind::Float)], &params, false, false);
     out.insert(0, y.detach());
     out
 }
@@ -46,10 +47,15 @@ fn fwd_bwd(l: &LoraLinear, x: &Tensor, g: &Tensor) -> Vec<Tensor> {
 #[test]
 fn fused_node_matches_composed_ops_on_cuda_in_f32_and_bf16() {
     let dev = cuda();
-    for (kind, tol) in [(Kind::Float, 1e-4), (Kind::BFloat16, 2e-2)] {
+    for (kind, tol, dora) in [
+        (Kind::Float, 1e-4, false),
+        (Kind::BFloat16, 2e-2, false),
+        (Kind::Float, 1e-4, true),
+        (Kind::BFloat16, 2e-2, true),
+    ] {
         tch::manual_seed(0);
         let (mut vb, va) = (nn::VarStore::new(dev), nn::VarStore::new(dev));
-        let l = layer(kind, &mut vb, &va);
+        let l = layer_with(kind, &mut vb, &va, dora);
         assert_eq!(l.lora_a().device(), dev);
         let x = Tensor::randn([4, 33, 256], (kind, dev));
         let g = Tensor::randn([4, 33, 192], (kind, dev));
@@ -60,10 +66,10 @@ fn fused_node_matches_composed_ops_on_cuda_in_f32_and_bf16() {
         for (i, (f, c)) in fused.iter().zip(&composed).enumerate() {
             assert_eq!(f.device(), dev);
             let rel = max_abs_diff(f, c) / c.abs().max().double_value(&[]);
-            assert!(rel < tol, "{kind:?} output/gradient {i}: relative difference {rel}");
+            assert!(rel < tol, "{kind:?} dora={dora} output/gradient {i}: relative {rel}");
         }
         // and the f32 path against an f64 recomputation on the host
-        if kind == Kind::Float {
+        if kind == Kind::Float && !dora {
             let d = |t: &Tensor| t.to_device(Device::Cpu).to_kind(Kind::Double);
             let expected = d(&x).matmul(&d(&l.base().ws).tr())
                 + d(l.base().bs.as_ref().unwrap())

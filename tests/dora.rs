@@ -194,3 +194,69 @@ fn the_cached_row_norm_follows_in_place_changes_of_the_base_weight() {
     let d = max_abs_diff(&l.forward_t(&x, false), &expected);
     assert!(d < 1e-10, "stale ‖W‖ cache: max |Δ| = {d}");
 }
+
+#[test]
+fn fused_and_composed_nodes_give_every_gradient_of_the_materialised_formula() {
+    tch::manual_seed(6);
+    let (vb, va) = f64_stores();
+    let base = nn::linear(vb.root() / "proj", 12, 10, Default::default());
+    let c = LoraConfig { bias: tch_peft::lora::LoraBias::LoraOnly, ..dora_cfg(3) };
+    let l = LoraLinear::new(base, &(va.root() / "proj"), &c).unwrap();
+    set(l.lora_b(), &(randn(&[10, 3], Kind::Double) * 0.3));
+    set(l.magnitude().unwrap(), &(randn(&[10], Kind::Double).abs() + 0.5));
+    let _ = l.base().ws.set_requires_grad(true); // the user unfroze the base weight
+    let bias = l.named_tensors().into_iter().find(|(n, _)| n.ends_with("bias")).unwrap().1;
+    let x = randn(&[2, 3, 12], Kind::Double).set_requires_grad(true);
+    let g = randn(&[2, 3, 10], Kind::Double);
+    let params = [&x, &l.base().ws, &bias, l.lora_a(), l.lora_b(), l.magnitude().unwrap()];
+    let reference = x.matmul(&materialised_weight(&l).tr()) + &bias;
+    let theirs = Tensor::run_backward(&[(&reference * &g).sum(Kind::Double)], &params, false, false);
+    for fused in [true, false] {
+        l.set_fused(fused);
+        let y = l.forward_t(&x, true);
+        assert!(max_abs_diff(&y, &reference) < 1e-12, "forward fused={fused}");
+        let ours = Tensor::run_backward(&[(&y * &g).sum(Kind::Double)], &params, false, false);
+        for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            // the base weight's gradient: the reference differentiates through the norm's
+            // `W` only where DoRA does (the norm is detached in both)
+            assert!(max_abs_diff(a, b) < 1e-10, "gradient {i} fused={fused}");
+        }
+    }
+}
+
+#[test]
+fn fused_node_on_a_bf16_base_agrees_with_the_composed_ops() {
+    tch::manual_seed(7);
+    let mut vb = nn::VarStore::new(Device::Cpu);
+    let base = nn::linear(vb.root() / "proj", 32, 16, Default::default());
+    vb.bfloat16();
+    let va = nn::VarStore::new(Device::Cpu);
+    let l = LoraLinear::new(base, &(va.root() / "proj"), &dora_cfg(4)).unwrap();
+    set(l.lora_b(), &(randn(&[16, 4], Kind::Float) * 0.1));
+    let x = randn(&[6, 32], Kind::Float).to_kind(Kind::BFloat16);
+    let g = randn(&[6, 16], Kind::Float).to_kind(Kind::BFloat16);
+    let mut res = Vec::new();
+    for fused in [true, false] {
+        l.set_fused(fused);
+        let xg = x.detach().set_requires_grad(true);
+        let y = l.forward_t(&xg, true);
+        assert_eq!(y.kind(), Kind::BFloat16);
+        let params = [&xg, l.lora_a(), l.lora_b(), l.magnitude().unwrap()];
+        let gr = Tensor::run_backward(&[(&y * &g).sum(Kind::Float)], &params, false, false);
+        assert_eq!(gr[0].kind(), Kind::BFloat16);
+        for t in &gr[1..] {
+            assert_eq!(t.kind(), Kind::Float, "factor and magnitude gradients stay f32");
+        }
+        res.push((y, gr));
+    }
+    let rel = |a: &Tensor, b: &Tensor| {
+        let a = a.to_kind(Kind::Double);
+        let b = b.to_kind(Kind::Double);
+        max_abs_diff(&a, &b) / b.abs().max().double_value(&[])
+    };
+    assert!(rel(&res[0].0, &res[1].0) < 2e-2, "forward");
+    for i in 0..4 {
+        let d = rel(&res[0].1[i], &res[1].1[i]);
+        assert!(d < 3e-2, "gradient {i}: relative difference {d}");
+    }
+}

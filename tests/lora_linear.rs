@@ -594,7 +594,10 @@ fn inference_reuses_cast_factors_until_they_change() {
     set(l.lora_a(), &randn(&[4, 32], Kind::Float));
     let second = tch::no_grad(|| l.forward_t(&x, false));
     assert!(max_abs_diff(&second, &first) > 0.5, "stale cast factors");
-    assert!(max_abs_diff(&second, &composed(&l)) < 0.1);
+    // the two paths round in different orders: within a bf16 step of the output's magnitude
+    let tol = second.abs().max().to_kind(Kind::Float).double_value(&[]) / 128.0;
+    let d = max_abs_diff(&second, &composed(&l));
+    assert!(d < tol, "max |Δ| {d} (tolerance {tol})");
     // with autograd on, gradients still reach the f32 factors
     let y = l.forward_t(&x, false);
     let g = Tensor::run_backward(&[y.sum(Kind::Float)], &[l.lora_a()], false, false);

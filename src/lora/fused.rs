@@ -1,4 +1,5 @@
-//! The fused LoRA Linear autograd node (`csrc/lora_linear.cpp`), reached through a small C ABI.
+//! The fused LoRA and DoRA Linear autograd nodes (`csrc/lora_linear.cpp`), reached through a
+//! small C ABI.
 //!
 //! tch cannot define a custom backward pass from Rust, so this one is C++ compiled by `build.rs`
 //! against the same libtorch. Its backward writes the input gradient once,
@@ -21,6 +22,18 @@ extern "C" {
         scaling: f64,
         error: *mut *mut c_char,
     ) -> *mut C_tensor;
+    #[allow(clippy::too_many_arguments)]
+    fn tch_peft_dora_linear(
+        x: *const C_tensor,
+        w: *const C_tensor,
+        bias: *const C_tensor,
+        a: *const C_tensor,
+        b: *const C_tensor,
+        m: *const C_tensor,
+        w_sq: *const C_tensor,
+        scaling: f64,
+        error: *mut *mut c_char,
+    ) -> *mut C_tensor;
     fn tch_peft_free_error(error: *mut c_char);
     fn tch_peft_grad_enabled() -> i32;
 }
@@ -29,6 +42,25 @@ extern "C" {
 pub(crate) fn grad_enabled() -> bool {
     // SAFETY: reads a thread-local flag; cannot fail.
     unsafe { tch_peft_grad_enabled() != 0 }
+}
+
+/// Takes over the handle a C entry point returned, or turns its error message into a `TchError`.
+///
+/// # Safety
+/// `y` is null or a new owned tensor handle; `error` is null or a message from the C++ side,
+/// freed here.
+unsafe fn take_result(y: *mut C_tensor, error: *mut c_char, what: &str) -> Result<Tensor, tch::TchError> {
+    if y.is_null() {
+        let msg = if error.is_null() {
+            format!("{what} failed")
+        } else {
+            let m = CStr::from_ptr(error).to_string_lossy().into_owned();
+            tch_peft_free_error(error);
+            m
+        };
+        return Err(tch::TchError::Torch(msg));
+    }
+    Ok(Tensor::from_ptr(y))
 }
 
 /// `x Wᵀ + bias + s·(x Aᵀ) Bᵀ` for a 2-D `x`, as one autograd node. Shapes, dtypes and devices
@@ -43,8 +75,7 @@ pub(crate) fn lora_linear(
 ) -> Result<Tensor, tch::TchError> {
     let mut error: *mut c_char = std::ptr::null_mut();
     // SAFETY: every pointer is a live tensor handle borrowed for the call (or null for no bias);
-    // the C++ side catches every exception, and on success returns a new owned handle that
-    // `Tensor::from_ptr` takes over.
+    // the C++ side catches every exception, and on success returns a new owned handle.
     unsafe {
         let y = tch_peft_lora_linear(
             x.as_ptr(),
@@ -55,16 +86,38 @@ pub(crate) fn lora_linear(
             scaling,
             &mut error,
         );
-        if y.is_null() {
-            let msg = if error.is_null() {
-                "tch_peft_lora_linear failed".to_string()
-            } else {
-                let m = CStr::from_ptr(error).to_string_lossy().into_owned();
-                tch_peft_free_error(error);
-                m
-            };
-            return Err(tch::TchError::Torch(msg));
-        }
-        Ok(Tensor::from_ptr(y))
+        take_result(y, error, "tch_peft_lora_linear")
+    }
+}
+
+/// DoRA's `m/‖W + s·BA‖_row ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias` for a 2-D `x`, as one autograd node
+/// (the norm detached, as in PEFT). `w_sq` is `‖W_i‖²` per row in the compute kind (f32, f64 for
+/// an f64 base). Inputs must have been checked by the caller.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    m: &Tensor,
+    w_sq: &Tensor,
+    scaling: f64,
+) -> Result<Tensor, tch::TchError> {
+    let mut error: *mut c_char = std::ptr::null_mut();
+    // SAFETY: as in `lora_linear`.
+    unsafe {
+        let y = tch_peft_dora_linear(
+            x.as_ptr(),
+            w.as_ptr(),
+            bias.map_or(std::ptr::null(), Tensor::as_ptr),
+            a.as_ptr(),
+            b.as_ptr(),
+            m.as_ptr(),
+            w_sq.as_ptr(),
+            scaling,
+            &mut error,
+        );
+        take_result(y, error, "tch_peft_dora_linear")
     }
 }

@@ -583,9 +583,9 @@ impl LoraLinear {
     }
 
     /// Chooses between the fused autograd node (the default, when
-    /// [`fused_kernel_available`]) and composed tch ops for the unmerged training forward. Both
-    /// compute the same values and gradients; the switch is for benchmarking and testing. Eval
-    /// (`train = false`) and dropout in training always take the composed path.
+    /// [`fused_kernel_available`]; LoRA and DoRA) and composed tch ops for the unmerged
+    /// forward. Both compute the same values and gradients; the switch is for benchmarking and
+    /// testing. Dropout in training and `lora_bias` always take the composed path.
     pub fn set_fused(&self, fused: bool) {
         self.state.fused.store(fused, Ordering::Relaxed);
     }
@@ -621,20 +621,24 @@ impl LoraLinear {
     /// DoRA's `‖W + s·BA‖` per row of the current base weight, with `‖W_i‖²` cached while the
     /// weight is unchanged (frozen bases: computed once). No gradient.
     fn dora_norm(&self) -> Result<Tensor> {
+        let w_sq = self.dora_row_sq_cached()?;
+        let w = &self.base.ws;
+        tch::no_grad(|| dora_weight_norm_with(&w_sq, w, &self.lora_a, &self.lora_b, self.scaling))
+    }
+
+    /// `‖W_i‖²` of the current base weight, cached on its storage and version counter.
+    fn dora_row_sq_cached(&self) -> Result<Tensor> {
         let w = &self.base.ws;
         let key = (w.data_ptr() as usize, w.f_internal_version()?);
-        let w_sq = {
-            let mut cache = self.state.row_sq.lock().unwrap_or_else(|e| e.into_inner());
-            match cache.as_ref() {
-                Some((ptr, version, t)) if (*ptr, *version) == key => t.shallow_clone(),
-                _ => {
-                    let t = tch::no_grad(|| dora_row_sq(w))?;
-                    *cache = Some((key.0, key.1, t.shallow_clone()));
-                    t
-                }
+        let mut cache = self.state.row_sq.lock().unwrap_or_else(|e| e.into_inner());
+        match cache.as_ref() {
+            Some((ptr, version, t)) if (*ptr, *version) == key => Ok(t.shallow_clone()),
+            _ => {
+                let t = tch::no_grad(|| dora_row_sq(w))?;
+                *cache = Some((key.0, key.1, t.shallow_clone()));
+                Ok(t)
             }
-        };
-        tch::no_grad(|| dora_weight_norm_with(&w_sq, w, &self.lora_a, &self.lora_b, self.scaling))
+        }
     }
 
     /// The merged weight `W + s·BA` in the base dtype, computed in f32 (f64 for an f64 base).
@@ -816,14 +820,26 @@ impl LoraLinear {
         self.check_base_init()?;
         let x2 = xs.f_reshape([-1, self.in_features])?;
         let dropout = train && self.dropout > 0.0;
+        #[cfg(tch_peft_fused)]
+        let fused =
+            !dropout && self.lora_b_bias.is_none() && self.state.fused.load(Ordering::Relaxed);
         if let Some(m) = &self.magnitude {
+            #[cfg(tch_peft_fused)]
+            if fused {
+                let w_sq = self.dora_row_sq_cached()?;
+                let (w, s) = (&self.base.ws, self.scaling);
+                let y = super::fused::dora_linear(
+                    &x2, w, bias, &self.lora_a, &self.lora_b, m, &w_sq, s,
+                )?;
+                return Ok(y.f_reshape(out_shape)?);
+            }
             let y = self.dora_forward(&x2, m, bias, dropout)?;
             return Ok(y.f_reshape(out_shape)?);
         }
         // The fused node: in training its backward; in eval one kernel fewer than the composed
         // ops (the scaling rides on the accumulating GEMM).
         #[cfg(tch_peft_fused)]
-        if !dropout && self.lora_b_bias.is_none() && self.state.fused.load(Ordering::Relaxed) {
+        if fused {
             // without autograd (inference), the factors' casts are reused until they change
             let cached = if !super::fused::grad_enabled() && self.lora_a.kind() != x2.kind() {
                 Some(self.cast_factors(x2.kind())?)
