@@ -6,9 +6,9 @@
 //! `--as-needed` linkers drop it and CUDA silently disappears (`Cuda::is_available() == false`).
 //!
 //! It also compiles `csrc/lora_linear.cpp` (the fused LoRA Linear autograd node),
-//! `csrc/memory.cpp` (the device allocator's peak statistics) and `csrc/optim.cpp` (the fused
-//! multi-tensor AdamW) against the same libtorch
-//! headers, and sets `cfg(tch_peft_fused)` when it did.
+//! `csrc/memory.cpp` (the device allocator's peak statistics), `csrc/optim.cpp` (the fused
+//! multi-tensor AdamW) and `csrc/profiler.cpp` (device-kernel times from libtorch's profiler)
+//! against the same libtorch headers, and sets `cfg(tch_peft_fused)` when it did.
 use std::env;
 use std::path::{Path, PathBuf};
 
@@ -25,6 +25,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/lora_linear.cpp");
     println!("cargo:rerun-if-changed=csrc/memory.cpp");
     println!("cargo:rerun-if-changed=csrc/optim.cpp");
+    println!("cargo:rerun-if-changed=csrc/profiler.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo::rustc-check-cfg=cfg(tch_peft_fused)");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
@@ -49,6 +50,7 @@ fn main() {
             .file("csrc/lora_linear.cpp")
             .file("csrc/memory.cpp")
             .file("csrc/optim.cpp")
+            .file("csrc/profiler.cpp")
             .compile("tch_peft_csrc");
         println!("cargo:rustc-cfg=tch_peft_fused");
     }

@@ -18,6 +18,8 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <tuple>
+
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -114,10 +116,15 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
 // in its own dtype against [A_hi; A_lo] (A split into a half-precision head and tail, f32
 // accumulation), which keeps A's f32 precision.
 //
-// Backward, for g_y: [N, out], with u = x Wᵀ + s·h Bᵀ (saved) and G = diag(g):
-//   dx = g_y · G (W + s·BA)      the scale folded into the [out, in] matrix, not into g_y
-//   dA = s·(g_y (G B))ᵀ x        dB = s·G (g_yᵀ h)        dm = Σ_rows(g_y ⊙ u) / ‖·‖
+// The scale g rides on the weights, not on the [N, out] activations: with W_g = G W and
+// B_g = G B (G = diag(g), [out, in] and [out, r]), y = x W_gᵀ + s·h B_gᵀ + bias is the LoRA
+// forward on scaled weights (no pass over the output), and W_g is saved for the backward:
+//   dx = g_y (W_g + s·B_g A)     dA = s·(g_y B_g)ᵀ x     dB = s·G (g_yᵀ h)
+//   dm = Σ_rows(g_y ⊙ u)/‖·‖ with u = (y − bias)/g, i.e. Σ_rows(g_y ⊙ (y − bias)) / m
 //   db = Σ_rows g_y              dW = G (g_yᵀ x)           (only when they require grad)
+// The output y is saved (not u): modifying it in place before the backward is an autograd
+// error. A magnitude entry that is exactly 0 gets a zero gradient here (its column of u is not
+// recoverable from y); the composed path (`set_fused(false)`) gives Σ_rows(g_y ⊙ u)/‖·‖.
 struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> {
   static at::Tensor forward(AutogradContext* ctx, at::Tensor x, at::Tensor w, at::Tensor bias,
                             bool has_bias, at::Tensor a, at::Tensor b, at::Tensor m,
@@ -125,29 +132,45 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
     const auto kind = x.scalar_type();
     const auto ck = w_sq.scalar_type();  // f32 (f64 for an f64 base)
     const int64_t r = a.size(0);
-    const at::Tensor ac = a.to(kind);
-    const at::Tensor bc = b.to(kind);
+    const int64_t out = w.size(0);
     const at::Tensor a32 = a.to(ck);
     const at::Tensor b32 = b.to(ck);
-    // 2s·W Aᵀ + s²·B (A Aᵀ): [out, r]
-    at::Tensor cross;
+    // Launches are what this node costs on the host (the step is launch-bound around it), so
+    // casts ride on the ops that need them: `*_out` into a tensor of the base dtype computes in
+    // the promoted type and rounds once.
+    at::Tensor ac;
+    at::Tensor cross;  // 2s·W Aᵀ + s²·B (A Aᵀ): [out, r]
     if (w.is_cuda() && kind != ck) {
-      const at::Tensor lo = at::sub(a32, ac.to(ck)).to(kind);
-      const at::Tensor wa2 = at::mm(w, at::cat({ac, lo}).t(), ck);  // [out, 2r]
+      // [A_hi; A_lo] in the base dtype: A_hi = A rounded, A_lo = A − A_hi rounded
+      const at::Tensor split = at::empty({2 * r, a.size(1)}, x.options());
+      ac = split.narrow(0, 0, r);
+      ac.copy_(a);
+      at::Tensor lo = split.narrow(0, r, r);
+      at::sub_out(lo, a32, ac);
+      const at::Tensor wa2 = at::mm(w, split.t(), ck);  // [out, 2r]
       cross = at::addmm(wa2.narrow(1, 0, r), b32, at::mm(a32, a32.t()), 2 * s, s * s);
       cross.add_(wa2.narrow(1, r, r), 2 * s);
     } else {
-      const at::Tensor wa = at::mm(w.to(ck), a32.t());
-      cross = at::addmm(wa, b32, at::mm(a32, a32.t()), 2 * s, s * s);
+      ac = a.to(kind);
+      cross = at::addmm(at::mm(w.to(ck), a32.t()), b32, at::mm(a32, a32.t()), 2 * s, s * s);
     }
-    // rounding can take an exactly-zero row slightly negative
-    const at::Tensor norm = at::sum(at::mul(b32, cross), {1}).add_(w_sq).clamp_min_(0).sqrt_();
-    const at::Tensor g = at::div(m.to(ck), norm);
-    const at::Tensor gk = g.to(kind);
+    // ‖·‖² = ‖W_i‖² + B_i · cross_i, one batched product; then 1/‖·‖ (rounding can take an
+    // exactly-zero row slightly negative)
+    const at::Tensor inv_norm =
+        at::baddbmm(w_sq.view({out, 1, 1}), b32.view({out, 1, r}), cross.view({out, r, 1}))
+            .view({out})
+            .clamp_min_(0)
+            .rsqrt_();
+    const at::Tensor g = at::mul(m.to(ck), inv_norm).unsqueeze(1);  // [out, 1]
+    at::Tensor w_g = at::empty_like(w);
+    at::mul_out(w_g, w, g);
+    at::Tensor b_g = at::empty({out, r}, x.options());
+    at::mul_out(b_g, b32, g);
     const at::Tensor h = at::mm(x, ac.t());
-    const at::Tensor u = low_rank_then_base(x, w, nullptr, h, bc, s);
-    at::Tensor y = has_bias ? at::addcmul(bias, u, gk) : at::mul(u, gk);
-    ctx->save_for_backward({x, w, ac, bc, h, u, g, norm});
+    at::Tensor y = low_rank_then_base(x, w_g, has_bias ? &bias : nullptr, h, b_g, s);
+    // 1/m, 0 where m is 0 (see above)
+    const at::Tensor inv_m = at::reciprocal(m.to(ck)).nan_to_num_(0.0, 0.0, 0.0);
+    ctx->save_for_backward({x, w_g, ac, b_g, h, y, g, inv_m, has_bias ? bias : at::Tensor()});
     ctx->saved_data["scaling"] = s;
     ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["a_kind"] = static_cast<int64_t>(a.scalar_type());
@@ -159,13 +182,14 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
-    const at::Tensor& w = saved[1];
+    const at::Tensor& w_g = saved[1];
     const at::Tensor& ac = saved[2];
-    const at::Tensor& bc = saved[3];
+    const at::Tensor& b_g = saved[3];
     const at::Tensor& h = saved[4];
-    const at::Tensor& u = saved[5];
-    const at::Tensor& g = saved[6];
-    const at::Tensor& norm = saved[7];
+    const at::Tensor& y = saved[5];
+    const at::Tensor& g = saved[6];  // [out, 1], compute kind
+    const at::Tensor& inv_m = saved[7];
+    const at::Tensor& bias = saved[8];
     const double s = ctx->saved_data["scaling"].toDouble();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const auto a_kind = static_cast<at::ScalarType>(ctx->saved_data["a_kind"].toInt());
@@ -175,35 +199,46 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
     const auto kind = gy.scalar_type();
     const auto ck = g.scalar_type();
     const bool wide = gy.is_cuda() && (kind == at::kBFloat16 || kind == at::kHalf);
-    const at::Tensor gcol = g.unsqueeze(1);  // [out, 1]
-    const at::Tensor gk = gcol.to(kind);
 
     // inputs: x 0, w 1, bias 2, a 3, b 4, m 5, w_sq 6 (tensors only, as needs_input_grad counts)
     at::Tensor dx, dw, db, da, dbm, dm;
     if (ctx->needs_input_grad(0)) {
-      // G (W + s·BA): [out, in]
-      const at::Tensor w_eff = at::addmm(w, bc, ac, /*beta=*/1, /*alpha=*/s).mul_(gk);
-      dx = at::mm(gy, w_eff);
+      dx = at::mm(gy, at::addmm(w_g, b_g, ac, /*beta=*/1, /*alpha=*/s));
     }
     if (ctx->needs_input_grad(1)) {
-      dw = at::mm(gy.t(), x).mul_(gk);
+      dw = at::mm(gy.t(), x).mul_(g.to(kind));
     }
-    if (has_bias && ctx->needs_input_grad(2)) {
-      db = gy.sum(0);
+    const bool want_db = has_bias && ctx->needs_input_grad(2);
+    if (ctx->needs_input_grad(5) && gy.is_cuda() && gy.dim() == 2) {
+      // dm = Σ_rows(g_y ⊙ (y − bias))/m (and db = Σ_rows g_y) in one pass over g_y and y: the
+      // CUDA batch-norm backward reduction with mean = bias and invstd = 1/m is exactly this,
+      // in f32 (an f32 `weight` selects its mixed-precision kernel; its value is not used)
+      const at::Tensor mean = has_bias ? bias.to(ck) : at::zeros_like(inv_m);
+      auto reduced = at::batch_norm_backward_reduce(gy, y, mean, inv_m, inv_m,
+                                                    /*input_g=*/false, /*weight_g=*/true, want_db);
+      dm = std::get<2>(reduced).to(m_kind);
+      if (want_db) {
+        db = std::get<3>(reduced).to(kind);
+      }
+    } else {
+      if (want_db) {
+        db = gy.sum(0);
+      }
+      if (ctx->needs_input_grad(5)) {
+        const at::Tensor centred = has_bias ? at::sub(y, bias) : y;
+        dm = at::sum(at::mul(gy, centred), {0}, /*keepdim=*/false, ck).mul_(inv_m).to(m_kind);
+      }
     }
     if (ctx->needs_input_grad(3)) {
       const at::Tensor gb =
-          at::addmm(at::empty({1}, gy.options()), gy, at::mul(bc, gk), /*beta=*/0, /*alpha=*/s);
+          at::addmm(at::empty({1}, gy.options()), gy, b_g, /*beta=*/0, /*alpha=*/s);
       da = wide && a_kind == at::kFloat ? at::mm(gb.t(), x, at::kFloat)
                                         : at::mm(gb.t(), x).to(a_kind);
     }
     if (ctx->needs_input_grad(4)) {
       const at::Tensor gth =
           wide && b_kind == at::kFloat ? at::mm(gy.t(), h, at::kFloat) : at::mm(gy.t(), h);
-      dbm = gth.to(ck).mul_(gcol).mul_(s).to(b_kind);
-    }
-    if (ctx->needs_input_grad(5)) {
-      dm = at::sum(at::mul(gy, u), {0}, /*keepdim=*/false, ck).div_(norm).to(m_kind);
+      dbm = gth.to(ck).mul_(g).mul_(s).to(b_kind);
     }
     return {dx, dw, db, at::Tensor(), da, dbm, dm, at::Tensor(), at::Tensor()};
   }

@@ -15,6 +15,7 @@ pub mod memory;
 pub mod merge;
 pub mod models;
 pub mod optim;
+pub mod profiler;
 pub mod reft;
 pub mod target;
 

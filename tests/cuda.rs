@@ -11,7 +11,8 @@ mod common;
 use common::*;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
-use tch_peft::lora::{LoraBuilder, LoraConfig, LoraLinear};
+use tch_peft::lora::{LoraBias, LoraBuilder, LoraConfig, LoraLinear};
+use tch_peft::Adapter;
 
 fn cuda() -> Device {
     assert!(tch::Cuda::is_available(), "the cuda-tests feature needs a CUDA device");
@@ -25,7 +26,9 @@ fn layer(kind: Kind, vb: &mut nn::VarStore, va: &nn::VarStore) -> LoraLinear {
 fn layer_with(kind: Kind, vb: &mut nn::VarStore, va: &nn::VarStore, dora: bool) -> LoraLinear {
     let base = nn::linear(vb.root() / "proj", 256, 192, Default::default());
     vb.set_kind(kind);
-    let cfg = LoraConfig { r: 16, lora_alpha: 32.0, use_dora: dora, ..Default::default() };
+    // DoRA also trains a copy of the bias (its gradient comes from the fused reduction)
+    let bias = if dora { LoraBias::LoraOnly } else { LoraBias::None };
+    let cfg = LoraConfig { r: 16, lora_alpha: 32.0, use_dora: dora, bias, ..Default::default() };
     let l = LoraLinear::new(base, &(va.root() / "proj"), &cfg).unwrap();
     tch::no_grad(|| {
         let mut b = l.lora_b().shallow_clone();
@@ -37,8 +40,9 @@ fn layer_with(kind: Kind, vb: &mut nn::VarStore, va: &nn::VarStore, dora: bool) 
 fn fwd_bwd(l: &LoraLinear, x: &Tensor, g: &Tensor) -> Vec<Tensor> {
     let x = x.detach().set_requires_grad(true);
     let y = l.forward_t(&x, true);
-    let mut params = vec![&x, l.lora_a(), l.lora_b()];
-    params.extend(l.magnitude());
+    // x, then A, B, the trained bias copy and the magnitude where present
+    let trained: Vec<Tensor> = l.named_tensors().into_iter().map(|(_, t)| t).collect();
+    let params: Vec<&Tensor> = std::iter::once(&x).chain(&trained).collect();
     let mut out = Tensor::run_backward(&[(&y * g).sum(Kind::Float)], &params, false, false);
     out.insert(0, y.detach());
     out

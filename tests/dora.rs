@@ -260,3 +260,28 @@ fn fused_node_on_a_bf16_base_agrees_with_the_composed_ops() {
         assert!(d < 3e-2, "gradient {i}: relative difference {d}");
     }
 }
+
+#[test]
+fn fused_node_gives_a_zero_magnitude_entry_a_zero_gradient_and_the_rest_exactly() {
+    // documented: the fused node recovers x·Wᵀ + s·hBᵀ from the output, impossible where m is 0
+    tch::manual_seed(8);
+    let (vb, va) = f64_stores();
+    let l = f64_dora(&vb, &va);
+    let m = randn(&[10], Kind::Double).abs() + 0.5;
+    let _ = m.get(3).fill_(0.0);
+    set(l.magnitude().unwrap(), &m);
+    let x = randn(&[6, 12], Kind::Double);
+    let g = randn(&[6, 10], Kind::Double);
+    let mut dm = Vec::new();
+    for fused in [true, false] {
+        l.set_fused(fused);
+        let y = l.forward_t(&x, true);
+        let loss = (&y * &g).sum(Kind::Double);
+        dm.push(Tensor::run_backward(&[loss], &[l.magnitude().unwrap()], false, false).remove(0));
+    }
+    assert_eq!(dm[0].double_value(&[3]), 0.0);
+    assert!(dm[1].double_value(&[3]).abs() > 1e-6, "the composed path's true gradient");
+    let (f, c) = (dm[0].index_select(0, &Tensor::from_slice(&[0i64, 1, 2, 4, 5, 6, 7, 8, 9])),
+                  dm[1].index_select(0, &Tensor::from_slice(&[0i64, 1, 2, 4, 5, 6, 7, 8, 9])));
+    assert!(max_abs_diff(&f, &c) < 1e-10);
+}

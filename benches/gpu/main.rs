@@ -5,6 +5,9 @@
 //! scripts/with-torch cargo bench --bench gpu --no-run     # build here, run where the GPU is:
 //! target/release/deps/gpu-<hash> --bench [--only linear,train,infer] [--variants none,lora,dora,loreft,full]
 //!     [--steps 20] [--warmup 5] [--layers 16] [--batch 8] [--seq 1024] [--json FILE]
+//!     [--phases] [--profile] [--optimizer fused|libtorch]
+//! (`--profile`: the GPU's kernel time per step and the top kernels, `TCH_PEFT_PROFILE_TOP=N` of
+//! them, 14 by default)
 //! python3 benches/gpu/peft_side.py   [the same flags]
 //! ```
 //!
@@ -53,6 +56,8 @@ struct Args {
     optimizer: String,
     /// Also time forward+loss, backward and the optimizer apart (synchronised between).
     phases: bool,
+    /// Also profile a few steps: the GPU's summed kernel time per step and the top kernels.
+    profile: bool,
 }
 
 fn parse_args() -> Args {
@@ -67,6 +72,7 @@ fn parse_args() -> Args {
         json: None,
         optimizer: "fused".into(),
         phases: false,
+        profile: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -87,6 +93,7 @@ fn parse_args() -> Args {
             "--json" => a.json = it.next(),
             "--optimizer" => a.optimizer = it.next().unwrap_or_default(),
             "--phases" => a.phases = true,
+            "--profile" => a.profile = true,
             _ => {} // cargo's and criterion's own flags (--bench, filters)
         }
     }
@@ -143,6 +150,32 @@ fn time_steps(device: Device, warmup: usize, steps: usize, mut f: impl FnMut()) 
         v[v.len() / 2]
     };
     (median(total), median(host))
+}
+
+/// Profiles `steps` synchronised runs of `f` and prints the device's busy time per step against
+/// the wall time, and the kernels that cost most.
+fn profile_steps(label: &str, device: Device, steps: usize, mut f: impl FnMut()) {
+    sync(device);
+    let start = Instant::now();
+    let (_, p) = tch_peft::profiler::profile_device(|| {
+        for _ in 0..steps {
+            f();
+        }
+        sync(device);
+    })
+    .expect("profiler");
+    let per = |d: std::time::Duration| d.as_secs_f64() * 1e3 / steps as f64;
+    println!(
+        "profile {label}: wall {:.2} ms/step (profiled), GPU busy {:.2} ms/step, {} launches/step",
+        start.elapsed().as_secs_f64() * 1e3 / steps as f64,
+        per(p.busy()),
+        p.launches() / steps as u64
+    );
+    let shown = std::env::var("TCH_PEFT_PROFILE_TOP").ok().and_then(|v| v.parse().ok());
+    for k in p.kernels.iter().take(shown.unwrap_or(14)) {
+        let name: String = k.name.chars().take(110).collect();
+        println!("  {:>8.3} ms {:>6} {}", per(k.total), k.count / steps as u64, name);
+    }
 }
 
 fn peak_gb(device: Device) -> f64 {
@@ -358,6 +391,9 @@ fn train_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
                 med(&mut t[2])
             );
         }
+        if args.profile {
+            profile_steps(&format!("train {variant}"), device, 3, || step(&mut |_: usize| {}));
+        }
         rows.push(Row {
             workload: format!("train llama-1B b{b} s{s} L{}", cfg.num_hidden_layers),
             variant: if variant == "none" {
@@ -397,9 +433,13 @@ fn infer_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
                 _ => {}
             }
         }
-        let (step_ms, host_ms) = time_steps(device, args.warmup, args.steps, || {
+        let mut forward = || {
             let _ = tch::no_grad(|| model.forward_t(&ids, None, false).expect("forward"));
-        });
+        };
+        let (step_ms, host_ms) = time_steps(device, args.warmup, args.steps, &mut forward);
+        if args.profile {
+            profile_steps(&format!("infer {variant}"), device, 3, &mut forward);
+        }
         rows.push(Row {
             workload: format!("infer llama-1B b{b} s{s} L{}", cfg.num_hidden_layers),
             variant: variant.into(),
