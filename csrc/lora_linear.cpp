@@ -18,7 +18,9 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include <cstdlib>
 #include <cstring>
@@ -244,6 +246,149 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
   }
 };
 
+// Several LoRA Linear layers on one input (q/k/v of an attention block, gate/up of an MLP), as
+// one autograd node with one output per layer:
+//
+//   y_i = x W_iᵀ + b_i + s_i·(x A_iᵀ) B_iᵀ
+//
+// What sharing the input saves: forward, one GEMM x·[A_1; …; A_n]ᵀ reads x once for every
+// branch; backward, one GEMM [g_1 B_1 s_1 | …]ᵀ·x reads it once for every A gradient, and the
+// input gradients accumulate inside the GEMMs (dx = g_1 W'_1, then beta = 1 for the others)
+// instead of in separate additions. Outputs nobody used get an undefined gradient and are
+// skipped.
+struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
+  // `biases` holds the defined biases only; `bias_of[i]` is layer i's index there or -1.
+  static variable_list forward(AutogradContext* ctx, at::Tensor x, at::TensorList ws,
+                               at::TensorList as, at::TensorList bs, at::TensorList biases,
+                               std::vector<int64_t> bias_of, std::vector<double> scalings) {
+    // outputs nobody used keep an undefined gradient (skipped below) instead of zeros
+    ctx->set_materialize_grads(false);
+    const auto kind = x.scalar_type();
+    const size_t n = ws.size();
+    std::vector<int64_t> offsets(n + 1, 0);
+    for (size_t i = 0; i < n; ++i) {
+      offsets[i + 1] = offsets[i] + as[i].size(0);
+    }
+    const at::Tensor a_all = at::cat(as).to(kind);  // [R, in]
+    const at::Tensor h_all = at::mm(x, a_all.t());  // [N, R]
+    variable_list ys;
+    std::vector<at::Tensor> to_save{x, a_all, h_all};
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor bc = bs[i].to(kind);
+      const at::Tensor h = h_all.narrow(1, offsets[i], offsets[i + 1] - offsets[i]);
+      const at::Tensor* bias = bias_of[i] >= 0 ? &biases[bias_of[i]] : nullptr;
+      ys.push_back(low_rank_then_base(x, ws[i], bias, h, bc, scalings[i]));
+      to_save.push_back(ws[i]);
+      to_save.push_back(bc);
+    }
+    ctx->save_for_backward(to_save);
+    ctx->saved_data["offsets"] = offsets;
+    ctx->saved_data["bias_of"] = bias_of;
+    ctx->saved_data["scalings"] = scalings;
+    std::vector<int64_t> a_kinds, b_kinds;
+    for (size_t i = 0; i < n; ++i) {
+      a_kinds.push_back(static_cast<int64_t>(as[i].scalar_type()));
+      b_kinds.push_back(static_cast<int64_t>(bs[i].scalar_type()));
+    }
+    ctx->saved_data["a_kinds"] = a_kinds;
+    ctx->saved_data["b_kinds"] = b_kinds;
+    ctx->saved_data["n_biases"] = static_cast<int64_t>(biases.size());
+    return ys;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& a_all = saved[1];
+    const at::Tensor& h_all = saved[2];
+    const auto offsets = ctx->saved_data["offsets"].toIntVector();
+    const auto bias_of = ctx->saved_data["bias_of"].toIntVector();
+    const auto scalings = ctx->saved_data["scalings"].toDoubleVector();
+    const auto a_kinds = ctx->saved_data["a_kinds"].toIntVector();
+    const auto b_kinds = ctx->saved_data["b_kinds"].toIntVector();
+    const int64_t n_biases = ctx->saved_data["n_biases"].toInt();
+    const size_t n = scalings.size();
+    const int64_t big_r = offsets[n];
+    const auto kind = x.scalar_type();
+    const bool wide = x.is_cuda() && (kind == at::kBFloat16 || kind == at::kHalf);
+    // tensor inputs, flattened: x, ws (n), as (n), bs (n), biases
+    const auto w_index = [](size_t i) { return 1 + i; };
+    const auto a_index = [n](size_t i) { return 1 + n + i; };
+    const auto b_index = [n](size_t i) { return 1 + 2 * n + i; };
+    const auto bias_index = [n](int64_t j) { return 1 + 3 * n + static_cast<size_t>(j); };
+
+    at::Tensor dx;
+    std::vector<at::Tensor> dws(n), das(n), dbs(n), dbiases(n_biases);
+    bool any_a = false;
+    for (size_t i = 0; i < n; ++i) {
+      any_a = any_a || ctx->needs_input_grad(a_index(i));
+    }
+    // s_i·g_i B_i side by side: [N, R] (zero where an output got no gradient)
+    const at::Tensor gb_all = any_a ? at::empty({x.size(0), big_r}, x.options()) : at::Tensor();
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t r = offsets[i + 1] - offsets[i];
+      if (!grads[i].defined()) {
+        if (any_a) {
+          gb_all.narrow(1, offsets[i], r).zero_();
+        }
+        continue;
+      }
+      const at::Tensor g = grads[i].contiguous();
+      const at::Tensor& w = saved[3 + 2 * i];
+      const at::Tensor& bc = saved[4 + 2 * i];
+      const at::Tensor ac = a_all.narrow(0, offsets[i], r);
+      const at::Tensor h = h_all.narrow(1, offsets[i], r);
+      const double s = scalings[i];
+      if (ctx->needs_input_grad(0)) {
+        const at::Tensor w_eff = at::addmm(w, bc, ac, /*beta=*/1, /*alpha=*/s);  // W + s·BA
+        if (dx.defined()) {
+          dx.addmm_(g, w_eff);
+        } else {
+          dx = at::mm(g, w_eff);
+        }
+      }
+      if (ctx->needs_input_grad(w_index(i))) {
+        dws[i] = at::mm(g.t(), x);
+      }
+      if (bias_of[i] >= 0 && ctx->needs_input_grad(bias_index(bias_of[i]))) {
+        dbiases[bias_of[i]] = g.sum(0);
+      }
+      if (any_a) {
+        at::Tensor gb = gb_all.narrow(1, offsets[i], r);
+        at::addmm_out(gb, gb, g, bc, /*beta=*/0, /*alpha=*/s);
+      }
+      if (ctx->needs_input_grad(b_index(i))) {
+        const auto b_kind = static_cast<at::ScalarType>(b_kinds[i]);
+        dbs[i] = wide && b_kind == at::kFloat ? at::mm(g.t(), h, at::kFloat).mul_(s)
+                                              : at::mm(g.t(), h).mul_(s).to(b_kind);
+      }
+    }
+    if (any_a) {
+      // every A gradient from one read of x
+      const bool all_f32 = std::all_of(a_kinds.begin(), a_kinds.end(),
+                                       [](int64_t k) { return k == static_cast<int64_t>(at::kFloat); });
+      const at::Tensor da_all =
+          wide && all_f32 ? at::mm(gb_all.t(), x, at::kFloat) : at::mm(gb_all.t(), x);
+      for (size_t i = 0; i < n; ++i) {
+        // an output without gradient leaves its A without one, as separate layers would
+        if (grads[i].defined() && ctx->needs_input_grad(a_index(i))) {
+          const auto a_kind = static_cast<at::ScalarType>(a_kinds[i]);
+          das[i] = da_all.narrow(0, offsets[i], offsets[i + 1] - offsets[i]).to(a_kind);
+        }
+      }
+    }
+    variable_list out{dx};
+    out.insert(out.end(), dws.begin(), dws.end());
+    out.insert(out.end(), das.begin(), das.end());
+    out.insert(out.end(), dbs.begin(), dbs.end());
+    out.insert(out.end(), dbiases.begin(), dbiases.end());
+    out.emplace_back();  // bias_of
+    out.emplace_back();  // scalings
+    return out;
+  }
+};
+
+
 char* copy_message(const char* what) {
   const size_t n = std::strlen(what);
   char* out = static_cast<char*>(std::malloc(n + 1));
@@ -294,6 +439,43 @@ at::Tensor* tch_peft_dora_linear(const at::Tensor* x, const at::Tensor* w, const
     *error = copy_message("unknown C++ exception in tch_peft_dora_linear");
   }
   return nullptr;
+}
+
+// The group node: `n` layers, arrays of `n` handles each; `biases[i]` may be null. On success
+// writes `n` new owned handles to `out` and returns 0; else returns 1 with *error set.
+int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* ws,
+                        const at::Tensor* const* biases, const at::Tensor* const* as,
+                        const at::Tensor* const* bs, const double* scalings, at::Tensor** out,
+                        char** error) {
+  *error = nullptr;
+  try {
+    std::vector<at::Tensor> w_list, a_list, b_list, bias_list;
+    std::vector<int64_t> bias_of;
+    for (size_t i = 0; i < n; ++i) {
+      w_list.push_back(*ws[i]);
+      a_list.push_back(*as[i]);
+      b_list.push_back(*bs[i]);
+      if (biases[i] != nullptr) {
+        bias_of.push_back(static_cast<int64_t>(bias_list.size()));
+        bias_list.push_back(*biases[i]);
+      } else {
+        bias_of.push_back(-1);
+      }
+    }
+    std::vector<double> s(scalings, scalings + n);
+    const auto ys = LoraGroupFunction::apply(*x, at::TensorList(w_list), at::TensorList(a_list),
+                                             at::TensorList(b_list), at::TensorList(bias_list),
+                                             bias_of, s);
+    for (size_t i = 0; i < n; ++i) {
+      out[i] = new at::Tensor(ys[i]);
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    *error = copy_message(e.what());
+  } catch (...) {
+    *error = copy_message("unknown C++ exception in tch_peft_lora_group");
+  }
+  return 1;
 }
 
 void tch_peft_free_error(char* error) { std::free(error); }

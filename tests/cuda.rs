@@ -187,3 +187,50 @@ fn the_comparison_runs_on_cuda_with_allocator_peaks() {
         assert!(peak > 0 && peak < 1 << 30, "{r:?}");
     }
 }
+
+#[test]
+fn shared_input_group_matches_separate_layers_on_cuda() {
+    let dev = cuda();
+    for kind in [Kind::Float, Kind::BFloat16] {
+        tch::manual_seed(5);
+        let (mut vb, va) = (nn::VarStore::new(dev), nn::VarStore::new(dev));
+        let cfg = LoraConfig { r: 16, lora_alpha: 32.0, ..LoraConfig::for_targets(["q", "k", "v"]) };
+        let builder = LoraBuilder::new(&va.root(), cfg).unwrap();
+        let layers: Vec<_> = [("q", 256), ("k", 64), ("v", 64)]
+            .iter()
+            .map(|(n, o)| builder.linear(&(vb.root() / *n), 256, *o, Default::default()).unwrap())
+            .collect();
+        vb.set_kind(kind);
+        let adapter = builder.finish().unwrap();
+        tch::no_grad(|| {
+            for l in adapter.layers() {
+                let _ = l.lora_b().shallow_clone().normal_(0.0, 0.05);
+            }
+        });
+        let trained: Vec<Tensor> =
+            adapter.layers().iter().flat_map(|l| [l.lora_a().shallow_clone(), l.lora_b().shallow_clone()]).collect();
+        let x = Tensor::randn([4, 33, 256], (kind, dev));
+        let gs: Vec<Tensor> =
+            [256, 64, 64].iter().map(|o| Tensor::randn([4, 33, *o], (kind, dev))).collect();
+        let run = |shared: bool| {
+            let xg = x.detach().set_requires_grad(true);
+            let refs: Vec<_> = layers.iter().collect();
+            let ys = if shared {
+                tch_peft::lora::forward_shared(&refs, &xg, true).unwrap()
+            } else {
+                refs.iter().map(|l| l.f_forward_t(&xg, true).unwrap()).collect()
+            };
+            let loss = ys.iter().zip(&gs).map(|(y, g)| (y * g).sum(Kind::Float)).sum::<Tensor>();
+            let params: Vec<&Tensor> = std::iter::once(&xg).chain(&trained).collect();
+            let mut out = Tensor::run_backward(&[loss], &params, false, false);
+            out.extend(ys.into_iter().map(|y| y.detach()));
+            out
+        };
+        let (shared, separate) = (run(true), run(false));
+        let tol = if kind == Kind::Float { 1e-4 } else { 2e-2 };
+        for (i, (s, p)) in shared.iter().zip(&separate).enumerate() {
+            let rel = max_abs_diff(s, p) / p.abs().max().double_value(&[]);
+            assert!(rel < tol, "{kind:?} tensor {i}: relative difference {rel}");
+        }
+    }
+}

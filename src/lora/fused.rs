@@ -34,6 +34,18 @@ extern "C" {
         scaling: f64,
         error: *mut *mut c_char,
     ) -> *mut C_tensor;
+    #[allow(clippy::too_many_arguments)]
+    fn tch_peft_lora_group(
+        x: *const C_tensor,
+        n: usize,
+        ws: *const *const C_tensor,
+        biases: *const *const C_tensor,
+        a_s: *const *const C_tensor,
+        bs: *const *const C_tensor,
+        scalings: *const f64,
+        out: *mut *mut C_tensor,
+        error: *mut *mut c_char,
+    ) -> i32;
     fn tch_peft_free_error(error: *mut c_char);
     fn tch_peft_grad_enabled() -> i32;
 }
@@ -119,5 +131,48 @@ pub(crate) fn dora_linear(
             &mut error,
         );
         take_result(y, error, "tch_peft_dora_linear")
+    }
+}
+
+/// One LoRA layer of a [`lora_group`] call: base weight, optional bias, A, B, scaling.
+pub(crate) struct GroupMember<'a> {
+    pub w: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scaling: f64,
+}
+
+/// `x Wᵢᵀ + bᵢ + sᵢ·(x Aᵢᵀ) Bᵢᵀ` for every member, as one autograd node that reads the shared
+/// 2-D input `x` once for all the `x Aᵢᵀ` and once for all the A gradients, and accumulates the
+/// input gradients inside the GEMMs. Inputs must have been checked by the caller.
+pub(crate) fn lora_group(x: &Tensor, members: &[GroupMember<'_>]) -> Result<Vec<Tensor>, tch::TchError> {
+    let ws: Vec<*const C_tensor> = members.iter().map(|m| m.w.as_ptr()).collect();
+    let biases: Vec<*const C_tensor> =
+        members.iter().map(|m| m.bias.map_or(std::ptr::null(), Tensor::as_ptr)).collect();
+    let a_s: Vec<*const C_tensor> = members.iter().map(|m| m.a.as_ptr()).collect();
+    let bs: Vec<*const C_tensor> = members.iter().map(|m| m.b.as_ptr()).collect();
+    let scalings: Vec<f64> = members.iter().map(|m| m.scaling).collect();
+    let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); members.len()];
+    let mut error: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the arrays hold `members.len()` live handles (or nulls for absent biases) borrowed
+    // for the call; on success the C++ side writes that many new owned handles into `out`.
+    unsafe {
+        let rc = tch_peft_lora_group(
+            x.as_ptr(),
+            members.len(),
+            ws.as_ptr(),
+            biases.as_ptr(),
+            a_s.as_ptr(),
+            bs.as_ptr(),
+            scalings.as_ptr(),
+            out.as_mut_ptr(),
+            &mut error,
+        );
+        if rc != 0 {
+            return Err(take_result(std::ptr::null_mut(), error, "tch_peft_lora_group")
+                .expect_err("a null result is an error"));
+        }
+        Ok(out.into_iter().map(|p| Tensor::from_ptr(p)).collect())
     }
 }

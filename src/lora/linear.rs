@@ -759,6 +759,42 @@ impl LoraLinear {
         check_linear_input(&self.base.ws, &self.module, xs)
     }
 
+    /// When this layer's forward on `xs` would be the fused LoRA node (enabled, unmerged, not
+    /// DoRA, no active dropout, no `lora_bias`, fused on), the bias it would add (cast to the
+    /// input's dtype); `None` when it takes another path. Checks the input first.
+    #[cfg(tch_peft_fused)]
+    pub(crate) fn fused_group_bias(&self, xs: &Tensor, train: bool) -> Result<Option<Option<Tensor>>> {
+        self.check_input(xs)?;
+        let eligible = self.is_enabled()
+            && !self.is_merged()
+            && self.magnitude.is_none()
+            && !(train && self.dropout > 0.0)
+            && self.lora_b_bias.is_none()
+            && self.state.fused.load(Ordering::Relaxed);
+        if !eligible {
+            return Ok(None);
+        }
+        self.check_base_init()?;
+        let bias = match self.effective_bias() {
+            Some(b) if b.kind() != xs.kind() => Some(b.f_to_kind(xs.kind())?),
+            Some(b) => Some(b.shallow_clone()),
+            None => None,
+        };
+        Ok(Some(bias))
+    }
+
+    /// The base weight, A, B and scaling, for the group node.
+    #[cfg(tch_peft_fused)]
+    pub(crate) fn group_member<'a>(&'a self, bias: Option<&'a Tensor>) -> super::fused::GroupMember<'a> {
+        super::fused::GroupMember {
+            w: &self.base.ws,
+            bias,
+            a: &self.lora_a,
+            b: &self.lora_b,
+            scaling: self.scaling,
+        }
+    }
+
     /// The trained copy of the base bias (`bias = "lora_only"`), if any.
     pub(crate) fn trained_bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()

@@ -36,8 +36,8 @@ pub use copy::ModuleCopy;
 pub use embedding::LoraEmbedding;
 pub use linear::{fused_kernel_available, LoraLinear};
 pub use model::{
-    embedding, linear, LoraBuilder, MaybeLoraConv2d, MaybeLoraEmbedding, MaybeLoraLinear,
-    DEFAULT_ADAPTER_NAME,
+    embedding, forward_shared, linear, LoraBuilder, MaybeLoraConv2d, MaybeLoraEmbedding,
+    MaybeLoraLinear, DEFAULT_ADAPTER_NAME,
 };
 pub use stack::LoraStack;
 

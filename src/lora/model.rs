@@ -97,6 +97,69 @@ impl MaybeLoraLinear {
     }
 }
 
+/// The outputs of several linear layers on the same input — `layers[i].f_forward_t(xs, train)`
+/// for each `i`, with the same values and gradients — computed together where that is cheaper:
+/// the layers that would each run the fused LoRA node (one enabled, unmerged, non-DoRA adapter,
+/// no active dropout) run as one node that reads `xs` once for all their `x·Aᵀ` products and
+/// once for all their A gradients, and sums their input gradients inside the GEMMs. The usual
+/// callers are an attention block's q/k/v projections and a gated MLP's gate/up projections.
+///
+/// ```
+/// use tch::{nn, Device, Kind, Tensor};
+/// use tch_peft::lora::{forward_shared, LoraBuilder, LoraConfig};
+///
+/// let (base, adapters) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+/// let builder = LoraBuilder::new(&adapters.root(), LoraConfig::for_targets(["q", "k", "v"]))?;
+/// let lin = |name: &str, o: i64| builder.linear(&(base.root() / name), 16, o, Default::default());
+/// let (q, k, v) = (lin("q", 16)?, lin("k", 8)?, lin("v", 8)?);
+/// let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
+/// let ys = forward_shared(&[&q, &k, &v], &x, true)?;
+/// assert_eq!(ys[1].size(), [2, 5, 8]);
+/// assert!(ys[0].allclose(&q.f_forward_t(&x, true)?, 1e-5, 1e-5, false));
+/// # Ok::<(), tch_peft::Error>(())
+/// ```
+pub fn forward_shared(
+    layers: &[&MaybeLoraLinear],
+    xs: &Tensor,
+    train: bool,
+) -> Result<Vec<Tensor>> {
+    #[cfg(tch_peft_fused)]
+    {
+        // the single fused-path adapter of each layer that has one, with its bias
+        let mut fused: Vec<Option<(LoraLinear, Option<Tensor>)>> = Vec::new();
+        for l in layers {
+            let member = match l.as_stack() {
+                Some(stack) if stack.adapter_names().len() == 1 => {
+                    let layer = stack.first().expect("one adapter");
+                    layer.fused_group_bias(xs, train)?.map(|bias| (layer, bias))
+                }
+                _ => None,
+            };
+            fused.push(member);
+        }
+        if fused.iter().filter(|m| m.is_some()).count() >= 2 {
+            let in_features = *xs.size().last().expect("checked by the layers");
+            let x2 = xs.f_reshape([-1, in_features])?;
+            let members: Vec<_> =
+                fused.iter().flatten().map(|(l, bias)| l.group_member(bias.as_ref())).collect();
+            let mut ys = super::fused::lora_group(&x2, &members)?.into_iter();
+            let mut out = Vec::with_capacity(layers.len());
+            for (l, m) in layers.iter().zip(&fused) {
+                out.push(match m {
+                    Some((layer, _)) => {
+                        let mut shape = xs.size();
+                        *shape.last_mut().expect("non-empty") = layer.out_features();
+                        ys.next().expect("one output per member").f_reshape(shape)?
+                    }
+                    None => l.f_forward_t(xs, train)?,
+                });
+            }
+            return Ok(out);
+        }
+    }
+    layers.iter().map(|l| l.f_forward_t(xs, train)).collect()
+}
+
 impl ModuleT for MaybeLoraLinear {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         match self {

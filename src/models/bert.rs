@@ -208,9 +208,8 @@ impl Bert {
         let hd = c.hidden_size / heads;
         for (i, l) in self.layers.iter().enumerate() {
             let split = |t: Tensor| t.view([b, s, heads, hd]).transpose(1, 2);
-            let q = split(l.query.f_forward_t(&h, train)?);
-            let k = split(l.key.f_forward_t(&h, train)?);
-            let v = split(l.value.f_forward_t(&h, train)?);
+            let qkv = crate::lora::forward_shared(&[&l.query, &l.key, &l.value], &h, train)?;
+            let [q, k, v] = [&qkv[0], &qkv[1], &qkv[2]].map(|t| split(t.shallow_clone()));
             let p = if train { c.attention_probs_dropout_prob } else { 0.0 };
             let ctx = Tensor::f_scaled_dot_product_attention(
                 &q,

@@ -372,9 +372,11 @@ impl Llama {
 
         for (i, l) in self.layers.iter().enumerate() {
             let n = rms_norm(&h, &l.input_layernorm, c.rms_norm_eps);
-            let q = l.q_proj.f_forward_t(&n, train)?.view([b, s, heads, hd]).transpose(1, 2);
-            let k = l.k_proj.f_forward_t(&n, train)?.view([b, s, kv, hd]).transpose(1, 2);
-            let v = l.v_proj.f_forward_t(&n, train)?.view([b, s, kv, hd]).transpose(1, 2);
+            // one node for the three projections of `n` where they are LoRA layers
+            let qkv = lora::forward_shared(&[&l.q_proj, &l.k_proj, &l.v_proj], &n, train)?;
+            let q = qkv[0].view([b, s, heads, hd]).transpose(1, 2);
+            let k = qkv[1].view([b, s, kv, hd]).transpose(1, 2);
+            let v = qkv[2].view([b, s, kv, hd]).transpose(1, 2);
             let (q, k) = (rope(&q), rope(&k));
             let scale = 1.0 / (hd as f64).sqrt();
             let attn = match &mask {
@@ -414,8 +416,8 @@ impl Llama {
             // out of place: `h` is saved for the norm's backward
             h = h.f_add(&l.o_proj.f_forward_t(&attn, train)?)?;
             let m = rms_norm(&h, &l.post_attention_layernorm, c.rms_norm_eps);
-            let gated =
-                l.gate_proj.f_forward_t(&m, train)?.silu() * l.up_proj.f_forward_t(&m, train)?;
+            let gate_up = lora::forward_shared(&[&l.gate_proj, &l.up_proj], &m, train)?;
+            let gated = gate_up[0].silu() * &gate_up[1];
             h = h.f_add(&l.down_proj.f_forward_t(&gated, train)?)?;
             if let Some(hook) = hook {
                 h = hook.after_block(i as i64, &h, train)?;
