@@ -9,8 +9,9 @@
 // the base dtype (autocast-style) once and saved with h = x Aᵀ ([N, r]) for the backward.
 //
 // Backward, for an upstream gradient g: [N, out]:
-//   dx = g (W + s·BA)        one GEMM writing dx once: W + s·BA is formed in [out, in] (cheap)
-//                            instead of g W plus a full-size s·(gB)A plus an accumulation;
+//   dx = g (W + s·BA)        one GEMM against W + s·BA formed in [out, in] (cheap when out is
+//                            small against N) or g W plus one thin accumulate (gB)·A (see
+//                            input_grad), never a separate full-size product and sum;
 //   dA = s · (gB)ᵀ x         dB = s · gᵀ h          db = Σ_rows g (only if b requires grad)
 //   dW = gᵀ x                (only if W requires grad, i.e. the base was not frozen)
 // Gradients for A and B are returned in their own dtype (f32 masters on a bf16 base; on CUDA
@@ -44,6 +45,22 @@ at::Tensor low_rank_then_base(const at::Tensor& x, const at::Tensor& w, const at
                      : at::addmm(at::empty({1}, h.options()), h, bc.t(), /*beta=*/0, /*alpha=*/s);
   y.addmm_(x, w.t());
   return y;
+}
+
+// The input gradient g (W + s·BA) of one layer, given gb = s·g B when already computed: either
+// through the [out, in] matrix W + s·BA (a rewritten copy of the weight, ≈ 4·out·in element
+// moves) or as g W plus one thin accumulate gb·A into dx (≈ 2·N·in more): the cheaper one.
+at::Tensor input_grad(const at::Tensor& g, const at::Tensor& w, const at::Tensor& bc,
+                      const at::Tensor& ac, double s, at::Tensor gb) {
+  if (g.size(0) < 2 * w.size(0)) {
+    if (!gb.defined()) {
+      gb = at::addmm(at::empty({1}, g.options()), g, bc, /*beta=*/0, /*alpha=*/s);
+    }
+    at::Tensor dx = at::mm(g, w);
+    dx.addmm_(gb, ac);
+    return dx;
+  }
+  return at::mm(g, at::addmm(w, bc, ac, /*beta=*/1, /*alpha=*/s));
 }
 
 struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
@@ -84,22 +101,21 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
 
     // needs_input_grad counts tensor inputs only (x, w, bias, a, b); the returned list has one
     // entry per forward argument, undefined for the non-tensor ones.
-    at::Tensor dx, dw, db, da, dbm;
+    at::Tensor dx, dw, db, da, dbm, gb;
+    if (ctx->needs_input_grad(3)) {
+      // s·gB in one GEMM: beta = 0 ignores the (uninitialised) placeholder input
+      gb = at::addmm(at::empty({1}, g.options()), g, bc, /*beta=*/0, /*alpha=*/s);
+      da = wide && a_kind == at::kFloat ? at::mm(gb.t(), x, at::kFloat)
+                                        : at::mm(gb.t(), x).to(a_kind);
+    }
     if (ctx->needs_input_grad(0)) {
-      const at::Tensor w_eff = at::addmm(w, bc, ac, /*beta=*/1, /*alpha=*/s);  // W + s·BA
-      dx = at::mm(g, w_eff);
+      dx = input_grad(g, w, bc, ac, s, gb);
     }
     if (ctx->needs_input_grad(1)) {
       dw = at::mm(g.t(), x);
     }
     if (has_bias && ctx->needs_input_grad(2)) {
       db = g.sum(0);
-    }
-    if (ctx->needs_input_grad(3)) {
-      // s·gB in one GEMM: beta = 0 ignores the (uninitialised) placeholder input
-      const at::Tensor gb = at::addmm(at::empty({1}, g.options()), g, bc, /*beta=*/0, /*alpha=*/s);
-      da = wide && a_kind == at::kFloat ? at::mm(gb.t(), x, at::kFloat)
-                                        : at::mm(gb.t(), x).to(a_kind);
     }
     if (ctx->needs_input_grad(4)) {
       dbm = wide && b_kind == at::kFloat ? at::mm(g.t(), h, at::kFloat).mul_(s)
@@ -164,8 +180,8 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
             .clamp_min_(0)
             .rsqrt_();
     const at::Tensor g = at::mul(m.to(ck), inv_norm).unsqueeze(1);  // [out, 1]
-    at::Tensor w_g = at::empty_like(w);
-    at::mul_out(w_g, w, g);
+    // W_g: g rounded to the base dtype first, so the weight-sized product runs without casts
+    const at::Tensor w_g = at::mul(w, g.to(kind));
     at::Tensor b_g = at::empty({out, r}, x.options());
     at::mul_out(b_g, b32, g);
     const at::Tensor h = at::mm(x, ac.t());
@@ -203,9 +219,14 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
     const bool wide = gy.is_cuda() && (kind == at::kBFloat16 || kind == at::kHalf);
 
     // inputs: x 0, w 1, bias 2, a 3, b 4, m 5, w_sq 6 (tensors only, as needs_input_grad counts)
-    at::Tensor dx, dw, db, da, dbm, dm;
+    at::Tensor dx, dw, db, da, dbm, dm, gb;
+    if (ctx->needs_input_grad(3)) {
+      gb = at::addmm(at::empty({1}, gy.options()), gy, b_g, /*beta=*/0, /*alpha=*/s);
+      da = wide && a_kind == at::kFloat ? at::mm(gb.t(), x, at::kFloat)
+                                        : at::mm(gb.t(), x).to(a_kind);
+    }
     if (ctx->needs_input_grad(0)) {
-      dx = at::mm(gy, at::addmm(w_g, b_g, ac, /*beta=*/1, /*alpha=*/s));
+      dx = input_grad(gy, w_g, b_g, ac, s, gb);  // g_y (W_g + s·B_g A)
     }
     if (ctx->needs_input_grad(1)) {
       dw = at::mm(gy.t(), x).mul_(g.to(kind));
@@ -231,12 +252,6 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
         dm = at::sum(at::mul(gy, centred), {0}, /*keepdim=*/false, ck).mul_(inv_m).to(m_kind);
       }
     }
-    if (ctx->needs_input_grad(3)) {
-      const at::Tensor gb =
-          at::addmm(at::empty({1}, gy.options()), gy, b_g, /*beta=*/0, /*alpha=*/s);
-      da = wide && a_kind == at::kFloat ? at::mm(gb.t(), x, at::kFloat)
-                                        : at::mm(gb.t(), x).to(a_kind);
-    }
     if (ctx->needs_input_grad(4)) {
       const at::Tensor gth =
           wide && b_kind == at::kFloat ? at::mm(gy.t(), h, at::kFloat) : at::mm(gy.t(), h);
@@ -254,7 +269,8 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
 // What sharing the input saves: forward, one GEMM x·[A_1; …; A_n]ᵀ reads x once for every
 // branch; backward, one GEMM [g_1 B_1 s_1 | …]ᵀ·x reads it once for every A gradient, and the
 // input gradients accumulate inside the GEMMs (dx = g_1 W'_1, then beta = 1 for the others)
-// instead of in separate additions. Outputs nobody used get an undefined gradient and are
+// instead of in separate additions; for wide groups the low-rank part of dx is one more GEMM
+// for the whole group instead of a rewritten copy of every weight. Outputs nobody used get an undefined gradient and are
 // skipped.
 struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
   // `biases` holds the defined biases only; `bias_of[i]` is layer i's index there or -1.
@@ -320,15 +336,24 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     at::Tensor dx;
     std::vector<at::Tensor> dws(n), das(n), dbs(n), dbiases(n_biases);
     bool any_a = false;
+    int64_t sum_out = 0;
     for (size_t i = 0; i < n; ++i) {
       any_a = any_a || ctx->needs_input_grad(a_index(i));
+      sum_out += grads[i].defined() ? grads[i].size(1) : 0;
     }
+    // dx = Σ g_i (W_i + s_i·B_i A_i): forming each W_i + s_i·B_i A_i copies and rewrites the
+    // weights (≈ 4·Σ out_i·in element moves), while Σ g_i W_i followed by one thin accumulate of
+    // [s_i·g_i B_i]·[A_i] reads and writes dx once more (≈ 2·N·in): the cheaper one is taken
+    // (wide groups such as gate/up go thin)
+    const bool thin = ctx->needs_input_grad(0) && x.size(0) < 2 * sum_out;
+    const bool need_gb = any_a || thin;
     // s_i·g_i B_i side by side: [N, R] (zero where an output got no gradient)
-    const at::Tensor gb_all = any_a ? at::empty({x.size(0), big_r}, x.options()) : at::Tensor();
+    const at::Tensor gb_all =
+        need_gb ? at::empty({x.size(0), big_r}, x.options()) : at::Tensor();
     for (size_t i = 0; i < n; ++i) {
       const int64_t r = offsets[i + 1] - offsets[i];
       if (!grads[i].defined()) {
-        if (any_a) {
+        if (need_gb) {
           gb_all.narrow(1, offsets[i], r).zero_();
         }
         continue;
@@ -340,7 +365,8 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
       const at::Tensor h = h_all.narrow(1, offsets[i], r);
       const double s = scalings[i];
       if (ctx->needs_input_grad(0)) {
-        const at::Tensor w_eff = at::addmm(w, bc, ac, /*beta=*/1, /*alpha=*/s);  // W + s·BA
+        const at::Tensor w_eff =
+            thin ? w : at::addmm(w, bc, ac, /*beta=*/1, /*alpha=*/s);  // W (+ s·BA)
         if (dx.defined()) {
           dx.addmm_(g, w_eff);
         } else {
@@ -353,7 +379,7 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
       if (bias_of[i] >= 0 && ctx->needs_input_grad(bias_index(bias_of[i]))) {
         dbiases[bias_of[i]] = g.sum(0);
       }
-      if (any_a) {
+      if (need_gb) {
         at::Tensor gb = gb_all.narrow(1, offsets[i], r);
         at::addmm_out(gb, gb, g, bc, /*beta=*/0, /*alpha=*/s);
       }
@@ -362,6 +388,9 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
         dbs[i] = wide && b_kind == at::kFloat ? at::mm(g.t(), h, at::kFloat).mul_(s)
                                               : at::mm(g.t(), h).mul_(s).to(b_kind);
       }
+    }
+    if (thin && dx.defined()) {
+      dx.addmm_(gb_all, a_all);  // + Σ s_i·(g_i B_i) A_i, one GEMM for the group
     }
     if (any_a) {
       // every A gradient from one read of x

@@ -194,7 +194,8 @@ fn shared_input_group_matches_separate_layers_on_cuda() {
     for kind in [Kind::Float, Kind::BFloat16] {
         tch::manual_seed(5);
         let (mut vb, va) = (nn::VarStore::new(dev), nn::VarStore::new(dev));
-        let cfg = LoraConfig { r: 16, lora_alpha: 32.0, ..LoraConfig::for_targets(["q", "k", "v"]) };
+        let cfg =
+            LoraConfig { r: 16, lora_alpha: 32.0, ..LoraConfig::for_targets(["q", "k", "v"]) };
         let builder = LoraBuilder::new(&va.root(), cfg).unwrap();
         let layers: Vec<_> = [("q", 256), ("k", 64), ("v", 64)]
             .iter()
@@ -207,8 +208,11 @@ fn shared_input_group_matches_separate_layers_on_cuda() {
                 let _ = l.lora_b().shallow_clone().normal_(0.0, 0.05);
             }
         });
-        let trained: Vec<Tensor> =
-            adapter.layers().iter().flat_map(|l| [l.lora_a().shallow_clone(), l.lora_b().shallow_clone()]).collect();
+        let trained: Vec<Tensor> = adapter
+            .layers()
+            .iter()
+            .flat_map(|l| [l.lora_a().shallow_clone(), l.lora_b().shallow_clone()])
+            .collect();
         let x = Tensor::randn([4, 33, 256], (kind, dev));
         let gs: Vec<Tensor> =
             [256, 64, 64].iter().map(|o| Tensor::randn([4, 33, *o], (kind, dev))).collect();

@@ -206,20 +206,24 @@ fn fused_and_composed_nodes_give_every_gradient_of_the_materialised_formula() {
     set(l.magnitude().unwrap(), &(randn(&[10], Kind::Double).abs() + 0.5));
     let _ = l.base().ws.set_requires_grad(true); // the user unfroze the base weight
     let bias = l.named_tensors().into_iter().find(|(n, _)| n.ends_with("bias")).unwrap().1;
-    let x = randn(&[2, 3, 12], Kind::Double).set_requires_grad(true);
-    let g = randn(&[2, 3, 10], Kind::Double);
-    let params = [&x, &l.base().ws, &bias, l.lora_a(), l.lora_b(), l.magnitude().unwrap()];
-    let reference = x.matmul(&materialised_weight(&l).tr()) + &bias;
-    let theirs = Tensor::run_backward(&[(&reference * &g).sum(Kind::Double)], &params, false, false);
-    for fused in [true, false] {
-        l.set_fused(fused);
-        let y = l.forward_t(&x, true);
-        assert!(max_abs_diff(&y, &reference) < 1e-12, "forward fused={fused}");
-        let ours = Tensor::run_backward(&[(&y * &g).sum(Kind::Double)], &params, false, false);
-        for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-            // the base weight's gradient: the reference differentiates through the norm's
-            // `W` only where DoRA does (the norm is detached in both)
-            assert!(max_abs_diff(a, b) < 1e-10, "gradient {i} fused={fused}");
+    // 6 tokens: dx as g W_g + (s g B_g) A; 48 tokens (≥ 2 × out): through W_g + s·B_g A
+    for tokens in [3, 24] {
+        let x = randn(&[2, tokens, 12], Kind::Double).set_requires_grad(true);
+        let g = randn(&[2, tokens, 10], Kind::Double);
+        let params = [&x, &l.base().ws, &bias, l.lora_a(), l.lora_b(), l.magnitude().unwrap()];
+        let reference = x.matmul(&materialised_weight(&l).tr()) + &bias;
+        let theirs =
+            Tensor::run_backward(&[(&reference * &g).sum(Kind::Double)], &params, false, false);
+        for fused in [true, false] {
+            l.set_fused(fused);
+            let y = l.forward_t(&x, true);
+            assert!(max_abs_diff(&y, &reference) < 1e-12, "forward fused={fused}");
+            let ours = Tensor::run_backward(&[(&y * &g).sum(Kind::Double)], &params, false, false);
+            for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                // the base weight's gradient: the reference differentiates through the norm's
+                // `W` only where DoRA does (the norm is detached in both)
+                assert!(max_abs_diff(a, b) < 1e-10, "gradient {i} fused={fused}");
+            }
         }
     }
 }
@@ -281,7 +285,9 @@ fn fused_node_gives_a_zero_magnitude_entry_a_zero_gradient_and_the_rest_exactly(
     }
     assert_eq!(dm[0].double_value(&[3]), 0.0);
     assert!(dm[1].double_value(&[3]).abs() > 1e-6, "the composed path's true gradient");
-    let (f, c) = (dm[0].index_select(0, &Tensor::from_slice(&[0i64, 1, 2, 4, 5, 6, 7, 8, 9])),
-                  dm[1].index_select(0, &Tensor::from_slice(&[0i64, 1, 2, 4, 5, 6, 7, 8, 9])));
+    let (f, c) = (
+        dm[0].index_select(0, &Tensor::from_slice(&[0i64, 1, 2, 4, 5, 6, 7, 8, 9])),
+        dm[1].index_select(0, &Tensor::from_slice(&[0i64, 1, 2, 4, 5, 6, 7, 8, 9])),
+    );
     assert!(max_abs_diff(&f, &c) < 1e-10);
 }

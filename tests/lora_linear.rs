@@ -357,21 +357,24 @@ fn fused_and_composed_gradients_equal_the_analytic_gradients() {
     tch::manual_seed(12);
     let (vb, va) = f64_stores();
     let l = f64_layer(&vb, &va, &cfg(3, 6.0));
-    let x = randn(&[2, 4, 12], Kind::Double);
-    let g = randn(&[2, 4, 10], Kind::Double);
-    // dx = g (W + sBA), dA = s (gB)ᵀ x, dB = s gᵀ (x Aᵀ), over the flattened tokens
-    let (w, a, b, s) = (&l.base().ws, l.lora_a(), l.lora_b(), l.scaling());
-    let (x2, g2) = (x.reshape([-1, 12]), g.reshape([-1, 10]));
-    let dx = g2.matmul(&(w + b.matmul(a) * s)).reshape([2, 4, 12]);
-    let da = g2.matmul(b).tr().matmul(&x2) * s;
-    let db = g2.tr().matmul(&x2.matmul(&a.tr())) * s;
-    for fused in [true, false] {
-        l.set_fused(fused);
-        let (y, gx, ga, gb) = grads(&l, &x, &g);
-        assert!(max_abs_diff(&y, &reference(&x, &l)) < 1e-12, "fused={fused}");
-        assert!(max_abs_diff(&gx, &dx) < 1e-12, "dx fused={fused}");
-        assert!(max_abs_diff(&ga, &da) < 1e-12, "dA fused={fused}");
-        assert!(max_abs_diff(&gb, &db) < 1e-12, "dB fused={fused}");
+    // 8 tokens: dx as g W + (s gB) A; 48 tokens (≥ 2 × out): dx through W + s·BA
+    for tokens in [4, 24] {
+        let x = randn(&[2, tokens, 12], Kind::Double);
+        let g = randn(&[2, tokens, 10], Kind::Double);
+        // dx = g (W + sBA), dA = s (gB)ᵀ x, dB = s gᵀ (x Aᵀ), over the flattened tokens
+        let (w, a, b, s) = (&l.base().ws, l.lora_a(), l.lora_b(), l.scaling());
+        let (x2, g2) = (x.reshape([-1, 12]), g.reshape([-1, 10]));
+        let dx = g2.matmul(&(w + b.matmul(a) * s)).reshape([2, tokens, 12]);
+        let da = g2.matmul(b).tr().matmul(&x2) * s;
+        let db = g2.tr().matmul(&x2.matmul(&a.tr())) * s;
+        for fused in [true, false] {
+            l.set_fused(fused);
+            let (y, gx, ga, gb) = grads(&l, &x, &g);
+            assert!(max_abs_diff(&y, &reference(&x, &l)) < 1e-12, "fused={fused}");
+            assert!(max_abs_diff(&gx, &dx) < 1e-12, "dx fused={fused}");
+            assert!(max_abs_diff(&ga, &da) < 1e-12, "dA fused={fused}");
+            assert!(max_abs_diff(&gb, &db) < 1e-12, "dB fused={fused}");
+        }
     }
     assert_eq!(tch_peft::lora::fused_kernel_available(), cfg!(target_os = "linux"));
 }

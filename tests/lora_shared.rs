@@ -87,8 +87,11 @@ fn outputs_and_grads(
 fn shared_forward_equals_each_layers_forward_with_every_gradient() {
     tch::manual_seed(0);
     let b = block(Kind::Double, 0.0);
-    let x = randn(&[2, 7, 12], Kind::Double);
-    for used in [vec![0, 1, 2, 3, 4], vec![0, 2, 4]] {
+    // 14 tokens: the input gradient's low-rank part as one thin GEMM (few tokens against the
+    // summed output width); 128 tokens: through W + s·BA per layer
+    for (x, used) in [[2, 7, 12], [8, 16, 12]].iter().flat_map(|shape| {
+        [vec![0, 1, 2, 3, 4], vec![0, 2, 4]].map(|u| (randn(shape, Kind::Double), u))
+    }) {
         let (ys, gs) = outputs_and_grads(&b, &x, true, &used, true);
         let (ys0, gs0) = outputs_and_grads(&b, &x, false, &used, true);
         for (i, (y, y0)) in ys.iter().zip(&ys0).enumerate() {
@@ -156,8 +159,14 @@ fn a_wrong_input_is_a_typed_error() {
     let err = forward_shared(&refs, &randn(&[3, 12], Kind::Float), true).unwrap_err();
     assert!(matches!(err, tch_peft::Error::DtypeMismatch { .. }), "{err}");
     // and without adapters it is just the layers
-    let plain = lora::linear(&(nn::VarStore::new(Device::Cpu).root() / "p"), 4, 3, Default::default(), None)
-        .unwrap();
+    let plain = lora::linear(
+        &(nn::VarStore::new(Device::Cpu).root() / "p"),
+        4,
+        3,
+        Default::default(),
+        None,
+    )
+    .unwrap();
     let x = randn(&[2, 4], Kind::Float);
     let y = forward_shared(&[&plain, &plain], &x, false).unwrap();
     assert!(max_abs_diff(&y[1], &plain.forward_t(&x, false)) < 1e-12);
