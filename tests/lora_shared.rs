@@ -171,3 +171,28 @@ fn a_wrong_input_is_a_typed_error() {
     let y = forward_shared(&[&plain, &plain], &x, false).unwrap();
     assert!(max_abs_diff(&y[1], &plain.forward_t(&x, false)) < 1e-12);
 }
+
+#[test]
+fn inference_on_a_bf16_base_reuses_cast_factors_until_they_change() {
+    tch::manual_seed(3);
+    let b = block(Kind::BFloat16, 0.0);
+    let refs: Vec<&MaybeLoraLinear> = b.layers.iter().collect();
+    let x = randn(&[16, 12], Kind::Float).to_kind(Kind::BFloat16);
+    let check = || {
+        let shared = tch::no_grad(|| forward_shared(&refs, &x, false).unwrap());
+        for (y, l) in shared.iter().zip(&refs) {
+            let alone = l.f_forward_t(&x, false).unwrap();
+            let d = max_abs_diff(y, &alone);
+            let scale = alone.abs().max().to_kind(Kind::Float).double_value(&[]);
+            assert!(d <= scale / 64.0, "max |Δ| {d} at output scale {scale}");
+        }
+        shared
+    };
+    let first = check();
+    // an in-place change of the factors (an optimizer step, a load) must be seen
+    for t in &b.trained {
+        set(t, &(randn(&t.size(), t.kind()) * 0.5));
+    }
+    let second = check();
+    assert!(max_abs_diff(&first[0], &second[0]) > 1e-2, "stale cast factors");
+}

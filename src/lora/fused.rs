@@ -61,7 +61,11 @@ pub(crate) fn grad_enabled() -> bool {
 /// # Safety
 /// `y` is null or a new owned tensor handle; `error` is null or a message from the C++ side,
 /// freed here.
-unsafe fn take_result(y: *mut C_tensor, error: *mut c_char, what: &str) -> Result<Tensor, tch::TchError> {
+unsafe fn take_result(
+    y: *mut C_tensor,
+    error: *mut c_char,
+    what: &str,
+) -> Result<Tensor, tch::TchError> {
     if y.is_null() {
         let msg = if error.is_null() {
             format!("{what} failed")
@@ -146,7 +150,10 @@ pub(crate) struct GroupMember<'a> {
 /// `x Wᵢᵀ + bᵢ + sᵢ·(x Aᵢᵀ) Bᵢᵀ` for every member, as one autograd node that reads the shared
 /// 2-D input `x` once for all the `x Aᵢᵀ` and once for all the A gradients, and accumulates the
 /// input gradients inside the GEMMs. Inputs must have been checked by the caller.
-pub(crate) fn lora_group(x: &Tensor, members: &[GroupMember<'_>]) -> Result<Vec<Tensor>, tch::TchError> {
+pub(crate) fn lora_group(
+    x: &Tensor,
+    members: &[GroupMember<'_>],
+) -> Result<Vec<Tensor>, tch::TchError> {
     let ws: Vec<*const C_tensor> = members.iter().map(|m| m.w.as_ptr()).collect();
     let biases: Vec<*const C_tensor> =
         members.iter().map(|m| m.bias.map_or(std::ptr::null(), Tensor::as_ptr)).collect();

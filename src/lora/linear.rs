@@ -763,7 +763,11 @@ impl LoraLinear {
     /// DoRA, no active dropout, no `lora_bias`, fused on), the bias it would add (cast to the
     /// input's dtype); `None` when it takes another path. Checks the input first.
     #[cfg(tch_peft_fused)]
-    pub(crate) fn fused_group_bias(&self, xs: &Tensor, train: bool) -> Result<Option<Option<Tensor>>> {
+    pub(crate) fn fused_group_bias(
+        &self,
+        xs: &Tensor,
+        train: bool,
+    ) -> Result<Option<Option<Tensor>>> {
         self.check_input(xs)?;
         let eligible = self.is_enabled()
             && !self.is_merged()
@@ -783,16 +787,26 @@ impl LoraLinear {
         Ok(Some(bias))
     }
 
-    /// The base weight, A, B and scaling, for the group node.
+    /// The base weight, A, B and scaling, for the group node; `factors` replaces A and B (their
+    /// cached casts in inference, see [`LoraLinear::inference_factors`]).
     #[cfg(tch_peft_fused)]
-    pub(crate) fn group_member<'a>(&'a self, bias: Option<&'a Tensor>) -> super::fused::GroupMember<'a> {
-        super::fused::GroupMember {
-            w: &self.base.ws,
-            bias,
-            a: &self.lora_a,
-            b: &self.lora_b,
-            scaling: self.scaling,
+    pub(crate) fn group_member<'a>(
+        &'a self,
+        bias: Option<&'a Tensor>,
+        factors: Option<&'a (Tensor, Tensor)>,
+    ) -> super::fused::GroupMember<'a> {
+        let (a, b) = factors.map_or((&self.lora_a, &self.lora_b), |(a, b)| (a, b));
+        super::fused::GroupMember { w: &self.base.ws, bias, a, b, scaling: self.scaling }
+    }
+
+    /// Without autograd (inference), A and B cast to `kind` and cached until they change; `None`
+    /// when autograd records or no cast is needed.
+    #[cfg(tch_peft_fused)]
+    pub(crate) fn inference_factors(&self, kind: Kind) -> Result<Option<(Tensor, Tensor)>> {
+        if super::fused::grad_enabled() || self.lora_a.kind() == kind {
+            return Ok(None);
         }
+        Ok(Some(self.cast_factors(kind)?))
     }
 
     /// The trained copy of the base bias (`bias = "lora_only"`), if any.
@@ -865,7 +879,14 @@ impl LoraLinear {
                 let w_sq = self.dora_row_sq_cached()?;
                 let (w, s) = (&self.base.ws, self.scaling);
                 let y = super::fused::dora_linear(
-                    &x2, w, bias, &self.lora_a, &self.lora_b, m, &w_sq, s,
+                    &x2,
+                    w,
+                    bias,
+                    &self.lora_a,
+                    &self.lora_b,
+                    m,
+                    &w_sq,
+                    s,
                 )?;
                 return Ok(y.f_reshape(out_shape)?);
             }
@@ -877,11 +898,7 @@ impl LoraLinear {
         #[cfg(tch_peft_fused)]
         if fused {
             // without autograd (inference), the factors' casts are reused until they change
-            let cached = if !super::fused::grad_enabled() && self.lora_a.kind() != x2.kind() {
-                Some(self.cast_factors(x2.kind())?)
-            } else {
-                None
-            };
+            let cached = self.inference_factors(x2.kind())?;
             let (a, b) = match &cached {
                 Some((a, b)) => (a, b),
                 None => (&self.lora_a, &self.lora_b),

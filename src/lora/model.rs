@@ -140,8 +140,18 @@ pub fn forward_shared(
         if fused.iter().filter(|m| m.is_some()).count() >= 2 {
             let in_features = *xs.size().last().expect("checked by the layers");
             let x2 = xs.f_reshape([-1, in_features])?;
-            let members: Vec<_> =
-                fused.iter().flatten().map(|(l, bias)| l.group_member(bias.as_ref())).collect();
+            // inference: the factors' cached casts (no cast kernels)
+            let factors = fused
+                .iter()
+                .flatten()
+                .map(|(l, _)| l.inference_factors(xs.kind()))
+                .collect::<Result<Vec<_>>>()?;
+            let members: Vec<_> = fused
+                .iter()
+                .flatten()
+                .zip(&factors)
+                .map(|((l, bias), f)| l.group_member(bias.as_ref(), f.as_ref()))
+                .collect();
             let mut ys = super::fused::lora_group(&x2, &members)?.into_iter();
             let mut out = Vec::with_capacity(layers.len());
             for (l, m) in layers.iter().zip(&fused) {
