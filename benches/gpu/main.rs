@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! scripts/with-torch cargo bench --bench gpu --no-run     # build here, run where the GPU is:
-//! target/release/deps/gpu-<hash> --bench [--only linear,train,infer] [--variants none,lora,dora,loreft,full]
+//! target/release/deps/gpu-<hash> --bench [--only linear,train,infer,interleaved] [--variants none,lora,dora,loreft,full]
 //!     [--steps 20] [--warmup 5] [--layers 16] [--batch 8] [--seq 1024] [--json FILE]
 //!     [--phases] [--profile] [--optimizer fused|libtorch]
 //! (`--profile`: the GPU's kernel time per step and the top kernels, `TCH_PEFT_PROFILE_TOP=N` of
@@ -25,6 +25,9 @@
 //! 3. `infer`: the same model's inference forward (logits, `no_grad`): base, LoRA unmerged, LoRA
 //!    merged (`merge`, which keeps the pre-merge weights for a bit-exact unmerge) and
 //!    `merge_and_unload` (no copy kept, as PEFT's merge).
+//! 4. `interleaved` (not in the default `--only`): the training step (none, LoRA, DoRA) and the
+//!    four inference variants again, every variant built at once and their steps alternated, so
+//!    that the ratios carry no run-to-run drift (no peak memory there).
 //!
 //! Besides the median step, each row gives the host time (until the step's last kernel is
 //! queued): when it is close to the step time, the GPU waits on the CPU (launch-bound).
@@ -451,6 +454,144 @@ fn infer_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
     }
 }
 
+/// Medians (step, host) of each closure, the closures run in alternation (one step of each per
+/// round), so that drift of the GPU's clocks or the host's load hits them all alike.
+fn time_interleaved(
+    device: Device,
+    warmup: usize,
+    steps: usize,
+    fs: &mut [Box<dyn FnMut() + '_>],
+) -> Vec<(f64, f64)> {
+    for f in fs.iter_mut() {
+        for _ in 0..warmup {
+            f();
+        }
+    }
+    sync(device);
+    let mut times = vec![(Vec::new(), Vec::new()); fs.len()];
+    for _ in 0..steps {
+        for (f, (total, host)) in fs.iter_mut().zip(times.iter_mut()) {
+            let t = Instant::now();
+            f();
+            host.push(t.elapsed().as_secs_f64() * 1e3);
+            sync(device);
+            total.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    times.iter_mut().map(|(t, h)| (median(t), median(h))).collect()
+}
+
+/// The ratios without run-to-run drift: the training step (floor, LoRA, DoRA) and the inference
+/// forward (base, unmerged, merged, merge_and_unload) with every variant built at once and the
+/// steps interleaved. Peak memory is not separable here (`NaN`); the sequential rows give it.
+fn interleaved_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
+    let cfg = llama_config(args);
+    let (b, s) = (args.batch, args.seq);
+    tch::manual_seed(1);
+    let ids = Tensor::randint(cfg.vocab_size, [b, s], (Kind::Int64, device));
+    let labels = Tensor::cat(
+        &[ids.narrow(1, 1, s - 1), Tensor::full([b, 1], -100, (Kind::Int64, device))],
+        1,
+    );
+    let variants: Vec<&str> = ["none", "lora", "dora"]
+        .into_iter()
+        .filter(|v| args.variants.iter().any(|a| a == v))
+        .collect();
+    let mut built: Vec<_> = variants
+        .iter()
+        .map(|v| {
+            let (base_vs, adapter_vs, model, _) = llama(&cfg, device, v);
+            let opt = (*v != "none").then(|| {
+                tch_peft::optim::FusedAdamW::from_var_store(&adapter_vs, 1e-5).expect("optim")
+            });
+            (*v, base_vs, adapter_vs, model, opt)
+        })
+        .collect();
+    let mut fs: Vec<Box<dyn FnMut() + '_>> = built
+        .iter_mut()
+        .map(|(v, _, _, model, opt)| {
+            let (v, model, ids, labels) = (*v, &*model, &ids, &labels);
+            Box::new(move || {
+                let logits = if v == "none" {
+                    let emb = model.embed(ids).expect("embed").detach().set_requires_grad(true);
+                    model.forward_embeds(&emb, None, true, None).expect("forward")
+                } else {
+                    model.forward_t(ids, None, true).expect("forward")
+                };
+                let loss = causal_lm_loss(&logits, labels);
+                if let Some(o) = opt.as_mut() {
+                    o.zero_grad();
+                }
+                loss.backward();
+                if let Some(o) = opt.as_mut() {
+                    o.step().expect("step");
+                }
+            }) as Box<dyn FnMut() + '_>
+        })
+        .collect();
+    let times = time_interleaved(device, args.warmup, args.steps, &mut fs);
+    drop(fs);
+    for (v, (step_ms, host_ms)) in variants.iter().zip(times) {
+        rows.push(Row {
+            workload: format!("train llama-1B b{b} s{s} L{} interleaved", cfg.num_hidden_layers),
+            variant: v.to_string(),
+            step_ms,
+            host_ms,
+            peak_gb: f64::NAN,
+            trainable: 0,
+        });
+    }
+    drop(built);
+
+    let kinds = ["base", "lora unmerged", "lora merged", "lora merge_and_unload"];
+    let models: Vec<_> = kinds
+        .iter()
+        .map(|variant| {
+            let (base_vs, adapter_vs, model, lora) =
+                llama(&cfg, device, if *variant == "base" { "none" } else { "lora" });
+            if let Some(l) = lora {
+                tch::no_grad(|| {
+                    for (_, t) in adapter_vs.variables() {
+                        let _ = t.shallow_clone().normal_(0.0, 0.01);
+                    }
+                });
+                match *variant {
+                    "lora merged" => l.merge().expect("merge"),
+                    "lora merge_and_unload" => {
+                        l.merge_and_unload(Some(&adapter_vs)).expect("merge")
+                    }
+                    _ => {}
+                }
+            }
+            (base_vs, adapter_vs, model)
+        })
+        .collect();
+    let mut fs: Vec<Box<dyn FnMut() + '_>> = models
+        .iter()
+        .map(|(_, _, model)| {
+            let ids = &ids;
+            Box::new(move || {
+                let _ = tch::no_grad(|| model.forward_t(ids, None, false).expect("forward"));
+            }) as Box<dyn FnMut() + '_>
+        })
+        .collect();
+    let times = time_interleaved(device, args.warmup, args.steps, &mut fs);
+    for (v, (step_ms, host_ms)) in kinds.iter().zip(times) {
+        rows.push(Row {
+            workload: format!("infer llama-1B b{b} s{s} L{} interleaved", cfg.num_hidden_layers),
+            variant: v.to_string(),
+            step_ms,
+            host_ms,
+            peak_gb: f64::NAN,
+            trainable: 0,
+        });
+    }
+}
+
 fn main() {
     let benching = std::env::args().any(|a| a == "--bench");
     if !benching {
@@ -474,7 +615,8 @@ fn main() {
             "linear" => linear_rows(&args, device, &mut rows),
             "train" => train_rows(&args, device, &mut rows),
             "infer" => infer_rows(&args, device, &mut rows),
-            other => eprintln!("unknown workload `{other}` (linear, train, infer)"),
+            "interleaved" => interleaved_rows(&args, device, &mut rows),
+            other => eprintln!("unknown workload `{other}` (linear, train, infer, interleaved)"),
         }
     }
     println!(
