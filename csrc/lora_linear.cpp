@@ -33,6 +33,18 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// s·a·b in one GEMM (beta = 0 ignores the uninitialised placeholder input).
+at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double s) {
+  return at::addmm(at::empty({1}, a.options()), a, b, /*beta=*/0, /*alpha=*/s);
+}
+
+// lhs·rhs for a factor's gradient, in `kind`: on a bf16/f16 CUDA base (`wide`) with f32
+// factors cuBLAS writes it in f32 directly (`mm(…, out_dtype)`), unrounded and without a cast.
+at::Tensor factor_grad(const at::Tensor& lhs, const at::Tensor& rhs, at::ScalarType kind,
+                       bool wide) {
+  return wide && kind == at::kFloat ? at::mm(lhs, rhs, at::kFloat) : at::mm(lhs, rhs).to(kind);
+}
+
 // `x Wᵀ + bias + s·h Bᵀ`: the thin product `s·h Bᵀ` (+ bias, through cuBLASLt's bias epilogue)
 // is written first and the base GEMM accumulates into it in place (beta = 1). The accumulation
 // then happens in the base GEMM's epilogue, in f32 and overlapped with its math, instead of a
@@ -42,7 +54,7 @@ at::Tensor low_rank_then_base(const at::Tensor& x, const at::Tensor& w, const at
   at::Tensor y = bias != nullptr
                      ? at::addmm(*bias, h, bc.t(), /*beta=*/1, /*alpha=*/s)
                      // beta = 0 ignores the (uninitialised) placeholder input
-                     : at::addmm(at::empty({1}, h.options()), h, bc.t(), /*beta=*/0, /*alpha=*/s);
+                     : scaled_mm(h, bc.t(), s);
   y.addmm_(x, w.t());
   return y;
 }
@@ -54,7 +66,7 @@ at::Tensor input_grad(const at::Tensor& g, const at::Tensor& w, const at::Tensor
                       const at::Tensor& ac, double s, at::Tensor gb) {
   if (g.size(0) < 2 * w.size(0)) {
     if (!gb.defined()) {
-      gb = at::addmm(at::empty({1}, g.options()), g, bc, /*beta=*/0, /*alpha=*/s);
+      gb = scaled_mm(g, bc, s);
     }
     at::Tensor dx = at::mm(g, w);
     dx.addmm_(gb, ac);
@@ -103,10 +115,8 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     // entry per forward argument, undefined for the non-tensor ones.
     at::Tensor dx, dw, db, da, dbm, gb;
     if (ctx->needs_input_grad(3)) {
-      // s·gB in one GEMM: beta = 0 ignores the (uninitialised) placeholder input
-      gb = at::addmm(at::empty({1}, g.options()), g, bc, /*beta=*/0, /*alpha=*/s);
-      da = wide && a_kind == at::kFloat ? at::mm(gb.t(), x, at::kFloat)
-                                        : at::mm(gb.t(), x).to(a_kind);
+      gb = scaled_mm(g, bc, s);  // s·gB
+      da = factor_grad(gb.t(), x, a_kind, wide);
     }
     if (ctx->needs_input_grad(0)) {
       dx = input_grad(g, w, bc, ac, s, gb);
@@ -118,8 +128,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       db = g.sum(0);
     }
     if (ctx->needs_input_grad(4)) {
-      dbm = wide && b_kind == at::kFloat ? at::mm(g.t(), h, at::kFloat).mul_(s)
-                                         : at::mm(g.t(), h).mul_(s).to(b_kind);
+      dbm = factor_grad(g.t(), h, b_kind, wide).mul_(s);
     }
     return {dx, dw, db, at::Tensor(), da, dbm, at::Tensor()};
   }
@@ -221,9 +230,8 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
     // inputs: x 0, w 1, bias 2, a 3, b 4, m 5, w_sq 6 (tensors only, as needs_input_grad counts)
     at::Tensor dx, dw, db, da, dbm, dm, gb;
     if (ctx->needs_input_grad(3)) {
-      gb = at::addmm(at::empty({1}, gy.options()), gy, b_g, /*beta=*/0, /*alpha=*/s);
-      da = wide && a_kind == at::kFloat ? at::mm(gb.t(), x, at::kFloat)
-                                        : at::mm(gb.t(), x).to(a_kind);
+      gb = scaled_mm(gy, b_g, s);
+      da = factor_grad(gb.t(), x, a_kind, wide);
     }
     if (ctx->needs_input_grad(0)) {
       dx = input_grad(gy, w_g, b_g, ac, s, gb);  // g_y (W_g + s·B_g A)
@@ -253,9 +261,7 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
       }
     }
     if (ctx->needs_input_grad(4)) {
-      const at::Tensor gth =
-          wide && b_kind == at::kFloat ? at::mm(gy.t(), h, at::kFloat) : at::mm(gy.t(), h);
-      dbm = gth.to(ck).mul_(g).mul_(s).to(b_kind);
+      dbm = factor_grad(gy.t(), h, ck, wide).mul_(g).mul_(s).to(b_kind);
     }
     return {dx, dw, db, at::Tensor(), da, dbm, dm, at::Tensor(), at::Tensor()};
   }
@@ -270,8 +276,8 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
 // branch; backward, one GEMM [g_1 B_1 s_1 | …]ᵀ·x reads it once for every A gradient, and the
 // input gradients accumulate inside the GEMMs (dx = g_1 W'_1, then beta = 1 for the others)
 // instead of in separate additions; for wide groups the low-rank part of dx is one more GEMM
-// for the whole group instead of a rewritten copy of every weight. Outputs nobody used get an undefined gradient and are
-// skipped.
+// for the whole group instead of a rewritten copy of every weight. Outputs nobody used get an
+// undefined gradient and are skipped.
 struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
   // `biases` holds the defined biases only; `bias_of[i]` is layer i's index there or -1.
   static variable_list forward(AutogradContext* ctx, at::Tensor x, at::TensorList ws,
@@ -385,8 +391,7 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
       }
       if (ctx->needs_input_grad(b_index(i))) {
         const auto b_kind = static_cast<at::ScalarType>(b_kinds[i]);
-        dbs[i] = wide && b_kind == at::kFloat ? at::mm(g.t(), h, at::kFloat).mul_(s)
-                                              : at::mm(g.t(), h).mul_(s).to(b_kind);
+        dbs[i] = factor_grad(g.t(), h, b_kind, wide).mul_(s);
       }
     }
     if (thin && dx.defined()) {
@@ -394,8 +399,9 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     }
     if (any_a) {
       // every A gradient from one read of x
-      const bool all_f32 = std::all_of(a_kinds.begin(), a_kinds.end(),
-                                       [](int64_t k) { return k == static_cast<int64_t>(at::kFloat); });
+      const auto f32 = static_cast<int64_t>(at::kFloat);
+      const bool all_f32 =
+          std::all_of(a_kinds.begin(), a_kinds.end(), [f32](int64_t k) { return k == f32; });
       const at::Tensor da_all =
           wide && all_f32 ? at::mm(gb_all.t(), x, at::kFloat) : at::mm(gb_all.t(), x);
       for (size_t i = 0; i < n; ++i) {
@@ -427,6 +433,21 @@ char* copy_message(const char* what) {
   return out;
 }
 
+// Runs `f` for a C entry point: its result, or `failed` with *error set to a malloc'ed message
+// (freed by the caller with tch_peft_free_error) when it throws.
+template <typename T, typename F>
+T guarded(const char* what, char** error, T failed, F&& f) {
+  *error = nullptr;
+  try {
+    return f();
+  } catch (const std::exception& e) {
+    *error = copy_message(e.what());
+  } catch (...) {
+    *error = copy_message((std::string("unknown C++ exception in ") + what).c_str());
+  }
+  return failed;
+}
+
 }  // namespace
 
 extern "C" {
@@ -436,18 +457,12 @@ extern "C" {
 at::Tensor* tch_peft_lora_linear(const at::Tensor* x, const at::Tensor* w,
                                     const at::Tensor* bias, const at::Tensor* a,
                                     const at::Tensor* b, double scaling, char** error) {
-  *error = nullptr;
-  try {
+  return guarded<at::Tensor*>("tch_peft_lora_linear", error, nullptr, [&] {
     const bool has_bias = bias != nullptr;
     const at::Tensor b_or_empty = has_bias ? *bias : at::empty({0}, x->options());
-    at::Tensor y = LoraLinearFunction::apply(*x, *w, b_or_empty, has_bias, *a, *b, scaling);
-    return new at::Tensor(std::move(y));
-  } catch (const std::exception& e) {
-    *error = copy_message(e.what());
-  } catch (...) {
-    *error = copy_message("unknown C++ exception in tch_peft_lora_linear");
-  }
-  return nullptr;
+    return new at::Tensor(
+        LoraLinearFunction::apply(*x, *w, b_or_empty, has_bias, *a, *b, scaling));
+  });
 }
 
 // DoRA: as tch_peft_lora_linear, plus the magnitude `m` [out] and the cached ‖W_i‖² `w_sq` [out]
@@ -455,19 +470,12 @@ at::Tensor* tch_peft_lora_linear(const at::Tensor* x, const at::Tensor* w,
 at::Tensor* tch_peft_dora_linear(const at::Tensor* x, const at::Tensor* w, const at::Tensor* bias,
                                  const at::Tensor* a, const at::Tensor* b, const at::Tensor* m,
                                  const at::Tensor* w_sq, double scaling, char** error) {
-  *error = nullptr;
-  try {
+  return guarded<at::Tensor*>("tch_peft_dora_linear", error, nullptr, [&] {
     const bool has_bias = bias != nullptr;
     const at::Tensor b_or_empty = has_bias ? *bias : at::empty({0}, x->options());
-    at::Tensor y =
-        DoraLinearFunction::apply(*x, *w, b_or_empty, has_bias, *a, *b, *m, *w_sq, scaling);
-    return new at::Tensor(std::move(y));
-  } catch (const std::exception& e) {
-    *error = copy_message(e.what());
-  } catch (...) {
-    *error = copy_message("unknown C++ exception in tch_peft_dora_linear");
-  }
-  return nullptr;
+    return new at::Tensor(
+        DoraLinearFunction::apply(*x, *w, b_or_empty, has_bias, *a, *b, *m, *w_sq, scaling));
+  });
 }
 
 // The group node: `n` layers, arrays of `n` handles each; `biases[i]` may be null. On success
@@ -476,8 +484,7 @@ int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* 
                         const at::Tensor* const* biases, const at::Tensor* const* as,
                         const at::Tensor* const* bs, const double* scalings, at::Tensor** out,
                         char** error) {
-  *error = nullptr;
-  try {
+  return guarded<int>("tch_peft_lora_group", error, 1, [&] {
     std::vector<at::Tensor> w_list, a_list, b_list, bias_list;
     std::vector<int64_t> bias_of;
     for (size_t i = 0; i < n; ++i) {
@@ -499,12 +506,7 @@ int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* 
       out[i] = new at::Tensor(ys[i]);
     }
     return 0;
-  } catch (const std::exception& e) {
-    *error = copy_message(e.what());
-  } catch (...) {
-    *error = copy_message("unknown C++ exception in tch_peft_lora_group");
-  }
-  return 1;
+  });
 }
 
 void tch_peft_free_error(char* error) { std::free(error); }

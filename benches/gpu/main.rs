@@ -292,16 +292,51 @@ fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
     )
 }
 
-fn train_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
-    let cfg = llama_config(args);
+/// The token batch (seed 1) and its causal-LM labels: transformers' shift, position i predicts
+/// token i + 1, the last position is ignored.
+fn batch(cfg: &LlamaConfig, args: &Args, device: Device) -> (Tensor, Tensor) {
     let (b, s) = (args.batch, args.seq);
     tch::manual_seed(1);
     let ids = Tensor::randint(cfg.vocab_size, [b, s], (Kind::Int64, device));
-    // transformers' shift: position i predicts token i + 1, the last position is ignored
     let labels = Tensor::cat(
         &[ids.narrow(1, 1, s - 1), Tensor::full([b, 1], -100, (Kind::Int64, device))],
         1,
     );
+    (ids, labels)
+}
+
+const INFER_VARIANTS: [&str; 4] = ["base", "lora unmerged", "lora merged", "lora merge_and_unload"];
+
+/// The model of an inference variant (base and adapter stores kept alive with it).
+fn infer_model(
+    cfg: &LlamaConfig,
+    device: Device,
+    variant: &str,
+) -> (nn::VarStore, nn::VarStore, Llama) {
+    let (base_vs, adapter_vs, model, lora) =
+        llama(cfg, device, if variant == "base" { "none" } else { "lora" });
+    if let Some(l) = lora {
+        // non-zero B so the unmerged branch does real work and the merge changes weights
+        tch::no_grad(|| {
+            for (_, t) in adapter_vs.variables() {
+                let _ = t.shallow_clone().normal_(0.0, 0.01);
+            }
+        });
+        match variant {
+            // keeps the pre-merge weights for a bit-exact unmerge
+            "lora merged" => l.merge().expect("merge"),
+            // PEFT's merge_and_unload: no copy kept, the adapters dropped
+            "lora merge_and_unload" => l.merge_and_unload(Some(&adapter_vs)).expect("merge"),
+            _ => {}
+        }
+    }
+    (base_vs, adapter_vs, model)
+}
+
+fn train_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
+    let cfg = llama_config(args);
+    let (b, s) = (args.batch, args.seq);
+    let (ids, labels) = batch(&cfg, args, device);
     for variant in &args.variants {
         tch_peft::memory::reset_peak(device);
         let (mut base_vs, adapter_vs, model, _lora) = llama(&cfg, device, variant);
@@ -415,27 +450,10 @@ fn train_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
 fn infer_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
     let cfg = llama_config(args);
     let (b, s) = (args.batch, args.seq);
-    tch::manual_seed(1);
-    let ids = Tensor::randint(cfg.vocab_size, [b, s], (Kind::Int64, device));
-    for variant in ["base", "lora unmerged", "lora merged", "lora merge_and_unload"] {
+    let (ids, _) = batch(&cfg, args, device);
+    for variant in INFER_VARIANTS {
         tch_peft::memory::reset_peak(device);
-        let (_base_vs, adapter_vs, model, lora) =
-            llama(&cfg, device, if variant == "base" { "none" } else { "lora" });
-        if let Some(l) = lora {
-            // non-zero B so the unmerged branch does real work and the merge changes weights
-            tch::no_grad(|| {
-                for (_, t) in adapter_vs.variables() {
-                    let _ = t.shallow_clone().normal_(0.0, 0.01);
-                }
-            });
-            match variant {
-                // keeps the pre-merge weights for a bit-exact unmerge
-                "lora merged" => l.merge().expect("merge"),
-                // PEFT's merge_and_unload: no copy kept, the adapters dropped
-                "lora merge_and_unload" => l.merge_and_unload(Some(&adapter_vs)).expect("merge"),
-                _ => {}
-            }
-        }
+        let (_base_vs, _adapter_vs, model) = infer_model(&cfg, device, variant);
         let mut forward = || {
             let _ = tch::no_grad(|| model.forward_t(&ids, None, false).expect("forward"));
         };
@@ -491,12 +509,7 @@ fn time_interleaved(
 fn interleaved_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
     let cfg = llama_config(args);
     let (b, s) = (args.batch, args.seq);
-    tch::manual_seed(1);
-    let ids = Tensor::randint(cfg.vocab_size, [b, s], (Kind::Int64, device));
-    let labels = Tensor::cat(
-        &[ids.narrow(1, 1, s - 1), Tensor::full([b, 1], -100, (Kind::Int64, device))],
-        1,
-    );
+    let (ids, labels) = batch(&cfg, args, device);
     let variants: Vec<&str> = ["none", "lora", "dora"]
         .into_iter()
         .filter(|v| args.variants.iter().any(|a| a == v))
@@ -547,29 +560,7 @@ fn interleaved_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
     }
     drop(built);
 
-    let kinds = ["base", "lora unmerged", "lora merged", "lora merge_and_unload"];
-    let models: Vec<_> = kinds
-        .iter()
-        .map(|variant| {
-            let (base_vs, adapter_vs, model, lora) =
-                llama(&cfg, device, if *variant == "base" { "none" } else { "lora" });
-            if let Some(l) = lora {
-                tch::no_grad(|| {
-                    for (_, t) in adapter_vs.variables() {
-                        let _ = t.shallow_clone().normal_(0.0, 0.01);
-                    }
-                });
-                match *variant {
-                    "lora merged" => l.merge().expect("merge"),
-                    "lora merge_and_unload" => {
-                        l.merge_and_unload(Some(&adapter_vs)).expect("merge")
-                    }
-                    _ => {}
-                }
-            }
-            (base_vs, adapter_vs, model)
-        })
-        .collect();
+    let models: Vec<_> = INFER_VARIANTS.iter().map(|v| infer_model(&cfg, device, v)).collect();
     let mut fs: Vec<Box<dyn FnMut() + '_>> = models
         .iter()
         .map(|(_, _, model)| {
@@ -580,7 +571,7 @@ fn interleaved_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
         })
         .collect();
     let times = time_interleaved(device, args.warmup, args.steps, &mut fs);
-    for (v, (step_ms, host_ms)) in kinds.iter().zip(times) {
+    for (v, (step_ms, host_ms)) in INFER_VARIANTS.iter().zip(times) {
         rows.push(Row {
             workload: format!("infer llama-1B b{b} s{s} L{} interleaved", cfg.num_hidden_layers),
             variant: v.to_string(),
