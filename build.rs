@@ -20,6 +20,21 @@ fn include_dirs(lib_dir: &Path) -> Option<Vec<PathBuf>> {
     (inc.join("torch/csrc/autograd/custom_function.h").exists()).then(|| vec![inc, api])
 }
 
+/// CUDA runtime headers for the CUDA-graph path: the PyPI wheels' `nvidia/cu13/include` (with
+/// `crt/` from `nvidia-cuda-crt`, which `scripts/torch-env.sh` adds) or cu12's
+/// `nvidia/cuda_runtime/include` beside `torch/`, else `$CUDA_HOME/include`.
+fn cuda_include_dir(lib_dir: &Path) -> Option<PathBuf> {
+    let site = lib_dir.parent()?.parent()?;
+    let mut candidates =
+        vec![site.join("nvidia/cu13/include"), site.join("nvidia/cuda_runtime/include")];
+    if let Some(home) = env::var_os("CUDA_HOME") {
+        candidates.push(PathBuf::from(home).join("include"));
+    }
+    candidates
+        .into_iter()
+        .find(|d| d.join("cuda_runtime_api.h").exists() && d.join("crt/host_config.h").exists())
+}
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/lora_linear.cpp");
@@ -27,6 +42,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/optim.cpp");
     println!("cargo:rerun-if-changed=csrc/profiler.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo::rustc-check-cfg=cfg(tch_peft_fused)");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let lib_dir = env::var_os("DEP_TCH_LIBTORCH_LIB")
@@ -39,7 +55,20 @@ fn main() {
     let target_os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     if let Some(includes) = include_dirs(&lib_dir) {
         let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
-        cc::Build::new()
+        let mut build = cc::Build::new();
+        // CUDA graphs for DoRA's weight-side kernels, where libtorch has CUDA and the runtime
+        // headers are at hand (only symbols of libtorch_cuda and libc10_cuda are used)
+        let cuda_graphs = target_os == "linux"
+            && lib_dir.join("libtorch_cuda.so").exists()
+            && lib_dir.join("libc10_cuda.so").exists();
+        if let Some(inc) = cuda_graphs.then(|| cuda_include_dir(&lib_dir)).flatten() {
+            build.include(inc).define("TCH_PEFT_CUDA_GRAPHS", None);
+            println!("cargo:rustc-link-arg=-L{}", lib_dir.display());
+            println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+            println!("cargo:rustc-link-arg=-lc10_cuda");
+            println!("cargo:rustc-link-arg=-Wl,--as-needed");
+        }
+        build
             .cpp(true)
             .pic(true)
             .warnings(false)

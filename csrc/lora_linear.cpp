@@ -18,8 +18,16 @@
 // cuBLAS writes them in f32 directly).
 
 #include <torch/csrc/autograd/custom_function.h>
+#ifdef TCH_PEFT_CUDA_GRAPHS
+// only functions exported by libtorch_cuda/libc10_cuda: no inline CUDA runtime calls, so the
+// crate links no CUDA library of its own
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <algorithm>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -152,51 +160,173 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
 // The output y is saved (not u): modifying it in place before the backward is an autograd
 // error. A magnitude entry that is exactly 0 gets a zero gradient here (its column of u is not
 // recoverable from y); the composed path (`set_fused(false)`) gives Σ_rows(g_y ⊙ u)/‖·‖.
+// What DoRA's forward computes from the weights alone (not from x): A in the base dtype, the
+// scale g = m/‖W + s·BA‖ ([out, 1], compute kind), W_g = G·W, B_g = G·B (base dtype) and 1/m (0
+// where m is 0).
+struct DoraPrep {
+  at::Tensor ac, g, w_g, b_g, inv_m;
+};
+
+DoraPrep dora_prep(at::ScalarType kind, const at::Tensor& w, const at::Tensor& a,
+                   const at::Tensor& b, const at::Tensor& m, const at::Tensor& w_sq, double s) {
+  const auto ck = w_sq.scalar_type();  // f32 (f64 for an f64 base)
+  const int64_t r = a.size(0);
+  const int64_t out = w.size(0);
+  const at::Tensor a32 = a.to(ck);
+  const at::Tensor b32 = b.to(ck);
+  const auto base = w.options().dtype(kind);
+  // Launches are what this costs on the host (the step is launch-bound around it), so casts
+  // ride on the ops that need them: `*_out` into a tensor of the base dtype computes in the
+  // promoted type and rounds once.
+  DoraPrep p;
+  at::Tensor cross;  // 2s·W Aᵀ + s²·B (A Aᵀ): [out, r]
+  if (w.is_cuda() && kind != ck) {
+    // [A_hi; A_lo] in the base dtype: A_hi = A rounded, A_lo = A − A_hi rounded
+    const at::Tensor split = at::empty({2 * r, a.size(1)}, base);
+    p.ac = split.narrow(0, 0, r);
+    p.ac.copy_(a);
+    at::Tensor lo = split.narrow(0, r, r);
+    at::sub_out(lo, a32, p.ac);
+    const at::Tensor wa2 = at::mm(w, split.t(), ck);  // [out, 2r]
+    cross = at::addmm(wa2.narrow(1, 0, r), b32, at::mm(a32, a32.t()), 2 * s, s * s);
+    cross.add_(wa2.narrow(1, r, r), 2 * s);
+  } else {
+    p.ac = a.to(kind);
+    cross = at::addmm(at::mm(w.to(ck), a32.t()), b32, at::mm(a32, a32.t()), 2 * s, s * s);
+  }
+  // ‖·‖² = ‖W_i‖² + B_i · cross_i, one batched product; then 1/‖·‖ (rounding can take an
+  // exactly-zero row slightly negative)
+  const at::Tensor inv_norm =
+      at::baddbmm(w_sq.view({out, 1, 1}), b32.view({out, 1, r}), cross.view({out, r, 1}))
+          .view({out})
+          .clamp_min_(0)
+          .rsqrt_();
+  p.g = at::mul(m.to(ck), inv_norm).unsqueeze(1);
+  // W_g: g rounded to the base dtype first, so the weight-sized product runs without casts
+  p.w_g = at::mul(w, p.g.to(kind));
+  p.b_g = at::empty({out, r}, base);
+  at::mul_out(p.b_g, b32, p.g);
+  p.inv_m = at::reciprocal(m.to(ck)).nan_to_num_(0.0, 0.0, 0.0);
+  return p;
+}
+
+#ifdef TCH_PEFT_CUDA_GRAPHS
+// The ~16 launches of dora_prep as one CUDA graph per layer: in a training step the forward is
+// bound by the host launching kernels, and these depend only on parameters that the optimizer
+// updates in place (same addresses), so one replay recomputes them. Captured on the second call
+// for the same tensors (the first warms up), recaptured when an input moves; a replay would
+// overwrite the outputs of the previous one, so it only happens when nothing else (a pending
+// backward) still holds them — otherwise the eager path runs. The outputs, G·W among them, stay
+// allocated in the graph's pool between steps (one weight-sized bf16 tensor per layer); used
+// only while autograd records (training). Capturing synchronises the device once per layer, so
+// a caller that captures its own CUDA graph around the forward should warm it up first.
+struct DoraGraph {
+  std::vector<int64_t> key;
+  int state = 0;  // 0: new key, 1: warmed up, 2: captured, -1: capture failed (eager for good)
+  std::unique_ptr<at::cuda::CUDAGraph> graph;
+  DoraPrep out;
+};
+
+DoraPrep dora_prep_cached(DoraGraph* cache, at::ScalarType kind, const at::Tensor& w,
+                          const at::Tensor& a, const at::Tensor& b, const at::Tensor& m,
+                          const at::Tensor& w_sq, double s) {
+  const auto eager = [&] { return dora_prep(kind, w, a, b, m, w_sq, s); };
+  if (cache == nullptr || !w.is_cuda() || cache->state < 0) {
+    return eager();
+  }
+  std::vector<int64_t> key;
+  for (const at::Tensor* t : {&w, &a, &b, &m, &w_sq}) {
+    key.push_back(reinterpret_cast<int64_t>(t->data_ptr()));
+    key.push_back(t->numel());
+    key.push_back(static_cast<int64_t>(t->scalar_type()));
+  }
+  key.push_back(static_cast<int64_t>(kind));
+  key.push_back(static_cast<int64_t>(w.get_device()));
+  int64_t s_bits = 0;
+  std::memcpy(&s_bits, &s, sizeof s);
+  key.push_back(s_bits);
+  if (key != cache->key) {
+    cache->key = key;
+    cache->state = 0;
+    cache->graph.reset();
+    cache->out = DoraPrep();
+  }
+  if (cache->state == 0) {
+    cache->state = 1;
+    return eager();
+  }
+  if (cache->state == 2) {
+    const DoraPrep& o = cache->out;
+    for (const at::Tensor* t : {&o.ac, &o.g, &o.w_g, &o.b_g, &o.inv_m}) {
+      if (t->use_count() > 1) {
+        return eager();  // still held (a backward to come): do not overwrite
+      }
+    }
+    cache->graph->replay();
+    return o;
+  }
+  // state 1: capture on a side stream, warmed up there first (cuBLAS workspaces)
+  try {
+    c10::cuda::device_synchronize();
+    {
+      // the side stream as the current one for this scope
+      struct StreamScope {
+        c10::cuda::CUDAStream previous;
+        explicit StreamScope(c10::cuda::CUDAStream side)
+            : previous(c10::cuda::getCurrentCUDAStream(side.device_index())) {
+          c10::cuda::setCurrentCUDAStream(side);
+        }
+        ~StreamScope() { c10::cuda::setCurrentCUDAStream(previous); }
+      } scope(c10::cuda::getStreamFromPool(false, w.get_device()));
+      (void)eager();
+      c10::cuda::device_synchronize();
+      cache->graph = std::make_unique<at::cuda::CUDAGraph>();
+      cache->graph->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+      try {
+        cache->out = eager();
+      } catch (...) {
+        try {
+          cache->graph->capture_end();
+        } catch (...) {
+        }
+        throw;
+      }
+      cache->graph->capture_end();
+    }
+    c10::cuda::device_synchronize();
+    cache->state = 2;
+    cache->graph->replay();
+    return cache->out;
+  } catch (const std::exception&) {
+    cache->state = -1;
+    cache->graph.reset();
+    cache->out = DoraPrep();
+    c10::cuda::device_synchronize();
+    return eager();
+  }
+}
+#endif
+
 struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> {
+  // `cache` is a DoraGraph* (or 0) passed through as an integer (autograd's argument list).
   static at::Tensor forward(AutogradContext* ctx, at::Tensor x, at::Tensor w, at::Tensor bias,
                             bool has_bias, at::Tensor a, at::Tensor b, at::Tensor m,
-                            at::Tensor w_sq, double s) {
+                            at::Tensor w_sq, double s, int64_t cache) {
     const auto kind = x.scalar_type();
-    const auto ck = w_sq.scalar_type();  // f32 (f64 for an f64 base)
-    const int64_t r = a.size(0);
-    const int64_t out = w.size(0);
-    const at::Tensor a32 = a.to(ck);
-    const at::Tensor b32 = b.to(ck);
-    // Launches are what this node costs on the host (the step is launch-bound around it), so
-    // casts ride on the ops that need them: `*_out` into a tensor of the base dtype computes in
-    // the promoted type and rounds once.
-    at::Tensor ac;
-    at::Tensor cross;  // 2s·W Aᵀ + s²·B (A Aᵀ): [out, r]
-    if (w.is_cuda() && kind != ck) {
-      // [A_hi; A_lo] in the base dtype: A_hi = A rounded, A_lo = A − A_hi rounded
-      const at::Tensor split = at::empty({2 * r, a.size(1)}, x.options());
-      ac = split.narrow(0, 0, r);
-      ac.copy_(a);
-      at::Tensor lo = split.narrow(0, r, r);
-      at::sub_out(lo, a32, ac);
-      const at::Tensor wa2 = at::mm(w, split.t(), ck);  // [out, 2r]
-      cross = at::addmm(wa2.narrow(1, 0, r), b32, at::mm(a32, a32.t()), 2 * s, s * s);
-      cross.add_(wa2.narrow(1, r, r), 2 * s);
-    } else {
-      ac = a.to(kind);
-      cross = at::addmm(at::mm(w.to(ck), a32.t()), b32, at::mm(a32, a32.t()), 2 * s, s * s);
-    }
-    // ‖·‖² = ‖W_i‖² + B_i · cross_i, one batched product; then 1/‖·‖ (rounding can take an
-    // exactly-zero row slightly negative)
-    const at::Tensor inv_norm =
-        at::baddbmm(w_sq.view({out, 1, 1}), b32.view({out, 1, r}), cross.view({out, r, 1}))
-            .view({out})
-            .clamp_min_(0)
-            .rsqrt_();
-    const at::Tensor g = at::mul(m.to(ck), inv_norm).unsqueeze(1);  // [out, 1]
-    // W_g: g rounded to the base dtype first, so the weight-sized product runs without casts
-    const at::Tensor w_g = at::mul(w, g.to(kind));
-    at::Tensor b_g = at::empty({out, r}, x.options());
-    at::mul_out(b_g, b32, g);
+#ifdef TCH_PEFT_CUDA_GRAPHS
+    const DoraPrep p =
+        dora_prep_cached(reinterpret_cast<DoraGraph*>(cache), kind, w, a, b, m, w_sq, s);
+#else
+    (void)cache;
+    const DoraPrep p = dora_prep(kind, w, a, b, m, w_sq, s);
+#endif
+    const at::Tensor& ac = p.ac;
+    const at::Tensor& g = p.g;
+    const at::Tensor& w_g = p.w_g;
+    const at::Tensor& b_g = p.b_g;
+    const at::Tensor& inv_m = p.inv_m;
     const at::Tensor h = at::mm(x, ac.t());
     at::Tensor y = low_rank_then_base(x, w_g, has_bias ? &bias : nullptr, h, b_g, s);
-    // 1/m, 0 where m is 0 (see above)
-    const at::Tensor inv_m = at::reciprocal(m.to(ck)).nan_to_num_(0.0, 0.0, 0.0);
     ctx->save_for_backward({x, w_g, ac, b_g, h, y, g, inv_m, has_bias ? bias : at::Tensor()});
     ctx->saved_data["scaling"] = s;
     ctx->saved_data["has_bias"] = has_bias;
@@ -263,7 +393,7 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
     if (ctx->needs_input_grad(4)) {
       dbm = factor_grad(gy.t(), h, ck, wide).mul_(g).mul_(s).to(b_kind);
     }
-    return {dx, dw, db, at::Tensor(), da, dbm, dm, at::Tensor(), at::Tensor()};
+    return {dx, dw, db, at::Tensor(), da, dbm, dm, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -469,13 +599,35 @@ at::Tensor* tch_peft_lora_linear(const at::Tensor* x, const at::Tensor* w,
 // (f32, or f64 for an f64 base).
 at::Tensor* tch_peft_dora_linear(const at::Tensor* x, const at::Tensor* w, const at::Tensor* bias,
                                  const at::Tensor* a, const at::Tensor* b, const at::Tensor* m,
-                                 const at::Tensor* w_sq, double scaling, char** error) {
+                                 const at::Tensor* w_sq, double scaling, void* cache,
+                                 char** error) {
   return guarded<at::Tensor*>("tch_peft_dora_linear", error, nullptr, [&] {
     const bool has_bias = bias != nullptr;
     const at::Tensor b_or_empty = has_bias ? *bias : at::empty({0}, x->options());
-    return new at::Tensor(
-        DoraLinearFunction::apply(*x, *w, b_or_empty, has_bias, *a, *b, *m, *w_sq, scaling));
+    // graphs in training only: their outputs (G·W among them) stay allocated between calls,
+    // which inference need not pay for
+    const int64_t graph = c10::GradMode::is_enabled() ? reinterpret_cast<int64_t>(cache) : 0;
+    return new at::Tensor(DoraLinearFunction::apply(*x, *w, b_or_empty, has_bias, *a, *b, *m,
+                                                    *w_sq, scaling, graph));
   });
+}
+
+// A DoRA layer's CUDA-graph cache for tch_peft_dora_linear (null where graphs are not built in);
+// freed with tch_peft_dora_cache_free.
+void* tch_peft_dora_cache_new() {
+#ifdef TCH_PEFT_CUDA_GRAPHS
+  return new DoraGraph();
+#else
+  return nullptr;
+#endif
+}
+
+void tch_peft_dora_cache_free(void* cache) {
+#ifdef TCH_PEFT_CUDA_GRAPHS
+  delete reinterpret_cast<DoraGraph*>(cache);
+#else
+  (void)cache;
+#endif
 }
 
 // The group node: `n` layers, arrays of `n` handles each; `biases[i]` may be null. On success

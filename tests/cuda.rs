@@ -238,3 +238,48 @@ fn shared_input_group_matches_separate_layers_on_cuda() {
         }
     }
 }
+
+#[test]
+fn dora_cuda_graph_replays_follow_in_place_updates_and_pending_backwards() {
+    // the fused DoRA node captures its weight-side kernels on the second call and replays them:
+    // every step must see the parameters as the optimizer left them, and a forward whose
+    // previous outputs are still held by a pending backward must not overwrite them
+    let dev = cuda();
+    tch::manual_seed(6);
+    let (mut vb, va) = (nn::VarStore::new(dev), nn::VarStore::new(dev));
+    let l = layer_with(Kind::BFloat16, &mut vb, &va, true);
+    let params: Vec<Tensor> = l.named_tensors().into_iter().map(|(_, t)| t).collect();
+    let x = Tensor::randn([4, 33, 256], (Kind::BFloat16, dev));
+    let g = Tensor::randn([4, 33, 192], (Kind::BFloat16, dev));
+    let rel = |a: &Tensor, b: &Tensor| max_abs_diff(a, b) / b.abs().max().double_value(&[]);
+    for step in 0..5 {
+        l.set_fused(true);
+        let fused = fwd_bwd(&l, &x, &g);
+        l.set_fused(false);
+        let composed = fwd_bwd(&l, &x, &g);
+        for (i, (f, c)) in fused.iter().zip(&composed).enumerate() {
+            assert!(rel(f, c) < 2e-2, "step {step}, tensor {i}: relative {}", rel(f, c));
+        }
+        tch::no_grad(|| {
+            for p in &params {
+                let _ = p.shallow_clone().g_add_(&(p.randn_like() * 0.02));
+            }
+        });
+    }
+    // two forwards before one backward
+    l.set_fused(true);
+    let x2 = Tensor::randn([4, 33, 256], (Kind::BFloat16, dev));
+    let run = |fused: bool| {
+        l.set_fused(fused);
+        let (y1, y2) = (l.forward_t(&x, true), l.forward_t(&x2, true));
+        let loss = (&y1 * &g).sum(Kind::Float) + (&y2 * &g).sum(Kind::Float);
+        let refs: Vec<&Tensor> = params.iter().collect();
+        let mut out = Tensor::run_backward(&[loss], &refs, false, false);
+        out.extend([y1.detach(), y2.detach()]);
+        out
+    };
+    let (fused, composed) = (run(true), run(false));
+    for (i, (f, c)) in fused.iter().zip(&composed).enumerate() {
+        assert!(rel(f, c) < 2e-2, "pending backward, tensor {i}: relative {}", rel(f, c));
+    }
+}

@@ -7,7 +7,7 @@
 //! autograd node instead of about ten dispatched ops. Without it (a `doc-only` build, or headers
 //! not found) the layer falls back to composing tch ops, which compute the same values.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, c_void, CStr};
 
 use tch::Tensor;
 use torch_sys::C_tensor;
@@ -32,8 +32,11 @@ extern "C" {
         m: *const C_tensor,
         w_sq: *const C_tensor,
         scaling: f64,
+        cache: *mut c_void,
         error: *mut *mut c_char,
     ) -> *mut C_tensor;
+    fn tch_peft_dora_cache_new() -> *mut c_void;
+    fn tch_peft_dora_cache_free(cache: *mut c_void);
     #[allow(clippy::too_many_arguments)]
     fn tch_peft_lora_group(
         x: *const C_tensor,
@@ -106,9 +109,33 @@ pub(crate) fn lora_linear(
     }
 }
 
+/// A DoRA layer's cache of its weight-side kernels as a CUDA graph (`csrc/lora_linear.cpp`,
+/// `DoraGraph`; null where the build has no CUDA graphs). The C++ object is not thread-safe:
+/// the layer keeps it behind a mutex held for the whole call.
+#[derive(Debug)]
+pub(crate) struct DoraCache(*mut c_void);
+
+// SAFETY: the pointer is only used under the owning layer's mutex (one thread at a time), and
+// the object holds nothing tied to the creating thread.
+unsafe impl Send for DoraCache {}
+
+impl DoraCache {
+    pub(crate) fn new() -> Self {
+        // SAFETY: allocates a plain C++ object (or returns null).
+        DoraCache(unsafe { tch_peft_dora_cache_new() })
+    }
+}
+
+impl Drop for DoraCache {
+    fn drop(&mut self) {
+        // SAFETY: created by tch_peft_dora_cache_new, freed once here (null is a no-op).
+        unsafe { tch_peft_dora_cache_free(self.0) }
+    }
+}
+
 /// DoRA's `m/‖W + s·BA‖_row ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias` for a 2-D `x`, as one autograd node
 /// (the norm detached, as in PEFT). `w_sq` is `‖W_i‖²` per row in the compute kind (f32, f64 for
-/// an f64 base). Inputs must have been checked by the caller.
+/// an f64 base). Inputs must have been checked by the caller; `cache` is the layer's own.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dora_linear(
     x: &Tensor,
@@ -119,9 +146,10 @@ pub(crate) fn dora_linear(
     m: &Tensor,
     w_sq: &Tensor,
     scaling: f64,
+    cache: &mut DoraCache,
 ) -> Result<Tensor, tch::TchError> {
     let mut error: *mut c_char = std::ptr::null_mut();
-    // SAFETY: as in `lora_linear`.
+    // SAFETY: as in `lora_linear`; `cache` is exclusively borrowed for the call.
     unsafe {
         let y = tch_peft_dora_linear(
             x.as_ptr(),
@@ -132,6 +160,7 @@ pub(crate) fn dora_linear(
             m.as_ptr(),
             w_sq.as_ptr(),
             scaling,
+            cache.0,
             &mut error,
         );
         take_result(y, error, "tch_peft_dora_linear")

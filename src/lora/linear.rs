@@ -29,6 +29,9 @@ struct SharedState {
     /// Inference without autograd: A and B cast to the activations' dtype, keyed on the
     /// factors' versions and the dtype (an optimizer step or a load invalidates it).
     cast: Mutex<Option<CastCache>>,
+    /// DoRA on CUDA: the weight-side kernels of the fused node as a CUDA graph.
+    #[cfg(tch_peft_fused)]
+    dora_graph: Mutex<super::fused::DoraCache>,
 }
 
 /// See [`SharedState::cast`].
@@ -417,6 +420,8 @@ impl LoraLinear {
                 merged: AtomicBool::new(false),
                 row_sq: Mutex::new(None),
                 cast: Mutex::new(None),
+                #[cfg(tch_peft_fused)]
+                dora_graph: Mutex::new(super::fused::DoraCache::new()),
             }),
         };
         if layer.init.uses_base_weight() {
@@ -584,8 +589,12 @@ impl LoraLinear {
 
     /// Chooses between the fused autograd node (the default, when
     /// [`fused_kernel_available`]; LoRA and DoRA) and composed tch ops for the unmerged
-    /// forward. Both compute the same values and gradients; the switch is for benchmarking and
-    /// testing. Dropout in training and `lora_bias` always take the composed path.
+    /// forward. Both compute the same values and gradients, with two exceptions for DoRA's node:
+    /// it saves the layer's output for the backward (modifying the output in place before the
+    /// backward is then an autograd error), and a magnitude entry that is exactly 0 gets a zero
+    /// gradient. In training on CUDA the DoRA node also keeps its weight-side kernels as a CUDA
+    /// graph (one weight-sized bf16 tensor per layer stays allocated between steps). Dropout in
+    /// training and `lora_bias` always take the composed path.
     pub fn set_fused(&self, fused: bool) {
         self.state.fused.store(fused, Ordering::Relaxed);
     }
@@ -878,6 +887,7 @@ impl LoraLinear {
             if fused {
                 let w_sq = self.dora_row_sq_cached()?;
                 let (w, s) = (&self.base.ws, self.scaling);
+                let mut graph = self.state.dora_graph.lock().unwrap_or_else(|e| e.into_inner());
                 let y = super::fused::dora_linear(
                     &x2,
                     w,
@@ -887,6 +897,7 @@ impl LoraLinear {
                     m,
                     &w_sq,
                     s,
+                    &mut graph,
                 )?;
                 return Ok(y.f_reshape(out_shape)?);
             }
