@@ -231,7 +231,9 @@ DoraPrep dora_prep_cached(DoraGraph* cache, at::ScalarType kind, const at::Tenso
                           const at::Tensor& a, const at::Tensor& b, const at::Tensor& m,
                           const at::Tensor& w_sq, double s) {
   const auto eager = [&] { return dora_prep(kind, w, a, b, m, w_sq, s); };
-  if (cache == nullptr || !w.is_cuda() || cache->state < 0) {
+  // (the capture synchronises the current device: the weights must live there)
+  if (cache == nullptr || !w.is_cuda() || cache->state < 0 ||
+      w.get_device() != c10::cuda::current_device()) {
     return eager();
   }
   std::vector<int64_t> key;
