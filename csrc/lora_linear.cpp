@@ -1,6 +1,8 @@
-// The LoRA Linear forward/backward as one autograd node (tch cannot define custom backward
-// passes from Rust). Called from src/lora/fused.rs through a small C ABI; tensors cross as the
-// `at::Tensor*` handles tch uses for `C_tensor`.
+// The LoRA and DoRA Linear forward/backward as autograd nodes (tch cannot define custom
+// backward passes from Rust). Called from src/lora/fused.rs through a small C ABI; tensors cross
+// as the `at::Tensor*` handles tch uses for `C_tensor`.
+//
+// LoRA, for one layer or several on the same input (LoraGroupFunction below):
 //
 //   y = x Wᵀ + b + s · (x Aᵀ) Bᵀ        x: [N, in]   W: [out, in]   A: [r, in]   B: [out, r]
 //
@@ -10,8 +12,8 @@
 //
 // Backward, for an upstream gradient g: [N, out]:
 //   dx = g (W + s·BA)        one GEMM against W + s·BA formed in [out, in] (cheap when out is
-//                            small against N) or g W plus one thin accumulate (gB)·A (see
-//                            input_grad), never a separate full-size product and sum;
+//                            small against N) or g W plus one thin accumulate (gB)·A, never a
+//                            separate full-size product and sum;
 //   dA = s · (gB)ᵀ x         dB = s · gᵀ h          db = Σ_rows g (only if b requires grad)
 //   dW = gᵀ x                (only if W requires grad, i.e. the base was not frozen)
 // Gradients for A and B are returned in their own dtype (f32 masters on a bf16 base; on CUDA
@@ -67,9 +69,10 @@ at::Tensor low_rank_then_base(const at::Tensor& x, const at::Tensor& w, const at
   return y;
 }
 
-// The input gradient g (W + s·BA) of one layer, given gb = s·g B when already computed: either
-// through the [out, in] matrix W + s·BA (a rewritten copy of the weight, ≈ 4·out·in element
-// moves) or as g W plus one thin accumulate gb·A into dx (≈ 2·N·in more): the cheaper one.
+// The input gradient g (W + s·BA) of one (DoRA) layer, given gb = s·g B when already computed:
+// either through the [out, in] matrix W + s·BA (a rewritten copy of the weight, ≈ 4·out·in
+// element moves) or as g W plus one thin accumulate gb·A into dx (≈ 2·N·in more): the cheaper
+// one. The group node below makes the same choice for all its layers at once.
 at::Tensor input_grad(const at::Tensor& g, const at::Tensor& w, const at::Tensor& bc,
                       const at::Tensor& ac, double s, at::Tensor gb) {
   if (g.size(0) < 2 * w.size(0)) {
@@ -82,65 +85,6 @@ at::Tensor input_grad(const at::Tensor& g, const at::Tensor& w, const at::Tensor
   }
   return at::mm(g, at::addmm(w, bc, ac, /*beta=*/1, /*alpha=*/s));
 }
-
-struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
-  // `bias` is an empty placeholder when `has_bias` is false (autograd inputs must be defined).
-  static at::Tensor forward(AutogradContext* ctx, at::Tensor x, at::Tensor w, at::Tensor bias,
-                            bool has_bias, at::Tensor a, at::Tensor b, double scaling) {
-    const auto kind = x.scalar_type();
-    // A and B in the activations' dtype, cast once and saved for the backward (which then
-    // casts nothing again)
-    const at::Tensor ac = a.to(kind);
-    const at::Tensor bc = b.to(kind);
-    const at::Tensor h = at::mm(x, ac.t());
-    at::Tensor y = low_rank_then_base(x, w, has_bias ? &bias : nullptr, h, bc, scaling);
-    ctx->save_for_backward({x, w, ac, bc, h});
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["has_bias"] = has_bias;
-    ctx->saved_data["a_kind"] = static_cast<int64_t>(a.scalar_type());
-    ctx->saved_data["b_kind"] = static_cast<int64_t>(b.scalar_type());
-    return y;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const at::Tensor& w = saved[1];
-    const at::Tensor& ac = saved[2];
-    const at::Tensor& bc = saved[3];
-    const at::Tensor& h = saved[4];
-    const double s = ctx->saved_data["scaling"].toDouble();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const auto a_kind = static_cast<at::ScalarType>(ctx->saved_data["a_kind"].toInt());
-    const auto b_kind = static_cast<at::ScalarType>(ctx->saved_data["b_kind"].toInt());
-    const at::Tensor g = grads[0].contiguous();
-    const auto kind = g.scalar_type();
-    // f32 factors on a bf16/f16 CUDA base: cuBLAS writes their gradients in f32 directly
-    // (`mm(..., out_dtype)`), unrounded and without a cast kernel
-    const bool wide = g.is_cuda() && (kind == at::kBFloat16 || kind == at::kHalf);
-
-    // needs_input_grad counts tensor inputs only (x, w, bias, a, b); the returned list has one
-    // entry per forward argument, undefined for the non-tensor ones.
-    at::Tensor dx, dw, db, da, dbm, gb;
-    if (ctx->needs_input_grad(3)) {
-      gb = scaled_mm(g, bc, s);  // s·gB
-      da = factor_grad(gb.t(), x, a_kind, wide);
-    }
-    if (ctx->needs_input_grad(0)) {
-      dx = input_grad(g, w, bc, ac, s, gb);
-    }
-    if (ctx->needs_input_grad(1)) {
-      dw = at::mm(g.t(), x);
-    }
-    if (has_bias && ctx->needs_input_grad(2)) {
-      db = g.sum(0);
-    }
-    if (ctx->needs_input_grad(4)) {
-      dbm = factor_grad(g.t(), h, b_kind, wide).mul_(s);
-    }
-    return {dx, dw, db, at::Tensor(), da, dbm, at::Tensor()};
-  }
-};
 
 // DoRA on the same layer, as one autograd node (PEFT's formula without dropout):
 //
@@ -160,6 +104,8 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
 // The output y is saved (not u): modifying it in place before the backward is an autograd
 // error. A magnitude entry that is exactly 0 gets a zero gradient here (its column of u is not
 // recoverable from y); the composed path (`set_fused(false)`) gives Σ_rows(g_y ⊙ u)/‖·‖.
+// (The node is DoraLinearFunction, after the weight-side part of its forward.)
+
 // What DoRA's forward computes from the weights alone (not from x): A in the base dtype, the
 // scale g = m/‖W + s·BA‖ ([out, 1], compute kind), W_g = G·W, B_g = G·B (base dtype) and 1/m (0
 // where m is 0).
@@ -399,8 +345,8 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
   }
 };
 
-// Several LoRA Linear layers on one input (q/k/v of an attention block, gate/up of an MLP), as
-// one autograd node with one output per layer:
+// LoRA Linear layers on one input — a single layer, or several that share it (q/k/v of an
+// attention block, gate/up of an MLP) — as one autograd node with one output per layer:
 //
 //   y_i = x W_iᵀ + b_i + s_i·(x A_iᵀ) B_iᵀ
 //
@@ -423,7 +369,7 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     for (size_t i = 0; i < n; ++i) {
       offsets[i + 1] = offsets[i] + as[i].size(0);
     }
-    const at::Tensor a_all = at::cat(as).to(kind);  // [R, in]
+    const at::Tensor a_all = (n == 1 ? as[0] : at::cat(as)).to(kind);  // [R, in]
     const at::Tensor h_all = at::mm(x, a_all.t());  // [N, R]
     variable_list ys;
     std::vector<at::Tensor> to_save{x, a_all, h_all};
@@ -584,21 +530,9 @@ T guarded(const char* what, char** error, T failed, F&& f) {
 
 extern "C" {
 
-// Returns a new tensor handle (owned by the caller, freed by tch) or nullptr with *error set to
-// a malloc'ed message the caller frees with tch_peft_free_error. `bias` may be null.
-at::Tensor* tch_peft_lora_linear(const at::Tensor* x, const at::Tensor* w,
-                                    const at::Tensor* bias, const at::Tensor* a,
-                                    const at::Tensor* b, double scaling, char** error) {
-  return guarded<at::Tensor*>("tch_peft_lora_linear", error, nullptr, [&] {
-    const bool has_bias = bias != nullptr;
-    const at::Tensor b_or_empty = has_bias ? *bias : at::empty({0}, x->options());
-    return new at::Tensor(
-        LoraLinearFunction::apply(*x, *w, b_or_empty, has_bias, *a, *b, scaling));
-  });
-}
-
-// DoRA: as tch_peft_lora_linear, plus the magnitude `m` [out] and the cached ‖W_i‖² `w_sq` [out]
-// (f32, or f64 for an f64 base).
+// DoRA: returns a new tensor handle (owned by the caller, freed by tch) or nullptr with *error
+// set to a malloc'ed message the caller frees with tch_peft_free_error. `bias` may be null; `m`
+// is the magnitude [out], `w_sq` the cached ‖W_i‖² [out] (f32, or f64 for an f64 base).
 at::Tensor* tch_peft_dora_linear(const at::Tensor* x, const at::Tensor* w, const at::Tensor* bias,
                                  const at::Tensor* a, const at::Tensor* b, const at::Tensor* m,
                                  const at::Tensor* w_sq, double scaling, void* cache,

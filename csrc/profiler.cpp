@@ -31,16 +31,13 @@ char* copy_string(const std::string& s) {
 
 extern "C" {
 
-// Starts recording CPU ops, and CUDA activity when `cuda` is non-zero (CUPTI is not initialised
-// otherwise). Returns 0, or 1 with *error set (malloc'ed).
-int tch_peft_profiler_start(int cuda, char** error) {
+// Starts recording CPU ops and CUDA activity (the caller checked that there is a device).
+// Returns 0, or 1 with *error set (malloc'ed).
+int tch_peft_profiler_start(char** error) {
   *error = nullptr;
   try {
     const ProfilerConfig config(ProfilerState::KINETO);
-    std::set<ActivityType> activities{ActivityType::CPU};
-    if (cuda != 0) {
-      activities.insert(ActivityType::CUDA);
-    }
+    const std::set<ActivityType> activities{ActivityType::CPU, ActivityType::CUDA};
     prof::prepareProfiler(config, activities);
     prof::enableProfiler(config, activities);
     return 0;

@@ -79,9 +79,8 @@ impl DeviceProfile {
 mod ffi {
     use std::ffi::c_char;
     extern "C" {
-        pub fn tch_peft_profiler_start(cuda: i32, error: *mut *mut c_char) -> i32;
+        pub fn tch_peft_profiler_start(error: *mut *mut c_char) -> i32;
         pub fn tch_peft_profiler_stop(error: *mut *mut c_char) -> *mut c_char;
-        pub fn tch_peft_free_error(error: *mut c_char);
     }
 }
 
@@ -95,39 +94,28 @@ mod ffi {
 pub fn profile_device<T>(f: impl FnOnce() -> T) -> Result<(T, DeviceProfile)> {
     #[cfg(tch_peft_fused)]
     {
-        use std::ffi::{c_char, CStr};
-        let take = |error: *mut c_char, what: &str| -> Error {
-            let msg = if error.is_null() {
-                format!("{what} failed")
-            } else {
-                // SAFETY: a malloc'ed NUL-terminated message from the shim, freed here once.
-                unsafe {
-                    let m = CStr::from_ptr(error).to_string_lossy().into_owned();
-                    ffi::tch_peft_free_error(error);
-                    m
-                }
-            };
-            Error::Tch(tch::TchError::Torch(msg))
-        };
+        use crate::lora::fused::{take_c_string, take_error};
+        use std::ffi::c_char;
         if !tch::Cuda::is_available() {
             // no device to observe (and Kineto would complain on stderr)
             return Ok((f(), DeviceProfile::default()));
         }
         let mut error: *mut c_char = std::ptr::null_mut();
-        // SAFETY: plain C functions that catch every C++ exception.
-        if unsafe { ffi::tch_peft_profiler_start(1, &mut error) } != 0 {
-            return Err(take(error, "starting the profiler"));
+        // SAFETY: plain C functions that catch every C++ exception; an error message or the
+        // returned text is taken over (and freed) once.
+        unsafe {
+            if ffi::tch_peft_profiler_start(&mut error) != 0 {
+                return Err(take_error(error, "starting the profiler").into());
+            }
         }
         let out = f();
-        // SAFETY: as above; a non-null result is a malloc'ed NUL-terminated text we free.
+        // SAFETY: as above.
         let text = unsafe {
             let p = ffi::tch_peft_profiler_stop(&mut error);
             if p.is_null() {
-                return Err(take(error, "stopping the profiler"));
+                return Err(take_error(error, "stopping the profiler").into());
             }
-            let t = CStr::from_ptr(p).to_string_lossy().into_owned();
-            ffi::tch_peft_free_error(p);
-            t
+            take_c_string(p)
         };
         Ok((out, DeviceProfile::parse(&text)?))
     }

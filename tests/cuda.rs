@@ -37,15 +37,14 @@ fn layer_with(kind: Kind, vb: &mut nn::VarStore, va: &nn::VarStore, dora: bool) 
     l
 }
 
-fn fwd_bwd(l: &LoraLinear, x: &Tensor, g: &Tensor) -> Vec<Tensor> {
-    let x = x.detach().set_requires_grad(true);
-    let y = l.forward_t(&x, true);
-    // x, then A, B, the trained bias copy and the magnitude where present
-    let trained: Vec<Tensor> = l.named_tensors().into_iter().map(|(_, t)| t).collect();
-    let params: Vec<&Tensor> = std::iter::once(&x).chain(&trained).collect();
-    let mut out = Tensor::run_backward(&[(&y * g).sum(Kind::Float)], &params, false, false);
-    out.insert(0, y.detach());
-    out
+/// The output, then the gradients to x and every trained tensor (see
+/// `common::fused_and_composed`), for the fused node and for the composed ops.
+fn fwd_bwd_both(l: &LoraLinear, x: &Tensor, g: &Tensor) -> (Vec<Tensor>, Vec<Tensor>) {
+    let mut runs = fused_and_composed(l, x, g).into_iter().map(|(y, mut grads)| {
+        grads.insert(0, y.detach());
+        grads
+    });
+    (runs.next().expect("fused"), runs.next().expect("composed"))
 }
 
 #[test]
@@ -63,13 +62,10 @@ fn fused_node_matches_composed_ops_on_cuda_in_f32_and_bf16() {
         assert_eq!(l.lora_a().device(), dev);
         let x = Tensor::randn([4, 33, 256], (kind, dev));
         let g = Tensor::randn([4, 33, 192], (kind, dev));
-        l.set_fused(true);
-        let fused = fwd_bwd(&l, &x, &g);
-        l.set_fused(false);
-        let composed = fwd_bwd(&l, &x, &g);
+        let (fused, composed) = fwd_bwd_both(&l, &x, &g);
         for (i, (f, c)) in fused.iter().zip(&composed).enumerate() {
             assert_eq!(f.device(), dev);
-            let rel = max_abs_diff(f, c) / c.abs().max().double_value(&[]);
+            let rel = rel_diff(f, c);
             assert!(rel < tol, "{kind:?} dora={dora} output/gradient {i}: relative {rel}");
         }
         // and the f32 path against an f64 recomputation on the host
@@ -233,7 +229,7 @@ fn shared_input_group_matches_separate_layers_on_cuda() {
         let (shared, separate) = (run(true), run(false));
         let tol = if kind == Kind::Float { 1e-4 } else { 2e-2 };
         for (i, (s, p)) in shared.iter().zip(&separate).enumerate() {
-            let rel = max_abs_diff(s, p) / p.abs().max().double_value(&[]);
+            let rel = rel_diff(s, p);
             assert!(rel < tol, "{kind:?} tensor {i}: relative difference {rel}");
         }
     }
@@ -251,14 +247,10 @@ fn dora_cuda_graph_replays_follow_in_place_updates_and_pending_backwards() {
     let params: Vec<Tensor> = l.named_tensors().into_iter().map(|(_, t)| t).collect();
     let x = Tensor::randn([4, 33, 256], (Kind::BFloat16, dev));
     let g = Tensor::randn([4, 33, 192], (Kind::BFloat16, dev));
-    let rel = |a: &Tensor, b: &Tensor| max_abs_diff(a, b) / b.abs().max().double_value(&[]);
     for step in 0..5 {
-        l.set_fused(true);
-        let fused = fwd_bwd(&l, &x, &g);
-        l.set_fused(false);
-        let composed = fwd_bwd(&l, &x, &g);
+        let (fused, composed) = fwd_bwd_both(&l, &x, &g);
         for (i, (f, c)) in fused.iter().zip(&composed).enumerate() {
-            assert!(rel(f, c) < 2e-2, "step {step}, tensor {i}: relative {}", rel(f, c));
+            assert!(rel_diff(f, c) < 2e-2, "step {step}, tensor {i}: relative {}", rel_diff(f, c));
         }
         tch::no_grad(|| {
             for p in &params {
@@ -280,6 +272,6 @@ fn dora_cuda_graph_replays_follow_in_place_updates_and_pending_backwards() {
     };
     let (fused, composed) = (run(true), run(false));
     for (i, (f, c)) in fused.iter().zip(&composed).enumerate() {
-        assert!(rel(f, c) < 2e-2, "pending backward, tensor {i}: relative {}", rel(f, c));
+        assert!(rel_diff(f, c) < 2e-2, "pending backward, tensor {i}: relative {}", rel_diff(f, c));
     }
 }

@@ -135,24 +135,8 @@ struct Row {
 }
 
 /// Medians of the step time and of the host (enqueue) time over `steps` after `warmup`.
-fn time_steps(device: Device, warmup: usize, steps: usize, mut f: impl FnMut()) -> (f64, f64) {
-    for _ in 0..warmup {
-        f();
-    }
-    sync(device);
-    let (mut total, mut host) = (Vec::new(), Vec::new());
-    for _ in 0..steps {
-        let t = Instant::now();
-        f();
-        host.push(t.elapsed().as_secs_f64() * 1e3);
-        sync(device);
-        total.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    (median(total), median(host))
+fn time_steps(device: Device, warmup: usize, steps: usize, f: impl FnMut()) -> (f64, f64) {
+    time_interleaved(device, warmup, steps, &mut [Box::new(f)])[0]
 }
 
 /// Profiles `steps` synchronised runs of `f` and prints the device's busy time per step against
@@ -546,18 +530,23 @@ fn interleaved_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
             }) as Box<dyn FnMut() + '_>
         })
         .collect();
+    let layers = cfg.num_hidden_layers;
+    // one row per variant; peak memory is not separable here
+    let mut push = |what: &str, names: &[&str], times: Vec<(f64, f64)>| {
+        for (v, (step_ms, host_ms)) in names.iter().zip(times) {
+            rows.push(Row {
+                workload: format!("{what} llama-1B b{b} s{s} L{layers} interleaved"),
+                variant: v.to_string(),
+                step_ms,
+                host_ms,
+                peak_gb: f64::NAN,
+                trainable: 0,
+            });
+        }
+    };
     let times = time_interleaved(device, args.warmup, args.steps, &mut fs);
     drop(fs);
-    for (v, (step_ms, host_ms)) in variants.iter().zip(times) {
-        rows.push(Row {
-            workload: format!("train llama-1B b{b} s{s} L{} interleaved", cfg.num_hidden_layers),
-            variant: v.to_string(),
-            step_ms,
-            host_ms,
-            peak_gb: f64::NAN,
-            trainable: 0,
-        });
-    }
+    push("train", &variants, times);
     drop(built);
 
     let models: Vec<_> = INFER_VARIANTS.iter().map(|v| infer_model(&cfg, device, v)).collect();
@@ -571,16 +560,7 @@ fn interleaved_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
         })
         .collect();
     let times = time_interleaved(device, args.warmup, args.steps, &mut fs);
-    for (v, (step_ms, host_ms)) in INFER_VARIANTS.iter().zip(times) {
-        rows.push(Row {
-            workload: format!("infer llama-1B b{b} s{s} L{} interleaved", cfg.num_hidden_layers),
-            variant: v.to_string(),
-            step_ms,
-            host_ms,
-            peak_gb: f64::NAN,
-            trainable: 0,
-        });
-    }
+    push("infer", &INFER_VARIANTS, times);
 }
 
 fn main() {

@@ -1,10 +1,10 @@
 //! The fused LoRA and DoRA Linear autograd nodes (`csrc/lora_linear.cpp`), reached through a
 //! small C ABI.
 //!
-//! tch cannot define a custom backward pass from Rust, so this one is C++ compiled by `build.rs`
-//! against the same libtorch. Its backward writes the input gradient once,
-//! `dx = g·(W + s·BA)`, instead of `g·W`, a full-size `s·(gB)·A` and their sum; and it is one
-//! autograd node instead of about ten dispatched ops. Without it (a `doc-only` build, or headers
+//! tch cannot define a custom backward pass from Rust, so these are C++ compiled by `build.rs`
+//! against the same libtorch. The LoRA node (one layer, or several sharing an input) writes the
+//! input gradient once, `dx = g·(W + s·BA)`, instead of `g·W`, a full-size `s·(gB)·A` and their
+//! sum; and each is one autograd node instead of about ten dispatched ops. Without it (a `doc-only` build, or headers
 //! not found) the layer falls back to composing tch ops, which compute the same values.
 
 use std::ffi::{c_char, c_void, CStr};
@@ -13,15 +13,6 @@ use tch::Tensor;
 use torch_sys::C_tensor;
 
 extern "C" {
-    fn tch_peft_lora_linear(
-        x: *const C_tensor,
-        w: *const C_tensor,
-        bias: *const C_tensor,
-        a: *const C_tensor,
-        b: *const C_tensor,
-        scaling: f64,
-        error: *mut *mut c_char,
-    ) -> *mut C_tensor;
     #[allow(clippy::too_many_arguments)]
     fn tch_peft_dora_linear(
         x: *const C_tensor,
@@ -59,54 +50,27 @@ pub(crate) fn grad_enabled() -> bool {
     unsafe { tch_peft_grad_enabled() != 0 }
 }
 
-/// Takes over the handle a C entry point returned, or turns its error message into a `TchError`.
+/// A malloc'ed NUL-terminated string from the C++ side (an error message, the profiler's text),
+/// freed here.
 ///
 /// # Safety
-/// `y` is null or a new owned tensor handle; `error` is null or a message from the C++ side,
-/// freed here.
-unsafe fn take_result(
-    y: *mut C_tensor,
-    error: *mut c_char,
-    what: &str,
-) -> Result<Tensor, tch::TchError> {
-    if y.is_null() {
-        let msg = if error.is_null() {
-            format!("{what} failed")
-        } else {
-            let m = CStr::from_ptr(error).to_string_lossy().into_owned();
-            tch_peft_free_error(error);
-            m
-        };
-        return Err(tch::TchError::Torch(msg));
-    }
-    Ok(Tensor::from_ptr(y))
+/// `p` is non-null, came from the C++ side and is not freed yet.
+pub(crate) unsafe fn take_c_string(p: *mut c_char) -> String {
+    let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+    tch_peft_free_error(p);
+    s
 }
 
-/// `x Wᵀ + bias + s·(x Aᵀ) Bᵀ` for a 2-D `x`, as one autograd node. Shapes, dtypes and devices
-/// must have been checked by the caller; libtorch errors come back as `TchError::Torch`.
-pub(crate) fn lora_linear(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    a: &Tensor,
-    b: &Tensor,
-    scaling: f64,
-) -> Result<Tensor, tch::TchError> {
-    let mut error: *mut c_char = std::ptr::null_mut();
-    // SAFETY: every pointer is a live tensor handle borrowed for the call (or null for no bias);
-    // the C++ side catches every exception, and on success returns a new owned handle.
-    unsafe {
-        let y = tch_peft_lora_linear(
-            x.as_ptr(),
-            w.as_ptr(),
-            bias.map_or(std::ptr::null(), Tensor::as_ptr),
-            a.as_ptr(),
-            b.as_ptr(),
-            scaling,
-            &mut error,
-        );
-        take_result(y, error, "tch_peft_lora_linear")
-    }
+/// The error a C entry point reported: its message, or "`what` failed" without one.
+///
+/// # Safety
+/// `error` is null or a message from the C++ side not freed yet.
+pub(crate) unsafe fn take_error(error: *mut c_char, what: &str) -> tch::TchError {
+    tch::TchError::Torch(if error.is_null() {
+        format!("{what} failed")
+    } else {
+        take_c_string(error)
+    })
 }
 
 /// A DoRA layer's cache of its weight-side kernels as a CUDA graph (`csrc/lora_linear.cpp`,
@@ -149,7 +113,9 @@ pub(crate) fn dora_linear(
     cache: &mut DoraCache,
 ) -> Result<Tensor, tch::TchError> {
     let mut error: *mut c_char = std::ptr::null_mut();
-    // SAFETY: as in `lora_linear`; `cache` is exclusively borrowed for the call.
+    // SAFETY: every pointer is a live tensor handle borrowed for the call (or null for no bias),
+    // `cache` is exclusively borrowed; the C++ side catches every exception and on success
+    // returns a new owned handle.
     unsafe {
         let y = tch_peft_dora_linear(
             x.as_ptr(),
@@ -163,7 +129,10 @@ pub(crate) fn dora_linear(
             cache.0,
             &mut error,
         );
-        take_result(y, error, "tch_peft_dora_linear")
+        if y.is_null() {
+            return Err(take_error(error, "tch_peft_dora_linear"));
+        }
+        Ok(Tensor::from_ptr(y))
     }
 }
 
@@ -206,8 +175,7 @@ pub(crate) fn lora_group(
             &mut error,
         );
         if rc != 0 {
-            return Err(take_result(std::ptr::null_mut(), error, "tch_peft_lora_group")
-                .expect_err("a null result is an error"));
+            return Err(take_error(error, "tch_peft_lora_group"));
         }
         Ok(out.into_iter().map(|p| Tensor::from_ptr(p)).collect())
     }

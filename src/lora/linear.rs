@@ -781,19 +781,31 @@ impl LoraLinear {
         let eligible = self.is_enabled()
             && !self.is_merged()
             && self.magnitude.is_none()
-            && !(train && self.dropout > 0.0)
-            && self.lora_b_bias.is_none()
-            && self.state.fused.load(Ordering::Relaxed);
+            && self.takes_fused_node(train);
         if !eligible {
             return Ok(None);
         }
         self.check_base_init()?;
-        let bias = match self.effective_bias() {
-            Some(b) if b.kind() != xs.kind() => Some(b.f_to_kind(xs.kind())?),
+        Ok(Some(self.input_bias(xs.kind())?))
+    }
+
+    /// Whether an unmerged forward runs the fused (LoRA or DoRA) node: no active dropout, no
+    /// `lora_bias`, fused not switched off.
+    #[cfg(tch_peft_fused)]
+    fn takes_fused_node(&self, train: bool) -> bool {
+        !(train && self.dropout > 0.0)
+            && self.lora_b_bias.is_none()
+            && self.state.fused.load(Ordering::Relaxed)
+    }
+
+    /// The bias the forward adds, in the activations' dtype: a trained f32 bias copy
+    /// (`bias = "lora_only"`) on a bf16/f16 base is cast down.
+    fn input_bias(&self, kind: Kind) -> Result<Option<Tensor>> {
+        Ok(match self.effective_bias() {
+            Some(b) if b.kind() != kind => Some(b.f_to_kind(kind)?),
             Some(b) => Some(b.shallow_clone()),
             None => None,
-        };
-        Ok(Some(bias))
+        })
     }
 
     /// The base weight, A, B and scaling, for the group node; `factors` replaces A and B (their
@@ -860,12 +872,7 @@ impl LoraLinear {
     /// be `in_features`, and dtype and device must match the base weight.
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.check_input(xs)?;
-        // a trained f32 bias copy (`bias = "lora_only"`) on a bf16/f16 base is cast down
-        let bias = match self.effective_bias() {
-            Some(b) if b.kind() != xs.kind() => Some(b.f_to_kind(xs.kind())?),
-            Some(b) => Some(b.shallow_clone()),
-            None => None,
-        };
+        let bias = self.input_bias(xs.kind())?;
         let bias = bias.as_ref();
         if !self.is_enabled() {
             return Ok(xs.f_linear(&self.base.ws, bias)?);
@@ -880,8 +887,7 @@ impl LoraLinear {
         let x2 = xs.f_reshape([-1, self.in_features])?;
         let dropout = train && self.dropout > 0.0;
         #[cfg(tch_peft_fused)]
-        let fused =
-            !dropout && self.lora_b_bias.is_none() && self.state.fused.load(Ordering::Relaxed);
+        let fused = self.takes_fused_node(train);
         if let Some(m) = &self.magnitude {
             #[cfg(tch_peft_fused)]
             if fused {
@@ -904,17 +910,15 @@ impl LoraLinear {
             let y = self.dora_forward(&x2, m, bias, dropout)?;
             return Ok(y.f_reshape(out_shape)?);
         }
-        // The fused node: in training its backward; in eval one kernel fewer than the composed
-        // ops (the scaling rides on the accumulating GEMM).
+        // The fused node (the group node with this layer alone): in training its backward; in
+        // eval one kernel fewer than the composed ops (the scaling rides on the accumulating
+        // GEMM).
         #[cfg(tch_peft_fused)]
         if fused {
             // without autograd (inference), the factors' casts are reused until they change
             let cached = self.inference_factors(x2.kind())?;
-            let (a, b) = match &cached {
-                Some((a, b)) => (a, b),
-                None => (&self.lora_a, &self.lora_b),
-            };
-            let y = super::fused::lora_linear(&x2, &self.base.ws, bias, a, b, self.scaling)?;
+            let member = self.group_member(bias, cached.as_ref());
+            let y = super::fused::lora_group(&x2, &[member])?.remove(0);
             return Ok(y.f_reshape(out_shape)?);
         }
         let y = x2.f_linear(&self.base.ws, bias)?;

@@ -22,7 +22,7 @@ mod conv2d;
 mod copy;
 mod embedding;
 #[cfg(tch_peft_fused)]
-mod fused;
+pub(crate) mod fused;
 mod linear;
 mod merge;
 mod model;

@@ -128,12 +128,9 @@ pub fn forward_shared(
         // the single fused-path adapter of each layer that has one, with its bias
         let mut fused: Vec<Option<(LoraLinear, Option<Tensor>)>> = Vec::new();
         for l in layers {
-            let member = match l.as_stack() {
-                Some(stack) if stack.adapter_names().len() == 1 => {
-                    let layer = stack.first().expect("one adapter");
-                    layer.fused_group_bias(xs, train)?.map(|bias| (layer, bias))
-                }
-                _ => None,
+            let member = match l.as_stack().and_then(LoraStack::only) {
+                Some(layer) => layer.fused_group_bias(xs, train)?.map(|bias| (layer, bias)),
+                None => None,
             };
             fused.push(member);
         }

@@ -292,6 +292,14 @@ impl<L: StackLayer> LoraStack<L> {
         self.lock().slots.first().map(|(_, l)| l.share())
     }
 
+    /// A handle on the layer's adapter when it has exactly one.
+    pub(crate) fn only(&self) -> Option<L> {
+        match self.lock().slots.as_slice() {
+            [(_, l)] => Some(l.share()),
+            _ => None,
+        }
+    }
+
     /// The names merged into the base weight, in merge order.
     pub fn merged_adapters(&self) -> Vec<String> {
         self.lock().merged.clone()

@@ -42,3 +42,48 @@ pub fn base_linear(vs: &nn::VarStore, name: &str, i: i64, o: i64) -> nn::Linear 
 pub fn randn(shape: &[i64], kind: Kind) -> Tensor {
     Tensor::randn(shape, (kind, Device::Cpu))
 }
+
+/// Max absolute difference relative to `reference`'s largest magnitude, as f64.
+pub fn rel_diff(a: &Tensor, reference: &Tensor) -> f64 {
+    let scale = reference.to_kind(Kind::Double).abs().max().double_value(&[]);
+    max_abs_diff(a, reference) / scale.max(1e-30)
+}
+
+/// A LoRA layer `proj` (`i → o`) on a bf16 base with f32 factors (B zero, as initialised); the
+/// base and adapter stores come with it.
+pub fn bf16_lora_layer(
+    cfg: &tch_peft::lora::LoraConfig,
+    i: i64,
+    o: i64,
+) -> (nn::VarStore, nn::VarStore, tch_peft::lora::LoraLinear) {
+    let mut vb = nn::VarStore::new(Device::Cpu);
+    let base = base_linear(&vb, "proj", i, o);
+    vb.bfloat16();
+    let va = nn::VarStore::new(Device::Cpu);
+    let l = tch_peft::lora::LoraLinear::new(base, &(va.root() / "proj"), cfg).unwrap();
+    (vb, va, l)
+}
+
+/// For the fused node, then the composed ops: the output of `l` on `x` and the gradients of
+/// `sum(y ⊙ g)` with respect to `x` and every tensor the adapter trains (in `named_tensors`
+/// order).
+pub fn fused_and_composed(
+    l: &tch_peft::lora::LoraLinear,
+    x: &Tensor,
+    g: &Tensor,
+) -> Vec<(Tensor, Vec<Tensor>)> {
+    use tch::nn::ModuleT;
+    use tch_peft::Adapter;
+    let trained: Vec<Tensor> = l.named_tensors().into_iter().map(|(_, t)| t).collect();
+    [true, false]
+        .into_iter()
+        .map(|fused| {
+            l.set_fused(fused);
+            let xg = x.detach().set_requires_grad(true);
+            let y = l.forward_t(&xg, true);
+            let params: Vec<&Tensor> = std::iter::once(&xg).chain(&trained).collect();
+            let loss = (&y * g).sum(Kind::Float);
+            (y, Tensor::run_backward(&[loss], &params, false, false))
+        })
+        .collect()
+}
