@@ -20,6 +20,8 @@
 // cuBLAS writes them in f32 directly).
 
 #include <torch/csrc/autograd/custom_function.h>
+
+#include "dora_kernels.h"
 #ifdef TCH_PEFT_CUDA_GRAPHS
 // only functions exported by libtorch_cuda/libc10_cuda: no inline CUDA runtime calls, so the
 // crate links no CUDA library of its own
@@ -148,8 +150,11 @@ DoraPrep dora_prep(at::ScalarType kind, const at::Tensor& w, const at::Tensor& a
           .clamp_min_(0)
           .rsqrt_();
   p.g = at::mul(m.to(ck), inv_norm).unsqueeze(1);
-  // W_g: g rounded to the base dtype first, so the weight-sized product runs without casts
-  p.w_g = at::mul(w, p.g.to(kind));
+  // W_g: g rounded to the base dtype first, so the weight-sized product runs without casts (the
+  // run-time compiled kernel computes exactly this at full bandwidth where it can)
+  if (kind != at::kBFloat16 || !tch_peft::kernels::row_scale(w, p.g, p.w_g)) {
+    p.w_g = at::mul(w, p.g.to(kind));
+  }
   p.b_g = at::empty({out, r}, base);
   at::mul_out(p.b_g, b32, p.g);
   p.inv_m = at::reciprocal(m.to(ck)).nan_to_num_(0.0, 0.0, 0.0);
@@ -318,10 +323,20 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
       dw = at::mm(gy.t(), x).mul_(g.to(kind));
     }
     const bool want_db = has_bias && ctx->needs_input_grad(2);
-    if (ctx->needs_input_grad(5) && gy.is_cuda() && gy.dim() == 2) {
-      // dm = Σ_rows(g_y ⊙ (y − bias))/m (and db = Σ_rows g_y) in one pass over g_y and y: the
-      // CUDA batch-norm backward reduction with mean = bias and invstd = 1/m is exactly this,
-      // in f32 (an f32 `weight` selects its mixed-precision kernel; its value is not used)
+    at::Tensor dot, sum;
+    if (ctx->needs_input_grad(5) &&
+        tch_peft::kernels::column_dot(gy, y, has_bias ? bias.to(ck) : at::Tensor(), inv_m,
+                                      want_db, dot, sum)) {
+      // dm = Σ_rows(g_y ⊙ (y − bias))/m (and db = Σ_rows g_y) in one pass over g_y and y, by
+      // the run-time compiled kernel (bf16 on CUDA)
+      dm = dot.to(m_kind);
+      if (want_db) {
+        db = sum.to(kind);
+      }
+    } else if (ctx->needs_input_grad(5) && gy.is_cuda() && gy.dim() == 2) {
+      // the same through CUDA's batch-norm backward reduction with mean = bias and invstd = 1/m,
+      // which is exactly this, in f32 (an f32 `weight` selects its mixed-precision kernel; its
+      // value is not used)
       const at::Tensor mean = has_bias ? bias.to(ck) : at::zeros_like(inv_m);
       auto reduced = at::batch_norm_backward_reduce(gy, y, mean, inv_m, inv_m,
                                                     /*input_g=*/false, /*weight_g=*/true, want_db);

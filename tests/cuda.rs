@@ -11,7 +11,10 @@ mod common;
 use common::*;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
-use tch_peft::lora::{LoraBias, LoraBuilder, LoraConfig, LoraLinear};
+use tch_peft::lora::{
+    custom_cuda_kernels_available, set_custom_cuda_kernels, LoraBias, LoraBuilder, LoraConfig,
+    LoraLinear,
+};
 use tch_peft::Adapter;
 
 fn cuda() -> Device {
@@ -273,5 +276,57 @@ fn dora_cuda_graph_replays_follow_in_place_updates_and_pending_backwards() {
     let (fused, composed) = (run(true), run(false));
     for (i, (f, c)) in fused.iter().zip(&composed).enumerate() {
         assert!(rel_diff(f, c) < 2e-2, "pending backward, tensor {i}: relative {}", rel_diff(f, c));
+    }
+}
+
+#[test]
+fn dora_custom_kernels_match_the_libtorch_ops_on_cuda() {
+    // G·W by the run-time compiled kernel is bit-identical to libtorch's product, so the output
+    // and every gradient that depends on it are too; dm (and a trained bias's gradient) differ
+    // only by the order of their f32 sums
+    let dev = cuda();
+    assert!(custom_cuda_kernels_available(), "NVRTC kernels should load on this GPU");
+    // (rows, base bias, trained bias): the reduction's chunking for few and many rows, with and
+    // without the bias and its gradient
+    for (rows, base_bias, trained_bias) in
+        [(132, true, true), (7, true, false), (3001, false, false), (4096, true, true)]
+    {
+        let run = |kernels: bool| {
+            set_custom_cuda_kernels(kernels);
+            tch::manual_seed(11);
+            let vb = nn::VarStore::new(dev);
+            let va = nn::VarStore::new(dev);
+            let lin = nn::LinearConfig { bias: base_bias, ..Default::default() };
+            let base = nn::linear(vb.root() / "proj", 256, 192, lin);
+            let mut vb = vb;
+            vb.set_kind(Kind::BFloat16);
+            let bias = if trained_bias { LoraBias::LoraOnly } else { LoraBias::None };
+            let cfg =
+                LoraConfig { r: 16, lora_alpha: 32.0, use_dora: true, bias, ..Default::default() };
+            let l = LoraLinear::new(base, &(va.root() / "proj"), &cfg).unwrap();
+            tch::no_grad(|| {
+                let _ = l.lora_b().shallow_clone().normal_(0.0, 0.05);
+            });
+            let x = Tensor::randn([rows, 256], (Kind::BFloat16, dev));
+            let g = Tensor::randn([rows, 192], (Kind::BFloat16, dev));
+            let names: Vec<String> = l.named_tensors().into_iter().map(|(n, _)| n).collect();
+            let (y, grads) = output_and_grads(&l, &x, &g);
+            (names, y, grads)
+        };
+        let (names, y_k, grads_k) = run(true);
+        let (_, y_a, grads_a) = run(false);
+        set_custom_cuda_kernels(true);
+        assert!(y_k.equal(&y_a), "rows {rows}: output differs");
+        let labels = std::iter::once("x".to_string()).chain(names);
+        for ((name, k), a) in labels.zip(&grads_k).zip(&grads_a) {
+            if name.ends_with("lora_magnitude_vector") || name.ends_with("bias") {
+                // (the bias gradient is rounded to bf16 after its f32 sum: one ulp can flip)
+                let tol = if name.ends_with("bias") { 5e-3 } else { 1e-5 };
+                let rel = rel_diff(k, a);
+                assert!(rel < tol, "rows {rows}, {name}: relative {rel}");
+            } else {
+                assert!(k.equal(a), "rows {rows}, {name}: differs");
+            }
+        }
     }
 }

@@ -41,6 +41,8 @@ extern "C" {
         error: *mut *mut c_char,
     ) -> i32;
     fn tch_peft_free_error(error: *mut c_char);
+    fn tch_peft_custom_kernels_available() -> i32;
+    fn tch_peft_set_custom_kernels(on: i32);
     fn tch_peft_grad_enabled() -> i32;
 }
 
@@ -48,6 +50,19 @@ extern "C" {
 pub(crate) fn grad_enabled() -> bool {
     // SAFETY: reads a thread-local flag; cannot fail.
     unsafe { tch_peft_grad_enabled() != 0 }
+}
+
+/// Whether DoRA's run-time compiled CUDA kernels load on the current device (compiling them).
+pub(crate) fn custom_kernels_available() -> bool {
+    // SAFETY: no arguments; the C++ side catches its exceptions (no device, a failed compile or
+    // load: 0).
+    unsafe { tch_peft_custom_kernels_available() != 0 }
+}
+
+/// Switches those kernels on or off for the process.
+pub(crate) fn set_custom_kernels(on: bool) {
+    // SAFETY: stores a flag.
+    unsafe { tch_peft_set_custom_kernels(i32::from(on)) }
 }
 
 /// A malloc'ed NUL-terminated string from the C++ side (an error message, the profiler's text),

@@ -110,6 +110,41 @@ pub fn fused_kernel_available() -> bool {
     cfg!(tch_peft_fused)
 }
 
+/// Whether DoRA's run-time compiled CUDA kernels run on the current CUDA device: two
+/// bandwidth-bound passes of the fused DoRA node — the weight scaling `G·W` and the magnitude
+/// gradient's column reduction `Σ_rows g_y ⊙ y` — compiled with NVRTC (the one the PyTorch
+/// wheels ship) on first use, for bf16 layers on GPUs of compute capability 8.0 or newer.
+/// Where they do not run (no CUDA build, no GPU or NVRTC, other dtypes, switched off) the node
+/// uses libtorch's ops, which compute the same values: `G·W` bit for bit, `dm` up to the order
+/// of its f32 sums (the kernel's order is fixed, so it is deterministic).
+///
+/// Compiles the kernels for the current device if that has not happened yet.
+///
+/// ```
+/// // false on a machine without a CUDA GPU (or with the kernels switched off)
+/// let _ = tch_peft::lora::custom_cuda_kernels_available();
+/// ```
+pub fn custom_cuda_kernels_available() -> bool {
+    #[cfg(tch_peft_fused)]
+    {
+        super::fused::custom_kernels_available()
+    }
+    #[cfg(not(tch_peft_fused))]
+    {
+        false
+    }
+}
+
+/// Switches DoRA's run-time compiled CUDA kernels ([`custom_cuda_kernels_available`]) on or off
+/// for the whole process (on by default; `TCH_PEFT_CUSTOM_KERNELS=0` in the environment starts
+/// with them off). Off, the fused DoRA node uses libtorch's ops only.
+pub fn set_custom_cuda_kernels(on: bool) {
+    #[cfg(tch_peft_fused)]
+    super::fused::set_custom_kernels(on);
+    #[cfg(not(tch_peft_fused))]
+    let _ = on;
+}
+
 pub(crate) fn is_float(kind: Kind) -> bool {
     matches!(kind, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double)
 }

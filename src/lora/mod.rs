@@ -34,7 +34,9 @@ pub use config::{scaling, LoraBias, LoraConfig, LoraInit};
 pub use conv2d::{Conv2dConfig, LoraConv2d};
 pub use copy::ModuleCopy;
 pub use embedding::LoraEmbedding;
-pub use linear::{fused_kernel_available, LoraLinear};
+pub use linear::{
+    custom_cuda_kernels_available, fused_kernel_available, set_custom_cuda_kernels, LoraLinear,
+};
 pub use model::{
     embedding, forward_shared, linear, LoraBuilder, MaybeLoraConv2d, MaybeLoraEmbedding,
     MaybeLoraLinear, DEFAULT_ADAPTER_NAME,

@@ -64,26 +64,35 @@ pub fn bf16_lora_layer(
     (vb, va, l)
 }
 
-/// For the fused node, then the composed ops: the output of `l` on `x` and the gradients of
-/// `sum(y ⊙ g)` with respect to `x` and every tensor the adapter trains (in `named_tensors`
-/// order).
+/// The output of `l` on `x` (training mode) and the gradients of `sum(y ⊙ g)` with respect to
+/// `x` and every tensor the adapter trains (in `named_tensors` order).
+#[allow(dead_code)]
+pub fn output_and_grads(
+    l: &tch_peft::lora::LoraLinear,
+    x: &Tensor,
+    g: &Tensor,
+) -> (Tensor, Vec<Tensor>) {
+    use tch::nn::ModuleT;
+    use tch_peft::Adapter;
+    let trained: Vec<Tensor> = l.named_tensors().into_iter().map(|(_, t)| t).collect();
+    let xg = x.detach().set_requires_grad(true);
+    let y = l.forward_t(&xg, true);
+    let params: Vec<&Tensor> = std::iter::once(&xg).chain(&trained).collect();
+    let loss = (&y * g).sum(Kind::Float);
+    (y, Tensor::run_backward(&[loss], &params, false, false))
+}
+
+/// [`output_and_grads`] for the fused node, then for the composed ops.
 pub fn fused_and_composed(
     l: &tch_peft::lora::LoraLinear,
     x: &Tensor,
     g: &Tensor,
 ) -> Vec<(Tensor, Vec<Tensor>)> {
-    use tch::nn::ModuleT;
-    use tch_peft::Adapter;
-    let trained: Vec<Tensor> = l.named_tensors().into_iter().map(|(_, t)| t).collect();
     [true, false]
         .into_iter()
         .map(|fused| {
             l.set_fused(fused);
-            let xg = x.detach().set_requires_grad(true);
-            let y = l.forward_t(&xg, true);
-            let params: Vec<&Tensor> = std::iter::once(&xg).chain(&trained).collect();
-            let loss = (&y * g).sum(Kind::Float);
-            (y, Tensor::run_backward(&[loss], &params, false, false))
+            output_and_grads(l, x, g)
         })
         .collect()
 }
