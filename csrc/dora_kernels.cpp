@@ -1,8 +1,8 @@
 // DoRA's bandwidth-bound passes as CUDA kernels compiled at run time with NVRTC (see
-// dora_kernels.h). ATen runs them at about half of the H200's memory bandwidth: the broadcast
-// product G·W through its generic (non-vectorised) elementwise kernel, the column reduction
-// Σ_rows g_y ⊙ y through batch norm's backward reduction. These read 16 bytes per thread and
-// load, several loads in flight per thread.
+// dora_kernels.h). ATen runs them at about half of the H200's memory bandwidth (the broadcast
+// product G·W through its generic, non-vectorised elementwise kernel; the column reduction
+// Σ_rows g_y ⊙ y through batch norm's backward reduction) and needs ~10 launches for the norm's
+// small steps. These read 16 bytes per thread and load, several loads in flight per thread.
 //
 // No CUDA library of our own is linked: NVRTC is the one torch loads (or the PyPI wheel's, found
 // beside libtorch), the driver API comes from libcuda.so.1 through dlopen. Kernels are compiled
@@ -12,6 +12,8 @@
 
 #ifdef TCH_PEFT_CUDA_GRAPHS
 #include <ATen/Context.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda.h>
@@ -52,35 +54,57 @@ __device__ __forceinline__ u32 pack(float a, float b) {
   return r;
 }
 
-// out[i] = bf16(w[i] · bf16(g[row])), eight elements per 16-byte vector, UNROLL vectors per
-// thread and iteration (their loads in flight together).
-#define UNROLL 4
-extern "C" __global__ void __launch_bounds__(256) row_scale(
-    const uint4* __restrict__ w, const float* __restrict__ g, uint4* __restrict__ out,
-    unsigned vec_per_row, unsigned total) {
-  const unsigned stride = gridDim.x * blockDim.x * UNROLL;
-  for (unsigned base = blockIdx.x * blockDim.x * UNROLL + threadIdx.x; base < total;
-       base += stride) {
-    uint4 v[UNROLL];
-    float s[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const unsigned i = base + u * blockDim.x;
-      if (i < total) {
-        v[u] = w[i];
-        s[u] = lo(pack(g[i / vec_per_row], 0.f));
-      }
+// DoRA's weight-side part after its two small GEMMs, one warp per row o of W ([out, in] bf16):
+//   ‖W_o + s·B_o A‖² = ‖W_o‖² + Σ_k B[o,k]·(2s·(WA_hi + WA_lo)[o,k] + s²·Σ_j B[o,j]·AAᵀ[j,k])
+//   g[o] = m[o] / ‖·‖ (the square clamped at 0),  inv_m[o] = 1/m[o] (0 where not finite),
+//   W_g[o,:] = bf16(W[o,:] · bf16(g[o])),  B_g[o,:] = bf16(B[o,:] · g[o])
+// wa2: [out, 2r] = W·[A_hi; A_lo]ᵀ (f32), b: [out, r], aat: [r, r], m, w_sq: [out] (all f32).
+// The row of W streams through the warp in 16-byte vectors, four per lane in flight.
+extern "C" __global__ void __launch_bounds__(256) dora_scale(
+    const uint4* __restrict__ w, const float* __restrict__ wa2, const float* __restrict__ b,
+    const float* __restrict__ aat, const float* __restrict__ m, const float* __restrict__ w_sq,
+    float s, int r, int vec_per_row, int rows, uint4* __restrict__ w_g,
+    unsigned short* __restrict__ b_g, float* __restrict__ g_out, float* __restrict__ inv_m) {
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * (blockDim.x >> 5);
+  for (int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); o < rows; o += warps) {
+    const float* bo = b + (size_t)o * r;
+    float term = 0.f;
+    for (int k = lane; k < r; k += 32) {
+      float baat = 0.f;
+      for (int j = 0; j < r; ++j) baat += bo[j] * aat[j * r + k];
+      const float cross =
+          2.f * s * (wa2[(size_t)o * 2 * r + k] + wa2[(size_t)o * 2 * r + r + k]) + s * s * baat;
+      term += bo[k] * cross;
     }
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const unsigned i = base + u * blockDim.x;
-      if (i < total) {
-        uint4 o;
-        o.x = pack(lo(v[u].x) * s[u], hi(v[u].x) * s[u]);
-        o.y = pack(lo(v[u].y) * s[u], hi(v[u].y) * s[u]);
-        o.z = pack(lo(v[u].z) * s[u], hi(v[u].z) * s[u]);
-        o.w = pack(lo(v[u].w) * s[u], hi(v[u].w) * s[u]);
-        out[i] = o;
+    for (int off = 16; off > 0; off >>= 1) term += __shfl_xor_sync(0xffffffffu, term, off);
+    const float g = m[o] * rsqrtf(fmaxf(w_sq[o] + term, 0.f));
+    if (lane == 0) {
+      g_out[o] = g;
+      const float inv = 1.f / m[o];
+      inv_m[o] = isfinite(inv) ? inv : 0.f;
+    }
+    for (int k = lane; k < r; k += 32) b_g[(size_t)o * r + k] = (unsigned short)pack(bo[k] * g, 0.f);
+    const float gs = lo(pack(g, 0.f));
+    const uint4* wo = w + (size_t)o * vec_per_row;
+    uint4* out = w_g + (size_t)o * vec_per_row;
+    for (int base = lane; base < vec_per_row; base += 32 * 4) {
+      uint4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (base + 32 * u < vec_per_row) v[u] = wo[base + 32 * u];
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (base + 32 * u < vec_per_row) {
+          uint4 q;
+          q.x = pack(lo(v[u].x) * gs, hi(v[u].x) * gs);
+          q.y = pack(lo(v[u].y) * gs, hi(v[u].y) * gs);
+          q.z = pack(lo(v[u].z) * gs, hi(v[u].z) * gs);
+          q.w = pack(lo(v[u].w) * gs, hi(v[u].w) * gs);
+          out[base + 32 * u] = q;
+        }
       }
     }
   }
@@ -186,12 +210,24 @@ extern "C" __global__ void __launch_bounds__(256) column_dot_sum(
 )";
 
 struct Api {
-  bool ok = false;
+  bool driver_ok = false, nvrtc_ok = false;
+  // driver (libcuda)
   CUresult (*cuModuleLoadData)(CUmodule*, const void*) = nullptr;
   CUresult (*cuModuleGetFunction)(CUfunction*, CUmodule, const char*) = nullptr;
   CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
                              unsigned, unsigned, CUstream, void**, void**) = nullptr;
   CUresult (*cuCtxGetCurrent)(CUcontext*) = nullptr;
+  CUresult (*cuCtxSetCurrent)(CUcontext) = nullptr;
+  CUresult (*cuDeviceGet)(CUdevice*, int) = nullptr;
+  CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice) = nullptr;
+  CUresult (*cuStreamCreate)(CUstream*, unsigned) = nullptr;
+  CUresult (*cuStreamBeginCapture)(CUstream, CUstreamCaptureMode) = nullptr;
+  CUresult (*cuStreamEndCapture)(CUstream, CUgraph*) = nullptr;
+  CUresult (*cuGraphInstantiateWithFlags)(CUgraphExec*, CUgraph, unsigned long long) = nullptr;
+  CUresult (*cuGraphLaunch)(CUgraphExec, CUstream) = nullptr;
+  CUresult (*cuGraphExecDestroy)(CUgraphExec) = nullptr;
+  CUresult (*cuGraphDestroy)(CUgraph) = nullptr;
+  // NVRTC
   nvrtcResult (*nvrtcCreateProgram)(nvrtcProgram*, const char*, const char*, int,
                                     const char* const*, const char* const*) = nullptr;
   nvrtcResult (*nvrtcCompileProgram)(nvrtcProgram, int, const char* const*) = nullptr;
@@ -241,36 +277,65 @@ const Api& api() {
     if (debug()) {
       std::fprintf(stderr, "tch-peft kernels: libcuda %p, libnvrtc %p\n", cuda, nvrtc);
     }
-    if (cuda == nullptr || nvrtc == nullptr) return a;
-    bool all = true;
-    const auto get = [&all](void* lib, const char* name) {
-      void* f = dlsym(lib, name);
+    const auto get = [](void* lib, const char* name, bool& all) {
+      void* f = lib == nullptr ? nullptr : dlsym(lib, name);
       all = all && f != nullptr;
       return f;
     };
-#define TCH_PEFT_LOAD(lib, fn) a.fn = reinterpret_cast<decltype(a.fn)>(get(lib, #fn))
-    TCH_PEFT_LOAD(cuda, cuModuleLoadData);
-    TCH_PEFT_LOAD(cuda, cuModuleGetFunction);
-    TCH_PEFT_LOAD(cuda, cuLaunchKernel);
-    TCH_PEFT_LOAD(cuda, cuCtxGetCurrent);
-    TCH_PEFT_LOAD(nvrtc, nvrtcCreateProgram);
-    TCH_PEFT_LOAD(nvrtc, nvrtcCompileProgram);
-    TCH_PEFT_LOAD(nvrtc, nvrtcGetCUBINSize);
-    TCH_PEFT_LOAD(nvrtc, nvrtcGetCUBIN);
-    TCH_PEFT_LOAD(nvrtc, nvrtcGetProgramLogSize);
-    TCH_PEFT_LOAD(nvrtc, nvrtcGetProgramLog);
-    TCH_PEFT_LOAD(nvrtc, nvrtcDestroyProgram);
+    // (the versioned names cuda.h maps the plain ones to, e.g. cuStreamBeginCapture_v2)
+#define TCH_PEFT_NAME2(x) #x
+#define TCH_PEFT_NAME(x) TCH_PEFT_NAME2(x)
+#define TCH_PEFT_LOAD(lib, fn, all) \
+  a.fn = reinterpret_cast<decltype(a.fn)>(get(lib, TCH_PEFT_NAME(fn), all))
+    bool driver = cuda != nullptr;
+    TCH_PEFT_LOAD(cuda, cuModuleLoadData, driver);
+    TCH_PEFT_LOAD(cuda, cuModuleGetFunction, driver);
+    TCH_PEFT_LOAD(cuda, cuLaunchKernel, driver);
+    TCH_PEFT_LOAD(cuda, cuCtxGetCurrent, driver);
+    TCH_PEFT_LOAD(cuda, cuCtxSetCurrent, driver);
+    TCH_PEFT_LOAD(cuda, cuDeviceGet, driver);
+    TCH_PEFT_LOAD(cuda, cuDevicePrimaryCtxRetain, driver);
+    TCH_PEFT_LOAD(cuda, cuStreamCreate, driver);
+    TCH_PEFT_LOAD(cuda, cuStreamBeginCapture, driver);
+    TCH_PEFT_LOAD(cuda, cuStreamEndCapture, driver);
+    TCH_PEFT_LOAD(cuda, cuGraphInstantiateWithFlags, driver);
+    TCH_PEFT_LOAD(cuda, cuGraphLaunch, driver);
+    TCH_PEFT_LOAD(cuda, cuGraphExecDestroy, driver);
+    TCH_PEFT_LOAD(cuda, cuGraphDestroy, driver);
+    bool compiler = nvrtc != nullptr;
+    TCH_PEFT_LOAD(nvrtc, nvrtcCreateProgram, compiler);
+    TCH_PEFT_LOAD(nvrtc, nvrtcCompileProgram, compiler);
+    TCH_PEFT_LOAD(nvrtc, nvrtcGetCUBINSize, compiler);
+    TCH_PEFT_LOAD(nvrtc, nvrtcGetCUBIN, compiler);
+    TCH_PEFT_LOAD(nvrtc, nvrtcGetProgramLogSize, compiler);
+    TCH_PEFT_LOAD(nvrtc, nvrtcGetProgramLog, compiler);
+    TCH_PEFT_LOAD(nvrtc, nvrtcDestroyProgram, compiler);
 #undef TCH_PEFT_LOAD
-    a.ok = all;
+#undef TCH_PEFT_NAME
+#undef TCH_PEFT_NAME2
+    a.driver_ok = driver;
+    a.nvrtc_ok = driver && compiler;
     return a;
   }();
   return loaded;
 }
 
+// Makes the device's primary context (the one the CUDA runtime, hence libtorch, uses) current on
+// this thread if no context is: a thread that has not run CUDA work yet has none.
+bool ensure_context(int device) {
+  const Api& a = api();
+  CUcontext ctx = nullptr;
+  if (a.cuCtxGetCurrent(&ctx) == CUDA_SUCCESS && ctx != nullptr) return true;
+  CUdevice dev = 0;
+  return a.cuDeviceGet(&dev, device) == CUDA_SUCCESS &&
+         a.cuDevicePrimaryCtxRetain(&ctx, dev) == CUDA_SUCCESS &&
+         a.cuCtxSetCurrent(ctx) == CUDA_SUCCESS;
+}
+
 struct Module {
-  CUfunction row_scale = nullptr, dot_only = nullptr, dot_sum = nullptr;
+  CUfunction scale = nullptr, dot_only = nullptr, dot_sum = nullptr;
   int sms = 0;
-  bool ok() const { return row_scale && dot_only && dot_sum; }
+  bool ok() const { return scale && dot_only && dot_sum; }
 };
 
 // The kernels on the current device, compiled and loaded once (a failure is remembered: no
@@ -279,7 +344,7 @@ struct Module {
 const Module* module() {
   if (!enabled_flag().load(std::memory_order_relaxed)) return nullptr;
   const Api& a = api();
-  if (!a.ok) return nullptr;
+  if (!a.nvrtc_ok) return nullptr;
   static std::mutex mutex;
   static auto* cache = new std::map<int, Module>();
   const int device = c10::cuda::current_device();
@@ -287,10 +352,9 @@ const Module* module() {
   const auto found = cache->find(device);
   if (found != cache->end()) return found->second.ok() ? &found->second : nullptr;
   Module mod;
-  CUcontext ctx = nullptr;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   nvrtcProgram prog = nullptr;
-  if (prop->major >= 8 && a.cuCtxGetCurrent(&ctx) == CUDA_SUCCESS && ctx != nullptr &&
+  if (prop->major >= 8 && ensure_context(device) &&
       a.nvrtcCreateProgram(&prog, kSource, "tch_peft_dora.cu", 0, nullptr, nullptr) ==
           NVRTC_SUCCESS) {
     const std::string arch = "--gpu-architecture=sm_" + std::to_string(prop->major * 10 + prop->minor);
@@ -311,7 +375,7 @@ const Module* module() {
       std::string cubin(size, '\0');
       if (a.nvrtcGetCUBIN(prog, &cubin[0]) == NVRTC_SUCCESS &&
           a.cuModuleLoadData(&cu_module, cubin.data()) == CUDA_SUCCESS) {
-        if (a.cuModuleGetFunction(&mod.row_scale, cu_module, "row_scale") != CUDA_SUCCESS ||
+        if (a.cuModuleGetFunction(&mod.scale, cu_module, "dora_scale") != CUDA_SUCCESS ||
             a.cuModuleGetFunction(&mod.dot_only, cu_module, "column_dot_only") != CUDA_SUCCESS ||
             a.cuModuleGetFunction(&mod.dot_sum, cu_module, "column_dot_sum") != CUDA_SUCCESS) {
           mod = Module();
@@ -334,6 +398,7 @@ bool aligned16(const at::Tensor& t) {
 }
 
 bool launch(CUfunction fn, unsigned gx, unsigned gy, void** args) {
+  if (!ensure_context(c10::cuda::current_device())) return false;
   const auto stream = reinterpret_cast<CUstream>(c10::cuda::getCurrentCUDAStream().stream());
   return api().cuLaunchKernel(fn, gx, gy, 1, 256, 1, 1, 0, stream, args, nullptr) ==
          CUDA_SUCCESS;
@@ -341,32 +406,49 @@ bool launch(CUfunction fn, unsigned gx, unsigned gy, void** args) {
 
 }  // namespace
 
-bool row_scale(const at::Tensor& w, const at::Tensor& g, at::Tensor& w_g) {
+bool dora_scale(const at::Tensor& w, const at::Tensor& wa2, const at::Tensor& b,
+                const at::Tensor& aat, const at::Tensor& m, const at::Tensor& w_sq, double s,
+                at::Tensor& w_g, at::Tensor& b_g, at::Tensor& g, at::Tensor& inv_m) {
   if (w.dim() != 2 || w.scalar_type() != at::kBFloat16 || !w.is_contiguous() ||
       !on_current_device(w) || !aligned16(w) || w.size(1) % 8 != 0 ||
-      g.scalar_type() != at::kFloat || !g.is_contiguous() || g.numel() != w.size(0) ||
-      g.device() != w.device() || w.numel() / 8 >= (int64_t{1} << 31)) {
+      w.size(0) >= (int64_t{1} << 31) || w.size(1) / 8 >= (int64_t{1} << 31)) {
+    return false;
+  }
+  const int64_t out = w.size(0), r = b.dim() == 2 ? b.size(1) : -1;
+  const auto f32_of = [&](const at::Tensor& t, std::initializer_list<int64_t> sizes) {
+    return t.scalar_type() == at::kFloat && t.is_contiguous() && t.device() == w.device() &&
+           t.sizes() == at::IntArrayRef(sizes);
+  };
+  if (r < 1 || !f32_of(wa2, {out, 2 * r}) || !f32_of(b, {out, r}) || !f32_of(aat, {r, r}) ||
+      !f32_of(m, {out}) || !f32_of(w_sq, {out})) {
     return false;
   }
   const Module* mod = module();
   if (mod == nullptr) return false;
-  at::Tensor out = at::empty_like(w);
-  const unsigned vec_per_row = static_cast<unsigned>(w.size(1) / 8);
-  const unsigned total = static_cast<unsigned>(w.numel() / 8);
-  if (total == 0) {
-    w_g = out;
-    return true;
+  at::Tensor wg = at::empty_like(w);
+  at::Tensor bg = at::empty({out, r}, w.options());
+  at::Tensor gg = at::empty({out}, m.options());
+  at::Tensor im = at::empty({out}, m.options());
+  if (out > 0) {
+    const float sf = static_cast<float>(s);
+    const int ri = static_cast<int>(r);
+    const int vec_per_row = static_cast<int>(w.size(1) / 8);
+    const int rows = static_cast<int>(out);
+    const unsigned blocks =
+        static_cast<unsigned>(std::min<int64_t>((out + 7) / 8, int64_t{8} * mod->sms));
+    const void* ptrs[] = {w.data_ptr(), wa2.data_ptr(), b.data_ptr(), aat.data_ptr(),
+                          m.data_ptr(),  w_sq.data_ptr()};
+    void* outs[] = {wg.data_ptr(), bg.data_ptr(), gg.data_ptr(), im.data_ptr()};
+    void* args[] = {&ptrs[0], &ptrs[1], &ptrs[2], &ptrs[3], &ptrs[4], &ptrs[5],
+                    const_cast<float*>(&sf), const_cast<int*>(&ri),
+                    const_cast<int*>(&vec_per_row), const_cast<int*>(&rows),
+                    &outs[0], &outs[1], &outs[2], &outs[3]};
+    if (!launch(mod->scale, blocks, 1, args)) return false;
   }
-  // enough blocks to fill the device (8 per SM), each thread 4 vectors per iteration
-  const unsigned per_block = 256 * 4;
-  const unsigned blocks = std::min<unsigned>((total + per_block - 1) / per_block, 8u * mod->sms);
-  const void* w_p = w.data_ptr();
-  const void* g_p = g.data_ptr();
-  void* o_p = out.data_ptr();
-  void* args[] = {&w_p, &g_p, &o_p, const_cast<unsigned*>(&vec_per_row),
-                  const_cast<unsigned*>(&total)};
-  if (!launch(mod->row_scale, blocks, 1, args)) return false;
-  w_g = out;
+  w_g = wg;
+  b_g = bg;
+  g = gg;
+  inv_m = im;
   return true;
 }
 
@@ -425,6 +507,86 @@ bool column_dot(const at::Tensor& gy, const at::Tensor& y, const at::Tensor& bia
   return true;
 }
 
+std::unique_ptr<CapturedGraph> CapturedGraph::capture(const std::function<void()>& work) {
+  const Api& a = api();
+  TORCH_CHECK(a.driver_ok, "the CUDA driver API (libcuda.so.1) was not found");
+  const int device = c10::cuda::current_device();
+  TORCH_CHECK(ensure_context(device), "no CUDA context on device ", device);
+  // one capture at a time, on a stream only captures use (a pool stream could be shared with
+  // another thread's work, which would land in the graph); kept for the process so that
+  // cuBLAS's per-stream workspace is made once
+  static std::mutex mutex;
+  static auto* streams = new std::map<int, CUstream>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  CUstream& stream = (*streams)[device];
+  if (stream == nullptr) {
+    TORCH_CHECK(a.cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING) == CUDA_SUCCESS,
+                "cuStreamCreate failed");
+  }
+  const auto raw = reinterpret_cast<cudaStream_t>(stream);
+  struct StreamScope {
+    c10::cuda::CUDAStream previous;
+    explicit StreamScope(c10::cuda::CUDAStream s)
+        : previous(c10::cuda::getCurrentCUDAStream(s.device_index())) {
+      c10::cuda::setCurrentCUDAStream(s);
+    }
+    ~StreamScope() { c10::cuda::setCurrentCUDAStream(previous); }
+  } scope(c10::cuda::getStreamFromExternal(raw, static_cast<c10::DeviceIndex>(device)));
+  c10::cuda::device_synchronize();  // the inputs are ready, whichever stream wrote them
+  work();
+  c10::cuda::device_synchronize();
+  std::unique_ptr<CapturedGraph> g(new CapturedGraph());
+  g->device_ = device;
+  g->pool_ = at::cuda::graph_pool_handle();
+  const auto dev = static_cast<c10::DeviceIndex>(device);
+  c10::cuda::CUDACachingAllocator::beginAllocateToPool(
+      dev, g->pool_, [raw](cudaStream_t s) { return s == raw; });
+  CUgraph graph = nullptr;
+  CUgraphExec exec = nullptr;
+  bool captured = false;
+  const bool began =
+      a.cuStreamBeginCapture(stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) == CUDA_SUCCESS;
+  try {
+    TORCH_CHECK(began, "cuStreamBeginCapture failed");
+    work();
+  } catch (...) {
+    if (began) {
+      (void)a.cuStreamEndCapture(stream, &graph);
+      if (graph != nullptr) (void)a.cuGraphDestroy(graph);
+    }
+    c10::cuda::CUDACachingAllocator::endAllocateToPool(dev, g->pool_);
+    c10::cuda::CUDACachingAllocator::releasePool(dev, g->pool_);
+    g->pool_ = {0, 0};
+    throw;
+  }
+  captured = a.cuStreamEndCapture(stream, &graph) == CUDA_SUCCESS && graph != nullptr;
+  c10::cuda::CUDACachingAllocator::endAllocateToPool(dev, g->pool_);
+  // AUTO_FREE_ON_LAUNCH as libtorch's graphs (memory kept between replays)
+  captured = captured && a.cuGraphInstantiateWithFlags(
+                             &exec, graph, CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH) ==
+                             CUDA_SUCCESS;
+  if (graph != nullptr) (void)a.cuGraphDestroy(graph);
+  g->exec_ = exec;
+  TORCH_CHECK(captured, "the CUDA graph capture failed");  // ~CapturedGraph releases the pool
+  return g;
+}
+
+CapturedGraph::~CapturedGraph() {
+  if (exec_ != nullptr) (void)api().cuGraphExecDestroy(static_cast<CUgraphExec>(exec_));
+  if (pool_.first != 0 || pool_.second != 0) {
+    try {
+      c10::cuda::CUDACachingAllocator::releasePool(static_cast<c10::DeviceIndex>(device_), pool_);
+    } catch (...) {
+    }
+  }
+}
+
+void CapturedGraph::replay() {
+  const auto stream = reinterpret_cast<CUstream>(c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(api().cuGraphLaunch(static_cast<CUgraphExec>(exec_), stream) == CUDA_SUCCESS,
+              "cuGraphLaunch failed");
+}
+
 bool available() {
   if (c10::cuda::device_count() == 0) return false;
   try {
@@ -438,12 +600,24 @@ void set_enabled(bool on) { enabled_flag().store(on, std::memory_order_relaxed);
 
 #else  // no CUDA build: the ATen ops everywhere
 
-bool row_scale(const at::Tensor&, const at::Tensor&, at::Tensor&) { return false; }
+bool dora_scale(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                const at::Tensor&, const at::Tensor&, double, at::Tensor&, at::Tensor&,
+                at::Tensor&, at::Tensor&) {
+  return false;
+}
 
 bool column_dot(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
                 at::Tensor&, at::Tensor&) {
   return false;
 }
+
+std::unique_ptr<CapturedGraph> CapturedGraph::capture(const std::function<void()>&) {
+  TORCH_CHECK(false, "this build has no CUDA graph support");
+}
+
+CapturedGraph::~CapturedGraph() = default;
+
+void CapturedGraph::replay() {}
 
 bool available() { return false; }
 

@@ -1,4 +1,5 @@
-// DoRA's two bandwidth-bound passes as CUDA kernels compiled at run time (csrc/dora_kernels.cpp).
+// DoRA's CUDA kernels compiled at run time (csrc/dora_kernels.cpp): the weight-side pass and the
+// magnitude gradient's reduction.
 // Each returns false, having written nothing, where it cannot run (no CUDA build, no driver or
 // NVRTC, a dtype/shape/alignment it does not handle, kernels switched off): the caller then uses
 // the ATen ops, which compute the same values.
@@ -6,11 +7,44 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
+#include <memory>
+#include <utility>
+
 namespace tch_peft::kernels {
 
-// w_g = W ⊙ bf16(g) per row, rounded to bf16 (bit-identical to `at::mul(w, g.to(kBFloat16))`):
-// w [out, in] bf16 contiguous, g [out, 1] or [out] f32.
-bool row_scale(const at::Tensor& w, const at::Tensor& g, at::Tensor& w_g);
+// A CUDA graph captured through the driver API on a private stream of the current device, its
+// allocations in a private pool of libtorch's caching allocator — what at::cuda::CUDAGraph does,
+// minus registering the CUDA RNG generators: at::cuda::CUDAGraph puts the default generator in
+// capture mode, and any other thread drawing CUDA random numbers meanwhile gets an error. The
+// captured work must draw none (if it does, libtorch throws and nothing is captured).
+class CapturedGraph {
+ public:
+  // Runs `work` twice on the capture stream (current while it runs; captures are serialised
+  // per process): once to warm up (cuBLAS state for the stream), once captured. Throws where it
+  // cannot capture (no CUDA driver, an error inside `work`), leaving nothing behind.
+  static std::unique_ptr<CapturedGraph> capture(const std::function<void()>& work);
+  ~CapturedGraph();
+  CapturedGraph(const CapturedGraph&) = delete;
+  CapturedGraph& operator=(const CapturedGraph&) = delete;
+  // Launches the graph on the current stream.
+  void replay();
+
+ private:
+  CapturedGraph() = default;
+  void* exec_ = nullptr;
+  int device_ = 0;
+  std::pair<unsigned long long, unsigned long long> pool_{0, 0};
+};
+
+// DoRA's weight-side part after the GEMMs wa2 = W·[A_hi; A_lo]ᵀ ([out, 2r]) and aat = A·Aᵀ
+// ([r, r]), in one pass over W: the scale g = m/‖W + s·BA‖_row, 1/m (0 where not finite),
+// W_g = bf16(W ⊙ bf16(g)) per row (as `at::mul(w, g.to(kBFloat16))`) and B_g = bf16(B ⊙ g).
+// w [out, in] bf16 contiguous; wa2, b [out, r], aat, m, w_sq [out] f32 contiguous. Outputs: w_g
+// [out, in] and b_g [out, r] bf16, g and inv_m [out] f32.
+bool dora_scale(const at::Tensor& w, const at::Tensor& wa2, const at::Tensor& b,
+                const at::Tensor& aat, const at::Tensor& m, const at::Tensor& w_sq, double s,
+                at::Tensor& w_g, at::Tensor& b_g, at::Tensor& g, at::Tensor& inv_m);
 
 // dot[c] = scale[c] · Σ_n gy[n, c]·(y[n, c] − bias[c]) and, when `sum` is requested,
 // sum[c] = Σ_n gy[n, c], in f32 (deterministic: fixed-order partial sums per row chunk):

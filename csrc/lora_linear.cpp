@@ -2,7 +2,8 @@
 // backward passes from Rust). Called from src/lora/fused.rs through a small C ABI; tensors cross
 // as the `at::Tensor*` handles tch uses for `C_tensor`.
 //
-// LoRA, for one layer or several on the same input (LoraGroupFunction below):
+// LoRA (and DoRA, further down), for one layer or several on the same input
+// (LoraGroupFunction below):
 //
 //   y = x Wᵀ + b + s · (x Aᵀ) Bᵀ        x: [N, in]   W: [out, in]   A: [r, in]   B: [out, r]
 //
@@ -25,12 +26,12 @@
 #ifdef TCH_PEFT_CUDA_GRAPHS
 // only functions exported by libtorch_cuda/libc10_cuda: no inline CUDA runtime calls, so the
 // crate links no CUDA library of its own
-#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <tuple>
 #include <vector>
@@ -71,24 +72,7 @@ at::Tensor low_rank_then_base(const at::Tensor& x, const at::Tensor& w, const at
   return y;
 }
 
-// The input gradient g (W + s·BA) of one (DoRA) layer, given gb = s·g B when already computed:
-// either through the [out, in] matrix W + s·BA (a rewritten copy of the weight, ≈ 4·out·in
-// element moves) or as g W plus one thin accumulate gb·A into dx (≈ 2·N·in more): the cheaper
-// one. The group node below makes the same choice for all its layers at once.
-at::Tensor input_grad(const at::Tensor& g, const at::Tensor& w, const at::Tensor& bc,
-                      const at::Tensor& ac, double s, at::Tensor gb) {
-  if (g.size(0) < 2 * w.size(0)) {
-    if (!gb.defined()) {
-      gb = scaled_mm(g, bc, s);
-    }
-    at::Tensor dx = at::mm(g, w);
-    dx.addmm_(gb, ac);
-    return dx;
-  }
-  return at::mm(g, at::addmm(w, bc, ac, /*beta=*/1, /*alpha=*/s));
-}
-
-// DoRA on the same layer, as one autograd node (PEFT's formula without dropout):
+// DoRA on the same layer (a DoRA member of the same node; PEFT's formula without dropout):
 //
 //   y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias       g = m / ‖W + s·BA‖_row   (the norm detached)
 //
@@ -106,7 +90,7 @@ at::Tensor input_grad(const at::Tensor& g, const at::Tensor& w, const at::Tensor
 // The output y is saved (not u): modifying it in place before the backward is an autograd
 // error. A magnitude entry that is exactly 0 gets a zero gradient here (its column of u is not
 // recoverable from y); the composed path (`set_fused(false)`) gives Σ_rows(g_y ⊙ u)/‖·‖.
-// (The node is DoraLinearFunction, after the weight-side part of its forward.)
+// (The node is LoraGroupFunction's DoRA member, after the weight-side part of its forward.)
 
 // What DoRA's forward computes from the weights alone (not from x): A in the base dtype, the
 // scale g = m/‖W + s·BA‖ ([out, 1], compute kind), W_g = G·W, B_g = G·B (base dtype) and 1/m (0
@@ -136,7 +120,15 @@ DoraPrep dora_prep(at::ScalarType kind, const at::Tensor& w, const at::Tensor& a
     at::Tensor lo = split.narrow(0, r, r);
     at::sub_out(lo, a32, p.ac);
     const at::Tensor wa2 = at::mm(w, split.t(), ck);  // [out, 2r]
-    cross = at::addmm(wa2.narrow(1, 0, r), b32, at::mm(a32, a32.t()), 2 * s, s * s);
+    const at::Tensor aat = at::mm(a32, a32.t());
+    // the rest (norm, scale, W_g, B_g, 1/m) in one pass over W where the kernel runs
+    at::Tensor g;
+    if (kind == at::kBFloat16 && tch_peft::kernels::dora_scale(w, wa2, b32, aat, m.to(ck), w_sq,
+                                                                s, p.w_g, p.b_g, g, p.inv_m)) {
+      p.g = g.unsqueeze(1);
+      return p;
+    }
+    cross = at::addmm(wa2.narrow(1, 0, r), b32, aat, 2 * s, s * s);
     cross.add_(wa2.narrow(1, r, r), 2 * s);
   } else {
     p.ac = a.to(kind);
@@ -150,11 +142,8 @@ DoraPrep dora_prep(at::ScalarType kind, const at::Tensor& w, const at::Tensor& a
           .clamp_min_(0)
           .rsqrt_();
   p.g = at::mul(m.to(ck), inv_norm).unsqueeze(1);
-  // W_g: g rounded to the base dtype first, so the weight-sized product runs without casts (the
-  // run-time compiled kernel computes exactly this at full bandwidth where it can)
-  if (kind != at::kBFloat16 || !tch_peft::kernels::row_scale(w, p.g, p.w_g)) {
-    p.w_g = at::mul(w, p.g.to(kind));
-  }
+  // W_g: g rounded to the base dtype first, so the weight-sized product runs without casts
+  p.w_g = at::mul(w, p.g.to(kind));
   p.b_g = at::empty({out, r}, base);
   at::mul_out(p.b_g, b32, p.g);
   p.inv_m = at::reciprocal(m.to(ck)).nan_to_num_(0.0, 0.0, 0.0);
@@ -170,11 +159,13 @@ DoraPrep dora_prep(at::ScalarType kind, const at::Tensor& w, const at::Tensor& a
 // backward) still holds them — otherwise the eager path runs. The outputs, G·W among them, stay
 // allocated in the graph's pool between steps (one weight-sized bf16 tensor per layer); used
 // only while autograd records (training). Capturing synchronises the device once per layer, so
-// a caller that captures its own CUDA graph around the forward should warm it up first.
+// a caller that captures its own CUDA graph around the forward should warm it up first. The
+// capture (tch_peft::kernels::CapturedGraph) leaves the CUDA RNG alone: other threads may draw
+// random numbers while it runs.
 struct DoraGraph {
   std::vector<int64_t> key;
   int state = 0;  // 0: new key, 1: warmed up, 2: captured, -1: capture failed (eager for good)
-  std::unique_ptr<at::cuda::CUDAGraph> graph;
+  std::unique_ptr<tch_peft::kernels::CapturedGraph> graph;
   DoraPrep out;
 };
 
@@ -218,34 +209,9 @@ DoraPrep dora_prep_cached(DoraGraph* cache, at::ScalarType kind, const at::Tenso
     cache->graph->replay();
     return o;
   }
-  // state 1: capture on a side stream, warmed up there first (cuBLAS workspaces)
+  // state 1: warm up and capture on the capture stream (no RNG generator involved)
   try {
-    c10::cuda::device_synchronize();
-    {
-      // the side stream as the current one for this scope
-      struct StreamScope {
-        c10::cuda::CUDAStream previous;
-        explicit StreamScope(c10::cuda::CUDAStream side)
-            : previous(c10::cuda::getCurrentCUDAStream(side.device_index())) {
-          c10::cuda::setCurrentCUDAStream(side);
-        }
-        ~StreamScope() { c10::cuda::setCurrentCUDAStream(previous); }
-      } scope(c10::cuda::getStreamFromPool(false, w.get_device()));
-      (void)eager();
-      c10::cuda::device_synchronize();
-      cache->graph = std::make_unique<at::cuda::CUDAGraph>();
-      cache->graph->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
-      try {
-        cache->out = eager();
-      } catch (...) {
-        try {
-          cache->graph->capture_end();
-        } catch (...) {
-        }
-        throw;
-      }
-      cache->graph->capture_end();
-    }
+    cache->graph = tch_peft::kernels::CapturedGraph::capture([&] { cache->out = eager(); });
     c10::cuda::device_synchronize();
     cache->state = 2;
     cache->graph->replay();
@@ -260,145 +226,131 @@ DoraPrep dora_prep_cached(DoraGraph* cache, at::ScalarType kind, const at::Tenso
 }
 #endif
 
-struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> {
-  // `cache` is a DoraGraph* (or 0) passed through as an integer (autograd's argument list).
-  static at::Tensor forward(AutogradContext* ctx, at::Tensor x, at::Tensor w, at::Tensor bias,
-                            bool has_bias, at::Tensor a, at::Tensor b, at::Tensor m,
-                            at::Tensor w_sq, double s, int64_t cache) {
-    const auto kind = x.scalar_type();
+// The DoRA weight-side part for one layer: through the layer's CUDA-graph cache (`cache`, a
+// DoraGraph* passed as an integer, 0 for none) where graphs are built in.
+DoraPrep dora_prep_for(int64_t cache, at::ScalarType kind, const at::Tensor& w,
+                       const at::Tensor& a, const at::Tensor& b, const at::Tensor& m,
+                       const at::Tensor& w_sq, double s) {
 #ifdef TCH_PEFT_CUDA_GRAPHS
-    const DoraPrep p =
-        dora_prep_cached(reinterpret_cast<DoraGraph*>(cache), kind, w, a, b, m, w_sq, s);
+  return dora_prep_cached(reinterpret_cast<DoraGraph*>(cache), kind, w, a, b, m, w_sq, s);
 #else
-    (void)cache;
-    const DoraPrep p = dora_prep(kind, w, a, b, m, w_sq, s);
+  (void)cache;
+  return dora_prep(kind, w, a, b, m, w_sq, s);
 #endif
-    const at::Tensor& ac = p.ac;
-    const at::Tensor& g = p.g;
-    const at::Tensor& w_g = p.w_g;
-    const at::Tensor& b_g = p.b_g;
-    const at::Tensor& inv_m = p.inv_m;
-    const at::Tensor h = at::mm(x, ac.t());
-    at::Tensor y = low_rank_then_base(x, w_g, has_bias ? &bias : nullptr, h, b_g, s);
-    ctx->save_for_backward({x, w_g, ac, b_g, h, y, g, inv_m, has_bias ? bias : at::Tensor()});
-    ctx->saved_data["scaling"] = s;
-    ctx->saved_data["has_bias"] = has_bias;
-    ctx->saved_data["a_kind"] = static_cast<int64_t>(a.scalar_type());
-    ctx->saved_data["b_kind"] = static_cast<int64_t>(b.scalar_type());
-    ctx->saved_data["m_kind"] = static_cast<int64_t>(m.scalar_type());
-    return y;
+}
+
+// A DoRA layer's dm = Σ_rows(g_y ⊙ (y − bias))/m and db = Σ_rows g_y (each only when wanted) in
+// one pass over g_y and the saved output y: the run-time compiled kernel (bf16 on CUDA), else
+// CUDA's batch-norm backward reduction (with mean = bias and invstd = 1/m it is exactly this, in
+// f32; an f32 `weight` selects its mixed-precision kernel, its value unused), else composed ops.
+std::pair<at::Tensor, at::Tensor> dora_reductions(const at::Tensor& gy, const at::Tensor& y,
+                                                  const at::Tensor& bias,
+                                                  const at::Tensor& inv_m, at::ScalarType m_kind,
+                                                  bool want_dm, bool want_db) {
+  const auto kind = gy.scalar_type();
+  const auto ck = inv_m.scalar_type();
+  const bool has_bias = bias.defined();
+  at::Tensor dm, db, dot, sum;
+  if (want_dm && tch_peft::kernels::column_dot(gy, y, has_bias ? bias.to(ck) : at::Tensor(),
+                                               inv_m, want_db, dot, sum)) {
+    dm = dot.to(m_kind);
+    if (want_db) {
+      db = sum.to(kind);
+    }
+  } else if (want_dm && gy.is_cuda()) {
+    const at::Tensor mean = has_bias ? bias.to(ck) : at::zeros_like(inv_m);
+    auto reduced = at::batch_norm_backward_reduce(gy, y, mean, inv_m, inv_m,
+                                                  /*input_g=*/false, /*weight_g=*/true, want_db);
+    dm = std::get<2>(reduced).to(m_kind);
+    if (want_db) {
+      db = std::get<3>(reduced).to(kind);
+    }
+  } else {
+    if (want_db) {
+      db = gy.sum(0);
+    }
+    if (want_dm) {
+      const at::Tensor centred = has_bias ? at::sub(y, bias) : y;
+      dm = at::sum(at::mul(gy, centred), {0}, /*keepdim=*/false, ck).mul_(inv_m).to(m_kind);
+    }
   }
+  return {dm, db};
+}
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const at::Tensor& w_g = saved[1];
-    const at::Tensor& ac = saved[2];
-    const at::Tensor& b_g = saved[3];
-    const at::Tensor& h = saved[4];
-    const at::Tensor& y = saved[5];
-    const at::Tensor& g = saved[6];  // [out, 1], compute kind
-    const at::Tensor& inv_m = saved[7];
-    const at::Tensor& bias = saved[8];
-    const double s = ctx->saved_data["scaling"].toDouble();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const auto a_kind = static_cast<at::ScalarType>(ctx->saved_data["a_kind"].toInt());
-    const auto b_kind = static_cast<at::ScalarType>(ctx->saved_data["b_kind"].toInt());
-    const auto m_kind = static_cast<at::ScalarType>(ctx->saved_data["m_kind"].toInt());
-    const at::Tensor gy = grads[0].contiguous();
-    const auto kind = gy.scalar_type();
-    const auto ck = g.scalar_type();
-    const bool wide = gy.is_cuda() && (kind == at::kBFloat16 || kind == at::kHalf);
-
-    // inputs: x 0, w 1, bias 2, a 3, b 4, m 5, w_sq 6 (tensors only, as needs_input_grad counts)
-    at::Tensor dx, dw, db, da, dbm, dm, gb;
-    if (ctx->needs_input_grad(3)) {
-      gb = scaled_mm(gy, b_g, s);
-      da = factor_grad(gb.t(), x, a_kind, wide);
-    }
-    if (ctx->needs_input_grad(0)) {
-      dx = input_grad(gy, w_g, b_g, ac, s, gb);  // g_y (W_g + s·B_g A)
-    }
-    if (ctx->needs_input_grad(1)) {
-      dw = at::mm(gy.t(), x).mul_(g.to(kind));
-    }
-    const bool want_db = has_bias && ctx->needs_input_grad(2);
-    at::Tensor dot, sum;
-    if (ctx->needs_input_grad(5) &&
-        tch_peft::kernels::column_dot(gy, y, has_bias ? bias.to(ck) : at::Tensor(), inv_m,
-                                      want_db, dot, sum)) {
-      // dm = Σ_rows(g_y ⊙ (y − bias))/m (and db = Σ_rows g_y) in one pass over g_y and y, by
-      // the run-time compiled kernel (bf16 on CUDA)
-      dm = dot.to(m_kind);
-      if (want_db) {
-        db = sum.to(kind);
-      }
-    } else if (ctx->needs_input_grad(5) && gy.is_cuda() && gy.dim() == 2) {
-      // the same through CUDA's batch-norm backward reduction with mean = bias and invstd = 1/m,
-      // which is exactly this, in f32 (an f32 `weight` selects its mixed-precision kernel; its
-      // value is not used)
-      const at::Tensor mean = has_bias ? bias.to(ck) : at::zeros_like(inv_m);
-      auto reduced = at::batch_norm_backward_reduce(gy, y, mean, inv_m, inv_m,
-                                                    /*input_g=*/false, /*weight_g=*/true, want_db);
-      dm = std::get<2>(reduced).to(m_kind);
-      if (want_db) {
-        db = std::get<3>(reduced).to(kind);
-      }
-    } else {
-      if (want_db) {
-        db = gy.sum(0);
-      }
-      if (ctx->needs_input_grad(5)) {
-        const at::Tensor centred = has_bias ? at::sub(y, bias) : y;
-        dm = at::sum(at::mul(gy, centred), {0}, /*keepdim=*/false, ck).mul_(inv_m).to(m_kind);
-      }
-    }
-    if (ctx->needs_input_grad(4)) {
-      dbm = factor_grad(gy.t(), h, ck, wide).mul_(g).mul_(s).to(b_kind);
-    }
-    return {dx, dw, db, at::Tensor(), da, dbm, dm, at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
-// LoRA Linear layers on one input — a single layer, or several that share it (q/k/v of an
-// attention block, gate/up of an MLP) — as one autograd node with one output per layer:
+// LoRA and DoRA Linear layers on one input — a single layer, or several that share it (q/k/v
+// of an attention block, gate/up of an MLP) — as one autograd node with one output per layer:
 //
-//   y_i = x W_iᵀ + b_i + s_i·(x A_iᵀ) B_iᵀ
+//   y_i = x W_iᵀ + b_i + s_i·(x A_iᵀ) B_iᵀ        (DoRA: W_i, B_i scaled by G_i, see above)
 //
 // What sharing the input saves: forward, one GEMM x·[A_1; …; A_n]ᵀ reads x once for every
 // branch; backward, one GEMM [g_1 B_1 s_1 | …]ᵀ·x reads it once for every A gradient, and the
 // input gradients accumulate inside the GEMMs (dx = g_1 W'_1, then beta = 1 for the others)
 // instead of in separate additions; for wide groups the low-rank part of dx is one more GEMM
 // for the whole group instead of a rewritten copy of every weight. Outputs nobody used get an
-// undefined gradient and are skipped.
+// undefined gradient and are skipped. A DoRA member is a LoRA member on its scaled weights
+// (W_g, B_g) whose B and W gradients take one more factor G and whose magnitude gradient comes
+// from dora_reductions over its saved output.
 struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
-  // `biases` holds the defined biases only; `bias_of[i]` is layer i's index there or -1.
+  // `biases` holds the defined biases only, `bias_of[i]` is layer i's index there or -1; `ms`
+  // and `w_sqs` hold the DoRA members' magnitudes and cached ‖W_i‖², `dora_of[i]` is layer i's
+  // index there or -1, `caches[i]` its DoraGraph* (0: none).
   static variable_list forward(AutogradContext* ctx, at::Tensor x, at::TensorList ws,
                                at::TensorList as, at::TensorList bs, at::TensorList biases,
-                               std::vector<int64_t> bias_of, std::vector<double> scalings) {
+                               at::TensorList ms, at::TensorList w_sqs,
+                               std::vector<int64_t> bias_of, std::vector<int64_t> dora_of,
+                               std::vector<int64_t> caches, std::vector<double> scalings) {
     // outputs nobody used keep an undefined gradient (skipped below) instead of zeros
     ctx->set_materialize_grads(false);
     const auto kind = x.scalar_type();
     const size_t n = ws.size();
     std::vector<int64_t> offsets(n + 1, 0);
+    std::vector<DoraPrep> preps(n);
+    bool all_dora = true;
     for (size_t i = 0; i < n; ++i) {
       offsets[i + 1] = offsets[i] + as[i].size(0);
+      const int64_t j = dora_of[i];
+      if (j >= 0) {
+        preps[i] = dora_prep_for(caches[i], kind, ws[i], as[i], bs[i], ms[j], w_sqs[j],
+                                 scalings[i]);
+      }
+      all_dora = all_dora && j >= 0;
     }
-    const at::Tensor a_all = (n == 1 ? as[0] : at::cat(as)).to(kind);  // [R, in]
+    // [R, in] in the base dtype: the DoRA preps already hold their A cast
+    at::Tensor a_all;
+    if (all_dora) {
+      std::vector<at::Tensor> acs;
+      for (const DoraPrep& p : preps) acs.push_back(p.ac);
+      a_all = n == 1 ? acs[0] : at::cat(acs);
+    } else {
+      a_all = (n == 1 ? as[0] : at::cat(as)).to(kind);
+    }
     const at::Tensor h_all = at::mm(x, a_all.t());  // [N, R]
     variable_list ys;
     std::vector<at::Tensor> to_save{x, a_all, h_all};
+    std::vector<at::Tensor> dora_saved;
+    std::vector<int64_t> m_kinds;
     for (size_t i = 0; i < n; ++i) {
-      const at::Tensor bc = bs[i].to(kind);
+      const bool dora = dora_of[i] >= 0;
+      const at::Tensor w = dora ? preps[i].w_g : ws[i];
+      const at::Tensor bc = dora ? preps[i].b_g : bs[i].to(kind);
       const at::Tensor h = h_all.narrow(1, offsets[i], offsets[i + 1] - offsets[i]);
       const at::Tensor* bias = bias_of[i] >= 0 ? &biases[bias_of[i]] : nullptr;
-      ys.push_back(low_rank_then_base(x, ws[i], bias, h, bc, scalings[i]));
-      to_save.push_back(ws[i]);
+      ys.push_back(low_rank_then_base(x, w, bias, h, bc, scalings[i]));
+      to_save.push_back(w);
       to_save.push_back(bc);
+      if (dora) {
+        // the output itself (not u = (y − bias)/g): modifying it in place before the backward
+        // is an autograd error
+        dora_saved.insert(dora_saved.end(), {ys.back(), preps[i].g, preps[i].inv_m,
+                                             bias != nullptr ? *bias : at::Tensor()});
+        m_kinds.push_back(static_cast<int64_t>(ms[dora_of[i]].scalar_type()));
+      }
     }
+    to_save.insert(to_save.end(), dora_saved.begin(), dora_saved.end());
     ctx->save_for_backward(to_save);
     ctx->saved_data["offsets"] = offsets;
     ctx->saved_data["bias_of"] = bias_of;
+    ctx->saved_data["dora_of"] = dora_of;
     ctx->saved_data["scalings"] = scalings;
     std::vector<int64_t> a_kinds, b_kinds;
     for (size_t i = 0; i < n; ++i) {
@@ -407,6 +359,7 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     }
     ctx->saved_data["a_kinds"] = a_kinds;
     ctx->saved_data["b_kinds"] = b_kinds;
+    ctx->saved_data["m_kinds"] = m_kinds;
     ctx->saved_data["n_biases"] = static_cast<int64_t>(biases.size());
     return ys;
   }
@@ -418,22 +371,29 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     const at::Tensor& h_all = saved[2];
     const auto offsets = ctx->saved_data["offsets"].toIntVector();
     const auto bias_of = ctx->saved_data["bias_of"].toIntVector();
+    const auto dora_of = ctx->saved_data["dora_of"].toIntVector();
     const auto scalings = ctx->saved_data["scalings"].toDoubleVector();
     const auto a_kinds = ctx->saved_data["a_kinds"].toIntVector();
     const auto b_kinds = ctx->saved_data["b_kinds"].toIntVector();
+    const auto m_kinds = ctx->saved_data["m_kinds"].toIntVector();
     const int64_t n_biases = ctx->saved_data["n_biases"].toInt();
     const size_t n = scalings.size();
+    const size_t n_dora = m_kinds.size();
     const int64_t big_r = offsets[n];
     const auto kind = x.scalar_type();
     const bool wide = x.is_cuda() && (kind == at::kBFloat16 || kind == at::kHalf);
-    // tensor inputs, flattened: x, ws (n), as (n), bs (n), biases
+    // tensor inputs, flattened: x, ws (n), as (n), bs (n), biases, ms, w_sqs
     const auto w_index = [](size_t i) { return 1 + i; };
     const auto a_index = [n](size_t i) { return 1 + n + i; };
     const auto b_index = [n](size_t i) { return 1 + 2 * n + i; };
     const auto bias_index = [n](int64_t j) { return 1 + 3 * n + static_cast<size_t>(j); };
+    const auto m_index = [n, n_biases](int64_t j) {
+      return 1 + 3 * n + static_cast<size_t>(n_biases + j);
+    };
 
     at::Tensor dx;
-    std::vector<at::Tensor> dws(n), das(n), dbs(n), dbiases(n_biases);
+    std::vector<at::Tensor> dws(n), das(n), dbs(n), dbiases(n_biases), dms(n_dora),
+        dw_sqs(n_dora);
     bool any_a = false;
     int64_t sum_out = 0;
     for (size_t i = 0; i < n; ++i) {
@@ -458,11 +418,14 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
         continue;
       }
       const at::Tensor g = grads[i].contiguous();
-      const at::Tensor& w = saved[3 + 2 * i];
-      const at::Tensor& bc = saved[4 + 2 * i];
+      const at::Tensor& w = saved[3 + 2 * i];   // W, or W_g for DoRA
+      const at::Tensor& bc = saved[4 + 2 * i];  // B in the base dtype, or B_g
       const at::Tensor ac = a_all.narrow(0, offsets[i], r);
       const at::Tensor h = h_all.narrow(1, offsets[i], r);
       const double s = scalings[i];
+      const int64_t j = dora_of[i];
+      // a DoRA member's saved output, scale G ([out, 1], compute kind), 1/m and bias
+      const size_t d = 3 + 2 * n + 4 * static_cast<size_t>(std::max<int64_t>(j, 0));
       if (ctx->needs_input_grad(0)) {
         const at::Tensor w_eff =
             thin ? w : at::addmm(w, bc, ac, /*beta=*/1, /*alpha=*/s);  // W (+ s·BA)
@@ -474,8 +437,20 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
       }
       if (ctx->needs_input_grad(w_index(i))) {
         dws[i] = at::mm(g.t(), x);
+        if (j >= 0) {
+          dws[i].mul_(saved[d + 1].to(kind));
+        }
       }
-      if (bias_of[i] >= 0 && ctx->needs_input_grad(bias_index(bias_of[i]))) {
+      const bool want_db = bias_of[i] >= 0 && ctx->needs_input_grad(bias_index(bias_of[i]));
+      if (j >= 0) {
+        auto [dm, db] = dora_reductions(g, saved[d], saved[d + 3], saved[d + 2],
+                                        static_cast<at::ScalarType>(m_kinds[j]),
+                                        ctx->needs_input_grad(m_index(j)), want_db);
+        dms[j] = dm;
+        if (want_db) {
+          dbiases[bias_of[i]] = db;
+        }
+      } else if (want_db) {
         dbiases[bias_of[i]] = g.sum(0);
       }
       if (need_gb) {
@@ -484,7 +459,16 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
       }
       if (ctx->needs_input_grad(b_index(i))) {
         const auto b_kind = static_cast<at::ScalarType>(b_kinds[i]);
-        dbs[i] = factor_grad(g.t(), h, b_kind, wide).mul_(s);
+        if (j >= 0) {
+          // dB = s·G (g_yᵀ h), in the compute kind before the cast
+          const at::Tensor& scale = saved[d + 1];
+          dbs[i] = factor_grad(g.t(), h, scale.scalar_type(), wide)
+                       .mul_(scale)
+                       .mul_(s)
+                       .to(b_kind);
+        } else {
+          dbs[i] = factor_grad(g.t(), h, b_kind, wide).mul_(s);
+        }
       }
     }
     if (thin && dx.defined()) {
@@ -506,16 +490,24 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
       }
     }
     variable_list out{dx};
-    out.insert(out.end(), dws.begin(), dws.end());
-    out.insert(out.end(), das.begin(), das.end());
-    out.insert(out.end(), dbs.begin(), dbs.end());
-    out.insert(out.end(), dbiases.begin(), dbiases.end());
-    out.emplace_back();  // bias_of
-    out.emplace_back();  // scalings
+    for (const auto* list : {&dws, &das, &dbs, &dbiases, &dms, &dw_sqs}) {
+      out.insert(out.end(), list->begin(), list->end());
+    }
+    out.resize(out.size() + 4);  // bias_of, dora_of, caches, scalings
     return out;
   }
 };
 
+
+// Whether DoRA layers run their weight-side part as CUDA graphs (off unless switched on, or
+// TCH_PEFT_DORA_CUDA_GRAPHS=1 in the environment).
+std::atomic<bool>& dora_graphs_flag() {
+  static std::atomic<bool> on([] {
+    const char* v = std::getenv("TCH_PEFT_DORA_CUDA_GRAPHS");
+    return v != nullptr && std::string(v) == "1";
+  }());
+  return on;
+}
 
 char* copy_message(const char* what) {
   const size_t n = std::strlen(what);
@@ -545,25 +537,7 @@ T guarded(const char* what, char** error, T failed, F&& f) {
 
 extern "C" {
 
-// DoRA: returns a new tensor handle (owned by the caller, freed by tch) or nullptr with *error
-// set to a malloc'ed message the caller frees with tch_peft_free_error. `bias` may be null; `m`
-// is the magnitude [out], `w_sq` the cached ‖W_i‖² [out] (f32, or f64 for an f64 base).
-at::Tensor* tch_peft_dora_linear(const at::Tensor* x, const at::Tensor* w, const at::Tensor* bias,
-                                 const at::Tensor* a, const at::Tensor* b, const at::Tensor* m,
-                                 const at::Tensor* w_sq, double scaling, void* cache,
-                                 char** error) {
-  return guarded<at::Tensor*>("tch_peft_dora_linear", error, nullptr, [&] {
-    const bool has_bias = bias != nullptr;
-    const at::Tensor b_or_empty = has_bias ? *bias : at::empty({0}, x->options());
-    // graphs in training only: their outputs (G·W among them) stay allocated between calls,
-    // which inference need not pay for
-    const int64_t graph = c10::GradMode::is_enabled() ? reinterpret_cast<int64_t>(cache) : 0;
-    return new at::Tensor(DoraLinearFunction::apply(*x, *w, b_or_empty, has_bias, *a, *b, *m,
-                                                    *w_sq, scaling, graph));
-  });
-}
-
-// A DoRA layer's CUDA-graph cache for tch_peft_dora_linear (null where graphs are not built in);
+// A DoRA layer's CUDA-graph cache for tch_peft_lora_group (null where graphs are not built in);
 // freed with tch_peft_dora_cache_free.
 void* tch_peft_dora_cache_new() {
 #ifdef TCH_PEFT_CUDA_GRAPHS
@@ -581,15 +555,23 @@ void tch_peft_dora_cache_free(void* cache) {
 #endif
 }
 
-// The group node: `n` layers, arrays of `n` handles each; `biases[i]` may be null. On success
-// writes `n` new owned handles to `out` and returns 0; else returns 1 with *error set.
+// The group node: `n` layers, arrays of `n` handles each; `biases[i]` may be null, and so may
+// `ms[i]` (the magnitude [out]) with `w_sqs[i]` (the cached ‖W_i‖² [out], f32, or f64 for an f64
+// base) for a LoRA member; `caches[i]` is a DoRA member's graph cache (or null). On success
+// writes `n` new owned handles to `out` and returns 0; else returns 1 with *error set to a
+// malloc'ed message the caller frees with tch_peft_free_error.
 int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* ws,
                         const at::Tensor* const* biases, const at::Tensor* const* as,
-                        const at::Tensor* const* bs, const double* scalings, at::Tensor** out,
-                        char** error) {
+                        const at::Tensor* const* bs, const at::Tensor* const* ms,
+                        const at::Tensor* const* w_sqs, void* const* caches,
+                        const double* scalings, at::Tensor** out, char** error) {
   return guarded<int>("tch_peft_lora_group", error, 1, [&] {
-    std::vector<at::Tensor> w_list, a_list, b_list, bias_list;
-    std::vector<int64_t> bias_of;
+    std::vector<at::Tensor> w_list, a_list, b_list, bias_list, m_list, w_sq_list;
+    std::vector<int64_t> bias_of, dora_of, cache_list;
+    // graphs when switched on, in training only: their outputs (G·W among them) stay allocated
+    // between calls, which inference need not pay for
+    const bool graphs = dora_graphs_flag().load(std::memory_order_relaxed) &&
+                        c10::GradMode::is_enabled();
     for (size_t i = 0; i < n; ++i) {
       w_list.push_back(*ws[i]);
       a_list.push_back(*as[i]);
@@ -600,16 +582,36 @@ int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* 
       } else {
         bias_of.push_back(-1);
       }
+      if (ms[i] != nullptr) {
+        dora_of.push_back(static_cast<int64_t>(m_list.size()));
+        m_list.push_back(*ms[i]);
+        w_sq_list.push_back(*w_sqs[i]);
+      } else {
+        dora_of.push_back(-1);
+      }
+      cache_list.push_back(graphs ? reinterpret_cast<int64_t>(caches[i]) : 0);
     }
     std::vector<double> s(scalings, scalings + n);
-    const auto ys = LoraGroupFunction::apply(*x, at::TensorList(w_list), at::TensorList(a_list),
-                                             at::TensorList(b_list), at::TensorList(bias_list),
-                                             bias_of, s);
+    const auto ys = LoraGroupFunction::apply(
+        *x, at::TensorList(w_list), at::TensorList(a_list), at::TensorList(b_list),
+        at::TensorList(bias_list), at::TensorList(m_list), at::TensorList(w_sq_list), bias_of,
+        dora_of, cache_list, s);
     for (size_t i = 0; i < n; ++i) {
       out[i] = new at::Tensor(ys[i]);
     }
     return 0;
   });
+}
+
+// Switches DoRA's CUDA graphs on (1) or off (0) for the process; returns whether the build has
+// them.
+int tch_peft_set_dora_cuda_graphs(int on) {
+  dora_graphs_flag().store(on != 0, std::memory_order_relaxed);
+#ifdef TCH_PEFT_CUDA_GRAPHS
+  return 1;
+#else
+  return 0;
+#endif
 }
 
 void tch_peft_free_error(char* error) { std::free(error); }

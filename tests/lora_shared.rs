@@ -1,6 +1,7 @@
 //! `lora::forward_shared`: several layers on one input as one node, against each layer's own
-//! forward — values and every gradient, with members that must fall back (a plain layer, a DoRA
-//! layer, dropout), an output left unused, and a bf16 base.
+//! forward — values and every gradient, LoRA and DoRA members together and DoRA ones alone,
+//! with members that must fall back (a plain layer, dropout), an output left unused, and a bf16
+//! base.
 
 mod common;
 
@@ -114,7 +115,7 @@ fn dropout_or_eval_falls_back_to_the_same_values() {
     tch::manual_seed(1);
     let b = block(Kind::Double, 0.5);
     let x = randn(&[9, 12], Kind::Double);
-    // eval: every member eligible except v (plain) and d (DoRA)
+    // eval: every member eligible except v (plain)
     let (ys, _) = outputs_and_grads(&b, &x, true, &[0], false);
     let (ys0, _) = outputs_and_grads(&b, &x, false, &[0], false);
     for (y, y0) in ys.iter().zip(&ys0) {
@@ -191,4 +192,68 @@ fn inference_on_a_bf16_base_reuses_cast_factors_until_they_change() {
     }
     let second = check();
     assert!(max_abs_diff(&first[0], &second[0]) > 1e-2, "stale cast factors");
+}
+
+#[test]
+fn dora_layers_share_one_node_with_every_gradient() {
+    // DoRA members only (their A casts concatenated from the weight-side part), one with a
+    // trained bias copy, one of them twice (its graph cache is taken once), an output unused
+    tch::manual_seed(4);
+    let base = nn::VarStore::new(Device::Cpu);
+    let va = nn::VarStore::new(Device::Cpu);
+    let cfg = LoraConfig {
+        r: 3,
+        lora_alpha: 5.0,
+        use_dora: true,
+        bias: LoraBias::LoraOnly,
+        rank_pattern: [("g".to_string(), 2)].into_iter().collect(),
+        ..LoraConfig::for_targets(["f", "g"])
+    };
+    let builder = LoraBuilder::new(&va.root(), cfg).unwrap();
+    let f = builder.linear(&(base.root() / "f"), 12, 8, Default::default()).unwrap();
+    let nobias = nn::LinearConfig { bias: false, ..Default::default() };
+    let g = builder.linear(&(base.root() / "g"), 12, 5, nobias).unwrap();
+    let mut base = base;
+    base.set_kind(Kind::Double);
+    let adapter = builder.finish().unwrap();
+    adapter.init_from_base_weights().unwrap();
+    let mut trained = Vec::new();
+    for l in adapter.layers() {
+        set(l.lora_b(), &(randn(&l.lora_b().size(), Kind::Double) * 0.3));
+        trained.extend(l.named_tensors().into_iter().map(|(_, t)| t));
+    }
+    let b = Block { _base: base, _adapters: vec![va], layers: vec![f, g], trained };
+    let layers: Vec<&MaybeLoraLinear> = vec![&b.layers[0], &b.layers[1], &b.layers[0]];
+    for (rows, used) in [(5, vec![0, 1, 2]), (40, vec![0, 1]), (40, vec![1])] {
+        let x = randn(&[rows, 12], Kind::Double);
+        let run = |shared: bool| {
+            let x = x.detach().set_requires_grad(true);
+            let ys = if shared {
+                forward_shared(&layers, &x, true).unwrap()
+            } else {
+                layers.iter().map(|l| l.f_forward_t(&x, true).unwrap()).collect()
+            };
+            let mut loss = Tensor::zeros([], (Kind::Double, Device::Cpu));
+            for &i in &used {
+                let n = ys[i].numel() as i64;
+                let w = (Tensor::arange(n, (Kind::Double, Device::Cpu)) * (0.3 + i as f64)).cos();
+                loss += (&ys[i] * w.view(ys[i].size().as_slice())).sum(Kind::Double);
+            }
+            let params: Vec<&Tensor> = std::iter::once(&x).chain(&b.trained).collect();
+            let grads = Tensor::run_backward(&[loss], &params, false, true);
+            (ys, grads)
+        };
+        let ((ys, gs), (ys0, gs0)) = (run(true), run(false));
+        for (i, (y, y0)) in ys.iter().zip(&ys0).enumerate() {
+            assert!(max_abs_diff(y, y0) < 1e-12, "rows {rows}, output {i}");
+        }
+        assert_eq!(gs.len(), 1 + 7, "x, then A, B, bias copy, m of f; A, B, m of g");
+        for (i, (g, g0)) in gs.iter().zip(&gs0).enumerate() {
+            assert_eq!(g.defined(), g0.defined(), "rows {rows}, gradient {i}");
+            if g.defined() {
+                let d = max_abs_diff(g, g0);
+                assert!(d < 1e-12, "rows {rows}, used {used:?}, gradient {i}: {d}");
+            }
+        }
+    }
 }

@@ -13,19 +13,6 @@ use tch::Tensor;
 use torch_sys::C_tensor;
 
 extern "C" {
-    #[allow(clippy::too_many_arguments)]
-    fn tch_peft_dora_linear(
-        x: *const C_tensor,
-        w: *const C_tensor,
-        bias: *const C_tensor,
-        a: *const C_tensor,
-        b: *const C_tensor,
-        m: *const C_tensor,
-        w_sq: *const C_tensor,
-        scaling: f64,
-        cache: *mut c_void,
-        error: *mut *mut c_char,
-    ) -> *mut C_tensor;
     fn tch_peft_dora_cache_new() -> *mut c_void;
     fn tch_peft_dora_cache_free(cache: *mut c_void);
     #[allow(clippy::too_many_arguments)]
@@ -36,6 +23,9 @@ extern "C" {
         biases: *const *const C_tensor,
         a_s: *const *const C_tensor,
         bs: *const *const C_tensor,
+        ms: *const *const C_tensor,
+        w_sqs: *const *const C_tensor,
+        caches: *const *mut c_void,
         scalings: *const f64,
         out: *mut *mut C_tensor,
         error: *mut *mut c_char,
@@ -43,6 +33,7 @@ extern "C" {
     fn tch_peft_free_error(error: *mut c_char);
     fn tch_peft_custom_kernels_available() -> i32;
     fn tch_peft_set_custom_kernels(on: i32);
+    fn tch_peft_set_dora_cuda_graphs(on: i32) -> i32;
     fn tch_peft_grad_enabled() -> i32;
 }
 
@@ -63,6 +54,12 @@ pub(crate) fn custom_kernels_available() -> bool {
 pub(crate) fn set_custom_kernels(on: bool) {
     // SAFETY: stores a flag.
     unsafe { tch_peft_set_custom_kernels(i32::from(on)) }
+}
+
+/// Switches DoRA's CUDA graphs on or off for the process; whether the build has them.
+pub(crate) fn set_dora_cuda_graphs(on: bool) -> bool {
+    // SAFETY: stores a flag.
+    unsafe { tch_peft_set_dora_cuda_graphs(i32::from(on)) != 0 }
 }
 
 /// A malloc'ed NUL-terminated string from the C++ side (an error message, the profiler's text),
@@ -112,71 +109,55 @@ impl Drop for DoraCache {
     }
 }
 
-/// DoRA's `m/‖W + s·BA‖_row ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias` for a 2-D `x`, as one autograd node
-/// (the norm detached, as in PEFT). `w_sq` is `‖W_i‖²` per row in the compute kind (f32, f64 for
-/// an f64 base). Inputs must have been checked by the caller; `cache` is the layer's own.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn dora_linear(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    a: &Tensor,
-    b: &Tensor,
-    m: &Tensor,
-    w_sq: &Tensor,
-    scaling: f64,
-    cache: &mut DoraCache,
-) -> Result<Tensor, tch::TchError> {
-    let mut error: *mut c_char = std::ptr::null_mut();
-    // SAFETY: every pointer is a live tensor handle borrowed for the call (or null for no bias),
-    // `cache` is exclusively borrowed; the C++ side catches every exception and on success
-    // returns a new owned handle.
-    unsafe {
-        let y = tch_peft_dora_linear(
-            x.as_ptr(),
-            w.as_ptr(),
-            bias.map_or(std::ptr::null(), Tensor::as_ptr),
-            a.as_ptr(),
-            b.as_ptr(),
-            m.as_ptr(),
-            w_sq.as_ptr(),
-            scaling,
-            cache.0,
-            &mut error,
-        );
-        if y.is_null() {
-            return Err(take_error(error, "tch_peft_dora_linear"));
-        }
-        Ok(Tensor::from_ptr(y))
-    }
-}
-
-/// One LoRA layer of a [`lora_group`] call: base weight, optional bias, A, B, scaling.
+/// One LoRA or DoRA layer of a [`lora_group`] call: base weight, optional bias, A, B, scaling
+/// and, for DoRA, its magnitude part.
 pub(crate) struct GroupMember<'a> {
     pub w: &'a Tensor,
     pub bias: Option<&'a Tensor>,
     pub a: &'a Tensor,
     pub b: &'a Tensor,
     pub scaling: f64,
+    pub dora: Option<DoraMember<'a>>,
 }
 
-/// `x Wᵢᵀ + bᵢ + sᵢ·(x Aᵢᵀ) Bᵢᵀ` for every member, as one autograd node that reads the shared
-/// 2-D input `x` once for all the `x Aᵢᵀ` and once for all the A gradients, and accumulates the
-/// input gradients inside the GEMMs. Inputs must have been checked by the caller.
+/// A DoRA member's magnitude `m` ([out]), `‖W_i‖²` per row in the compute kind (f32, f64 for an
+/// f64 base) and its layer's graph cache (`None`: no graph, e.g. when it is locked elsewhere).
+pub(crate) struct DoraMember<'a> {
+    pub m: &'a Tensor,
+    pub w_sq: Tensor,
+    pub cache: Option<&'a mut DoraCache>,
+}
+
+/// `x Wᵢᵀ + bᵢ + sᵢ·(x Aᵢᵀ) Bᵢᵀ` for every member (DoRA members:
+/// `m/‖W + s·BA‖_row ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias`, the norm detached as in PEFT), as one
+/// autograd node that reads the shared 2-D input `x` once for all the `x Aᵢᵀ` and once for all
+/// the A gradients, and accumulates the input gradients inside the GEMMs. Inputs must have been
+/// checked by the caller.
 pub(crate) fn lora_group(
     x: &Tensor,
-    members: &[GroupMember<'_>],
+    members: &mut [GroupMember<'_>],
 ) -> Result<Vec<Tensor>, tch::TchError> {
+    let handle = |t: Option<&Tensor>| t.map_or(std::ptr::null(), Tensor::as_ptr);
     let ws: Vec<*const C_tensor> = members.iter().map(|m| m.w.as_ptr()).collect();
-    let biases: Vec<*const C_tensor> =
-        members.iter().map(|m| m.bias.map_or(std::ptr::null(), Tensor::as_ptr)).collect();
+    let biases: Vec<*const C_tensor> = members.iter().map(|m| handle(m.bias)).collect();
     let a_s: Vec<*const C_tensor> = members.iter().map(|m| m.a.as_ptr()).collect();
     let bs: Vec<*const C_tensor> = members.iter().map(|m| m.b.as_ptr()).collect();
+    let ms: Vec<*const C_tensor> =
+        members.iter().map(|m| handle(m.dora.as_ref().map(|d| d.m))).collect();
+    let w_sqs: Vec<*const C_tensor> =
+        members.iter().map(|m| handle(m.dora.as_ref().map(|d| &d.w_sq))).collect();
+    let caches: Vec<*mut c_void> = members
+        .iter_mut()
+        .map(|m| {
+            m.dora.as_mut().and_then(|d| d.cache.as_mut()).map_or(std::ptr::null_mut(), |c| c.0)
+        })
+        .collect();
     let scalings: Vec<f64> = members.iter().map(|m| m.scaling).collect();
     let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); members.len()];
     let mut error: *mut c_char = std::ptr::null_mut();
-    // SAFETY: the arrays hold `members.len()` live handles (or nulls for absent biases) borrowed
-    // for the call; on success the C++ side writes that many new owned handles into `out`.
+    // SAFETY: the arrays hold `members.len()` live handles (or nulls for absent biases and
+    // magnitudes) borrowed for the call, and the caches are exclusively borrowed; on success the
+    // C++ side writes that many new owned handles into `out`.
     unsafe {
         let rc = tch_peft_lora_group(
             x.as_ptr(),
@@ -185,6 +166,9 @@ pub(crate) fn lora_group(
             biases.as_ptr(),
             a_s.as_ptr(),
             bs.as_ptr(),
+            ms.as_ptr(),
+            w_sqs.as_ptr(),
+            caches.as_ptr(),
             scalings.as_ptr(),
             out.as_mut_ptr(),
             &mut error,

@@ -111,12 +111,13 @@ pub fn fused_kernel_available() -> bool {
 }
 
 /// Whether DoRA's run-time compiled CUDA kernels run on the current CUDA device: two
-/// bandwidth-bound passes of the fused DoRA node — the weight scaling `G·W` and the magnitude
-/// gradient's column reduction `Σ_rows g_y ⊙ y` — compiled with NVRTC (the one the PyTorch
-/// wheels ship) on first use, for bf16 layers on GPUs of compute capability 8.0 or newer.
-/// Where they do not run (no CUDA build, no GPU or NVRTC, other dtypes, switched off) the node
-/// uses libtorch's ops, which compute the same values: `G·W` bit for bit, `dm` up to the order
-/// of its f32 sums (the kernel's order is fixed, so it is deterministic).
+/// bandwidth-bound passes of the fused DoRA node — the weight-side part (the norm
+/// `‖W + s·BA‖_row` from two small GEMMs, the scale `G`, `G·W`, `G·B`, `1/m`: one pass over `W`
+/// instead of ~10 launches) and the magnitude gradient's column reduction `Σ_rows g_y ⊙ y` —
+/// compiled with NVRTC (the one the PyTorch wheels ship) on first use, for bf16 layers on GPUs
+/// of compute capability 8.0 or newer. Where they do not run (no CUDA build, no GPU or NVRTC,
+/// other dtypes, switched off) the node uses libtorch's ops, which compute the same values up
+/// to f32 rounding (the kernels' summation order is fixed, so they are deterministic).
 ///
 /// Compiles the kernels for the current device if that has not happened yet.
 ///
@@ -143,6 +144,31 @@ pub fn set_custom_cuda_kernels(on: bool) {
     super::fused::set_custom_kernels(on);
     #[cfg(not(tch_peft_fused))]
     let _ = on;
+}
+
+/// Switches CUDA graphs for DoRA's weight-side part on or off for the whole process (off by
+/// default; `TCH_PEFT_DORA_CUDA_GRAPHS=1` in the environment starts with them on) and returns
+/// whether this build has them (a CUDA libtorch with the CUDA runtime headers at build time).
+///
+/// On, each DoRA layer's ~5 launches that depend only on its parameters (the norm, `G·W`,
+/// `G·B`, `1/m`) are captured as one CUDA graph on its second training step and replayed on
+/// the following ones (parameters updated in place keep their addresses; eager while a pending
+/// backward still holds the previous outputs; recaptured when a parameter moves). This saves
+/// host time where the step is bound by launching kernels, and keeps `G·W` allocated between
+/// steps (one weight-sized tensor per layer). The capture synchronises the device once per
+/// layer and, as any CUDA graph capture, fails another thread's device-wide synchronisation
+/// (or its own capture) that happens meanwhile: switch it on where one thread drives the GPU.
+/// The capture leaves the CUDA random number generator alone.
+pub fn set_dora_cuda_graphs(on: bool) -> bool {
+    #[cfg(tch_peft_fused)]
+    {
+        super::fused::set_dora_cuda_graphs(on)
+    }
+    #[cfg(not(tch_peft_fused))]
+    {
+        let _ = on;
+        false
+    }
 }
 
 pub(crate) fn is_float(kind: Kind) -> bool {
@@ -627,9 +653,9 @@ impl LoraLinear {
     /// forward. Both compute the same values and gradients, with two exceptions for DoRA's node:
     /// it saves the layer's output for the backward (modifying the output in place before the
     /// backward is then an autograd error), and a magnitude entry that is exactly 0 gets a zero
-    /// gradient. In training on CUDA the DoRA node also keeps its weight-side kernels as a CUDA
-    /// graph (one weight-sized bf16 tensor per layer stays allocated between steps). Dropout in
-    /// training and `lora_bias` always take the composed path.
+    /// gradient. In training on CUDA the DoRA node can keep its weight-side kernels as a CUDA
+    /// graph ([`set_dora_cuda_graphs`], off by default). Dropout in training and `lora_bias`
+    /// always take the composed path.
     pub fn set_fused(&self, fused: bool) {
         self.state.fused.store(fused, Ordering::Relaxed);
     }
@@ -803,9 +829,9 @@ impl LoraLinear {
         check_linear_input(&self.base.ws, &self.module, xs)
     }
 
-    /// When this layer's forward on `xs` would be the fused LoRA node (enabled, unmerged, not
-    /// DoRA, no active dropout, no `lora_bias`, fused on), the bias it would add (cast to the
-    /// input's dtype); `None` when it takes another path. Checks the input first.
+    /// When this layer's forward on `xs` would be the fused (LoRA or DoRA) node (enabled,
+    /// unmerged, no active dropout, no `lora_bias`, fused on), the bias it would add (cast to
+    /// the input's dtype); `None` when it takes another path. Checks the input first.
     #[cfg(tch_peft_fused)]
     pub(crate) fn fused_group_bias(
         &self,
@@ -813,10 +839,7 @@ impl LoraLinear {
         train: bool,
     ) -> Result<Option<Option<Tensor>>> {
         self.check_input(xs)?;
-        let eligible = self.is_enabled()
-            && !self.is_merged()
-            && self.magnitude.is_none()
-            && self.takes_fused_node(train);
+        let eligible = self.is_enabled() && !self.is_merged() && self.takes_fused_node(train);
         if !eligible {
             return Ok(None);
         }
@@ -843,23 +866,48 @@ impl LoraLinear {
         })
     }
 
-    /// The base weight, A, B and scaling, for the group node; `factors` replaces A and B (their
-    /// cached casts in inference, see [`LoraLinear::inference_factors`]).
+    /// The base weight, A, B and scaling (and for DoRA the magnitude, `‖W_i‖²` and `cache`, the
+    /// layer's graph cache if the caller holds it), for the group node; `factors` replaces A
+    /// and B of a LoRA layer (their cached casts in inference, see
+    /// [`LoraLinear::inference_factors`]).
     #[cfg(tch_peft_fused)]
     pub(crate) fn group_member<'a>(
         &'a self,
         bias: Option<&'a Tensor>,
         factors: Option<&'a (Tensor, Tensor)>,
-    ) -> super::fused::GroupMember<'a> {
+        cache: Option<&'a mut super::fused::DoraCache>,
+    ) -> Result<super::fused::GroupMember<'a>> {
         let (a, b) = factors.map_or((&self.lora_a, &self.lora_b), |(a, b)| (a, b));
-        super::fused::GroupMember { w: &self.base.ws, bias, a, b, scaling: self.scaling }
+        let dora = match &self.magnitude {
+            Some(m) => {
+                Some(super::fused::DoraMember { m, w_sq: self.dora_row_sq_cached()?, cache })
+            }
+            None => None,
+        };
+        Ok(super::fused::GroupMember { w: &self.base.ws, bias, a, b, scaling: self.scaling, dora })
     }
 
-    /// Without autograd (inference), A and B cast to `kind` and cached until they change; `None`
-    /// when autograd records or no cast is needed.
+    /// A DoRA layer's CUDA-graph cache for a group call, unless another call holds it now (the
+    /// group then runs this layer without its graph; the same layer twice in one group gets it
+    /// once). `None` for LoRA layers.
+    #[cfg(tch_peft_fused)]
+    pub(crate) fn try_lock_dora_graph(
+        &self,
+    ) -> Option<std::sync::MutexGuard<'_, super::fused::DoraCache>> {
+        self.magnitude.as_ref()?;
+        match self.state.dora_graph.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Without autograd (inference), A and B of a LoRA layer cast to `kind` and cached until
+    /// they change; `None` when autograd records, no cast is needed or the layer is DoRA (whose
+    /// norm wants the f32 factors).
     #[cfg(tch_peft_fused)]
     pub(crate) fn inference_factors(&self, kind: Kind) -> Result<Option<(Tensor, Tensor)>> {
-        if super::fused::grad_enabled() || self.lora_a.kind() == kind {
+        if super::fused::grad_enabled() || self.lora_a.kind() == kind || self.magnitude.is_some() {
             return Ok(None);
         }
         Ok(Some(self.cast_factors(kind)?))
@@ -924,22 +972,12 @@ impl LoraLinear {
         #[cfg(tch_peft_fused)]
         let fused = self.takes_fused_node(train);
         if let Some(m) = &self.magnitude {
+            // the fused node with this layer alone as a DoRA member
             #[cfg(tch_peft_fused)]
             if fused {
-                let w_sq = self.dora_row_sq_cached()?;
-                let (w, s) = (&self.base.ws, self.scaling);
                 let mut graph = self.state.dora_graph.lock().unwrap_or_else(|e| e.into_inner());
-                let y = super::fused::dora_linear(
-                    &x2,
-                    w,
-                    bias,
-                    &self.lora_a,
-                    &self.lora_b,
-                    m,
-                    &w_sq,
-                    s,
-                    &mut graph,
-                )?;
+                let member = self.group_member(bias, None, Some(&mut graph))?;
+                let y = super::fused::lora_group(&x2, &mut [member])?.remove(0);
                 return Ok(y.f_reshape(out_shape)?);
             }
             let y = self.dora_forward(&x2, m, bias, dropout)?;
@@ -952,8 +990,8 @@ impl LoraLinear {
         if fused {
             // without autograd (inference), the factors' casts are reused until they change
             let cached = self.inference_factors(x2.kind())?;
-            let member = self.group_member(bias, cached.as_ref());
-            let y = super::fused::lora_group(&x2, &[member])?.remove(0);
+            let member = self.group_member(bias, cached.as_ref(), None)?;
+            let y = super::fused::lora_group(&x2, &mut [member])?.remove(0);
             return Ok(y.f_reshape(out_shape)?);
         }
         let y = x2.f_linear(&self.base.ws, bias)?;

@@ -143,13 +143,19 @@ pub fn forward_shared(
                 .flatten()
                 .map(|(l, _)| l.inference_factors(xs.kind()))
                 .collect::<Result<Vec<_>>>()?;
-            let members: Vec<_> = fused
+            // DoRA members' graph caches, held for the call
+            let mut graphs: Vec<_> =
+                fused.iter().flatten().map(|(l, _)| l.try_lock_dora_graph()).collect();
+            let mut members = fused
                 .iter()
                 .flatten()
                 .zip(&factors)
-                .map(|((l, bias), f)| l.group_member(bias.as_ref(), f.as_ref()))
-                .collect();
-            let mut ys = super::fused::lora_group(&x2, &members)?.into_iter();
+                .zip(graphs.iter_mut())
+                .map(|(((l, bias), f), graph)| {
+                    l.group_member(bias.as_ref(), f.as_ref(), graph.as_deref_mut())
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut ys = super::fused::lora_group(&x2, &mut members)?.into_iter();
             let mut out = Vec::with_capacity(layers.len());
             for (l, m) in layers.iter().zip(&fused) {
                 out.push(match m {
