@@ -21,19 +21,29 @@ fn include_dirs(lib_dir: &Path) -> Option<Vec<PathBuf>> {
     (inc.join("torch/csrc/autograd/custom_function.h").exists()).then(|| vec![inc, api])
 }
 
-/// CUDA runtime headers for the CUDA-graph path: the PyPI wheels' `nvidia/cu13/include` (with
-/// `crt/` from `nvidia-cuda-crt`, which `scripts/torch-env.sh` adds) or cu12's
-/// `nvidia/cuda_runtime/include` beside `torch/`, else `$CUDA_HOME/include`.
-fn cuda_include_dir(lib_dir: &Path) -> Option<PathBuf> {
+/// CUDA headers for DoRA's run-time compiled kernels (`cuda.h`, `nvrtc.h`, and the runtime headers
+/// libtorch's CUDA headers include): the PyPI wheels' `nvidia/cu13/include` (with `crt/` from
+/// `nvidia-cuda-crt`, which `scripts/torch-env.sh` adds), cu12's `nvidia/cuda_runtime/include`
+/// and `nvidia/cuda_nvrtc/include` beside `torch/`, else `$CUDA_HOME/include`.
+fn cuda_include_dirs(lib_dir: &Path) -> Option<Vec<PathBuf>> {
     let site = lib_dir.parent()?.parent()?;
-    let mut candidates =
-        vec![site.join("nvidia/cu13/include"), site.join("nvidia/cuda_runtime/include")];
+    let mut candidates = vec![
+        site.join("nvidia/cu13/include"),
+        site.join("nvidia/cuda_runtime/include"),
+        site.join("nvidia/cuda_nvrtc/include"),
+    ];
     if let Some(home) = env::var_os("CUDA_HOME") {
         candidates.push(PathBuf::from(home).join("include"));
     }
-    candidates
-        .into_iter()
-        .find(|d| d.join("cuda_runtime_api.h").exists() && d.join("crt/host_config.h").exists())
+    let find = |header: &str| candidates.iter().find(|d| d.join(header).exists()).cloned();
+    let runtime = candidates
+        .iter()
+        .find(|d| {
+            ["cuda_runtime_api.h", "crt/host_config.h", "cuda.h"].iter().all(|h| d.join(h).exists())
+        })
+        .cloned()?;
+    let nvrtc = find("nvrtc.h")?;
+    Some(if nvrtc == runtime { vec![runtime] } else { vec![runtime, nvrtc] })
 }
 
 fn main() {
@@ -59,13 +69,14 @@ fn main() {
     if let Some(includes) = include_dirs(&lib_dir) {
         let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
         let mut build = cc::Build::new();
-        // CUDA graphs for DoRA's weight-side kernels, where libtorch has CUDA and the runtime
-        // headers are at hand (only symbols of libtorch_cuda and libc10_cuda are used)
-        let cuda_graphs = target_os == "linux"
+        // DoRA's NVRTC kernels, where libtorch has CUDA and the CUDA headers are at hand (only
+        // symbols of libtorch_cuda and libc10_cuda are linked; libcuda and libnvrtc are opened
+        // at run time)
+        let cuda_kernels = target_os == "linux"
             && lib_dir.join("libtorch_cuda.so").exists()
             && lib_dir.join("libc10_cuda.so").exists();
-        if let Some(inc) = cuda_graphs.then(|| cuda_include_dir(&lib_dir)).flatten() {
-            build.include(inc).define("TCH_PEFT_CUDA_GRAPHS", None);
+        if let Some(inc) = cuda_kernels.then(|| cuda_include_dirs(&lib_dir)).flatten() {
+            build.includes(inc).define("TCH_PEFT_CUDA", None);
             println!("cargo:rustc-link-arg=-L{}", lib_dir.display());
             println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
             println!("cargo:rustc-link-arg=-lc10_cuda");

@@ -10,10 +10,8 @@
 
 #include "dora_kernels.h"
 
-#ifdef TCH_PEFT_CUDA_GRAPHS
+#ifdef TCH_PEFT_CUDA
 #include <ATen/Context.h>
-#include <ATen/cuda/CUDAGraph.h>
-#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda.h>
@@ -37,7 +35,7 @@ cudaDeviceProp* getCurrentDeviceProperties();
 
 namespace tch_peft::kernels {
 
-#ifdef TCH_PEFT_CUDA_GRAPHS
+#ifdef TCH_PEFT_CUDA
 namespace {
 
 const char* kSource = R"(
@@ -220,13 +218,6 @@ struct Api {
   CUresult (*cuCtxSetCurrent)(CUcontext) = nullptr;
   CUresult (*cuDeviceGet)(CUdevice*, int) = nullptr;
   CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice) = nullptr;
-  CUresult (*cuStreamCreate)(CUstream*, unsigned) = nullptr;
-  CUresult (*cuStreamBeginCapture)(CUstream, CUstreamCaptureMode) = nullptr;
-  CUresult (*cuStreamEndCapture)(CUstream, CUgraph*) = nullptr;
-  CUresult (*cuGraphInstantiateWithFlags)(CUgraphExec*, CUgraph, unsigned long long) = nullptr;
-  CUresult (*cuGraphLaunch)(CUgraphExec, CUstream) = nullptr;
-  CUresult (*cuGraphExecDestroy)(CUgraphExec) = nullptr;
-  CUresult (*cuGraphDestroy)(CUgraph) = nullptr;
   // NVRTC
   nvrtcResult (*nvrtcCreateProgram)(nvrtcProgram*, const char*, const char*, int,
                                     const char* const*, const char* const*) = nullptr;
@@ -282,7 +273,8 @@ const Api& api() {
       all = all && f != nullptr;
       return f;
     };
-    // (the versioned names cuda.h maps the plain ones to, e.g. cuStreamBeginCapture_v2)
+    // (the versioned names cuda.h maps the plain ones to, e.g. cuCtxGetCurrent → itself,
+    // cuStreamDestroy → cuStreamDestroy_v2)
 #define TCH_PEFT_NAME2(x) #x
 #define TCH_PEFT_NAME(x) TCH_PEFT_NAME2(x)
 #define TCH_PEFT_LOAD(lib, fn, all) \
@@ -295,13 +287,6 @@ const Api& api() {
     TCH_PEFT_LOAD(cuda, cuCtxSetCurrent, driver);
     TCH_PEFT_LOAD(cuda, cuDeviceGet, driver);
     TCH_PEFT_LOAD(cuda, cuDevicePrimaryCtxRetain, driver);
-    TCH_PEFT_LOAD(cuda, cuStreamCreate, driver);
-    TCH_PEFT_LOAD(cuda, cuStreamBeginCapture, driver);
-    TCH_PEFT_LOAD(cuda, cuStreamEndCapture, driver);
-    TCH_PEFT_LOAD(cuda, cuGraphInstantiateWithFlags, driver);
-    TCH_PEFT_LOAD(cuda, cuGraphLaunch, driver);
-    TCH_PEFT_LOAD(cuda, cuGraphExecDestroy, driver);
-    TCH_PEFT_LOAD(cuda, cuGraphDestroy, driver);
     bool compiler = nvrtc != nullptr;
     TCH_PEFT_LOAD(nvrtc, nvrtcCreateProgram, compiler);
     TCH_PEFT_LOAD(nvrtc, nvrtcCompileProgram, compiler);
@@ -507,86 +492,6 @@ bool column_dot(const at::Tensor& gy, const at::Tensor& y, const at::Tensor& bia
   return true;
 }
 
-std::unique_ptr<CapturedGraph> CapturedGraph::capture(const std::function<void()>& work) {
-  const Api& a = api();
-  TORCH_CHECK(a.driver_ok, "the CUDA driver API (libcuda.so.1) was not found");
-  const int device = c10::cuda::current_device();
-  TORCH_CHECK(ensure_context(device), "no CUDA context on device ", device);
-  // one capture at a time, on a stream only captures use (a pool stream could be shared with
-  // another thread's work, which would land in the graph); kept for the process so that
-  // cuBLAS's per-stream workspace is made once
-  static std::mutex mutex;
-  static auto* streams = new std::map<int, CUstream>();
-  const std::lock_guard<std::mutex> lock(mutex);
-  CUstream& stream = (*streams)[device];
-  if (stream == nullptr) {
-    TORCH_CHECK(a.cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING) == CUDA_SUCCESS,
-                "cuStreamCreate failed");
-  }
-  const auto raw = reinterpret_cast<cudaStream_t>(stream);
-  struct StreamScope {
-    c10::cuda::CUDAStream previous;
-    explicit StreamScope(c10::cuda::CUDAStream s)
-        : previous(c10::cuda::getCurrentCUDAStream(s.device_index())) {
-      c10::cuda::setCurrentCUDAStream(s);
-    }
-    ~StreamScope() { c10::cuda::setCurrentCUDAStream(previous); }
-  } scope(c10::cuda::getStreamFromExternal(raw, static_cast<c10::DeviceIndex>(device)));
-  c10::cuda::device_synchronize();  // the inputs are ready, whichever stream wrote them
-  work();
-  c10::cuda::device_synchronize();
-  std::unique_ptr<CapturedGraph> g(new CapturedGraph());
-  g->device_ = device;
-  g->pool_ = at::cuda::graph_pool_handle();
-  const auto dev = static_cast<c10::DeviceIndex>(device);
-  c10::cuda::CUDACachingAllocator::beginAllocateToPool(
-      dev, g->pool_, [raw](cudaStream_t s) { return s == raw; });
-  CUgraph graph = nullptr;
-  CUgraphExec exec = nullptr;
-  bool captured = false;
-  const bool began =
-      a.cuStreamBeginCapture(stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) == CUDA_SUCCESS;
-  try {
-    TORCH_CHECK(began, "cuStreamBeginCapture failed");
-    work();
-  } catch (...) {
-    if (began) {
-      (void)a.cuStreamEndCapture(stream, &graph);
-      if (graph != nullptr) (void)a.cuGraphDestroy(graph);
-    }
-    c10::cuda::CUDACachingAllocator::endAllocateToPool(dev, g->pool_);
-    c10::cuda::CUDACachingAllocator::releasePool(dev, g->pool_);
-    g->pool_ = {0, 0};
-    throw;
-  }
-  captured = a.cuStreamEndCapture(stream, &graph) == CUDA_SUCCESS && graph != nullptr;
-  c10::cuda::CUDACachingAllocator::endAllocateToPool(dev, g->pool_);
-  // AUTO_FREE_ON_LAUNCH as libtorch's graphs (memory kept between replays)
-  captured = captured && a.cuGraphInstantiateWithFlags(
-                             &exec, graph, CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH) ==
-                             CUDA_SUCCESS;
-  if (graph != nullptr) (void)a.cuGraphDestroy(graph);
-  g->exec_ = exec;
-  TORCH_CHECK(captured, "the CUDA graph capture failed");  // ~CapturedGraph releases the pool
-  return g;
-}
-
-CapturedGraph::~CapturedGraph() {
-  if (exec_ != nullptr) (void)api().cuGraphExecDestroy(static_cast<CUgraphExec>(exec_));
-  if (pool_.first != 0 || pool_.second != 0) {
-    try {
-      c10::cuda::CUDACachingAllocator::releasePool(static_cast<c10::DeviceIndex>(device_), pool_);
-    } catch (...) {
-    }
-  }
-}
-
-void CapturedGraph::replay() {
-  const auto stream = reinterpret_cast<CUstream>(c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(api().cuGraphLaunch(static_cast<CUgraphExec>(exec_), stream) == CUDA_SUCCESS,
-              "cuGraphLaunch failed");
-}
-
 bool available() {
   if (c10::cuda::device_count() == 0) return false;
   try {
@@ -610,14 +515,6 @@ bool column_dot(const at::Tensor&, const at::Tensor&, const at::Tensor&, const a
                 at::Tensor&, at::Tensor&) {
   return false;
 }
-
-std::unique_ptr<CapturedGraph> CapturedGraph::capture(const std::function<void()>&) {
-  TORCH_CHECK(false, "this build has no CUDA graph support");
-}
-
-CapturedGraph::~CapturedGraph() = default;
-
-void CapturedGraph::replay() {}
 
 bool available() { return false; }
 

@@ -7,35 +7,7 @@
 
 #include <ATen/ATen.h>
 
-#include <functional>
-#include <memory>
-#include <utility>
-
 namespace tch_peft::kernels {
-
-// A CUDA graph captured through the driver API on a private stream of the current device, its
-// allocations in a private pool of libtorch's caching allocator — what at::cuda::CUDAGraph does,
-// minus registering the CUDA RNG generators: at::cuda::CUDAGraph puts the default generator in
-// capture mode, and any other thread drawing CUDA random numbers meanwhile gets an error. The
-// captured work must draw none (if it does, libtorch throws and nothing is captured).
-class CapturedGraph {
- public:
-  // Runs `work` twice on the capture stream (current while it runs; captures are serialised
-  // per process): once to warm up (cuBLAS state for the stream), once captured. Throws where it
-  // cannot capture (no CUDA driver, an error inside `work`), leaving nothing behind.
-  static std::unique_ptr<CapturedGraph> capture(const std::function<void()>& work);
-  ~CapturedGraph();
-  CapturedGraph(const CapturedGraph&) = delete;
-  CapturedGraph& operator=(const CapturedGraph&) = delete;
-  // Launches the graph on the current stream.
-  void replay();
-
- private:
-  CapturedGraph() = default;
-  void* exec_ = nullptr;
-  int device_ = 0;
-  std::pair<unsigned long long, unsigned long long> pool_{0, 0};
-};
 
 // DoRA's weight-side part after the GEMMs wa2 = W·[A_hi; A_lo]ᵀ ([out, 2r]) and aat = A·Aᵀ
 // ([r, r]), in one pass over W: the scale g = m/‖W + s·BA‖_row, 1/m (0 where not finite),

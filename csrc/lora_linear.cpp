@@ -23,16 +23,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "dora_kernels.h"
-#ifdef TCH_PEFT_CUDA_GRAPHS
-// only functions exported by libtorch_cuda/libc10_cuda: no inline CUDA runtime calls, so the
-// crate links no CUDA library of its own
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 #include <algorithm>
-#include <atomic>
-#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -150,95 +142,6 @@ DoraPrep dora_prep(at::ScalarType kind, const at::Tensor& w, const at::Tensor& a
   return p;
 }
 
-#ifdef TCH_PEFT_CUDA_GRAPHS
-// The ~16 launches of dora_prep as one CUDA graph per layer: in a training step the forward is
-// bound by the host launching kernels, and these depend only on parameters that the optimizer
-// updates in place (same addresses), so one replay recomputes them. Captured on the second call
-// for the same tensors (the first warms up), recaptured when an input moves; a replay would
-// overwrite the outputs of the previous one, so it only happens when nothing else (a pending
-// backward) still holds them — otherwise the eager path runs. The outputs, G·W among them, stay
-// allocated in the graph's pool between steps (one weight-sized bf16 tensor per layer); used
-// only while autograd records (training). Capturing synchronises the device once per layer, so
-// a caller that captures its own CUDA graph around the forward should warm it up first. The
-// capture (tch_peft::kernels::CapturedGraph) leaves the CUDA RNG alone: other threads may draw
-// random numbers while it runs.
-struct DoraGraph {
-  std::vector<int64_t> key;
-  int state = 0;  // 0: new key, 1: warmed up, 2: captured, -1: capture failed (eager for good)
-  std::unique_ptr<tch_peft::kernels::CapturedGraph> graph;
-  DoraPrep out;
-};
-
-DoraPrep dora_prep_cached(DoraGraph* cache, at::ScalarType kind, const at::Tensor& w,
-                          const at::Tensor& a, const at::Tensor& b, const at::Tensor& m,
-                          const at::Tensor& w_sq, double s) {
-  const auto eager = [&] { return dora_prep(kind, w, a, b, m, w_sq, s); };
-  // (the capture synchronises the current device: the weights must live there)
-  if (cache == nullptr || !w.is_cuda() || cache->state < 0 ||
-      w.get_device() != c10::cuda::current_device()) {
-    return eager();
-  }
-  std::vector<int64_t> key;
-  for (const at::Tensor* t : {&w, &a, &b, &m, &w_sq}) {
-    key.push_back(reinterpret_cast<int64_t>(t->data_ptr()));
-    key.push_back(t->numel());
-    key.push_back(static_cast<int64_t>(t->scalar_type()));
-  }
-  key.push_back(static_cast<int64_t>(kind));
-  key.push_back(static_cast<int64_t>(w.get_device()));
-  int64_t s_bits = 0;
-  std::memcpy(&s_bits, &s, sizeof s);
-  key.push_back(s_bits);
-  if (key != cache->key) {
-    cache->key = key;
-    cache->state = 0;
-    cache->graph.reset();
-    cache->out = DoraPrep();
-  }
-  if (cache->state == 0) {
-    cache->state = 1;
-    return eager();
-  }
-  if (cache->state == 2) {
-    const DoraPrep& o = cache->out;
-    for (const at::Tensor* t : {&o.ac, &o.g, &o.w_g, &o.b_g, &o.inv_m}) {
-      if (t->use_count() > 1) {
-        return eager();  // still held (a backward to come): do not overwrite
-      }
-    }
-    cache->graph->replay();
-    return o;
-  }
-  // state 1: warm up and capture on the capture stream (no RNG generator involved)
-  try {
-    cache->graph = tch_peft::kernels::CapturedGraph::capture([&] { cache->out = eager(); });
-    c10::cuda::device_synchronize();
-    cache->state = 2;
-    cache->graph->replay();
-    return cache->out;
-  } catch (const std::exception&) {
-    cache->state = -1;
-    cache->graph.reset();
-    cache->out = DoraPrep();
-    c10::cuda::device_synchronize();
-    return eager();
-  }
-}
-#endif
-
-// The DoRA weight-side part for one layer: through the layer's CUDA-graph cache (`cache`, a
-// DoraGraph* passed as an integer, 0 for none) where graphs are built in.
-DoraPrep dora_prep_for(int64_t cache, at::ScalarType kind, const at::Tensor& w,
-                       const at::Tensor& a, const at::Tensor& b, const at::Tensor& m,
-                       const at::Tensor& w_sq, double s) {
-#ifdef TCH_PEFT_CUDA_GRAPHS
-  return dora_prep_cached(reinterpret_cast<DoraGraph*>(cache), kind, w, a, b, m, w_sq, s);
-#else
-  (void)cache;
-  return dora_prep(kind, w, a, b, m, w_sq, s);
-#endif
-}
-
 // A DoRA layer's dm = Σ_rows(g_y ⊙ (y − bias))/m and db = Σ_rows g_y (each only when wanted) in
 // one pass over g_y and the saved output y: the run-time compiled kernel (bf16 on CUDA), else
 // CUDA's batch-norm backward reduction (with mean = bias and invstd = 1/m it is exactly this, in
@@ -293,12 +196,12 @@ std::pair<at::Tensor, at::Tensor> dora_reductions(const at::Tensor& gy, const at
 struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
   // `biases` holds the defined biases only, `bias_of[i]` is layer i's index there or -1; `ms`
   // and `w_sqs` hold the DoRA members' magnitudes and cached ‖W_i‖², `dora_of[i]` is layer i's
-  // index there or -1, `caches[i]` its DoraGraph* (0: none).
+  // index there or -1.
   static variable_list forward(AutogradContext* ctx, at::Tensor x, at::TensorList ws,
                                at::TensorList as, at::TensorList bs, at::TensorList biases,
                                at::TensorList ms, at::TensorList w_sqs,
                                std::vector<int64_t> bias_of, std::vector<int64_t> dora_of,
-                               std::vector<int64_t> caches, std::vector<double> scalings) {
+                               std::vector<double> scalings) {
     // outputs nobody used keep an undefined gradient (skipped below) instead of zeros
     ctx->set_materialize_grads(false);
     const auto kind = x.scalar_type();
@@ -310,8 +213,7 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
       offsets[i + 1] = offsets[i] + as[i].size(0);
       const int64_t j = dora_of[i];
       if (j >= 0) {
-        preps[i] = dora_prep_for(caches[i], kind, ws[i], as[i], bs[i], ms[j], w_sqs[j],
-                                 scalings[i]);
+        preps[i] = dora_prep(kind, ws[i], as[i], bs[i], ms[j], w_sqs[j], scalings[i]);
       }
       all_dora = all_dora && j >= 0;
     }
@@ -493,21 +395,11 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     for (const auto* list : {&dws, &das, &dbs, &dbiases, &dms, &dw_sqs}) {
       out.insert(out.end(), list->begin(), list->end());
     }
-    out.resize(out.size() + 4);  // bias_of, dora_of, caches, scalings
+    out.resize(out.size() + 3);  // bias_of, dora_of, scalings
     return out;
   }
 };
 
-
-// Whether DoRA layers run their weight-side part as CUDA graphs (off unless switched on, or
-// TCH_PEFT_DORA_CUDA_GRAPHS=1 in the environment).
-std::atomic<bool>& dora_graphs_flag() {
-  static std::atomic<bool> on([] {
-    const char* v = std::getenv("TCH_PEFT_DORA_CUDA_GRAPHS");
-    return v != nullptr && std::string(v) == "1";
-  }());
-  return on;
-}
 
 char* copy_message(const char* what) {
   const size_t n = std::strlen(what);
@@ -537,41 +429,18 @@ T guarded(const char* what, char** error, T failed, F&& f) {
 
 extern "C" {
 
-// A DoRA layer's CUDA-graph cache for tch_peft_lora_group (null where graphs are not built in);
-// freed with tch_peft_dora_cache_free.
-void* tch_peft_dora_cache_new() {
-#ifdef TCH_PEFT_CUDA_GRAPHS
-  return new DoraGraph();
-#else
-  return nullptr;
-#endif
-}
-
-void tch_peft_dora_cache_free(void* cache) {
-#ifdef TCH_PEFT_CUDA_GRAPHS
-  delete reinterpret_cast<DoraGraph*>(cache);
-#else
-  (void)cache;
-#endif
-}
-
 // The group node: `n` layers, arrays of `n` handles each; `biases[i]` may be null, and so may
 // `ms[i]` (the magnitude [out]) with `w_sqs[i]` (the cached ‖W_i‖² [out], f32, or f64 for an f64
-// base) for a LoRA member; `caches[i]` is a DoRA member's graph cache (or null). On success
-// writes `n` new owned handles to `out` and returns 0; else returns 1 with *error set to a
-// malloc'ed message the caller frees with tch_peft_free_error.
+// base) for a LoRA member. On success writes `n` new owned handles to `out` and returns 0; else
+// returns 1 with *error set to a malloc'ed message the caller frees with tch_peft_free_error.
 int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* ws,
                         const at::Tensor* const* biases, const at::Tensor* const* as,
                         const at::Tensor* const* bs, const at::Tensor* const* ms,
-                        const at::Tensor* const* w_sqs, void* const* caches,
-                        const double* scalings, at::Tensor** out, char** error) {
+                        const at::Tensor* const* w_sqs, const double* scalings,
+                        at::Tensor** out, char** error) {
   return guarded<int>("tch_peft_lora_group", error, 1, [&] {
     std::vector<at::Tensor> w_list, a_list, b_list, bias_list, m_list, w_sq_list;
-    std::vector<int64_t> bias_of, dora_of, cache_list;
-    // graphs when switched on, in training only: their outputs (G·W among them) stay allocated
-    // between calls, which inference need not pay for
-    const bool graphs = dora_graphs_flag().load(std::memory_order_relaxed) &&
-                        c10::GradMode::is_enabled();
+    std::vector<int64_t> bias_of, dora_of;
     for (size_t i = 0; i < n; ++i) {
       w_list.push_back(*ws[i]);
       a_list.push_back(*as[i]);
@@ -589,29 +458,17 @@ int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* 
       } else {
         dora_of.push_back(-1);
       }
-      cache_list.push_back(graphs ? reinterpret_cast<int64_t>(caches[i]) : 0);
     }
     std::vector<double> s(scalings, scalings + n);
     const auto ys = LoraGroupFunction::apply(
         *x, at::TensorList(w_list), at::TensorList(a_list), at::TensorList(b_list),
         at::TensorList(bias_list), at::TensorList(m_list), at::TensorList(w_sq_list), bias_of,
-        dora_of, cache_list, s);
+        dora_of, s);
     for (size_t i = 0; i < n; ++i) {
       out[i] = new at::Tensor(ys[i]);
     }
     return 0;
   });
-}
-
-// Switches DoRA's CUDA graphs on (1) or off (0) for the process; returns whether the build has
-// them.
-int tch_peft_set_dora_cuda_graphs(int on) {
-  dora_graphs_flag().store(on != 0, std::memory_order_relaxed);
-#ifdef TCH_PEFT_CUDA_GRAPHS
-  return 1;
-#else
-  return 0;
-#endif
 }
 
 void tch_peft_free_error(char* error) { std::free(error); }

@@ -27,12 +27,12 @@ else
             { echo "tch-peft: could not install torch==$tch_peft_torch_version" >&2; return 1 2>/dev/null || exit 1; }
     fi
     # The CUDA wheels ship the runtime headers without `crt/`, which libtorch's CUDA headers
-    # need: build.rs compiles the CUDA-graph path only when it is there (a 170 kB wheel).
+    # need: build.rs compiles DoRA's CUDA kernels only when it is there (a 170 kB wheel).
     tch_peft_site="$("$TCH_PEFT_TORCH_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     if [ -e "$tch_peft_site/nvidia/cu13/include/cuda_runtime.h" ] &&
         [ ! -e "$tch_peft_site/nvidia/cu13/include/crt/host_config.h" ]; then
         "$TCH_PEFT_TORCH_VENV/bin/pip" install --quiet --progress-bar off "nvidia-cuda-crt==13.0.*" ||
-            echo "tch-peft: nvidia-cuda-crt not installed (no CUDA graphs for DoRA)" >&2
+            echo "tch-peft: nvidia-cuda-crt not installed (no CUDA kernels for DoRA)" >&2
     fi
     export VIRTUAL_ENV="$TCH_PEFT_TORCH_VENV"
     export PATH="$VIRTUAL_ENV/bin:$PATH"

@@ -197,7 +197,7 @@ fn inference_on_a_bf16_base_reuses_cast_factors_until_they_change() {
 #[test]
 fn dora_layers_share_one_node_with_every_gradient() {
     // DoRA members only (their A casts concatenated from the weight-side part), one with a
-    // trained bias copy, one of them twice (its graph cache is taken once), an output unused
+    // trained bias copy, one of them twice, an output unused
     tch::manual_seed(4);
     let base = nn::VarStore::new(Device::Cpu);
     let va = nn::VarStore::new(Device::Cpu);

@@ -2,19 +2,19 @@
 //! small C ABI.
 //!
 //! tch cannot define a custom backward pass from Rust, so these are C++ compiled by `build.rs`
-//! against the same libtorch. The LoRA node (one layer, or several sharing an input) writes the
-//! input gradient once, `dx = g·(W + s·BA)`, instead of `g·W`, a full-size `s·(gB)·A` and their
-//! sum; and each is one autograd node instead of about ten dispatched ops. Without it (a `doc-only` build, or headers
-//! not found) the layer falls back to composing tch ops, which compute the same values.
+//! against the same libtorch. One node serves one layer or several sharing an input, LoRA and
+//! DoRA alike: it writes the input gradient once, `dx = g·(W + s·BA)`, instead of `g·W`, a
+//! full-size `s·(gB)·A` and their sum, and is one autograd node instead of about ten
+//! dispatched ops per layer (DoRA's bandwidth-bound passes run as NVRTC kernels on CUDA,
+//! `csrc/dora_kernels.cpp`). Without it (a `doc-only` build, or headers not found) the layer
+//! falls back to composing tch ops, which compute the same values.
 
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::{c_char, CStr};
 
 use tch::Tensor;
 use torch_sys::C_tensor;
 
 extern "C" {
-    fn tch_peft_dora_cache_new() -> *mut c_void;
-    fn tch_peft_dora_cache_free(cache: *mut c_void);
     #[allow(clippy::too_many_arguments)]
     fn tch_peft_lora_group(
         x: *const C_tensor,
@@ -25,7 +25,6 @@ extern "C" {
         bs: *const *const C_tensor,
         ms: *const *const C_tensor,
         w_sqs: *const *const C_tensor,
-        caches: *const *mut c_void,
         scalings: *const f64,
         out: *mut *mut C_tensor,
         error: *mut *mut c_char,
@@ -33,7 +32,6 @@ extern "C" {
     fn tch_peft_free_error(error: *mut c_char);
     fn tch_peft_custom_kernels_available() -> i32;
     fn tch_peft_set_custom_kernels(on: i32);
-    fn tch_peft_set_dora_cuda_graphs(on: i32) -> i32;
     fn tch_peft_grad_enabled() -> i32;
 }
 
@@ -54,12 +52,6 @@ pub(crate) fn custom_kernels_available() -> bool {
 pub(crate) fn set_custom_kernels(on: bool) {
     // SAFETY: stores a flag.
     unsafe { tch_peft_set_custom_kernels(i32::from(on)) }
-}
-
-/// Switches DoRA's CUDA graphs on or off for the process; whether the build has them.
-pub(crate) fn set_dora_cuda_graphs(on: bool) -> bool {
-    // SAFETY: stores a flag.
-    unsafe { tch_peft_set_dora_cuda_graphs(i32::from(on)) != 0 }
 }
 
 /// A malloc'ed NUL-terminated string from the C++ side (an error message, the profiler's text),
@@ -85,30 +77,6 @@ pub(crate) unsafe fn take_error(error: *mut c_char, what: &str) -> tch::TchError
     })
 }
 
-/// A DoRA layer's cache of its weight-side kernels as a CUDA graph (`csrc/lora_linear.cpp`,
-/// `DoraGraph`; null where the build has no CUDA graphs). The C++ object is not thread-safe:
-/// the layer keeps it behind a mutex held for the whole call.
-#[derive(Debug)]
-pub(crate) struct DoraCache(*mut c_void);
-
-// SAFETY: the pointer is only used under the owning layer's mutex (one thread at a time), and
-// the object holds nothing tied to the creating thread.
-unsafe impl Send for DoraCache {}
-
-impl DoraCache {
-    pub(crate) fn new() -> Self {
-        // SAFETY: allocates a plain C++ object (or returns null).
-        DoraCache(unsafe { tch_peft_dora_cache_new() })
-    }
-}
-
-impl Drop for DoraCache {
-    fn drop(&mut self) {
-        // SAFETY: created by tch_peft_dora_cache_new, freed once here (null is a no-op).
-        unsafe { tch_peft_dora_cache_free(self.0) }
-    }
-}
-
 /// One LoRA or DoRA layer of a [`lora_group`] call: base weight, optional bias, A, B, scaling
 /// and, for DoRA, its magnitude part.
 pub(crate) struct GroupMember<'a> {
@@ -120,12 +88,11 @@ pub(crate) struct GroupMember<'a> {
     pub dora: Option<DoraMember<'a>>,
 }
 
-/// A DoRA member's magnitude `m` ([out]), `‖W_i‖²` per row in the compute kind (f32, f64 for an
-/// f64 base) and its layer's graph cache (`None`: no graph, e.g. when it is locked elsewhere).
+/// A DoRA member's magnitude `m` ([out]) and `‖W_i‖²` per row in the compute kind (f32, f64 for
+/// an f64 base).
 pub(crate) struct DoraMember<'a> {
     pub m: &'a Tensor,
     pub w_sq: Tensor,
-    pub cache: Option<&'a mut DoraCache>,
 }
 
 /// `x Wᵢᵀ + bᵢ + sᵢ·(x Aᵢᵀ) Bᵢᵀ` for every member (DoRA members:
@@ -135,7 +102,7 @@ pub(crate) struct DoraMember<'a> {
 /// checked by the caller.
 pub(crate) fn lora_group(
     x: &Tensor,
-    members: &mut [GroupMember<'_>],
+    members: &[GroupMember<'_>],
 ) -> Result<Vec<Tensor>, tch::TchError> {
     let handle = |t: Option<&Tensor>| t.map_or(std::ptr::null(), Tensor::as_ptr);
     let ws: Vec<*const C_tensor> = members.iter().map(|m| m.w.as_ptr()).collect();
@@ -146,18 +113,12 @@ pub(crate) fn lora_group(
         members.iter().map(|m| handle(m.dora.as_ref().map(|d| d.m))).collect();
     let w_sqs: Vec<*const C_tensor> =
         members.iter().map(|m| handle(m.dora.as_ref().map(|d| &d.w_sq))).collect();
-    let caches: Vec<*mut c_void> = members
-        .iter_mut()
-        .map(|m| {
-            m.dora.as_mut().and_then(|d| d.cache.as_mut()).map_or(std::ptr::null_mut(), |c| c.0)
-        })
-        .collect();
     let scalings: Vec<f64> = members.iter().map(|m| m.scaling).collect();
     let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); members.len()];
     let mut error: *mut c_char = std::ptr::null_mut();
     // SAFETY: the arrays hold `members.len()` live handles (or nulls for absent biases and
-    // magnitudes) borrowed for the call, and the caches are exclusively borrowed; on success the
-    // C++ side writes that many new owned handles into `out`.
+    // magnitudes) borrowed for the call; on success the C++ side writes that many new owned
+    // handles into `out`.
     unsafe {
         let rc = tch_peft_lora_group(
             x.as_ptr(),
@@ -168,7 +129,6 @@ pub(crate) fn lora_group(
             bs.as_ptr(),
             ms.as_ptr(),
             w_sqs.as_ptr(),
-            caches.as_ptr(),
             scalings.as_ptr(),
             out.as_mut_ptr(),
             &mut error,

@@ -29,9 +29,6 @@ struct SharedState {
     /// Inference without autograd: A and B cast to the activations' dtype, keyed on the
     /// factors' versions and the dtype (an optimizer step or a load invalidates it).
     cast: Mutex<Option<CastCache>>,
-    /// DoRA on CUDA: the weight-side kernels of the fused node as a CUDA graph.
-    #[cfg(tch_peft_fused)]
-    dora_graph: Mutex<super::fused::DoraCache>,
 }
 
 /// See [`SharedState::cast`].
@@ -144,31 +141,6 @@ pub fn set_custom_cuda_kernels(on: bool) {
     super::fused::set_custom_kernels(on);
     #[cfg(not(tch_peft_fused))]
     let _ = on;
-}
-
-/// Switches CUDA graphs for DoRA's weight-side part on or off for the whole process (off by
-/// default; `TCH_PEFT_DORA_CUDA_GRAPHS=1` in the environment starts with them on) and returns
-/// whether this build has them (a CUDA libtorch with the CUDA runtime headers at build time).
-///
-/// On, each DoRA layer's ~5 launches that depend only on its parameters (the norm, `G·W`,
-/// `G·B`, `1/m`) are captured as one CUDA graph on its second training step and replayed on
-/// the following ones (parameters updated in place keep their addresses; eager while a pending
-/// backward still holds the previous outputs; recaptured when a parameter moves). This saves
-/// host time where the step is bound by launching kernels, and keeps `G·W` allocated between
-/// steps (one weight-sized tensor per layer). The capture synchronises the device once per
-/// layer and, as any CUDA graph capture, fails another thread's device-wide synchronisation
-/// (or its own capture) that happens meanwhile: switch it on where one thread drives the GPU.
-/// The capture leaves the CUDA random number generator alone.
-pub fn set_dora_cuda_graphs(on: bool) -> bool {
-    #[cfg(tch_peft_fused)]
-    {
-        super::fused::set_dora_cuda_graphs(on)
-    }
-    #[cfg(not(tch_peft_fused))]
-    {
-        let _ = on;
-        false
-    }
 }
 
 pub(crate) fn is_float(kind: Kind) -> bool {
@@ -481,8 +453,6 @@ impl LoraLinear {
                 merged: AtomicBool::new(false),
                 row_sq: Mutex::new(None),
                 cast: Mutex::new(None),
-                #[cfg(tch_peft_fused)]
-                dora_graph: Mutex::new(super::fused::DoraCache::new()),
             }),
         };
         if layer.init.uses_base_weight() {
@@ -653,9 +623,7 @@ impl LoraLinear {
     /// forward. Both compute the same values and gradients, with two exceptions for DoRA's node:
     /// it saves the layer's output for the backward (modifying the output in place before the
     /// backward is then an autograd error), and a magnitude entry that is exactly 0 gets a zero
-    /// gradient. In training on CUDA the DoRA node can keep its weight-side kernels as a CUDA
-    /// graph ([`set_dora_cuda_graphs`], off by default). Dropout in training and `lora_bias`
-    /// always take the composed path.
+    /// gradient. Dropout in training and `lora_bias` always take the composed path.
     pub fn set_fused(&self, fused: bool) {
         self.state.fused.store(fused, Ordering::Relaxed);
     }
@@ -866,40 +834,21 @@ impl LoraLinear {
         })
     }
 
-    /// The base weight, A, B and scaling (and for DoRA the magnitude, `‖W_i‖²` and `cache`, the
-    /// layer's graph cache if the caller holds it), for the group node; `factors` replaces A
-    /// and B of a LoRA layer (their cached casts in inference, see
-    /// [`LoraLinear::inference_factors`]).
+    /// The base weight, A, B and scaling (and for DoRA the magnitude and `‖W_i‖²`), for the
+    /// group node; `factors` replaces A and B of a LoRA layer (their cached casts in inference,
+    /// see [`LoraLinear::inference_factors`]).
     #[cfg(tch_peft_fused)]
     pub(crate) fn group_member<'a>(
         &'a self,
         bias: Option<&'a Tensor>,
         factors: Option<&'a (Tensor, Tensor)>,
-        cache: Option<&'a mut super::fused::DoraCache>,
     ) -> Result<super::fused::GroupMember<'a>> {
         let (a, b) = factors.map_or((&self.lora_a, &self.lora_b), |(a, b)| (a, b));
         let dora = match &self.magnitude {
-            Some(m) => {
-                Some(super::fused::DoraMember { m, w_sq: self.dora_row_sq_cached()?, cache })
-            }
+            Some(m) => Some(super::fused::DoraMember { m, w_sq: self.dora_row_sq_cached()? }),
             None => None,
         };
         Ok(super::fused::GroupMember { w: &self.base.ws, bias, a, b, scaling: self.scaling, dora })
-    }
-
-    /// A DoRA layer's CUDA-graph cache for a group call, unless another call holds it now (the
-    /// group then runs this layer without its graph; the same layer twice in one group gets it
-    /// once). `None` for LoRA layers.
-    #[cfg(tch_peft_fused)]
-    pub(crate) fn try_lock_dora_graph(
-        &self,
-    ) -> Option<std::sync::MutexGuard<'_, super::fused::DoraCache>> {
-        self.magnitude.as_ref()?;
-        match self.state.dora_graph.try_lock() {
-            Ok(guard) => Some(guard),
-            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
     }
 
     /// Without autograd (inference), A and B of a LoRA layer cast to `kind` and cached until
@@ -975,9 +924,8 @@ impl LoraLinear {
             // the fused node with this layer alone as a DoRA member
             #[cfg(tch_peft_fused)]
             if fused {
-                let mut graph = self.state.dora_graph.lock().unwrap_or_else(|e| e.into_inner());
-                let member = self.group_member(bias, None, Some(&mut graph))?;
-                let y = super::fused::lora_group(&x2, &mut [member])?.remove(0);
+                let member = self.group_member(bias, None)?;
+                let y = super::fused::lora_group(&x2, &[member])?.remove(0);
                 return Ok(y.f_reshape(out_shape)?);
             }
             let y = self.dora_forward(&x2, m, bias, dropout)?;
@@ -990,8 +938,8 @@ impl LoraLinear {
         if fused {
             // without autograd (inference), the factors' casts are reused until they change
             let cached = self.inference_factors(x2.kind())?;
-            let member = self.group_member(bias, cached.as_ref(), None)?;
-            let y = super::fused::lora_group(&x2, &mut [member])?.remove(0);
+            let member = self.group_member(bias, cached.as_ref())?;
+            let y = super::fused::lora_group(&x2, &[member])?.remove(0);
             return Ok(y.f_reshape(out_shape)?);
         }
         let y = x2.f_linear(&self.base.ws, bias)?;

@@ -35,8 +35,7 @@ pub use conv2d::{Conv2dConfig, LoraConv2d};
 pub use copy::ModuleCopy;
 pub use embedding::LoraEmbedding;
 pub use linear::{
-    custom_cuda_kernels_available, fused_kernel_available, set_custom_cuda_kernels,
-    set_dora_cuda_graphs, LoraLinear,
+    custom_cuda_kernels_available, fused_kernel_available, set_custom_cuda_kernels, LoraLinear,
 };
 pub use model::{
     embedding, forward_shared, linear, LoraBuilder, MaybeLoraConv2d, MaybeLoraEmbedding,

@@ -99,9 +99,9 @@ impl MaybeLoraLinear {
 
 /// The outputs of several linear layers on the same input — `layers[i].f_forward_t(xs, train)`
 /// for each `i`, with the same values and gradients — computed together where that is cheaper:
-/// the layers that would each run the fused LoRA node (one enabled, unmerged, non-DoRA adapter,
-/// no active dropout) run as one node that reads `xs` once for all their `x·Aᵀ` products and
-/// once for all their A gradients, and sums their input gradients inside the GEMMs. The usual
+/// the layers that would each run the fused LoRA or DoRA node (one enabled, unmerged adapter, no
+/// active dropout) run as one node that reads `xs` once for all their `x·Aᵀ` products and once
+/// for all their A gradients, and sums their input gradients inside the GEMMs. The usual
 /// callers are an attention block's q/k/v projections and a gated MLP's gate/up projections.
 ///
 /// ```
@@ -143,19 +143,13 @@ pub fn forward_shared(
                 .flatten()
                 .map(|(l, _)| l.inference_factors(xs.kind()))
                 .collect::<Result<Vec<_>>>()?;
-            // DoRA members' graph caches, held for the call
-            let mut graphs: Vec<_> =
-                fused.iter().flatten().map(|(l, _)| l.try_lock_dora_graph()).collect();
-            let mut members = fused
+            let members = fused
                 .iter()
                 .flatten()
                 .zip(&factors)
-                .zip(graphs.iter_mut())
-                .map(|(((l, bias), f), graph)| {
-                    l.group_member(bias.as_ref(), f.as_ref(), graph.as_deref_mut())
-                })
+                .map(|((l, bias), f)| l.group_member(bias.as_ref(), f.as_ref()))
                 .collect::<Result<Vec<_>>>()?;
-            let mut ys = super::fused::lora_group(&x2, &mut members)?.into_iter();
+            let mut ys = super::fused::lora_group(&x2, &members)?.into_iter();
             let mut out = Vec::with_capacity(layers.len());
             for (l, m) in layers.iter().zip(&fused) {
                 out.push(match m {
