@@ -23,8 +23,8 @@
 //!    (r 16, α 32, on all seven linear layers of every block), `dora`, `loreft` (r 8, `f7+l7`,
 //!    every layer), `full` (every weight, AdamW on the bf16 weights).
 //! 3. `infer`: the same model's inference forward (logits, `no_grad`): base, LoRA unmerged, LoRA
-//!    merged (`merge`, which keeps the pre-merge weights for a bit-exact unmerge) and
-//!    `merge_and_unload` (no copy kept, as PEFT's merge).
+//!    merged (`merge`, which keeps the pre-merge weights in host memory for a bit-exact unmerge)
+//!    and `merge_and_unload` (no copy kept, as PEFT's merge).
 //! 4. `interleaved` (not in the default `--only`): the training step (none, LoRA, DoRA) and the
 //!    four inference variants again, every variant built at once and their steps alternated, so
 //!    that the ratios carry no run-to-run drift (no peak memory there).
@@ -307,7 +307,7 @@ fn infer_model(
             }
         });
         match variant {
-            // keeps the pre-merge weights for a bit-exact unmerge
+            // keeps the pre-merge weights (in host memory) for a bit-exact unmerge
             "lora merged" => l.merge().expect("merge"),
             // PEFT's merge_and_unload: no copy kept, the adapters dropped
             "lora merge_and_unload" => l.merge_and_unload(Some(&adapter_vs)).expect("merge"),

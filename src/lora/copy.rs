@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use tch::nn;
 use tch::Tensor;
 
-use super::merge::{all_finite, snapshot};
+use super::merge::{all_finite, merge_snapshot, snapshot};
 use crate::adapter::{Adapter, AdapterKind};
 use crate::{Error, Result};
 
@@ -172,7 +172,10 @@ impl ModuleCopy {
         if safe && !finite()? {
             return Err(Error::NonFiniteMerge { module: self.module.clone() });
         }
-        let saved = (snapshot(&self.base.ws)?, self.base.bs.as_ref().map(snapshot).transpose()?);
+        let saved = (
+            merge_snapshot(&self.base.ws)?,
+            self.base.bs.as_ref().map(merge_snapshot).transpose()?,
+        );
         self.base.ws.shallow_clone().f_copy_(&self.weight)?;
         if let (Some(b), Some(c)) = (&self.base.bs, &self.bias) {
             b.shallow_clone().f_copy_(c)?;

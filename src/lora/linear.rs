@@ -7,7 +7,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
 use super::config::{LoraBias, LoraConfig, LoraInit};
-use super::merge::{all_finite, compute_kind, snapshot};
+use super::merge::{all_finite, compute_kind, merge_snapshot};
 use crate::adapter::{Adapter, AdapterKind};
 use crate::{Error, Result};
 
@@ -706,8 +706,8 @@ impl LoraLinear {
         if safe && !(all_finite(&merged)? && merged_bias.as_ref().map_or(Ok(true), all_finite)?) {
             return Err(Error::NonFiniteMerge { module: self.module.clone() });
         }
-        let saved_w = snapshot(&self.base.ws)?;
-        let saved_b = self.base.bs.as_ref().map(snapshot).transpose()?;
+        let saved_w = merge_snapshot(&self.base.ws)?;
+        let saved_b = self.base.bs.as_ref().map(merge_snapshot).transpose()?;
         self.base.ws.shallow_clone().f_copy_(&merged)?;
         if let (Some(bs), Some(mb)) = (&self.base.bs, &merged_bias) {
             bs.shallow_clone().f_copy_(mb)?;
@@ -741,7 +741,9 @@ impl LoraLinear {
 
     /// Folds `s·BA` into the base weight (and, with `bias = "lora_only"` or `lora_bias`, the
     /// trained bias into the base bias); forward then runs the base layer alone. The originals
-    /// are kept so that [`unmerge`](Self::unmerge) restores them bit-exactly.
+    /// are kept so that [`unmerge`](Self::unmerge) restores them bit-exactly — in host memory
+    /// when the layer lives on an accelerator, so a merged model needs no more device memory
+    /// than the base model.
     pub fn merge(&self) -> Result<()> {
         self.merge_impl(false)
     }

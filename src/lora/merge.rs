@@ -20,6 +20,17 @@ pub(crate) fn snapshot(t: &Tensor) -> Result<Tensor> {
     Ok(c)
 }
 
+/// The pre-merge copy a merge keeps for a bit-exact unmerge: in host memory for a tensor on an
+/// accelerator (a merge is for inference, where device memory is what counts; the unmerge
+/// copies it back), else a plain copy.
+pub(crate) fn merge_snapshot(t: &Tensor) -> Result<Tensor> {
+    if t.device() == tch::Device::Cpu {
+        snapshot(t)
+    } else {
+        Ok(t.f_to_device(tch::Device::Cpu)?)
+    }
+}
+
 /// The kind merges compute in: f64 for an f64 base, else f32.
 pub(crate) fn compute_kind(base: Kind) -> Kind {
     if base == Kind::Double {
@@ -81,7 +92,7 @@ impl WeightMerge {
         if safe && !all_finite(&merged)? {
             return Err(Error::NonFiniteMerge { module: module.into() });
         }
-        let saved = snapshot(weight)?;
+        let saved = merge_snapshot(weight)?;
         weight.shallow_clone().f_copy_(&merged)?;
         *original = Some(saved);
         Ok(())
