@@ -20,8 +20,8 @@
 
 #include <atomic>
 #include <cstdio>
-#include <exception>
 #include <cstdlib>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <string>
@@ -83,7 +83,9 @@ extern "C" __global__ void __launch_bounds__(256) dora_scale(
       const float inv = 1.f / m[o];
       inv_m[o] = isfinite(inv) ? inv : 0.f;
     }
-    for (int k = lane; k < r; k += 32) b_g[(size_t)o * r + k] = (unsigned short)pack(bo[k] * g, 0.f);
+    for (int k = lane; k < r; k += 32) {
+      b_g[(size_t)o * r + k] = (unsigned short)pack(bo[k] * g, 0.f);
+    }
     const float gs = lo(pack(g, 0.f));
     const uint4* wo = w + (size_t)o * vec_per_row;
     uint4* out = w_g + (size_t)o * vec_per_row;
@@ -208,7 +210,7 @@ extern "C" __global__ void __launch_bounds__(256) column_dot_sum(
 )";
 
 struct Api {
-  bool driver_ok = false, nvrtc_ok = false;
+  bool ok = false;  // every function below found
   // driver (libcuda)
   CUresult (*cuModuleLoadData)(CUmodule*, const void*) = nullptr;
   CUresult (*cuModuleGetFunction)(CUfunction*, CUmodule, const char*) = nullptr;
@@ -273,8 +275,8 @@ const Api& api() {
       all = all && f != nullptr;
       return f;
     };
-    // (the versioned names cuda.h maps the plain ones to, e.g. cuCtxGetCurrent → itself,
-    // cuStreamDestroy → cuStreamDestroy_v2)
+    // (by the names cuda.h's macros give them: some plain driver names stand for versioned
+    // symbols, e.g. cuCtxCreate for cuCtxCreate_v4)
 #define TCH_PEFT_NAME2(x) #x
 #define TCH_PEFT_NAME(x) TCH_PEFT_NAME2(x)
 #define TCH_PEFT_LOAD(lib, fn, all) \
@@ -298,8 +300,7 @@ const Api& api() {
 #undef TCH_PEFT_LOAD
 #undef TCH_PEFT_NAME
 #undef TCH_PEFT_NAME2
-    a.driver_ok = driver;
-    a.nvrtc_ok = driver && compiler;
+    a.ok = driver && compiler;
     return a;
   }();
   return loaded;
@@ -329,7 +330,7 @@ struct Module {
 const Module* module() {
   if (!enabled_flag().load(std::memory_order_relaxed)) return nullptr;
   const Api& a = api();
-  if (!a.nvrtc_ok) return nullptr;
+  if (!a.ok) return nullptr;
   static std::mutex mutex;
   static auto* cache = new std::map<int, Module>();
   const int device = c10::cuda::current_device();
@@ -342,7 +343,8 @@ const Module* module() {
   if (prop->major >= 8 && ensure_context(device) &&
       a.nvrtcCreateProgram(&prog, kSource, "tch_peft_dora.cu", 0, nullptr, nullptr) ==
           NVRTC_SUCCESS) {
-    const std::string arch = "--gpu-architecture=sm_" + std::to_string(prop->major * 10 + prop->minor);
+    const std::string arch =
+        "--gpu-architecture=sm_" + std::to_string(prop->major * 10 + prop->minor);
     const char* opts[] = {arch.c_str(), "--std=c++17", "-default-device"};
     const nvrtcResult compiled = a.nvrtcCompileProgram(prog, 3, opts);
     if (debug()) {
