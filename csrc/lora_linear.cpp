@@ -153,15 +153,16 @@ std::pair<at::Tensor, at::Tensor> dora_reductions(const at::Tensor& gy, const at
   const auto kind = gy.scalar_type();
   const auto ck = inv_m.scalar_type();
   const bool has_bias = bias.defined();
+  // the bias in the compute kind, for both reductions that subtract it
+  const at::Tensor bias_ck = has_bias && want_dm && gy.is_cuda() ? bias.to(ck) : at::Tensor();
   at::Tensor dm, db, dot, sum;
-  if (want_dm && tch_peft::kernels::column_dot(gy, y, has_bias ? bias.to(ck) : at::Tensor(),
-                                               inv_m, want_db, dot, sum)) {
+  if (want_dm && tch_peft::kernels::column_dot(gy, y, bias_ck, inv_m, want_db, dot, sum)) {
     dm = dot.to(m_kind);
     if (want_db) {
       db = sum.to(kind);
     }
   } else if (want_dm && gy.is_cuda()) {
-    const at::Tensor mean = has_bias ? bias.to(ck) : at::zeros_like(inv_m);
+    const at::Tensor mean = has_bias ? bias_ck : at::zeros_like(inv_m);
     auto reduced = at::batch_norm_backward_reduce(gy, y, mean, inv_m, inv_m,
                                                   /*input_g=*/false, /*weight_g=*/true, want_db);
     dm = std::get<2>(reduced).to(m_kind);

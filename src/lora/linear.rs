@@ -920,28 +920,19 @@ impl LoraLinear {
         self.check_base_init()?;
         let x2 = xs.f_reshape([-1, self.in_features])?;
         let dropout = train && self.dropout > 0.0;
+        // The fused node (the group node with this layer alone, LoRA or DoRA): in training its
+        // backward; in eval one kernel fewer than the composed ops (the scaling rides on the
+        // accumulating GEMM).
         #[cfg(tch_peft_fused)]
-        let fused = self.takes_fused_node(train);
-        if let Some(m) = &self.magnitude {
-            // the fused node with this layer alone as a DoRA member
-            #[cfg(tch_peft_fused)]
-            if fused {
-                let member = self.group_member(bias, None)?;
-                let y = super::fused::lora_group(&x2, &[member])?.remove(0);
-                return Ok(y.f_reshape(out_shape)?);
-            }
-            let y = self.dora_forward(&x2, m, bias, dropout)?;
-            return Ok(y.f_reshape(out_shape)?);
-        }
-        // The fused node (the group node with this layer alone): in training its backward; in
-        // eval one kernel fewer than the composed ops (the scaling rides on the accumulating
-        // GEMM).
-        #[cfg(tch_peft_fused)]
-        if fused {
-            // without autograd (inference), the factors' casts are reused until they change
+        if self.takes_fused_node(train) {
+            // without autograd (inference), LoRA factors' casts are reused until they change
             let cached = self.inference_factors(x2.kind())?;
             let member = self.group_member(bias, cached.as_ref())?;
             let y = super::fused::lora_group(&x2, &[member])?.remove(0);
+            return Ok(y.f_reshape(out_shape)?);
+        }
+        if let Some(m) = &self.magnitude {
+            let y = self.dora_forward(&x2, m, bias, dropout)?;
             return Ok(y.f_reshape(out_shape)?);
         }
         let y = x2.f_linear(&self.base.ws, bias)?;
