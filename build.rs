@@ -6,7 +6,7 @@
 //! `--as-needed` linkers drop it and CUDA silently disappears (`Cuda::is_available() == false`).
 //!
 //! It also compiles `csrc/lora_linear.cpp` (the fused LoRA Linear autograd node),
-//! `csrc/dora_kernels.cpp` (DoRA's NVRTC-compiled CUDA kernels),
+//! `csrc/cuda_kernels.cpp` (the NVRTC-compiled CUDA kernels of the LoRA and DoRA nodes),
 //! `csrc/memory.cpp` (the device allocator's peak statistics), `csrc/optim.cpp` (the fused
 //! multi-tensor AdamW) and `csrc/profiler.cpp` (device-kernel times from libtorch's profiler)
 //! against the same libtorch headers, and sets `cfg(tch_peft_fused)` when it did.
@@ -49,8 +49,8 @@ fn cuda_include_dirs(lib_dir: &Path) -> Option<Vec<PathBuf>> {
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/lora_linear.cpp");
-    println!("cargo:rerun-if-changed=csrc/dora_kernels.cpp");
-    println!("cargo:rerun-if-changed=csrc/dora_kernels.h");
+    println!("cargo:rerun-if-changed=csrc/cuda_kernels.cpp");
+    println!("cargo:rerun-if-changed=csrc/cuda_kernels.h");
     println!("cargo:rerun-if-changed=csrc/memory.cpp");
     println!("cargo:rerun-if-changed=csrc/optim.cpp");
     println!("cargo:rerun-if-changed=csrc/profiler.cpp");
@@ -91,7 +91,7 @@ fn main() {
             .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
             .flag("-DGLOG_USE_GLOG_EXPORT")
             .file("csrc/lora_linear.cpp")
-            .file("csrc/dora_kernels.cpp")
+            .file("csrc/cuda_kernels.cpp")
             .file("csrc/memory.cpp")
             .file("csrc/optim.cpp")
             .file("csrc/profiler.cpp")

@@ -22,7 +22,7 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 
-#include "dora_kernels.h"
+#include "cuda_kernels.h"
 
 #include <algorithm>
 #include <tuple>
@@ -228,23 +228,42 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
       a_all = (n == 1 ? as[0] : at::cat(as)).to(kind);
     }
     const at::Tensor h_all = at::mm(x, a_all.t());  // [N, R]
+    std::vector<at::Tensor> w_used(n), b_used(n);
+    std::vector<const at::Tensor*> bias_used(n);
+    std::vector<tch_peft::kernels::UpTerm> terms;
+    for (size_t i = 0; i < n; ++i) {
+      const bool dora = dora_of[i] >= 0;
+      w_used[i] = dora ? preps[i].w_g : ws[i];
+      b_used[i] = dora ? preps[i].b_g : bs[i].to(kind);
+      bias_used[i] = bias_of[i] >= 0 ? &biases[bias_of[i]] : nullptr;
+      terms.push_back({&b_used[i], bias_used[i], offsets[i], scalings[i]});
+    }
+    // every member's s·h·Bᵀ (+ bias) in one kernel launch where the kernel runs, the base GEMM
+    // accumulating into each (as low_rank_then_base, whose thin GEMMs it replaces)
     variable_list ys;
+    if (tch_peft::kernels::lora_up(h_all, terms, ys)) {
+      for (size_t i = 0; i < n; ++i) ys[i].addmm_(x, w_used[i].t());
+    } else {
+      ys.clear();
+      for (size_t i = 0; i < n; ++i) {
+        const at::Tensor h = h_all.narrow(1, offsets[i], offsets[i + 1] - offsets[i]);
+        ys.push_back(low_rank_then_base(x, w_used[i], bias_used[i], h, b_used[i], scalings[i]));
+      }
+    }
     std::vector<at::Tensor> to_save{x, a_all, h_all};
     std::vector<at::Tensor> dora_saved;
     std::vector<int64_t> m_kinds;
     for (size_t i = 0; i < n; ++i) {
       const bool dora = dora_of[i] >= 0;
-      const at::Tensor w = dora ? preps[i].w_g : ws[i];
-      const at::Tensor bc = dora ? preps[i].b_g : bs[i].to(kind);
-      const at::Tensor h = h_all.narrow(1, offsets[i], offsets[i + 1] - offsets[i]);
-      const at::Tensor* bias = bias_of[i] >= 0 ? &biases[bias_of[i]] : nullptr;
-      ys.push_back(low_rank_then_base(x, w, bias, h, bc, scalings[i]));
+      const at::Tensor& w = w_used[i];
+      const at::Tensor& bc = b_used[i];
+      const at::Tensor* bias = bias_used[i];
       to_save.push_back(w);
       to_save.push_back(bc);
       if (dora) {
         // the output itself (not u = (y − bias)/g): modifying it in place before the backward
         // is an autograd error
-        dora_saved.insert(dora_saved.end(), {ys.back(), preps[i].g, preps[i].inv_m,
+        dora_saved.insert(dora_saved.end(), {ys[i], preps[i].g, preps[i].inv_m,
                                              bias != nullptr ? *bias : at::Tensor()});
         m_kinds.push_back(static_cast<int64_t>(ms[dora_of[i]].scalar_type()));
       }

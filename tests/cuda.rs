@@ -408,3 +408,108 @@ fn dora_kernels_run_from_threads_that_did_no_cuda_work_yet() {
     .join()
     .unwrap();
 }
+
+#[test]
+fn lora_group_kernel_matches_cublas_and_the_f64_formula() {
+    // a group's thin products s·(x Aᵀ) Bᵀ (+ bias), written by the NVRTC kernel (one launch per
+    // eight layers) before the base GEMMs accumulate into them, against cuBLAS's GEMMs and
+    // against f64: ranks 8–32, outputs that are not a multiple of the kernel's 128-column tile,
+    // row counts around its 64–256-row blocks, more layers than one launch takes, with and without
+    // biases, in inference and in training (gradients too)
+    let _alone = Alone::new();
+    let dev = cuda();
+    assert!(custom_cuda_kernels_available(), "NVRTC kernels should load on this GPU");
+    // (rows, [(out, r, base bias)], kernel launches per forward)
+    type Layers = Vec<(i64, i64, bool)>;
+    let cases: Vec<(i64, Layers, u64)> = vec![
+        (131, vec![(264, 16, true), (64, 16, false), (64, 16, false)], 1),
+        (1, vec![(8, 8, true), (1000, 24, false)], 1),
+        (300, vec![(136, 32, true), (520, 8, false)], 1),
+        (129, (0..10).map(|i| (64 + 8 * i, 16, i % 2 == 0)).collect(), 2),
+        // enough blocks for 256 rows per block (the others take 64 or 128), a partial last one
+        (4100, vec![(4096, 16, true), (1024, 32, false)], 1),
+        // an output width that is not a multiple of 8, and a rank above 32: cuBLAS for the group
+        (50, vec![(100, 16, true), (64, 16, false)], 0),
+        (50, vec![(64, 48, true), (64, 16, false)], 0),
+    ];
+    for (rows, specs, launches) in &cases {
+        tch::manual_seed(13);
+        let (mut vb, va) = (nn::VarStore::new(dev), nn::VarStore::new(dev));
+        let mut layers = Vec::new();
+        let mut adapters = Vec::new();
+        for (i, (o, r, bias)) in specs.iter().enumerate() {
+            let name = format!("l{i}");
+            let cfg =
+                LoraConfig { r: *r, lora_alpha: 24.0, ..LoraConfig::for_targets([name.as_str()]) };
+            let builder = LoraBuilder::new(&(va.root() / name.as_str()), cfg).unwrap();
+            let lin = nn::LinearConfig { bias: *bias, ..Default::default() };
+            layers.push(builder.linear(&(vb.root() / name.as_str()), 256, *o, lin).unwrap());
+            adapters.push(builder.finish().unwrap());
+        }
+        vb.set_kind(Kind::BFloat16);
+        let handles: Vec<LoraLinear> = adapters.iter().flat_map(|a| a.layers()).collect();
+        tch::no_grad(|| {
+            for l in &handles {
+                let _ = l.lora_b().shallow_clone().normal_(0.0, 0.05);
+            }
+        });
+        let trained: Vec<Tensor> =
+            handles.iter().flat_map(|l| l.named_tensors()).map(|(_, t)| t).collect();
+        let x = Tensor::randn([*rows, 256], (Kind::BFloat16, dev));
+        let gs: Vec<Tensor> = specs
+            .iter()
+            .map(|(o, _, _)| Tensor::randn([*rows, *o], (Kind::BFloat16, dev)))
+            .collect();
+        let refs: Vec<_> = layers.iter().collect();
+        // outputs (then, training, the gradients to x and every trained tensor) and the number
+        // of kernel launches
+        let run = |kernels: bool, train: bool| {
+            set_custom_cuda_kernels(kernels);
+            let xg = x.detach().set_requires_grad(train);
+            let (ys, profile) = tch_peft::profiler::profile_device(|| {
+                let ys = if train {
+                    tch_peft::lora::forward_shared(&refs, &xg, true).unwrap()
+                } else {
+                    tch::no_grad(|| tch_peft::lora::forward_shared(&refs, &xg, false).unwrap())
+                };
+                tch::Cuda::synchronize(0);
+                ys
+            })
+            .unwrap();
+            let ran: u64 = profile
+                .kernels
+                .iter()
+                .filter(|k| k.name.contains("lora_up"))
+                .map(|k| k.count)
+                .sum();
+            let mut out: Vec<Tensor> = ys.iter().map(|y| y.detach()).collect();
+            if train {
+                let loss =
+                    ys.iter().zip(&gs).map(|(y, g)| (y * g).sum(Kind::Float)).sum::<Tensor>();
+                let params: Vec<&Tensor> = std::iter::once(&xg).chain(&trained).collect();
+                out.extend(Tensor::run_backward(&[loss], &params, false, false));
+            }
+            (out, ran)
+        };
+        for train in [false, true] {
+            let ((with, ran), (without, none)) = (run(true, train), run(false, train));
+            assert_eq!(ran, *launches, "rows {rows} train {train}: kernel launches");
+            assert_eq!(none, 0, "kernels switched off");
+            for (i, (k, c)) in with.iter().zip(&without).enumerate() {
+                let rel = rel_diff(k, c);
+                assert!(rel < 2e-3, "rows {rows} train {train} tensor {i}: relative {rel}");
+            }
+            // x Wᵀ + b + s·(x Aᵀ) Bᵀ in f64, within the bf16 roundings of the forward
+            let f = |t: &Tensor| t.to_kind(Kind::Double);
+            for (i, l) in handles.iter().enumerate() {
+                let mut expected = f(&x).matmul(&f(&l.base().ws).tr())
+                    + f(&x).matmul(&f(l.lora_a()).tr()).matmul(&f(l.lora_b()).tr()) * l.scaling();
+                if let Some(b) = &l.base().bs {
+                    expected += f(b);
+                }
+                let rel = rel_diff(&f(&with[i]), &expected);
+                assert!(rel < 1e-2, "rows {rows} train {train} layer {i}: against f64 {rel}");
+            }
+        }
+    }
+}

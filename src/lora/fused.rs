@@ -5,8 +5,9 @@
 //! against the same libtorch. One node serves one layer or several sharing an input, LoRA and
 //! DoRA alike: it writes the input gradient once, `dx = g·(W + s·BA)`, instead of `g·W`, a
 //! full-size `s·(gB)·A` and their sum, and is one autograd node instead of about ten
-//! dispatched ops per layer (DoRA's bandwidth-bound passes run as NVRTC kernels on CUDA,
-//! `csrc/dora_kernels.cpp`). Without it (a `doc-only` build, or headers not found) the layer
+//! dispatched ops per layer (its bandwidth-bound passes — a group's low-rank outputs, DoRA's
+//! weight-side part and magnitude reduction — run as NVRTC kernels on CUDA,
+//! `csrc/cuda_kernels.cpp`). Without it (a `doc-only` build, or headers not found) the layer
 //! falls back to composing tch ops, which compute the same values.
 
 use std::ffi::{c_char, CStr};

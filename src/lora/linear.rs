@@ -107,14 +107,18 @@ pub fn fused_kernel_available() -> bool {
     cfg!(tch_peft_fused)
 }
 
-/// Whether DoRA's run-time compiled CUDA kernels run on the current CUDA device: two
-/// bandwidth-bound passes of the fused DoRA node — the weight-side part (the norm
-/// `‖W + s·BA‖_row` from two small GEMMs, the scale `G`, `G·W`, `G·B`, `1/m`: one pass over `W`
-/// instead of ~10 launches) and the magnitude gradient's column reduction `Σ_rows g_y ⊙ y` —
-/// compiled with NVRTC (the one the PyTorch wheels ship) on first use, for bf16 layers on GPUs
-/// of compute capability 8.0 or newer. Where they do not run (no CUDA build, no GPU or NVRTC,
-/// other dtypes, switched off) the node uses libtorch's ops, which compute the same values up
-/// to f32 rounding (the kernels' summation order is fixed, so they are deterministic).
+/// Whether the fused nodes' run-time compiled CUDA kernels run on the current CUDA device: a
+/// LoRA group's low-rank outputs `s·(x Aᵀ) Bᵀ (+ bias)` (tensor-core MMAs, one launch for every
+/// layer of a group, written at a higher share of the memory bandwidth than cuBLAS's thin GEMMs;
+/// the base GEMM then accumulates into them), and DoRA's two bandwidth-bound passes — the
+/// weight-side part (the norm `‖W + s·BA‖_row` from two small GEMMs, the scale `G`, `G·W`,
+/// `G·B`, `1/m`: one pass over `W` instead of ~10 launches) and the magnitude gradient's column
+/// reduction `Σ_rows g_y ⊙ y`. They are compiled with NVRTC (the one the PyTorch wheels ship) on
+/// first use, for bf16 layers on GPUs of compute capability 8.0 or newer (the LoRA kernel for
+/// ranks that are a multiple of 8 up to 32 and output widths that are a multiple of 8). Where
+/// they do not run (no CUDA build, no GPU or NVRTC, other dtypes or shapes, switched off) the
+/// node uses libtorch's ops, which compute the same values up to f32 rounding (the kernels'
+/// summation order is fixed, so they are deterministic).
 ///
 /// Compiles the kernels for the current device if that has not happened yet.
 ///
@@ -133,9 +137,10 @@ pub fn custom_cuda_kernels_available() -> bool {
     }
 }
 
-/// Switches DoRA's run-time compiled CUDA kernels ([`custom_cuda_kernels_available`]) on or off
-/// for the whole process (on by default; `TCH_PEFT_CUSTOM_KERNELS=0` in the environment starts
-/// with them off). Off, the fused DoRA node uses libtorch's ops only.
+/// Switches the fused nodes' run-time compiled CUDA kernels ([`custom_cuda_kernels_available`])
+/// on or off for the whole process (on by default; `TCH_PEFT_CUSTOM_KERNELS=0` in the
+/// environment starts with them off). Off, the fused LoRA and DoRA nodes use libtorch's ops
+/// only.
 pub fn set_custom_cuda_kernels(on: bool) {
     #[cfg(tch_peft_fused)]
     super::fused::set_custom_kernels(on);

@@ -1,11 +1,13 @@
-// DoRA's CUDA kernels compiled at run time (csrc/dora_kernels.cpp): the weight-side pass and the
-// magnitude gradient's reduction.
+// The fused nodes' CUDA kernels compiled at run time (csrc/cuda_kernels.cpp): DoRA's weight-side
+// pass and its magnitude gradient's reduction, and a LoRA group's low-rank outputs.
 // Each returns false, having written nothing, where it cannot run (no CUDA build, no driver or
 // NVRTC, a dtype/shape/alignment it does not handle, kernels switched off): the caller then uses
 // the ATen ops, which compute the same values.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <vector>
 
 namespace tch_peft::kernels {
 
@@ -23,6 +25,21 @@ bool dora_scale(const at::Tensor& w, const at::Tensor& wa2, const at::Tensor& b,
 // gy, y [N, C] bf16 contiguous; bias [C] f32 or undefined (0); scale [C] or [C, 1] f32.
 bool column_dot(const at::Tensor& gy, const at::Tensor& y, const at::Tensor& bias,
                 const at::Tensor& scale, bool want_sum, at::Tensor& dot, at::Tensor& sum);
+
+// One member of lora_up: B [out, r] bf16 contiguous (r a multiple of 8, at most 32; out a
+// multiple of 8), its columns of h from h_offset, its scaling and optional bias [out] bf16.
+struct UpTerm {
+  const at::Tensor* b;
+  const at::Tensor* bias;  // or null
+  int64_t h_offset;
+  double scaling;
+};
+
+// outs[i] = bf16(s_i · h[:, off_i : off_i + r_i] · B_iᵀ + bias_i) ([N, out_i], f32 accumulation
+// on tensor cores) for every member, in one launch per eight members; h [N, R] bf16 contiguous.
+// The thin product of a LoRA layer, which the base GEMM then accumulates into.
+bool lora_up(const at::Tensor& h, const std::vector<UpTerm>& terms,
+             std::vector<at::Tensor>& outs);
 
 // Whether the kernels compile and load on the current device (compiling them if needed).
 bool available();

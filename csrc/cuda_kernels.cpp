@@ -1,14 +1,17 @@
-// DoRA's bandwidth-bound passes as CUDA kernels compiled at run time with NVRTC (see
-// dora_kernels.h). ATen runs them at about half of the H200's memory bandwidth (the broadcast
-// product G·W through its generic, non-vectorised elementwise kernel; the column reduction
-// Σ_rows g_y ⊙ y through batch norm's backward reduction) and needs ~10 launches for the norm's
-// small steps. These read 16 bytes per thread and load, several loads in flight per thread.
+// The fused nodes' bandwidth-bound passes as CUDA kernels compiled at run time with NVRTC (see
+// cuda_kernels.h). For DoRA, ATen runs them at about half of the H200's memory bandwidth (the
+// broadcast product G·W through its generic, non-vectorised elementwise kernel; the column
+// reduction Σ_rows g_y ⊙ y through batch norm's backward reduction) and needs ~10 launches for
+// the norm's small steps; these read 16 bytes per thread and load, several loads in flight per
+// thread. For LoRA, the thin product s·h·Bᵀ (+ bias) that the base GEMM then accumulates into
+// is a pure write of the [N, out] output; cuBLAS writes it at ~85% of what the card sustains
+// and needs one launch per layer, this kernel one launch per group of layers.
 //
 // No CUDA library of our own is linked: NVRTC is the one torch loads (or the PyPI wheel's, found
 // beside libtorch), the driver API comes from libcuda.so.1 through dlopen. Kernels are compiled
 // once per device, on first use.
 
-#include "dora_kernels.h"
+#include "cuda_kernels.h"
 
 #ifdef TCH_PEFT_CUDA
 #include <ATen/Context.h>
@@ -18,6 +21,7 @@
 #include <dlfcn.h>
 #include <nvrtc.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -25,6 +29,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <utility>
 
 namespace at::cuda {
 // exported by libtorch_cuda (ATen/cuda/CUDAContextLight.h, whose other includes need CUDA
@@ -207,6 +212,98 @@ extern "C" __global__ void __launch_bounds__(256) column_dot_sum(
     float* part_sum, int n_rows, int vec_cols, int rows_per_chunk) {
   column_dot<true>(g, y, bias, scale, part_dot, part_sum, n_rows, vec_cols, rows_per_chunk);
 }
+// The low-rank product of a group of LoRA layers on one input, each output written once:
+//   out_i[n, c] = bf16(s_i · Σ_k h[n, off_i + k]·B_i[c, k] + bias_i[c])
+// h: [rows, ldh] bf16 (the group's x·[A_1; …]ᵀ), B_i: [cols_i, r_i] bf16, out_i: [rows, cols_i].
+// A block (4 warps) owns 128 columns of one member (blockIdx.x runs over every member's column
+// tiles) and rows_per_block rows (a multiple of 64: 256, fewer where that leaves the GPU too few
+// blocks); B's tile and the bias sit in shared memory, each warp takes 16 rows at a
+// time through tensor-core MMAs (m16n8k16, f32 accumulation, k zero-padded past r_i) and writes
+// them through shared memory as 16-byte streaming stores (evict-first: the output is read back
+// by the base GEMM only after it has streamed its operands), 256 contiguous bytes per row.
+struct UpMember {
+  const unsigned short* b;
+  unsigned short* out;
+  const unsigned short* bias;  // or null
+  int cols, r, h_off, tiles_end;
+  float s;
+};
+struct UpParams {
+  const unsigned short* h;
+  int ldh, rows, n, rows_per_block;
+  UpMember m[8];
+};
+
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int KS>  // k steps of 16: r_i ≤ 16·KS
+__device__ void lora_up(const UpParams& p) {
+  constexpr int BP = 8 * KS + 4;  // u32 pitch of B's rows in shared memory (conflict-free)
+  __shared__ __align__(16) u32 bs[128 * BP];
+  __shared__ float bias_s[128];
+  __shared__ __align__(16) u32 st[4][16][68];
+  int mi = 0;
+  while (mi + 1 < p.n && (int)blockIdx.x >= p.m[mi].tiles_end) ++mi;
+  const UpMember& m = p.m[mi];
+  const int tile = (int)blockIdx.x - (mi == 0 ? 0 : p.m[mi - 1].tiles_end);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int col0 = tile * 128, vecs = m.r / 8;  // 16-byte vectors per row of B
+  for (int i = tid; i < 128 * 2 * KS; i += 128) {
+    const int row = i / (2 * KS), q = i % (2 * KS), c = col0 + row;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (c < m.cols && q < vecs) v = reinterpret_cast<const uint4*>(m.b + (size_t)c * m.r)[q];
+    *reinterpret_cast<uint4*>(&bs[row * BP + 4 * q]) = v;
+  }
+  bias_s[tid] = m.bias != nullptr && col0 + tid < m.cols ? lo((u32)m.bias[col0 + tid]) : 0.f;
+  __syncthreads();
+  const int start = (int)blockIdx.y * p.rows_per_block;
+  const int end = min(p.rows, start + p.rows_per_block);
+  for (int row0 = start + warp * 16; row0 < end; row0 += 64) {
+    u32 a[KS][4];
+    const int ra = row0 + g, rb = ra + 8;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const int k = 16 * ks + 2 * t;  // this lane's first column (and k + 8)
+      a[ks][0] = a[ks][1] = a[ks][2] = a[ks][3] = 0;
+      const u32* pa = reinterpret_cast<const u32*>(p.h + (size_t)ra * p.ldh + m.h_off + k);
+      const u32* pb = reinterpret_cast<const u32*>(p.h + (size_t)rb * p.ldh + m.h_off + k);
+      if (ra < end && k < m.r) a[ks][0] = pa[0];
+      if (ra < end && k + 8 < m.r) a[ks][2] = pa[4];
+      if (rb < end && k < m.r) a[ks][1] = pb[0];
+      if (rb < end && k + 8 < m.r) a[ks][3] = pb[4];
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      const u32* bp = &bs[(8 * j + g) * BP + t];
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) mma_bf16(acc, a[ks], bp[8 * ks], bp[8 * ks + 4]);
+      const float b0 = bias_s[8 * j + 2 * t], b1 = bias_s[8 * j + 2 * t + 1];
+      st[warp][g][4 * j + t] = pack(acc[0] * m.s + b0, acc[1] * m.s + b1);
+      st[warp][g + 8][4 * j + t] = pack(acc[2] * m.s + b0, acc[3] * m.s + b1);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int idx = i * 32 + lane, rr = idx >> 4, v = idx & 15;
+      const int row = row0 + rr, col = col0 + 8 * v;
+      if (row < end && col < m.cols) {
+        __stcs(reinterpret_cast<uint4*>(m.out + (size_t)row * m.cols + col),
+               *reinterpret_cast<const uint4*>(&st[warp][rr][4 * v]));
+      }
+    }
+    __syncwarp();
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(128) lora_up_16(const UpParams p) { lora_up<1>(p); }
+extern "C" __global__ void __launch_bounds__(128) lora_up_32(const UpParams p) { lora_up<2>(p); }
 )";
 
 struct Api {
@@ -319,9 +416,24 @@ bool ensure_context(int device) {
 }
 
 struct Module {
-  CUfunction scale = nullptr, dot_only = nullptr, dot_sum = nullptr;
+  CUfunction scale = nullptr, dot_only = nullptr, dot_sum = nullptr, up16 = nullptr,
+             up32 = nullptr;
   int sms = 0;
-  bool ok() const { return scale && dot_only && dot_sum; }
+  bool ok() const { return scale && dot_only && dot_sum && up16 && up32; }
+};
+
+// The kernel source's parameter structs of lora_up, declared alike (same layout on both sides).
+struct UpMember {
+  const void* b;
+  void* out;
+  const void* bias;
+  int cols, r, h_off, tiles_end;
+  float s;
+};
+struct UpParams {
+  const void* h;
+  int ldh, rows, n, rows_per_block;
+  UpMember m[8];
 };
 
 // The kernels on the current device, compiled and loaded once (a failure is remembered: no
@@ -364,7 +476,9 @@ const Module* module() {
           a.cuModuleLoadData(&cu_module, cubin.data()) == CUDA_SUCCESS) {
         if (a.cuModuleGetFunction(&mod.scale, cu_module, "dora_scale") != CUDA_SUCCESS ||
             a.cuModuleGetFunction(&mod.dot_only, cu_module, "column_dot_only") != CUDA_SUCCESS ||
-            a.cuModuleGetFunction(&mod.dot_sum, cu_module, "column_dot_sum") != CUDA_SUCCESS) {
+            a.cuModuleGetFunction(&mod.dot_sum, cu_module, "column_dot_sum") != CUDA_SUCCESS ||
+            a.cuModuleGetFunction(&mod.up16, cu_module, "lora_up_16") != CUDA_SUCCESS ||
+            a.cuModuleGetFunction(&mod.up32, cu_module, "lora_up_32") != CUDA_SUCCESS) {
           mod = Module();
         }
       }
@@ -384,10 +498,10 @@ bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
-bool launch(CUfunction fn, unsigned gx, unsigned gy, void** args) {
+bool launch(CUfunction fn, unsigned gx, unsigned gy, void** args, unsigned threads = 256) {
   if (!ensure_context(c10::cuda::current_device())) return false;
   const auto stream = reinterpret_cast<CUstream>(c10::cuda::getCurrentCUDAStream().stream());
-  return api().cuLaunchKernel(fn, gx, gy, 1, 256, 1, 1, 0, stream, args, nullptr) ==
+  return api().cuLaunchKernel(fn, gx, gy, 1, threads, 1, 1, 0, stream, args, nullptr) ==
          CUDA_SUCCESS;
 }
 
@@ -494,6 +608,78 @@ bool column_dot(const at::Tensor& gy, const at::Tensor& y, const at::Tensor& bia
   return true;
 }
 
+bool lora_up(const at::Tensor& h, const std::vector<UpTerm>& terms,
+             std::vector<at::Tensor>& outs) {
+  constexpr int64_t kMaxInt = (int64_t{1} << 31) - 1;
+  if (terms.empty() || h.dim() != 2 || h.scalar_type() != at::kBFloat16 || !h.is_contiguous() ||
+      !on_current_device(h) || h.size(0) > kMaxInt / 2 || h.size(1) > kMaxInt ||
+      (h.size(0) + 63) / 64 > 65535 || reinterpret_cast<uintptr_t>(h.data_ptr()) % 4 != 0) {
+    return false;
+  }
+  const int64_t rows = h.size(0);
+  int max_r = 0;
+  int64_t tiles = 0;
+  for (const UpTerm& u : terms) {
+    const at::Tensor& b = *u.b;
+    if (b.dim() != 2 || b.scalar_type() != at::kBFloat16 || !b.is_contiguous() ||
+        b.device() != h.device() || !aligned16(b) || b.size(1) % 8 != 0 || b.size(1) < 8 ||
+        b.size(1) > 32 || b.size(0) % 8 != 0 || b.size(0) > kMaxInt || u.h_offset < 0 ||
+        u.h_offset + b.size(1) > h.size(1)) {
+      return false;
+    }
+    if (u.bias != nullptr &&
+        (u.bias->scalar_type() != at::kBFloat16 || !u.bias->is_contiguous() ||
+         u.bias->numel() != b.size(0) || u.bias->device() != h.device())) {
+      return false;
+    }
+    max_r = std::max(max_r, static_cast<int>(b.size(1)));
+    tiles += (b.size(0) + 127) / 128;
+  }
+  if (tiles > kMaxInt) return false;
+  const Module* mod = module();
+  if (mod == nullptr) return false;
+  // 256 rows per block, fewer where that would leave fewer than two blocks per SM
+  int rows_per_block = 256;
+  while (rows_per_block > 64 && tiles * ((rows + rows_per_block - 1) / rows_per_block) <
+                                    int64_t{2} * mod->sms) {
+    rows_per_block /= 2;
+  }
+  std::vector<at::Tensor> ys;
+  for (const UpTerm& u : terms) ys.push_back(at::empty({rows, u.b->size(0)}, h.options()));
+  // one launch per eight members (the parameter struct's capacity)
+  for (size_t first = 0; first < terms.size() && rows > 0; first += 8) {
+    UpParams p{};
+    p.h = h.data_ptr();
+    p.ldh = static_cast<int>(h.size(1));
+    p.rows = static_cast<int>(rows);
+    p.rows_per_block = rows_per_block;
+    int end = 0;
+    for (size_t i = first; i < std::min(terms.size(), first + 8); ++i) {
+      const UpTerm& u = terms[i];
+      UpMember& m = p.m[p.n++];
+      if (!aligned16(ys[i])) return false;
+      m.b = u.b->data_ptr();
+      m.out = ys[i].data_ptr();
+      m.bias = u.bias != nullptr ? u.bias->data_ptr() : nullptr;
+      m.cols = static_cast<int>(u.b->size(0));
+      m.r = static_cast<int>(u.b->size(1));
+      m.h_off = static_cast<int>(u.h_offset);
+      end += (m.cols + 127) / 128;
+      m.tiles_end = end;
+      m.s = static_cast<float>(u.scaling);
+    }
+    if (end == 0) continue;  // every member has no columns
+    void* args[] = {&p};
+    if (!launch(max_r <= 16 ? mod->up16 : mod->up32, static_cast<unsigned>(end),
+                static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), args,
+                128)) {
+      return false;
+    }
+  }
+  outs = std::move(ys);
+  return true;
+}
+
 bool available() {
   if (c10::cuda::device_count() == 0) return false;
   try {
@@ -515,6 +701,10 @@ bool dora_scale(const at::Tensor&, const at::Tensor&, const at::Tensor&, const a
 
 bool column_dot(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
                 at::Tensor&, at::Tensor&) {
+  return false;
+}
+
+bool lora_up(const at::Tensor&, const std::vector<UpTerm>&, std::vector<at::Tensor>&) {
   return false;
 }
 
