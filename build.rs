@@ -69,9 +69,9 @@ fn main() {
     if let Some(includes) = include_dirs(&lib_dir) {
         let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
         let mut build = cc::Build::new();
-        // DoRA's NVRTC kernels, where libtorch has CUDA and the CUDA headers are at hand (only
-        // symbols of libtorch_cuda and libc10_cuda are linked; libcuda and libnvrtc are opened
-        // at run time)
+        // the NVRTC kernels (LoRA and DoRA), where libtorch has CUDA and the CUDA headers are at
+        // hand (only symbols of libtorch_cuda and libc10_cuda are linked; libcuda and libnvrtc
+        // are opened at run time)
         let cuda_kernels = target_os == "linux"
             && lib_dir.join("libtorch_cuda.so").exists()
             && lib_dir.join("libc10_cuda.so").exists();

@@ -646,7 +646,10 @@ bool lora_up(const at::Tensor& h, const std::vector<UpTerm>& terms,
     rows_per_block /= 2;
   }
   std::vector<at::Tensor> ys;
-  for (const UpTerm& u : terms) ys.push_back(at::empty({rows, u.b->size(0)}, h.options()));
+  for (const UpTerm& u : terms) {
+    ys.push_back(at::empty({rows, u.b->size(0)}, h.options()));
+    if (!aligned16(ys.back())) return false;
+  }
   // one launch per eight members (the parameter struct's capacity)
   for (size_t first = 0; first < terms.size() && rows > 0; first += 8) {
     UpParams p{};
@@ -658,7 +661,6 @@ bool lora_up(const at::Tensor& h, const std::vector<UpTerm>& terms,
     for (size_t i = first; i < std::min(terms.size(), first + 8); ++i) {
       const UpTerm& u = terms[i];
       UpMember& m = p.m[p.n++];
-      if (!aligned16(ys[i])) return false;
       m.b = u.b->data_ptr();
       m.out = ys[i].data_ptr();
       m.bias = u.bias != nullptr ? u.bias->data_ptr() : nullptr;
@@ -719,7 +721,7 @@ void set_enabled(bool) {}
 
 extern "C" {
 
-// Whether DoRA's run-time compiled CUDA kernels can run on the current device.
+// Whether the run-time compiled CUDA kernels (LoRA and DoRA) can run on the current device.
 int tch_peft_custom_kernels_available() { return tch_peft::kernels::available() ? 1 : 0; }
 
 // Switches them on (1) or off (0) for the process.

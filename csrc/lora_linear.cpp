@@ -50,18 +50,23 @@ at::Tensor factor_grad(const at::Tensor& lhs, const at::Tensor& rhs, at::ScalarT
   return wide && kind == at::kFloat ? at::mm(lhs, rhs, at::kFloat) : at::mm(lhs, rhs).to(kind);
 }
 
-// `x Wᵀ + bias + s·h Bᵀ`: the thin product `s·h Bᵀ` (+ bias, through cuBLASLt's bias epilogue)
-// is written first and the base GEMM accumulates into it in place (beta = 1). The accumulation
-// then happens in the base GEMM's epilogue, in f32 and overlapped with its math, instead of a
-// separate read-modify-write pass over the [N, out] output after it.
-at::Tensor low_rank_then_base(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias,
-                              const at::Tensor& h, const at::Tensor& bc, double s) {
-  at::Tensor y = bias != nullptr
-                     ? at::addmm(*bias, h, bc.t(), /*beta=*/1, /*alpha=*/s)
-                     // beta = 0 ignores the (uninitialised) placeholder input
-                     : scaled_mm(h, bc.t(), s);
-  y.addmm_(x, w.t());
-  return y;
+// The low-rank outputs s_i·h_i B_iᵀ (+ bias_i) of a group's members, written before the base
+// GEMMs accumulate into them in place (beta = 1): the accumulation then happens in the base
+// GEMM's epilogue, in f32 and overlapped with its math, instead of a separate read-modify-write
+// pass over the [N, out] output after it. One run-time compiled kernel launch for the whole
+// group where it runs (bf16 on CUDA), else one cuBLAS GEMM per member (the bias through
+// cuBLASLt's epilogue). h_all: [N, R], each member's columns from its term's offset.
+std::vector<at::Tensor> low_rank_outputs(const at::Tensor& h_all,
+                                         const std::vector<tch_peft::kernels::UpTerm>& terms) {
+  std::vector<at::Tensor> ys;
+  if (tch_peft::kernels::lora_up(h_all, terms, ys)) return ys;
+  for (const auto& t : terms) {
+    const at::Tensor h = h_all.narrow(1, t.h_offset, t.b->size(1));
+    ys.push_back(t.bias != nullptr
+                     ? at::addmm(*t.bias, h, t.b->t(), /*beta=*/1, /*alpha=*/t.scaling)
+                     : scaled_mm(h, t.b->t(), t.scaling));
+  }
+  return ys;
 }
 
 // DoRA on the same layer (a DoRA member of the same node; PEFT's formula without dropout):
@@ -229,38 +234,24 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     }
     const at::Tensor h_all = at::mm(x, a_all.t());  // [N, R]
     std::vector<at::Tensor> w_used(n), b_used(n);
-    std::vector<const at::Tensor*> bias_used(n);
     std::vector<tch_peft::kernels::UpTerm> terms;
     for (size_t i = 0; i < n; ++i) {
       const bool dora = dora_of[i] >= 0;
       w_used[i] = dora ? preps[i].w_g : ws[i];
       b_used[i] = dora ? preps[i].b_g : bs[i].to(kind);
-      bias_used[i] = bias_of[i] >= 0 ? &biases[bias_of[i]] : nullptr;
-      terms.push_back({&b_used[i], bias_used[i], offsets[i], scalings[i]});
+      const at::Tensor* bias = bias_of[i] >= 0 ? &biases[bias_of[i]] : nullptr;
+      terms.push_back({&b_used[i], bias, offsets[i], scalings[i]});
     }
-    // every member's s·h·Bᵀ (+ bias) in one kernel launch where the kernel runs, the base GEMM
-    // accumulating into each (as low_rank_then_base, whose thin GEMMs it replaces)
-    variable_list ys;
-    if (tch_peft::kernels::lora_up(h_all, terms, ys)) {
-      for (size_t i = 0; i < n; ++i) ys[i].addmm_(x, w_used[i].t());
-    } else {
-      ys.clear();
-      for (size_t i = 0; i < n; ++i) {
-        const at::Tensor h = h_all.narrow(1, offsets[i], offsets[i + 1] - offsets[i]);
-        ys.push_back(low_rank_then_base(x, w_used[i], bias_used[i], h, b_used[i], scalings[i]));
-      }
-    }
+    variable_list ys = low_rank_outputs(h_all, terms);
+    for (size_t i = 0; i < n; ++i) ys[i].addmm_(x, w_used[i].t());  // + x W_iᵀ, beta = 1
     std::vector<at::Tensor> to_save{x, a_all, h_all};
     std::vector<at::Tensor> dora_saved;
     std::vector<int64_t> m_kinds;
     for (size_t i = 0; i < n; ++i) {
-      const bool dora = dora_of[i] >= 0;
-      const at::Tensor& w = w_used[i];
-      const at::Tensor& bc = b_used[i];
-      const at::Tensor* bias = bias_used[i];
-      to_save.push_back(w);
-      to_save.push_back(bc);
-      if (dora) {
+      to_save.push_back(w_used[i]);
+      to_save.push_back(b_used[i]);
+      if (dora_of[i] >= 0) {
+        const at::Tensor* bias = terms[i].bias;
         // the output itself (not u = (y − bias)/g): modifying it in place before the backward
         // is an autograd error
         dora_saved.insert(dora_saved.end(), {ys[i], preps[i].g, preps[i].inv_m,

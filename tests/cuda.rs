@@ -62,6 +62,17 @@ fn layer_with(kind: Kind, vb: &mut nn::VarStore, va: &nn::VarStore, dora: bool) 
     l
 }
 
+/// `x Wᵀ + b + s·(x Aᵀ) Bᵀ` in f64, on the layer's device.
+fn lora_formula_f64(l: &LoraLinear, x: &Tensor) -> Tensor {
+    let f = |t: &Tensor| t.to_kind(Kind::Double);
+    let y = f(x).matmul(&f(&l.base().ws).tr())
+        + f(x).matmul(&f(l.lora_a()).tr()).matmul(&f(l.lora_b()).tr()) * l.scaling();
+    match &l.base().bs {
+        Some(b) => y + f(b),
+        None => y,
+    }
+}
+
 /// The output, then the gradients to x and every trained tensor (see
 /// `common::fused_and_composed`), for the fused node and for the composed ops.
 fn fwd_bwd_both(l: &LoraLinear, x: &Tensor, g: &Tensor) -> (Vec<Tensor>, Vec<Tensor>) {
@@ -94,13 +105,10 @@ fn fused_node_matches_composed_ops_on_cuda_in_f32_and_bf16() {
             let rel = rel_diff(f, c);
             assert!(rel < tol, "{kind:?} dora={dora} output/gradient {i}: relative {rel}");
         }
-        // and the f32 path against an f64 recomputation on the host
+        // and the f32 path against an f64 recomputation
         if kind == Kind::Float && !dora {
-            let d = |t: &Tensor| t.to_device(Device::Cpu).to_kind(Kind::Double);
-            let expected = d(&x).matmul(&d(&l.base().ws).tr())
-                + d(l.base().bs.as_ref().unwrap())
-                + d(&x).matmul(&d(l.lora_a()).tr()).matmul(&d(l.lora_b()).tr()) * l.scaling();
-            assert!(max_abs_diff(&d(&fused[0]), &expected) < 1e-3);
+            let expected = lora_formula_f64(&l, &x);
+            assert!(max_abs_diff(&fused[0].to_kind(Kind::Double), &expected) < 1e-3);
         }
     }
 }
@@ -499,15 +507,9 @@ fn lora_group_kernel_matches_cublas_and_the_f64_formula() {
                 let rel = rel_diff(k, c);
                 assert!(rel < 2e-3, "rows {rows} train {train} tensor {i}: relative {rel}");
             }
-            // x Wᵀ + b + s·(x Aᵀ) Bᵀ in f64, within the bf16 roundings of the forward
-            let f = |t: &Tensor| t.to_kind(Kind::Double);
+            // within the bf16 roundings of the forward
             for (i, l) in handles.iter().enumerate() {
-                let mut expected = f(&x).matmul(&f(&l.base().ws).tr())
-                    + f(&x).matmul(&f(l.lora_a()).tr()).matmul(&f(l.lora_b()).tr()) * l.scaling();
-                if let Some(b) = &l.base().bs {
-                    expected += f(b);
-                }
-                let rel = rel_diff(&f(&with[i]), &expected);
+                let rel = rel_diff(&with[i].to_kind(Kind::Double), &lora_formula_f64(l, &x));
                 assert!(rel < 1e-2, "rows {rows} train {train} layer {i}: against f64 {rel}");
             }
         }

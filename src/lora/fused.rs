@@ -42,7 +42,8 @@ pub(crate) fn grad_enabled() -> bool {
     unsafe { tch_peft_grad_enabled() != 0 }
 }
 
-/// Whether DoRA's run-time compiled CUDA kernels load on the current device (compiling them).
+/// Whether the run-time compiled CUDA kernels (LoRA and DoRA) load on the current device
+/// (compiling them).
 pub(crate) fn custom_kernels_available() -> bool {
     // SAFETY: no arguments; the C++ side catches its exceptions (no device, a failed compile or
     // load: 0).
