@@ -1,15 +1,19 @@
-//! Build script: make the crate's own tests, examples and benches find libtorch at run time.
+//! Build script: compile the crate's C++ (`csrc/`) against the libtorch that torch-sys found, and
+//! link what it needs so that the crate's own binaries and every dependent's find CUDA.
 //!
 //! torch-sys (links = "tch") exports the libtorch library directory as `DEP_TCH_LIBTORCH_LIB`.
-//! We add an rpath to it so binaries run without `LD_LIBRARY_PATH`, and force-link
-//! `libtorch_cuda.so` when present: it is only reached through static initialisers, so
-//! `--as-needed` linkers drop it and CUDA silently disappears (`Cuda::is_available() == false`).
-//!
-//! It also compiles `csrc/lora_linear.cpp` (the fused LoRA Linear autograd node),
-//! `csrc/cuda_kernels.cpp` (the NVRTC-compiled CUDA kernels of the LoRA and DoRA nodes),
-//! `csrc/memory.cpp` (the device allocator's peak statistics), `csrc/optim.cpp` (the fused
-//! multi-tensor AdamW) and `csrc/profiler.cpp` (device-kernel times from libtorch's profiler)
-//! against the same libtorch headers, and sets `cfg(tch_peft_fused)` when it did.
+//! * `csrc/lora_linear.cpp` (the fused LoRA/DoRA autograd node), `csrc/cuda_kernels.cpp` (their
+//!   NVRTC-compiled CUDA kernels, where the CUDA headers are found), `csrc/memory.cpp` (the
+//!   device allocator's peaks), `csrc/optim.cpp` (multi-tensor AdamW) and `csrc/profiler.cpp`
+//!   (Kineto device-kernel times), whose ABI `csrc/tch_peft.h` declares, are compiled against the
+//!   same headers; `cfg(tch_peft_csrc)` is set when they were (not in a `doc-only` build).
+//! * With a CUDA libtorch, `libc10_cuda` (the CUDA kernels' objects reference it) and
+//!   `libtorch_cuda` are linked with `cargo:rustc-link-lib`, which, unlike `rustc-link-arg`,
+//!   reaches every dependent's final binary. libtorch_cuda is only reached through static
+//!   initialisers, so an `--as-needed` linker would drop it (CUDA then silently reports
+//!   unavailable): `csrc/cuda_link.cpp`, linked whole into every final binary, references it.
+//! * The library directory goes to dependents' build scripts as `DEP_TCH_PEFT_LIBTORCH_LIB` (the
+//!   `links` key), for an rpath; this crate's own tests, examples and benches get one here.
 use std::env;
 use std::path::{Path, PathBuf};
 
@@ -48,39 +52,31 @@ fn cuda_include_dirs(lib_dir: &Path) -> Option<Vec<PathBuf>> {
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=csrc/lora_linear.cpp");
-    println!("cargo:rerun-if-changed=csrc/cuda_kernels.cpp");
-    println!("cargo:rerun-if-changed=csrc/cuda_kernels.h");
-    println!("cargo:rerun-if-changed=csrc/memory.cpp");
-    println!("cargo:rerun-if-changed=csrc/optim.cpp");
-    println!("cargo:rerun-if-changed=csrc/profiler.cpp");
+    println!("cargo:rerun-if-changed=csrc");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
-    println!("cargo::rustc-check-cfg=cfg(tch_peft_fused)");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    println!("cargo::rustc-check-cfg=cfg(tch_peft_csrc)");
     let lib_dir = env::var_os("DEP_TCH_LIBTORCH_LIB")
         .or_else(|| env::var_os("DEP_TORCH_SYS_LIBTORCH_LIB"))
         .map(PathBuf::from);
     let Some(lib_dir) = lib_dir else {
-        // doc-only builds and non-unix targets: nothing to link.
+        // doc-only builds and non-unix targets: nothing to compile or link.
         return;
     };
+    println!("cargo:libtorch_lib={}", lib_dir.display());
     let target_os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    let cuda_libtorch = target_os == "linux"
+        && lib_dir.join("libtorch_cuda.so").exists()
+        && lib_dir.join("libc10_cuda.so").exists();
     if let Some(includes) = include_dirs(&lib_dir) {
         let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
         let mut build = cc::Build::new();
         // the NVRTC kernels (LoRA and DoRA), where libtorch has CUDA and the CUDA headers are at
         // hand (only symbols of libtorch_cuda and libc10_cuda are linked; libcuda and libnvrtc
         // are opened at run time)
-        let cuda_kernels = target_os == "linux"
-            && lib_dir.join("libtorch_cuda.so").exists()
-            && lib_dir.join("libc10_cuda.so").exists();
-        if let Some(inc) = cuda_kernels.then(|| cuda_include_dirs(&lib_dir)).flatten() {
+        if let Some(inc) = cuda_libtorch.then(|| cuda_include_dirs(&lib_dir)).flatten() {
             build.includes(inc).define("TCH_PEFT_CUDA", None);
-            println!("cargo:rustc-link-arg=-L{}", lib_dir.display());
-            println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-            println!("cargo:rustc-link-arg=-lc10_cuda");
-            println!("cargo:rustc-link-arg=-Wl,--as-needed");
         }
         build
             .cpp(true)
@@ -96,15 +92,28 @@ fn main() {
             .file("csrc/optim.cpp")
             .file("csrc/profiler.cpp")
             .compile("tch_peft_csrc");
-        println!("cargo:rustc-cfg=tch_peft_fused");
+        println!("cargo:rustc-cfg=tch_peft_csrc");
+    }
+    // after the static library of csrc/, whose objects reference c10_cuda
+    if cuda_libtorch {
+        println!("cargo:rustc-link-search=native={}", lib_dir.display());
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        // csrc/cuda_link.cpp: an object every final binary links whole, whose reference to
+        // libtorch_cuda keeps that library (see the file); not bundled into the rlib, so the
+        // dependent's link line names it (from OUT_DIR, a propagated search path)
+        cc::Build::new()
+            .cpp(true)
+            .pic(true)
+            .flag("-std=c++17")
+            .file("csrc/cuda_link.cpp")
+            .cargo_metadata(false)
+            .compile("tch_peft_cuda_link");
+        let out = env::var("OUT_DIR").expect("cargo sets OUT_DIR");
+        println!("cargo:rustc-link-search=native={out}");
+        println!("cargo:rustc-link-lib=static:+whole-archive,-bundle=tch_peft_cuda_link");
     }
     if target_os == "linux" || target_os == "macos" {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
-    }
-    if target_os == "linux" && lib_dir.join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-L{}", lib_dir.display());
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
 }

@@ -13,6 +13,7 @@
 // once per device, on first use.
 
 #include "cuda_kernels.h"
+#include "tch_peft.h"
 
 #ifdef TCH_PEFT_CUDA
 #include <ATen/Context.h>

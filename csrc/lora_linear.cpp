@@ -23,6 +23,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "cuda_kernels.h"
+#include "tch_peft.h"
 
 #include <algorithm>
 #include <tuple>
@@ -412,29 +413,6 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
 };
 
 
-char* copy_message(const char* what) {
-  const size_t n = std::strlen(what);
-  char* out = static_cast<char*>(std::malloc(n + 1));
-  if (out != nullptr) {
-    std::memcpy(out, what, n + 1);
-  }
-  return out;
-}
-
-// Runs `f` for a C entry point: its result, or `failed` with *error set to a malloc'ed message
-// (freed by the caller with tch_peft_free_error) when it throws.
-template <typename T, typename F>
-T guarded(const char* what, char** error, T failed, F&& f) {
-  *error = nullptr;
-  try {
-    return f();
-  } catch (const std::exception& e) {
-    *error = copy_message(e.what());
-  } catch (...) {
-    *error = copy_message((std::string("unknown C++ exception in ") + what).c_str());
-  }
-  return failed;
-}
 
 }  // namespace
 
@@ -449,7 +427,7 @@ int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* 
                         const at::Tensor* const* bs, const at::Tensor* const* ms,
                         const at::Tensor* const* w_sqs, const double* scalings,
                         at::Tensor** out, char** error) {
-  return guarded<int>("tch_peft_lora_group", error, 1, [&] {
+  return tch_peft::guarded<int>("tch_peft_lora_group", error, 1, [&] {
     std::vector<at::Tensor> w_list, a_list, b_list, bias_list, m_list, w_sq_list;
     std::vector<int64_t> bias_of, dora_of;
     for (size_t i = 0; i < n; ++i) {

@@ -5,6 +5,8 @@
 // Every function returns -1 when the allocator of that device type is missing (a CPU-only
 // libtorch) or throws; none lets a C++ exception cross into Rust.
 
+#include "tch_peft.h"
+
 #include <c10/core/Allocator.h>
 #include <c10/core/CachingDeviceAllocator.h>
 

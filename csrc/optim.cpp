@@ -3,6 +3,8 @@
 // of the step counters. Called from src/optim.rs; tensors cross as the `at::Tensor*` handles tch
 // uses. Every list holds `n` tensors of one device and dtype (the caller groups them).
 
+#include "tch_peft.h"
+
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
@@ -13,15 +15,6 @@
 #include <vector>
 
 namespace {
-
-char* optim_message(const char* what) {
-  const size_t n = std::strlen(what);
-  char* out = static_cast<char*>(std::malloc(n + 1));
-  if (out != nullptr) {
-    std::memcpy(out, what, n + 1);
-  }
-  return out;
-}
 
 std::vector<at::Tensor> list(at::Tensor* const* ts, int64_t n) {
   std::vector<at::Tensor> v;
@@ -43,8 +36,7 @@ int tch_peft_fused_adamw(at::Tensor* const* params, at::Tensor* const* grads,
                          at::Tensor* const* exp_avgs, at::Tensor* const* exp_avg_sqs,
                          at::Tensor* const* steps, int64_t n, double lr, double beta1,
                          double beta2, double weight_decay, double eps, char** error) {
-  *error = nullptr;
-  try {
+  return tch_peft::guarded<int>("tch_peft_fused_adamw", error, -1, [&] {
     c10::AutoGradMode no_grad(false);
     const auto p = list(params, n);
     const auto g = list(grads, n);
@@ -55,12 +47,7 @@ int tch_peft_fused_adamw(at::Tensor* const* params, at::Tensor* const* grads,
     at::_fused_adamw_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps,
                       /*amsgrad=*/false, /*maximize=*/false);
     return 0;
-  } catch (const std::exception& e) {
-    *error = optim_message(e.what());
-  } catch (...) {
-    *error = optim_message("unknown C++ exception in tch_peft_fused_adamw");
-  }
-  return -1;
+  });
 }
 
 // Drops the gradients of `n` tensors (PyTorch's zero_grad(set_to_none=True)): no kernel runs,

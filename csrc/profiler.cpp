@@ -2,6 +2,8 @@
 // src/profiler.rs. Only the device side is summarised: every kernel, copy and memset the GPU ran
 // between start and stop, aggregated by name.
 
+#include "tch_peft.h"
+
 #include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <cstdlib>
@@ -19,14 +21,6 @@ using torch::profiler::impl::ActivityType;
 using torch::profiler::impl::ProfilerConfig;
 using torch::profiler::impl::ProfilerState;
 
-char* copy_string(const std::string& s) {
-  char* out = static_cast<char*>(std::malloc(s.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, s.c_str(), s.size() + 1);
-  }
-  return out;
-}
-
 }  // namespace
 
 extern "C" {
@@ -42,9 +36,9 @@ int tch_peft_profiler_start(char** error) {
     prof::enableProfiler(config, activities);
     return 0;
   } catch (const std::exception& e) {
-    *error = copy_string(e.what());
+    *error = tch_peft::copy_c_string(e.what());
   } catch (...) {
-    *error = copy_string("unknown C++ exception in tch_peft_profiler_start");
+    *error = tch_peft::copy_c_string("unknown C++ exception in tch_peft_profiler_start");
   }
   return 1;
 }
@@ -77,11 +71,11 @@ char* tch_peft_profiler_stop(char** error) {
       }
       out << v.first << "\t" << v.second << "\t" << clean << "\n";
     }
-    return copy_string(out.str());
+    return tch_peft::copy_c_string(out.str());
   } catch (const std::exception& e) {
-    *error = copy_string(e.what());
+    *error = tch_peft::copy_c_string(e.what());
   } catch (...) {
-    *error = copy_string("unknown C++ exception in tch_peft_profiler_stop");
+    *error = tch_peft::copy_c_string("unknown C++ exception in tch_peft_profiler_stop");
   }
   return nullptr;
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Makes tests/fixtures/data/ (run by hand): tiny files in the formats of the real assets, with
+"""Makes bench/tests/fixtures/data/ (run by hand): tiny files in the formats of the real assets, with
 sentences written for the test (no third-party text), and a tiny WordPiece tokenizer.json built
 like MiniLM's (BERT normaliser and pre-tokeniser, [CLS] … [SEP] template, padding fixed at 128,
 truncation 128), plus the ids Python `tokenizers` gives for the fixture sentences
@@ -9,7 +9,7 @@ import os
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "data")
+OUT = os.path.join(os.path.dirname(__file__), "..", "bench", "tests", "fixtures", "data")
 SENTENCES = ["The phone is great.", "Battery died after two days!", "Great value, would buy again.",
              "Terrible screen and awful sound."]
 

@@ -5,8 +5,6 @@
 #![allow(clippy::needless_doctest_main)]
 
 pub mod adapter;
-pub mod compare;
-pub mod data;
 mod error;
 pub mod freeze;
 pub mod io;
@@ -17,6 +15,8 @@ pub mod models;
 pub mod optim;
 pub mod profiler;
 pub mod reft;
+#[cfg(tch_peft_csrc)]
+mod sys;
 pub mod target;
 
 pub use adapter::{Adapter, AdapterKind, ParamEntry, ParamReport};

@@ -15,24 +15,17 @@
 
 use tch::Device;
 
-#[cfg(tch_peft_fused)]
-extern "C" {
-    fn tch_peft_cuda_allocated(device: i32, peak: i32) -> i64;
-    fn tch_peft_cuda_reset_peak(device: i32) -> i32;
-}
-
 /// Starts a new peak: on the CPU the kernel's high-water mark of this process (writes `5` to
 /// `/proc/self/clear_refs`, Linux), on CUDA the allocator's peak statistics. Does nothing
 /// where neither is available.
 pub fn reset_peak(device: Device) {
     match device {
         Device::Cuda(i) => {
-            #[cfg(tch_peft_fused)]
+            #[cfg(tch_peft_csrc)]
             if tch::Cuda::is_available() {
-                // SAFETY: a plain C function that catches every C++ exception.
-                let _ = unsafe { tch_peft_cuda_reset_peak(i as i32) };
+                let _ = crate::sys::cuda_reset_peak(i);
             }
-            #[cfg(not(tch_peft_fused))]
+            #[cfg(not(tch_peft_csrc))]
             let _ = i;
         }
         _ => {
@@ -66,17 +59,15 @@ fn status_kib(key: &str) -> Option<u64> {
     line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()
 }
 
-#[cfg(tch_peft_fused)]
+#[cfg(tch_peft_csrc)]
 fn cuda_stat(device: usize, peak: bool) -> Option<u64> {
     if !tch::Cuda::is_available() {
         return None;
     }
-    // SAFETY: plain C functions that catch every C++ exception and return -1 on failure.
-    let v = unsafe { tch_peft_cuda_allocated(device as i32, i32::from(peak)) };
-    u64::try_from(v).ok()
+    crate::sys::cuda_allocated(device, peak)
 }
 
-#[cfg(not(tch_peft_fused))]
+#[cfg(not(tch_peft_csrc))]
 fn cuda_stat(_device: usize, _peak: bool) -> Option<u64> {
     None
 }

@@ -30,26 +30,6 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::{Error, Result};
 
-#[cfg(tch_peft_fused)]
-extern "C" {
-    fn tch_peft_fused_adamw(
-        params: *const *mut torch_sys::C_tensor,
-        grads: *const *mut torch_sys::C_tensor,
-        exp_avgs: *const *mut torch_sys::C_tensor,
-        exp_avg_sqs: *const *mut torch_sys::C_tensor,
-        steps: *const *mut torch_sys::C_tensor,
-        n: i64,
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        weight_decay: f64,
-        eps: f64,
-        error: *mut *mut std::ffi::c_char,
-    ) -> i32;
-    fn tch_peft_grads_to_none(params: *const *mut torch_sys::C_tensor, n: i64);
-    fn tch_peft_free_error(error: *mut std::ffi::c_char);
-}
-
 /// One parameter and its state.
 #[derive(Debug)]
 struct Slot {
@@ -121,7 +101,7 @@ impl FusedAdamW {
             betas: (0.9, 0.999),
             eps: 1e-8,
             weight_decay: 0.01,
-            fused: cfg!(tch_peft_fused),
+            fused: cfg!(tch_peft_csrc),
         })
     }
 
@@ -163,7 +143,7 @@ impl FusedAdamW {
     /// Uses the composed per-parameter update instead of the fused kernel (same values; for
     /// measurements and tests).
     pub fn set_fused(&mut self, fused: bool) {
-        self.fused = fused && cfg!(tch_peft_fused);
+        self.fused = fused && cfg!(tch_peft_csrc);
     }
 
     /// Sets the learning rate of the next steps.
@@ -188,15 +168,9 @@ impl FusedAdamW {
 
     /// Drops every parameter's gradient (PyTorch's `zero_grad(set_to_none=True)`).
     pub fn zero_grad(&mut self) {
-        #[cfg(tch_peft_fused)]
-        {
-            let ptrs: Vec<*mut torch_sys::C_tensor> =
-                self.slots.iter().map(|s| s.param.as_ptr() as *mut _).collect();
-            // SAFETY: live tensor handles borrowed for the call; the C++ side only resets
-            // their gradient fields and cannot throw.
-            unsafe { tch_peft_grads_to_none(ptrs.as_ptr(), ptrs.len() as i64) };
-        }
-        #[cfg(not(tch_peft_fused))]
+        #[cfg(tch_peft_csrc)]
+        crate::sys::grads_to_none(&self.slots.iter().map(|s| &s.param).collect::<Vec<_>>());
+        #[cfg(not(tch_peft_csrc))]
         for s in &mut self.slots {
             s.param.zero_grad();
         }
@@ -242,54 +216,31 @@ impl FusedAdamW {
         Ok(())
     }
 
-    #[cfg(tch_peft_fused)]
+    #[cfg(tch_peft_csrc)]
     fn fused_step(&mut self, live: &[(usize, Tensor)]) -> Result<()> {
-        let ptr = |t: &Tensor| t.as_ptr() as *mut torch_sys::C_tensor;
-        let params: Vec<_> = live.iter().map(|(i, _)| ptr(&self.slots[*i].param)).collect();
-        let grads: Vec<_> = live.iter().map(|(_, g)| ptr(g)).collect();
-        let m: Vec<_> = live.iter().map(|(i, _)| ptr(&self.slots[*i].exp_avg)).collect();
-        let v: Vec<_> = live.iter().map(|(i, _)| ptr(&self.slots[*i].exp_avg_sq)).collect();
-        let steps: Vec<_> = live.iter().map(|(i, _)| ptr(&self.slots[*i].step)).collect();
-        let mut error: *mut std::ffi::c_char = std::ptr::null_mut();
-        let (b1, b2) = self.betas;
-        // SAFETY: five arrays of `n` live tensor handles (the grads owned by `live`) borrowed for
-        // the call; the C++ side catches every exception and reports it through `error`.
-        let rc = unsafe {
-            tch_peft_fused_adamw(
-                params.as_ptr(),
-                grads.as_ptr(),
-                m.as_ptr(),
-                v.as_ptr(),
-                steps.as_ptr(),
-                live.len() as i64,
-                self.lr,
-                b1,
-                b2,
-                self.weight_decay,
-                self.eps,
-                &mut error,
-            )
+        let slots = &self.slots;
+        let tensors = crate::sys::AdamWTensors {
+            params: live.iter().map(|(i, _)| &slots[*i].param).collect(),
+            grads: live.iter().map(|(_, g)| g).collect(),
+            exp_avgs: live.iter().map(|(i, _)| &slots[*i].exp_avg).collect(),
+            exp_avg_sqs: live.iter().map(|(i, _)| &slots[*i].exp_avg_sq).collect(),
+            steps: live.iter().map(|(i, _)| &slots[*i].step).collect(),
         };
-        if rc != 0 {
-            // SAFETY: on failure `error` is null or a malloc'ed C string we now own.
-            let msg = unsafe {
-                if error.is_null() {
-                    "tch_peft_fused_adamw failed".to_string()
-                } else {
-                    let m = std::ffi::CStr::from_ptr(error).to_string_lossy().into_owned();
-                    tch_peft_free_error(error);
-                    m
-                }
-            };
-            return Err(Error::Tch(tch::TchError::Torch(msg)));
-        }
+        let hyper = crate::sys::AdamWHyper {
+            lr: self.lr,
+            beta1: self.betas.0,
+            beta2: self.betas.1,
+            weight_decay: self.weight_decay,
+            eps: self.eps,
+        };
+        crate::sys::fused_adamw(&tensors, &hyper)?;
         for (i, _) in live {
             self.slots[*i].host_step += 1;
         }
         Ok(())
     }
 
-    #[cfg(not(tch_peft_fused))]
+    #[cfg(not(tch_peft_csrc))]
     fn fused_step(&mut self, _live: &[(usize, Tensor)]) -> Result<()> {
         Err(Error::Unsupported {
             field: "fused".into(),

@@ -75,15 +75,6 @@ impl DeviceProfile {
     }
 }
 
-#[cfg(tch_peft_fused)]
-mod ffi {
-    use std::ffi::c_char;
-    extern "C" {
-        pub fn tch_peft_profiler_start(error: *mut *mut c_char) -> i32;
-        pub fn tch_peft_profiler_stop(error: *mut *mut c_char) -> *mut c_char;
-    }
-}
-
 /// Runs `f` under the profiler and returns its result with what the device ran meanwhile.
 /// Synchronise the device inside `f` (e.g. `tch::Cuda::synchronize`) so that its work is done
 /// before the profiler stops. Without a CUDA device the profiler is not started and the profile
@@ -92,34 +83,18 @@ mod ffi {
 /// Errors: the profiler could not start (another one is active) or stop; a build without the
 /// C++ shim (`Error::Unsupported`).
 pub fn profile_device<T>(f: impl FnOnce() -> T) -> Result<(T, DeviceProfile)> {
-    #[cfg(tch_peft_fused)]
+    #[cfg(tch_peft_csrc)]
     {
-        use crate::lora::fused::{take_c_string, take_error};
-        use std::ffi::c_char;
         if !tch::Cuda::is_available() {
             // no device to observe (and Kineto would complain on stderr)
             return Ok((f(), DeviceProfile::default()));
         }
-        let mut error: *mut c_char = std::ptr::null_mut();
-        // SAFETY: plain C functions that catch every C++ exception; an error message or the
-        // returned text is taken over (and freed) once.
-        unsafe {
-            if ffi::tch_peft_profiler_start(&mut error) != 0 {
-                return Err(take_error(error, "starting the profiler").into());
-            }
-        }
+        crate::sys::profiler_start()?;
         let out = f();
-        // SAFETY: as above.
-        let text = unsafe {
-            let p = ffi::tch_peft_profiler_stop(&mut error);
-            if p.is_null() {
-                return Err(take_error(error, "stopping the profiler").into());
-            }
-            take_c_string(p)
-        };
+        let text = crate::sys::profiler_stop()?;
         Ok((out, DeviceProfile::parse(&text)?))
     }
-    #[cfg(not(tch_peft_fused))]
+    #[cfg(not(tch_peft_csrc))]
     {
         let _ = f;
         Err(Error::Unsupported {

@@ -187,42 +187,6 @@ fn dora_row_norm_of_a_bf16_weight_is_f32_accurate_on_cuda() {
 }
 
 #[test]
-fn the_comparison_runs_on_cuda_with_allocator_peaks() {
-    let _lock = shared();
-    // the fixtures (tiny BERT, a few Kotzias sentences) through compare::run on the GPU
-    use std::path::Path;
-    use tch_peft::compare::{run, sentiment_prompts, Method, RunConfig, Task};
-    use tch_peft::data::{kotzias, TextBatcher};
-    let d = cuda();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let ex = kotzias(fixtures.join("data/kotzias"), "amazon").unwrap();
-    let task = Task {
-        name: "cuda smoke".into(),
-        train: ex.clone(),
-        val: ex[..2].to_vec(),
-        tests: vec![("id".into(), ex.clone())],
-        prompts: sentiment_prompts(),
-    };
-    let batcher = TextBatcher::from_file(fixtures.join("data/tokenizer.json"), 16).unwrap();
-    let cfg = RunConfig {
-        model_dir: fixtures.join("bert"),
-        epochs: 2,
-        batch: 2,
-        max_length: 16,
-        seed: 0,
-        device: d,
-        patience: 1,
-    };
-    for m in [Method::LinearProbe, Method::GradualUnfreezing, Method::LoReft, Method::Lora] {
-        let (r, base, _) = run(m, &task, &batcher, &cfg, None).unwrap();
-        assert_eq!(base.device(), d);
-        assert!((0.0..=1.0).contains(&r.accuracies[0].1), "{r:?}");
-        let peak = r.peak_memory_bytes.expect("the CUDA allocator's peak");
-        assert!(peak > 0 && peak < 1 << 30, "{r:?}");
-    }
-}
-
-#[test]
 fn shared_input_group_matches_separate_layers_on_cuda() {
     // LoRA and DoRA groups; DoRA over three rounds, the parameters moved in place between them
     // (the cached ‖W_i‖² and casts must follow)

@@ -10,74 +10,9 @@
 //! `csrc/cuda_kernels.cpp`). Without it (a `doc-only` build, or headers not found) the layer
 //! falls back to composing tch ops, which compute the same values.
 
-use std::ffi::{c_char, CStr};
-
 use tch::Tensor;
-use torch_sys::C_tensor;
 
-extern "C" {
-    #[allow(clippy::too_many_arguments)]
-    fn tch_peft_lora_group(
-        x: *const C_tensor,
-        n: usize,
-        ws: *const *const C_tensor,
-        biases: *const *const C_tensor,
-        a_s: *const *const C_tensor,
-        bs: *const *const C_tensor,
-        ms: *const *const C_tensor,
-        w_sqs: *const *const C_tensor,
-        scalings: *const f64,
-        out: *mut *mut C_tensor,
-        error: *mut *mut c_char,
-    ) -> i32;
-    fn tch_peft_free_error(error: *mut c_char);
-    fn tch_peft_custom_kernels_available() -> i32;
-    fn tch_peft_set_custom_kernels(on: i32);
-    fn tch_peft_grad_enabled() -> i32;
-}
-
-/// Whether autograd records operations on this thread (false inside `tch::no_grad`).
-pub(crate) fn grad_enabled() -> bool {
-    // SAFETY: reads a thread-local flag; cannot fail.
-    unsafe { tch_peft_grad_enabled() != 0 }
-}
-
-/// Whether the run-time compiled CUDA kernels (LoRA and DoRA) load on the current device
-/// (compiling them).
-pub(crate) fn custom_kernels_available() -> bool {
-    // SAFETY: no arguments; the C++ side catches its exceptions (no device, a failed compile or
-    // load: 0).
-    unsafe { tch_peft_custom_kernels_available() != 0 }
-}
-
-/// Switches those kernels on or off for the process.
-pub(crate) fn set_custom_kernels(on: bool) {
-    // SAFETY: stores a flag.
-    unsafe { tch_peft_set_custom_kernels(i32::from(on)) }
-}
-
-/// A malloc'ed NUL-terminated string from the C++ side (an error message, the profiler's text),
-/// freed here.
-///
-/// # Safety
-/// `p` is non-null, came from the C++ side and is not freed yet.
-pub(crate) unsafe fn take_c_string(p: *mut c_char) -> String {
-    let s = CStr::from_ptr(p).to_string_lossy().into_owned();
-    tch_peft_free_error(p);
-    s
-}
-
-/// The error a C entry point reported: its message, or "`what` failed" without one.
-///
-/// # Safety
-/// `error` is null or a message from the C++ side not freed yet.
-pub(crate) unsafe fn take_error(error: *mut c_char, what: &str) -> tch::TchError {
-    tch::TchError::Torch(if error.is_null() {
-        format!("{what} failed")
-    } else {
-        take_c_string(error)
-    })
-}
+use crate::sys;
 
 /// One LoRA or DoRA layer of a [`lora_group`] call: base weight, optional bias, A, B, scaling
 /// and, for DoRA, its magnitude part.
@@ -106,38 +41,14 @@ pub(crate) fn lora_group(
     x: &Tensor,
     members: &[GroupMember<'_>],
 ) -> Result<Vec<Tensor>, tch::TchError> {
-    let handle = |t: Option<&Tensor>| t.map_or(std::ptr::null(), Tensor::as_ptr);
-    let ws: Vec<*const C_tensor> = members.iter().map(|m| m.w.as_ptr()).collect();
-    let biases: Vec<*const C_tensor> = members.iter().map(|m| handle(m.bias)).collect();
-    let a_s: Vec<*const C_tensor> = members.iter().map(|m| m.a.as_ptr()).collect();
-    let bs: Vec<*const C_tensor> = members.iter().map(|m| m.b.as_ptr()).collect();
-    let ms: Vec<*const C_tensor> =
-        members.iter().map(|m| handle(m.dora.as_ref().map(|d| d.m))).collect();
-    let w_sqs: Vec<*const C_tensor> =
-        members.iter().map(|m| handle(m.dora.as_ref().map(|d| &d.w_sq))).collect();
-    let scalings: Vec<f64> = members.iter().map(|m| m.scaling).collect();
-    let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); members.len()];
-    let mut error: *mut c_char = std::ptr::null_mut();
-    // SAFETY: the arrays hold `members.len()` live handles (or nulls for absent biases and
-    // magnitudes) borrowed for the call; on success the C++ side writes that many new owned
-    // handles into `out`.
-    unsafe {
-        let rc = tch_peft_lora_group(
-            x.as_ptr(),
-            members.len(),
-            ws.as_ptr(),
-            biases.as_ptr(),
-            a_s.as_ptr(),
-            bs.as_ptr(),
-            ms.as_ptr(),
-            w_sqs.as_ptr(),
-            scalings.as_ptr(),
-            out.as_mut_ptr(),
-            &mut error,
-        );
-        if rc != 0 {
-            return Err(take_error(error, "tch_peft_lora_group"));
-        }
-        Ok(out.into_iter().map(|p| Tensor::from_ptr(p)).collect())
-    }
+    let args = sys::LoraGroupArgs {
+        ws: members.iter().map(|m| m.w).collect(),
+        biases: members.iter().map(|m| m.bias).collect(),
+        a_s: members.iter().map(|m| m.a).collect(),
+        bs: members.iter().map(|m| m.b).collect(),
+        ms: members.iter().map(|m| m.dora.as_ref().map(|d| d.m)).collect(),
+        w_sqs: members.iter().map(|m| m.dora.as_ref().map(|d| &d.w_sq)).collect(),
+        scalings: members.iter().map(|m| m.scaling).collect(),
+    };
+    sys::lora_group(x, &args)
 }

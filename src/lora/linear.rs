@@ -104,7 +104,7 @@ pub struct LoraLinear {
 /// compiled by `build.rs` against libtorch's headers). Without it, layers compose tch ops,
 /// which compute the same values with more memory traffic in the backward pass.
 pub fn fused_kernel_available() -> bool {
-    cfg!(tch_peft_fused)
+    cfg!(tch_peft_csrc)
 }
 
 /// Whether the fused nodes' run-time compiled CUDA kernels run on the current CUDA device: a
@@ -127,11 +127,11 @@ pub fn fused_kernel_available() -> bool {
 /// let _ = tch_peft::lora::custom_cuda_kernels_available();
 /// ```
 pub fn custom_cuda_kernels_available() -> bool {
-    #[cfg(tch_peft_fused)]
+    #[cfg(tch_peft_csrc)]
     {
-        super::fused::custom_kernels_available()
+        crate::sys::custom_kernels_available()
     }
-    #[cfg(not(tch_peft_fused))]
+    #[cfg(not(tch_peft_csrc))]
     {
         false
     }
@@ -142,9 +142,9 @@ pub fn custom_cuda_kernels_available() -> bool {
 /// environment starts with them off). Off, the fused LoRA and DoRA nodes use libtorch's ops
 /// only.
 pub fn set_custom_cuda_kernels(on: bool) {
-    #[cfg(tch_peft_fused)]
-    super::fused::set_custom_kernels(on);
-    #[cfg(not(tch_peft_fused))]
+    #[cfg(tch_peft_csrc)]
+    crate::sys::set_custom_kernels(on);
+    #[cfg(not(tch_peft_csrc))]
     let _ = on;
 }
 
@@ -649,7 +649,7 @@ impl LoraLinear {
     }
 
     /// A and B in `kind`, cast once per change of the factors (their version counters).
-    #[cfg(tch_peft_fused)]
+    #[cfg(tch_peft_csrc)]
     fn cast_factors(&self, kind: Kind) -> Result<(Tensor, Tensor)> {
         let key = (kind, self.lora_a.f_internal_version()?, self.lora_b.f_internal_version()?);
         let mut cache = self.state.cast.lock().unwrap_or_else(|e| e.into_inner());
@@ -807,7 +807,7 @@ impl LoraLinear {
     /// When this layer's forward on `xs` would be the fused (LoRA or DoRA) node (enabled,
     /// unmerged, no active dropout, no `lora_bias`, fused on), the bias it would add (cast to
     /// the input's dtype); `None` when it takes another path. Checks the input first.
-    #[cfg(tch_peft_fused)]
+    #[cfg(tch_peft_csrc)]
     pub(crate) fn fused_group_bias(
         &self,
         xs: &Tensor,
@@ -824,7 +824,7 @@ impl LoraLinear {
 
     /// Whether an unmerged forward runs the fused (LoRA or DoRA) node: no active dropout, no
     /// `lora_bias`, fused not switched off.
-    #[cfg(tch_peft_fused)]
+    #[cfg(tch_peft_csrc)]
     fn takes_fused_node(&self, train: bool) -> bool {
         !(train && self.dropout > 0.0)
             && self.lora_b_bias.is_none()
@@ -844,7 +844,7 @@ impl LoraLinear {
     /// The base weight, A, B and scaling (and for DoRA the magnitude and `‖W_i‖²`), for the
     /// group node; `factors` replaces A and B of a LoRA layer (their cached casts in inference,
     /// see [`LoraLinear::inference_factors`]).
-    #[cfg(tch_peft_fused)]
+    #[cfg(tch_peft_csrc)]
     pub(crate) fn group_member<'a>(
         &'a self,
         bias: Option<&'a Tensor>,
@@ -861,9 +861,9 @@ impl LoraLinear {
     /// Without autograd (inference), A and B of a LoRA layer cast to `kind` and cached until
     /// they change; `None` when autograd records, no cast is needed or the layer is DoRA (whose
     /// norm wants the f32 factors).
-    #[cfg(tch_peft_fused)]
+    #[cfg(tch_peft_csrc)]
     pub(crate) fn inference_factors(&self, kind: Kind) -> Result<Option<(Tensor, Tensor)>> {
-        if super::fused::grad_enabled() || self.lora_a.kind() == kind || self.magnitude.is_some() {
+        if crate::sys::grad_enabled() || self.lora_a.kind() == kind || self.magnitude.is_some() {
             return Ok(None);
         }
         Ok(Some(self.cast_factors(kind)?))
@@ -928,7 +928,7 @@ impl LoraLinear {
         // The fused node (the group node with this layer alone, LoRA or DoRA): in training its
         // backward; in eval one kernel fewer than the composed ops (the scaling rides on the
         // accumulating GEMM).
-        #[cfg(tch_peft_fused)]
+        #[cfg(tch_peft_csrc)]
         if self.takes_fused_node(train) {
             // without autograd (inference), LoRA factors' casts are reused until they change
             let cached = self.inference_factors(x2.kind())?;

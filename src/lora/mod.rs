@@ -21,7 +21,7 @@ mod config;
 mod conv2d;
 mod copy;
 mod embedding;
-#[cfg(tch_peft_fused)]
+#[cfg(tch_peft_csrc)]
 pub(crate) mod fused;
 mod linear;
 mod merge;

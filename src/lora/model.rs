@@ -123,7 +123,7 @@ pub fn forward_shared(
     xs: &Tensor,
     train: bool,
 ) -> Result<Vec<Tensor>> {
-    #[cfg(tch_peft_fused)]
+    #[cfg(tch_peft_csrc)]
     {
         // the single fused-path adapter of each layer that has one, with its bias
         let mut fused: Vec<Option<(LoraLinear, Option<Tensor>)>> = Vec::new();

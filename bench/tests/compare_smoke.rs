@@ -4,16 +4,22 @@
 use std::path::{Path, PathBuf};
 
 use tch::Device;
-use tch_peft::compare::{run, sentiment_prompts, wise_ft_curve, Method, RunConfig, Task};
-use tch_peft::data::{kotzias, TextBatcher};
+use tch_peft_bench::compare::{run, sentiment_prompts, wise_ft_curve, Method, RunConfig, Task};
+use tch_peft_bench::data::{kotzias, TextBatcher};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+/// The harness's data fixtures (`scripts/make_data_fixtures.py`).
+fn data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data")
+}
+
+/// The library's tiny BERT (`scripts/make_bert_fixtures.py`).
+fn bert() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bert")
 }
 
 #[test]
 fn every_method_runs_and_wise_ft_interpolates_between_its_ends() {
-    let ex = kotzias(fixtures().join("data/kotzias"), "amazon").unwrap();
+    let ex = kotzias(data().join("kotzias"), "amazon").unwrap();
     let task = Task {
         name: "smoke".into(),
         train: ex.clone(),
@@ -21,9 +27,9 @@ fn every_method_runs_and_wise_ft_interpolates_between_its_ends() {
         tests: vec![("id".into(), ex.clone()), ("other".into(), ex[1..].to_vec())],
         prompts: sentiment_prompts(),
     };
-    let batcher = TextBatcher::from_file(fixtures().join("data/tokenizer.json"), 16).unwrap();
+    let batcher = TextBatcher::from_file(data().join("tokenizer.json"), 16).unwrap();
     let cfg = RunConfig {
-        model_dir: fixtures().join("bert"),
+        model_dir: bert(),
         epochs: 2,
         batch: 2,
         max_length: 16,

@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind};
-use tch_peft::data::{balanced, email_text, kotzias, shuffle, spam, vader, Example, TextBatcher};
+use tch_peft_bench::data::{
+    balanced, email_text, kotzias, shuffle, spam, vader, Example, TextBatcher,
+};
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data")

@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use tch::{Device, Tensor};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-use crate::{Error, Result};
+use crate::{config_error, Error, Result};
 
 /// One labelled sentence and where it comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,7 +23,7 @@ pub struct Example {
 }
 
 fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+    std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.into(), source: e })
 }
 
 fn corrupt(path: &Path, reason: impl Into<String>) -> Error {
@@ -113,7 +113,7 @@ pub fn email_text(raw: &str) -> String {
 pub fn spam(dir: impl AsRef<Path>, group: &str) -> Result<Vec<Example>> {
     let d = dir.as_ref().join(group);
     let mut files: Vec<_> = std::fs::read_dir(&d)
-        .map_err(|e| Error::io(&d, e))?
+        .map_err(|e| Error::Io { path: d.clone(), source: e })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
@@ -183,7 +183,7 @@ impl TextBatcher {
             .with_padding(Some(PaddingParams { strategy: PaddingStrategy::BatchLongest, ..pad }));
         tokenizer
             .with_truncation(Some(TruncationParams { max_length, ..Default::default() }))
-            .map_err(|e| Error::config("max_length", e.to_string()))?;
+            .map_err(|e| config_error("max_length", e.to_string()))?;
         Ok(TextBatcher { tokenizer })
     }
 
@@ -193,7 +193,7 @@ impl TextBatcher {
         let enc = self
             .tokenizer
             .encode_batch(texts, true)
-            .map_err(|e| Error::config("text", e.to_string()))?;
+            .map_err(|e| config_error("text", e.to_string()))?;
         let len = enc.first().map_or(0, |e| e.get_ids().len());
         let mut ids = Vec::with_capacity(enc.len() * len);
         let mut mask = Vec::with_capacity(enc.len() * len);

@@ -15,17 +15,18 @@
 //!
 //! Environment: `TCH_PEFT_BENCH_DEVICE=cuda`, `TCH_PEFT_BENCH_ROUNDS` (default 9).
 
+#[path = "../../benches/common/mod.rs"]
 mod common;
 
 use std::path::PathBuf;
 
 use common::{device, interleaved, sync};
 use criterion::{criterion_group, criterion_main, Criterion};
-use tch_peft::compare::{sentiment_prompts, Method, RunConfig, Trainer};
-use tch_peft::data::{kotzias, shuffle, TextBatcher};
+use tch_peft_bench::compare::{sentiment_prompts, Method, RunConfig, Trainer};
+use tch_peft_bench::data::{kotzias, shuffle, TextBatcher};
 
 fn bench(c: &mut Criterion) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets");
     if !root.join("minilm/model.safetensors").exists() || !root.join("kotzias").exists() {
         eprintln!("compare bench: assets missing (run scripts/fetch-assets.sh); nothing measured");
         return;

@@ -15,11 +15,12 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{shuffle, Example, TextBatcher};
-use crate::freeze::{FreezePlan, GradualUnfreezing, LayerGroups, Select};
-use crate::lora::{LoraBuilder, LoraConfig};
-use crate::models::bert::{load_weights, mean_pool, Bert, BertConfig};
-use crate::reft::{InterventionConfig, InterventionKind, ReftConfig, ReftLayers, ReftModel};
-use crate::{Adapter, Error, Result};
+use crate::{config_error, Result};
+use tch_peft::freeze::{FreezePlan, GradualUnfreezing, LayerGroups, Select};
+use tch_peft::lora::{LoraBuilder, LoraConfig};
+use tch_peft::models::bert::{load_weights, mean_pool, Bert, BertConfig};
+use tch_peft::reft::{InterventionConfig, InterventionKind, ReftConfig, ReftLayers, ReftModel};
+use tch_peft::Adapter;
 
 /// A fine-tuning method.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -133,7 +134,7 @@ pub struct RunResult {
     pub val_curve: Vec<f64>,
     /// Bytes of the trained parameters saved as safetensors (what one would ship).
     pub adapter_bytes: u64,
-    /// Peak memory while the method built, trained and evaluated ([`crate::memory`]): the
+    /// Peak memory while the method built, trained and evaluated ([`tch_peft::memory`]): the
     /// process's peak resident set on the CPU, the caching allocator's peak on CUDA; `None`
     /// where it cannot be measured.
     pub peak_memory_bytes: Option<u64>,
@@ -147,7 +148,7 @@ struct Classifier {
     bert: Bert,
     head: nn::Linear,
     reft: Option<ReftModel>,
-    lora: Option<crate::lora::LoraAdapter>,
+    lora: Option<tch_peft::lora::LoraAdapter>,
 }
 
 fn normalized_embedding(
@@ -164,7 +165,7 @@ fn normalized_embedding(
         &b.input_ids,
         Some(&b.attention_mask),
         train,
-        hook.as_ref().map(|h| h as &dyn crate::models::ResidualHook),
+        hook.as_ref().map(|h| h as &dyn tch_peft::models::ResidualHook),
     )?;
     let e = mean_pool(&h, &b.attention_mask);
     Ok(&e / e.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-12))
@@ -187,7 +188,7 @@ fn build(
                 r: 8,
                 lora_alpha: 16.0,
                 use_dora: method == Method::Dora,
-                exclude_modules: Some(crate::target::TargetModules::list(["pooler.dense"])),
+                exclude_modules: Some(tch_peft::target::TargetModules::list(["pooler.dense"])),
                 ..LoraConfig::for_targets(all_linear)
             },
         )?),
@@ -346,7 +347,7 @@ impl Trainer {
     /// AdamW, ReFT's retraction, gradual unfreezing's schedule. Returns the loss (not synced).
     pub fn step(&mut self, batch: &crate::data::Batch, lr: f64) -> Result<Tensor> {
         if self.opts.is_empty() {
-            return Err(Error::config("method", "the zero-shot head does not train"));
+            return Err(config_error("method", "the zero-shot head does not train"));
         }
         for o in self.opts.iter_mut() {
             o.set_lr(lr);
@@ -388,7 +389,7 @@ pub fn run(
     cfg: &RunConfig,
     lr: Option<f64>,
 ) -> Result<(RunResult, nn::VarStore, nn::VarStore)> {
-    crate::memory::reset_peak(cfg.device);
+    tch_peft::memory::reset_peak(cfg.device);
     let steps_per_epoch = task.train.len().div_ceil(cfg.batch.max(1));
     let total = (steps_per_epoch * cfg.epochs).max(1);
     let mut t = Trainer::new(method, cfg, batcher, &task.prompts, total)?;
@@ -455,8 +456,8 @@ pub fn run(
         .iter()
         .map(|(n, ex)| Ok((n.clone(), accuracy(&c, batcher, ex, cfg.device)?)))
         .collect::<Result<Vec<_>>>()?;
-    let peak_memory_bytes = crate::memory::peak_bytes(cfg.device);
-    let report = crate::ParamReport::from_var_stores(&[&c.base, &c.head_vs, &c.adapter_vs]);
+    let peak_memory_bytes = tch_peft::memory::peak_bytes(cfg.device);
+    let report = tch_peft::ParamReport::from_var_stores(&[&c.base, &c.head_vs, &c.adapter_vs]);
     let trainable = to_train.iter().map(|(_, t)| t.numel() as i64).sum();
     let to_save = to_train;
     let adapter_bytes = if to_save.is_empty() {
@@ -464,7 +465,7 @@ pub fn run(
     } else {
         let f = std::env::temp_dir()
             .join(format!("tch-peft-compare-{}.safetensors", std::process::id()));
-        crate::io::write_safetensors(&f, &to_save, None)?;
+        tch_peft::io::write_safetensors(&f, &to_save, None)?;
         let n = std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
         let _ = std::fs::remove_file(&f);
         n
@@ -501,8 +502,8 @@ pub fn wise_ft_curve(
     let c = build(Method::ZeroShot, cfg, batcher, &task.prompts)?;
     let mut out = Vec::new();
     for &a in alphas {
-        crate::merge::wise_ft::interpolate_into(&c.base, &zero.0, &tuned.0, a, false)?;
-        crate::merge::wise_ft::interpolate_into(&c.head_vs, &zero.1, &tuned.1, a, false)?;
+        tch_peft::merge::wise_ft::interpolate_into(&c.base, &zero.0, &tuned.0, a, false)?;
+        tch_peft::merge::wise_ft::interpolate_into(&c.head_vs, &zero.1, &tuned.1, a, false)?;
         let accs = task
             .tests
             .iter()
@@ -520,7 +521,7 @@ pub fn kotzias_task(dir: impl AsRef<Path>, seed: u64) -> Result<Task> {
     let mut amazon = crate::data::kotzias(dir, "amazon")?;
     shuffle(&mut amazon, seed);
     if amazon.len() < 1000 {
-        return Err(Error::config(
+        return Err(config_error(
             "kotzias",
             format!("expected 1000 Amazon sentences, found {}", amazon.len()),
         ));
@@ -547,7 +548,7 @@ pub fn vader_task(dir: impl AsRef<Path>, seed: u64) -> Result<Task> {
     let movie = crate::data::vader(dir, "movieReviewSnippets")?;
     let mut m = crate::data::balanced(&movie, 1600, seed);
     if m.len() < 3200 {
-        return Err(Error::config(
+        return Err(config_error(
             "vader",
             format!("expected 3200 balanced movie snippets, found {}", m.len()),
         ));
@@ -589,7 +590,7 @@ pub fn spam_task(dir: impl AsRef<Path>, seed: u64) -> Result<Task> {
     early.extend(crate::data::spam(dir, "spam-1")?);
     let mut e = crate::data::balanced(&early, 500, seed);
     if e.len() < 1000 {
-        return Err(Error::config(
+        return Err(config_error(
             "spam",
             format!("expected 1000 balanced early messages, found {}", e.len()),
         ));

@@ -9,11 +9,11 @@
 //! match transformers' `BertModel` with the same pooling (docs/results.md).
 
 use tch::{nn, Device, Kind};
-use tch_peft::data::{Example, TextBatcher};
 use tch_peft::models::bert::{load_weights, mean_pool, Bert, BertConfig};
+use tch_peft_bench::data::{Example, TextBatcher};
 
 fn main() -> tch_peft::Result<()> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/minilm");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/minilm");
     if !dir.join("model.safetensors").exists() {
         eprintln!("error: {} is missing; run scripts/fetch-assets.sh first", dir.display());
         std::process::exit(1);

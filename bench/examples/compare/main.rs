@@ -24,11 +24,11 @@ use std::path::{Path, PathBuf};
 
 use tch::Device;
 use tch_peft::adapter::thousands;
-use tch_peft::compare::{
+use tch_peft_bench::compare::{
     kotzias_task, run, spam_task, vader_task, wise_ft_curve, Method, RunConfig, RunResult,
     WisePoint,
 };
-use tch_peft::data::TextBatcher;
+use tch_peft_bench::data::TextBatcher;
 
 const ALPHAS: [f64; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
 
@@ -111,7 +111,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         usage(&format!("unknown task `{task_name}`"));
     }
     let epochs = epochs.unwrap_or(if task_name == "c" { 3 } else { 2 });
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets");
     if !root.join("minilm/model.safetensors").exists() {
         eprintln!("error: assets missing; run scripts/fetch-assets.sh first");
         std::process::exit(1);

@@ -36,7 +36,7 @@
 
 use std::time::Instant;
 
-#[path = "../common/mod.rs"]
+#[path = "../../../benches/common/mod.rs"]
 mod common;
 use common::sync;
 

@@ -1,0 +1,105 @@
+// The whole C ABI between tch-peft's Rust side (src/sys.rs, its only caller) and the C++ that
+// build.rs compiles against libtorch. Every .cpp in csrc/ includes this header, so a signature
+// that drifts from its declaration fails to compile.
+//
+// Tensors cross as the `at::Tensor*` handles that tch uses for `C_tensor`: borrowed for a call,
+// or new owned handles (`new at::Tensor`) that Rust takes over. No C++ exception crosses the
+// boundary: entry points that can fail return a status and set `*error` to a malloc'ed message
+// that the caller frees with tch_peft_free_error (guarded() below does this).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+
+extern "C" {
+
+// --- lora_linear.cpp: the LoRA/DoRA group autograd node ---
+
+// `n` layers on the shared 2-D input `x`, arrays of `n` handles each; `biases[i]` may be null, and
+// so may `ms[i]` (the DoRA magnitude [out]) with `w_sqs[i]` (the cached ‖W_i‖² [out]) for a LoRA
+// member. On success writes `n` new owned handles to `out` and returns 0; else 1 with *error set.
+int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* ws,
+                        const at::Tensor* const* biases, const at::Tensor* const* as,
+                        const at::Tensor* const* bs, const at::Tensor* const* ms,
+                        const at::Tensor* const* w_sqs, const double* scalings,
+                        at::Tensor** out, char** error);
+
+// Frees a message or text handed to Rust.
+void tch_peft_free_error(char* error);
+
+// Whether autograd records operations on this thread (c10::GradMode).
+int tch_peft_grad_enabled();
+
+// --- cuda_kernels.cpp: the NVRTC-compiled CUDA kernels ---
+
+// Whether the run-time compiled CUDA kernels (LoRA and DoRA) can run on the current device.
+int tch_peft_custom_kernels_available();
+
+// Switches them on (1) or off (0) for the process.
+void tch_peft_set_custom_kernels(int on);
+
+// --- optim.cpp: multi-tensor AdamW ---
+
+// One AdamW step (decoupled weight decay, no amsgrad) over `n` parameters of one device and
+// dtype; `steps` are f32 scalar tensors on that device, incremented here. 0, or -1 with *error.
+int tch_peft_fused_adamw(at::Tensor* const* params, at::Tensor* const* grads,
+                         at::Tensor* const* exp_avgs, at::Tensor* const* exp_avg_sqs,
+                         at::Tensor* const* steps, int64_t n, double lr, double beta1,
+                         double beta2, double weight_decay, double eps, char** error);
+
+// Drops the gradients of `n` tensors (zero_grad(set_to_none=True)); cannot fail.
+void tch_peft_grads_to_none(at::Tensor* const* params, int64_t n);
+
+// --- memory.cpp: the CUDA caching allocator's statistics ---
+
+// Bytes allocated on `device` (all pools): the peak since the last reset when `peak` is non-zero,
+// else the current value; -1 when unavailable.
+int64_t tch_peft_cuda_allocated(int device, int peak);
+
+// Resets the peaks to the current values; 0, or -1 when unavailable.
+int tch_peft_cuda_reset_peak(int device);
+
+// --- profiler.cpp: device-kernel times from Kineto ---
+
+// Starts recording CPU ops and CUDA activity. 0, or 1 with *error set.
+int tch_peft_profiler_start(char** error);
+
+// Stops recording: a malloc'ed text ("span\t<ns>", then "count\ttotal_ns\tname" per device
+// activity name), or null with *error set.
+char* tch_peft_profiler_stop(char** error);
+
+}  // extern "C"
+
+namespace tch_peft {
+
+// A malloc'ed copy of `s` for Rust (null if malloc fails).
+inline char* copy_c_string(const std::string& s) {
+  char* out = static_cast<char*>(std::malloc(s.size() + 1));
+  if (out != nullptr) {
+    std::memcpy(out, s.c_str(), s.size() + 1);
+  }
+  return out;
+}
+
+// Runs `f` for a C entry point: its result, or `failed` with *error set to a malloc'ed message
+// when it throws.
+template <typename T, typename F>
+T guarded(const char* what, char** error, T failed, F&& f) {
+  *error = nullptr;
+  try {
+    return f();
+  } catch (const std::exception& e) {
+    *error = copy_c_string(e.what());
+  } catch (...) {
+    *error = copy_c_string(std::string("unknown C++ exception in ") + what);
+  }
+  return failed;
+}
+
+}  // namespace tch_peft
