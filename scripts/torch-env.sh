@@ -18,7 +18,9 @@ if [ -n "${LIBTORCH:-}" ]; then
 else
     TCH_PEFT_TORCH_VENV="${TCH_PEFT_TORCH_VENV:-$HOME/.cache/tch-peft/torch-$tch_peft_torch_version}"
     export TCH_PEFT_TORCH_VENV
-    if ! "$TCH_PEFT_TORCH_VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$tch_peft_torch_version')" 2>/dev/null; then
+    # importlib.metadata/find_spec read the installed package without importing torch (faster,
+    # and no "Failed to initialize NumPy" warning from the NumPy-less venv)
+    if ! "$TCH_PEFT_TORCH_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('torch').split('+')[0] != '$tch_peft_torch_version')" 2>/dev/null; then
         echo "tch-peft: installing torch==$tch_peft_torch_version into $TCH_PEFT_TORCH_VENV (once, ~4.6 GB)" >&2
         python_bin="$(command -v python3 || command -v python)"
         mkdir -p "$(dirname "$TCH_PEFT_TORCH_VENV")"
@@ -37,6 +39,6 @@ else
     export VIRTUAL_ENV="$TCH_PEFT_TORCH_VENV"
     export PATH="$VIRTUAL_ENV/bin:$PATH"
     export LIBTORCH_USE_PYTORCH=1
-    tch_peft_torch_lib="$("$VIRTUAL_ENV/bin/python" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+    tch_peft_torch_lib="$("$VIRTUAL_ENV/bin/python" -c 'import importlib.util, os; print(os.path.join(importlib.util.find_spec("torch").submodule_search_locations[0], "lib"))')"
     export LD_LIBRARY_PATH="${tch_peft_torch_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi

@@ -9,23 +9,25 @@
 //! * **what it is**: [`kind`](Adapter::kind) and [`name`](Adapter::name);
 //! * **which tensors it owns and trains**: [`named_tensors`](Adapter::named_tensors),
 //!   [`trainable_tensors`](Adapter::trainable_tensors) and the parameter counts;
-//! * **how it is applied to and reverted from the model's own variables**:
-//!   [`apply`](Adapter::apply) / [`revert`](Adapter::revert), with
-//!   [`can_apply`](Adapter::can_apply) telling beforehand whether that makes sense;
 //! * **its state for saving**: [`state_dict`](Adapter::state_dict), keyed by the names the
 //!   on-disk format uses.
 //!
-//! How each family maps onto it:
+//! What can be folded into a model's own variables and taken out again (merging LoRA, a freeze
+//! plan, writing an interpolated checkpoint) also implements the narrower [`Applicable`]:
+//! [`apply`](Applicable::apply) / [`revert`](Applicable::revert). ReFT does not: an
+//! intervention edits hidden states at chosen positions, there is no weight to fold it into.
 //!
-//! | family | owns | trains | `apply` / `revert` |
+//! How each family maps onto them:
+//!
+//! | family | owns | trains | [`Applicable`]: `apply` / `revert` |
 //! |---|---|---|---|
-//! | LoRA ([`LoraLinear`](crate::lora::LoraLinear), [`LoraAdapter`](crate::lora::LoraAdapter)) | `lora_A`, `lora_B` per module | all of them | merge `W ← W + s·BA` / unmerge, restoring the saved original bit-exactly |
-//! | ReFT (LoReFT, DiReFT, ...) | `R`, `W`, `b` per intervention | all of them | not possible: an intervention edits hidden states at chosen positions, so `can_apply` is `false` and `apply` returns [`Error::NotSupportedByAdapter`](crate::Error::NotSupportedByAdapter) |
+//! | LoRA ([`LoraLinear`](crate::lora::LoraLinear), [`LoraAdapter`](crate::lora::LoraAdapter); kind DoRA with `use_dora`) | `lora_A`, `lora_B` (DoRA: and the magnitude) per module | all of them | merge `W ← W + s·BA` / unmerge, restoring the saved original bit-exactly |
+//! | ReFT (LoReFT, DiReFT, ...) | `R`, `W`, `b` per intervention | all of them | not implemented |
 //! | Freezing (a freeze plan over a `VarStore`) | nothing new: it names the model's own variables | the variables left unfrozen | freeze the selected variables / unfreeze them |
-//! | Weight interpolation (WiSE-FT, merging) | the endpoint checkpoints θ₀, θ₁ | nothing | write `θ(α) = (1−α)θ₀ + αθ₁` into the model / restore θ₀ |
+//! | Weight interpolation ([`WiseFt`](crate::merge::WiseFt)) | the endpoint checkpoints θ₀, θ₁ | nothing | write `θ(α) = (1−α)θ₀ + αθ₁` into the model / restore what it held |
 //!
-//! The trait is object safe, so adapters of different families can sit in one
-//! `Vec<Box<dyn Adapter>>`.
+//! Both traits are object safe, so adapters of different families can sit in one
+//! `Vec<Box<dyn Adapter>>` (or `Vec<Box<dyn Applicable>>`).
 
 use std::fmt;
 
@@ -94,25 +96,28 @@ pub trait Adapter {
         self.trainable_tensors().iter().map(|(_, t)| t.numel() as i64).sum()
     }
 
-    /// Whether [`apply`](Adapter::apply) can succeed for this adapter at all (a ReFT intervention
-    /// cannot be folded into weights).
-    fn can_apply(&self) -> bool;
-
-    /// Applies the adapter to the model's own variables: merge for LoRA, freeze for a freeze
-    /// plan, write `θ(α)` for interpolation.
-    fn apply(&mut self) -> Result<()>;
-
-    /// Undoes [`apply`](Adapter::apply), restoring the variables exactly as they were.
-    fn revert(&mut self) -> Result<()>;
-
-    /// Whether the adapter is currently applied.
-    fn is_applied(&self) -> bool;
-
     /// The tensors to save, keyed by their on-disk names (for LoRA, PEFT's names without the
     /// `base_model.model.` prefix, which the file layer adds).
     fn state_dict(&self) -> Vec<(String, Tensor)> {
         self.named_tensors()
     }
+}
+
+/// What can be applied to a model's own variables and reverted exactly: merging LoRA into the
+/// base weights, a freeze plan, writing an interpolated checkpoint. See the [module
+/// documentation](self).
+pub trait Applicable: Adapter {
+    /// Applies the adapter to the model's own variables: merge for LoRA (the same as its
+    /// inherent `merge`), freeze for a freeze plan, write `θ(α)` for interpolation. Applying
+    /// what is already applied is an [`Error::MergeState`](crate::Error::MergeState).
+    fn apply(&mut self) -> Result<()>;
+
+    /// Undoes [`apply`](Applicable::apply), restoring the variables exactly as they were.
+    fn revert(&mut self) -> Result<()>;
+
+    /// Whether the adapter is currently applied (for a model-level LoRA adapter: every active
+    /// adapter merged in every layer that hosts it).
+    fn is_applied(&self) -> bool;
 }
 
 /// One row of a [`ParamReport`]: a variable, its shape and whether it trains.

@@ -17,7 +17,7 @@
 //! ```
 //! use tch::{nn, Device};
 //! use tch_peft::freeze::{FreezePlan, Select};
-//! use tch_peft::Adapter;
+//! use tch_peft::Applicable;
 //! let vs = nn::VarStore::new(Device::Cpu);
 //! for i in 0..4 {
 //!     let _ = nn::linear(vs.root() / "layers" / i / "fc", 8, 8, Default::default());
@@ -39,8 +39,9 @@ use std::sync::Arc;
 use tch::nn::{self, ModuleT, VarStore};
 use tch::Tensor;
 
-use crate::adapter::{Adapter, AdapterKind, ParamReport};
+use crate::adapter::{Adapter, AdapterKind, Applicable, ParamReport};
 use crate::target::{TargetModules, Targets};
+use crate::vars::{optimizer_visible, same_tensor};
 use crate::{Error, Result};
 
 /// Which variables a plan acts on, by the module they belong to (a variable `a.b.weight` is in
@@ -189,12 +190,6 @@ pub fn block_index(var: &str, layers_pattern: &[String]) -> Option<i64> {
         .and_then(|w| w[1].parse().ok())
 }
 
-/// The variables of `vs` tch's optimizers can see (registered trainable), by storage.
-fn optimizer_visible(vs: &VarStore) -> Vec<usize> {
-    let vars = vs.variables_.lock().unwrap_or_else(|e| e.into_inner());
-    vars.trainable_variables.iter().map(|v| v.tensor.data_ptr() as usize).collect()
-}
-
 /// Sets `requires_grad` on `t`; unfreezing drops a stale gradient so that no update from an
 /// earlier step leaks into the next.
 fn set_trainable(t: &Tensor, on: bool) {
@@ -208,7 +203,7 @@ fn set_trainable(t: &Tensor, on: bool) {
 }
 
 /// Freezes or unfreezes variables chosen by a [`Select`], remembering their previous state so
-/// that [`revert`](Adapter::revert) restores it exactly. Implements [`Adapter`]
+/// that [`revert`](Applicable::revert) restores it exactly. Implements [`Adapter`] and [`Applicable`]
 /// (`apply` = freeze, or unfreeze for a plan made with [`FreezePlan::unfreeze`]).
 #[derive(Debug)]
 pub struct FreezePlan {
@@ -239,7 +234,7 @@ impl FreezePlan {
         if !freeze {
             let visible = optimizer_visible(vs);
             if let Some(n) =
-                chosen.iter().find(|n| !visible.contains(&(all[*n].data_ptr() as usize)))
+                chosen.iter().find(|n| !visible.iter().any(|v| same_tensor(v, &all[*n])))
             {
                 return Err(Error::Unsupported {
                     field: "unfreeze".into(),
@@ -280,10 +275,9 @@ impl Adapter for FreezePlan {
         self.vars.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
     }
 
-    fn can_apply(&self) -> bool {
-        true
-    }
+}
 
+impl Applicable for FreezePlan {
     /// Freezes (or unfreezes) the plan's variables, keeping their previous state.
     fn apply(&mut self) -> Result<()> {
         if self.previous.is_some() {
@@ -447,7 +441,7 @@ impl GradualUnfreezing {
             .map(|g| {
                 g.iter()
                     .filter_map(|n| all.get(n))
-                    .filter(|t| visible.contains(&(t.data_ptr() as usize)))
+                    .filter(|t| visible.iter().any(|v| same_tensor(v, t)))
                     .map(Tensor::shallow_clone)
                     .collect()
             })
@@ -509,13 +503,17 @@ impl LayerwiseLr {
         }
         let top = layers.groups.len().saturating_sub(1) as i32;
         let named = vs.variables();
-        let ptr_to_name: std::collections::HashMap<usize, String> =
-            named.iter().map(|(n, t)| (t.data_ptr() as usize, n.clone())).collect();
         let mut groups: Vec<(f64, bool)> = Vec::new();
         let mut vars = vs.variables_.lock().unwrap_or_else(|e| e.into_inner());
         for v in vars.trainable_variables.iter_mut() {
-            let name = ptr_to_name.get(&(v.tensor.data_ptr() as usize));
-            let id = name.and_then(|n| layers.group_of(n)).unwrap_or(0) as i32;
+            // a variable tied under several names (tied embeddings) takes its lowest layer
+            // group, as the first of them in a PyTorch model's registration order would
+            let id = named
+                .iter()
+                .filter(|(_, t)| same_tensor(t, &v.tensor))
+                .filter_map(|(n, _)| layers.group_of(n))
+                .min()
+                .unwrap_or(0) as i32;
             let scale = decay.powi(top - id).max(min_scale);
             let wd = v.tensor.dim() > 1;
             let key = (scale, wd);

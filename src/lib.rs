@@ -18,7 +18,8 @@ pub mod reft;
 #[cfg(tch_peft_csrc)]
 mod sys;
 pub mod target;
+mod vars;
 
-pub use adapter::{Adapter, AdapterKind, ParamEntry, ParamReport};
+pub use adapter::{Adapter, AdapterKind, Applicable, ParamEntry, ParamReport};
 pub use error::{Error, Result};
 pub use lora::{LoraAdapter, LoraBuilder, LoraConfig, LoraLinear};

@@ -12,7 +12,7 @@ use tch_peft::freeze::{
     Select,
 };
 use tch_peft::target::TargetModules;
-use tch_peft::{Adapter, Error};
+use tch_peft::{Applicable, Error};
 
 /// `embed` (table), `layers.{0,1,2}.{fc,norm}`, `head`.
 fn store() -> (nn::VarStore, Vec<nn::Linear>) {
@@ -310,4 +310,30 @@ fn a_cnn_adapts_to_a_second_task_with_early_layers_frozen() {
     for (k, v) in frozen {
         assert!(bit_equal(&vs.variables()[&k], &v), "{k} changed");
     }
+}
+
+#[test]
+fn zero_size_variables_are_told_apart() {
+    // every zero-size tensor has the null data pointer: a trainable one must not make a
+    // zero-size buffer look optimizer-visible, nor give another zero-size variable its group
+    let vs = nn::VarStore::new(Device::Cpu);
+    let root = vs.root();
+    let _embed = (&root / "embed").zeros("weight", &[0, 4]);
+    let _buffer = (&root / "layers" / 0 / "norm").zeros_no_train("running", &[0]);
+    let _w = (&root / "layers" / 0 / "fc").randn("weight", &[4, 4], 0.0, 1.0);
+    let _head = (&root / "head").zeros("bias", &[0]);
+    let err = FreezePlan::unfreeze(&vs, Select::modules(["layers.0.norm"])).unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    let groups = LayerGroups::from_store(&vs, &[], &["head"]).unwrap();
+    let lw = LayerwiseLr::assign_groups(&vs, &groups, 0.5, 0.0).unwrap();
+    let vars = vs.variables_.lock().unwrap();
+    let scale_of = |name: &str| {
+        let t = &vars.named_variables[name];
+        let v = vars.trainable_variables.iter().find(|v| v.tensor.is_set_to(t)).unwrap();
+        lw.groups[v.group].0
+    };
+    // embed: group 0 of 3 (stem, block 0, head) → 0.5²; head → 1
+    assert_eq!(scale_of("embed.weight"), 0.25);
+    assert_eq!(scale_of("head.bias"), 1.0);
+    assert_eq!(scale_of("layers.0.fc.weight"), 0.5);
 }

@@ -13,7 +13,7 @@ use tch_peft::merge::{
     merge_directories, merge_tensor, wise_ft, GlobalParams, MergeConfig, MergeMethod, ModelFiles,
     ModelParams, WiseFt,
 };
-use tch_peft::{io, Adapter, Error};
+use tch_peft::{io, Adapter, Applicable, Error};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/merge")
@@ -192,4 +192,27 @@ fn wise_ft_interpolates_every_variable_as_f64_recomputation() {
     assert!(wise_ft::interpolate_into(&model, &zs, &fewer, 0.5, false).is_err());
     wise_ft::interpolate_into(&model, &zs, &fewer, 0.5, true).unwrap();
     assert!(max_abs_diff(&model.variables()["w"], &Tensor::from_slice(&[1.0f32, 1.5, 2.0])) < 1e-7);
+}
+
+#[test]
+fn wise_ft_owns_its_endpoints_and_trains_nothing() {
+    // the model's variables require grad; WiSE-FT trains none of them and owns θ₀, θ₁
+    let zs = store(&[("w", &[1.0, 2.0]), ("b", &[0.5])]);
+    let ft = store(&[("w", &[3.0, -2.0]), ("b", &[1.5])]);
+    let model = store(&[("w", &[0.0, 0.0]), ("b", &[0.0])]);
+    assert!(model.variables()["w"].requires_grad());
+    let w = WiseFt::new(&model, &zs, &ft, 0.5).unwrap();
+    assert_eq!(w.kind(), tch_peft::AdapterKind::Interpolation);
+    assert!(w.trainable_tensors().is_empty());
+    assert_eq!(w.num_trainable_parameters(), 0);
+    let mut names: Vec<String> = w.named_tensors().into_iter().map(|(n, _)| n).collect();
+    names.sort();
+    assert_eq!(names, ["theta0.b", "theta0.w", "theta1.b", "theta1.w"]);
+    assert_eq!(w.num_parameters(), 6);
+    // a sweep's evaluation can return several metrics
+    let curve = wise_ft::sweep(&model, &zs, &ft, &[0.0, 1.0], |a| {
+        Ok((a, model.variables()["b"].double_value(&[0])))
+    })
+    .unwrap();
+    assert_eq!(curve, [(0.0, (0.0, 0.5)), (1.0, (1.0, 1.5))]);
 }

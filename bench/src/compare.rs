@@ -20,7 +20,7 @@ use tch_peft::freeze::{FreezePlan, GradualUnfreezing, LayerGroups, Select};
 use tch_peft::lora::{LoraBuilder, LoraConfig};
 use tch_peft::models::bert::{load_weights, mean_pool, Bert, BertConfig};
 use tch_peft::reft::{InterventionConfig, InterventionKind, ReftConfig, ReftLayers, ReftModel};
-use tch_peft::Adapter;
+use tch_peft::Applicable;
 
 /// A fine-tuning method.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -14,7 +14,7 @@ use std::time::Instant;
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 use tch_peft::lora::{self, LoraBuilder, LoraConfig, MaybeLoraLinear};
-use tch_peft::{Adapter, ParamReport, Result};
+use tch_peft::{Applicable, ParamReport, Result};
 
 const D: i64 = 64;
 const HIDDEN: i64 = 256;

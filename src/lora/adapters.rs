@@ -13,7 +13,7 @@ use super::embedding::LoraEmbedding;
 use super::linear::{is_float, LoraLinear};
 use super::model::{check_adapter_name, module_path, DEFAULT_ADAPTER_NAME};
 use super::stack::{LoraStack, StackLayer};
-use crate::adapter::{Adapter, AdapterKind, ParamReport};
+use crate::adapter::{Adapter, AdapterKind, Applicable, ParamReport};
 use crate::io;
 use crate::{Error, Result};
 
@@ -231,10 +231,14 @@ impl LoraAdapter {
         self.convs.iter().filter_map(|s| s.get(self.current())).collect()
     }
 
-    /// The modules the current adapter adapts: embeddings, convolutions, then linear layers,
-    /// each in build order.
+    /// The modules that any active adapter adapts (each once): embeddings, convolutions, linear
+    /// layers, then module copies, each in build order. [`modules_of`](Self::modules_of) gives
+    /// one adapter's.
     pub fn modules(&self) -> Vec<&str> {
-        self.modules_of(self.current())
+        self.stacks()
+            .filter(|s| self.active.iter().any(|n| s.has(n)))
+            .map(|s| s.module())
+            .collect()
     }
 
     /// The modules the adapter `name` adapts.
@@ -254,10 +258,31 @@ impl LoraAdapter {
         v
     }
 
-    /// Parameter report over every adapter's tensors (what an optimizer over the adapter
-    /// stores trains).
-    pub fn report(&self) -> ParamReport {
-        let all: Vec<(String, Tensor)> = self
+    /// PEFT's `print_trainable_parameters` for the model: every variable of the base store
+    /// `base` (counted as trainable where it still requires grad) and every adapter's tensors,
+    /// so `trainable%` is the share of the whole model that trains.
+    ///
+    /// ```
+    /// use tch::nn;
+    /// use tch_peft::lora::{self, LoraBuilder, LoraConfig};
+    /// let (base, adapters) = (nn::VarStore::new(tch::Device::Cpu), nn::VarStore::new(tch::Device::Cpu));
+    /// let builder = LoraBuilder::new(&adapters.root(), LoraConfig::for_targets(["q"]))?;
+    /// let _q = lora::linear(&(base.root() / "q"), 16, 16, Default::default(), Some(&builder))?;
+    /// let adapter = builder.finish()?;
+    /// let report = adapter.report(&base);
+    /// assert_eq!((report.trainable, report.total), (2 * 8 * 16, 16 * 16 + 16 + 2 * 8 * 16));
+    /// # Ok::<(), tch_peft::Error>(())
+    /// ```
+    pub fn report(&self, base: &nn::VarStore) -> ParamReport {
+        let mut all: Vec<(String, Tensor)> = base.variables().into_iter().collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all.extend(self.adapter_tensors());
+        ParamReport::from_named_tensors(&all)
+    }
+
+    /// Every adapter's tensors, suffixed with the adapter's name when there are several.
+    fn adapter_tensors(&self) -> Vec<(String, Tensor)> {
+        self
             .adapters
             .iter()
             .flat_map(|(n, _)| {
@@ -266,8 +291,7 @@ impl LoraAdapter {
                     .into_iter()
                     .map(move |(k, t)| (if multi { format!("{k} ({n})") } else { k }, t))
             })
-            .collect();
-        ParamReport::from_named_tensors(&all)
+            .collect()
     }
 
     /// Runs every layer's initialisation that depends on the pre-trained base weight (DoRA
@@ -502,7 +526,7 @@ impl LoraAdapter {
             self.active.push(self.adapters[0].0.clone());
         }
         if let Some(vs) = store {
-            remove_from_store(vs, &removed);
+            crate::vars::remove_from_store(vs, &tensors_only(&removed));
         }
         self.apply_active()
     }
@@ -540,7 +564,7 @@ impl LoraAdapter {
             dropped.extend(s.merge_and_unload(&self.active)?);
         }
         if let Some(vs) = store {
-            remove_from_store(vs, &dropped);
+            crate::vars::remove_from_store(vs, &tensors_only(&dropped));
         }
         Ok(())
     }
@@ -853,17 +877,18 @@ fn attach_all<L: StackLayer>(
     Ok(())
 }
 
-/// Removes the variables holding `tensors` from `vs` (matched by storage).
-fn remove_from_store(vs: &nn::VarStore, tensors: &[(String, Tensor)]) {
-    let ptrs: Vec<usize> = tensors.iter().map(|(_, t)| t.data_ptr() as usize).collect();
-    let mut vars = vs.variables_.lock().unwrap_or_else(|e| e.into_inner());
-    vars.named_variables.retain(|_, t| !ptrs.contains(&(t.data_ptr() as usize)));
-    vars.trainable_variables.retain(|v| !ptrs.contains(&(v.tensor.data_ptr() as usize)));
+fn tensors_only(named: &[(String, Tensor)]) -> Vec<Tensor> {
+    named.iter().map(|(_, t)| t.shallow_clone()).collect()
 }
 
 impl Adapter for LoraAdapter {
+    /// DoRA when the current adapter's config has `use_dora`, else LoRA.
     fn kind(&self) -> AdapterKind {
-        AdapterKind::Lora
+        if self.config().use_dora {
+            AdapterKind::Dora
+        } else {
+            AdapterKind::Lora
+        }
     }
 
     /// The current adapter's name.
@@ -876,24 +901,33 @@ impl Adapter for LoraAdapter {
         self.tensors_of(self.current())
     }
 
-    fn can_apply(&self) -> bool {
-        true
-    }
+}
 
-    /// A [`safe_merge`](LoraAdapter::safe_merge) of the active adapters.
+impl Applicable for LoraAdapter {
+    /// [`merge`](LoraAdapter::merge): the active adapters into every layer that hosts them.
     fn apply(&mut self) -> Result<()> {
-        self.safe_merge()
+        self.merge()
     }
 
+    /// [`unmerge`](LoraAdapter::unmerge).
     fn revert(&mut self) -> Result<()> {
         self.unmerge()
     }
 
-    /// Whether every layer of the current adapter has it merged.
+    /// Whether every active adapter is merged into every layer that hosts it (what
+    /// [`apply`](Applicable::apply) does).
     fn is_applied(&self) -> bool {
-        let name = self.current();
-        let hosting: Vec<_> = self.stacks().filter(|s| s.has(name)).collect();
-        !hosting.is_empty() && hosting.iter().all(|s| s.merged_adapters().iter().any(|n| n == name))
+        let mut hosting = 0;
+        for s in self.stacks() {
+            let merged = s.merged_adapters();
+            for name in self.active.iter().filter(|n| s.has(n)) {
+                if !merged.contains(name) {
+                    return false;
+                }
+                hosting += 1;
+            }
+        }
+        hosting > 0
     }
 }
 impl LoraConfig {

@@ -6,7 +6,7 @@ use tch::Tensor;
 use super::config::{LoraConfig, LoraInit};
 use super::linear::is_float;
 use super::merge::{compute_kind, WeightMerge};
-use crate::adapter::{Adapter, AdapterKind};
+use crate::adapter::{Adapter, AdapterKind, Applicable};
 use crate::{Error, Result};
 
 /// The configuration of a 2-D convolution (tch's `nn::Conv2D` keeps its own private).
@@ -347,10 +347,9 @@ impl Adapter for LoraConv2d {
         ]
     }
 
-    fn can_apply(&self) -> bool {
-        true
-    }
+}
 
+impl Applicable for LoraConv2d {
     fn apply(&mut self) -> Result<()> {
         self.safe_merge()
     }

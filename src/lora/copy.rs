@@ -8,7 +8,7 @@ use tch::nn;
 use tch::Tensor;
 
 use super::merge::{all_finite, merge_snapshot, snapshot};
-use crate::adapter::{Adapter, AdapterKind};
+use crate::adapter::{Adapter, AdapterKind, Applicable};
 use crate::{Error, Result};
 
 /// What kind of module is copied (decides the forward).
@@ -235,10 +235,9 @@ impl Adapter for ModuleCopy {
         v
     }
 
-    fn can_apply(&self) -> bool {
-        true
-    }
+}
 
+impl Applicable for ModuleCopy {
     fn apply(&mut self) -> Result<()> {
         self.safe_merge()
     }

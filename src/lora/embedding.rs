@@ -9,7 +9,7 @@ use tch::Tensor;
 use super::config::{LoraConfig, LoraInit};
 use super::linear::is_float;
 use super::merge::{compute_kind, WeightMerge};
-use crate::adapter::{Adapter, AdapterKind};
+use crate::adapter::{Adapter, AdapterKind, Applicable};
 use crate::{Error, Result};
 
 /// A LoRA-adapted embedding table `W: [V, d]`.
@@ -298,8 +298,13 @@ fn column_norm(w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
 }
 
 impl Adapter for LoraEmbedding {
+    /// DoRA for a layer with a magnitude vector (`use_dora`), else LoRA.
     fn kind(&self) -> AdapterKind {
-        AdapterKind::Lora
+        if self.magnitude.is_some() {
+            AdapterKind::Dora
+        } else {
+            AdapterKind::Lora
+        }
     }
 
     fn name(&self) -> &str {
@@ -317,10 +322,9 @@ impl Adapter for LoraEmbedding {
         v
     }
 
-    fn can_apply(&self) -> bool {
-        true
-    }
+}
 
+impl Applicable for LoraEmbedding {
     fn apply(&mut self) -> Result<()> {
         self.safe_merge()
     }

@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 
 use super::config::{LoraBias, LoraConfig, LoraInit};
 use super::merge::{all_finite, compute_kind, merge_snapshot};
-use crate::adapter::{Adapter, AdapterKind};
+use crate::adapter::{Adapter, AdapterKind, Applicable};
 use crate::{Error, Result};
 
 /// State shared by every handle of one layer (the model's copy and the adapter registry's).
@@ -703,7 +703,7 @@ impl LoraLinear {
     fn merge_impl(&self, safe: bool) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let mut original = self.state.original.lock().unwrap_or_else(|e| e.into_inner());
-        if original.is_some() {
+        if self.is_merged() {
             return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });
         }
         let merged = self.merged_weight()?;
@@ -764,7 +764,12 @@ impl LoraLinear {
         let _guard = tch::no_grad_guard();
         let mut original = self.state.original.lock().unwrap_or_else(|e| e.into_inner());
         let Some((saved_w, saved_b)) = original.take() else {
-            return Err(Error::MergeState { module: self.module.clone(), state: "not merged" });
+            let state = if self.is_merged() {
+                "merged for good by `into_merged_linear` (no original kept)"
+            } else {
+                "not merged"
+            };
+            return Err(Error::MergeState { module: self.module.clone(), state });
         };
         let restore = || -> Result<()> {
             self.base.ws.shallow_clone().f_copy_(&saved_w)?;
@@ -784,18 +789,25 @@ impl LoraLinear {
     /// Merges for good and returns the plain base layer (`W + s·BA`; the bias with the trained
     /// copy of `bias = "lora_only"` and `s·lora_B.bias` folded in), keeping no copy of the
     /// original: zero-overhead inference.
+    ///
+    /// The merge is written into the base weight in place, which every handle of this layer
+    /// shares (the model's and the adapter registry's): they all see the layer as merged from
+    /// then on (their forward runs the base layer alone, so the update is not added twice) and
+    /// can no longer [`unmerge`](Self::unmerge). A layer already merged is kept as it is, its
+    /// saved original dropped.
     pub fn into_merged_linear(self) -> Result<nn::Linear> {
         let _guard = tch::no_grad_guard();
+        let mut original = self.state.original.lock().unwrap_or_else(|e| e.into_inner());
         if !self.is_merged() {
             let merged = self.merged_weight()?;
-            let mut w = self.base.ws.shallow_clone();
-            w.f_copy_(&merged)?;
-        }
-        if !self.is_merged() {
-            if let (Some(bs), Some(mb)) = (&self.base.bs, self.merged_bias()?) {
+            let merged_bias = self.merged_bias()?;
+            self.base.ws.shallow_clone().f_copy_(&merged)?;
+            if let (Some(bs), Some(mb)) = (&self.base.bs, merged_bias) {
                 bs.shallow_clone().f_copy_(&mb)?;
             }
+            self.state.merged.store(true, Ordering::Release);
         }
+        *original = None;
         let bias = self.base.bs.as_ref().map(Tensor::shallow_clone);
         Ok(nn::Linear { ws: self.base.ws.shallow_clone(), bs: bias })
     }
@@ -1026,8 +1038,13 @@ impl ModuleT for LoraLinear {
 }
 
 impl Adapter for LoraLinear {
+    /// DoRA for a layer with a magnitude vector (`use_dora`), else LoRA.
     fn kind(&self) -> AdapterKind {
-        AdapterKind::Lora
+        if self.magnitude.is_some() {
+            AdapterKind::Dora
+        } else {
+            AdapterKind::Lora
+        }
     }
 
     fn name(&self) -> &str {
@@ -1051,10 +1068,9 @@ impl Adapter for LoraLinear {
         v
     }
 
-    fn can_apply(&self) -> bool {
-        true
-    }
+}
 
+impl Applicable for LoraLinear {
     /// A [`safe_merge`](LoraLinear::safe_merge).
     fn apply(&mut self) -> Result<()> {
         self.safe_merge()

@@ -554,6 +554,10 @@ impl<'a> LoraBuilder<'a> {
 
 /// Builds a plain `nn::linear`, or a LoRA layer when `lora` is given and targets the path: the
 /// one-line change a model makes to accept an optional LoRA config.
+///
+/// With a builder, the base layer's weight and bias stop requiring grad whether the layer is
+/// targeted or not (PEFT freezes the whole base model; [`LoraBuilder::wrap`]); without one the
+/// layer is a plain trainable `nn::linear`.
 pub fn linear(
     base_path: &nn::Path,
     in_dim: i64,

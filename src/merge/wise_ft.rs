@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use tch::nn::VarStore;
 use tch::Tensor;
 
-use crate::adapter::{Adapter, AdapterKind};
+use crate::adapter::{Adapter, AdapterKind, Applicable};
 use crate::lora::{compute_kind, is_float};
 use crate::{Error, Result};
 
@@ -129,15 +129,15 @@ pub fn interpolate_into(
 /// assert_eq!(curve, [(0.0, 0.0), (0.5, 0.5), (1.0, 1.0)]);
 /// # Ok::<(), tch_peft::Error>(())
 /// ```
-pub fn sweep<F>(
+pub fn sweep<T, F>(
     model: &VarStore,
     theta0: &VarStore,
     theta1: &VarStore,
     alphas: &[f64],
     mut eval: F,
-) -> Result<Vec<(f64, f64)>>
+) -> Result<Vec<(f64, T)>>
 where
-    F: FnMut(f64) -> Result<f64>,
+    F: FnMut(f64) -> Result<T>,
 {
     let saved: Vec<(Tensor, Tensor)> =
         model.variables().into_values().map(|t| (t.shallow_clone(), t.copy())).collect();
@@ -213,14 +213,25 @@ impl Adapter for WiseFt {
         "wise-ft"
     }
 
+    /// The two endpoints it owns, `theta0.<name>` then `theta1.<name>`, in the model's order
+    /// (the model's own variables are the caller's).
     fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        self.model.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+        let end = |tag: &str, m: &HashMap<String, Tensor>| -> Vec<(String, Tensor)> {
+            self.model.iter().map(|(n, _)| (format!("{tag}.{n}"), m[n].shallow_clone())).collect()
+        };
+        let mut v = end("theta0", &self.theta0);
+        v.extend(end("theta1", &self.theta1));
+        v
     }
 
-    fn can_apply(&self) -> bool {
-        true
+    /// Nothing: interpolation trains no parameter (whatever the endpoint stores' flags say).
+    fn trainable_tensors(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
     }
 
+}
+
+impl Applicable for WiseFt {
     fn apply(&mut self) -> Result<()> {
         if self.saved.is_some() {
             return Err(Error::MergeState { module: "wise-ft".into(), state: "already applied" });

@@ -21,7 +21,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
@@ -39,18 +39,36 @@ fn default_act() -> String {
 }
 
 /// `rope_parameters` of a transformers 5 config.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct RopeParameters {
     /// RoPE base.
     pub rope_theta: f64,
     /// Only `"default"` is supported.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_type: Option<String>,
 }
 
 /// The fields of a Hugging Face `LlamaConfig` (`config.json`) this model uses; other keys are
-/// ignored.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// ignored when reading. [`Default`] holds transformers' `LlamaConfig()` defaults (Llama-2-7B's
+/// shape); [`save_pretrained`](Self::save_pretrained) writes a `config.json` transformers loads.
+///
+/// ```
+/// use tch_peft::models::LlamaConfig;
+/// let cfg = LlamaConfig {
+///     vocab_size: 128_256,
+///     hidden_size: 2048,
+///     intermediate_size: 8192,
+///     num_hidden_layers: 16,
+///     num_attention_heads: 32,
+///     num_key_value_heads: Some(8),
+///     tie_word_embeddings: true,
+///     ..LlamaConfig::default()
+/// };
+/// assert_eq!(cfg.head_dim(), 64);
+/// cfg.validate()?;
+/// # Ok::<(), tch_peft::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct LlamaConfig {
     /// Vocabulary size.
     pub vocab_size: i64,
@@ -63,19 +81,19 @@ pub struct LlamaConfig {
     /// Query heads.
     pub num_attention_heads: i64,
     /// Key/value heads (grouped-query attention); defaults to `num_attention_heads`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<i64>,
     /// Per-head width; defaults to `hidden_size / num_attention_heads`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<i64>,
     /// RMSNorm epsilon (default 1e-6).
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
     /// RoPE base of transformers 4 configs.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_theta: Option<f64>,
     /// RoPE parameters of transformers 5 configs.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<RopeParameters>,
     /// Whether `lm_head` shares `embed_tokens`' weight.
     #[serde(default)]
@@ -91,7 +109,46 @@ pub struct LlamaConfig {
     pub hidden_act: String,
 }
 
+impl Default for LlamaConfig {
+    /// transformers' `LlamaConfig()`: vocabulary 32000, width 4096, MLP 11008, 32 layers of 32
+    /// heads, RMSNorm ε 1e-6, RoPE θ 10000, untied embeddings, no biases, SiLU.
+    fn default() -> Self {
+        LlamaConfig {
+            vocab_size: 32_000,
+            hidden_size: 4096,
+            intermediate_size: 11_008,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: None,
+            head_dim: None,
+            rms_norm_eps: default_eps(),
+            rope_theta: Some(10_000.0),
+            rope_parameters: None,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: default_act(),
+        }
+    }
+}
+
 impl LlamaConfig {
+    /// Writes `dir/config.json` (atomically, creating `dir`) with these fields, `model_type:
+    /// "llama"` and `architectures: ["LlamaForCausalLM"]`, so that transformers'
+    /// `AutoModelForCausalLM.from_pretrained(dir)` builds the same model. Validates first.
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        self.validate()?;
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut value = serde_json::to_value(self)?;
+        if let Some(map) = value.as_object_mut() {
+            map.insert("model_type".into(), "llama".into());
+            map.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+        }
+        let text = serde_json::to_string_pretty(&value)?;
+        io::write_atomic(&dir.join("config.json"), text.as_bytes())
+    }
+
     /// Reads `config.json` from a model directory (or the file itself) and validates it.
     pub fn from_pretrained(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();

@@ -599,31 +599,6 @@ impl Adapter for ReftModel {
             })
             .collect()
     }
-
-    /// ReFT edits activations at chosen positions; there is no weight to fold it into.
-    fn can_apply(&self) -> bool {
-        false
-    }
-
-    fn apply(&mut self) -> Result<()> {
-        Err(Error::NotSupportedByAdapter {
-            kind: "ReFT".into(),
-            name: self.name.clone(),
-            operation: "merge (interventions edit hidden states at chosen positions)",
-        })
-    }
-
-    fn revert(&mut self) -> Result<()> {
-        Err(Error::NotSupportedByAdapter {
-            kind: "ReFT".into(),
-            name: self.name.clone(),
-            operation: "unmerge (it is never merged)",
-        })
-    }
-
-    fn is_applied(&self) -> bool {
-        false
-    }
 }
 
 #[cfg(test)]

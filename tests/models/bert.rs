@@ -1,12 +1,11 @@
 //! The BERT encoder against transformers 5 (fixture by `scripts/make_bert_fixtures.py`): last
 //! hidden states with padding, mean pooling, the pooler; LoRA and ReFT attach to it.
 
-mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 use tch_peft::lora::{LoraBuilder, LoraConfig};

@@ -2,12 +2,11 @@
 //! PEFT's adapter directory loads here and gives PEFT's outputs and merged weights, and the
 //! directory written here has PEFT's keys, shapes, values and config fields.
 
-mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::tiny::{fixture, tensors, Tiny};
-use common::*;
+use crate::common::tiny::{fixture, tensors, Tiny};
+use crate::common::*;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Tensor};
 use tch_peft::io;

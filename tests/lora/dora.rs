@@ -2,9 +2,8 @@
 //! without forming `W + s·BA`, gradients with the norm detached, magnitude initialisation, and
 //! bit-exact unmerge. (PEFT parity of outputs, merged weights and files: `tests/peft_parity.rs`.)
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 use tch_peft::lora::{LoraBuilder, LoraConfig, LoraLinear};

@@ -3,9 +3,8 @@
 //! with members that must fall back (a plain layer, dropout), an output left unused, and a bf16
 //! base.
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 use tch_peft::lora::{self, forward_shared, LoraBias, LoraBuilder, LoraConfig, MaybeLoraLinear};

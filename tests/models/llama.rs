@@ -2,11 +2,10 @@
 //! `scripts/make_llama_fixtures.py`: logits (single and sharded checkpoints, GQA, tied
 //! embeddings, left and right padding), and with a PEFT LoRA adapter, unmerged and merged.
 
-mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use tch::{nn, Device, Kind, Tensor};
 use tch_peft::lora::{LoraBuilder, LoraConfig};
 use tch_peft::models::llama::{load_weights, Llama, LlamaConfig};

@@ -2,9 +2,8 @@
 //! #3697), merge equal to the unmerged forward, bit-exact unmerge, errors. (PEFT parity:
 //! `tests/peft_parity.rs`.)
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use tch::nn::{self, ModuleT, PaddingMode};
 use tch::{Device, Kind, Tensor};
 use tch_peft::lora::{Conv2dConfig, LoraConfig, LoraConv2d};

@@ -1,9 +1,8 @@
 //! Several named adapters on one model: declare/add, the active set (summed), disable guard,
 //! delete, merge a subset, save/load each — expectations recomputed in f64 from the factors.
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 use tch_peft::lora::{self, LoraAdapter, LoraBuilder, LoraConfig, MaybeLoraLinear};

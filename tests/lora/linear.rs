@@ -1,9 +1,8 @@
 //! LoRA on Linear: forward against float64 recomputation, merge/unmerge, gradients, dropout,
 //! dtypes and the typed errors of bad input.
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 use tch_peft::lora::{LoraBias, LoraConfig, LoraInit, LoraLinear};
@@ -585,4 +584,31 @@ fn inference_reuses_cast_factors_until_they_change() {
     let y = l.forward_t(&x, false);
     let g = Tensor::run_backward(&[y.sum(Kind::Float)], &[l.lora_a()], false, false);
     assert_eq!(g[0].kind(), Kind::Float);
+}
+
+#[test]
+fn into_merged_linear_leaves_other_handles_of_the_layer_consistent() {
+    // the model's handle and the registry's share the base weight: after one of them is merged
+    // for good, the other must not add the update a second time (nor restore an original)
+    tch::manual_seed(11);
+    let (vb, va) = f64_stores();
+    let builder =
+        tch_peft::LoraBuilder::new(&va.root(), LoraConfig::for_targets(["proj"])).unwrap();
+    let model_layer = builder.linear(&(vb.root() / "proj"), 12, 10, Default::default()).unwrap();
+    let adapter = builder.finish().unwrap();
+    let handle = model_layer.as_lora().unwrap();
+    set(handle.lora_b(), &randn(&[10, 8], Kind::Double));
+    let x = randn(&[6, 12], Kind::Double);
+    let expected = reference(&x, &handle);
+    let merged = handle.into_merged_linear().unwrap();
+    assert!(max_abs_diff(&x.apply(&merged), &expected) < 1e-12);
+    assert!(max_abs_diff(&model_layer.forward_t(&x, false), &expected) < 1e-12);
+    let other = model_layer.as_lora().unwrap();
+    assert!(other.is_merged());
+    assert!(matches!(other.unmerge(), Err(Error::MergeState { .. })));
+    assert!(matches!(other.merge(), Err(Error::MergeState { .. })));
+    // a second into_merged_linear keeps the weights as they are
+    let again = model_layer.as_lora().unwrap().into_merged_linear().unwrap();
+    assert!(max_abs_diff(&x.apply(&again), &expected) < 1e-12);
+    drop(adapter);
 }

@@ -2,10 +2,9 @@
 //! made by `scripts/make_peft_fixtures.py`), and the combination's exactness properties
 //! (identity for one adapter, `cat` exact; rsLoRA, `lora_bias` and DoRA sources) from the math.
 
-mod common;
 
-use common::tiny::{fixture, tensors, Tiny};
-use common::*;
+use crate::common::tiny::{fixture, tensors, Tiny};
+use crate::common::*;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 use tch_peft::lora::{Combination, LoraAdapter, LoraBuilder, LoraConfig, MajoritySign, TaskMerge};

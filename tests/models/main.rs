@@ -1,0 +1,7 @@
+//! The reference models (one test binary): BERT and Llama against transformers' outputs.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod bert;
+mod llama;
