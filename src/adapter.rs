@@ -239,9 +239,9 @@ impl fmt::Display for ParamReport {
     }
 }
 
-/// Formats an integer with `,` thousands separators, as Python's `{:,d}`
-/// (`tch_peft::adapter::thousands(1234567) == "1,234,567"`).
-pub fn thousands(n: i64) -> String {
+/// Formats an integer with `,` thousands separators, as Python's `{:,d}` (`1234567` →
+/// `"1,234,567"`).
+pub(crate) fn thousands(n: i64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3 + 1);
     if n < 0 {

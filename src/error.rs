@@ -96,6 +96,14 @@ pub enum Error {
         /// The device of the tensor given.
         actual: tch::Device,
     },
+    /// A token id lies outside the model's vocabulary.
+    #[error("token id outside [0, {vocab_size}) in `{input}`")]
+    TokenOutOfRange {
+        /// The input holding the id (`input_ids`).
+        input: &'static str,
+        /// The model's vocabulary size.
+        vocab_size: i64,
+    },
     /// A variable of that name already exists in the `VarStore` (tch would silently rename it).
     #[error("variable `{0}` already exists in the var store")]
     DuplicateParameter(String),
@@ -170,6 +178,11 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
+
+    /// An I/O error without a path: what `?` makes of a `std::io::Error` in code that returns
+    /// this crate's [`Result`] (the crate's own file errors are [`Error::Io`], naming the path).
+    #[error("i/o error: {0}")]
+    IoUnnamed(#[from] std::io::Error),
 
     // === wrapped ===
     /// An error reported by libtorch through `tch`.

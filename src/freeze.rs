@@ -179,7 +179,7 @@ impl Select {
 /// component after one of `layers_pattern` (`h` in `transformer.h.3.attn.weight`). Unlike
 /// PEFT's module-key regex, a block index right at the start (`layers.0.fc.weight`, `0.conv`)
 /// counts too, since VarStore names have no wrapper prefix.
-pub fn block_index(var: &str, layers_pattern: &[String]) -> Option<i64> {
+pub(crate) fn block_index(var: &str, layers_pattern: &[String]) -> Option<i64> {
     let parts: Vec<&str> = module_of(var).split('.').collect();
     if layers_pattern.is_empty() {
         return parts.iter().find_map(|p| p.parse().ok());
@@ -274,7 +274,6 @@ impl Adapter for FreezePlan {
     fn named_tensors(&self) -> Vec<(String, Tensor)> {
         self.vars.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
     }
-
 }
 
 impl Applicable for FreezePlan {
@@ -306,44 +305,85 @@ impl Applicable for FreezePlan {
     }
 }
 
-/// One row per module of `vs` (variables grouped by their module path): name, parameter
-/// shapes, parameter count and whether it trains (`"yes"`, `"no"`, or `"partly"`), then PEFT's
-/// one-line summary.
-pub fn module_report(vs: &VarStore) -> String {
-    let report = ParamReport::from_var_stores(&[vs]);
-    let mut rows: Vec<(String, Vec<String>, i64, i64)> = Vec::new(); // module, shapes, n, trainable n
-    for e in &report.entries {
-        let m = module_of(&e.name).to_string();
-        let shape = format!("{}{:?}", &e.name[m.len()..].trim_start_matches('.'), e.shape);
-        match rows.last_mut() {
-            Some(r) if r.0 == m => {
-                r.1.push(shape);
-                r.2 += e.numel;
-                r.3 += if e.trainable { e.numel } else { 0 };
-            }
-            _ => rows.push((m, vec![shape], e.numel, if e.trainable { e.numel } else { 0 })),
+/// One module of a [`ModuleReport`]: its variables (grouped by module path) and how much of it
+/// trains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleRow {
+    /// The module's path (`layers.0.fc`).
+    pub module: String,
+    /// Its variables, relative to the module (`weight`), with their shapes.
+    pub variables: Vec<(String, Vec<i64>)>,
+    /// Its number of scalars.
+    pub params: i64,
+    /// How many of them currently receive gradients.
+    pub trainable: i64,
+}
+
+impl ModuleRow {
+    /// `"yes"`, `"no"` or `"partly"`.
+    pub fn trains(&self) -> &'static str {
+        match self.trainable {
+            t if t == self.params => "yes",
+            0 => "no",
+            _ => "partly",
         }
     }
-    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(6).max(6);
-    let mut out = format!("{:<width$}  {:>12}  trainable  shapes\n", "module", "params");
-    for (m, shapes, n, t) in rows {
-        let trains = if t == n {
-            "yes"
-        } else if t == 0 {
-            "no"
-        } else {
-            "partly"
-        };
-        out.push_str(&format!(
-            "{:<width$}  {:>12}  {:<9}  {}\n",
-            m,
-            crate::adapter::thousands(n),
-            trains,
-            shapes.join(", ")
-        ));
+}
+
+/// What [`module_report`] returns: a row per module and PEFT's one-line summary over the store.
+/// `Display` prints the table, then the summary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModuleReport {
+    /// The modules in name order.
+    pub modules: Vec<ModuleRow>,
+    /// The per-variable report and its summary line.
+    pub summary: ParamReport,
+}
+
+impl std::fmt::Display for ModuleReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let width = self.modules.iter().map(|r| r.module.len()).max().unwrap_or(6).max(6);
+        writeln!(f, "{:<width$}  {:>12}  trainable  shapes", "module", "params")?;
+        for r in &self.modules {
+            let shapes: Vec<String> =
+                r.variables.iter().map(|(n, shape)| format!("{n}{shape:?}")).collect();
+            writeln!(
+                f,
+                "{:<width$}  {:>12}  {:<9}  {}",
+                r.module,
+                crate::adapter::thousands(r.params),
+                r.trains(),
+                shapes.join(", ")
+            )?;
+        }
+        write!(f, "{}", self.summary)
     }
-    out.push_str(&report.to_string());
-    out
+}
+
+/// The variables of `vs` grouped by module path (name, shapes, parameter count, how much
+/// trains), with PEFT's one-line summary; print it for a table.
+pub fn module_report(vs: &VarStore) -> ModuleReport {
+    let summary = ParamReport::from_var_stores(&[vs]);
+    let mut modules: Vec<ModuleRow> = Vec::new();
+    for e in &summary.entries {
+        let m = module_of(&e.name);
+        let var = (e.name[m.len()..].trim_start_matches('.').to_string(), e.shape.clone());
+        let trainable = if e.trainable { e.numel } else { 0 };
+        match modules.last_mut() {
+            Some(r) if r.module == m => {
+                r.variables.push(var);
+                r.params += e.numel;
+                r.trainable += trainable;
+            }
+            _ => modules.push(ModuleRow {
+                module: m.to_string(),
+                variables: vec![var],
+                params: e.numel,
+                trainable,
+            }),
+        }
+    }
+    ModuleReport { modules, summary }
 }
 
 /// The variables of `vs` in ordered groups for gradual unfreezing and layer-wise learning
@@ -577,5 +617,20 @@ impl FreezableBatchNorm {
 impl ModuleT for FreezableBatchNorm {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         self.bn.forward_t(xs, train && !self.is_frozen())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_index;
+
+    #[test]
+    fn block_index_finds_the_first_numeric_component_or_the_pattern() {
+        assert_eq!(block_index("layers.3.fc.weight", &[]), Some(3));
+        assert_eq!(block_index("model.layers.11.mlp.up_proj.weight", &[]), Some(11));
+        assert_eq!(block_index("transformer.h.2.attn.weight", &["h".into()]), Some(2));
+        assert_eq!(block_index("transformer.wte.weight", &["h".into()]), None);
+        assert_eq!(block_index("head.weight", &[]), None);
+        assert_eq!(block_index("fc.7", &[]), None, "the parameter name is not a block");
     }
 }

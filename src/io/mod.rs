@@ -11,9 +11,8 @@ mod safetensors;
 
 pub use self::pickle::read_torch_dict;
 
-pub use self::safetensors::{
-    pt_metadata, read_safetensors, write_atomic, write_safetensors, SafetensorsFile,
-};
+pub(crate) use self::safetensors::write_atomic;
+pub use self::safetensors::{pt_metadata, read_safetensors, write_safetensors, SafetensorsFile};
 
 /// The prefix PEFT gives every key of `adapter_model.safetensors`.
 pub const PEFT_KEY_PREFIX: &str = "base_model.model.";

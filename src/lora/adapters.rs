@@ -235,10 +235,7 @@ impl LoraAdapter {
     /// layers, then module copies, each in build order. [`modules_of`](Self::modules_of) gives
     /// one adapter's.
     pub fn modules(&self) -> Vec<&str> {
-        self.stacks()
-            .filter(|s| self.active.iter().any(|n| s.has(n)))
-            .map(|s| s.module())
-            .collect()
+        self.stacks().filter(|s| self.active.iter().any(|n| s.has(n))).map(|s| s.module()).collect()
     }
 
     /// The modules the adapter `name` adapts.
@@ -282,8 +279,7 @@ impl LoraAdapter {
 
     /// Every adapter's tensors, suffixed with the adapter's name when there are several.
     fn adapter_tensors(&self) -> Vec<(String, Tensor)> {
-        self
-            .adapters
+        self.adapters
             .iter()
             .flat_map(|(n, _)| {
                 let multi = self.adapters.len() > 1;
@@ -816,7 +812,6 @@ fn write_config(dir: &Path, config: &LoraConfig) -> Result<()> {
     let mut json = serde_json::to_value(config)?;
     if let Some(map) = json.as_object_mut() {
         map.insert("peft_type".into(), "LORA".into());
-        map.insert("task_type".into(), serde_json::Value::Null);
         map.insert("inference_mode".into(), true.into());
         map.insert("base_model_name_or_path".into(), serde_json::Value::Null);
         map.insert("revision".into(), serde_json::Value::Null);
@@ -900,7 +895,6 @@ impl Adapter for LoraAdapter {
     fn named_tensors(&self) -> Vec<(String, Tensor)> {
         self.tensors_of(self.current())
     }
-
 }
 
 impl Applicable for LoraAdapter {

@@ -169,6 +169,30 @@ pub struct LoraConfig {
     /// a trainable copy per adapter (linear layers and embedding tables; see
     /// [`ModuleCopy`](super::ModuleCopy)). Such modules are not LoRA targets.
     pub modules_to_save: Option<Vec<String>>,
+    /// PEFT's `task_type` (default none): which `PeftModel` class Python builds when it loads
+    /// the adapter (`CAUSAL_LM` gives `PeftModelForCausalLM`, whose `generate` works).
+    /// Informational here: it changes nothing in Rust.
+    pub task_type: Option<TaskType>,
+}
+
+/// PEFT's `TaskType`, as written in `adapter_config.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[non_exhaustive]
+pub enum TaskType {
+    /// Sequence classification (`SEQ_CLS`).
+    SeqCls,
+    /// Sequence-to-sequence language modelling (`SEQ_2_SEQ_LM`).
+    #[serde(rename = "SEQ_2_SEQ_LM")]
+    Seq2SeqLm,
+    /// Causal language modelling (`CAUSAL_LM`).
+    CausalLm,
+    /// Token classification (`TOKEN_CLS`).
+    TokenCls,
+    /// Extractive question answering (`QUESTION_ANS`).
+    QuestionAns,
+    /// Feature extraction / embeddings (`FEATURE_EXTRACTION`).
+    FeatureExtraction,
 }
 
 impl Default for LoraConfig {
@@ -190,6 +214,7 @@ impl Default for LoraConfig {
             use_dora: false,
             lora_bias: false,
             modules_to_save: None,
+            task_type: None,
         }
     }
 }

@@ -346,7 +346,6 @@ impl Adapter for LoraConv2d {
             (format!("{}.lora_B.weight", self.module), self.lora_b.shallow_clone()),
         ]
     }
-
 }
 
 impl Applicable for LoraConv2d {

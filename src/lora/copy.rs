@@ -234,7 +234,6 @@ impl Adapter for ModuleCopy {
         }
         v
     }
-
 }
 
 impl Applicable for ModuleCopy {

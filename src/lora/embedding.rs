@@ -321,7 +321,6 @@ impl Adapter for LoraEmbedding {
         }
         v
     }
-
 }
 
 impl Applicable for LoraEmbedding {

@@ -1067,7 +1067,6 @@ impl Adapter for LoraLinear {
         }
         v
     }
-
 }
 
 impl Applicable for LoraLinear {

@@ -30,7 +30,7 @@ mod stack;
 
 pub use adapters::{DisabledAdapters, LoraAdapter};
 pub use combine::{Combination, MajoritySign, TaskMerge};
-pub use config::{scaling, LoraBias, LoraConfig, LoraInit};
+pub use config::{scaling, LoraBias, LoraConfig, LoraInit, TaskType};
 pub use conv2d::{Conv2dConfig, LoraConv2d};
 pub use copy::ModuleCopy;
 pub use embedding::LoraEmbedding;

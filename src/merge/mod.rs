@@ -10,5 +10,5 @@ pub mod wise_ft;
 
 pub use config::{Conditional, MergeConfig, ModelEntry, Setting};
 pub use methods::{merge_tensor, slerp, GlobalParams, MergeMethod, ModelParams};
-pub use stream::{kind_from_name, merge_directories, MergeStats, ModelFiles};
+pub use stream::{merge_directories, MergeStats, ModelFiles};
 pub use wise_ft::WiseFt;

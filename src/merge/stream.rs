@@ -72,7 +72,7 @@ fn dtype_of(kind: Kind) -> Result<&'static str> {
 }
 
 /// The output kind named in a mergekit config (`float32`, `float16`, `bfloat16`, `float64`).
-pub fn kind_from_name(name: &str) -> Result<Kind> {
+pub(crate) fn kind_from_name(name: &str) -> Result<Kind> {
     Ok(match name {
         "float32" | "fp32" => Kind::Float,
         "float16" | "fp16" => Kind::Half,

@@ -228,7 +228,6 @@ impl Adapter for WiseFt {
     fn trainable_tensors(&self) -> Vec<(String, Tensor)> {
         Vec::new()
     }
-
 }
 
 impl Applicable for WiseFt {

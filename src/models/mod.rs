@@ -58,7 +58,7 @@ pub(crate) fn embed_checked(
     let (b, s) = (size[0], size[1]);
     check_mask(attention_mask, b, s)?;
     let device = table.weight().device();
-    let bad_ids = || Error::config("input_ids", format!("token ids must lie in [0, {vocab})"));
+    let bad_ids = || Error::TokenOutOfRange { input: "input_ids", vocab_size: vocab };
     let ids = input_ids.to_device(device);
     if device.is_cuda() {
         let out_of_range = ids.lt(0).logical_or(&ids.ge(vocab)).any();

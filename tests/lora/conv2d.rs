@@ -2,7 +2,6 @@
 //! #3697), merge equal to the unmerged forward, bit-exact unmerge, errors. (PEFT parity:
 //! `tests/peft_parity.rs`.)
 
-
 use crate::common::*;
 use tch::nn::{self, ModuleT, PaddingMode};
 use tch::{Device, Kind, Tensor};

@@ -2,7 +2,6 @@
 //! without forming `W + s·BA`, gradients with the norm detached, magnitude initialisation, and
 //! bit-exact unmerge. (PEFT parity of outputs, merged weights and files: `tests/peft_parity.rs`.)
 
-
 use crate::common::*;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};

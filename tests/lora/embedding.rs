@@ -1,7 +1,6 @@
 //! LoRA on an embedding table: PEFT's layout and init, the formula in float64, merge/unmerge,
 //! gradients and errors. (PEFT parity of outputs and files: `tests/llama.rs`.)
 
-
 use crate::common::*;
 use tch::{nn, Device, Kind, Tensor};
 use tch_peft::lora::{LoraConfig, LoraEmbedding, LoraInit};

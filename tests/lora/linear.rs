@@ -1,7 +1,6 @@
 //! LoRA on Linear: forward against float64 recomputation, merge/unmerge, gradients, dropout,
 //! dtypes and the typed errors of bad input.
 
-
 use crate::common::*;
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};

@@ -1,7 +1,6 @@
 //! Build-time targeting, the model-level adapter (merge, save, load) and an end-to-end training
 //! run on a small frozen network.
 
-
 use crate::common::*;
 use tch::nn::{self, Module, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -147,6 +146,13 @@ fn save_and_load_round_trip_with_peft_keys_and_metadata() {
     assert_eq!(json["peft_type"], "LORA");
     assert_eq!(json["r"], 2);
     assert_eq!(json["lora_alpha"], 4);
+    assert!(json["task_type"].is_null(), "no task type unless the config names one");
+    // PEFT's task type is carried to the file (Python then builds PeftModelForCausalLM)
+    let typed =
+        LoraConfig { task_type: Some(tch_peft::lora::TaskType::CausalLm), ..LoraConfig::default() };
+    let v = serde_json::to_value(&typed).unwrap();
+    assert_eq!(v["task_type"], "CAUSAL_LM");
+    assert_eq!(serde_json::from_value::<LoraConfig>(v).unwrap(), typed);
 
     // a second model with the same base weights and the loaded adapter gives the same outputs
     let cfg = LoraConfig::from_pretrained(&dir).unwrap();

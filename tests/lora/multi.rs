@@ -1,7 +1,6 @@
 //! Several named adapters on one model: declare/add, the active set (summed), disable guard,
 //! delete, merge a subset, save/load each — expectations recomputed in f64 from the factors.
 
-
 use crate::common::*;
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -417,4 +416,42 @@ fn merge_and_unload_folds_the_active_adapters_in_and_leaves_a_plain_model() {
     // the store passed lost its variables ("default" lives in vs_a; "other" in vs_b stays)
     assert!(vs_a.variables().is_empty());
     assert_eq!(vs_b.variables().len(), 8);
+}
+
+#[test]
+fn applied_means_every_active_adapter_merged_and_modules_lists_every_active_adapter() {
+    use tch_peft::{Adapter, AdapterKind, Applicable};
+    let Built { model, mut adapter, _base, .. } = build();
+    adapter.set_active(&["default", "other"]).unwrap();
+    // "default" adapts the two `up` layers, "other" also the `down` layers
+    assert_eq!(adapter.modules(), ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]);
+    assert!(!adapter.is_applied());
+    adapter.merge_adapters(&["default"], false).unwrap();
+    assert!(!adapter.is_applied(), "only the first active adapter is merged");
+    adapter.unmerge().unwrap();
+    let x = xs();
+    let unmerged = model.forward_t(&x, false);
+    adapter.apply().unwrap();
+    assert!(adapter.is_applied());
+    assert!(max_abs_diff(&model.forward_t(&x, false), &unmerged) < 1e-12);
+    adapter.revert().unwrap();
+    assert!(!adapter.is_applied());
+    assert_eq!(adapter.kind(), AdapterKind::Lora);
+    // PEFT's print_trainable_parameters: the base store counts, frozen by the builder
+    let report = adapter.report(&_base);
+    let base_params = 2 * (6 * 12 + 12 + 12 * 6 + 6) + 6 * 3 + 3;
+    let adapter_params = 2 * 2 * (6 + 12) + 2 * 3 * (6 + 12) * 2;
+    assert_eq!((report.trainable, report.total), (adapter_params, base_params + adapter_params));
+}
+
+#[test]
+fn dora_adapters_and_layers_report_their_kind() {
+    use tch_peft::{Adapter, AdapterKind};
+    let (base, vs) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let cfg = LoraConfig { r: 2, use_dora: true, ..LoraConfig::for_targets(["up"]) };
+    let builder = LoraBuilder::new(&vs.root(), cfg).unwrap();
+    let _model = Mlp::new(&base.root(), Some(&builder)).unwrap();
+    let adapter = builder.finish().unwrap();
+    assert_eq!(adapter.kind(), AdapterKind::Dora);
+    assert!(adapter.layers().iter().all(|l| l.kind() == AdapterKind::Dora));
 }

@@ -2,7 +2,6 @@
 //! made by `scripts/make_peft_fixtures.py`), and the combination's exactness properties
 //! (identity for one adapter, `cat` exact; rsLoRA, `lora_bias` and DoRA sources) from the math.
 
-
 use crate::common::tiny::{fixture, tensors, Tiny};
 use crate::common::*;
 use tch::nn;

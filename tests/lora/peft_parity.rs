@@ -2,7 +2,6 @@
 //! PEFT's adapter directory loads here and gives PEFT's outputs and merged weights, and the
 //! directory written here has PEFT's keys, shapes, values and config fields.
 
-
 use std::path::{Path, PathBuf};
 
 use crate::common::tiny::{fixture, tensors, Tiny};
@@ -89,6 +88,7 @@ fn check_case(case: &str, expected_modules: &[&str]) {
         "lora_bias",
         "modules_to_save",
         "peft_type",
+        "task_type",
         "inference_mode",
     ] {
         assert_eq!(a[key], b[key], "{case}: config field {key}");

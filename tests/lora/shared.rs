@@ -3,7 +3,6 @@
 //! with members that must fall back (a plain layer, dropout), an output left unused, and a bf16
 //! base.
 
-
 use crate::common::*;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};

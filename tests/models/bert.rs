@@ -1,7 +1,6 @@
 //! The BERT encoder against transformers 5 (fixture by `scripts/make_bert_fixtures.py`): last
 //! hidden states with padding, mean pooling, the pooler; LoRA and ReFT attach to it.
 
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -2,7 +2,6 @@
 //! `scripts/make_llama_fixtures.py`: logits (single and sharded checkpoints, GQA, tied
 //! embeddings, left and right padding), and with a PEFT LoRA adapter, unmerged and merged.
 
-
 use std::path::{Path, PathBuf};
 
 use crate::common::*;
@@ -93,7 +92,11 @@ fn peft_adapter_on_llama_matches_unmerged_and_merged() {
 fn bad_inputs_and_mismatched_checkpoints_are_typed_errors() {
     let (_vs, model) = load("gqa");
     let ids = Tensor::from_slice(&[1i64, 2, 500]).view([1, 3]);
-    assert!(matches!(model.forward_t(&ids, None, false), Err(Error::InvalidConfig { .. })));
+    let vocab = model.config().vocab_size;
+    assert!(matches!(
+        model.forward_t(&ids, None, false),
+        Err(Error::TokenOutOfRange { input: "input_ids", vocab_size }) if vocab_size == vocab
+    ));
     let ids = Tensor::from_slice(&[1i64, 2, 3]).view([1, 3]);
     let mask = Tensor::ones([1, 4], (Kind::Int64, Device::Cpu));
     assert!(matches!(model.forward_t(&ids, Some(&mask), false), Err(Error::ShapeMismatch { .. })));
@@ -156,4 +159,32 @@ fn unpadded_fast_attention_path_equals_the_masked_path() {
         &model.forward_t(&one, Some(&one.ones_like()), false).unwrap(),
     );
     assert!(d1 < 1e-5, "max |Δ| = {d1}");
+}
+
+#[test]
+fn config_defaults_are_transformers_and_save_pretrained_round_trips() {
+    let d = LlamaConfig::default();
+    assert_eq!((d.vocab_size, d.hidden_size, d.intermediate_size), (32_000, 4096, 11_008));
+    assert_eq!((d.num_hidden_layers, d.num_attention_heads, d.kv_heads()), (32, 32, 32));
+    assert_eq!((d.rms_norm_eps, d.theta(), d.tie_word_embeddings), (1e-6, 10_000.0, false));
+    let cfg = LlamaConfig {
+        vocab_size: 64,
+        hidden_size: 16,
+        intermediate_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        ..LlamaConfig::default()
+    };
+    let dir = temp_dir("llama-config");
+    cfg.save_pretrained(&dir).unwrap();
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["model_type"], "llama");
+    assert_eq!(json["architectures"][0], "LlamaForCausalLM");
+    assert!(json.get("head_dim").is_none(), "unset options are left out: {text}");
+    assert_eq!(LlamaConfig::from_pretrained(&dir).unwrap(), cfg);
+    let bad = LlamaConfig { num_key_value_heads: Some(3), ..cfg };
+    assert!(matches!(bad.save_pretrained(&dir), Err(Error::InvalidConfig { .. })));
+    std::fs::remove_dir_all(&dir).ok();
 }

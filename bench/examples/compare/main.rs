@@ -23,7 +23,6 @@ mod chart;
 use std::path::{Path, PathBuf};
 
 use tch::Device;
-use tch_peft::adapter::thousands;
 use tch_peft_bench::compare::{
     kotzias_task, run, spam_task, vader_task, wise_ft_curve, Method, RunConfig, RunResult,
     WisePoint,
@@ -294,4 +293,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     );
     Ok(())
+}
+
+/// A count with `,` thousands separators (as Python's `{:,d}`).
+fn thousands(n: i64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.char_indices() {
+        if i > 0 && (digits.len() - i) % 3 == 0 && c.is_ascii_digit() {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
