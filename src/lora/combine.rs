@@ -7,19 +7,10 @@ use super::adapters::LoraAdapter;
 use super::config::{LoraConfig, LoraInit};
 use super::merge::compute_kind;
 use super::stack::{Factors, LoraStack, StackLayer};
+pub use crate::merge::sparsify::MajoritySign;
+use crate::merge::sparsify::{magnitude_mask, random_mask, sign_consensus_mask};
 use crate::target::TargetModules;
 use crate::{Error, Result};
-
-/// How TIES-style merges elect the sign of each entry (PEFT's `majority_sign_method`), from the
-/// pruned, **unweighted** task tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MajoritySign {
-    /// The sign of the sum of the values (`"total"`, the default).
-    #[default]
-    Total,
-    /// The sign held by more tensors (`"frequency"`).
-    Frequency,
-}
 
 /// How a list of same-shaped tensors `t_i` with weights `w_i` is merged (PEFT's
 /// `utils/merge_utils.py`).
@@ -161,14 +152,11 @@ impl TaskMerge {
                 return Ok(t.shallow_clone());
             }
             if random {
-                let mask = t.f_full_like(density)?.f_bernoulli()?;
+                let mask = random_mask(t, density, t.kind())?;
                 return Ok(t.f_mul(&mask)?.f_div_scalar(density)?);
             }
-            let flat = t.f_reshape([-1])?;
-            let k = (density * flat.numel() as f64) as i64;
-            let (_, idx) = flat.f_abs()?.f_topk(k, 0, true, true)?;
-            let mask = flat.f_zeros_like()?.f_index_fill(0, &idx, 1.0)?;
-            Ok(t.f_mul(&mask.f_reshape(t.size())?)?)
+            let k = (density * t.numel() as f64) as i64;
+            Ok(t.f_mul(&magnitude_mask(t, k, t.kind())?)?)
         };
         let (pruned, sign) = match *self {
             TaskMerge::Linear => (tensors.iter().map(Tensor::shallow_clone).collect(), None),
@@ -196,15 +184,8 @@ impl TaskMerge {
         let Some(method) = sign else {
             return Ok(weighted.f_sum_dim_intlist(0, false, kind)?);
         };
-        // sign election on the unweighted pruned tensors; zeros never agree
-        let signs = stacked.f_sign()?;
-        let magnitude = match method {
-            MajoritySign::Total => stacked.f_sum_dim_intlist(0, false, kind)?,
-            MajoritySign::Frequency => signs.f_sum_dim_intlist(0, false, kind)?,
-        };
-        let majority =
-            magnitude.f_ge(0.0)?.f_to_kind(kind)?.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?;
-        let mask = signs.f_eq_tensor(&majority)?.f_to_kind(kind)?;
+        // PEFT elects the sign from the unweighted pruned tensors; zeros never agree
+        let mask = sign_consensus_mask(&stacked, method)?;
         let summed = weighted.f_mul(&mask)?.f_sum_dim_intlist(0, false, kind)?;
         let count = mask.f_sum_dim_intlist(0, false, kind)?.f_clamp_min(1.0)?;
         Ok(summed.f_div(&count)?)

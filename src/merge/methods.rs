@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use super::sparsify::{magnitude_mask, random_mask, sign_consensus_mask, MajoritySign};
 use crate::lora::compute_kind;
 use crate::{Error, Result};
 
@@ -158,9 +159,9 @@ fn sparsify(
             if density <= 0.0 || n == 0 {
                 return Ok(delta.f_zeros_like()?);
             }
+            // mergekit keeps at least one entry and ranks |delta| in f32
             let k = ((density * n as f64) as i64).max(1);
-            let order = flat_abs()?.f_argsort(0, true)?;
-            masked(delta, &mask_from(&order.f_narrow(0, 0, k)?)?, l1)
+            masked(delta, &magnitude_mask(delta, k, Kind::Float)?, l1)
         }
         Sparsify::Outliers => {
             let target = (density * n as f64) as i64;
@@ -172,8 +173,7 @@ fn sparsify(
         }
         Sparsify::Random => {
             let work = if delta.kind() == Kind::BFloat16 { Kind::BFloat16 } else { Kind::Float };
-            let mask =
-                Tensor::f_full(delta.size(), density, (work, delta.device()))?.f_bernoulli()?;
+            let mask = random_mask(delta, density, work)?;
             let d = delta.f_to_kind(work)?;
             let out = if inverse_density && l1 {
                 d.f_mul(&mask)?.f_div_scalar(density)?
@@ -281,14 +281,8 @@ pub fn merge_tensor(
                 .f_view(wshape.as_slice())?;
             let weighted = stacked.f_mul(&w)?;
             let (mut mixed, divisor) = if method.consensus() {
-                let signs = weighted.f_sign()?;
-                let majority = weighted
-                    .f_sum_dim_intlist(0, false, weighted.kind())?
-                    .f_ge(0.0)?
-                    .f_to_kind(weighted.kind())?
-                    .f_mul_scalar(2.0)?
-                    .f_sub_scalar(1.0)?;
-                let mask = signs.f_eq_tensor(&majority)?.f_to_kind(weighted.kind())?;
+                // mergekit elects the sign from the weighted deltas' sum
+                let mask = sign_consensus_mask(&weighted, MajoritySign::Total)?;
                 let mixed = weighted.f_mul(&mask)?.f_sum_dim_intlist(0, false, weighted.kind())?;
                 let div = w.f_mul(&mask)?.f_sum_dim_intlist(0, false, weighted.kind())?;
                 let div = div.f_masked_fill(&div.f_eq(0.0)?, 1.0)?;

@@ -5,6 +5,7 @@
 
 mod config;
 mod methods;
+pub(crate) mod sparsify;
 mod stream;
 pub mod wise_ft;
 

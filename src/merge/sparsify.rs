@@ -1,0 +1,60 @@
+//! The sparsification and sign-consensus steps that adapter combination (PEFT's
+//! `add_weighted_adapter`, [`crate::lora::TaskMerge`]) and checkpoint merging (mergekit's TIES,
+//! DARE and their kin, [`crate::merge::merge_tensor`]) share, written once:
+//!
+//! * magnitude pruning: keep the `k` entries of largest `|t|`;
+//! * DARE's random drop: a Bernoulli(`density`) keep-mask (the callers rescale by `1/density`
+//!   or to the L1 norm, as their reference does);
+//! * TIES's sign election over tensors stacked on dim 0: `majority = +1` where the election
+//!   value is ≥ 0 (ties go positive), else −1, and a mask of the entries that agree with it
+//!   (zeros never agree).
+//!
+//! The references differ in what they elect from (PEFT: the unweighted pruned tensors; mergekit:
+//! the weighted deltas) and how they average afterwards; the callers keep those differences.
+
+use tch::{Kind, Tensor};
+
+use crate::Result;
+
+/// How TIES-style merges elect the sign of each entry (PEFT's `majority_sign_method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MajoritySign {
+    /// The sign of the sum of the values (`"total"`, the default; mergekit's only rule).
+    #[default]
+    Total,
+    /// The sign held by more tensors (`"frequency"`).
+    Frequency,
+}
+
+/// A mask of `t`'s shape and dtype with 1 at the `k` entries of largest magnitude (ranked in
+/// `score_kind`), 0 elsewhere; `k` is clamped to `[0, numel]`.
+pub(crate) fn magnitude_mask(t: &Tensor, k: i64, score_kind: Kind) -> Result<Tensor> {
+    let n = t.numel() as i64;
+    let flat = t.f_reshape([-1])?;
+    let mask = flat.f_zeros_like()?;
+    let k = k.clamp(0, n);
+    if k == 0 {
+        return Ok(mask.f_reshape(t.size())?);
+    }
+    let (_, idx) = flat.f_abs()?.f_to_kind(score_kind)?.f_topk(k, 0, true, true)?;
+    Ok(mask.f_index_fill(0, &idx, 1.0)?.f_reshape(t.size())?)
+}
+
+/// A Bernoulli keep-mask of `t`'s shape on its device, each entry 1 with probability `density`,
+/// in `kind`.
+pub(crate) fn random_mask(t: &Tensor, density: f64, kind: Kind) -> Result<Tensor> {
+    Ok(Tensor::f_full(t.size(), density, (kind, t.device()))?.f_bernoulli()?)
+}
+
+/// TIES's sign election over `x` (tensors stacked on dim 0): the mask (in `x`'s dtype) of the
+/// entries whose sign is the majority's.
+pub(crate) fn sign_consensus_mask(x: &Tensor, rule: MajoritySign) -> Result<Tensor> {
+    let kind = x.kind();
+    let signs = x.f_sign()?;
+    let election = match rule {
+        MajoritySign::Total => x.f_sum_dim_intlist(0, false, kind)?,
+        MajoritySign::Frequency => signs.f_sum_dim_intlist(0, false, kind)?,
+    };
+    let majority = election.f_ge(0.0)?.f_to_kind(kind)?.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?;
+    Ok(signs.f_eq_tensor(&majority)?.f_to_kind(kind)?)
+}
