@@ -505,7 +505,7 @@ impl GradualUnfreezing {
     /// Returns the number of trainable groups. Call it before the step's `zero_grad`.
     pub fn advance(&mut self) -> usize {
         self.calls += 1;
-        if self.calls % self.every == 0 && self.trainable < self.groups.len() {
+        if self.calls.is_multiple_of(self.every) && self.trainable < self.groups.len() {
             self.trainable += 1;
             self.sync();
         }

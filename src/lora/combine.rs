@@ -178,7 +178,7 @@ impl TaskMerge {
         let pruned: Vec<Tensor> = pruned;
         let stacked = Tensor::f_stack(&pruned, 0)?;
         let mut wshape = vec![weights.len() as i64];
-        wshape.extend(std::iter::repeat(1).take(stacked.dim() - 1));
+        wshape.extend(std::iter::repeat_n(1, stacked.dim() - 1));
         let w = Tensor::from_slice(weights).f_to_kind(kind)?.f_to_device(dev)?.f_reshape(wshape)?;
         let weighted = stacked.f_mul(&w)?;
         let Some(method) = sign else {

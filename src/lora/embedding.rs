@@ -294,7 +294,7 @@ impl LoraEmbedding {
 /// `‖W + s·(BA)ᵀ‖` per column of `W: [V, d]` (A: `[r, V]`, B: `[d, r]`), in f32/f64: the row
 /// norms of `Wᵀ + s·BA`.
 fn column_norm(w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
-    super::linear::dora_weight_norm(&w.f_tr()?, a, b, s)
+    super::dora::dora_weight_norm(&w.f_tr()?, a, b, s)
 }
 
 impl Adapter for LoraEmbedding {

@@ -7,6 +7,8 @@ use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
 use super::config::{LoraBias, LoraConfig, LoraInit};
+use super::dora::{dora_row_sq, dora_weight_norm, dora_weight_norm_with};
+use super::init::{init_factors, svd_lowrank};
 use super::merge::{all_finite, compute_kind, merge_snapshot};
 use crate::adapter::{Adapter, AdapterKind, Applicable};
 use crate::{Error, Result};
@@ -94,7 +96,7 @@ pub struct LoraLinear {
     module: String,
     r: i64,
     scaling: f64,
-    dropout: f64,
+    pub(super) dropout: f64,
     in_features: i64,
     out_features: i64,
     state: Arc<SharedState>,
@@ -155,122 +157,6 @@ pub(crate) fn is_float(kind: Kind) -> bool {
 /// `p`'s components joined with dots: the module path.
 pub(crate) fn path_name(p: &nn::Path) -> String {
     p.components().collect::<Vec<_>>().join(".")
-}
-
-/// `lora_A: [r, in]` and `lora_B: [out, r]` as PEFT initialises them (see [`LoraInit`]).
-fn init_factors(
-    init: LoraInit,
-    r: i64,
-    in_features: i64,
-    out_features: i64,
-    opts: (Kind, tch::Device),
-) -> (Tensor, Tensor) {
-    tch::no_grad(|| {
-        // PyTorch's kaiming_uniform_(a=√5) on a [r, in] weight: U(±1/√in)
-        let bound_in = 1.0 / (in_features as f64).sqrt();
-        let a = match init {
-            // PiSSA/OLoRA start as kaiming/zero and are set by `init_from_base_weights`
-            LoraInit::Kaiming
-            | LoraInit::Random
-            | LoraInit::Pissa
-            | LoraInit::PissaNiter(_)
-            | LoraInit::Olora => {
-                Tensor::empty([r, in_features], opts).uniform_(-bound_in, bound_in)
-            }
-            LoraInit::Gaussian => {
-                Tensor::empty([r, in_features], opts).normal_(0.0, 1.0 / r as f64)
-            }
-            LoraInit::Orthogonal => return orthogonal_factors(r, in_features, out_features, opts),
-        };
-        let b = match init {
-            LoraInit::Random => {
-                let bound_r = 1.0 / (r as f64).sqrt();
-                Tensor::empty([out_features, r], opts).uniform_(-bound_r, bound_r)
-            }
-            LoraInit::Kaiming
-            | LoraInit::Gaussian
-            | LoraInit::Orthogonal
-            | LoraInit::Pissa
-            | LoraInit::PissaNiter(_)
-            | LoraInit::Olora => Tensor::zeros([out_features, r], opts),
-        };
-        (a, b)
-    })
-}
-
-/// PEFT's orthogonal init: with `Q` a random orthogonal `r×r` matrix,
-/// `A = (randn(in, r/2) · Q[0::2])ᵀ / 10` and `B = (randn(r/2, out)ᵀ · Q[1::2]) / 10`; rows of `Q`
-/// are orthonormal, so `BA = 0`. `r` must be even (checked by the config).
-fn orthogonal_factors(
-    r: i64,
-    in_features: i64,
-    out_features: i64,
-    opts: (Kind, tch::Device),
-) -> (Tensor, Tensor) {
-    let (q, _) = Tensor::linalg_qr(&Tensor::randn([r, r], opts), "reduced");
-    let idx = |start: i64| Tensor::arange_start_step(start, r, 2, (Kind::Int64, opts.1));
-    let (set1, set2) = (q.index_select(0, &idx(0)), q.index_select(0, &idx(1)));
-    let a = Tensor::randn([in_features, r / 2], opts).mm(&set1).tr().contiguous() / 10.0;
-    let b = Tensor::randn([r / 2, out_features], opts).tr().mm(&set2) / 10.0;
-    (a, b)
-}
-
-/// A rank-`q` SVD of `a: [m, n]` by randomized subspace iteration (Halko et al. 2011, as
-/// `torch.svd_lowrank(a, q, niter)` without centring or oversampling): `(U [m, q], S [q],
-/// V [n, q])`.
-fn svd_lowrank(a: &Tensor, q: i64, niter: u32) -> Result<(Tensor, Tensor, Tensor)> {
-    let n = a.size()[1];
-    let orth = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::f_linalg_qr(t, "reduced")?.0) };
-    let g = Tensor::f_randn([n, q], (a.kind(), a.device()))?;
-    let mut basis = orth(&a.f_mm(&g)?)?;
-    for _ in 0..niter {
-        let z = orth(&a.f_tr()?.f_mm(&basis)?)?;
-        basis = orth(&a.f_mm(&z)?)?;
-    }
-    let small = basis.f_tr()?.f_mm(a)?; // [q, n]
-    let (u, s, v) = small.f_svd(true, true)?;
-    Ok((basis.f_mm(&u)?, s, v))
-}
-
-/// `‖W + s·BA‖` per output row, in f32 (f64 for an f64 base), without forming `W + s·BA`:
-/// `‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ`, from an `[out, r]` and an `[r, r]` product.
-/// Callers run it under `no_grad` (DoRA detaches the norm).
-pub(crate) fn dora_weight_norm(w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
-    dora_weight_norm_with(&dora_row_sq(w)?, w, a, b, s)
-}
-
-/// `‖W_i‖²` per row in the compute kind (f32 for half types).
-pub(crate) fn dora_row_sq(w: &Tensor) -> Result<Tensor> {
-    let kind = compute_kind(w.kind());
-    Ok(w.f_to_kind(kind)?.f_square()?.f_sum_dim_intlist(1, false, kind)?)
-}
-
-/// `‖W + s·BA‖` per row from `‖W_i‖²` (`w_sq`): `‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ`,
-/// without forming the `[out, in]` matrix. On a bf16/f16 CUDA weight, `W Aᵀ` reads `W` in its
-/// own dtype rather than an f32 copy: A (f32) is split into a half-precision head and tail
-/// (`A = A_hi + A_lo` to about 2⁻¹⁶ relative) and two GEMMs accumulate in f32.
-pub(crate) fn dora_weight_norm_with(
-    w_sq: &Tensor,
-    w: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    s: f64,
-) -> Result<Tensor> {
-    let kind = compute_kind(w.kind());
-    let (a, b) = (a.f_to_kind(kind)?, b.f_to_kind(kind)?);
-    let wa = if w.kind() != kind && w.device().is_cuda() {
-        // five launches: head, tail (the subtraction promotes to f32), its cast, two GEMMs
-        let hi = a.f_to_kind(w.kind())?;
-        let lo = a.f_sub(&hi)?.f_to_kind(w.kind())?;
-        w.f_mm_dtype(&hi.f_tr()?, kind)?.f_addmm_dtype(w, &lo.f_tr()?, kind)?
-    } else {
-        w.f_to_kind(kind)?.f_mm(&a.f_tr()?)?
-    };
-    let cross = wa.f_mul(&b)?.f_sum_dim_intlist(1, false, kind)?;
-    let ba_sq = b.f_mm(&a.f_mm(&a.f_tr()?)?)?.f_mul(&b)?.f_sum_dim_intlist(1, false, kind)?;
-    let sq = w_sq.f_add(&cross.f_mul_scalar(2.0 * s)?)?.f_add(&ba_sq.f_mul_scalar(s * s)?)?;
-    // rounding can take an exactly-zero row slightly negative
-    Ok(sq.f_clamp_min(0.0)?.f_sqrt()?)
 }
 
 /// Registers a trainable variable under `p / sub / name`, refusing to overwrite (tch would
@@ -663,7 +549,7 @@ impl LoraLinear {
 
     /// DoRA's `‖W + s·BA‖` per row of the current base weight, with `‖W_i‖²` cached while the
     /// weight is unchanged (frozen bases: computed once). No gradient.
-    fn dora_norm(&self) -> Result<Tensor> {
+    pub(super) fn dora_norm(&self) -> Result<Tensor> {
         let w_sq = self.dora_row_sq_cached()?;
         let w = &self.base.ws;
         tch::no_grad(|| dora_weight_norm_with(&w_sq, w, &self.lora_a, &self.lora_b, self.scaling))
@@ -983,46 +869,6 @@ pub(crate) fn check_linear_input(ws: &Tensor, module: &str, xs: &Tensor) -> Resu
         });
     }
     Ok(())
-}
-
-impl LoraLinear {
-    /// DoRA as PEFT computes it, with `g = m / ‖W + s·BA‖_row` (norm detached) and `x_d` the
-    /// dropped-out input:
-    /// `y = x Wᵀ + b + (g − 1)·(x_d Wᵀ) + g·s·(x_d Aᵀ) Bᵀ`, i.e. `g·(x Wᵀ + s x Aᵀ Bᵀ) + b` without
-    /// dropout.
-    fn dora_forward(
-        &self,
-        x2: &Tensor,
-        m: &Tensor,
-        bias: Option<&Tensor>,
-        dropout: bool,
-    ) -> Result<Tensor> {
-        // `f_forward_t` has checked the base initialisation
-        let kind = x2.kind();
-        let norm = self.dora_norm()?;
-        let g = m.f_div(&norm.f_to_kind(m.kind())?)?.f_to_kind(kind)?; // [out], grad to m
-        let cast =
-            |t: &Tensor| if t.kind() == kind { Ok(t.shallow_clone()) } else { t.f_to_kind(kind) };
-        let (a, b) = (cast(&self.lora_a)?, cast(&self.lora_b)?);
-        let xd = if dropout { x2.f_dropout(self.dropout, true)? } else { x2.shallow_clone() };
-        let h = xd.f_mm(&a.f_tr()?)?.f_mul_scalar(self.scaling)?; // [N, r]
-        let y = if dropout {
-            // base + (g − 1)·(x_d Wᵀ) + g·s·x_d Aᵀ Bᵀ = base − x_d Wᵀ + g·(x_d Wᵀ + s·x_d Aᵀ Bᵀ)
-            let base = x2.f_linear(&self.base.ws, bias)?;
-            let xd_w = xd.f_linear::<Tensor>(&self.base.ws, None)?;
-            let adapted = xd_w.f_addmm(&h, &b.f_tr()?)?;
-            base.f_sub(&xd_w)?.f_addcmul(&adapted, &g)?
-        } else {
-            // g·(x Wᵀ + s·x Aᵀ Bᵀ) + b: one accumulate in place, one fused scale-and-add
-            let mut adapted = x2.f_linear::<Tensor>(&self.base.ws, None)?;
-            let _ = adapted.f_addmm_(&h, &b.f_tr()?)?;
-            match bias {
-                Some(bs) => bs.f_addcmul(&adapted, &g)?,
-                None => adapted.f_mul(&g)?,
-            }
-        };
-        Ok(y)
-    }
 }
 
 impl ModuleT for LoraLinear {

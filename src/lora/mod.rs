@@ -20,9 +20,11 @@ mod combine;
 mod config;
 mod conv2d;
 mod copy;
+mod dora;
 mod embedding;
 #[cfg(tch_peft_csrc)]
 pub(crate) mod fused;
+mod init;
 mod linear;
 mod merge;
 mod model;

@@ -273,7 +273,7 @@ pub fn merge_tensor(
             }
             let stacked = Tensor::f_stack(&deltas, 0)?;
             let mut wshape = vec![models.len() as i64];
-            wshape.extend(std::iter::repeat(1).take(stacked.dim() - 1));
+            wshape.extend(std::iter::repeat_n(1, stacked.dim() - 1));
             let weights: Vec<f64> = models.iter().map(|(_, p)| p.weight).collect();
             let w = Tensor::from_slice(&weights)
                 .f_to_kind(stacked.kind())?

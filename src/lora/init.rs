@@ -1,0 +1,84 @@
+//! How LoRA factors start (PEFT's `init_lora_weights`): kaiming-uniform A with zero B (the
+//! default), gaussian, random B, orthogonal, and the randomized SVD behind `pissa_niter_K`.
+//! PiSSA and OLoRA, which need the loaded base weight, finish in
+//! [`LoraLinear::init_from_base_weights`](super::LoraLinear::init_from_base_weights).
+
+use tch::{Kind, Tensor};
+
+use super::config::LoraInit;
+use crate::Result;
+
+/// `lora_A: [r, in]` and `lora_B: [out, r]` as PEFT initialises them (see [`LoraInit`]).
+pub(crate) fn init_factors(
+    init: LoraInit,
+    r: i64,
+    in_features: i64,
+    out_features: i64,
+    opts: (Kind, tch::Device),
+) -> (Tensor, Tensor) {
+    tch::no_grad(|| {
+        // PyTorch's kaiming_uniform_(a=√5) on a [r, in] weight: U(±1/√in)
+        let bound_in = 1.0 / (in_features as f64).sqrt();
+        let a = match init {
+            // PiSSA/OLoRA start as kaiming/zero and are set by `init_from_base_weights`
+            LoraInit::Kaiming
+            | LoraInit::Random
+            | LoraInit::Pissa
+            | LoraInit::PissaNiter(_)
+            | LoraInit::Olora => {
+                Tensor::empty([r, in_features], opts).uniform_(-bound_in, bound_in)
+            }
+            LoraInit::Gaussian => {
+                Tensor::empty([r, in_features], opts).normal_(0.0, 1.0 / r as f64)
+            }
+            LoraInit::Orthogonal => return orthogonal_factors(r, in_features, out_features, opts),
+        };
+        let b = match init {
+            LoraInit::Random => {
+                let bound_r = 1.0 / (r as f64).sqrt();
+                Tensor::empty([out_features, r], opts).uniform_(-bound_r, bound_r)
+            }
+            LoraInit::Kaiming
+            | LoraInit::Gaussian
+            | LoraInit::Orthogonal
+            | LoraInit::Pissa
+            | LoraInit::PissaNiter(_)
+            | LoraInit::Olora => Tensor::zeros([out_features, r], opts),
+        };
+        (a, b)
+    })
+}
+
+/// PEFT's orthogonal init: with `Q` a random orthogonal `r×r` matrix,
+/// `A = (randn(in, r/2) · Q[0::2])ᵀ / 10` and `B = (randn(r/2, out)ᵀ · Q[1::2]) / 10`; rows of `Q`
+/// are orthonormal, so `BA = 0`. `r` must be even (checked by the config).
+fn orthogonal_factors(
+    r: i64,
+    in_features: i64,
+    out_features: i64,
+    opts: (Kind, tch::Device),
+) -> (Tensor, Tensor) {
+    let (q, _) = Tensor::linalg_qr(&Tensor::randn([r, r], opts), "reduced");
+    let idx = |start: i64| Tensor::arange_start_step(start, r, 2, (Kind::Int64, opts.1));
+    let (set1, set2) = (q.index_select(0, &idx(0)), q.index_select(0, &idx(1)));
+    let a = Tensor::randn([in_features, r / 2], opts).mm(&set1).tr().contiguous() / 10.0;
+    let b = Tensor::randn([r / 2, out_features], opts).tr().mm(&set2) / 10.0;
+    (a, b)
+}
+
+/// A rank-`q` SVD of `a: [m, n]` by randomized subspace iteration (Halko et al. 2011, as
+/// `torch.svd_lowrank(a, q, niter)` without centring or oversampling): `(U [m, q], S [q],
+/// V [n, q])`.
+pub(crate) fn svd_lowrank(a: &Tensor, q: i64, niter: u32) -> Result<(Tensor, Tensor, Tensor)> {
+    let n = a.size()[1];
+    let orth = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::f_linalg_qr(t, "reduced")?.0) };
+    let g = Tensor::f_randn([n, q], (a.kind(), a.device()))?;
+    let mut basis = orth(&a.f_mm(&g)?)?;
+    for _ in 0..niter {
+        let z = orth(&a.f_tr()?.f_mm(&basis)?)?;
+        basis = orth(&a.f_mm(&z)?)?;
+    }
+    let small = basis.f_tr()?.f_mm(a)?; // [q, n]
+    let (u, s, v) = small.f_svd(true, true)?;
+    Ok((basis.f_mm(&u)?, s, v))
+}
