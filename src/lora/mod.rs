@@ -16,34 +16,21 @@
 //!   once), disable, delete, merge a subset, save/load each (PEFT directories, atomic writes).
 
 mod adapters;
-mod combine;
+mod builder;
 mod config;
-mod conv2d;
-mod copy;
-mod dora;
-mod embedding;
-#[cfg(tch_peft_csrc)]
-pub(crate) mod fused;
-mod init;
-mod linear;
-mod merge;
-mod model;
-mod stack;
+mod layer;
 
-pub use adapters::{DisabledAdapters, LoraAdapter};
-pub use combine::{Combination, MajoritySign, TaskMerge};
-pub use config::{scaling, LoraBias, LoraConfig, LoraInit, TaskType};
-pub use conv2d::{Conv2dConfig, LoraConv2d};
-pub use copy::ModuleCopy;
-pub use embedding::LoraEmbedding;
-pub use linear::{
-    custom_cuda_kernels_available, fused_kernel_available, set_custom_cuda_kernels, LoraLinear,
+pub use adapters::{
+    Combination, DisabledAdapters, LoraAdapter, MajoritySign, TaskMerge, DEFAULT_ADAPTER_NAME,
 };
-pub use model::{
+pub use builder::{
     embedding, forward_shared, linear, LoraBuilder, MaybeLoraConv2d, MaybeLoraEmbedding,
-    MaybeLoraLinear, DEFAULT_ADAPTER_NAME,
+    MaybeLoraLinear,
 };
-pub use stack::LoraStack;
+pub use config::{scaling, LoraBias, LoraConfig, LoraInit, TaskType};
+pub use layer::{
+    custom_cuda_kernels_available, fused_kernel_available, set_custom_cuda_kernels, Conv2dConfig,
+    LoraConv2d, LoraEmbedding, LoraLinear, LoraStack, ModuleCopy,
+};
 
-pub(crate) use linear::is_float;
-pub(crate) use merge::compute_kind;
+pub(crate) use layer::{compute_kind, is_float};

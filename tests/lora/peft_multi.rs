@@ -319,9 +319,7 @@ fn dare_drops_entries_at_the_density_and_rescales() {
     assert!((kept - 0.3).abs() < 0.02, "{kept}");
     let nonzero = merged.masked_select(&merged.ne(0.0));
     assert!(max_abs_diff(&nonzero, &(nonzero.ones_like() / 0.3)) < 1e-12);
-    tch::manual_seed(11);
-    let again = TaskMerge::DareLinear { density: 0.3 }.merge(&[t], &[1.0]).unwrap();
-    assert!(bit_equal(&merged, &again), "seeded");
+    // reproducibility under a seed: tests/seeded.rs (the global RNG is shared by test threads)
 }
 
 fn stores_root(vs: &nn::VarStore) -> nn::Path<'_> {

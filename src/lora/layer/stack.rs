@@ -6,222 +6,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
-use super::config::LoraConfig;
-use super::conv2d::{conv_input, Conv2dConfig, LoraConv2d};
-use super::copy::{CopyBase, CopyKind, ModuleCopy};
+use super::conv2d::{conv_input, LoraConv2d};
+use super::copy::{CopyKind, ModuleCopy};
 use super::embedding::LoraEmbedding;
 use super::linear::{check_linear_input, LoraLinear};
-use crate::adapter::Adapter;
+use super::Attach;
 use crate::{Error, Result};
-
-/// What a stack needs from a LoRA layer type: the merge/enable surface, a second handle, and how
-/// to attach a new adapter to the same base. Implemented by [`LoraLinear`], [`LoraEmbedding`]
-/// and [`LoraConv2d`] (sealed: the trait lives in a private module).
-pub trait StackLayer: Adapter + Sized {
-    /// The frozen base the adapters of one stack share.
-    type Base: std::fmt::Debug;
-
-    fn module(&self) -> &str;
-    fn share(&self) -> Self;
-    fn merge_layer(&self, safe: bool) -> Result<()>;
-    fn unmerge_layer(&self) -> Result<()>;
-    fn merged(&self) -> bool;
-    fn enabled(&self) -> bool;
-    fn enable(&self, enabled: bool) -> Result<()>;
-    /// Runs the initialisation that needs the loaded base weight (DoRA, PiSSA, OLoRA).
-    fn init_from_base(&self) -> Result<()>;
-    /// Marks that initialisation done (a trained adapter was loaded) or pending.
-    fn set_base_ready(&self, ready: bool);
-    fn share_base(base: &Self::Base) -> Self::Base;
-    /// A new adapter on `base`, its variables under `p`.
-    fn attach(base: &Self::Base, p: &nn::Path, module: &str, config: &LoraConfig) -> Result<Self>;
-    /// `(rows, cols)` whose minimum bounds the rank.
-    fn rank_bound(base: &Self::Base) -> (i64, i64);
-    /// Handles on the adapter's low-rank tensors (shared storage); `None` for a module copy.
-    fn factors(&self) -> Option<Factors>;
-    /// The first variable an adapter of this type would register under `p`, if it exists.
-    fn registered(p: &nn::Path) -> Option<String>;
-}
-
-/// An adapter's tensors on one layer, whatever its type: `A: [r, …]` and `B: [out, r, …]`
-/// (linear `[r, in]`/`[out, r]`, embedding `[r, V]`/`[d, r]`, convolution `[r, in, kh, kw]`/
-/// `[out, r, 1, 1]`), so that `B.reshape(out, r) · A.reshape(r, −1)` is the update up to its
-/// layout.
-#[derive(Debug)]
-pub struct Factors {
-    pub(crate) a: Tensor,
-    pub(crate) b: Tensor,
-    pub(crate) scaling: f64,
-    pub(crate) magnitude: Option<Tensor>,
-    pub(crate) lora_b_bias: Option<Tensor>,
-}
-
-macro_rules! impl_stack_layer_common {
-    () => {
-        fn module(&self) -> &str {
-            Self::module(self)
-        }
-        fn share(&self) -> Self {
-            Self::share(self)
-        }
-        fn merge_layer(&self, safe: bool) -> Result<()> {
-            if safe {
-                self.safe_merge()
-            } else {
-                self.merge()
-            }
-        }
-        fn unmerge_layer(&self) -> Result<()> {
-            self.unmerge()
-        }
-        fn merged(&self) -> bool {
-            self.is_merged()
-        }
-        fn enabled(&self) -> bool {
-            self.is_enabled()
-        }
-        fn enable(&self, enabled: bool) -> Result<()> {
-            self.set_enabled(enabled)
-        }
-    };
-}
-
-impl StackLayer for LoraLinear {
-    type Base = nn::Linear;
-    impl_stack_layer_common!();
-    fn init_from_base(&self) -> Result<()> {
-        self.init_from_base_weights()
-    }
-    fn set_base_ready(&self, ready: bool) {
-        self.set_base_init_done(ready)
-    }
-    fn share_base(b: &nn::Linear) -> nn::Linear {
-        nn::Linear { ws: b.ws.shallow_clone(), bs: b.bs.as_ref().map(Tensor::shallow_clone) }
-    }
-    fn attach(b: &nn::Linear, p: &nn::Path, module: &str, config: &LoraConfig) -> Result<Self> {
-        let layer = LoraLinear::with_module_name(Self::share_base(b), p, module, config)?;
-        Ok(layer)
-    }
-    fn rank_bound(b: &nn::Linear) -> (i64, i64) {
-        (b.ws.size()[1], b.ws.size()[0])
-    }
-    fn registered(p: &nn::Path) -> Option<String> {
-        let a = p / "lora_A";
-        a.get("weight").map(|_| a.path("weight"))
-    }
-    fn factors(&self) -> Option<Factors> {
-        Some(Factors {
-            a: self.lora_a().shallow_clone(),
-            b: self.lora_b().shallow_clone(),
-            scaling: self.scaling(),
-            magnitude: self.magnitude().map(Tensor::shallow_clone),
-            lora_b_bias: self.lora_b_bias().map(Tensor::shallow_clone),
-        })
-    }
-}
-
-impl StackLayer for LoraEmbedding {
-    type Base = Tensor;
-    impl_stack_layer_common!();
-    fn init_from_base(&self) -> Result<()> {
-        self.init_from_base_weights()
-    }
-    fn set_base_ready(&self, ready: bool) {
-        self.set_base_init_done(ready)
-    }
-    fn share_base(w: &Tensor) -> Tensor {
-        w.shallow_clone()
-    }
-    fn attach(w: &Tensor, p: &nn::Path, module: &str, config: &LoraConfig) -> Result<Self> {
-        LoraEmbedding::new(w.shallow_clone(), p, module, config)
-    }
-    fn rank_bound(w: &Tensor) -> (i64, i64) {
-        (w.size()[0], w.size()[1])
-    }
-    fn registered(p: &nn::Path) -> Option<String> {
-        p.get("lora_embedding_A").map(|_| p.path("lora_embedding_A"))
-    }
-    fn factors(&self) -> Option<Factors> {
-        Some(Factors {
-            a: self.lora_a().shallow_clone(),
-            b: self.lora_b().shallow_clone(),
-            scaling: self.scaling(),
-            magnitude: self.magnitude().map(Tensor::shallow_clone),
-            lora_b_bias: None,
-        })
-    }
-}
-
-/// A convolution's weight, bias and config: what a new adapter on it needs.
-#[derive(Debug)]
-pub struct ConvBase {
-    pub(crate) ws: Tensor,
-    pub(crate) bs: Option<Tensor>,
-    pub(crate) conv: Conv2dConfig,
-}
-
-impl StackLayer for LoraConv2d {
-    type Base = ConvBase;
-    impl_stack_layer_common!();
-    fn init_from_base(&self) -> Result<()> {
-        Ok(())
-    }
-    fn set_base_ready(&self, _ready: bool) {}
-    fn share_base(b: &ConvBase) -> ConvBase {
-        ConvBase {
-            ws: b.ws.shallow_clone(),
-            bs: b.bs.as_ref().map(Tensor::shallow_clone),
-            conv: b.conv,
-        }
-    }
-    fn attach(b: &ConvBase, p: &nn::Path, module: &str, config: &LoraConfig) -> Result<Self> {
-        let bs = b.bs.as_ref().map(Tensor::shallow_clone);
-        LoraConv2d::from_parts(b.ws.shallow_clone(), bs, b.conv, p, module, config)
-    }
-    fn rank_bound(b: &ConvBase) -> (i64, i64) {
-        let s = b.ws.size();
-        (s[1..].iter().product(), s[0])
-    }
-    fn registered(p: &nn::Path) -> Option<String> {
-        let a = p / "lora_A";
-        a.get("weight").map(|_| a.path("weight"))
-    }
-    fn factors(&self) -> Option<Factors> {
-        Some(Factors {
-            a: self.lora_a().shallow_clone(),
-            b: self.lora_b().shallow_clone(),
-            scaling: self.scaling(),
-            magnitude: None,
-            lora_b_bias: None,
-        })
-    }
-}
-
-impl StackLayer for ModuleCopy {
-    type Base = CopyBase;
-    impl_stack_layer_common!();
-    fn init_from_base(&self) -> Result<()> {
-        self.init_from_base_weights()
-    }
-    fn set_base_ready(&self, ready: bool) {
-        self.set_ready(ready)
-    }
-    fn share_base(b: &CopyBase) -> CopyBase {
-        b.share()
-    }
-    fn attach(b: &CopyBase, p: &nn::Path, module: &str, _config: &LoraConfig) -> Result<Self> {
-        ModuleCopy::new(b, p, module)
-    }
-    fn rank_bound(_b: &CopyBase) -> (i64, i64) {
-        (i64::MAX, i64::MAX)
-    }
-    fn factors(&self) -> Option<Factors> {
-        None
-    }
-    fn registered(p: &nn::Path) -> Option<String> {
-        p.get("weight").map(|_| p.path("weight"))
-    }
-}
 
 #[derive(Debug)]
 struct StackState<L> {
@@ -238,13 +28,13 @@ struct StackState<L> {
 /// [`LoraAdapter`](super::LoraAdapter) holds handles on the same stacks and is where adapters
 /// are added, activated, merged, deleted and saved. Clones are handles on the same stack.
 #[derive(Debug)]
-pub struct LoraStack<L: StackLayer> {
+pub struct LoraStack<L: Attach> {
     module: String,
     base: L::Base,
     state: Arc<Mutex<StackState<L>>>,
 }
 
-impl<L: StackLayer> Clone for LoraStack<L> {
+impl<L: Attach> Clone for LoraStack<L> {
     fn clone(&self) -> Self {
         LoraStack {
             module: self.module.clone(),
@@ -254,7 +44,7 @@ impl<L: StackLayer> Clone for LoraStack<L> {
     }
 }
 
-impl<L: StackLayer> LoraStack<L> {
+impl<L: Attach> LoraStack<L> {
     /// A stack over `base` with no adapter yet.
     pub(crate) fn new(module: &str, base: L::Base) -> Self {
         LoraStack {
@@ -385,7 +175,7 @@ impl<L: StackLayer> LoraStack<L> {
     }
 }
 
-impl<L: StackLayer> LoraStack<L> {
+impl<L: Attach> LoraStack<L> {
     /// Runs `f` over every adapter of the layer.
     pub(crate) fn for_each(&self, mut f: impl FnMut(&str, &L) -> Result<()>) -> Result<()> {
         self.lock().slots.iter().try_for_each(|(n, l)| f(n, l))

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use tch::nn;
 use tch::Tensor;
 
-use super::config::{LoraConfig, LoraInit};
-use super::linear::is_float;
-use super::merge::{compute_kind, WeightMerge};
+use super::merge::{add_in_compute_kind, compute_kind, MergeState};
+use super::{is_float, Attach, Factors, LoraLayer};
 use crate::adapter::{Adapter, AdapterKind, Applicable};
+use crate::lora::config::{LoraConfig, LoraInit};
 use crate::{Error, Result};
 
 /// A LoRA-adapted embedding table `W: [V, d]`.
@@ -37,7 +37,7 @@ pub struct LoraEmbedding {
     module: String,
     r: i64,
     scaling: f64,
-    state: WeightMerge,
+    state: MergeState,
     /// Whether the DoRA magnitude was set from the loaded base table (or loaded).
     base_ready: Arc<AtomicBool>,
 }
@@ -123,7 +123,7 @@ impl LoraEmbedding {
             module: module.into(),
             r,
             scaling,
-            state: WeightMerge::new(),
+            state: MergeState::new(),
             base_ready: Arc::new(AtomicBool::new(true)),
         })
     }
@@ -223,7 +223,7 @@ impl LoraEmbedding {
 
     /// Turns the adapter on or off (disabling a merged layer unmerges it first).
     pub fn set_enabled(&self, enabled: bool) -> Result<()> {
-        self.state.set_enabled(enabled, &self.weight, &self.module)
+        LoraLayer::enable(self, enabled)
     }
 
     /// Whether the delta is folded into the table.
@@ -238,18 +238,24 @@ impl LoraEmbedding {
 
     fn merge_impl(&self, safe: bool) -> Result<()> {
         self.check_base_init()?;
-        let delta = match &self.magnitude {
+        self.state.merge(&self.module, &self.weight, None, safe, || {
+            Ok((add_in_compute_kind(&self.weight, &self.merge_delta()?)?, None))
+        })
+    }
+
+    /// What merging adds to the table: `s·(BA)ᵀ`, or for DoRA `g ⊙ (W + Δ) − W`.
+    fn merge_delta(&self) -> Result<Tensor> {
+        Ok(match &self.magnitude {
             None => self.delta_weight(),
             Some(m) => {
                 // g ⊙ (W + Δ) − W, so that the merge writes g ⊙ (W + Δ)
                 let _guard = tch::no_grad_guard();
-                let kind = super::merge::compute_kind(self.weight.kind());
+                let kind = compute_kind(self.weight.kind());
                 let w = self.weight.f_to_kind(kind)?;
                 let g = self.dora_scale(m)?.f_to_kind(kind)?.f_unsqueeze(0)?;
                 w.f_add(&self.delta_weight().f_to_kind(kind)?)?.f_mul(&g)?.f_sub(&w)?
             }
-        };
-        self.state.merge(&self.weight, &delta, safe, &self.module)
+        })
     }
 
     /// Folds `s·(BA)ᵀ` into the table, keeping the original for [`unmerge`](Self::unmerge).
@@ -264,7 +270,7 @@ impl LoraEmbedding {
 
     /// Restores the original table bit-exactly.
     pub fn unmerge(&self) -> Result<()> {
-        self.state.unmerge(&self.weight, &self.module)
+        self.state.unmerge(&self.module, &self.weight, None)
     }
 
     /// Embeddings of `ids` (any shape of int64 indices in `[0, V)`), with the adapter applied
@@ -334,5 +340,51 @@ impl Applicable for LoraEmbedding {
 
     fn is_applied(&self) -> bool {
         self.is_merged()
+    }
+}
+
+impl LoraLayer for LoraEmbedding {
+    fn merge_state(&self) -> &MergeState {
+        &self.state
+    }
+    fn merge_layer(&self, safe: bool) -> Result<()> {
+        self.merge_impl(safe)
+    }
+    fn unmerge_layer(&self) -> Result<()> {
+        self.unmerge()
+    }
+    fn init_from_base(&self) -> Result<()> {
+        self.init_from_base_weights()
+    }
+    fn set_base_ready(&self, ready: bool) {
+        self.set_base_init_done(ready)
+    }
+    fn factors(&self) -> Option<Factors> {
+        Some(Factors {
+            a: self.lora_a.shallow_clone(),
+            b: self.lora_b.shallow_clone(),
+            scaling: self.scaling,
+            magnitude: self.magnitude.as_ref().map(Tensor::shallow_clone),
+            lora_b_bias: None,
+        })
+    }
+}
+
+impl Attach for LoraEmbedding {
+    type Base = Tensor;
+    fn share(&self) -> Self {
+        LoraEmbedding::share(self)
+    }
+    fn share_base(w: &Tensor) -> Tensor {
+        w.shallow_clone()
+    }
+    fn attach(w: &Tensor, p: &nn::Path, module: &str, config: &LoraConfig) -> Result<Self> {
+        LoraEmbedding::new(w.shallow_clone(), p, module, config)
+    }
+    fn rank_bound(w: &Tensor) -> (i64, i64) {
+        (w.size()[0], w.size()[1])
+    }
+    fn registered(p: &nn::Path) -> Option<String> {
+        p.get("lora_embedding_A").map(|_| p.path("lora_embedding_A"))
     }
 }

@@ -2,13 +2,15 @@
 //! (PEFT's `modules_to_save`, e.g. a classification head trained in full next to LoRA).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tch::nn;
 use tch::Tensor;
 
-use super::merge::{all_finite, merge_snapshot, snapshot};
+use super::merge::{snapshot, MergeState};
+use super::{Attach, Factors, LoraLayer};
 use crate::adapter::{Adapter, AdapterKind, Applicable};
+use crate::lora::config::LoraConfig;
 use crate::{Error, Result};
 
 /// What kind of module is copied (decides the forward).
@@ -40,9 +42,8 @@ impl CopyBase {
 
 #[derive(Debug)]
 struct CopyState {
-    enabled: AtomicBool,
+    merge: MergeState,
     ready: AtomicBool,
-    original: Mutex<Option<(Tensor, Option<Tensor>)>>,
 }
 
 /// One adapter's trainable copy of a module listed in `modules_to_save`: while the adapter is
@@ -78,11 +79,7 @@ impl ModuleCopy {
             weight,
             bias: bias.transpose()?,
             module: module.into(),
-            state: Arc::new(CopyState {
-                enabled: AtomicBool::new(true),
-                ready: AtomicBool::new(false),
-                original: Mutex::new(None),
-            }),
+            state: Arc::new(CopyState { merge: MergeState::new(), ready: AtomicBool::new(false) }),
         })
     }
 
@@ -113,21 +110,17 @@ impl ModuleCopy {
 
     /// Whether the copy is used (its adapter is active).
     pub fn is_enabled(&self) -> bool {
-        self.state.enabled.load(Ordering::Acquire)
+        self.state.merge.is_enabled()
     }
 
     /// Uses the copy or not (disabling a merged copy unmerges it first).
     pub fn set_enabled(&self, enabled: bool) -> Result<()> {
-        if !enabled && self.is_merged() {
-            self.unmerge()?;
-        }
-        self.state.enabled.store(enabled, Ordering::Release);
-        Ok(())
+        LoraLayer::enable(self, enabled)
     }
 
     /// Whether the copy is written into the base module.
     pub fn is_merged(&self) -> bool {
-        self.state.original.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.state.merge.is_merged()
     }
 
     /// Takes the copy from the (loaded) base module.
@@ -161,27 +154,10 @@ impl ModuleCopy {
 
     fn merge_impl(&self, safe: bool) -> Result<()> {
         self.check_ready()?;
-        let _guard = tch::no_grad_guard();
-        let mut original = self.state.original.lock().unwrap_or_else(|e| e.into_inner());
-        if original.is_some() {
-            return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });
-        }
-        let finite = || -> Result<bool> {
-            Ok(all_finite(&self.weight)? && self.bias.as_ref().map_or(Ok(true), all_finite)?)
-        };
-        if safe && !finite()? {
-            return Err(Error::NonFiniteMerge { module: self.module.clone() });
-        }
-        let saved = (
-            merge_snapshot(&self.base.ws)?,
-            self.base.bs.as_ref().map(merge_snapshot).transpose()?,
-        );
-        self.base.ws.shallow_clone().f_copy_(&self.weight)?;
-        if let (Some(b), Some(c)) = (&self.base.bs, &self.bias) {
-            b.shallow_clone().f_copy_(c)?;
-        }
-        *original = Some(saved);
-        Ok(())
+        let (w, b) = (&self.base.ws, self.base.bs.as_ref());
+        self.state.merge.merge(&self.module, w, b, safe, || {
+            Ok((self.weight.shallow_clone(), self.bias.as_ref().map(Tensor::shallow_clone)))
+        })
     }
 
     /// Writes the copy into the base module, keeping the original.
@@ -196,16 +172,7 @@ impl ModuleCopy {
 
     /// Restores the original base module bit-exactly.
     pub fn unmerge(&self) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        let mut original = self.state.original.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((w, b)) = original.take() else {
-            return Err(Error::MergeState { module: self.module.clone(), state: "not merged" });
-        };
-        self.base.ws.shallow_clone().f_copy_(&w)?;
-        if let (Some(dst), Some(src)) = (&self.base.bs, &b) {
-            dst.shallow_clone().f_copy_(src)?;
-        }
-        Ok(())
+        self.state.merge.unmerge(&self.module, &self.base.ws, self.base.bs.as_ref())
     }
 
     /// The copy's forward: `x Wᵀ + b` for a linear layer, `W[ids]` for a table.
@@ -247,5 +214,45 @@ impl Applicable for ModuleCopy {
 
     fn is_applied(&self) -> bool {
         self.is_merged()
+    }
+}
+
+impl LoraLayer for ModuleCopy {
+    fn merge_state(&self) -> &MergeState {
+        &self.state.merge
+    }
+    fn merge_layer(&self, safe: bool) -> Result<()> {
+        self.merge_impl(safe)
+    }
+    fn unmerge_layer(&self) -> Result<()> {
+        self.unmerge()
+    }
+    fn init_from_base(&self) -> Result<()> {
+        self.init_from_base_weights()
+    }
+    fn set_base_ready(&self, ready: bool) {
+        self.set_ready(ready)
+    }
+    fn factors(&self) -> Option<Factors> {
+        None
+    }
+}
+
+impl Attach for ModuleCopy {
+    type Base = CopyBase;
+    fn share(&self) -> Self {
+        ModuleCopy::share(self)
+    }
+    fn share_base(b: &CopyBase) -> CopyBase {
+        b.share()
+    }
+    fn attach(b: &CopyBase, p: &nn::Path, module: &str, _config: &LoraConfig) -> Result<Self> {
+        ModuleCopy::new(b, p, module)
+    }
+    fn rank_bound(_b: &CopyBase) -> (i64, i64) {
+        (i64::MAX, i64::MAX)
+    }
+    fn registered(p: &nn::Path) -> Option<String> {
+        p.get("weight").map(|_| p.path("weight"))
     }
 }

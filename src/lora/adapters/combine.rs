@@ -3,10 +3,9 @@
 
 use tch::Tensor;
 
-use super::adapters::LoraAdapter;
-use super::config::{LoraConfig, LoraInit};
-use super::merge::compute_kind;
-use super::stack::{Factors, LoraStack, StackLayer};
+use super::LoraAdapter;
+use crate::lora::config::{LoraConfig, LoraInit};
+use crate::lora::layer::{compute_kind, Attach, Factors, LoraStack};
 pub use crate::merge::sparsify::MajoritySign;
 use crate::merge::sparsify::{magnitude_mask, random_mask, sign_consensus_mask};
 use crate::target::TargetModules;
@@ -326,7 +325,7 @@ fn combine_layer(
 }
 
 /// Computes the combination on every layer of one type that hosts a source adapter.
-fn combine_stacks<L: StackLayer>(
+fn combine_stacks<L: Attach>(
     stacks: &[LoraStack<L>],
     sources: &[(&str, f64)],
     how: Combination,
@@ -348,7 +347,7 @@ fn combine_stacks<L: StackLayer>(
 }
 
 /// Writes the combined tensors into the new adapter's layers.
-fn write_stacks<L: StackLayer>(
+fn write_stacks<L: Attach>(
     stacks: &[LoraStack<L>],
     name: &str,
     values: &[(String, Combined)],

@@ -6,25 +6,24 @@ use std::sync::{Arc, Mutex};
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
-use super::config::{LoraBias, LoraConfig, LoraInit};
 use super::dora::{dora_row_sq, dora_weight_norm, dora_weight_norm_with};
 use super::init::{init_factors, svd_lowrank};
-use super::merge::{all_finite, compute_kind, merge_snapshot};
+use super::merge::{compute_kind, MergeState};
+use super::{add_var, is_float, path_name, Attach, Factors, LoraLayer};
 use crate::adapter::{Adapter, AdapterKind, Applicable};
+use crate::lora::config::{LoraBias, LoraConfig, LoraInit};
 use crate::{Error, Result};
 
 /// State shared by every handle of one layer (the model's copy and the adapter registry's).
 #[derive(Debug)]
 struct SharedState {
-    enabled: AtomicBool,
+    /// The enabled flag and the merge state (the kept original while merged).
+    merge: MergeState,
     /// Use the fused autograd node when it is compiled in and dropout is inactive.
     fused: AtomicBool,
     /// Whether the initialisation that needs the base weight (DoRA magnitude, PiSSA/OLoRA
     /// factors) is done, or the adapter was loaded.
     base_init_done: AtomicBool,
-    /// The base weight and bias as they were before merging; `Some` while merged.
-    original: Mutex<Option<(Tensor, Option<Tensor>)>>,
-    merged: AtomicBool,
     /// DoRA: `‖W_i‖²` of the frozen base weight, keyed on the weight's storage and version
     /// counter (any in-place change of `W` invalidates it).
     row_sq: Mutex<Option<(usize, i64, Tensor)>>,
@@ -148,25 +147,6 @@ pub fn set_custom_cuda_kernels(on: bool) {
     crate::sys::set_custom_kernels(on);
     #[cfg(not(tch_peft_csrc))]
     let _ = on;
-}
-
-pub(crate) fn is_float(kind: Kind) -> bool {
-    matches!(kind, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double)
-}
-
-/// `p`'s components joined with dots: the module path.
-pub(crate) fn path_name(p: &nn::Path) -> String {
-    p.components().collect::<Vec<_>>().join(".")
-}
-
-/// Registers a trainable variable under `p / sub / name`, refusing to overwrite (tch would
-/// silently rename it `name__N`).
-pub(crate) fn add_var(p: &nn::Path, sub: &str, name: &str, t: Tensor) -> Result<Tensor> {
-    let sp = p / sub;
-    if sp.get(name).is_some() {
-        return Err(Error::DuplicateParameter(sp.path(name)));
-    }
-    Ok(sp.add(name, t, true))
 }
 
 impl LoraLinear {
@@ -337,11 +317,9 @@ impl LoraLinear {
             in_features,
             out_features,
             state: Arc::new(SharedState {
-                enabled: AtomicBool::new(true),
+                merge: MergeState::new(),
                 fused: AtomicBool::new(true),
                 base_init_done: AtomicBool::new(true),
-                original: Mutex::new(None),
-                merged: AtomicBool::new(false),
                 row_sq: Mutex::new(None),
                 cast: Mutex::new(None),
             }),
@@ -424,16 +402,12 @@ impl LoraLinear {
 
     /// Whether the adapter branch is active.
     pub fn is_enabled(&self) -> bool {
-        self.state.enabled.load(Ordering::Acquire)
+        self.state.merge.is_enabled()
     }
 
     /// Turns the adapter branch on or off. Disabling a merged layer unmerges it first (as PEFT).
     pub fn set_enabled(&self, enabled: bool) -> Result<()> {
-        if !enabled && self.is_merged() {
-            self.unmerge()?;
-        }
-        self.state.enabled.store(enabled, Ordering::Release);
-        Ok(())
+        LoraLayer::enable(self, enabled)
     }
 
     /// DoRA's magnitude vector `lora_magnitude_vector: [out]`, when the config has `use_dora`.
@@ -521,7 +495,7 @@ impl LoraLinear {
 
     /// Whether `s·BA` is currently folded into the base weight.
     pub fn is_merged(&self) -> bool {
-        self.state.merged.load(Ordering::Acquire)
+        self.state.merge.is_merged()
     }
 
     /// The bias of `lora_B` `[out]`, with `lora_bias`.
@@ -587,25 +561,10 @@ impl LoraLinear {
     }
 
     fn merge_impl(&self, safe: bool) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        let mut original = self.state.original.lock().unwrap_or_else(|e| e.into_inner());
-        if self.is_merged() {
-            return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });
-        }
-        let merged = self.merged_weight()?;
-        let merged_bias = self.merged_bias()?;
-        if safe && !(all_finite(&merged)? && merged_bias.as_ref().map_or(Ok(true), all_finite)?) {
-            return Err(Error::NonFiniteMerge { module: self.module.clone() });
-        }
-        let saved_w = merge_snapshot(&self.base.ws)?;
-        let saved_b = self.base.bs.as_ref().map(merge_snapshot).transpose()?;
-        self.base.ws.shallow_clone().f_copy_(&merged)?;
-        if let (Some(bs), Some(mb)) = (&self.base.bs, &merged_bias) {
-            bs.shallow_clone().f_copy_(mb)?;
-        }
-        *original = Some((saved_w, saved_b));
-        self.state.merged.store(true, Ordering::Release);
-        Ok(())
+        let (w, b) = (&self.base.ws, self.base.bs.as_ref());
+        self.state
+            .merge
+            .merge(&self.module, w, b, safe, || Ok((self.merged_weight()?, self.merged_bias()?)))
     }
 
     /// The bias the merged layer carries, when it differs from the base bias: the trained copy
@@ -647,29 +606,7 @@ impl LoraLinear {
 
     /// Restores the base weight saved by [`merge`](Self::merge), bit for bit.
     pub fn unmerge(&self) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        let mut original = self.state.original.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((saved_w, saved_b)) = original.take() else {
-            let state = if self.is_merged() {
-                "merged for good by `into_merged_linear` (no original kept)"
-            } else {
-                "not merged"
-            };
-            return Err(Error::MergeState { module: self.module.clone(), state });
-        };
-        let restore = || -> Result<()> {
-            self.base.ws.shallow_clone().f_copy_(&saved_w)?;
-            if let (Some(bs), Some(sb)) = (&self.base.bs, &saved_b) {
-                bs.shallow_clone().f_copy_(sb)?;
-            }
-            Ok(())
-        };
-        if let Err(e) = restore() {
-            *original = Some((saved_w, saved_b));
-            return Err(e);
-        }
-        self.state.merged.store(false, Ordering::Release);
-        Ok(())
+        self.state.merge.unmerge(&self.module, &self.base.ws, self.base.bs.as_ref())
     }
 
     /// Merges for good and returns the plain base layer (`W + s·BA`; the bias with the trained
@@ -682,18 +619,9 @@ impl LoraLinear {
     /// can no longer [`unmerge`](Self::unmerge). A layer already merged is kept as it is, its
     /// saved original dropped.
     pub fn into_merged_linear(self) -> Result<nn::Linear> {
-        let _guard = tch::no_grad_guard();
-        let mut original = self.state.original.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.is_merged() {
-            let merged = self.merged_weight()?;
-            let merged_bias = self.merged_bias()?;
-            self.base.ws.shallow_clone().f_copy_(&merged)?;
-            if let (Some(bs), Some(mb)) = (&self.base.bs, merged_bias) {
-                bs.shallow_clone().f_copy_(&mb)?;
-            }
-            self.state.merged.store(true, Ordering::Release);
-        }
-        *original = None;
+        self.state.merge.merge_for_good(&self.base.ws, self.base.bs.as_ref(), || {
+            Ok((self.merged_weight()?, self.merged_bias()?))
+        })?;
         let bias = self.base.bs.as_ref().map(Tensor::shallow_clone);
         Ok(nn::Linear { ws: self.base.ws.shallow_clone(), bs: bias })
     }
@@ -927,5 +855,52 @@ impl Applicable for LoraLinear {
 
     fn is_applied(&self) -> bool {
         self.is_merged()
+    }
+}
+
+impl LoraLayer for LoraLinear {
+    fn merge_state(&self) -> &MergeState {
+        &self.state.merge
+    }
+    fn merge_layer(&self, safe: bool) -> Result<()> {
+        self.merge_impl(safe)
+    }
+    fn unmerge_layer(&self) -> Result<()> {
+        self.unmerge()
+    }
+    fn init_from_base(&self) -> Result<()> {
+        self.init_from_base_weights()
+    }
+    fn set_base_ready(&self, ready: bool) {
+        self.set_base_init_done(ready)
+    }
+    fn factors(&self) -> Option<Factors> {
+        Some(Factors {
+            a: self.lora_a.shallow_clone(),
+            b: self.lora_b.shallow_clone(),
+            scaling: self.scaling,
+            magnitude: self.magnitude.as_ref().map(Tensor::shallow_clone),
+            lora_b_bias: self.lora_b_bias.as_ref().map(Tensor::shallow_clone),
+        })
+    }
+}
+
+impl Attach for LoraLinear {
+    type Base = nn::Linear;
+    fn share(&self) -> Self {
+        LoraLinear::share(self)
+    }
+    fn share_base(b: &nn::Linear) -> nn::Linear {
+        nn::Linear { ws: b.ws.shallow_clone(), bs: b.bs.as_ref().map(Tensor::shallow_clone) }
+    }
+    fn attach(b: &nn::Linear, p: &nn::Path, module: &str, config: &LoraConfig) -> Result<Self> {
+        LoraLinear::with_module_name(Self::share_base(b), p, module, config)
+    }
+    fn rank_bound(b: &nn::Linear) -> (i64, i64) {
+        (b.ws.size()[1], b.ws.size()[0])
+    }
+    fn registered(p: &nn::Path) -> Option<String> {
+        let a = p / "lora_A";
+        a.get("weight").map(|_| a.path("weight"))
     }
 }

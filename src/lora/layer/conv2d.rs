@@ -3,10 +3,10 @@
 use tch::nn::{self, ConvConfigND, PaddingMode};
 use tch::Tensor;
 
-use super::config::{LoraConfig, LoraInit};
-use super::linear::is_float;
-use super::merge::{compute_kind, WeightMerge};
+use super::merge::{add_in_compute_kind, compute_kind, MergeState};
+use super::{is_float, Attach, Factors, LoraLayer};
 use crate::adapter::{Adapter, AdapterKind, Applicable};
+use crate::lora::config::{LoraConfig, LoraInit};
 use crate::{Error, Result};
 
 /// The configuration of a 2-D convolution (tch's `nn::Conv2D` keeps its own private).
@@ -32,7 +32,7 @@ pub struct LoraConv2d {
     module: String,
     r: i64,
     scaling: f64,
-    state: WeightMerge,
+    state: MergeState,
 }
 
 impl LoraConv2d {
@@ -163,7 +163,7 @@ impl LoraConv2d {
             module: module.into(),
             r,
             scaling: config.scaling_for(module)?,
-            state: WeightMerge::new(),
+            state: MergeState::new(),
         })
     }
 
@@ -224,7 +224,7 @@ impl LoraConv2d {
 
     /// Turns the adapter on or off (disabling a merged layer unmerges it first).
     pub fn set_enabled(&self, enabled: bool) -> Result<()> {
-        self.state.set_enabled(enabled, &self.weight, &self.module)
+        LoraLayer::enable(self, enabled)
     }
 
     /// Whether the delta is folded into the base weight.
@@ -241,7 +241,9 @@ impl LoraConv2d {
     }
 
     fn merge_impl(&self, safe: bool) -> Result<()> {
-        self.state.merge(&self.weight, &self.delta_weight(), safe, &self.module)
+        self.state.merge(&self.module, &self.weight, None, safe, || {
+            Ok((add_in_compute_kind(&self.weight, &self.delta_weight())?, None))
+        })
     }
 
     /// Folds the delta into the base kernel, keeping the original for [`unmerge`](Self::unmerge).
@@ -256,7 +258,7 @@ impl LoraConv2d {
 
     /// Restores the original kernel bit-exactly.
     pub fn unmerge(&self) -> Result<()> {
-        self.state.unmerge(&self.weight, &self.module)
+        self.state.unmerge(&self.module, &self.weight, None)
     }
 
     /// Forward of `xs: [batch, in, h, w]` (or `[in, h, w]`), checked before libtorch is called.
@@ -359,5 +361,64 @@ impl Applicable for LoraConv2d {
 
     fn is_applied(&self) -> bool {
         self.is_merged()
+    }
+}
+
+/// A convolution's weight, bias and config: what a new adapter on it needs.
+#[derive(Debug)]
+pub struct ConvBase {
+    pub(crate) ws: Tensor,
+    pub(crate) bs: Option<Tensor>,
+    pub(crate) conv: Conv2dConfig,
+}
+
+impl LoraLayer for LoraConv2d {
+    fn merge_state(&self) -> &MergeState {
+        &self.state
+    }
+    fn merge_layer(&self, safe: bool) -> Result<()> {
+        self.merge_impl(safe)
+    }
+    fn unmerge_layer(&self) -> Result<()> {
+        self.unmerge()
+    }
+    fn init_from_base(&self) -> Result<()> {
+        Ok(())
+    }
+    fn set_base_ready(&self, _ready: bool) {}
+    fn factors(&self) -> Option<Factors> {
+        Some(Factors {
+            a: self.lora_a.shallow_clone(),
+            b: self.lora_b.shallow_clone(),
+            scaling: self.scaling,
+            magnitude: None,
+            lora_b_bias: None,
+        })
+    }
+}
+
+impl Attach for LoraConv2d {
+    type Base = ConvBase;
+    fn share(&self) -> Self {
+        LoraConv2d::share(self)
+    }
+    fn share_base(b: &ConvBase) -> ConvBase {
+        ConvBase {
+            ws: b.ws.shallow_clone(),
+            bs: b.bs.as_ref().map(Tensor::shallow_clone),
+            conv: b.conv,
+        }
+    }
+    fn attach(b: &ConvBase, p: &nn::Path, module: &str, config: &LoraConfig) -> Result<Self> {
+        let bs = b.bs.as_ref().map(Tensor::shallow_clone);
+        LoraConv2d::from_parts(b.ws.shallow_clone(), bs, b.conv, p, module, config)
+    }
+    fn rank_bound(b: &ConvBase) -> (i64, i64) {
+        let s = b.ws.size();
+        (s[1..].iter().product(), s[0])
+    }
+    fn registered(p: &nn::Path) -> Option<String> {
+        let a = p / "lora_A";
+        a.get("weight").map(|_| a.path("weight"))
     }
 }

@@ -5,7 +5,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::config::LoraInit;
+use crate::lora::config::LoraInit;
 use crate::Result;
 
 /// `lora_A: [r, in]` and `lora_B: [out, r]` as PEFT initialises them (see [`LoraInit`]).

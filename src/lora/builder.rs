@@ -6,38 +6,14 @@ use std::sync::Mutex;
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
-use super::adapters::LoraAdapter;
+use super::adapters::{check_adapter_name, module_path, LoraAdapter, DEFAULT_ADAPTER_NAME};
 use super::config::LoraConfig;
-use super::conv2d::{Conv2dConfig, LoraConv2d};
-use super::copy::{CopyBase, CopyKind, ModuleCopy};
-use super::embedding::LoraEmbedding;
-use super::linear::{path_name, LoraLinear};
-use super::stack::{ConvBase, LoraStack, StackLayer};
+use super::layer::{
+    path_name, Attach, Conv2dConfig, ConvBase, CopyBase, CopyKind, LoraConv2d, LoraEmbedding,
+    LoraLinear, LoraStack, ModuleCopy,
+};
 use crate::target::Targets;
 use crate::{Error, Result};
-
-/// The name PEFT gives an adapter when none is given.
-pub const DEFAULT_ADAPTER_NAME: &str = "default";
-
-/// Refuses adapter names that cannot be a directory or a path component.
-pub(crate) fn check_adapter_name(name: &str) -> Result<()> {
-    let bad = name.is_empty()
-        || name.contains(['.', '/', '\\'])
-        || name.chars().any(char::is_whitespace)
-        || name == ".."
-        // PEFT's key remapping breaks on names contained in its prefix (its issue #2699)
-        || "lora_".contains(name);
-    if bad {
-        return Err(Error::config(
-            "adapter_name",
-            format!(
-                "`{name}` is not a usable adapter name: it must be non-empty, without dots, \
-                 slashes or spaces, and not part of `lora_`"
-            ),
-        ));
-    }
-    Ok(())
-}
 
 /// A linear layer that is LoRA-adapted or not, as the configs' targets decided at build time.
 #[derive(Debug)]
@@ -149,7 +125,7 @@ pub fn forward_shared(
                 .zip(&factors)
                 .map(|((l, bias), f)| l.group_member(bias.as_ref(), f.as_ref()))
                 .collect::<Result<Vec<_>>>()?;
-            let mut ys = super::fused::lora_group(&x2, &members)?.into_iter();
+            let mut ys = super::layer::fused::lora_group(&x2, &members)?.into_iter();
             let mut out = Vec::with_capacity(layers.len());
             for (l, m) in layers.iter().zip(&fused) {
                 out.push(match m {
@@ -296,11 +272,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The path `root/<module components>`.
-pub(crate) fn module_path<'a>(root: &nn::Path<'a>, module: &str) -> nn::Path<'a> {
-    module.split('.').fold(root.clone(), |p, c| p / c)
-}
-
 impl<'a> LoraBuilder<'a> {
     /// A builder for the adapter named `"default"`, registering adapter variables under `root`.
     /// Validates the config; `target_modules` must be set.
@@ -393,7 +364,7 @@ impl<'a> LoraBuilder<'a> {
     /// A stack over `base` with a slot for every adapter in `decl`; the base-dependent
     /// initialisation waits for the pre-trained weights (see
     /// [`LoraAdapter::init_from_base_weights`](super::LoraAdapter::init_from_base_weights)).
-    fn stack<L: StackLayer>(
+    fn stack<L: Attach>(
         &self,
         module: &str,
         base: L::Base,

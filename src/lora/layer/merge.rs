@@ -1,0 +1,193 @@
+//! Merge bookkeeping shared by the LoRA layers ([`MergeState`]): the enabled flag, the kept
+//! original, and the merge arithmetic (in f32, or f64 for an f64 base; the original restored
+//! bit-exactly).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tch::{Kind, Tensor};
+
+use crate::{Error, Result};
+
+/// Whether every value is finite (one host sync; merge paths only).
+pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
+    Ok(t.f_isfinite()?.f_all()?.int64_value(&[]) != 0)
+}
+
+/// A copy of `t` with its own storage (the original kept while merged).
+pub(crate) fn snapshot(t: &Tensor) -> Result<Tensor> {
+    let mut c = t.f_zeros_like()?;
+    c.f_copy_(t)?;
+    Ok(c)
+}
+
+/// The pre-merge copy a merge keeps for a bit-exact unmerge: in host memory for a tensor on an
+/// accelerator (a merge is for inference, where device memory is what counts; the unmerge
+/// copies it back), else a plain copy.
+pub(crate) fn merge_snapshot(t: &Tensor) -> Result<Tensor> {
+    if t.device() == tch::Device::Cpu {
+        snapshot(t)
+    } else {
+        Ok(t.f_to_device(tch::Device::Cpu)?)
+    }
+}
+
+/// The kind merges compute in: f64 for an f64 base, else f32.
+pub(crate) fn compute_kind(base: Kind) -> Kind {
+    if base == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
+}
+
+/// `weight + delta`, computed in f32 (f64 for an f64 weight) and stored in the weight's dtype.
+pub(crate) fn add_in_compute_kind(weight: &Tensor, delta: &Tensor) -> Result<Tensor> {
+    let compute = compute_kind(weight.kind());
+    Ok(weight.f_to_kind(compute)?.f_add(&delta.f_to_kind(compute)?)?.f_to_kind(weight.kind())?)
+}
+
+/// What a layer keeps while merged.
+#[derive(Debug)]
+enum Kept {
+    /// Not merged.
+    Nothing,
+    /// Merged: the base weight and bias as they were, for a bit-exact unmerge.
+    Original(Tensor, Option<Tensor>),
+    /// Merged for good (`into_merged_linear`): nothing to restore.
+    NoOriginal,
+}
+
+#[derive(Debug)]
+struct MergeInner {
+    enabled: AtomicBool,
+    /// Mirrors `kept` for the forward's lock-free check.
+    merged: AtomicBool,
+    kept: Mutex<Kept>,
+}
+
+/// The enabled flag and the merge state every LoRA layer type shares (linear, embedding,
+/// convolution, a module copy): one implementation of merging a new weight (and bias) into the
+/// base tensors with the originals kept, of the bit-exact unmerge, and of merging for good.
+/// Clones share the state (they belong to handles on the same layer).
+#[derive(Debug, Clone)]
+pub struct MergeState(Arc<MergeInner>);
+
+impl MergeState {
+    pub(crate) fn new() -> Self {
+        MergeState(Arc::new(MergeInner {
+            enabled: AtomicBool::new(true),
+            merged: AtomicBool::new(false),
+            kept: Mutex::new(Kept::Nothing),
+        }))
+    }
+
+    pub(crate) fn is_enabled(&self) -> bool {
+        self.0.enabled.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn store_enabled(&self, enabled: bool) {
+        self.0.enabled.store(enabled, Ordering::Release);
+    }
+
+    pub(crate) fn is_merged(&self) -> bool {
+        self.0.merged.load(Ordering::Acquire)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.0.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `merged()`'s weight (and bias, where both exist) into `weight` (and `bias`),
+    /// keeping the originals (in host memory for tensors on an accelerator). Refuses when
+    /// already merged; with `safe`, refuses non-finite values and writes nothing.
+    pub(crate) fn merge(
+        &self,
+        module: &str,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        safe: bool,
+        merged: impl FnOnce() -> Result<(Tensor, Option<Tensor>)>,
+    ) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let mut kept = self.lock();
+        if !matches!(*kept, Kept::Nothing) {
+            return Err(Error::MergeState { module: module.into(), state: "already merged" });
+        }
+        let (w, b) = merged()?;
+        if safe && !(all_finite(&w)? && b.as_ref().map_or(Ok(true), all_finite)?) {
+            return Err(Error::NonFiniteMerge { module: module.into() });
+        }
+        let saved_w = merge_snapshot(weight)?;
+        let saved_b = match (bias, &b) {
+            (Some(bias), Some(_)) => Some(merge_snapshot(bias)?),
+            _ => None,
+        };
+        weight.shallow_clone().f_copy_(&w)?;
+        if let (Some(bias), Some(b)) = (bias, &b) {
+            bias.shallow_clone().f_copy_(b)?;
+        }
+        *kept = Kept::Original(saved_w, saved_b);
+        self.0.merged.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Restores the kept originals bit-exactly.
+    pub(crate) fn unmerge(
+        &self,
+        module: &str,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let mut kept = self.lock();
+        let (saved_w, saved_b) = match std::mem::replace(&mut *kept, Kept::Nothing) {
+            Kept::Original(w, b) => (w, b),
+            other => {
+                let state = match other {
+                    Kept::NoOriginal => {
+                        "merged for good by `into_merged_linear` (no original kept)"
+                    }
+                    _ => "not merged",
+                };
+                *kept = other;
+                return Err(Error::MergeState { module: module.into(), state });
+            }
+        };
+        let restore = || -> Result<()> {
+            weight.shallow_clone().f_copy_(&saved_w)?;
+            if let (Some(bias), Some(sb)) = (bias, &saved_b) {
+                bias.shallow_clone().f_copy_(sb)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = restore() {
+            *kept = Kept::Original(saved_w, saved_b);
+            return Err(e);
+        }
+        self.0.merged.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Merges for good: writes `merged()` when not merged yet, and drops any kept original, so
+    /// that every handle sees the layer merged and none can unmerge.
+    pub(crate) fn merge_for_good(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        merged: impl FnOnce() -> Result<(Tensor, Option<Tensor>)>,
+    ) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let mut kept = self.lock();
+        if matches!(*kept, Kept::Nothing) {
+            let (w, b) = merged()?;
+            weight.shallow_clone().f_copy_(&w)?;
+            if let (Some(bias), Some(b)) = (bias, &b) {
+                bias.shallow_clone().f_copy_(b)?;
+            }
+        }
+        *kept = Kept::NoOriginal;
+        self.0.merged.store(true, Ordering::Release);
+        Ok(())
+    }
+}
