@@ -3,7 +3,14 @@
 //! PiSSA and OLoRA, which need the loaded base weight, finish in
 //! [`LoraLinear::init_from_base_weights`](super::LoraLinear::init_from_base_weights).
 
+use std::sync::atomic::Ordering;
+
 use tch::{Kind, Tensor};
+
+use super::dora::dora_weight_norm;
+use super::linear::LoraLinear;
+use super::merge::compute_kind;
+use crate::Error;
 
 use crate::lora::config::LoraInit;
 use crate::Result;
@@ -81,4 +88,53 @@ pub(crate) fn svd_lowrank(a: &Tensor, q: i64, niter: u32) -> Result<(Tensor, Ten
     let small = basis.f_tr()?.f_mm(a)?; // [q, n]
     let (u, s, v) = small.f_svd(true, true)?;
     Ok((basis.f_mm(&u)?, s, v))
+}
+
+impl LoraLinear {
+    /// `W − s·BA` in the base weight (once: a layer already initialised keeps its factors), and
+    /// DoRA sets its magnitude to `‖W + s·BA‖_row`. Layers wrapped with [`new`](Self::new) run it
+    /// at construction; layers built by [`LoraBuilder`](super::LoraBuilder) create their base
+    /// weight themselves, so call this (or
+    /// [`LoraAdapter::init_from_base_weights`](super::LoraAdapter::init_from_base_weights)) once
+    /// the pre-trained weights are loaded, unless a trained adapter is loaded instead. A no-op for
+    /// the other inits.
+    pub fn init_from_base_weights(&self) -> Result<()> {
+        if self.is_merged() {
+            return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });
+        }
+        let _guard = tch::no_grad_guard();
+        let ready = self.state.base_init_done.load(Ordering::Acquire);
+        if self.init.uses_base_weight() && !ready {
+            let w = &self.base.ws;
+            let compute = compute_kind(w.kind());
+            let wf = w.f_to_kind(compute)?;
+            let (a, b) = match self.init {
+                LoraInit::Pissa | LoraInit::PissaNiter(_) => {
+                    // reduced SVD W = U·diag(S)·Vᵀ (tch's linalg_svd cannot pass "no driver")
+                    let (u, sv, v) = match self.init {
+                        LoraInit::PissaNiter(k) => svd_lowrank(&wf, self.r, k)?,
+                        _ => wf.f_svd(true, true)?,
+                    };
+                    let sr = (sv.f_narrow(0, 0, self.r)? / self.scaling).f_sqrt()?;
+                    let a = v.f_narrow(1, 0, self.r)?.f_tr()?.f_mul(&sr.f_unsqueeze(1)?)?;
+                    let b = u.f_narrow(1, 0, self.r)?.f_mul(&sr.f_unsqueeze(0)?)?;
+                    (a, b)
+                }
+                _ => {
+                    let (q, r) = Tensor::f_linalg_qr(&wf, "reduced")?;
+                    (r.f_narrow(0, 0, self.r)?, q.f_narrow(1, 0, self.r)?)
+                }
+            };
+            let residual = wf.f_sub(&b.f_mm(&a)?.f_mul_scalar(self.scaling)?)?;
+            self.lora_a.shallow_clone().f_copy_(&a)?;
+            self.lora_b.shallow_clone().f_copy_(&b)?;
+            w.shallow_clone().f_copy_(&residual)?;
+        }
+        if let Some(m) = &self.magnitude {
+            let norm = dora_weight_norm(&self.base.ws, &self.lora_a, &self.lora_b, self.scaling)?;
+            m.shallow_clone().f_copy_(&norm.f_to_kind(m.kind())?)?;
+        }
+        self.set_base_init_done(true);
+        Ok(())
+    }
 }

@@ -3,11 +3,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tch::nn::{self, ModuleT};
+use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::dora::{dora_row_sq, dora_weight_norm, dora_weight_norm_with};
-use super::init::{init_factors, svd_lowrank};
+use super::init::init_factors;
 use super::merge::{compute_kind, MergeState};
 use super::{add_var, is_float, path_name, Attach, Factors, LoraLayer};
 use crate::adapter::{Adapter, AdapterKind, Applicable};
@@ -16,17 +16,17 @@ use crate::{Error, Result};
 
 /// State shared by every handle of one layer (the model's copy and the adapter registry's).
 #[derive(Debug)]
-struct SharedState {
+pub(super) struct SharedState {
     /// The enabled flag and the merge state (the kept original while merged).
-    merge: MergeState,
+    pub(super) merge: MergeState,
     /// Use the fused autograd node when it is compiled in and dropout is inactive.
-    fused: AtomicBool,
+    pub(super) fused: AtomicBool,
     /// Whether the initialisation that needs the base weight (DoRA magnitude, PiSSA/OLoRA
     /// factors) is done, or the adapter was loaded.
-    base_init_done: AtomicBool,
+    pub(super) base_init_done: AtomicBool,
     /// DoRA: `‖W_i‖²` of the frozen base weight, keyed on the weight's storage and version
     /// counter (any in-place change of `W` invalidates it).
-    row_sq: Mutex<Option<(usize, i64, Tensor)>>,
+    pub(super) row_sq: Mutex<Option<(usize, i64, Tensor)>>,
     /// Inference without autograd: A and B cast to the activations' dtype, keyed on the
     /// factors' versions and the dtype (an optimizer step or a load invalidates it).
     cast: Mutex<Option<CastCache>>,
@@ -82,71 +82,23 @@ struct CastCache {
 /// ```
 #[derive(Debug)]
 pub struct LoraLinear {
-    base: nn::Linear,
-    lora_a: Tensor,
-    lora_b: Tensor,
+    pub(super) base: nn::Linear,
+    pub(super) lora_a: Tensor,
+    pub(super) lora_b: Tensor,
     /// Trainable copy of the base bias when `bias = "lora_only"`.
-    bias: Option<Tensor>,
+    pub(super) bias: Option<Tensor>,
     /// DoRA's per-row magnitude `[out]`, when `use_dora`.
-    magnitude: Option<Tensor>,
+    pub(super) magnitude: Option<Tensor>,
     /// The bias of `lora_B` `[out]`, when `lora_bias`.
-    lora_b_bias: Option<Tensor>,
-    init: LoraInit,
-    module: String,
-    r: i64,
-    scaling: f64,
+    pub(super) lora_b_bias: Option<Tensor>,
+    pub(super) init: LoraInit,
+    pub(super) module: String,
+    pub(super) r: i64,
+    pub(super) scaling: f64,
     pub(super) dropout: f64,
-    in_features: i64,
-    out_features: i64,
-    state: Arc<SharedState>,
-}
-
-/// Whether this build carries the fused LoRA Linear autograd node (`csrc/lora_linear.cpp`,
-/// compiled by `build.rs` against libtorch's headers). Without it, layers compose tch ops,
-/// which compute the same values with more memory traffic in the backward pass.
-pub fn fused_kernel_available() -> bool {
-    cfg!(tch_peft_csrc)
-}
-
-/// Whether the fused nodes' run-time compiled CUDA kernels run on the current CUDA device: a
-/// LoRA group's low-rank outputs `s·(x Aᵀ) Bᵀ (+ bias)` (tensor-core MMAs, one launch for every
-/// layer of a group, written at up to ~4 TB/s on an H200 where cuBLAS's thin GEMMs reach ~3.1;
-/// the base GEMM then accumulates into them), and DoRA's two bandwidth-bound passes — the
-/// weight-side part (the norm `‖W + s·BA‖_row` from two small GEMMs, the scale `G`, `G·W`,
-/// `G·B`, `1/m`: one pass over `W` instead of ~10 launches) and the magnitude gradient's column
-/// reduction `Σ_rows g_y ⊙ y`. They are compiled with NVRTC (the one the PyTorch wheels ship) on
-/// first use, for bf16 layers on GPUs of compute capability 8.0 or newer (the LoRA kernel for
-/// ranks that are a multiple of 8 up to 32 and output widths that are a multiple of 8). Where
-/// they do not run (no CUDA build, no GPU or NVRTC, other dtypes or shapes, switched off) the
-/// node uses libtorch's ops, which compute the same values up to f32 rounding (the kernels'
-/// summation order is fixed, so they are deterministic).
-///
-/// Compiles the kernels for the current device if that has not happened yet.
-///
-/// ```
-/// // false on a machine without a CUDA GPU (or with the kernels switched off)
-/// let _ = tch_peft::lora::custom_cuda_kernels_available();
-/// ```
-pub fn custom_cuda_kernels_available() -> bool {
-    #[cfg(tch_peft_csrc)]
-    {
-        crate::sys::custom_kernels_available()
-    }
-    #[cfg(not(tch_peft_csrc))]
-    {
-        false
-    }
-}
-
-/// Switches the fused nodes' run-time compiled CUDA kernels ([`custom_cuda_kernels_available`])
-/// on or off for the whole process (on by default; `TCH_PEFT_CUSTOM_KERNELS=0` in the
-/// environment starts with them off). Off, the fused LoRA and DoRA nodes use libtorch's ops
-/// only.
-pub fn set_custom_cuda_kernels(on: bool) {
-    #[cfg(tch_peft_csrc)]
-    crate::sys::set_custom_kernels(on);
-    #[cfg(not(tch_peft_csrc))]
-    let _ = on;
+    pub(super) in_features: i64,
+    pub(super) out_features: i64,
+    pub(super) state: Arc<SharedState>,
 }
 
 impl LoraLinear {
@@ -396,7 +348,7 @@ impl LoraLinear {
     }
 
     /// The bias the layer uses: the trainable copy with `bias = "lora_only"`, else the base bias.
-    fn effective_bias(&self) -> Option<&Tensor> {
+    pub(super) fn effective_bias(&self) -> Option<&Tensor> {
         self.bias.as_ref().or(self.base.bs.as_ref())
     }
 
@@ -417,60 +369,13 @@ impl LoraLinear {
 
     /// Runs the initialisation that depends on the pre-trained base weight, as PEFT does when it
     /// attaches the adapter: PiSSA/OLoRA derive `A` and `B` from `W` and leave the residual
-    /// `W − s·BA` in the base weight (once: a layer already initialised keeps its factors), and
-    /// DoRA sets its magnitude to `‖W + s·BA‖_row`. Layers wrapped with [`new`](Self::new) run it
-    /// at construction; layers built by [`LoraBuilder`](super::LoraBuilder) create their base
-    /// weight themselves, so call this (or
-    /// [`LoraAdapter::init_from_base_weights`](super::LoraAdapter::init_from_base_weights)) once
-    /// the pre-trained weights are loaded, unless a trained adapter is loaded instead. A no-op for
-    /// the other inits.
-    pub fn init_from_base_weights(&self) -> Result<()> {
-        if self.is_merged() {
-            return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });
-        }
-        let _guard = tch::no_grad_guard();
-        let ready = self.state.base_init_done.load(Ordering::Acquire);
-        if self.init.uses_base_weight() && !ready {
-            let w = &self.base.ws;
-            let compute = compute_kind(w.kind());
-            let wf = w.f_to_kind(compute)?;
-            let (a, b) = match self.init {
-                LoraInit::Pissa | LoraInit::PissaNiter(_) => {
-                    // reduced SVD W = U·diag(S)·Vᵀ (tch's linalg_svd cannot pass "no driver")
-                    let (u, sv, v) = match self.init {
-                        LoraInit::PissaNiter(k) => svd_lowrank(&wf, self.r, k)?,
-                        _ => wf.f_svd(true, true)?,
-                    };
-                    let sr = (sv.f_narrow(0, 0, self.r)? / self.scaling).f_sqrt()?;
-                    let a = v.f_narrow(1, 0, self.r)?.f_tr()?.f_mul(&sr.f_unsqueeze(1)?)?;
-                    let b = u.f_narrow(1, 0, self.r)?.f_mul(&sr.f_unsqueeze(0)?)?;
-                    (a, b)
-                }
-                _ => {
-                    let (q, r) = Tensor::f_linalg_qr(&wf, "reduced")?;
-                    (r.f_narrow(0, 0, self.r)?, q.f_narrow(1, 0, self.r)?)
-                }
-            };
-            let residual = wf.f_sub(&b.f_mm(&a)?.f_mul_scalar(self.scaling)?)?;
-            self.lora_a.shallow_clone().f_copy_(&a)?;
-            self.lora_b.shallow_clone().f_copy_(&b)?;
-            w.shallow_clone().f_copy_(&residual)?;
-        }
-        if let Some(m) = &self.magnitude {
-            let norm = dora_weight_norm(&self.base.ws, &self.lora_a, &self.lora_b, self.scaling)?;
-            m.shallow_clone().f_copy_(&norm.f_to_kind(m.kind())?)?;
-        }
-        self.set_base_init_done(true);
-        Ok(())
-    }
-
     /// Marks the base-dependent initialisation (DoRA magnitude, PiSSA/OLoRA factors) as done or
     /// pending.
     pub(crate) fn set_base_init_done(&self, ready: bool) {
         self.state.base_init_done.store(ready, Ordering::Release);
     }
 
-    fn check_base_init(&self) -> Result<()> {
+    pub(super) fn check_base_init(&self) -> Result<()> {
         let pending = (self.magnitude.is_some() || self.init.uses_base_weight())
             && !self.state.base_init_done.load(Ordering::Acquire);
         if pending {
@@ -510,7 +415,7 @@ impl LoraLinear {
 
     /// A and B in `kind`, cast once per change of the factors (their version counters).
     #[cfg(tch_peft_csrc)]
-    fn cast_factors(&self, kind: Kind) -> Result<(Tensor, Tensor)> {
+    pub(super) fn cast_factors(&self, kind: Kind) -> Result<(Tensor, Tensor)> {
         let key = (kind, self.lora_a.f_internal_version()?, self.lora_b.f_internal_version()?);
         let mut cache = self.state.cast.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = cache.as_ref().filter(|c| c.key == key) {
@@ -530,7 +435,7 @@ impl LoraLinear {
     }
 
     /// `‖W_i‖²` of the current base weight, cached on its storage and version counter.
-    fn dora_row_sq_cached(&self) -> Result<Tensor> {
+    pub(super) fn dora_row_sq_cached(&self) -> Result<Tensor> {
         let w = &self.base.ws;
         let key = (w.data_ptr() as usize, w.f_internal_version()?);
         let mut cache = self.state.row_sq.lock().unwrap_or_else(|e| e.into_inner());
@@ -545,7 +450,7 @@ impl LoraLinear {
     }
 
     /// The merged weight `W + s·BA` in the base dtype, computed in f32 (f64 for an f64 base).
-    fn merged_weight(&self) -> Result<Tensor> {
+    pub(super) fn merged_weight(&self) -> Result<Tensor> {
         self.check_base_init()?;
         let w = &self.base.ws;
         let compute = compute_kind(w.kind());
@@ -560,7 +465,7 @@ impl LoraLinear {
         Ok(merged.f_to_kind(w.kind())?)
     }
 
-    fn merge_impl(&self, safe: bool) -> Result<()> {
+    pub(super) fn merge_impl(&self, safe: bool) -> Result<()> {
         let (w, b) = (&self.base.ws, self.base.bs.as_ref());
         self.state
             .merge
@@ -570,7 +475,7 @@ impl LoraLinear {
     /// The bias the merged layer carries, when it differs from the base bias: the trained copy
     /// (`bias = "lora_only"`) plus `s·lora_B.bias` (`lora_bias`), in the base dtype. Errors when
     /// a `lora_B` bias would have to merge into a layer without bias (PEFT refuses it too).
-    fn merged_bias(&self) -> Result<Option<Tensor>> {
+    pub(super) fn merged_bias(&self) -> Result<Option<Tensor>> {
         if self.lora_b_bias.is_none() && self.bias.is_none() {
             return Ok(None);
         }
@@ -624,190 +529,6 @@ impl LoraLinear {
         })?;
         let bias = self.base.bs.as_ref().map(Tensor::shallow_clone);
         Ok(nn::Linear { ws: self.base.ws.shallow_clone(), bs: bias })
-    }
-
-    fn check_input(&self, xs: &Tensor) -> Result<()> {
-        check_linear_input(&self.base.ws, &self.module, xs)
-    }
-
-    /// When this layer's forward on `xs` would be the fused (LoRA or DoRA) node (enabled,
-    /// unmerged, no active dropout, no `lora_bias`, fused on), the bias it would add (cast to
-    /// the input's dtype); `None` when it takes another path. Checks the input first.
-    #[cfg(tch_peft_csrc)]
-    pub(crate) fn fused_group_bias(
-        &self,
-        xs: &Tensor,
-        train: bool,
-    ) -> Result<Option<Option<Tensor>>> {
-        self.check_input(xs)?;
-        let eligible = self.is_enabled() && !self.is_merged() && self.takes_fused_node(train);
-        if !eligible {
-            return Ok(None);
-        }
-        self.check_base_init()?;
-        Ok(Some(self.input_bias(xs.kind())?))
-    }
-
-    /// Whether an unmerged forward runs the fused (LoRA or DoRA) node: no active dropout, no
-    /// `lora_bias`, fused not switched off.
-    #[cfg(tch_peft_csrc)]
-    fn takes_fused_node(&self, train: bool) -> bool {
-        !(train && self.dropout > 0.0)
-            && self.lora_b_bias.is_none()
-            && self.state.fused.load(Ordering::Relaxed)
-    }
-
-    /// The bias the forward adds, in the activations' dtype: a trained f32 bias copy
-    /// (`bias = "lora_only"`) on a bf16/f16 base is cast down.
-    fn input_bias(&self, kind: Kind) -> Result<Option<Tensor>> {
-        Ok(match self.effective_bias() {
-            Some(b) if b.kind() != kind => Some(b.f_to_kind(kind)?),
-            Some(b) => Some(b.shallow_clone()),
-            None => None,
-        })
-    }
-
-    /// The base weight, A, B and scaling (and for DoRA the magnitude and `‖W_i‖²`), for the
-    /// group node; `factors` replaces A and B of a LoRA layer (their cached casts in inference,
-    /// see [`LoraLinear::inference_factors`]).
-    #[cfg(tch_peft_csrc)]
-    pub(crate) fn group_member<'a>(
-        &'a self,
-        bias: Option<&'a Tensor>,
-        factors: Option<&'a (Tensor, Tensor)>,
-    ) -> Result<super::fused::GroupMember<'a>> {
-        let (a, b) = factors.map_or((&self.lora_a, &self.lora_b), |(a, b)| (a, b));
-        let dora = match &self.magnitude {
-            Some(m) => Some(super::fused::DoraMember { m, w_sq: self.dora_row_sq_cached()? }),
-            None => None,
-        };
-        Ok(super::fused::GroupMember { w: &self.base.ws, bias, a, b, scaling: self.scaling, dora })
-    }
-
-    /// Without autograd (inference), A and B of a LoRA layer cast to `kind` and cached until
-    /// they change; `None` when autograd records, no cast is needed or the layer is DoRA (whose
-    /// norm wants the f32 factors).
-    #[cfg(tch_peft_csrc)]
-    pub(crate) fn inference_factors(&self, kind: Kind) -> Result<Option<(Tensor, Tensor)>> {
-        if crate::sys::grad_enabled() || self.lora_a.kind() == kind || self.magnitude.is_some() {
-            return Ok(None);
-        }
-        Ok(Some(self.cast_factors(kind)?))
-    }
-
-    /// The trained copy of the base bias (`bias = "lora_only"`), if any.
-    pub(crate) fn trained_bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
-    }
-
-    /// Adds this adapter's branch to `y`, the base output `x Wᵀ + b` on the flattened input
-    /// `x2: [N, in]` (the multi-adapter forward sums the active adapters this way). DoRA adds
-    /// `(g − 1)·(x_d Wᵀ) + g·s·(x_d Aᵀ) Bᵀ`, as PEFT does for each DoRA adapter.
-    pub(crate) fn f_add_delta(&self, x2: &Tensor, mut y: Tensor, train: bool) -> Result<Tensor> {
-        self.check_base_init()?;
-        let dropout = train && self.dropout > 0.0;
-        let xd = if dropout { x2.f_dropout(self.dropout, true)? } else { x2.shallow_clone() };
-        // The branch runs in the base dtype, as under torch.autocast: the f32 factors are cast
-        // (they are small: [r, in] and [out, r]) rather than the [N, in] activations, and their
-        // gradients come back in f32 through the cast.
-        let kind = y.kind();
-        let cast =
-            |t: &Tensor| if t.kind() == kind { Ok(t.shallow_clone()) } else { t.f_to_kind(kind) };
-        let (a, b) = (cast(&self.lora_a)?, cast(&self.lora_b)?);
-        let mut h = xd.f_mm(&a.f_tr()?)?;
-        if self.scaling != 1.0 {
-            h = h.f_mul_scalar(self.scaling)?;
-        }
-        if let Some(m) = &self.magnitude {
-            let norm = self.dora_norm()?;
-            let g = m.f_div(&norm.f_to_kind(m.kind())?)?.f_to_kind(kind)?;
-            let xd_w = xd.f_linear::<Tensor>(&self.base.ws, None)?;
-            let adapted = xd_w.f_addmm(&h, &b.f_tr()?)?;
-            return Ok(y.f_sub(&xd_w)?.f_addcmul(&adapted, &g)?);
-        }
-        let _ = y.f_addmm_(&h, &b.f_tr()?)?;
-        if let Some(bb) = &self.lora_b_bias {
-            // lora_B(h) includes its bias: s·(h Bᵀ + b_B)
-            let _ = y.f_add_(&bb.f_mul_scalar(self.scaling)?.f_to_kind(kind)?)?;
-        }
-        Ok(y)
-    }
-
-    /// Forward with every input check done before libtorch is called: the last dimension must
-    /// be `in_features`, and dtype and device must match the base weight.
-    pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.check_input(xs)?;
-        let bias = self.input_bias(xs.kind())?;
-        let bias = bias.as_ref();
-        if !self.is_enabled() {
-            return Ok(xs.f_linear(&self.base.ws, bias)?);
-        }
-        if self.is_merged() {
-            // the merged layer is the base layer alone (merged bias included)
-            return Ok(xs.f_linear(&self.base.ws, self.base.bs.as_ref())?);
-        }
-        let mut out_shape = xs.size();
-        *out_shape.last_mut().expect("checked non-empty") = self.out_features;
-        self.check_base_init()?;
-        let x2 = xs.f_reshape([-1, self.in_features])?;
-        let dropout = train && self.dropout > 0.0;
-        // The fused node (the group node with this layer alone, LoRA or DoRA): in training its
-        // backward; in eval one kernel fewer than the composed ops (the scaling rides on the
-        // accumulating GEMM).
-        #[cfg(tch_peft_csrc)]
-        if self.takes_fused_node(train) {
-            // without autograd (inference), LoRA factors' casts are reused until they change
-            let cached = self.inference_factors(x2.kind())?;
-            let member = self.group_member(bias, cached.as_ref())?;
-            let y = super::fused::lora_group(&x2, &[member])?.remove(0);
-            return Ok(y.f_reshape(out_shape)?);
-        }
-        if let Some(m) = &self.magnitude {
-            let y = self.dora_forward(&x2, m, bias, dropout)?;
-            return Ok(y.f_reshape(out_shape)?);
-        }
-        let y = x2.f_linear(&self.base.ws, bias)?;
-        Ok(self.f_add_delta(&x2, y, train)?.f_reshape(out_shape)?)
-    }
-}
-
-/// Checks an input of a linear layer with weight `ws` against it: last dimension, dtype, device.
-pub(crate) fn check_linear_input(ws: &Tensor, module: &str, xs: &Tensor) -> Result<()> {
-    let size = xs.size();
-    let in_features = ws.size()[1];
-    if size.last() != Some(&in_features) {
-        return Err(Error::ShapeMismatch {
-            name: format!("input of `{module}`"),
-            expected: vec![-1, in_features],
-            actual: size,
-        });
-    }
-    if xs.kind() != ws.kind() {
-        return Err(Error::DtypeMismatch {
-            name: format!("input of `{module}`"),
-            expected: format!("{:?} (the base weight's kind)", ws.kind()),
-            actual: xs.kind(),
-        });
-    }
-    if xs.device() != ws.device() {
-        return Err(Error::DeviceMismatch {
-            name: format!("input of `{module}`"),
-            expected: ws.device(),
-            actual: xs.device(),
-        });
-    }
-    Ok(())
-}
-
-impl ModuleT for LoraLinear {
-    /// # Panics
-    /// On an input whose last dimension, dtype or device does not fit the layer, with the
-    /// message of the typed error [`LoraLinear::f_forward_t`] returns.
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        match self.f_forward_t(xs, train) {
-            Ok(y) => y,
-            Err(e) => panic!("{e}"),
-        }
     }
 }
 

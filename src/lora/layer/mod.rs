@@ -15,6 +15,7 @@ mod conv2d;
 mod copy;
 mod dora;
 mod embedding;
+mod forward;
 #[cfg(tch_peft_csrc)]
 pub(crate) mod fused;
 mod init;
@@ -29,9 +30,8 @@ pub use conv2d::{Conv2dConfig, LoraConv2d};
 pub use copy::ModuleCopy;
 pub(crate) use copy::{CopyBase, CopyKind};
 pub use embedding::LoraEmbedding;
-pub use linear::{
-    custom_cuda_kernels_available, fused_kernel_available, set_custom_cuda_kernels, LoraLinear,
-};
+pub use forward::{custom_cuda_kernels_available, fused_kernel_available, set_custom_cuda_kernels};
+pub use linear::LoraLinear;
 pub(crate) use merge::{compute_kind, MergeState};
 pub use stack::LoraStack;
 

@@ -9,7 +9,8 @@ use tch::Tensor;
 use super::conv2d::{conv_input, LoraConv2d};
 use super::copy::{CopyKind, ModuleCopy};
 use super::embedding::LoraEmbedding;
-use super::linear::{check_linear_input, LoraLinear};
+use super::forward::check_linear_input;
+use super::linear::LoraLinear;
 use super::Attach;
 use crate::{Error, Result};
 
