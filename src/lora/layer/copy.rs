@@ -50,7 +50,7 @@ struct CopyState {
 /// active the model computes with the copy instead of the frozen module. Its tensors are saved
 /// under the module's own names (`<module>.weight`, `<module>.bias`), as PEFT does. The copy
 /// starts as the pre-trained module: it is taken by
-/// [`LoraAdapter::init_from_base_weights`](super::LoraAdapter::init_from_base_weights) once
+/// [`LoraAdapter::init_from_base_weights`](crate::lora::LoraAdapter::init_from_base_weights) once
 /// the base weights are loaded (or loaded with a trained adapter). Merging writes the copy into
 /// the base module (PEFT's `merge_and_unload` keeps the copy); unmerging restores the original
 /// bit-exactly.

@@ -135,7 +135,7 @@ impl LoraEmbedding {
 
     /// Sets the DoRA magnitude to the column norm of `W + s·(BA)ᵀ` of the (loaded) base table; a
     /// no-op without DoRA. The builder defers this until the pre-trained weights are loaded (see
-    /// [`LoraAdapter::init_from_base_weights`](super::LoraAdapter::init_from_base_weights)).
+    /// [`LoraAdapter::init_from_base_weights`](crate::lora::LoraAdapter::init_from_base_weights)).
     pub fn init_from_base_weights(&self) -> Result<()> {
         if self.is_merged() {
             return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });

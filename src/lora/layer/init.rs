@@ -93,9 +93,9 @@ pub(crate) fn svd_lowrank(a: &Tensor, q: i64, niter: u32) -> Result<(Tensor, Ten
 impl LoraLinear {
     /// `W − s·BA` in the base weight (once: a layer already initialised keeps its factors), and
     /// DoRA sets its magnitude to `‖W + s·BA‖_row`. Layers wrapped with [`new`](Self::new) run it
-    /// at construction; layers built by [`LoraBuilder`](super::LoraBuilder) create their base
+    /// at construction; layers built by [`LoraBuilder`](crate::lora::LoraBuilder) create their base
     /// weight themselves, so call this (or
-    /// [`LoraAdapter::init_from_base_weights`](super::LoraAdapter::init_from_base_weights)) once
+    /// [`LoraAdapter::init_from_base_weights`](crate::lora::LoraAdapter::init_from_base_weights)) once
     /// the pre-trained weights are loaded, unless a trained adapter is loaded instead. A no-op for
     /// the other inits.
     pub fn init_from_base_weights(&self) -> Result<()> {

@@ -389,7 +389,7 @@ impl LoraLinear {
     }
 
     /// Chooses between the fused autograd node (the default, when
-    /// [`fused_kernel_available`]; LoRA and DoRA) and composed tch ops for the unmerged
+    /// [`fused_kernel_available`](crate::lora::fused_kernel_available); LoRA and DoRA) and composed tch ops for the unmerged
     /// forward. Both compute the same values and gradients, with two exceptions for DoRA's node:
     /// it saves the layer's output for the backward (modifying the output in place before the
     /// backward is then an autograd error), and a magnitude entry that is exactly 0 gets a zero

@@ -25,8 +25,8 @@ struct StackState<L> {
 /// enabled, unmerged adapter's branch to the base output (PEFT sums its active adapters), and
 /// merged adapters are in the base weight already.
 ///
-/// A model built with [`LoraBuilder`](super::LoraBuilder) holds one stack per adapted layer;
-/// [`LoraAdapter`](super::LoraAdapter) holds handles on the same stacks and is where adapters
+/// A model built with [`LoraBuilder`](crate::lora::LoraBuilder) holds one stack per adapted layer;
+/// [`LoraAdapter`](crate::lora::LoraAdapter) holds handles on the same stacks and is where adapters
 /// are added, activated, merged, deleted and saved. Clones are handles on the same stack.
 #[derive(Debug)]
 pub struct LoraStack<L: Attach> {
