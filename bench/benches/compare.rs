@@ -3,11 +3,11 @@
 //!
 //! ```text
 //! scripts/fetch-assets.sh
-//! scripts/with-torch cargo bench --bench compare
+//! scripts/with-torch cargo bench -p tch-peft-bench --bench compare
 //! ```
 //!
 //! The batch: 32 Kotzias Amazon sentences (seeded), padded to the longest, at most 64 tokens —
-//! what `examples/compare --task c` trains on. Printed first: the medians of every method's step
+//! what `bench/examples/compare --task c` trains on. Printed first: the medians of every method's step
 //! measured in alternation (so drifting load hits all alike) and their ratio to the linear
 //! probe's step (the frozen encoder's forward plus the head: the floor of every method that
 //! trains through the encoder); then a criterion group per method. Without the assets it says

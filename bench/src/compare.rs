@@ -1,4 +1,4 @@
-//! The method comparison on a sentence encoder (`examples/compare`): the same model, data,
+//! The method comparison on a sentence encoder (`bench/examples/compare`): the same model, data,
 //! seeds and step budget for a zero-shot head, a linear probe, freezing, LoRA, DoRA, LoReFT and
 //! full fine-tuning, plus WiSE-FT between the zero-shot and the fine-tuned weights.
 //!

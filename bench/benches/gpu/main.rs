@@ -1,14 +1,14 @@
-//! The GPU side-by-side harness, Rust half (issue 7). `benches/gpu/peft_side.py` runs the same
+//! The GPU side-by-side harness, Rust half (issue 7). `bench/benches/gpu/peft_side.py` runs the same
 //! workloads with Python PEFT / pyreft / transformers; both print the same table.
 //!
 //! ```text
-//! scripts/with-torch cargo bench --bench gpu --no-run     # build here, run where the GPU is:
+//! scripts/with-torch cargo bench -p tch-peft-bench --bench gpu --no-run     # build here, run where the GPU is:
 //! target/release/deps/gpu-<hash> --bench [--only linear,train,infer,interleaved] [--variants none,lora,dora,loreft,full]
 //!     [--steps 20] [--warmup 5] [--layers 16] [--batch 8] [--seq 1024] [--json FILE]
 //!     [--phases] [--profile] [--optimizer fused|libtorch]
 //! (`--profile`: the GPU's kernel time per step and the top kernels, `TCH_PEFT_PROFILE_TOP=N` of
 //! them, 14 by default)
-//! python3 benches/gpu/peft_side.py   [the same flags]
+//! python3 bench/benches/gpu/peft_side.py   [the same flags]
 //! ```
 //!
 //! Workloads (bf16 base, f32 adapters, seed 0, a median of `--steps` CUDA-synchronised steps

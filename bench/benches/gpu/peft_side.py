@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""The GPU side-by-side harness, Python half (issue 7): the workloads of benches/gpu/main.rs with
+"""The GPU side-by-side harness, Python half (issue 7): the workloads of bench/benches/gpu/main.rs with
 Hugging Face PEFT 0.21, pyreft 0.1.0 and transformers (torch eager, sdpa attention).
 
-    python3 benches/gpu/peft_side.py [--only linear,train,infer] [--variants none,lora,...]
+    python3 bench/benches/gpu/peft_side.py [--only linear,train,infer] [--variants none,lora,...]
         [--steps 20] [--warmup 5] [--layers 16] [--batch 8] [--seq 1024] [--json FILE]
 
 Same shapes, dtypes (bf16 base; adapters f32 as PEFT's default `autocast_adapter_dtype=True`,

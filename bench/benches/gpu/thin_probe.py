@@ -10,7 +10,7 @@ It compares, for the output widths of a Llama-3.2-1B block at 8192 tokens, r 16:
   triton    a 64×128-tile Triton kernel, where Triton is installed (a reference point only)
 Times: best of 5 replays of a CUDA graph holding 40 launches (no host gaps), per launch.
 
-    python3 benches/gpu/thin_probe.py [--rows 8192] [--r 16]
+    python3 bench/benches/gpu/thin_probe.py [--rows 8192] [--r 16]
 """
 
 import argparse

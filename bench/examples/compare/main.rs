@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! scripts/fetch-assets.sh
-//! scripts/with-torch cargo run --release --example compare -- [--task a|b|c] [--seeds 3] [--epochs N] [--out results]
+//! scripts/with-torch cargo run --release -p tch-peft-bench --example compare -- [--task a|b|c] [--seeds 3] [--epochs N] [--out results]
 //! ```
 //!
 //! `--task c` (default, fast): Kotzias Amazon → Yelp/IMDb, 3 epochs; `--task a`: VADER movie

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! scripts/fetch-assets.sh
-//! scripts/with-torch cargo run --release --example minilm_embed -- "This is a test sentence." "LoRA adapters are small."
+//! scripts/with-torch cargo run --release -p tch-peft-bench --example minilm_embed -- "This is a test sentence." "LoRA adapters are small."
 //! ```
 //!
 //! Prints the first five dimensions of each embedding and the cosine similarities; the numbers
