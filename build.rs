@@ -57,9 +57,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo::rustc-check-cfg=cfg(tch_peft_csrc)");
-    let lib_dir = env::var_os("DEP_TCH_LIBTORCH_LIB")
-        .or_else(|| env::var_os("DEP_TORCH_SYS_LIBTORCH_LIB"))
-        .map(PathBuf::from);
+    let lib_dir = env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from);
     let Some(lib_dir) = lib_dir else {
         // doc-only builds and non-unix targets: nothing to compile or link.
         return;

@@ -108,8 +108,10 @@ pub trait Adapter {
 /// documentation](self).
 pub trait Applicable: Adapter {
     /// Applies the adapter to the model's own variables: merge for LoRA (the same as its
-    /// inherent `merge`), freeze for a freeze plan, write `θ(α)` for interpolation. Applying
-    /// what is already applied is an [`Error::MergeState`](crate::Error::MergeState).
+    /// inherent `merge`), freeze for a freeze plan, write `θ(α)` for interpolation. Applying a
+    /// layer, a freeze plan or an interpolation that is already applied is an
+    /// [`Error::MergeState`](crate::Error::MergeState); a [`LoraAdapter`](crate::lora::LoraAdapter)
+    /// merges those of its active adapters that are not merged yet.
     fn apply(&mut self) -> Result<()>;
 
     /// Undoes [`apply`](Applicable::apply), restoring the variables exactly as they were.

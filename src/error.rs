@@ -114,7 +114,8 @@ pub enum Error {
     MergeState {
         /// The adapted module's path.
         module: String,
-        /// `already merged` or `not merged`.
+        /// `already merged`, `not merged`, `merged for good …` (nothing to restore), `already
+        /// applied` or `not applied`.
         state: &'static str,
     },
     /// A tensor must be initialised from the loaded base weights before use (DoRA magnitudes of
@@ -134,17 +135,6 @@ pub enum Error {
         /// The module whose merged weight was not finite.
         module: String,
     },
-    /// The adapter cannot do what was asked (e.g. merging a ReFT intervention into weights).
-    #[error("{kind} adapter `{name}` cannot {operation}")]
-    NotSupportedByAdapter {
-        /// The adapter kind.
-        kind: String,
-        /// The adapter's name.
-        name: String,
-        /// The operation asked for.
-        operation: &'static str,
-    },
-
     // === files ===
     /// A tensor the adapter needs is not in the file.
     #[error("tensor `{name}` is missing from `{}`", file.display())]

@@ -335,3 +335,24 @@ fn zero_size_variables_are_told_apart() {
     assert_eq!(scale_of("head.bias"), 1.0);
     assert_eq!(scale_of("layers.0.fc.weight"), 0.5);
 }
+
+#[test]
+fn a_tied_variable_takes_its_lowest_layer_group() {
+    // one tensor under two names (tied embeddings): the optimizer sees it twice, and both
+    // entries get the group of the stem, whichever name the store lists first
+    let vs = nn::VarStore::new(Device::Cpu);
+    let root = vs.root();
+    let embed = (&root / "embed").randn("weight", &[6, 4], 0.0, 1.0);
+    let _w = (&root / "layers" / 0 / "fc").randn("weight", &[4, 4], 0.0, 1.0);
+    let _tied = (&root / "head").add("weight", embed.shallow_clone(), true);
+    let groups = LayerGroups::from_store(&vs, &[], &["head"]).unwrap();
+    let lw = LayerwiseLr::assign_groups(&vs, &groups, 0.5, 0.0).unwrap();
+    let vars = vs.variables_.lock().unwrap();
+    let tied: Vec<f64> = vars
+        .trainable_variables
+        .iter()
+        .filter(|v| v.tensor.is_set_to(&embed))
+        .map(|v| lw.groups[v.group].0)
+        .collect();
+    assert_eq!(tied, [0.25, 0.25]);
+}

@@ -157,7 +157,7 @@ fn main() -> Result<()> {
 
     // 6. Merge for zero-overhead inference, and unmerge exactly.
     let w_before = base2.variables()["blocks.0.mlp.up_proj.weight"].copy();
-    adapter2.apply()?; // safe merge of every layer
+    adapter2.apply()?; // Applicable::apply: merge every layer of the active adapter
     let y_merged = model2.forward_t(&xb_val, false);
     let diff_merged = (&y_trained - &y_merged).abs().max().double_value(&[]);
     println!("merged: max |Δ output| = {diff_merged:.3e}");

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::sparsify::{magnitude_mask, random_mask, sign_consensus_mask, MajoritySign};
+use super::sparsify::{magnitude_mask, random_mask, sign_consensus_mask, MajoritySign, Ranking};
 use crate::lora::compute_kind;
 use crate::{Error, Result};
 
@@ -161,7 +161,7 @@ fn sparsify(
             }
             // mergekit keeps at least one entry and ranks |delta| in f32
             let k = ((density * n as f64) as i64).max(1);
-            masked(delta, &magnitude_mask(delta, k, Kind::Float)?, l1)
+            masked(delta, &magnitude_mask(delta, k, Kind::Float, Ranking::ArgSort)?, l1)
         }
         Sparsify::Outliers => {
             let target = (density * n as f64) as i64;

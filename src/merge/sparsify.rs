@@ -26,9 +26,24 @@ pub enum MajoritySign {
     Frequency,
 }
 
+/// How the entries of largest magnitude are picked: the references use different ops, which
+/// can break ties between equal magnitudes (common in bf16) differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ranking {
+    /// `torch.topk` (PEFT's `magnitude_based_pruning`).
+    TopK,
+    /// `torch.argsort(descending=True)[:k]` (mergekit's `sparsify.magnitude`).
+    ArgSort,
+}
+
 /// A mask of `t`'s shape and dtype with 1 at the `k` entries of largest magnitude (ranked in
-/// `score_kind`), 0 elsewhere; `k` is clamped to `[0, numel]`.
-pub(crate) fn magnitude_mask(t: &Tensor, k: i64, score_kind: Kind) -> Result<Tensor> {
+/// `score_kind`, picked as `ranking` says), 0 elsewhere; `k` is clamped to `[0, numel]`.
+pub(crate) fn magnitude_mask(
+    t: &Tensor,
+    k: i64,
+    score_kind: Kind,
+    ranking: Ranking,
+) -> Result<Tensor> {
     let n = t.numel() as i64;
     let flat = t.f_reshape([-1])?;
     let mask = flat.f_zeros_like()?;
@@ -36,7 +51,11 @@ pub(crate) fn magnitude_mask(t: &Tensor, k: i64, score_kind: Kind) -> Result<Ten
     if k == 0 {
         return Ok(mask.f_reshape(t.size())?);
     }
-    let (_, idx) = flat.f_abs()?.f_to_kind(score_kind)?.f_topk(k, 0, true, true)?;
+    let scores = flat.f_abs()?.f_to_kind(score_kind)?;
+    let idx = match ranking {
+        Ranking::TopK => scores.f_topk(k, 0, true, true)?.1,
+        Ranking::ArgSort => scores.f_argsort(0, true)?.f_narrow(0, 0, k)?,
+    };
     Ok(mask.f_index_fill(0, &idx, 1.0)?.f_reshape(t.size())?)
 }
 

@@ -455,3 +455,26 @@ fn dora_adapters_and_layers_report_their_kind() {
     assert_eq!(adapter.kind(), AdapterKind::Dora);
     assert!(adapter.layers().iter().all(|l| l.kind() == AdapterKind::Dora));
 }
+
+#[test]
+fn a_layer_merged_for_good_leaves_the_registry_usable() {
+    // into_merged_linear on one handle: that layer's update is part of the base for good, its
+    // stack drops the adapter, and every registry operation still works on the other layers
+    let Built { model, mut adapter, .. } = build();
+    adapter.set_active(&["default", "other"]).unwrap();
+    let x = xs();
+    let both = model.forward_t(&x, false);
+    let up0 = model.blocks[0].0.as_stack().unwrap().get("default").unwrap();
+    let _ = up0.into_merged_linear().unwrap();
+    assert!(max_abs_diff(&model.forward_t(&x, false), &both) < 1e-12);
+    assert_eq!(model.blocks[0].0.as_stack().unwrap().adapter_names(), ["other"]);
+    adapter.merge().unwrap();
+    assert!(max_abs_diff(&model.forward_t(&x, false), &both) < 1e-12);
+    adapter.unmerge().unwrap();
+    adapter.set_active(&["other"]).unwrap();
+    {
+        let _off = adapter.disable_adapters().unwrap();
+    }
+    adapter.set_active(&["default", "other"]).unwrap();
+    assert!(max_abs_diff(&model.forward_t(&x, false), &both) < 1e-12);
+}

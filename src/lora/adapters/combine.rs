@@ -7,7 +7,7 @@ use super::LoraAdapter;
 use crate::lora::config::{LoraConfig, LoraInit};
 use crate::lora::layer::{compute_kind, Attach, Factors, LoraStack};
 pub use crate::merge::sparsify::MajoritySign;
-use crate::merge::sparsify::{magnitude_mask, random_mask, sign_consensus_mask};
+use crate::merge::sparsify::{magnitude_mask, random_mask, sign_consensus_mask, Ranking};
 use crate::target::TargetModules;
 use crate::{Error, Result};
 
@@ -155,7 +155,7 @@ impl TaskMerge {
                 return Ok(t.f_mul(&mask)?.f_div_scalar(density)?);
             }
             let k = (density * t.numel() as f64) as i64;
-            Ok(t.f_mul(&magnitude_mask(t, k, t.kind())?)?)
+            Ok(t.f_mul(&magnitude_mask(t, k, t.kind(), Ranking::TopK)?)?)
         };
         let (pruned, sign) = match *self {
             TaskMerge::Linear => (tensors.iter().map(Tensor::shallow_clone).collect(), None),

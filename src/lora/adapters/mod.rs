@@ -270,10 +270,18 @@ impl LoraAdapter {
     /// assert_eq!((report.trainable, report.total), (2 * 8 * 16, 16 * 16 + 16 + 2 * 8 * 16));
     /// # Ok::<(), tch_peft::Error>(())
     /// ```
+    ///
+    /// A tensor counts once: adapter tensors that live in `base` too (one store for both) and
+    /// variables tied under two names are not counted twice.
     pub fn report(&self, base: &nn::VarStore) -> ParamReport {
-        let mut all: Vec<(String, Tensor)> = base.variables().into_iter().collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all.extend(self.adapter_tensors());
+        let mut all: Vec<(String, Tensor)> = Vec::new();
+        let mut vars: Vec<(String, Tensor)> = base.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, t) in vars.into_iter().chain(self.adapter_tensors()) {
+            if !all.iter().any(|(_, seen)| crate::vars::same_tensor(seen, &t)) {
+                all.push((name, t));
+            }
+        }
         ParamReport::from_named_tensors(&all)
     }
 

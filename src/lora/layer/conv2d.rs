@@ -352,7 +352,7 @@ impl Adapter for LoraConv2d {
 
 impl Applicable for LoraConv2d {
     fn apply(&mut self) -> Result<()> {
-        self.safe_merge()
+        self.merge()
     }
 
     fn revert(&mut self) -> Result<()> {

@@ -205,7 +205,7 @@ impl Adapter for ModuleCopy {
 
 impl Applicable for ModuleCopy {
     fn apply(&mut self) -> Result<()> {
-        self.safe_merge()
+        self.merge()
     }
 
     fn revert(&mut self) -> Result<()> {

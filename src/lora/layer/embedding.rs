@@ -331,7 +331,7 @@ impl Adapter for LoraEmbedding {
 
 impl Applicable for LoraEmbedding {
     fn apply(&mut self) -> Result<()> {
-        self.safe_merge()
+        self.merge()
     }
 
     fn revert(&mut self) -> Result<()> {

@@ -91,6 +91,8 @@ pub(crate) fn svd_lowrank(a: &Tensor, q: i64, niter: u32) -> Result<(Tensor, Ten
 }
 
 impl LoraLinear {
+    /// Runs the initialisation that depends on the pre-trained base weight, as PEFT does when it
+    /// attaches the adapter: PiSSA/OLoRA derive `A` and `B` from `W` and leave the residual
     /// `W − s·BA` in the base weight (once: a layer already initialised keeps its factors), and
     /// DoRA sets its magnitude to `‖W + s·BA‖_row`. Layers wrapped with [`new`](Self::new) run it
     /// at construction; layers built by [`LoraBuilder`](crate::lora::LoraBuilder) create their base

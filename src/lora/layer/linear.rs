@@ -367,8 +367,6 @@ impl LoraLinear {
         self.magnitude.as_ref()
     }
 
-    /// Runs the initialisation that depends on the pre-trained base weight, as PEFT does when it
-    /// attaches the adapter: PiSSA/OLoRA derive `A` and `B` from `W` and leave the residual
     /// Marks the base-dependent initialisation (DoRA magnitude, PiSSA/OLoRA factors) as done or
     /// pending.
     pub(crate) fn set_base_init_done(&self, ready: bool) {
@@ -521,8 +519,10 @@ impl LoraLinear {
     /// The merge is written into the base weight in place, which every handle of this layer
     /// shares (the model's and the adapter registry's): they all see the layer as merged from
     /// then on (their forward runs the base layer alone, so the update is not added twice) and
-    /// can no longer [`unmerge`](Self::unmerge). A layer already merged is kept as it is, its
-    /// saved original dropped.
+    /// can no longer [`unmerge`](Self::unmerge); the layer's [`LoraStack`](crate::lora::LoraStack)
+    /// (and so the [`LoraAdapter`](crate::lora::LoraAdapter)) drops this adapter, whose update
+    /// is part of the base from then on. A layer already merged is kept as it is, its saved
+    /// original dropped.
     pub fn into_merged_linear(self) -> Result<nn::Linear> {
         self.state.merge.merge_for_good(&self.base.ws, self.base.bs.as_ref(), || {
             Ok((self.merged_weight()?, self.merged_bias()?))
@@ -565,9 +565,9 @@ impl Adapter for LoraLinear {
 }
 
 impl Applicable for LoraLinear {
-    /// A [`safe_merge`](LoraLinear::safe_merge).
+    /// [`merge`](LoraLinear::merge).
     fn apply(&mut self) -> Result<()> {
-        self.safe_merge()
+        self.merge()
     }
 
     fn revert(&mut self) -> Result<()> {

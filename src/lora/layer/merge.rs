@@ -63,6 +63,8 @@ struct MergeInner {
     enabled: AtomicBool,
     /// Mirrors `kept` for the forward's lock-free check.
     merged: AtomicBool,
+    /// Whether `kept` is `NoOriginal` (lock-free for the stacks' pruning).
+    for_good: AtomicBool,
     kept: Mutex<Kept>,
 }
 
@@ -78,6 +80,7 @@ impl MergeState {
         MergeState(Arc::new(MergeInner {
             enabled: AtomicBool::new(true),
             merged: AtomicBool::new(false),
+            for_good: AtomicBool::new(false),
             kept: Mutex::new(Kept::Nothing),
         }))
     }
@@ -92,6 +95,11 @@ impl MergeState {
 
     pub(crate) fn is_merged(&self) -> bool {
         self.0.merged.load(Ordering::Acquire)
+    }
+
+    /// Whether the layer was merged for good (no original to restore).
+    pub(crate) fn is_merged_for_good(&self) -> bool {
+        self.0.for_good.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
@@ -125,7 +133,11 @@ impl MergeState {
         };
         weight.shallow_clone().f_copy_(&w)?;
         if let (Some(bias), Some(b)) = (bias, &b) {
-            bias.shallow_clone().f_copy_(b)?;
+            if let Err(e) = bias.shallow_clone().f_copy_(b) {
+                // leave the layer as it was: unmerged, the original weight back
+                weight.shallow_clone().f_copy_(&saved_w)?;
+                return Err(e.into());
+            }
         }
         *kept = Kept::Original(saved_w, saved_b);
         self.0.merged.store(true, Ordering::Release);
@@ -181,13 +193,22 @@ impl MergeState {
         let mut kept = self.lock();
         if matches!(*kept, Kept::Nothing) {
             let (w, b) = merged()?;
-            weight.shallow_clone().f_copy_(&w)?;
+            // the bias first (small: its copy is the only one kept), then the weight
+            let mut saved_b = None;
             if let (Some(bias), Some(b)) = (bias, &b) {
+                saved_b = Some(snapshot(bias)?);
                 bias.shallow_clone().f_copy_(b)?;
+            }
+            if let Err(e) = weight.shallow_clone().f_copy_(&w) {
+                if let (Some(bias), Some(sb)) = (bias, &saved_b) {
+                    bias.shallow_clone().f_copy_(sb)?;
+                }
+                return Err(e.into());
             }
         }
         *kept = Kept::NoOriginal;
         self.0.merged.store(true, Ordering::Release);
+        self.0.for_good.store(true, Ordering::Release);
         Ok(())
     }
 }

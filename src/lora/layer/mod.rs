@@ -61,6 +61,11 @@ pub trait LoraLayer: Adapter {
     fn merged(&self) -> bool {
         self.merge_state().is_merged()
     }
+    /// Whether it was merged for good (`LoraLinear::into_merged_linear`): its update is part of
+    /// the base from then on, and its stack drops it.
+    fn merged_for_good(&self) -> bool {
+        self.merge_state().is_merged_for_good()
+    }
     /// Whether its branch runs in the forward.
     fn enabled(&self) -> bool {
         self.merge_state().is_enabled()

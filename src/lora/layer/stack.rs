@@ -55,8 +55,17 @@ impl<L: Attach> LoraStack<L> {
         }
     }
 
+    /// The stack's state, without the adapters merged into the base for good through one of
+    /// their handles (`LoraLinear::into_merged_linear`): those are part of the base now, as
+    /// after [`merge_and_unload`](Self::merge_and_unload).
     fn lock(&self) -> MutexGuard<'_, StackState<L>> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.slots.iter().any(|(_, l)| l.merged_for_good()) {
+            let StackState { slots, merged } = &mut *st;
+            slots.retain(|(_, l)| !l.merged_for_good());
+            merged.retain(|n| slots.iter().any(|(s, _)| s == n));
+        }
+        st
     }
 
     /// The module path of the layer.
