@@ -19,18 +19,17 @@ mod adapters;
 mod builder;
 mod config;
 mod layer;
+mod model_layers;
 
 pub use adapters::{
     Combination, DisabledAdapters, LoraAdapter, MajoritySign, TaskMerge, DEFAULT_ADAPTER_NAME,
 };
-pub use builder::{
-    embedding, forward_shared, linear, LoraBuilder, MaybeLoraConv2d, MaybeLoraEmbedding,
-    MaybeLoraLinear,
-};
+pub use builder::{embedding, linear, LoraBuilder};
 pub use config::{scaling, LoraBias, LoraConfig, LoraInit, TaskType};
 pub use layer::{
     custom_cuda_kernels_available, fused_kernel_available, set_custom_cuda_kernels, Conv2dConfig,
     LoraConv2d, LoraEmbedding, LoraLinear, LoraStack, ModuleCopy,
 };
+pub use model_layers::{forward_shared, MaybeLoraConv2d, MaybeLoraEmbedding, MaybeLoraLinear};
 
 pub(crate) use layer::{compute_kind, is_float};
