@@ -1,14 +1,34 @@
 //! DoRA (Liu et al. 2024, <https://arxiv.org/abs/2402.09353>) on a linear layer: the weight
 //! `W + s·BA` split into a trainable per-row magnitude `m` and the direction
-//! `(W + s·BA) / ‖W + s·BA‖_row`, the norm detached as in PEFT. This file holds DoRA's variant of
-//! the layer: the row norm without forming `W + s·BA` and the composed forward; the fused node
-//! (`csrc/lora_linear.cpp`) computes the same on its own path.
+//! `(W + s·BA) / ‖W + s·BA‖_row`, the norm detached as in PEFT.
+//!
+//! DoRA is a variant of [`LoraLinear`] (PEFT's `DoraLinearVariant`): a layer with a magnitude
+//! vector hands each step that DoRA changes to this file — the magnitude's creation and its
+//! initialisation from the loaded base, the merged weight, the composed forward (without and with
+//! dropout) — and keeps everything else (factors, scaling, merge state, the fused node, which
+//! takes DoRA members as well) in common with LoRA. The row norm is computed without forming
+//! `W + s·BA`.
 
+use tch::nn;
 use tch::Tensor;
 
 use super::linear::LoraLinear;
 use super::merge::compute_kind;
 use crate::Result;
+
+/// The trainable magnitude `lora_magnitude_vector: [out]` of a new DoRA layer, registered under
+/// `p`, initialised to `‖W + s·BA‖_row` in the adapters' dtype (f32, f64 on an f64 base).
+pub(super) fn new_magnitude(
+    p: &nn::Path,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+) -> Result<Tensor> {
+    let kind = compute_kind(w.kind());
+    let norm = tch::no_grad(|| dora_weight_norm(w, a, b, s).and_then(|n| Ok(n.f_to_kind(kind)?)))?;
+    Ok(p.add("lora_magnitude_vector", norm, true))
+}
 
 /// `‖W + s·BA‖` per output row, in f32 (f64 for an f64 base), without forming `W + s·BA`:
 /// `‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ`, from an `[out, r]` and an `[r, r]` product.
@@ -52,6 +72,40 @@ pub(crate) fn dora_weight_norm_with(
 }
 
 impl LoraLinear {
+    /// The magnitude set from the (loaded) base weight: `m = ‖W + s·BA‖_row`.
+    pub(super) fn dora_init_magnitude(&self, m: &Tensor) -> Result<()> {
+        let norm = dora_weight_norm(&self.base().ws, self.lora_a(), self.lora_b(), self.scaling())?;
+        m.shallow_clone().f_copy_(&norm.f_to_kind(m.kind())?)?;
+        Ok(())
+    }
+
+    /// DoRA's merged weight from the merged LoRA weight `W + s·BA` (in the compute kind):
+    /// `m / ‖W + s·BA‖_row` times it, the norm of the unmerged weight.
+    pub(super) fn dora_merged(&self, m: &Tensor, merged: &Tensor) -> Result<Tensor> {
+        let w = &self.base().ws;
+        let norm = dora_weight_norm(w, self.lora_a(), self.lora_b(), self.scaling())?;
+        let g = m.f_to_kind(merged.kind())?.f_div(&norm)?.f_unsqueeze(1)?;
+        Ok(merged.f_mul(&g)?)
+    }
+
+    /// DoRA's branch added to the base output `y` for the dropped-out input `x_d` with
+    /// `h = s·x_d Aᵀ` and B in the activations' dtype:
+    /// `y + (g − 1)·(x_d Wᵀ) + g·(h Bᵀ)`, `g = m / ‖W + s·BA‖_row` (detached norm).
+    pub(super) fn dora_add_delta(
+        &self,
+        m: &Tensor,
+        xd: &Tensor,
+        h: &Tensor,
+        b: &Tensor,
+        y: Tensor,
+    ) -> Result<Tensor> {
+        let norm = self.dora_norm()?;
+        let g = m.f_div(&norm.f_to_kind(m.kind())?)?.f_to_kind(y.kind())?;
+        let xd_w = xd.f_linear::<Tensor>(&self.base().ws, None)?;
+        let adapted = xd_w.f_addmm(h, &b.f_tr()?)?;
+        Ok(y.f_sub(&xd_w)?.f_addcmul(&adapted, &g)?)
+    }
+
     /// DoRA as PEFT computes it, with `g = m / ‖W + s·BA‖_row` (norm detached) and `x_d` the
     /// dropped-out input:
     /// `y = x Wᵀ + b + (g − 1)·(x_d Wᵀ) + g·s·(x_d Aᵀ) Bᵀ`, i.e. `g·(x Wᵀ + s x Aᵀ Bᵀ) + b` without

@@ -152,11 +152,7 @@ impl LoraLinear {
             h = h.f_mul_scalar(self.scaling)?;
         }
         if let Some(m) = &self.magnitude {
-            let norm = self.dora_norm()?;
-            let g = m.f_div(&norm.f_to_kind(m.kind())?)?.f_to_kind(kind)?;
-            let xd_w = xd.f_linear::<Tensor>(&self.base.ws, None)?;
-            let adapted = xd_w.f_addmm(&h, &b.f_tr()?)?;
-            return Ok(y.f_sub(&xd_w)?.f_addcmul(&adapted, &g)?);
+            return self.dora_add_delta(m, &xd, &h, &b, y);
         }
         let _ = y.f_addmm_(&h, &b.f_tr()?)?;
         if let Some(bb) = &self.lora_b_bias {

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 
 use tch::{Kind, Tensor};
 
-use super::dora::dora_weight_norm;
 use super::linear::LoraLinear;
 use super::merge::compute_kind;
 use crate::Error;
@@ -133,8 +132,7 @@ impl LoraLinear {
             w.shallow_clone().f_copy_(&residual)?;
         }
         if let Some(m) = &self.magnitude {
-            let norm = dora_weight_norm(&self.base.ws, &self.lora_a, &self.lora_b, self.scaling)?;
-            m.shallow_clone().f_copy_(&norm.f_to_kind(m.kind())?)?;
+            self.dora_init_magnitude(m)?;
         }
         self.set_base_init_done(true);
         Ok(())

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use tch::nn;
 use tch::{Kind, Tensor};
 
-use super::dora::{dora_row_sq, dora_weight_norm, dora_weight_norm_with};
+use super::dora::{dora_row_sq, dora_weight_norm_with};
 use super::init::init_factors;
 use super::merge::{compute_kind, MergeState};
 use super::{add_var, is_float, path_name, Attach, Factors, LoraLayer};
@@ -234,11 +234,7 @@ impl LoraLinear {
             _ => None,
         };
         let magnitude = if config.use_dora {
-            let norm = tch::no_grad(|| {
-                dora_weight_norm(&base.ws, &a, &b, scaling)
-                    .and_then(|n| Ok(n.f_to_kind(adapter_kind)?))
-            })?;
-            Some(p.add("lora_magnitude_vector", norm, true))
+            Some(super::dora::new_magnitude(p, &base.ws, &a, &b, scaling)?)
         } else {
             None
         };
@@ -455,10 +451,7 @@ impl LoraLinear {
         let delta = self.lora_b.f_to_kind(compute)?.f_mm(&self.lora_a.f_to_kind(compute)?)?;
         let mut merged = w.f_to_kind(compute)?.f_add(&(delta * self.scaling))?;
         if let Some(m) = &self.magnitude {
-            // DoRA: m / ‖W + s·BA‖_row times the adapted weight, norm of the unmerged weight
-            let norm = dora_weight_norm(w, &self.lora_a, &self.lora_b, self.scaling)?;
-            let g = m.f_to_kind(compute)?.f_div(&norm)?.f_unsqueeze(1)?;
-            merged = merged.f_mul(&g)?;
+            merged = self.dora_merged(m, &merged)?;
         }
         Ok(merged.f_to_kind(w.kind())?)
     }
