@@ -7,10 +7,10 @@
 //!   device allocator's peaks), `csrc/optim.cpp` (multi-tensor AdamW) and `csrc/profiler.cpp`
 //!   (Kineto device-kernel times), whose ABI `csrc/tch_peft.h` declares, are compiled against the
 //!   same headers; `cfg(tch_peft_csrc)` is set when they were (not in a `doc-only` build).
-//! * With a CUDA libtorch, `libc10_cuda` (the CUDA kernels' objects reference it) and
-//!   `libtorch_cuda` are linked with `cargo:rustc-link-lib`, which, unlike `rustc-link-arg`,
-//!   reaches every dependent's final binary. libtorch_cuda is only reached through static
-//!   initialisers, so an `--as-needed` linker would drop it (CUDA then silently reports
+//! * With a CUDA libtorch, `libc10_cuda` (the CUDA kernels' objects reference it) is linked with
+//!   `cargo:rustc-link-lib`, which, unlike `rustc-link-arg`, reaches every dependent's final
+//!   binary; torch-sys names `libtorch_cuda` the same way. libtorch_cuda is only reached through
+//!   static initialisers, so an `--as-needed` linker would drop it (CUDA then silently reports
 //!   unavailable): `csrc/cuda_link.cpp`, linked whole into every final binary, references it.
 //! * The library directory goes to dependents' build scripts as `DEP_TCH_PEFT_LIBTORCH_LIB` (the
 //!   `links` key), for an rpath; this crate's own tests, examples and benches get one here.
@@ -95,8 +95,8 @@ fn main() {
     // after the static library of csrc/, whose objects reference c10_cuda
     if cuda_libtorch {
         println!("cargo:rustc-link-search=native={}", lib_dir.display());
+        // torch-sys links torch_cuda itself; c10_cuda it does not
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
-        println!("cargo:rustc-link-lib=dylib=torch_cuda");
         // csrc/cuda_link.cpp: an object every final binary links whole, whose reference to
         // libtorch_cuda keeps that library (see the file); not bundled into the rlib, so the
         // dependent's link line names it (from OUT_DIR, a propagated search path)

@@ -169,7 +169,7 @@ impl FusedAdamW {
     /// Drops every parameter's gradient (PyTorch's `zero_grad(set_to_none=True)`).
     pub fn zero_grad(&mut self) {
         #[cfg(tch_peft_csrc)]
-        crate::sys::grads_to_none(&self.slots.iter().map(|s| &s.param).collect::<Vec<_>>());
+        crate::sys::grads_to_none(self.slots.iter().map(|s| &s.param));
         #[cfg(not(tch_peft_csrc))]
         for s in &mut self.slots {
             s.param.zero_grad();
@@ -219,13 +219,13 @@ impl FusedAdamW {
     #[cfg(tch_peft_csrc)]
     fn fused_step(&mut self, live: &[(usize, Tensor)]) -> Result<()> {
         let slots = &self.slots;
-        let tensors = crate::sys::AdamWTensors {
-            params: live.iter().map(|(i, _)| &slots[*i].param).collect(),
-            grads: live.iter().map(|(_, g)| g).collect(),
-            exp_avgs: live.iter().map(|(i, _)| &slots[*i].exp_avg).collect(),
-            exp_avg_sqs: live.iter().map(|(i, _)| &slots[*i].exp_avg_sq).collect(),
-            steps: live.iter().map(|(i, _)| &slots[*i].step).collect(),
-        };
+        let tensors: Vec<[&Tensor; 5]> = live
+            .iter()
+            .map(|(i, g)| {
+                let s = &slots[*i];
+                [&s.param, g, &s.exp_avg, &s.exp_avg_sq, &s.step]
+            })
+            .collect();
         let hyper = crate::sys::AdamWHyper {
             lr: self.lr,
             beta1: self.betas.0,

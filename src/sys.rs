@@ -121,45 +121,45 @@ pub(crate) fn set_custom_kernels(on: bool) {
     unsafe { ffi::tch_peft_set_custom_kernels(i32::from(on)) }
 }
 
-/// The arguments of one [`lora_group`] call, one entry per member layer (all slices of one
-/// length): base weights, optional biases, A and B, optional DoRA magnitudes with their cached
-/// `‖W_i‖²`, scalings.
-pub(crate) struct LoraGroupArgs<'a> {
-    pub ws: Vec<&'a Tensor>,
-    pub biases: Vec<Option<&'a Tensor>>,
-    pub a_s: Vec<&'a Tensor>,
-    pub bs: Vec<&'a Tensor>,
-    pub ms: Vec<Option<&'a Tensor>>,
-    pub w_sqs: Vec<Option<&'a Tensor>>,
-    pub scalings: Vec<f64>,
+/// One LoRA or DoRA layer of a [`lora_group`] call: base weight, optional bias, A, B, scaling
+/// and, for DoRA, its magnitude part.
+pub(crate) struct GroupMember<'a> {
+    pub w: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scaling: f64,
+    pub dora: Option<DoraMember<'a>>,
 }
 
-/// The group autograd node of `csrc/lora_linear.cpp` on the 2-D input `x`: one output per member.
-/// Panics if the argument lists differ in length (a bug of the caller, not an input error).
+/// A DoRA member's magnitude `m` ([out]) and `‖W_i‖²` per row in the compute kind (f32, f64 for
+/// an f64 base).
+pub(crate) struct DoraMember<'a> {
+    pub m: &'a Tensor,
+    pub w_sq: Tensor,
+}
+
+/// `x Wᵢᵀ + bᵢ + sᵢ·(x Aᵢᵀ) Bᵢᵀ` for every member (DoRA members:
+/// `m/‖W + s·BA‖_row ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias`, the norm detached as in PEFT), as the one
+/// autograd node of `csrc/lora_linear.cpp` on the shared 2-D input `x`: one output per member.
+/// Inputs must have been checked by the caller.
 pub(crate) fn lora_group(
     x: &Tensor,
-    args: &LoraGroupArgs<'_>,
+    members: &[GroupMember<'_>],
 ) -> Result<Vec<Tensor>, tch::TchError> {
-    let n = args.ws.len();
-    assert!(
-        [args.biases.len(), args.a_s.len(), args.bs.len(), args.ms.len(), args.w_sqs.len()]
-            .iter()
-            .chain(&[args.scalings.len()])
-            .all(|&l| l == n),
-        "lora_group: argument lists of different lengths"
-    );
-    // a magnitude without its ‖W‖² (or the other way round) would be read as a null handle
-    assert!(args.ms.iter().zip(&args.w_sqs).all(|(m, w)| m.is_some() == w.is_some()));
-    let ws: Vec<_> = args.ws.iter().map(|t| t.as_ptr()).collect();
-    let biases: Vec<_> = args.biases.iter().map(|t| handle(*t)).collect();
-    let a_s: Vec<_> = args.a_s.iter().map(|t| t.as_ptr()).collect();
-    let bs: Vec<_> = args.bs.iter().map(|t| t.as_ptr()).collect();
-    let ms: Vec<_> = args.ms.iter().map(|t| handle(*t)).collect();
-    let w_sqs: Vec<_> = args.w_sqs.iter().map(|t| handle(*t)).collect();
+    let n = members.len();
+    let ws: Vec<_> = members.iter().map(|m| m.w.as_ptr()).collect();
+    let biases: Vec<_> = members.iter().map(|m| handle(m.bias)).collect();
+    let a_s: Vec<_> = members.iter().map(|m| m.a.as_ptr()).collect();
+    let bs: Vec<_> = members.iter().map(|m| m.b.as_ptr()).collect();
+    let ms: Vec<_> = members.iter().map(|m| handle(m.dora.as_ref().map(|d| d.m))).collect();
+    let w_sqs: Vec<_> = members.iter().map(|m| handle(m.dora.as_ref().map(|d| &d.w_sq))).collect();
+    let scalings: Vec<f64> = members.iter().map(|m| m.scaling).collect();
     let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); n];
     let mut error: *mut c_char = std::ptr::null_mut();
-    // SAFETY: the arrays hold `n` live handles (or nulls for absent biases and magnitudes)
-    // borrowed for the call; on success the C++ side writes `n` new owned handles into `out`.
+    // SAFETY: the arrays hold `n` live handles (or nulls for absent biases and magnitudes; a
+    // magnitude and its ‖W‖² come together) borrowed for the call; on success the C++ side
+    // writes `n` new owned handles into `out`.
     unsafe {
         let rc = ffi::tch_peft_lora_group(
             x.as_ptr(),
@@ -170,7 +170,7 @@ pub(crate) fn lora_group(
             bs.as_ptr(),
             ms.as_ptr(),
             w_sqs.as_ptr(),
-            args.scalings.as_ptr(),
+            scalings.as_ptr(),
             out.as_mut_ptr(),
             &mut error,
         );
@@ -179,16 +179,6 @@ pub(crate) fn lora_group(
         }
         Ok(out.into_iter().map(|p| Tensor::from_ptr(p)).collect())
     }
-}
-
-/// The tensors of one [`fused_adamw`] call, one entry per parameter (all of one length).
-pub(crate) struct AdamWTensors<'a> {
-    pub params: Vec<&'a Tensor>,
-    pub grads: Vec<&'a Tensor>,
-    pub exp_avgs: Vec<&'a Tensor>,
-    pub exp_avg_sqs: Vec<&'a Tensor>,
-    /// f32 scalars on the parameters' device, incremented by the call.
-    pub steps: Vec<&'a Tensor>,
 }
 
 /// AdamW's hyper-parameters for [`fused_adamw`].
@@ -200,20 +190,14 @@ pub(crate) struct AdamWHyper {
     pub eps: f64,
 }
 
-/// One step of ATen's multi-tensor `_fused_adamw_` over `t` (in place). Panics if the lists
-/// differ in length (a bug of the caller).
-pub(crate) fn fused_adamw(t: &AdamWTensors<'_>, h: &AdamWHyper) -> Result<(), tch::TchError> {
-    let n = t.params.len();
-    assert!(
-        [t.grads.len(), t.exp_avgs.len(), t.exp_avg_sqs.len(), t.steps.len()]
-            .iter()
-            .all(|&l| l == n),
-        "fused_adamw: tensor lists of different lengths"
-    );
-    let list = |v: &[&Tensor]| v.iter().map(|t| handle_mut(t)).collect::<Vec<_>>();
-    let (params, grads) = (list(&t.params), list(&t.grads));
-    let (m, v, steps) = (list(&t.exp_avgs), list(&t.exp_avg_sqs), list(&t.steps));
-    let n = i64::try_from(n).map_err(|_| tch::TchError::Torch("too many parameters".into()))?;
+/// One step of ATen's multi-tensor `_fused_adamw_` (in place) over parameters given as
+/// `[param, grad, exp_avg, exp_avg_sq, step]` (the step an f32 scalar on the parameters' device,
+/// incremented by the call), all of one device and dtype.
+pub(crate) fn fused_adamw(t: &[[&Tensor; 5]], h: &AdamWHyper) -> Result<(), tch::TchError> {
+    let list = |i: usize| t.iter().map(|p| handle_mut(p[i])).collect::<Vec<_>>();
+    let (params, grads, m, v, steps) = (list(0), list(1), list(2), list(3), list(4));
+    let n =
+        i64::try_from(t.len()).map_err(|_| tch::TchError::Torch("too many parameters".into()))?;
     let mut error: *mut c_char = std::ptr::null_mut();
     // SAFETY: five arrays of `n` live tensor handles borrowed for the call; the C++ side catches
     // every exception and reports it through `error`.
@@ -240,8 +224,8 @@ pub(crate) fn fused_adamw(t: &AdamWTensors<'_>, h: &AdamWHyper) -> Result<(), tc
 }
 
 /// Drops the gradients of `params` (PyTorch's `zero_grad(set_to_none=True)`).
-pub(crate) fn grads_to_none(params: &[&Tensor]) {
-    let ptrs: Vec<_> = params.iter().map(|t| handle_mut(t)).collect();
+pub(crate) fn grads_to_none<'a>(params: impl IntoIterator<Item = &'a Tensor>) {
+    let ptrs: Vec<_> = params.into_iter().map(handle_mut).collect();
     let n = i64::try_from(ptrs.len()).unwrap_or(i64::MAX);
     // SAFETY: live tensor handles borrowed for the call; the C++ side only resets their gradient
     // fields and cannot throw.

@@ -2,7 +2,7 @@
 //! original, and the merge arithmetic (in f32, or f64 for an f64 base; the original restored
 //! bit-exactly).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tch::{Kind, Tensor};
@@ -61,11 +61,21 @@ enum Kept {
 #[derive(Debug)]
 struct MergeInner {
     enabled: AtomicBool,
-    /// Mirrors `kept` for the forward's lock-free check.
-    merged: AtomicBool,
-    /// Whether `kept` is `NoOriginal` (lock-free for the stacks' pruning).
-    for_good: AtomicBool,
+    /// `kept`'s variant ([`Kept::tag`]), for the forward's and the stacks' lock-free checks;
+    /// written only together with `kept`, under its lock.
+    state: AtomicU8,
     kept: Mutex<Kept>,
+}
+
+impl Kept {
+    /// 0 not merged, 1 merged with the original kept, 2 merged for good.
+    fn tag(&self) -> u8 {
+        match self {
+            Kept::Nothing => 0,
+            Kept::Original(..) => 1,
+            Kept::NoOriginal => 2,
+        }
+    }
 }
 
 /// The enabled flag and the merge state every LoRA layer type shares (linear, embedding,
@@ -79,8 +89,7 @@ impl MergeState {
     pub(crate) fn new() -> Self {
         MergeState(Arc::new(MergeInner {
             enabled: AtomicBool::new(true),
-            merged: AtomicBool::new(false),
-            for_good: AtomicBool::new(false),
+            state: AtomicU8::new(0),
             kept: Mutex::new(Kept::Nothing),
         }))
     }
@@ -94,16 +103,22 @@ impl MergeState {
     }
 
     pub(crate) fn is_merged(&self) -> bool {
-        self.0.merged.load(Ordering::Acquire)
+        self.0.state.load(Ordering::Acquire) != 0
     }
 
     /// Whether the layer was merged for good (no original to restore).
     pub(crate) fn is_merged_for_good(&self) -> bool {
-        self.0.for_good.load(Ordering::Acquire)
+        self.0.state.load(Ordering::Acquire) == 2
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
         self.0.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces what is kept (the caller holds the lock) and its lock-free mirror.
+    fn set(&self, kept: &mut Kept, new: Kept) {
+        self.0.state.store(new.tag(), Ordering::Release);
+        *kept = new;
     }
 
     /// Writes `merged()`'s weight (and bias, where both exist) into `weight` (and `bias`),
@@ -139,8 +154,7 @@ impl MergeState {
                 return Err(e.into());
             }
         }
-        *kept = Kept::Original(saved_w, saved_b);
-        self.0.merged.store(true, Ordering::Release);
+        self.set(&mut kept, Kept::Original(saved_w, saved_b));
         Ok(())
     }
 
@@ -153,31 +167,22 @@ impl MergeState {
     ) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let mut kept = self.lock();
-        let (saved_w, saved_b) = match std::mem::replace(&mut *kept, Kept::Nothing) {
+        let (saved_w, saved_b) = match &*kept {
             Kept::Original(w, b) => (w, b),
-            other => {
-                let state = match other {
-                    Kept::NoOriginal => {
-                        "merged for good by `into_merged_linear` (no original kept)"
-                    }
-                    _ => "not merged",
-                };
-                *kept = other;
+            Kept::NoOriginal => {
+                let state = "merged for good by `into_merged_linear` (no original kept)";
                 return Err(Error::MergeState { module: module.into(), state });
             }
-        };
-        let restore = || -> Result<()> {
-            weight.shallow_clone().f_copy_(&saved_w)?;
-            if let (Some(bias), Some(sb)) = (bias, &saved_b) {
-                bias.shallow_clone().f_copy_(sb)?;
+            Kept::Nothing => {
+                return Err(Error::MergeState { module: module.into(), state: "not merged" })
             }
-            Ok(())
         };
-        if let Err(e) = restore() {
-            *kept = Kept::Original(saved_w, saved_b);
-            return Err(e);
+        // on failure the layer stays merged, its original kept
+        weight.shallow_clone().f_copy_(saved_w)?;
+        if let (Some(bias), Some(sb)) = (bias, saved_b) {
+            bias.shallow_clone().f_copy_(sb)?;
         }
-        self.0.merged.store(false, Ordering::Release);
+        self.set(&mut kept, Kept::Nothing);
         Ok(())
     }
 
@@ -206,9 +211,7 @@ impl MergeState {
                 return Err(e.into());
             }
         }
-        *kept = Kept::NoOriginal;
-        self.0.merged.store(true, Ordering::Release);
-        self.0.for_good.store(true, Ordering::Release);
+        self.set(&mut kept, Kept::NoOriginal);
         Ok(())
     }
 }
