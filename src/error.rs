@@ -160,6 +160,15 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A tensor from a file holds NaN or infinite values where finite ones are required (the
+    /// opt-in finite check on load, or the inputs of a merge).
+    #[error("tensor `{name}` from `{}` holds NaN or infinite values", file.display())]
+    NonFinite {
+        /// The tensor's name.
+        name: String,
+        /// The file (or model directory) it came from.
+        file: PathBuf,
+    },
     /// An I/O error on a named file.
     #[error("i/o error on `{}`: {source}", path.display())]
     Io {

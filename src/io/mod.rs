@@ -6,12 +6,18 @@
 //! `base_model.model.` (the `PeftModel` wrapper's path); [`to_peft_key`] adds it on save and
 //! [`from_peft_key`] strips it on load.
 
+mod atomic;
+mod files;
 mod pickle;
 mod safetensors;
 
-pub use self::pickle::read_torch_dict;
+pub(crate) use self::files::{join_inside, open_regular, read_capped, read_config};
+pub use self::files::{MAX_CONFIG_BYTES, MAX_HEADER_BYTES, MAX_PICKLE_BYTES};
+pub use self::pickle::{
+    read_torch_dict, read_torch_dict_bytes, MAX_PICKLE_DEPTH, MAX_PICKLE_OBJECTS,
+};
 
-pub(crate) use self::safetensors::write_atomic;
+pub(crate) use self::atomic::{replace_dir, write_atomic};
 pub use self::safetensors::{pt_metadata, read_safetensors, write_safetensors, SafetensorsFile};
 
 /// The prefix PEFT gives every key of `adapter_model.safetensors`.

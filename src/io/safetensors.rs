@@ -5,9 +5,7 @@
 //! variables with grad mode on. These functions fix the three.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use tch::{Device, Kind, Tensor};
@@ -89,29 +87,6 @@ impl View for &HostView {
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed and
-/// synced, then renamed over `path`. A crash leaves either the old file or the new one.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| Error::io(path, std::io::Error::other("path has no file name")))?;
-    let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
 /// Writes named tensors to a safetensors file atomically, with optional metadata.
 ///
 /// Tensors may live on any device and need not be contiguous; they are copied to the host.
@@ -142,7 +117,7 @@ pub fn write_safetensors(
     let bytes =
         safetensors::tensor::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), metadata)
             .map_err(|e| Error::CorruptFile { file: path.to_path_buf(), reason: e.to_string() })?;
-    write_atomic(path, &bytes)
+    super::atomic::write_atomic(path, &bytes)
 }
 
 /// The contents of a safetensors file: tensors (CPU, in file order sorted by name) and metadata.
@@ -156,23 +131,53 @@ pub struct SafetensorsFile {
 
 /// Reads every tensor of a safetensors file onto the CPU.
 ///
-/// A truncated or malformed file gives [`Error::CorruptFile`] naming it; a missing file
-/// [`Error::Io`].
+/// Only a regular file is read (a FIFO or device is an error, not a hang); a truncated or
+/// malformed file gives [`Error::CorruptFile`] naming it; a missing file [`Error::Io`].
 pub fn read_safetensors(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
     let path = path.as_ref();
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
-    let corrupt = |reason: String| Error::CorruptFile { file: path.to_path_buf(), reason };
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
-    let mut tensors = Vec::new();
-    for (name, view) in st.tensors() {
-        let kind = dtype_to_kind(view.dtype()).ok_or_else(|| {
-            corrupt(format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()))
-        })?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
-        tensors.push((name, t));
+    let bytes = super::files::read_capped(path, u64::MAX)?;
+    SafetensorsFile::from_bytes(&bytes, path)
+}
+
+impl SafetensorsFile {
+    /// Parses the bytes of a safetensors file (`file` names it in errors): the header must
+    /// be at most [`MAX_HEADER_BYTES`](super::MAX_HEADER_BYTES), and its offsets must tile the
+    /// data exactly (the safetensors crate's checks).
+    pub fn from_bytes(bytes: &[u8], file: impl AsRef<Path>) -> Result<Self> {
+        let path = file.as_ref();
+        let corrupt = |reason: String| Error::CorruptFile { file: path.to_path_buf(), reason };
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| corrupt(e.to_string()))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(e.to_string()))?;
+        let mut tensors = Vec::new();
+        for (name, view) in st.tensors() {
+            let kind = dtype_to_kind(view.dtype()).ok_or_else(|| {
+                corrupt(format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()))
+            })?;
+            let shape: Vec<i64> = view
+                .shape()
+                .iter()
+                .map(|&d| i64::try_from(d))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| corrupt(format!("tensor `{name}` has a dimension over 2^63")))?;
+            let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+            tensors.push((name, t));
+        }
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(SafetensorsFile { tensors, metadata: meta.metadata().clone() })
     }
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(SafetensorsFile { tensors, metadata: meta.metadata().clone() })
+
+    /// Errors with [`Error::NonFinite`] naming the first floating-point tensor (by name) that
+    /// holds a NaN or an infinity: the opt-in check for files from elsewhere (an adapter that
+    /// diverged in training loads without error otherwise, as in PEFT).
+    pub fn check_finite(&self, file: impl AsRef<Path>) -> Result<()> {
+        for (name, t) in &self.tensors {
+            if crate::lora::is_float(t.kind()) && t.f_isfinite()?.f_all()?.int64_value(&[]) == 0 {
+                return Err(Error::NonFinite {
+                    name: name.clone(),
+                    file: file.as_ref().to_path_buf(),
+                });
+            }
+        }
+        Ok(())
+    }
 }

@@ -36,15 +36,17 @@ pub struct Conditional {
 }
 
 impl Setting {
-    /// The number for `tensor` at depth `t ∈ [0, 1]`; `None` when no conditional applies.
+    /// The number for `tensor` at depth `t ∈ [0, 1]` (clamped into it; NaN counts as 0);
+    /// `None` when no conditional applies.
     pub fn number(&self, tensor: &str, t: f64) -> Option<f64> {
+        let t = if t.is_nan() { 0.0 } else { t.clamp(0.0, 1.0) };
         match self {
             Setting::Bool(b) => Some(if *b { 1.0 } else { 0.0 }),
             Setting::Number(x) => Some(*x),
             Setting::Gradient(v) if v.is_empty() => None,
             Setting::Gradient(v) => {
                 let scaled = t * (v.len() - 1) as f64;
-                let i0 = scaled as usize;
+                let i0 = (scaled as usize).min(v.len() - 1);
                 let i1 = (i0 + 1).min(v.len() - 1);
                 let frac = scaled - i0 as f64;
                 Some((1.0 - frac) * v[i0] + frac * v[i1])
@@ -56,6 +58,20 @@ impl Setting {
                     Some(f) => f == "*" || tensor.contains(f.as_str()),
                 })
                 .and_then(|c| c.value.number(tensor, t)),
+        }
+    }
+
+    /// Errors unless every number in the setting is finite (`field` names it).
+    pub fn check_finite(&self, field: &str) -> Result<()> {
+        let bad = |x: f64| Error::config(field, format!("{x} is not a finite number"));
+        match self {
+            Setting::Bool(_) => Ok(()),
+            Setting::Number(x) if !x.is_finite() => Err(bad(*x)),
+            Setting::Number(_) => Ok(()),
+            Setting::Gradient(v) => {
+                v.iter().find(|x| !x.is_finite()).map_or(Ok(()), |x| Err(bad(*x)))
+            }
+            Setting::Conditional(c) => c.iter().try_for_each(|c| c.value.check_finite(field)),
         }
     }
 
@@ -117,8 +133,16 @@ impl MergeConfig {
         Ok(cfg)
     }
 
-    /// Checks the parameter names and what the method needs.
+    /// Checks the parameter names, that every number is finite, and what the method needs.
     pub fn validate(&self) -> Result<()> {
+        for (k, v) in &self.parameters {
+            v.check_finite(&format!("parameters.{k}"))?;
+        }
+        for m in &self.models {
+            for (k, v) in &m.parameters {
+                v.check_finite(&format!("models[{}].parameters.{k}", m.model.display()))?;
+            }
+        }
         for k in self.parameters.keys() {
             if !GLOBAL_KEYS.contains(&k.as_str()) && !MODEL_KEYS.contains(&k.as_str()) {
                 return Err(Error::Unsupported {

@@ -209,6 +209,17 @@ pub fn merge_tensor(
     if models.is_empty() {
         return Err(Error::config("models", "no model to merge"));
     }
+    for (_, p) in models {
+        for (field, x) in [("weight", p.weight), ("density", p.density), ("gamma", p.gamma)] {
+            if !x.is_finite() {
+                return Err(Error::config(field, format!("{x} is not a finite number")));
+            }
+        }
+    }
+    if let Some(x) = [Some(global.lambda), global.t].into_iter().flatten().find(|x| !x.is_finite())
+    {
+        return Err(Error::config("parameters", format!("{x} is not a finite number")));
+    }
     let shape = base.map(Tensor::size).unwrap_or_else(|| models[0].0.size());
     for (t, _) in models {
         if t.size() != shape {
@@ -238,6 +249,12 @@ pub fn merge_tensor(
                 total += p.weight;
             }
             if normalize {
+                if total == 0.0 {
+                    return Err(Error::config(
+                        "weight",
+                        "the weights sum to zero, and `normalize` divides by their sum",
+                    ));
+                }
                 acc = acc.f_div_scalar(total)?;
             }
             Ok(acc.f_to_kind(out_kind)?)

@@ -64,7 +64,7 @@ impl BertConfig {
     pub fn from_pretrained(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
-        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        let text = crate::io::read_config(&file)?;
         let cfg: BertConfig = serde_json::from_str(&text)
             .map_err(|e| Error::CorruptFile { file: file.clone(), reason: e.to_string() })?;
         if cfg.hidden_act != "gelu" {

@@ -153,7 +153,7 @@ impl LlamaConfig {
     pub fn from_pretrained(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
-        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        let text = io::read_config(&file)?;
         let cfg: LlamaConfig = serde_json::from_str(&text)
             .map_err(|e| Error::CorruptFile { file: file.clone(), reason: e.to_string() })?;
         cfg.validate()?;
@@ -510,14 +510,20 @@ pub fn weight_files(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     let index = dir.join("model.safetensors.index.json");
-    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+    let text = io::read_config(&index)?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::CorruptFile { file: index.clone(), reason: e.to_string() })?;
     let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
         Error::CorruptFile { file: index.clone(), reason: "no `weight_map` object".into() }
     })?;
-    let mut files: Vec<PathBuf> =
-        map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
+    let mut files = Vec::with_capacity(map.len());
+    for (tensor, v) in map {
+        let f = v.as_str().ok_or_else(|| Error::CorruptFile {
+            file: index.clone(),
+            reason: format!("the shard of `{tensor}` is not a file name"),
+        })?;
+        files.push(io::join_inside(dir, f, &index)?);
+    }
     files.sort();
     files.dedup();
     Ok(files)

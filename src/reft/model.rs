@@ -314,7 +314,7 @@ impl ReftModel {
     /// Reads the config of a directory written by [`save`](Self::save).
     pub fn config_from_dir(dir: impl AsRef<Path>) -> Result<ReftConfig> {
         let file = dir.as_ref().join(REFT_CONFIG_NAME);
-        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        let text = io::read_config(&file)?;
         serde_json::from_str(&text).map_err(|e| Error::CorruptFile { file, reason: e.to_string() })
     }
 
@@ -449,7 +449,7 @@ impl ReftModel {
     ) -> Result<Self> {
         let dir = dir.as_ref();
         let file = dir.join("config.json");
-        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        let text = io::read_config(&file)?;
         let corrupt = |reason: String| Error::CorruptFile { file: file.clone(), reason };
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
@@ -514,9 +514,9 @@ impl ReftModel {
         // load every state dict first, to learn add_bias and to fail before building anything
         let mut states = Vec::with_capacity(n);
         for (_, key, ..) in &entries {
-            let mut f = dir.join(format!("intkey_{key}.bin"));
+            let mut f = io::join_inside(dir, &format!("intkey_{key}.bin"), &file)?;
             if !f.is_file() {
-                f = dir.join(format!("intkey_{}.bin", pyvene_other_key(key)));
+                f = io::join_inside(dir, &format!("intkey_{}.bin", pyvene_other_key(key)), &file)?;
             }
             let t: HashMap<String, Tensor> = io::read_torch_dict(&f)?.into_iter().collect();
             states.push((f, t));

@@ -275,15 +275,23 @@ impl LoraConfig {
     pub fn from_pretrained(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = if path.is_dir() { path.join(io::PEFT_CONFIG_NAME) } else { path.to_path_buf() };
-        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        let text = io::read_config(&file)?;
         let value: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::CorruptFile { file: file.clone(), reason: e.to_string() })?;
-        if let Some(t) = value.get("peft_type").and_then(|v| v.as_str()) {
-            if t != "LORA" {
+        match value.get("peft_type") {
+            None => {}
+            Some(serde_json::Value::String(t)) if t == "LORA" => {}
+            Some(serde_json::Value::String(t)) => {
                 return Err(Error::Unsupported {
                     field: "peft_type".into(),
                     reason: format!("`{t}` adapters are not LoRA"),
-                });
+                })
+            }
+            Some(other) => {
+                return Err(Error::config(
+                    "peft_type",
+                    format!("`{other}` is not a PEFT type name (expected \"LORA\")"),
+                ))
             }
         }
         let config: LoraConfig = serde_json::from_value(value)
