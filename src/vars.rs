@@ -8,8 +8,53 @@
 //! tensor registered under two names) are one variable to the optimizer; where a name is needed
 //! for one, callers choose deterministically among its names.
 
-use tch::nn::VarStore;
+use tch::nn::{self, VarStore};
 use tch::Tensor;
+
+/// `nn::linear` (same variables, same initialisation and draw order) with an error instead of
+/// a panic when the allocation fails or a size is negative.
+pub(crate) fn try_linear(
+    p: &nn::Path,
+    in_dim: i64,
+    out_dim: i64,
+    c: nn::LinearConfig,
+) -> crate::Result<nn::Linear> {
+    check_dims(p, &[out_dim, in_dim])?;
+    let bs = if c.bias {
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let init = c.bs_init.unwrap_or(nn::Init::Uniform { lo: -bound, up: bound });
+        Some(p.f_var("bias", &[out_dim], init)?)
+    } else {
+        None
+    };
+    Ok(nn::Linear { ws: p.f_var("weight", &[out_dim, in_dim], c.ws_init)?, bs })
+}
+
+/// `nn::embedding(p, num, dim, c).ws` with an error instead of a panic.
+pub(crate) fn try_embedding(
+    p: &nn::Path,
+    num: i64,
+    dim: i64,
+    c: nn::EmbeddingConfig,
+) -> crate::Result<Tensor> {
+    check_dims(p, &[num, dim])?;
+    Ok(p.f_var("weight", &[num, dim], c.ws_init)?)
+}
+
+/// Sizes of a new variable must be non-negative and their product must fit an `i64`.
+pub(crate) fn check_dims(p: &nn::Path, dims: &[i64]) -> crate::Result<()> {
+    let ok = dims.iter().all(|&d| d >= 0)
+        && dims.iter().try_fold(1i64, |a, &d| a.checked_mul(d)).is_some();
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::Error::ShapeMismatch {
+            name: format!("new variable under `{}`", p.components().collect::<Vec<_>>().join(".")),
+            expected: vec![-1; dims.len()],
+            actual: dims.to_vec(),
+        })
+    }
+}
 
 /// Whether `a` and `b` are the same tensor (see the module docs).
 pub(crate) fn same_tensor(a: &Tensor, b: &Tensor) -> bool {

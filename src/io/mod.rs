@@ -20,6 +20,47 @@ pub use self::pickle::{
 pub(crate) use self::atomic::{replace_dir, write_atomic};
 pub use self::safetensors::{pt_metadata, read_safetensors, write_safetensors, SafetensorsFile};
 
+static REQUIRE_FINITE: std::sync::OnceLock<std::sync::atomic::AtomicBool> =
+    std::sync::OnceLock::new();
+
+fn require_finite_flag() -> &'static std::sync::atomic::AtomicBool {
+    REQUIRE_FINITE.get_or_init(|| {
+        let on = std::env::var("TCH_PEFT_REQUIRE_FINITE").is_ok_and(|v| v == "1" || v == "true");
+        std::sync::atomic::AtomicBool::new(on)
+    })
+}
+
+/// Turns the finite check on load on or off for the whole process (off by default, as in
+/// PEFT; `TCH_PEFT_REQUIRE_FINITE=1` turns it on at start). When on, every tensor file the
+/// crate reads ([`read_safetensors`], [`read_torch_dict`], the streamed merge's inputs, and so
+/// every adapter, ReFT, model and pyvene loader) refuses a floating-point tensor holding NaN or
+/// infinity with [`Error::NonFinite`](crate::Error::NonFinite) naming it, before anything is
+/// written. The check reads every value once.
+pub fn set_require_finite(on: bool) {
+    require_finite_flag().store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the finite check on load is on (see [`set_require_finite`]).
+pub fn require_finite() -> bool {
+    require_finite_flag().load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// With the finite check on, errors for the first non-finite floating-point tensor.
+pub(crate) fn check_loaded_finite<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a tch::Tensor)>,
+    file: &std::path::Path,
+) -> crate::Result<()> {
+    if !require_finite() {
+        return Ok(());
+    }
+    for (name, t) in tensors {
+        if crate::lora::is_float(t.kind()) && t.f_isfinite()?.f_all()?.int64_value(&[]) == 0 {
+            return Err(crate::Error::NonFinite { name: name.into(), file: file.to_path_buf() });
+        }
+    }
+    Ok(())
+}
+
 /// The prefix PEFT gives every key of `adapter_model.safetensors`.
 pub const PEFT_KEY_PREFIX: &str = "base_model.model.";
 
@@ -48,8 +89,10 @@ pub fn from_peft_key(key: &str) -> &str {
 
 /// Loads tensors from safetensors files into the variables of `vs` with the same names,
 /// strictly: every variable must be found exactly once with its shape, and every tensor in the
-/// files must be a variable unless `ignore(name)`. Values are converted to each variable's dtype
-/// and device and copied under `no_grad`; nothing is copied unless every check passes.
+/// files must be a variable unless `ignore(name)`. Floating-point values are converted to each
+/// variable's floating dtype (integers to integers; an integer tensor for a floating variable,
+/// or the reverse, is a [`DtypeMismatch`](crate::Error::DtypeMismatch)) and device and copied
+/// under `no_grad`; nothing is copied unless every check passes.
 pub fn load_into_var_store(
     vs: &tch::nn::VarStore,
     files: &[std::path::PathBuf],
@@ -69,6 +112,13 @@ pub fn load_into_var_store(
             };
             if var.size() != t.size() {
                 return Err(Error::ShapeMismatch { name, expected: var.size(), actual: t.size() });
+            }
+            if crate::lora::is_float(var.kind()) != crate::lora::is_float(t.kind()) {
+                return Err(Error::DtypeMismatch {
+                    expected: format!("{:?} or another kind of its class", var.kind()),
+                    actual: t.kind(),
+                    name,
+                });
             }
             if found.insert(name.clone(), (t, file.clone())).is_some() {
                 return Err(Error::CorruptFile {

@@ -430,7 +430,9 @@ impl<'a> Machine<'a> {
 pub fn read_torch_dict(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>> {
     let path = path.as_ref();
     let (file, _) = super::files::open_regular(path)?;
-    read_archive(file, path)
+    let tensors = read_archive(file, path)?;
+    super::check_loaded_finite(tensors.iter().map(|(n, t)| (n.as_str(), t)), path)?;
+    Ok(tensors)
 }
 
 /// As [`read_torch_dict`], from the bytes of the archive (`what` names it in errors).

@@ -136,7 +136,9 @@ pub struct SafetensorsFile {
 pub fn read_safetensors(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
     let path = path.as_ref();
     let bytes = super::files::read_capped(path, u64::MAX)?;
-    SafetensorsFile::from_bytes(&bytes, path)
+    let file = SafetensorsFile::from_bytes(&bytes, path)?;
+    super::check_loaded_finite(file.tensors.iter().map(|(n, t)| (n.as_str(), t)), path)?;
+    Ok(file)
 }
 
 impl SafetensorsFile {
@@ -164,20 +166,5 @@ impl SafetensorsFile {
         }
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(SafetensorsFile { tensors, metadata: meta.metadata().clone() })
-    }
-
-    /// Errors with [`Error::NonFinite`] naming the first floating-point tensor (by name) that
-    /// holds a NaN or an infinity: the opt-in check for files from elsewhere (an adapter that
-    /// diverged in training loads without error otherwise, as in PEFT).
-    pub fn check_finite(&self, file: impl AsRef<Path>) -> Result<()> {
-        for (name, t) in &self.tensors {
-            if crate::lora::is_float(t.kind()) && t.f_isfinite()?.f_all()?.int64_value(&[]) == 0 {
-                return Err(Error::NonFinite {
-                    name: name.clone(),
-                    file: file.as_ref().to_path_buf(),
-                });
-            }
-        }
-        Ok(())
     }
 }

@@ -184,7 +184,7 @@ impl<'a> LoraBuilder<'a> {
         out_dim: i64,
         c: nn::LinearConfig,
     ) -> Result<MaybeLoraLinear> {
-        let base = nn::linear(base_path, in_dim, out_dim, c);
+        let base = crate::vars::try_linear(base_path, in_dim, out_dim, c)?;
         self.wrap(&path_name(base_path), base)
     }
 
@@ -221,9 +221,13 @@ impl<'a> LoraBuilder<'a> {
         in_dim: i64,
         out_dim: i64,
     ) -> Result<MaybeLoraLinear> {
-        let weight =
-            base_path.var("weight", &[in_dim, out_dim], nn::Init::Randn { mean: 0.0, stdev: 0.02 });
-        let bias = base_path.zeros("bias", &[out_dim]);
+        crate::vars::check_dims(base_path, &[in_dim, out_dim])?;
+        let weight = base_path.f_var(
+            "weight",
+            &[in_dim, out_dim],
+            nn::Init::Randn { mean: 0.0, stdev: 0.02 },
+        )?;
+        let bias = base_path.f_zeros("bias", &[out_dim])?;
         // freeze the stored weight itself, then view it as the [out, in] weight of a linear layer
         let _ = weight.set_requires_grad(false);
         let _ = bias.set_requires_grad(false);
@@ -276,7 +280,7 @@ impl<'a> LoraBuilder<'a> {
         dim: i64,
         c: nn::EmbeddingConfig,
     ) -> Result<MaybeLoraEmbedding> {
-        let weight = nn::embedding(base_path, num, dim, c).ws;
+        let weight = crate::vars::try_embedding(base_path, num, dim, c)?;
         self.wrap_embedding(&path_name(base_path), weight)
     }
 
@@ -334,7 +338,7 @@ pub fn linear(
 ) -> Result<MaybeLoraLinear> {
     match lora {
         Some(b) => b.linear(base_path, in_dim, out_dim, c),
-        None => Ok(MaybeLoraLinear::Plain(nn::linear(base_path, in_dim, out_dim, c))),
+        None => Ok(MaybeLoraLinear::Plain(crate::vars::try_linear(base_path, in_dim, out_dim, c)?)),
     }
 }
 
@@ -349,6 +353,6 @@ pub fn embedding(
 ) -> Result<MaybeLoraEmbedding> {
     match lora {
         Some(b) => b.embedding(base_path, num, dim, c),
-        None => Ok(MaybeLoraEmbedding::Plain(nn::embedding(base_path, num, dim, c).ws)),
+        None => Ok(MaybeLoraEmbedding::Plain(crate::vars::try_embedding(base_path, num, dim, c)?)),
     }
 }

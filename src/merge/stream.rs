@@ -223,7 +223,9 @@ impl ModelFiles {
         f.seek(SeekFrom::Start(data_start + e.start)).map_err(|err| Error::io(path, err))?;
         let mut buf = vec![0u8; (e.end - e.start) as usize];
         f.read_exact(&mut buf).map_err(|err| Error::io(path, err))?;
-        Ok(Tensor::f_from_data_size(&buf, &e.shape, e.kind)?)
+        let t = Tensor::f_from_data_size(&buf, &e.shape, e.kind)?;
+        io::check_loaded_finite([(name, &t)], path)?;
+        Ok(t)
     }
 }
 

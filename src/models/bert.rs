@@ -67,16 +67,64 @@ impl BertConfig {
         let text = crate::io::read_config(&file)?;
         let cfg: BertConfig = serde_json::from_str(&text)
             .map_err(|e| Error::CorruptFile { file: file.clone(), reason: e.to_string() })?;
-        if cfg.hidden_act != "gelu" {
-            return Err(Error::Unsupported {
-                field: "hidden_act".into(),
-                reason: cfg.hidden_act.clone(),
-            });
-        }
-        if cfg.num_attention_heads < 1 || cfg.hidden_size % cfg.num_attention_heads != 0 {
-            return Err(Error::config("num_attention_heads", "must divide hidden_size"));
+        cfg.validate()?;
+        if path.is_dir() {
+            super::check_against_weights(path, cfg.num_parameters()?, weight_files(path))?;
         }
         Ok(cfg)
+    }
+
+    /// The number of parameters the config describes (embeddings with their norm, every layer,
+    /// the pooler).
+    pub fn num_parameters(&self) -> Result<i64> {
+        let (d, i) = (self.hidden_size, self.intermediate_size);
+        let tables = self.vocab_size + self.max_position_embeddings + self.type_vocab_size;
+        let layer = super::count_parameters(&[(d, 4 * d + 4), (d, 2 * i), (i + d, 1), (d, 4)]);
+        layer
+            .and_then(|l| {
+                super::count_parameters(&[(l, self.num_hidden_layers), (tables, d), (d, d + 3)])
+            })
+            .ok_or_else(|| {
+                Error::config(
+                    "num_hidden_layers",
+                    format!("the model has more than {} parameters", super::MAX_PARAMETERS),
+                )
+            })
+    }
+
+    /// Checks sizes (see [`LlamaConfig::validate`](super::LlamaConfig::validate) for the
+    /// limits) and the supported options.
+    pub fn validate(&self) -> Result<()> {
+        use super::{check_size, MAX_COUNT, MAX_VOCAB, MAX_WIDTH};
+        check_size("vocab_size", self.vocab_size, MAX_VOCAB)?;
+        check_size("hidden_size", self.hidden_size, MAX_WIDTH)?;
+        check_size("intermediate_size", self.intermediate_size, MAX_WIDTH)?;
+        check_size("max_position_embeddings", self.max_position_embeddings, MAX_WIDTH)?;
+        check_size("type_vocab_size", self.type_vocab_size, MAX_WIDTH)?;
+        check_size("num_hidden_layers", self.num_hidden_layers, MAX_COUNT)?;
+        check_size("num_attention_heads", self.num_attention_heads, MAX_COUNT)?;
+        if self.hidden_act != "gelu" {
+            return Err(Error::Unsupported {
+                field: "hidden_act".into(),
+                reason: self.hidden_act.clone(),
+            });
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(Error::config("num_attention_heads", "must divide hidden_size"));
+        }
+        for (field, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(Error::config(field, format!("{p} is not in [0, 1)")));
+            }
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps >= 0.0) {
+            return Err(Error::config("layer_norm_eps", "must be a finite number ≥ 0"));
+        }
+        self.num_parameters()?;
+        Ok(())
     }
 }
 
@@ -119,21 +167,22 @@ impl Bert {
     /// Builds the encoder under `p` (variable names as transformers' `BertModel`), its linear
     /// layers and word embeddings through `lora` when given.
     pub fn new(p: &nn::Path, config: &BertConfig, lora: Option<&LoraBuilder>) -> Result<Self> {
+        config.validate()?;
         let c = config;
         let (d, eps) = (c.hidden_size, c.layer_norm_eps);
         let e = p / "embeddings";
         let word =
             lora::embedding(&(&e / "word_embeddings"), c.vocab_size, d, Default::default(), lora)?;
-        let position = (&e / "position_embeddings").var(
+        let position = (&e / "position_embeddings").f_var(
             "weight",
             &[c.max_position_embeddings, d],
             nn::Init::Randn { mean: 0.0, stdev: 0.02 },
-        );
-        let token_type = (&e / "token_type_embeddings").var(
+        )?;
+        let token_type = (&e / "token_type_embeddings").f_var(
             "weight",
             &[c.type_vocab_size, d],
             nn::Init::Randn { mean: 0.0, stdev: 0.02 },
-        );
+        )?;
         let emb_norm = frozen_norm(&e / "LayerNorm", d, eps);
         let mut layers = Vec::new();
         for i in 0..c.num_hidden_layers {

@@ -157,6 +157,9 @@ impl LlamaConfig {
         let cfg: LlamaConfig = serde_json::from_str(&text)
             .map_err(|e| Error::CorruptFile { file: file.clone(), reason: e.to_string() })?;
         cfg.validate()?;
+        if path.is_dir() {
+            super::check_against_weights(path, cfg.num_parameters()?, weight_files(path))?;
+        }
         Ok(cfg)
     }
 
@@ -175,20 +178,64 @@ impl LlamaConfig {
         self.rope_parameters.as_ref().map(|r| r.rope_theta).or(self.rope_theta).unwrap_or(10_000.0)
     }
 
-    /// Checks sizes and the supported options.
+    /// The number of parameters the config describes (embeddings, every block, the final
+    /// norm, and `lm_head` when untied); an error past
+    /// [`MAX_PARAMETERS`](super::MAX_PARAMETERS).
+    pub fn num_parameters(&self) -> Result<i64> {
+        let (d, v, i) = (self.hidden_size, self.vocab_size, self.intermediate_size);
+        let (q, kv) =
+            (self.num_attention_heads * self.head_dim(), self.kv_heads() * self.head_dim());
+        let attn_bias = if self.attention_bias { 2 * q + 2 * kv } else { 0 };
+        let mlp_bias = if self.mlp_bias { 2 * i + d } else { 0 };
+        let block = super::count_parameters(&[
+            (d, 2),
+            (d, q),
+            (d, 2 * kv),
+            (q, d),
+            (d, 3 * i),
+            (attn_bias, 1),
+            (mlp_bias, 1),
+        ]);
+        let heads = if self.tie_word_embeddings { 1 } else { 2 };
+        block
+            .and_then(|b| {
+                super::count_parameters(&[(b, self.num_hidden_layers), (v, heads * d), (d, 1)])
+            })
+            .ok_or_else(|| {
+                Error::config(
+                    "num_hidden_layers",
+                    format!("the model has more than {} parameters", super::MAX_PARAMETERS),
+                )
+            })
+    }
+
+    /// Checks sizes (each within [`MAX_VOCAB`](super::MAX_VOCAB),
+    /// [`MAX_WIDTH`](super::MAX_WIDTH) or [`MAX_COUNT`](super::MAX_COUNT), the whole within
+    /// [`MAX_PARAMETERS`](super::MAX_PARAMETERS)) and the supported options.
     pub fn validate(&self) -> Result<()> {
-        for (field, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.kv_heads()),
-            ("head_dim", self.head_dim()),
+        use super::{MAX_COUNT, MAX_VOCAB, MAX_WIDTH};
+        for (field, v, max) in [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_COUNT),
+            ("num_attention_heads", self.num_attention_heads, MAX_COUNT),
+            ("num_key_value_heads", self.kv_heads(), MAX_COUNT),
+            ("head_dim", self.head_dim(), MAX_COUNT),
         ] {
-            if v < 1 {
-                return Err(Error::config(field, format!("{v} must be at least 1")));
-            }
+            super::check_size(field, v, max)?;
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err(Error::config(
+                "rms_norm_eps",
+                format!("{} is not a finite number ≥ 0", self.rms_norm_eps),
+            ));
+        }
+        if !(self.theta().is_finite() && self.theta() > 0.0) {
+            return Err(Error::config(
+                "rope_theta",
+                format!("{} is not a finite number > 0", self.theta()),
+            ));
         }
         if self.num_attention_heads % self.kv_heads() != 0 {
             return Err(Error::config(
@@ -203,6 +250,7 @@ impl LlamaConfig {
         if self.head_dim() % 2 != 0 {
             return Err(Error::config("head_dim", "RoPE needs an even head_dim"));
         }
+        self.num_parameters()?;
         if self.hidden_act != "silu" {
             return Err(Error::Unsupported {
                 field: "hidden_act".into(),
@@ -281,18 +329,19 @@ impl Llama {
                 lora::linear(&path, i, o, lc, lora)
             };
             layers.push(Block {
-                input_layernorm: (&l / "input_layernorm").ones("weight", &[d]),
+                input_layernorm: (&l / "input_layernorm").f_ones("weight", &[d])?,
                 q_proj: lin(&a / "q_proj", d, c.num_attention_heads * hd, attn_cfg)?,
                 k_proj: lin(&a / "k_proj", d, c.kv_heads() * hd, attn_cfg)?,
                 v_proj: lin(&a / "v_proj", d, c.kv_heads() * hd, attn_cfg)?,
                 o_proj: lin(&a / "o_proj", c.num_attention_heads * hd, d, attn_cfg)?,
-                post_attention_layernorm: (&l / "post_attention_layernorm").ones("weight", &[d]),
+                post_attention_layernorm: (&l / "post_attention_layernorm")
+                    .f_ones("weight", &[d])?,
                 gate_proj: lin(&mlp / "gate_proj", d, c.intermediate_size, mlp_cfg)?,
                 up_proj: lin(&mlp / "up_proj", d, c.intermediate_size, mlp_cfg)?,
                 down_proj: lin(&mlp / "down_proj", c.intermediate_size, d, mlp_cfg)?,
             });
         }
-        let norm = (&m / "norm").ones("weight", &[d]);
+        let norm = (&m / "norm").f_ones("weight", &[d])?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {

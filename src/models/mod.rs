@@ -20,6 +20,60 @@ pub trait ResidualHook {
     ) -> crate::Result<tch::Tensor>;
 }
 
+/// The largest vocabulary a model config may declare (`vocab_size`): 2²⁴.
+pub const MAX_VOCAB: i64 = 1 << 24;
+/// The largest width, MLP width or position table a model config may declare: 2²⁰.
+pub const MAX_WIDTH: i64 = 1 << 20;
+/// The most layers, heads or head width a model config may declare: 2¹².
+pub const MAX_COUNT: i64 = 1 << 12;
+/// The most parameters a model config may describe: 2⁴¹.
+pub const MAX_PARAMETERS: i64 = 1 << 41;
+
+/// `field` must lie in `1..=max`.
+pub(crate) fn check_size(field: &str, v: i64, max: i64) -> crate::Result<()> {
+    if (1..=max).contains(&v) {
+        Ok(())
+    } else {
+        Err(crate::Error::config(field, format!("{v} is not in 1..={max}")))
+    }
+}
+
+/// `Σ a·b` over `terms`, `None` on overflow or past [`MAX_PARAMETERS`].
+pub(crate) fn count_parameters(terms: &[(i64, i64)]) -> Option<i64> {
+    terms
+        .iter()
+        .try_fold(0i64, |acc, &(a, b)| acc.checked_add(a.checked_mul(b)?))
+        .filter(|&n| n <= MAX_PARAMETERS)
+}
+
+/// A config read from a model directory may not describe more parameters than its weight files
+/// hold bytes (one byte per parameter at the least): checked before anything is allocated.
+/// Directories without weight files are not checked.
+pub(crate) fn check_against_weights(
+    dir: &std::path::Path,
+    parameters: i64,
+    files: crate::Result<Vec<std::path::PathBuf>>,
+) -> crate::Result<()> {
+    let Ok(files) = files else { return Ok(()) };
+    let mut bytes = 0u64;
+    for f in &files {
+        match crate::io::open_regular(f) {
+            Ok((_, len)) => bytes = bytes.saturating_add(len),
+            Err(_) => return Ok(()), // reported when the weights are loaded
+        }
+    }
+    if bytes > 0 && (parameters as u64) > bytes {
+        return Err(crate::Error::CorruptFile {
+            file: dir.join("config.json"),
+            reason: format!(
+                "the config describes {parameters} parameters, but the weight files hold only \
+                 {bytes} bytes"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// An attention mask, when given, must be `[batch, seq]`.
 pub(crate) fn check_mask(
     attention_mask: Option<&tch::Tensor>,

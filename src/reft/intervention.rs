@@ -153,8 +153,11 @@ impl InterventionConfig {
 
     /// Checks ranks and probabilities.
     pub fn validate(&self) -> Result<()> {
-        if self.embed_dim < 1 {
-            return Err(Error::config("embed_dim", format!("{} < 1", self.embed_dim)));
+        if !(1..=MAX_EMBED_DIM).contains(&self.embed_dim) {
+            return Err(Error::config(
+                "embed_dim",
+                format!("{} is not in 1..={MAX_EMBED_DIM}", self.embed_dim),
+            ));
         }
         if self.low_rank_dimension < 1 || self.low_rank_dimension > self.embed_dim {
             return Err(Error::config(
@@ -185,6 +188,9 @@ impl InterventionConfig {
     }
 }
 
+/// The widest hidden state an intervention config may declare (`embed_dim`): 2¹⁷.
+pub const MAX_EMBED_DIM: i64 = 1 << 17;
+
 /// A representation intervention: maps hidden states `[…, d]` (the gathered intervened
 /// positions) to edited states of the same shape.
 pub trait Intervention: std::fmt::Debug + Send {
@@ -210,8 +216,14 @@ pub trait Intervention: std::fmt::Debug + Send {
     fn state_dict_pyreft(&self) -> Result<Vec<(String, Tensor)>>;
 
     /// Loads a pyreft state dict (as [`state_dict_pyreft`](Self::state_dict_pyreft) writes it),
-    /// strictly: every tensor present with its shape, nothing else.
+    /// strictly: every tensor present with its shape and a floating-point dtype, nothing else;
+    /// nothing is written unless all of it checks.
     fn load_pyreft(&self, tensors: &HashMap<String, Tensor>, file: &std::path::Path) -> Result<()>;
+
+    /// The checks of [`load_pyreft`](Self::load_pyreft) without writing anything: a model
+    /// loading several interventions checks them all before loading any.
+    fn check_pyreft(&self, tensors: &HashMap<String, Tensor>, file: &std::path::Path)
+        -> Result<()>;
 }
 
 /// The low-rank intervention of any [`InterventionKind`].
@@ -423,6 +435,43 @@ impl LowRankIntervention {
         Ok(t)
     }
 
+    /// `(variable name, source)` for every variable, checked: present, shaped as the variable,
+    /// floating-point; nothing else in the file.
+    fn checked_pairs(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        file: &std::path::Path,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let tensors = self.normalize(tensors, file)?;
+        let own = self.state_dict_pyreft()?;
+        let mut pairs = Vec::new();
+        for (name, like) in &own {
+            let src = tensors.get(name).ok_or_else(|| Error::MissingTensor {
+                name: name.clone(),
+                file: file.to_path_buf(),
+            })?;
+            if src.size() != like.size() {
+                return Err(Error::ShapeMismatch {
+                    name: name.clone(),
+                    expected: like.size(),
+                    actual: src.size(),
+                });
+            }
+            if !crate::lora::is_float(src.kind()) {
+                return Err(Error::DtypeMismatch {
+                    name: name.clone(),
+                    expected: "a floating-point kind".into(),
+                    actual: src.kind(),
+                });
+            }
+            pairs.push((name.clone(), src.shallow_clone()));
+        }
+        if let Some(extra) = tensors.keys().filter(|k| !own.iter().any(|(n, _)| n == *k)).min() {
+            return Err(Error::UnexpectedTensor { name: extra.clone(), file: file.to_path_buf() });
+        }
+        Ok(pairs)
+    }
+
     fn pyreft_names(&self) -> Vec<(String, Option<&Tensor>)> {
         let mut v: Vec<(String, Option<&Tensor>)> = Vec::new();
         let lo = self.config.kind == InterventionKind::LoReft;
@@ -497,27 +546,16 @@ impl Intervention for LowRankIntervention {
         Ok(out)
     }
 
+    fn check_pyreft(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        file: &std::path::Path,
+    ) -> Result<()> {
+        self.checked_pairs(tensors, file).map(drop)
+    }
+
     fn load_pyreft(&self, tensors: &HashMap<String, Tensor>, file: &std::path::Path) -> Result<()> {
-        let tensors = &self.normalize(tensors, file)?;
-        let own = self.state_dict_pyreft()?;
-        let mut pairs = Vec::new();
-        for (name, like) in &own {
-            let src = tensors.get(name).ok_or_else(|| Error::MissingTensor {
-                name: name.clone(),
-                file: file.to_path_buf(),
-            })?;
-            if src.size() != like.size() {
-                return Err(Error::ShapeMismatch {
-                    name: name.clone(),
-                    expected: like.size(),
-                    actual: src.size(),
-                });
-            }
-            pairs.push((name.clone(), src));
-        }
-        if let Some(extra) = tensors.keys().filter(|k| !own.iter().any(|(n, _)| n == *k)).min() {
-            return Err(Error::UnexpectedTensor { name: extra.clone(), file: file.to_path_buf() });
-        }
+        let pairs = self.checked_pairs(tensors, file)?;
         let vars: HashMap<String, Tensor> = self.variables().into_iter().collect();
         let _guard = tch::no_grad_guard();
         for (name, src) in pairs {

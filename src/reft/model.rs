@@ -292,12 +292,10 @@ impl ReftModel {
 
     /// Saves as a directory: `reft_config.json` (the whole config) and `reft_model.safetensors`
     /// (each intervention's pyreft state dict under `layers.<l>.<group>.`, plus the raw rotation
-    /// parameter as `….rotate_layer.parameter` so that a reload is bit-exact), atomically.
+    /// parameter as `….rotate_layer.parameter` so that a reload is bit-exact). The directory is
+    /// replaced as a whole (the old files or the new ones after a crash; see [`crate::io`]).
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
-        let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let text = serde_json::to_string_pretty(&self.config)?;
-        io::write_atomic(&dir.join(REFT_CONFIG_NAME), text.as_bytes())?;
         let mut tensors = Vec::new();
         for (l, g, iv) in &self.interventions {
             for (k, t) in iv.state_dict_pyreft()? {
@@ -308,7 +306,10 @@ impl ReftModel {
                 tensors.push((format!("layers.{l}.{g}.{RAW_ROTATION}"), v.detach()));
             }
         }
-        io::write_safetensors(dir.join(REFT_WEIGHTS_NAME), &tensors, Some(io::pt_metadata()))
+        io::replace_dir(dir.as_ref(), |tmp| {
+            io::write_atomic(&tmp.join(REFT_CONFIG_NAME), text.as_bytes())?;
+            io::write_safetensors(tmp.join(REFT_WEIGHTS_NAME), &tensors, Some(io::pt_metadata()))
+        })
     }
 
     /// Reads the config of a directory written by [`save`](Self::save).
@@ -321,16 +322,32 @@ impl ReftModel {
     /// Builds the interventions of a saved directory (variables under `p`) and loads them.
     pub fn load(p: &nn::Path, dir: impl AsRef<Path>, num_layers: i64) -> Result<Self> {
         let dir = dir.as_ref();
-        let model = ReftModel::new(p, Self::config_from_dir(dir)?, num_layers)?;
-        model.load_weights(dir.join(REFT_WEIGHTS_NAME))?;
+        let config = Self::config_from_dir(dir)?;
+        let file = dir.join(REFT_WEIGHTS_NAME);
+        let weights = io::read_safetensors(&file)?;
+        // the config may not ask for more parameters than the file holds, before any is made
+        let held: i64 = weights.tensors.iter().map(|(_, t)| t.numel() as i64).sum();
+        let wanted = config.layers.resolve(num_layers)?.len() as i64
+            * config.groups() as i64
+            * config.intervention.validate().map(|_| config.intervention.num_params())?;
+        if wanted > held {
+            return Err(Error::CorruptFile {
+                file,
+                reason: format!("the config asks for {wanted} parameters, the file holds {held}"),
+            });
+        }
+        let model = ReftModel::new(p, config, num_layers)?;
+        model.load_tensors(weights.tensors.into_iter().collect(), &file)?;
         Ok(model)
     }
 
     /// Loads the weights file of a saved directory into these interventions, strictly.
     pub fn load_weights(&self, file: impl AsRef<Path>) -> Result<()> {
         let file = file.as_ref();
-        let mut all: HashMap<String, Tensor> =
-            io::read_safetensors(file)?.tensors.into_iter().collect();
+        self.load_tensors(io::read_safetensors(file)?.tensors.into_iter().collect(), file)
+    }
+
+    fn load_tensors(&self, mut all: HashMap<String, Tensor>, file: &Path) -> Result<()> {
         let mut per = Vec::new();
         for (l, g, iv) in &self.interventions {
             let prefix = format!("layers.{l}.{g}.");
@@ -362,24 +379,14 @@ impl ReftModel {
                     });
                 }
             }
-            for (name, like) in iv.state_dict_pyreft()? {
-                match own.get(&name) {
-                    None => {
-                        return Err(Error::MissingTensor {
-                            name: format!("{prefix}{name}"),
-                            file: file.to_path_buf(),
-                        })
-                    }
-                    Some(t) if t.size() != like.size() => {
-                        return Err(Error::ShapeMismatch {
-                            name: format!("{prefix}{name}"),
-                            expected: like.size(),
-                            actual: t.size(),
-                        })
-                    }
-                    Some(_) => {}
-                }
+            if let Some(raw) = raw.as_ref().filter(|r| !crate::lora::is_float(r.kind())) {
+                return Err(Error::DtypeMismatch {
+                    name: format!("{prefix}{RAW_ROTATION}"),
+                    expected: "a floating-point kind".into(),
+                    actual: raw.kind(),
+                });
             }
+            iv.check_pyreft(own, file).map_err(|e| prefixed(e, prefix))?;
         }
         for (iv, own, _, raw) in per {
             iv.load_pyreft(&own, file)?;
@@ -390,6 +397,25 @@ impl ReftModel {
             }
         }
         Ok(())
+    }
+}
+
+/// The error of an intervention's check, its tensor named with the intervention's `prefix`.
+fn prefixed(e: Error, prefix: &str) -> Error {
+    match e {
+        Error::MissingTensor { name, file } => {
+            Error::MissingTensor { name: format!("{prefix}{name}"), file }
+        }
+        Error::UnexpectedTensor { name, file } => {
+            Error::UnexpectedTensor { name: format!("{prefix}{name}"), file }
+        }
+        Error::ShapeMismatch { name, expected, actual } => {
+            Error::ShapeMismatch { name: format!("{prefix}{name}"), expected, actual }
+        }
+        Error::DtypeMismatch { name, expected, actual } => {
+            Error::DtypeMismatch { name: format!("{prefix}{name}"), expected, actual }
+        }
+        other => other,
     }
 }
 
@@ -539,8 +565,22 @@ impl ReftModel {
                 ),
             ));
         }
+        intervention.validate()?;
+        if let Some((f, t)) = states.iter().find(|(_, t)| {
+            t.values().map(|x| x.numel() as i64).sum::<i64>() < intervention.num_params()
+        }) {
+            return Err(Error::CorruptFile {
+                file: f.clone(),
+                reason: format!(
+                    "holds {} parameters, fewer than the {} the config's {kind:?} d {d} r {r} has",
+                    t.values().map(|x| x.numel() as i64).sum::<i64>(),
+                    intervention.num_params()
+                ),
+            });
+        }
         let model = ReftModel::new(p, config, num_layers)?;
         // entries of a layer in file order are its groups 0, 1
+        let mut pairs = Vec::with_capacity(model.interventions.len());
         for (l, g, iv) in &model.interventions {
             let idx = entries
                 .iter()
@@ -548,8 +588,12 @@ impl ReftModel {
                 .filter(|(_, e)| e.0 == *l)
                 .nth(*g)
                 .map(|(i, _)| i)
-                .expect("counted");
+                .ok_or_else(|| corrupt(format!("no intervention {g} for layer {l}")))?;
             let (f, t) = &states[idx];
+            iv.check_pyreft(t, f)?;
+            pairs.push((iv, t, f));
+        }
+        for (iv, t, f) in pairs {
             iv.load_pyreft(t, f)?;
         }
         Ok(model)

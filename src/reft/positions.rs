@@ -25,6 +25,7 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Positions {
+    // both at most MAX_POSITIONS when parsed; `locations` clamps what is set by hand
     /// How many leading prompt tokens.
     pub first: i64,
     /// How many trailing prompt tokens.
@@ -44,8 +45,11 @@ impl FromStr for Positions {
         let num = |t: &str, prefix: char| -> Result<i64> {
             let v = t.strip_prefix(prefix).ok_or_else(bad)?;
             let n: i64 = v.parse().map_err(|_| bad())?;
-            if n < 0 {
-                return Err(bad());
+            if !(0..=MAX_POSITIONS).contains(&n) {
+                return Err(Error::config(
+                    "positions",
+                    format!("`{s}`: {n} positions is outside 0..={MAX_POSITIONS}"),
+                ));
             }
             Ok(n)
         };
@@ -61,6 +65,9 @@ impl FromStr for Positions {
         Ok(Positions { first, last })
     }
 }
+
+/// The most leading or trailing positions a spec may name (pyreft uses a handful).
+pub const MAX_POSITIONS: i64 = 1 << 16;
 
 impl TryFrom<String> for Positions {
     type Error = Error;
@@ -95,20 +102,24 @@ impl Positions {
     /// pyreft's `get_intervention_locations` for one prompt of `n` tokens: with `tied` (shared
     /// weights) or one-sided specs a single list of `first + last` slots; untied two-sided specs
     /// give the first-positions list and the last-positions list, padded to equal length.
+    /// `first` and `last` count at most [`MAX_POSITIONS`] each (more are dropped), a
+    /// negative `n` as 0.
     pub fn locations(&self, n: i64, tied: bool) -> Vec<Vec<i64>> {
-        let first_n = self.first.min(n / 2);
-        let last_n = self.last.min(n / 2);
+        let n = n.max(0);
+        let (first, last) = (self.first.clamp(0, MAX_POSITIONS), self.last.clamp(0, MAX_POSITIONS));
+        let first_n = first.min(n / 2);
+        let last_n = last.min(n / 2);
         let head: Vec<i64> = (0..first_n).collect();
         let tail: Vec<i64> = (n - last_n..n).collect();
         if tied || !self.splits() {
             let mut v = head;
             v.extend(tail);
-            v.resize((self.first + self.last) as usize, -1);
+            v.resize((first + last) as usize, -1);
             vec![v]
         } else {
             let (mut l, mut r) = (head, tail);
-            l.resize(self.first as usize, -1);
-            r.resize(self.last as usize, -1);
+            l.resize(first as usize, -1);
+            r.resize(last as usize, -1);
             let len = l.len().max(r.len());
             l.resize(len, -1);
             r.resize(len, -1);
@@ -118,7 +129,8 @@ impl Positions {
 
     /// The locations of a batch, `[groups, batch, slots]` (int64 on `device`), from each
     /// example's prompt length and where its prompt starts in the padded sequence (`offset`:
-    /// the amount of left padding, 0 for right padding). Padded slots are `-1`.
+    /// the amount of left padding, 0 for right padding). Padded slots are `-1`. A negative
+    /// length or offset, or a position past `i64::MAX`, is an error.
     pub fn batch_locations(
         &self,
         prompt_lengths: &[i64],
@@ -133,16 +145,30 @@ impl Positions {
                 actual: vec![offsets.len() as i64],
             });
         }
-        let per: Vec<Vec<Vec<i64>>> = prompt_lengths
-            .iter()
-            .zip(offsets)
-            .map(|(&n, &o)| {
-                self.locations(n, tied)
+        if let Some((i, (n, o))) =
+            prompt_lengths.iter().zip(offsets).enumerate().find(|(_, (&n, &o))| n < 0 || o < 0)
+        {
+            return Err(Error::config(
+                "prompt_lengths",
+                format!(
+                    "example {i} has prompt length {n} and offset {o}; neither may be negative"
+                ),
+            ));
+        }
+        let mut per: Vec<Vec<Vec<i64>>> = Vec::with_capacity(prompt_lengths.len());
+        for (&n, &o) in prompt_lengths.iter().zip(offsets) {
+            let mut groups = Vec::new();
+            for g in self.locations(n, tied) {
+                let shifted: Option<Vec<i64>> = g
                     .into_iter()
-                    .map(|g| g.into_iter().map(|p| if p < 0 { -1 } else { p + o }).collect())
-                    .collect()
-            })
-            .collect();
+                    .map(|p| if p < 0 { Some(-1) } else { p.checked_add(o) })
+                    .collect();
+                groups.push(shifted.ok_or_else(|| {
+                    Error::config("offsets", format!("offset {o} puts a position past i64::MAX"))
+                })?);
+            }
+            per.push(groups);
+        }
         let groups = per.first().map_or(1, Vec::len);
         let slots = per.first().and_then(|g| g.first()).map_or(0, Vec::len);
         let mut flat = Vec::with_capacity(groups * per.len() * slots);

@@ -119,6 +119,10 @@ impl LoraAdapter {
     /// Saves every adapter as a PEFT adapter directory: `adapter_config.json` and
     /// `adapter_model.safetensors`, `"default"` in `dir` and any other adapter in `dir/<name>/`
     /// (PEFT's `save_pretrained`).
+    ///
+    /// The directory is replaced as a whole: a crash or a full disk leaves the old adapters or
+    /// the new ones, never a new config over old weights; files in `dir` that the save does not
+    /// write are kept (see [`crate::io`]).
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
         let names = self.adapter_names();
         self.save_pretrained_selected(dir, &names)
@@ -130,12 +134,15 @@ impl LoraAdapter {
         for n in names {
             self.check_known(n)?;
         }
-        for n in names {
-            let dir = Self::adapter_dir(n, dir.as_ref());
-            write_config(&dir, self.adapter_config(n).expect("checked"))?;
-            self.save_adapter_safetensors(n, dir.join(io::PEFT_WEIGHTS_NAME))?;
-        }
-        Ok(())
+        io::replace_dir(dir.as_ref(), |tmp| {
+            for n in names {
+                let dir = Self::adapter_dir(n, tmp);
+                let config = self.adapter_config(n).ok_or_else(|| Error::config("adapter", *n))?;
+                write_config(&dir, config)?;
+                self.save_adapter_safetensors(n, dir.join(io::PEFT_WEIGHTS_NAME))?;
+            }
+            Ok(())
+        })
     }
 
     /// Saves the adapter `name` as a plain LoRA of rank `2r` that applies to the **original**
@@ -219,9 +226,15 @@ impl LoraAdapter {
             init_lora_weights: crate::lora::config::LoraInit::Kaiming,
             ..config.clone()
         };
-        let dir = Self::adapter_dir(name, dir.as_ref());
-        write_config(&dir, &converted)?;
-        io::write_safetensors(dir.join(io::PEFT_WEIGHTS_NAME), &tensors, Some(io::pt_metadata()))
+        io::replace_dir(dir.as_ref(), |tmp| {
+            let dir = Self::adapter_dir(name, tmp);
+            write_config(&dir, &converted)?;
+            io::write_safetensors(
+                dir.join(io::PEFT_WEIGHTS_NAME),
+                &tensors,
+                Some(io::pt_metadata()),
+            )
+        })
     }
 
     /// Loads the weights of every adapter from a directory laid out as

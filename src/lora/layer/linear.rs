@@ -138,7 +138,7 @@ impl LoraLinear {
         config: &LoraConfig,
     ) -> Result<Self> {
         config.validate()?;
-        let base = nn::linear(base_path, in_dim, out_dim, c);
+        let base = crate::vars::try_linear(base_path, in_dim, out_dim, c)?;
         Self::with_module_name(base, adapter_path, &path_name(base_path), config)
     }
 
