@@ -168,7 +168,13 @@ impl<'a> LoraBuilder<'a> {
     ) -> Result<LoraStack<L>> {
         let stack = LoraStack::new(module, base);
         for d in decl {
-            let layer = L::attach(stack.base(), &module_path(&d.root, module), module, &d.config)?;
+            let layer = L::attach(
+                stack.base(),
+                stack.base_lock(),
+                &module_path(&d.root, module),
+                module,
+                &d.config,
+            )?;
             layer.set_base_ready(false);
             stack.push(&d.name, layer);
         }

@@ -87,6 +87,9 @@ impl<'de> Deserialize<'de> for LoraInit {
     }
 }
 
+/// The most subspace iterations `pissa_niter_K` may ask for (PEFT's examples use 4 to 16).
+pub const MAX_PISSA_NITER: u32 = 1024;
+
 /// Which biases train (PEFT's `bias`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -317,6 +320,14 @@ impl LoraConfig {
             field: field.into(),
             reason: reason.into(),
         };
+        if let LoraInit::PissaNiter(k) = self.init_lora_weights {
+            if k > MAX_PISSA_NITER {
+                return Err(Error::config(
+                    "init_lora_weights",
+                    format!("pissa_niter_{k}: more than {MAX_PISSA_NITER} subspace iterations"),
+                ));
+            }
+        }
         if self.use_dora && self.lora_bias {
             return Err(Error::config("lora_bias", "cannot be combined with `use_dora` (as PEFT)"));
         }

@@ -25,7 +25,7 @@ pub use adapters::{
     Combination, DisabledAdapters, LoraAdapter, MajoritySign, TaskMerge, DEFAULT_ADAPTER_NAME,
 };
 pub use builder::{embedding, linear, LoraBuilder};
-pub use config::{scaling, LoraBias, LoraConfig, LoraInit, TaskType};
+pub use config::{scaling, LoraBias, LoraConfig, LoraInit, TaskType, MAX_PISSA_NITER};
 pub use layer::{
     custom_cuda_kernels_available, fused_kernel_available, set_custom_cuda_kernels, Conv2dConfig,
     LoraConv2d, LoraEmbedding, LoraLinear, LoraStack, ModuleCopy,

@@ -94,13 +94,22 @@ pub fn forward_shared(
 ) -> Result<Vec<Tensor>> {
     #[cfg(tch_peft_csrc)]
     {
-        // the single fused-path adapter of each layer that has one, with its bias
-        let mut fused: Vec<Option<(LoraLinear, Option<Tensor>)>> = Vec::new();
-        for l in layers {
-            let member = match l.as_stack().and_then(LoraStack::only) {
+        // the single adapter of each layer that has one, its base weight locked for reading
+        // from the state check to the kernel (a merge on another thread waits)
+        let only: Vec<Option<LoraLinear>> =
+            layers.iter().map(|l| l.as_stack().and_then(LoraStack::only)).collect();
+        let mut bases: Vec<_> =
+            only.iter().map(|l| l.as_ref().map(|l| l.base_lock().read())).collect();
+        // those that take the fused path, with their bias; the others' own forwards lock them
+        let mut fused: Vec<Option<(&LoraLinear, Option<Tensor>)>> = Vec::new();
+        for (layer, base) in only.iter().zip(bases.iter_mut()) {
+            let member = match layer {
                 Some(layer) => layer.fused_group_bias(xs, train)?.map(|bias| (layer, bias)),
                 None => None,
             };
+            if member.is_none() {
+                *base = None;
+            }
             fused.push(member);
         }
         if fused.iter().filter(|m| m.is_some()).count() >= 2 {
@@ -132,6 +141,7 @@ pub fn forward_shared(
             }
             return Ok(out);
         }
+        drop(bases);
     }
     layers.iter().map(|l| l.f_forward_t(xs, train)).collect()
 }

@@ -201,7 +201,8 @@ fn attach_all<L: Attach>(
         if !on {
             continue;
         }
-        let layer = L::attach(s.base(), &module_path(root, s.module()), s.module(), config)?;
+        let layer =
+            L::attach(s.base(), s.base_lock(), &module_path(root, s.module()), s.module(), config)?;
         if init {
             layer.init_from_base()?;
         } else {

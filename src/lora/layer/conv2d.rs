@@ -3,7 +3,7 @@
 use tch::nn::{self, ConvConfigND, PaddingMode};
 use tch::Tensor;
 
-use super::merge::{add_in_compute_kind, compute_kind, MergeState};
+use super::merge::{add_in_compute_kind, compute_kind, BaseLock, MergeState};
 use super::{is_float, Attach, Factors, LoraLayer};
 use crate::adapter::{Adapter, AdapterKind, Applicable};
 use crate::lora::config::{LoraConfig, LoraInit};
@@ -262,8 +262,10 @@ impl LoraConv2d {
     }
 
     /// Forward of `xs: [batch, in, h, w]` (or `[in, h, w]`), checked before libtorch is called.
+    /// Safe beside merges on other threads (the kernel is read under its base lock).
     pub fn f_forward_t(&self, xs: &Tensor, _train: bool) -> Result<Tensor> {
         let (xs, padding) = conv_input(&self.weight, &self.conv, &self.module, xs)?;
+        let _base = self.state.base_lock().read();
         let c = &self.conv;
         let y = xs.f_conv2d(&self.weight, self.bias.as_ref(), c.stride, padding, c.dilation, 1)?;
         if !self.is_enabled() || self.is_merged() {
@@ -409,9 +411,17 @@ impl Attach for LoraConv2d {
             conv: b.conv,
         }
     }
-    fn attach(b: &ConvBase, p: &nn::Path, module: &str, config: &LoraConfig) -> Result<Self> {
+    fn attach(
+        b: &ConvBase,
+        lock: &BaseLock,
+        p: &nn::Path,
+        module: &str,
+        config: &LoraConfig,
+    ) -> Result<Self> {
         let bs = b.bs.as_ref().map(Tensor::shallow_clone);
-        LoraConv2d::from_parts(b.ws.shallow_clone(), bs, b.conv, p, module, config)
+        let layer = LoraConv2d::from_parts(b.ws.shallow_clone(), bs, b.conv, p, module, config)?;
+        layer.state.adopt_base_lock(module, lock)?;
+        Ok(layer)
     }
     fn rank_bound(b: &ConvBase) -> (i64, i64) {
         let s = b.ws.size();

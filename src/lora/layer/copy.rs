@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tch::nn;
 use tch::Tensor;
 
-use super::merge::{snapshot, MergeState};
+use super::merge::{snapshot, BaseLock, MergeState};
 use super::{Attach, Factors, LoraLayer};
 use crate::adapter::{Adapter, AdapterKind, Applicable};
 use crate::lora::config::LoraConfig;
@@ -246,8 +246,16 @@ impl Attach for ModuleCopy {
     fn share_base(b: &CopyBase) -> CopyBase {
         b.share()
     }
-    fn attach(b: &CopyBase, p: &nn::Path, module: &str, _config: &LoraConfig) -> Result<Self> {
-        ModuleCopy::new(b, p, module)
+    fn attach(
+        b: &CopyBase,
+        lock: &BaseLock,
+        p: &nn::Path,
+        module: &str,
+        _config: &LoraConfig,
+    ) -> Result<Self> {
+        let copy = ModuleCopy::new(b, p, module)?;
+        copy.state.merge.adopt_base_lock(module, lock)?;
+        Ok(copy)
     }
     fn rank_bound(_b: &CopyBase) -> (i64, i64) {
         (i64::MAX, i64::MAX)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tch::nn;
 use tch::Tensor;
 
-use super::merge::{add_in_compute_kind, compute_kind, MergeState};
+use super::merge::{add_in_compute_kind, compute_kind, BaseLock, MergeState};
 use super::{is_float, Attach, Factors, LoraLayer};
 use crate::adapter::{Adapter, AdapterKind, Applicable};
 use crate::lora::config::{LoraConfig, LoraInit};
@@ -275,7 +275,9 @@ impl LoraEmbedding {
 
     /// Embeddings of `ids` (any shape of int64 indices in `[0, V)`), with the adapter applied
     /// unless it is merged or disabled.
+    /// Safe beside merges on other threads (the table is read under its base lock).
     pub fn f_forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let _base = self.state.base_lock().read();
         let y = Tensor::f_embedding(&self.weight, ids, -1, false, false)?;
         if !self.is_enabled() || self.is_merged() {
             return Ok(y);
@@ -378,8 +380,16 @@ impl Attach for LoraEmbedding {
     fn share_base(w: &Tensor) -> Tensor {
         w.shallow_clone()
     }
-    fn attach(w: &Tensor, p: &nn::Path, module: &str, config: &LoraConfig) -> Result<Self> {
-        LoraEmbedding::new(w.shallow_clone(), p, module, config)
+    fn attach(
+        w: &Tensor,
+        lock: &BaseLock,
+        p: &nn::Path,
+        module: &str,
+        config: &LoraConfig,
+    ) -> Result<Self> {
+        let layer = LoraEmbedding::new(w.shallow_clone(), p, module, config)?;
+        layer.state.adopt_base_lock(module, lock)?;
+        Ok(layer)
     }
     fn rank_bound(w: &Tensor) -> (i64, i64) {
         (w.size()[0], w.size()[1])

@@ -129,6 +129,11 @@ impl LoraLinear {
     }
 
     /// The trained copy of the base bias (`bias = "lora_only"`), if any.
+    /// The base weight's lock (see [`BaseLock`](super::merge::BaseLock)).
+    pub(crate) fn base_lock(&self) -> &super::merge::BaseLock {
+        self.state.merge.base_lock()
+    }
+
     pub(crate) fn trained_bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
@@ -136,6 +141,7 @@ impl LoraLinear {
     /// Adds this adapter's branch to `y`, the base output `x Wᵀ + b` on the flattened input
     /// `x2: [N, in]` (the multi-adapter forward sums the active adapters this way). DoRA adds
     /// `(g − 1)·(x_d Wᵀ) + g·s·(x_d Aᵀ) Bᵀ`, as PEFT does for each DoRA adapter.
+    /// (The caller holds the base lock for reading.)
     pub(crate) fn f_add_delta(&self, x2: &Tensor, mut y: Tensor, train: bool) -> Result<Tensor> {
         self.check_base_init()?;
         let dropout = train && self.dropout > 0.0;
@@ -164,8 +170,12 @@ impl LoraLinear {
 
     /// Forward with every input check done before libtorch is called: the last dimension must
     /// be `in_features`, and dtype and device must match the base weight.
+    ///
+    /// Safe beside merges on other threads: the base weight is read under the layer's
+    /// [`BaseLock`](super::merge::BaseLock), so the output is the merged or the unmerged one.
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.check_input(xs)?;
+        let _base = self.state.merge.base_lock().read();
         let bias = self.input_bias(xs.kind())?;
         let bias = bias.as_ref();
         if !self.is_enabled() {

@@ -104,6 +104,7 @@ impl LoraLinear {
             return Err(Error::MergeState { module: self.module.clone(), state: "already merged" });
         }
         let _guard = tch::no_grad_guard();
+        let _base = self.state.merge.base_lock().write();
         let ready = self.state.base_init_done.load(Ordering::Acquire);
         if self.init.uses_base_weight() && !ready {
             let w = &self.base.ws;

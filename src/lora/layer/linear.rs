@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 
 use super::dora::{dora_row_sq, dora_weight_norm_with};
 use super::init::init_factors;
-use super::merge::{compute_kind, MergeState};
+use super::merge::{compute_kind, BaseLock, MergeState};
 use super::{add_var, is_float, path_name, Attach, Factors, LoraLayer};
 use crate::adapter::{Adapter, AdapterKind, Applicable};
 use crate::lora::config::{LoraBias, LoraConfig, LoraInit};
@@ -607,8 +607,16 @@ impl Attach for LoraLinear {
     fn share_base(b: &nn::Linear) -> nn::Linear {
         nn::Linear { ws: b.ws.shallow_clone(), bs: b.bs.as_ref().map(Tensor::shallow_clone) }
     }
-    fn attach(b: &nn::Linear, p: &nn::Path, module: &str, config: &LoraConfig) -> Result<Self> {
-        LoraLinear::with_module_name(Self::share_base(b), p, module, config)
+    fn attach(
+        b: &nn::Linear,
+        lock: &BaseLock,
+        p: &nn::Path,
+        module: &str,
+        config: &LoraConfig,
+    ) -> Result<Self> {
+        let layer = LoraLinear::with_module_name(Self::share_base(b), p, module, config)?;
+        layer.state.merge.adopt_base_lock(module, lock)?;
+        Ok(layer)
     }
     fn rank_bound(b: &nn::Linear) -> (i64, i64) {
         (b.ws.size()[1], b.ws.size()[0])

@@ -3,7 +3,7 @@
 //! bit-exactly).
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tch::{Kind, Tensor};
 
@@ -58,8 +58,27 @@ enum Kept {
     NoOriginal,
 }
 
+/// The lock every handle on one base weight shares, across the adapters of a stack: forwards
+/// hold it for reading while they read the base weight, and whatever writes the base weight
+/// (merge, unmerge, merging for good, PiSSA/OLoRA initialisation) holds it for writing, so a
+/// forward on another thread sees the weight wholly merged or wholly unmerged.
+#[derive(Debug, Clone, Default)]
+pub struct BaseLock(Arc<RwLock<()>>);
+
+impl BaseLock {
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, ()> {
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, ()> {
+        self.0.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 #[derive(Debug)]
 struct MergeInner {
+    /// The base weight's lock: the stack's, or the layer's own when it has no stack.
+    base: OnceLock<BaseLock>,
     enabled: AtomicBool,
     /// `kept`'s variant ([`Kept::tag`]), for the forward's and the stacks' lock-free checks;
     /// written only together with `kept`, under its lock.
@@ -88,10 +107,25 @@ pub struct MergeState(Arc<MergeInner>);
 impl MergeState {
     pub(crate) fn new() -> Self {
         MergeState(Arc::new(MergeInner {
+            base: OnceLock::new(),
             enabled: AtomicBool::new(true),
             state: AtomicU8::new(0),
             kept: Mutex::new(Kept::Nothing),
         }))
+    }
+
+    /// The base weight's lock (see [`BaseLock`]).
+    pub(crate) fn base_lock(&self) -> &BaseLock {
+        self.0.base.get_or_init(BaseLock::default)
+    }
+
+    /// Makes `lock` this layer's base lock: a layer attached to a stack shares the stack's.
+    /// Only a new layer, whose lock nothing has used yet, can adopt one.
+    pub(crate) fn adopt_base_lock(&self, module: &str, lock: &BaseLock) -> Result<()> {
+        self.0.base.set(lock.clone()).map_err(|_| Error::MergeState {
+            module: module.into(),
+            state: "already in use (only a new adapter can join a layer)",
+        })
     }
 
     pub(crate) fn is_enabled(&self) -> bool {
@@ -133,6 +167,7 @@ impl MergeState {
         merged: impl FnOnce() -> Result<(Tensor, Option<Tensor>)>,
     ) -> Result<()> {
         let _guard = tch::no_grad_guard();
+        let _base = self.base_lock().write();
         let mut kept = self.lock();
         if !matches!(*kept, Kept::Nothing) {
             return Err(Error::MergeState { module: module.into(), state: "already merged" });
@@ -166,6 +201,7 @@ impl MergeState {
         bias: Option<&Tensor>,
     ) -> Result<()> {
         let _guard = tch::no_grad_guard();
+        let _base = self.base_lock().write();
         let mut kept = self.lock();
         let (saved_w, saved_b) = match &*kept {
             Kept::Original(w, b) => (w, b),
@@ -195,6 +231,7 @@ impl MergeState {
         merged: impl FnOnce() -> Result<(Tensor, Option<Tensor>)>,
     ) -> Result<()> {
         let _guard = tch::no_grad_guard();
+        let _base = self.base_lock().write();
         let mut kept = self.lock();
         if matches!(*kept, Kept::Nothing) {
             let (w, b) = merged()?;

@@ -89,8 +89,14 @@ pub trait Attach: LoraLayer + Sized {
     fn share(&self) -> Self;
     /// A second handle on the base.
     fn share_base(base: &Self::Base) -> Self::Base;
-    /// A new adapter on `base`, its variables under `p`.
-    fn attach(base: &Self::Base, p: &nn::Path, module: &str, config: &LoraConfig) -> Result<Self>;
+    /// A new adapter on `base`, its variables under `p`, sharing the stack's base `lock`.
+    fn attach(
+        base: &Self::Base,
+        lock: &merge::BaseLock,
+        p: &nn::Path,
+        module: &str,
+        config: &LoraConfig,
+    ) -> Result<Self>;
     /// `(rows, cols)` whose minimum bounds the rank.
     fn rank_bound(base: &Self::Base) -> (i64, i64);
     /// The first variable an adapter of this type would register under `p`, if it exists.

@@ -11,6 +11,7 @@ use super::copy::{CopyKind, ModuleCopy};
 use super::embedding::LoraEmbedding;
 use super::forward::check_linear_input;
 use super::linear::LoraLinear;
+use super::merge::BaseLock;
 use super::Attach;
 use crate::{Error, Result};
 
@@ -32,6 +33,8 @@ struct StackState<L> {
 pub struct LoraStack<L: Attach> {
     module: String,
     base: L::Base,
+    /// Shared by every adapter of the layer: forwards read the base under it, merges write.
+    base_lock: BaseLock,
     state: Arc<Mutex<StackState<L>>>,
 }
 
@@ -40,6 +43,7 @@ impl<L: Attach> Clone for LoraStack<L> {
         LoraStack {
             module: self.module.clone(),
             base: L::share_base(&self.base),
+            base_lock: self.base_lock.clone(),
             state: Arc::clone(&self.state),
         }
     }
@@ -51,6 +55,7 @@ impl<L: Attach> LoraStack<L> {
         LoraStack {
             module: module.to_string(),
             base,
+            base_lock: BaseLock::default(),
             state: Arc::new(Mutex::new(StackState { slots: Vec::new(), merged: Vec::new() })),
         }
     }
@@ -66,6 +71,11 @@ impl<L: Attach> LoraStack<L> {
             merged.retain(|n| slots.iter().any(|(s, _)| s == n));
         }
         st
+    }
+
+    /// The lock an adapter attached to this layer shares.
+    pub(crate) fn base_lock(&self) -> &BaseLock {
+        &self.base_lock
     }
 
     /// The module path of the layer.
@@ -206,6 +216,7 @@ impl LoraStack<LoraLinear> {
         if let [(_, only)] = st.slots.as_slice() {
             return only.f_forward_t(xs, train);
         }
+        let _base = self.base_lock.read();
         let base = &self.base;
         check_linear_input(&base.ws, &self.module, xs)?;
         let live: Vec<&LoraLinear> =
@@ -246,6 +257,7 @@ impl LoraStack<LoraEmbedding> {
         if let [(_, only)] = st.slots.as_slice() {
             return only.f_forward(ids);
         }
+        let _base = self.base_lock.read();
         let mut y = Tensor::f_embedding(&self.base, ids, -1, false, false)?;
         for (_, l) in &st.slots {
             if l.is_enabled() && !l.is_merged() {
@@ -263,6 +275,7 @@ impl LoraStack<LoraConv2d> {
         if let [(_, only)] = st.slots.as_slice() {
             return only.f_forward_t(xs, train);
         }
+        let _base = self.base_lock.read();
         let b = &self.base;
         let (xs, padding) = conv_input(&b.ws, &b.conv, &self.module, xs)?;
         let c = &b.conv;
@@ -295,6 +308,7 @@ impl LoraStack<ModuleCopy> {
     /// layer's `x Wᵀ + b` or a table's `W[ids]`).
     pub fn f_forward(&self, xs: &Tensor) -> Result<Tensor> {
         let st = self.lock();
+        let _base = self.base_lock.read();
         let b = &self.base;
         if b.kind == CopyKind::Linear {
             check_linear_input(&b.ws, &self.module, xs)?;
