@@ -214,8 +214,23 @@ pub(crate) fn replace_dir(target: &Path, write: impl FnOnce(&Path) -> Result<()>
         return Err(e);
     }
     if !exists {
-        fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
-        return sync_dir(&parent);
+        match fs::rename(&tmp, &target) {
+            Ok(()) => return sync_dir(&parent),
+            // another save created it meanwhile: replace that one (it holds only its own files)
+            Err(e) if fs::metadata(&target).is_ok_and(|m| m.is_dir()) => {
+                if !exchange(&tmp, &target)? {
+                    let _ = fs::remove_dir_all(&tmp);
+                    return Err(Error::io(&target, e));
+                }
+                sync_dir(&parent)?;
+                let _ = fs::remove_dir_all(&tmp);
+                return Ok(());
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(Error::io(&target, e));
+            }
+        }
     }
     if exchange(&tmp, &target)? {
         sync_dir(&parent)?;

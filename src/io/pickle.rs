@@ -481,21 +481,28 @@ fn read_archive<R: Read + Seek>(reader: R, path: &Path) -> Result<Vec<(String, T
         },
         _ => return Err(corrupt("the file does not hold a dict".into())),
     };
-    let mut storages: HashMap<usize, Tensor> = HashMap::new();
+    // by key: every persistent id naming a storage is the same storage
+    let mut storages: HashMap<Rc<str>, Tensor> = HashMap::new();
     let mut out = Vec::new();
     for (k, v) in entries {
         let (Value::Str(name), Value::Obj(t)) = (k, v) else { continue };
         let Node::Tensor { storage, offset, size, stride } = &m.nodes[t] else { continue };
         let Node::Storage { kind, key } = &m.nodes[*storage] else { continue };
         let (kind, elem) = (*kind, kind.elt_size_in_bytes() as i64);
-        let base = match storages.get(storage) {
-            Some(b) => b.shallow_clone(),
+        let base = match storages.get(key) {
+            Some(b) if b.kind() == kind => b.shallow_clone(),
+            Some(b) => {
+                return Err(corrupt(format!(
+                    "storage `{key}` is read as {kind:?} and as {:?}",
+                    b.kind()
+                )))
+            }
             None => {
                 let bytes = read(&mut zip, &format!("{prefix}data/{key}"), u64::MAX)?;
                 let numel = bytes.len() as i64 / elem;
                 let b =
                     Tensor::f_from_data_size(&bytes[..(numel * elem) as usize], &[numel], kind)?;
-                storages.insert(*storage, b.shallow_clone());
+                storages.insert(key.clone(), b.shallow_clone());
                 b
             }
         };

@@ -174,6 +174,18 @@ impl LoraLinear {
         module: &str,
         config: &LoraConfig,
     ) -> Result<Self> {
+        Self::with_module_name_sharing(base, p, module, config, None)
+    }
+
+    /// As [`with_module_name`](Self::with_module_name), the base weight's lock shared with the
+    /// other adapters of its stack when given.
+    pub(crate) fn with_module_name_sharing(
+        base: nn::Linear,
+        p: &nn::Path,
+        module: &str,
+        config: &LoraConfig,
+        lock: Option<&BaseLock>,
+    ) -> Result<Self> {
         config.validate()?;
         let r = config.rank_for(module)?;
         let scaling = config.scaling_for(module)?;
@@ -272,6 +284,9 @@ impl LoraLinear {
                 cast: Mutex::new(None),
             }),
         };
+        if let Some(lock) = lock {
+            layer.state.merge.adopt_base_lock(module, lock)?;
+        }
         if layer.init.uses_base_weight() {
             layer.set_base_init_done(false);
             layer.init_from_base_weights()?;
@@ -614,9 +629,7 @@ impl Attach for LoraLinear {
         module: &str,
         config: &LoraConfig,
     ) -> Result<Self> {
-        let layer = LoraLinear::with_module_name(Self::share_base(b), p, module, config)?;
-        layer.state.merge.adopt_base_lock(module, lock)?;
-        Ok(layer)
+        LoraLinear::with_module_name_sharing(Self::share_base(b), p, module, config, Some(lock))
     }
     fn rank_bound(b: &nn::Linear) -> (i64, i64) {
         (b.ws.size()[1], b.ws.size()[0])
