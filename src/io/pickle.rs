@@ -425,8 +425,14 @@ impl<'a> Machine<'a> {
 /// The `(name, tensor)` entries of a dict saved with `torch.save` (zip format, PyTorch ≥ 1.6),
 /// in the file's order; entries whose value is not a tensor are skipped. Errors name the file
 /// and what is wrong (not a regular file, not a zip, no `data.pkl`, an unsupported pickle
-/// construct, a limit exceeded, a storage that is missing or too short). See the
-/// [module docs](self) for the limits; tensors are views of their storages.
+/// construct, a limit exceeded, a storage that is missing or too short).
+///
+/// The file is hostile until checked: memo entries are shared, not copied; nesting deeper than
+/// [`MAX_PICKLE_DEPTH`](crate::io::MAX_PICKLE_DEPTH), more than
+/// [`MAX_PICKLE_OBJECTS`](crate::io::MAX_PICKLE_OBJECTS) values, a pickle over
+/// [`MAX_PICKLE_BYTES`](crate::io::MAX_PICKLE_BYTES) and compressed entries are refused. Tensors
+/// are views of their storages (shared by key, as `torch.load` gives them), each inside its
+/// storage and no larger than it, so what is built never exceeds the archive.
 pub fn read_torch_dict(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>> {
     let path = path.as_ref();
     let (file, _) = super::files::open_regular(path)?;

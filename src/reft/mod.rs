@@ -21,9 +21,10 @@ mod positions;
 
 pub use intervention::{
     Activation, Intervention, InterventionConfig, InterventionKind, LowRankIntervention,
+    MAX_EMBED_DIM,
 };
 pub use model::{
     AllLayers, ReftConfig, ReftHook, ReftLayers, ReftModel, REFT_CONFIG_NAME, REFT_WEIGHTS_NAME,
 };
 pub use orthogonal::Orthogonality;
-pub use positions::Positions;
+pub use positions::{Positions, MAX_POSITIONS};

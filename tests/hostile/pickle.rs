@@ -42,8 +42,11 @@ fn unicode(s: &str) -> Vec<u8> {
     b
 }
 
-/// `{name: tensor}` for each `(name, storage key, offset, size, stride)`, f32 storages.
-pub fn state_dict(entries: &[(&str, usize, i64, &[i64], &[i64])]) -> Vec<u8> {
+/// One tensor of a pickled state dict: name, storage key, offset, size, stride.
+pub type Entry<'a> = (&'a str, usize, i64, &'a [i64], &'a [i64]);
+
+/// `{name: tensor}` for each entry, f32 storages.
+pub fn state_dict(entries: &[Entry]) -> Vec<u8> {
     let mut p = vec![0x80, 2, b'}', b'('];
     for (name, key, offset, size, stride) in entries {
         p.extend(unicode(name));
@@ -125,7 +128,7 @@ fn keys_sharing_a_storage_share_it_in_memory() {
     let n = 1 << 18;
     let names: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
     let (size, stride) = ([n as i64], [1i64]);
-    let entries: Vec<(&str, usize, i64, &[i64], &[i64])> =
+    let entries: Vec<Entry> =
         names.iter().map(|k| (k.as_str(), 0, 0, &size[..], &stride[..])).collect();
     let got =
         io::read_torch_dict_bytes(&archive(&state_dict(&entries), &[floats(n)]), "s.bin").unwrap();

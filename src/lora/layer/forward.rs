@@ -171,8 +171,8 @@ impl LoraLinear {
     /// Forward with every input check done before libtorch is called: the last dimension must
     /// be `in_features`, and dtype and device must match the base weight.
     ///
-    /// Safe beside merges on other threads: the base weight is read under the layer's
-    /// [`BaseLock`](super::merge::BaseLock), so the output is the merged or the unmerged one.
+    /// Safe beside merges on other threads: the base weight is read under the lock all adapters
+    /// of the layer share, so the output is the merged or the unmerged one.
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.check_input(xs)?;
         let _base = self.state.merge.base_lock().read();
