@@ -112,7 +112,11 @@ fn forwards_see_the_layer_merged_or_unmerged_never_torn() {
         done.clone(),
         checked.clone(),
     ));
-    for round in 0..150 {
+    // switch, merge and unmerge until the forwards have run a while (at most 100 000 rounds)
+    for round in 0..100_000 {
+        if checked.load(Ordering::Relaxed) >= 3000 {
+            break;
+        }
         let name = if round % 2 == 0 { "default" } else { "other" };
         adapter.set_active(&[name]).unwrap();
         adapter.merge().unwrap();
@@ -127,5 +131,63 @@ fn forwards_see_the_layer_merged_or_unmerged_never_torn() {
         let worst = w.join().unwrap();
         assert!(worst < 1e-9, "a forward saw a torn state (max deviation {worst})");
     }
-    assert!(checked.load(Ordering::Relaxed) > 100);
+    assert!(checked.load(Ordering::Relaxed) >= 3000);
+}
+
+#[test]
+fn embedding_forwards_see_the_table_merged_or_unmerged_never_torn() {
+    let (mut base, mut va) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let cfg = LoraConfig { r: 4, lora_alpha: 8.0, ..LoraConfig::for_targets(["embed"]) };
+    let builder = LoraBuilder::new(&va.root(), cfg).unwrap();
+    let emb = builder.embedding(&(base.root() / "embed"), 40, 12, Default::default()).unwrap();
+    let adapter = builder.finish().unwrap();
+    base.set_kind(Kind::Double);
+    va.set_kind(Kind::Double);
+    for (i, (_, t)) in va.variables().into_iter().chain(base.variables()).enumerate() {
+        fill(&t, 300 + i as i64);
+    }
+    let ids = Tensor::from_slice(&(0..40i64).rev().collect::<Vec<_>>()).view([4, 10]);
+    let handle = emb.as_lora().unwrap();
+    let w = emb.weight().copy();
+    let delta = handle.lora_b().mm(handle.lora_a()).tr() * handle.scaling();
+    let refs = [
+        Tensor::embedding(&w, &ids, -1, false, false),
+        Tensor::embedding(&(&w + delta), &ids, -1, false, false),
+    ];
+    let lora::MaybeLoraEmbedding::Lora(stack) = &emb else { panic!("targeted") };
+    let done = Arc::new(AtomicBool::new(false));
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for which in 0..2 {
+        let (stack, handle, ids, done) =
+            (stack.clone(), emb.as_lora().unwrap(), ids.shallow_clone(), done.clone());
+        let refs: Vec<Tensor> = refs.iter().map(Tensor::copy).collect();
+        let counter = lookups.clone();
+        workers.push(std::thread::spawn(move || {
+            let (mut worst, mut n): (f64, usize) = (0.0, 0);
+            while !done.load(Ordering::Acquire) {
+                let y = if which == 0 { stack.f_forward(&ids) } else { handle.f_forward(&ids) };
+                worst = worst.max(closest(&y.unwrap(), &refs));
+                n += 1;
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            (worst, n)
+        }));
+    }
+    // merge and unmerge until the lookups have run a while (at most 100 000 rounds)
+    for _ in 0..100_000 {
+        if lookups.load(Ordering::Relaxed) >= 4000 {
+            break;
+        }
+        adapter.merge().unwrap();
+        adapter.unmerge().unwrap();
+        handle.merge().unwrap();
+        handle.unmerge().unwrap();
+    }
+    done.store(true, Ordering::Release);
+    for w in workers {
+        let (worst, n) = w.join().unwrap();
+        assert!(worst < 1e-9, "a lookup saw a torn table (max deviation {worst})");
+        assert!(n > 100, "{n} lookups");
+    }
 }
