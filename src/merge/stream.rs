@@ -266,7 +266,11 @@ pub fn merge_directories(cfg: &MergeConfig, out: impl AsRef<Path>) -> Result<Mer
     let reference = base.as_ref().unwrap_or(&models[0]);
     let names = reference.names();
     let out_kind = cfg.dtype.as_deref().map(kind_from_name).transpose()?;
-    let deepest = names.iter().filter_map(|n| block_index(n, &[])).max().map_or(1, |m| m + 1);
+    let deepest = names
+        .iter()
+        .filter_map(|n| block_index(n, &[]))
+        .max()
+        .map_or(1, |m| m.saturating_add(1).max(1));
     let num_layers = reference.num_layers.map_or(deepest, |n| n.max(deepest));
     // every input has every tensor, with the same shape
     let mut plan = Vec::with_capacity(names.len());

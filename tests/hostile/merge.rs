@@ -151,3 +151,19 @@ fn a_merge_replaces_the_output_directory_whole() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn extreme_block_indices_do_not_overflow() {
+    let root = temp_dir("hostile-merge-blocks");
+    let dir = root.join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    let t = || Tensor::ones([2], (Kind::Float, Device::Cpu));
+    let names = ["model.layers.9223372036854775807.w", "model.layers.-3.w", "model.layers.0.w"];
+    let ts: Vec<(String, Tensor)> = names.iter().map(|n| (n.to_string(), t())).collect();
+    io::write_safetensors(dir.join("model.safetensors"), &ts, None).unwrap();
+    let yaml = format!(
+        "merge_method: linear\nmodels:\n  - model: {0}\n    parameters: {{weight: [1.0, 2.0]}}\n  - model: {0}\n    parameters: {{weight: 1.0}}\n",
+        dir.display()
+    );
+    merge_directories(&MergeConfig::from_yaml(&yaml).unwrap(), root.join("out")).unwrap();
+}
