@@ -68,13 +68,12 @@ fn owner_is_gone(name: &str, tag: &str) -> bool {
 /// Deletes the temporaries of `name` in `parent` whose process is gone.
 fn clean_stale(parent: &Path, name: &str) {
     let Ok(entries) = fs::read_dir(parent) else { return };
-    let prefix = format!(".{name}.");
     for e in entries.flatten() {
         let file = e.file_name().to_string_lossy().into_owned();
-        if !file.starts_with(&prefix) {
-            continue;
-        }
-        let stale = [TMP_TAG, OLD_TAG].iter().any(|t| file.contains(t) && owner_is_gone(&file, t));
+        // exactly this destination's temporaries (not those of `name.v2`)
+        let stale = [TMP_TAG, OLD_TAG]
+            .iter()
+            .any(|t| file.starts_with(&format!(".{name}{t}")) && owner_is_gone(&file, t));
         if stale {
             let p = e.path();
             let _ = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
@@ -149,10 +148,15 @@ fn exchange(_a: &Path, _b: &Path) -> Result<bool> {
 }
 
 /// Mirrors what `from` holds and `into` lacks into `into`: files as hard links (copies where
-/// linking is refused), directories recursively.
-fn carry_over(from: &Path, into: &Path) -> Result<()> {
+/// linking is refused), directories recursively; not the save's temporaries, and at the top
+/// level not the names the save `owns` (what it replaces, e.g. weight shards of an old merge).
+fn carry_over(from: &Path, into: &Path, owns: &dyn Fn(&str) -> bool) -> Result<()> {
     for e in fs::read_dir(from).map_err(|e| Error::io(from, e))? {
         let e = e.map_err(|e| Error::io(from, e))?;
+        let file = e.file_name().to_string_lossy().into_owned();
+        if file.contains(TMP_TAG) || file.contains(OLD_TAG) || owns(&file) {
+            continue;
+        }
         let (src, dst) = (e.path(), into.join(e.file_name()));
         let ty = e.file_type().map_err(|err| Error::io(&src, err))?;
         if ty.is_dir() {
@@ -161,7 +165,7 @@ fn carry_over(from: &Path, into: &Path) -> Result<()> {
             } else if !dst.is_dir() {
                 continue;
             }
-            carry_over(&src, &dst)?;
+            carry_over(&src, &dst, &|_| false)?;
         } else if fs::symlink_metadata(&dst).is_err() && fs::hard_link(&src, &dst).is_err() {
             if ty.is_symlink() {
                 #[cfg(unix)]
@@ -179,9 +183,14 @@ fn carry_over(from: &Path, into: &Path) -> Result<()> {
 
 /// Replaces the directory `target` by what `write` puts into the empty directory it is given,
 /// plus everything else `target` already holds (see the [module docs](self)): readers see the
-/// old directory or the new one, never a mix. On an error from `write` the destination is
-/// untouched and the temporary is removed.
-pub(crate) fn replace_dir(target: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+/// old directory or the new one, never a mix. Top-level entries for which `owns` is true are
+/// the save's own (left behind when it does not write them again). On any error the
+/// destination is untouched and the temporary is removed.
+pub(crate) fn replace_dir(
+    target: &Path,
+    owns: &dyn Fn(&str) -> bool,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     // a link to a directory: replace what it points to, keep the link
     let target = match fs::symlink_metadata(target) {
         Ok(m) if m.file_type().is_symlink() => {
@@ -205,7 +214,7 @@ pub(crate) fn replace_dir(target: &Path, write: impl FnOnce(&Path) -> Result<()>
     let staged = (|| {
         write(&tmp)?;
         if exists {
-            carry_over(&target, &tmp)?;
+            carry_over(&target, &tmp, owns)?;
         }
         sync_tree(&tmp)
     })();
@@ -218,7 +227,7 @@ pub(crate) fn replace_dir(target: &Path, write: impl FnOnce(&Path) -> Result<()>
             Ok(()) => return sync_dir(&parent),
             // another save created it meanwhile: replace that one (it holds only its own files)
             Err(e) if fs::metadata(&target).is_ok_and(|m| m.is_dir()) => {
-                if !exchange(&tmp, &target)? {
+                if !exchange(&tmp, &target).unwrap_or(false) {
                     let _ = fs::remove_dir_all(&tmp);
                     return Err(Error::io(&target, e));
                 }
@@ -232,14 +241,29 @@ pub(crate) fn replace_dir(target: &Path, write: impl FnOnce(&Path) -> Result<()>
             }
         }
     }
-    if exchange(&tmp, &target)? {
-        sync_dir(&parent)?;
-        let _ = fs::remove_dir_all(&tmp); // the old tree now
-        return Ok(());
+    match exchange(&tmp, &target) {
+        Ok(true) => {
+            sync_dir(&parent)?;
+            let _ = fs::remove_dir_all(&tmp); // the old tree now
+            return Ok(());
+        }
+        Ok(false) => {}
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
     }
     let aside = parent.join(format!(".{name}{OLD_TAG}{}", unique_suffix()));
-    fs::rename(&target, &aside).map_err(|e| Error::io(&target, e))?;
-    fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
+    if let Err(e) = fs::rename(&target, &aside) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(Error::io(&target, e));
+    }
+    if let Err(e) = fs::rename(&tmp, &target) {
+        // put the old tree back: the destination is never left missing by an error
+        let _ = fs::rename(&aside, &target);
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(Error::io(&target, e));
+    }
     sync_dir(&parent)?;
     let _ = fs::remove_dir_all(&aside);
     Ok(())

@@ -29,6 +29,9 @@ use crate::{Error, Result};
 /// The deepest nesting of tuples, lists and dicts accepted (a state dict needs 4).
 pub const MAX_PICKLE_DEPTH: usize = 64;
 
+/// The largest tensor rank accepted.
+const MAX_TENSOR_RANK: usize = 64;
+
 /// The most values a pickle may push (a state dict needs about twenty per tensor).
 pub const MAX_PICKLE_OBJECTS: usize = 1 << 23;
 
@@ -208,9 +211,15 @@ impl<'a> Machine<'a> {
         let Node::Tuple(args) = &self.nodes[a] else {
             return Err("REDUCE without an argument tuple".into());
         };
+        if &*name == "collections.OrderedDict" {
+            return self.alloc(Node::Dict(Vec::new()), 1);
+        }
+        // a tensor's arguments are a handful: never copy a long tuple
+        if args.len() > 8 {
+            return Err(format!("`{name}` with {} arguments", args.len()));
+        }
         let args = args.clone();
         match &*name {
-            "collections.OrderedDict" => self.alloc(Node::Dict(Vec::new()), 1),
             "torch._utils._rebuild_tensor_v2" => {
                 let storage = match args.first() {
                     Some(Value::Obj(s)) if matches!(self.nodes[*s], Node::Storage { .. }) => *s,
@@ -221,6 +230,12 @@ impl<'a> Machine<'a> {
                 };
                 let size = self.ints(args.get(2), "size")?;
                 let stride = self.ints(args.get(3), "stride")?;
+                if size.len() > MAX_TENSOR_RANK {
+                    return Err(format!(
+                        "a tensor of rank {} (at most {MAX_TENSOR_RANK})",
+                        size.len()
+                    ));
+                }
                 if size.len() != stride.len() {
                     return Err(
                         "_rebuild_tensor_v2 with sizes and strides of different ranks".into()
@@ -435,18 +450,20 @@ impl<'a> Machine<'a> {
 /// storage and no larger than it, so what is built never exceeds the archive.
 pub fn read_torch_dict(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>> {
     let path = path.as_ref();
-    let (file, _) = super::files::open_regular(path)?;
-    let tensors = read_archive(file, path)?;
+    let (file, len) = super::files::open_regular(path)?;
+    let tensors = read_archive(file, len, path)?;
     super::check_loaded_finite(tensors.iter().map(|(n, t)| (n.as_str(), t)), path)?;
     Ok(tensors)
 }
 
 /// As [`read_torch_dict`], from the bytes of the archive (`what` names it in errors).
 pub fn read_torch_dict_bytes(bytes: &[u8], what: &str) -> Result<Vec<(String, Tensor)>> {
-    read_archive(std::io::Cursor::new(bytes), Path::new(what))
+    read_archive(std::io::Cursor::new(bytes), bytes.len() as u64, Path::new(what))
 }
 
-fn read_archive<R: Read + Seek>(reader: R, path: &Path) -> Result<Vec<(String, Tensor)>> {
+/// `len`: the archive's size, which the storages together may not exceed (zip entries can
+/// overlap: one region listed many times is refused, not read many times).
+fn read_archive<R: Read + Seek>(reader: R, len: u64, path: &Path) -> Result<Vec<(String, Tensor)>> {
     let corrupt = |reason: String| Error::CorruptFile { file: path.to_path_buf(), reason };
     let mut zip =
         zip::ZipArchive::new(reader).map_err(|e| corrupt(format!("not a torch.save zip: {e}")))?;
@@ -489,6 +506,7 @@ fn read_archive<R: Read + Seek>(reader: R, path: &Path) -> Result<Vec<(String, T
     };
     // by key: every persistent id naming a storage is the same storage
     let mut storages: HashMap<Rc<str>, Tensor> = HashMap::new();
+    let mut storage_bytes = 0u64;
     let mut out = Vec::new();
     for (k, v) in entries {
         let (Value::Str(name), Value::Obj(t)) = (k, v) else { continue };
@@ -504,7 +522,9 @@ fn read_archive<R: Read + Seek>(reader: R, path: &Path) -> Result<Vec<(String, T
                 )))
             }
             None => {
-                let bytes = read(&mut zip, &format!("{prefix}data/{key}"), u64::MAX)?;
+                let room = len.saturating_sub(storage_bytes);
+                let bytes = read(&mut zip, &format!("{prefix}data/{key}"), room)?;
+                storage_bytes += bytes.len() as u64;
                 let numel = bytes.len() as i64 / elem;
                 let b =
                     Tensor::f_from_data_size(&bytes[..(numel * elem) as usize], &[numel], kind)?;

@@ -98,8 +98,16 @@ pub fn forward_shared(
         // from the state check to the kernel (a merge on another thread waits)
         let only: Vec<Option<LoraLinear>> =
             layers.iter().map(|l| l.as_stack().and_then(LoraStack::only)).collect();
-        let mut bases: Vec<_> =
-            only.iter().map(|l| l.as_ref().map(|l| l.base_lock().read())).collect();
+        // once per base weight (a layer listed twice would read-lock twice on this thread)
+        let mut bases: Vec<_> = only
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let l = l.as_ref()?;
+                let seen = only[..i].iter().flatten().any(|o| o.base_lock().same(l.base_lock()));
+                (!seen).then(|| l.base_lock().read())
+            })
+            .collect();
         // those that take the fused path, with their bias; the others' own forwards lock them
         let mut fused: Vec<Option<(&LoraLinear, Option<Tensor>)>> = Vec::new();
         for (layer, base) in only.iter().zip(bases.iter_mut()) {

@@ -319,7 +319,8 @@ pub fn merge_directories(cfg: &MergeConfig, out: impl AsRef<Path>) -> Result<Mer
     }
     let mut stats =
         MergeStats { tensors: plan.len(), bytes_read: 0, bytes_written: 0, seconds: 0.0 };
-    io::replace_dir(out, |dir| {
+    // the weights of an earlier model in `out` (shards, their index, other formats) go
+    io::replace_dir(out, &is_weight_file, |dir| {
         let path = dir.join("model.safetensors");
         let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
         let mut w = BufWriter::with_capacity(1 << 22, file);
@@ -363,19 +364,24 @@ pub fn merge_directories(cfg: &MergeConfig, out: impl AsRef<Path>) -> Result<Mer
         for entry in std::fs::read_dir(&reference.dir).map_err(|e| Error::io(&reference.dir, e))? {
             let p = entry.map_err(|e| Error::io(&reference.dir, e))?.path();
             let name = p.file_name().and_then(|s| s.to_str()).unwrap_or_default();
-            let weights =
-                name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json");
-            if weights || name.starts_with('.') || !p.is_file() {
+            if is_weight_file(name) || name.starts_with('.') || io::open_regular(&p).is_err() {
                 continue;
             }
-            let bytes = io::read_capped(&p, u64::MAX)?;
             let dst = dir.join(name);
-            std::fs::write(&dst, bytes).map_err(|e| Error::io(&dst, e))?;
+            std::fs::copy(&p, &dst).map_err(|e| Error::io(&p, e))?;
         }
         Ok(())
     })?;
     stats.seconds = started.elapsed().as_secs_f64();
     Ok(stats)
+}
+
+/// Weights of a model directory in any format (not copied from the reference, not kept from an
+/// earlier model in the output).
+fn is_weight_file(name: &str) -> bool {
+    [".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".gguf"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
 }
 
 /// Refuses an output directory that is (or links to) the base or one of the models: the merge

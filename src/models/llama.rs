@@ -182,11 +182,25 @@ impl LlamaConfig {
     /// norm, and `lm_head` when untied); an error past
     /// [`MAX_PARAMETERS`](super::MAX_PARAMETERS).
     pub fn num_parameters(&self) -> Result<i64> {
+        let too_large = || {
+            Error::config(
+                "num_attention_heads",
+                format!("the model has more than {} parameters", super::MAX_PARAMETERS),
+            )
+        };
         let (d, v, i) = (self.hidden_size, self.vocab_size, self.intermediate_size);
-        let (q, kv) =
-            (self.num_attention_heads * self.head_dim(), self.kv_heads() * self.head_dim());
-        let attn_bias = if self.attention_bias { 2 * q + 2 * kv } else { 0 };
-        let mlp_bias = if self.mlp_bias { 2 * i + d } else { 0 };
+        let q = self.num_attention_heads.checked_mul(self.head_dim()).ok_or_else(too_large)?;
+        let kv = self.kv_heads().checked_mul(self.head_dim()).ok_or_else(too_large)?;
+        let attn_bias = if self.attention_bias {
+            super::count_parameters(&[(q, 2), (kv, 2)]).ok_or_else(too_large)?
+        } else {
+            0
+        };
+        let mlp_bias = if self.mlp_bias {
+            super::count_parameters(&[(i, 2), (d, 1)]).ok_or_else(too_large)?
+        } else {
+            0
+        };
         let block = super::count_parameters(&[
             (d, 2),
             (d, q),

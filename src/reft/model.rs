@@ -306,7 +306,7 @@ impl ReftModel {
                 tensors.push((format!("layers.{l}.{g}.{RAW_ROTATION}"), v.detach()));
             }
         }
-        io::replace_dir(dir.as_ref(), |tmp| {
+        io::replace_dir(dir.as_ref(), &|_| false, |tmp| {
             io::write_atomic(&tmp.join(REFT_CONFIG_NAME), text.as_bytes())?;
             io::write_safetensors(tmp.join(REFT_WEIGHTS_NAME), &tensors, Some(io::pt_metadata()))
         })

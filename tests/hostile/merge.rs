@@ -167,3 +167,31 @@ fn extreme_block_indices_do_not_overflow() {
     );
     merge_directories(&MergeConfig::from_yaml(&yaml).unwrap(), root.join("out")).unwrap();
 }
+
+#[test]
+fn an_earlier_model_s_shards_do_not_survive_into_a_new_merge() {
+    let root = temp_dir("hostile-merge-shards");
+    let (a, b) = (model(&root, "a", 1.0, 2, 2), model(&root, "b", 3.0, 2, 2));
+    let out = root.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    for f in
+        ["model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
+    {
+        std::fs::write(out.join(f), "old").unwrap();
+    }
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let yaml = format!(
+        "merge_method: linear\nmodels:\n  - model: {}\n    parameters: {{weight: 1.0}}\n  - model: {}\n    parameters: {{weight: 1.0}}\n",
+        a.display(),
+        b.display()
+    );
+    merge_directories(&MergeConfig::from_yaml(&yaml).unwrap(), &out).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["config.json", "model.safetensors", "notes.txt"]);
+    ModelFiles::open(&out).unwrap();
+}

@@ -166,3 +166,11 @@ fn code_is_never_run_and_missing_storages_are_errors() {
     let pkl = state_dict(&[("w", 7, 0, &[1], &[1])]);
     assert!(io::read_torch_dict_bytes(&archive(&pkl, &[]), "m.bin").is_err());
 }
+
+#[test]
+fn absurd_ranks_are_refused() {
+    let (size, stride) = (vec![1i64; 65], vec![1i64; 65]);
+    let pkl = state_dict(&[("w", 0, 0, &size, &stride)]);
+    let e = io::read_torch_dict_bytes(&archive(&pkl, &[floats(6)]), "rank.bin").unwrap_err();
+    assert!(corrupt_reason(e).contains("rank 65"));
+}

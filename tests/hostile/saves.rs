@@ -97,3 +97,18 @@ fn the_finite_check_on_load_is_opt_in() {
     io::set_require_finite(false);
     assert!(matches!(&e, Error::NonFinite { name, .. } if name.contains("lora_B")), "{e}");
 }
+
+#[test]
+fn cleaning_spares_other_destinations_temporaries() {
+    let root = temp_dir("hostile-save-sibling");
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    // the only copy of `adapter.v2` after a crash in the fallback's two renames
+    let sibling = root.join(format!(".adapter.v2.tch-peft-old.{dead}.1.0"));
+    std::fs::create_dir_all(&sibling).unwrap();
+    let (vs, base) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let (_layer, a) = adapter(&vs, &base);
+    a.save_pretrained(root.join("adapter")).unwrap();
+    assert!(sibling.exists(), "another destination's aside copy was deleted");
+}

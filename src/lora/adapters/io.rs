@@ -134,7 +134,7 @@ impl LoraAdapter {
         for n in names {
             self.check_known(n)?;
         }
-        io::replace_dir(dir.as_ref(), |tmp| {
+        io::replace_dir(dir.as_ref(), &|_| false, |tmp| {
             for n in names {
                 let dir = Self::adapter_dir(n, tmp);
                 let config = self.adapter_config(n).ok_or_else(|| Error::config("adapter", *n))?;
@@ -226,7 +226,7 @@ impl LoraAdapter {
             init_lora_weights: crate::lora::config::LoraInit::Kaiming,
             ..config.clone()
         };
-        io::replace_dir(dir.as_ref(), |tmp| {
+        io::replace_dir(dir.as_ref(), &|_| false, |tmp| {
             let dir = Self::adapter_dir(name, tmp);
             write_config(&dir, &converted)?;
             io::write_safetensors(

@@ -70,6 +70,11 @@ impl BaseLock {
         self.0.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether two handles share this lock (one base weight).
+    pub(crate) fn same(&self, other: &BaseLock) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     pub(crate) fn write(&self) -> RwLockWriteGuard<'_, ()> {
         self.0.write().unwrap_or_else(|e| e.into_inner())
     }
