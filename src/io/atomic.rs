@@ -191,9 +191,10 @@ pub(crate) fn replace_dir(
     owns: &dyn Fn(&str) -> bool,
     write: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    // a link to a directory: replace what it points to, keep the link
+    // a link to a directory: replace what it points to, keep the link; `.` or `x/..`: the
+    // directory they name
     let target = match fs::symlink_metadata(target) {
-        Ok(m) if m.file_type().is_symlink() => {
+        Ok(m) if m.file_type().is_symlink() || target.file_name().is_none() => {
             fs::canonicalize(target).map_err(|e| Error::io(target, e))?
         }
         _ => target.to_path_buf(),

@@ -112,3 +112,14 @@ fn cleaning_spares_other_destinations_temporaries() {
     a.save_pretrained(root.join("adapter")).unwrap();
     assert!(sibling.exists(), "another destination's aside copy was deleted");
 }
+
+#[test]
+fn a_directory_named_by_dots_is_saved_into() {
+    let root = temp_dir("hostile-save-dots");
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    let (vs, base) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let (_layer, a) = adapter(&vs, &base);
+    a.save_pretrained(root.join("sub/..")).unwrap();
+    LoraConfig::from_pretrained(&root).unwrap();
+    assert!(root.join("sub").is_dir());
+}
