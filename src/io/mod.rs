@@ -54,7 +54,7 @@ pub(crate) fn check_loaded_finite<'a>(
         return Ok(());
     }
     for (name, t) in tensors {
-        if crate::lora::is_float(t.kind()) && t.f_isfinite()?.f_all()?.int64_value(&[]) == 0 {
+        if crate::lora::is_float(t.kind()) && !crate::lora::all_finite(t)? {
             return Err(crate::Error::NonFinite { name: name.into(), file: file.to_path_buf() });
         }
     }

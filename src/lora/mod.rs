@@ -32,4 +32,4 @@ pub use layer::{
 };
 pub use model_layers::{forward_shared, MaybeLoraConv2d, MaybeLoraEmbedding, MaybeLoraLinear};
 
-pub(crate) use layer::{compute_kind, is_float};
+pub(crate) use layer::{all_finite, compute_kind, is_float};

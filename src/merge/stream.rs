@@ -348,7 +348,7 @@ pub fn merge_directories(cfg: &MergeConfig, out: impl AsRef<Path>) -> Result<Mer
                 let merged = tch::no_grad(|| {
                     merge_tensor(cfg.merge_method, b.as_ref(), &pairs, &cfg.global_params(n, t))
                 })?;
-                if merged.f_isfinite()?.f_all()?.int64_value(&[]) == 0 {
+                if !crate::lora::all_finite(&merged)? {
                     return Err(Error::NonFinite { name: n.clone(), file: out.to_path_buf() });
                 }
                 merged

@@ -32,7 +32,7 @@ pub(crate) use copy::{CopyBase, CopyKind};
 pub use embedding::LoraEmbedding;
 pub use forward::{custom_cuda_kernels_available, fused_kernel_available, set_custom_cuda_kernels};
 pub use linear::LoraLinear;
-pub(crate) use merge::{compute_kind, MergeState};
+pub(crate) use merge::{all_finite, compute_kind, MergeState};
 pub use stack::LoraStack;
 
 use super::config::LoraConfig;
