@@ -10,8 +10,8 @@ use common::*;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 use tch_peft::merge::{
-    merge_directories, merge_tensor, wise_ft, GlobalParams, MergeConfig, MergeMethod, ModelFiles,
-    ModelParams, WiseFt,
+    extract_lora, merge_directories, merge_tensor, wise_ft, ExtractOptions, GlobalParams,
+    MergeConfig, MergeMethod, ModelFiles, ModelParams, WiseFt,
 };
 use tch_peft::{io, Adapter, Applicable, Error};
 
@@ -21,13 +21,11 @@ fn fixture() -> PathBuf {
 
 /// The case's YAML with its model paths made absolute.
 fn config(case: &str) -> MergeConfig {
-    let text = std::fs::read_to_string(fixture().join(format!("{case}.yml"))).unwrap();
-    let mut cfg = MergeConfig::from_yaml(&text).unwrap();
-    cfg.base_model = cfg.base_model.map(|b| fixture().join(b));
-    for m in &mut cfg.models {
-        m.model = fixture().join(&m.model);
-    }
-    cfg
+    MergeConfig::from_file(fixture().join(format!("{case}.yml"))).unwrap()
+}
+
+fn json(path: impl AsRef<Path>) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 fn tensors(path: &Path) -> BTreeMap<String, Tensor> {
@@ -47,21 +45,98 @@ fn deterministic_methods_match_mergekit() {
         "breadcrumbs_ties",
         "model_stock",
         "model_stock_filter_wise",
+        "slerp_base_listed",
+        "ties_base_listed",
+        "linear_base_listed",
+        "slices_slerp",
+        "slices_two",
+        "slices_task_arithmetic",
+        "passthrough",
+        "nuslerp",
+        "nuslerp_base_rows",
+        "nuslerp_base_columns",
+        "multislerp",
+        "multislerp_base",
+        "karcher",
+        "karcher_base",
+        "sce",
+        "sce_topk",
     ] {
         let out = temp_dir(&format!("merge-{case}"));
         let stats = merge_directories(&config(case), &out).unwrap();
         let ours = tensors(&out.join("model.safetensors"));
         let theirs = tensors(&fixture().join(case).join("model.safetensors"));
-        assert_eq!(ours.len(), theirs.len(), "{case}");
+        let names = |m: &BTreeMap<String, Tensor>| m.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(names(&ours), names(&theirs), "{case}");
         assert_eq!(stats.tensors, theirs.len());
         for (k, t) in &theirs {
-            let d = max_abs_diff(&ours[k], t);
-            assert!(d <= 1e-6, "{case}: {k}: {d}");
+            // f16/bf16 outputs: within one rounding step of the output dtype
+            let tol = match t.kind() {
+                Kind::Float => 1e-6,
+                _ => 2e-3 * t.abs().max().double_value(&[]).max(1e-3),
+            };
+            let d = max_abs_diff(&ours[k].to_kind(Kind::Float), &t.to_kind(Kind::Float));
+            assert!(d <= tol, "{case}: {k}: {d}");
             assert_eq!(ours[k].kind(), t.kind(), "{case}: {k}");
         }
-        assert!(out.join("config.json").exists(), "the base's config is copied");
+        let their_config = fixture().join(case).join("config.json");
+        let ours_config = json(out.join("config.json"));
+        if their_config.exists() {
+            let theirs_config = json(&their_config);
+            for key in ["num_hidden_layers", "dtype"] {
+                assert_eq!(ours_config[key], theirs_config[key], "{case}: {key}");
+            }
+        }
         let _ = std::fs::remove_dir_all(&out);
     }
+}
+
+#[test]
+fn an_extracted_lora_is_mergekit_s_and_rebuilds_the_model() {
+    let out = temp_dir("merge-extract");
+    let opts = ExtractOptions { max_rank: 4, ..Default::default() };
+    let stats = extract_lora(fixture().join("base"), fixture().join("m1"), &out, &opts).unwrap();
+    let ours = tensors(&out.join("adapter_model.safetensors"));
+    let theirs = tensors(&fixture().join("extract_lora/adapter_model.safetensors"));
+    let names = |m: &BTreeMap<String, Tensor>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(&ours), names(&theirs));
+    for (k, t) in &theirs {
+        if let Some(module) = k.strip_suffix(".lora_A.weight") {
+            // the SVD's signs are arbitrary: compare B·A
+            let b = |m: &BTreeMap<String, Tensor>| {
+                m[&format!("{module}.lora_B.weight")].shallow_clone()
+            };
+            let d = max_abs_diff(&b(&ours).matmul(&ours[k]), &b(&theirs).matmul(t));
+            assert!(d < 1e-5, "{module}: {d}");
+        } else if !k.contains("lora_B") {
+            assert!(bit_equal(&ours[k], t), "{k}: saved at full rank");
+        }
+    }
+    let ours_cfg = json(out.join("adapter_config.json"));
+    let theirs_cfg = json(fixture().join("extract_lora/adapter_config.json"));
+    let set = |v: &serde_json::Value| {
+        let mut s: Vec<String> =
+            v.as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
+        s.sort();
+        s
+    };
+    for key in ["target_modules", "modules_to_save"] {
+        assert_eq!(set(&ours_cfg[key]), set(&theirs_cfg[key]), "{key}");
+    }
+    for key in ["r", "lora_alpha", "peft_type", "use_rslora", "rank_pattern"] {
+        assert_eq!(ours_cfg[key], theirs_cfg[key], "{key}");
+    }
+    assert!(stats.relative_error > 0.0 && stats.relative_error < 1.0);
+    // and this crate's LoRA config reads it back as r = 4, scaling 1
+    let text = std::fs::read_to_string(out.join("adapter_config.json")).unwrap();
+    let cfg: tch_peft::lora::LoraConfig = serde_json::from_str(&text).unwrap();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.scaling_for("model.layers.0.self_attn.q_proj").unwrap(), 1.0);
+    // at full rank, B·A is the task vector
+    let full = ExtractOptions { max_rank: 64, ..Default::default() };
+    let stats = extract_lora(fixture().join("base"), fixture().join("m1"), &out, &full).unwrap();
+    assert!(stats.relative_error < 1e-6, "{}", stats.relative_error);
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
@@ -98,14 +173,38 @@ fn config_errors_name_what_is_wrong() {
     let err = MergeConfig::from_yaml(bad).unwrap_err();
     assert!(err.to_string().contains("base_model"), "{err}");
     let bad =
-        "merge_method: linear\nmodels:\n  - model: m1\n    parameters: {weight: 1, epsilon: 0.1}\n";
+        "merge_method: linear\nmodels:\n  - model: m1\n    parameters: {weight: 1, densty: 0.1}\n";
     let err = MergeConfig::from_yaml(bad).unwrap_err();
-    assert!(err.to_string().contains("epsilon"), "{err}");
-    let bad = "merge_method: linear\nslices: []\nmodels:\n  - model: m1\n";
-    let err = MergeConfig::from_yaml(bad).unwrap_err();
+    assert!(err.to_string().contains("densty"), "a typo is named: {err}");
+    let both = "merge_method: linear\nslices:\n  - sources: [{model: a, layer_range: [0, 1]}]\nmodels:\n  - model: m1\n";
+    let err = MergeConfig::from_yaml(both).unwrap_err();
     assert!(err.to_string().contains("slices"), "{err}");
-    let bad = "merge_method: karcher\nmodels:\n  - model: m1\n";
-    assert!(MergeConfig::from_yaml(bad).unwrap_err().to_string().contains("karcher"));
+    let bad = "merge_method: nearswap\nmodels:\n  - model: m1\n";
+    assert!(MergeConfig::from_yaml(bad).unwrap_err().to_string().contains("nearswap"));
+    let bad = "merge_method: linear\nmodels:\n  - model: m1\nmodules: {}\n";
+    assert!(MergeConfig::from_yaml(bad).unwrap_err().to_string().contains("modules"));
+    // structure, as mergekit checks it
+    for (yaml, needle) in [
+        ("merge_method: slerp\nbase_model: b\nmodels: [{model: b}, {model: m1}, {model: m2}]\nparameters: {t: 0.5}\n", "exactly 1"),
+        ("merge_method: nuslerp\nmodels: [{model: m1, parameters: {weight: 1}}]\n", "exactly 2"),
+        ("merge_method: model_stock\nbase_model: b\nmodels: [{model: m1}]\n", "at least 2"),
+        ("merge_method: passthrough\nmodels: [{model: m1}, {model: m2}]\n", "exactly 1"),
+        ("merge_method: linear\nmodels: [{model: m1, parameters: {weight: 1}}, {model: m1, parameters: {weight: 1}}]\n", "twice"),
+        ("merge_method: slerp\nbase_model: b\nslices:\n  - sources: [{model: m1, layer_range: [0, 2]}, {model: m2, layer_range: [0, 2]}]\nparameters: {t: 0.5}\n", "not among the sources"),
+        ("merge_method: slerp\nbase_model: b\nslices:\n  - sources: [{model: b, layer_range: [0, 2]}, {model: m2, layer_range: [0, 3]}]\nparameters: {t: 0.5}\n", "same number of layers"),
+        ("merge_method: passthrough\nslices:\n  - sources: [{model: b, layer_range: [2, 1]}]\n", "not a range"),
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: m1}]\ntokenizer_source: union\n", "union"),
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: m1}]\ntokenizer: {source: base, tokens: {x: {source: base}}}\n", "tokens"),
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: m1}]\ndtype: int8\n", "dtype"),
+    ] {
+        let err = MergeConfig::from_yaml(yaml).unwrap_err().to_string();
+        assert!(err.contains(needle), "{yaml}: {err}");
+    }
+    // a layer range past the model's layers
+    let mut cfg = config("passthrough");
+    cfg.slices[1].sources[0].layer_range = [1, 4];
+    let err = merge_directories(&cfg, temp_dir("merge-range")).unwrap_err().to_string();
+    assert!(err.contains("past the model's 3 layers"), "{err}");
     // a weighted method without a weight
     let mut cfg = config("linear");
     cfg.models[0].parameters.clear();
@@ -206,4 +305,45 @@ fn wise_ft_owns_its_endpoints_and_trains_nothing() {
     })
     .unwrap();
     assert_eq!(curve, [(0.0, (0.0, 0.5)), (1.0, (1.0, 1.5))]);
+}
+
+#[test]
+fn a_tokenizer_source_is_copied_when_the_vocabularies_agree() {
+    let root = temp_dir("merge-tokenizer");
+    let model = |name: &str, vocab: &str, extra: &str| {
+        let d = root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["model.safetensors", "config.json"] {
+            std::fs::copy(fixture().join("m1").join(f), d.join(f)).unwrap();
+        }
+        std::fs::write(d.join("tokenizer.json"), vocab).unwrap();
+        std::fs::write(d.join("tokenizer_config.json"), extra).unwrap();
+        d
+    };
+    let (a, b, c) = (
+        model("a", "{\"v\": 1}", "a"),
+        model("b", "{\"v\": 1}", "b"),
+        model("c", "{\"v\": 2}", "c"),
+    );
+    let yaml = |src: &str, second: &Path| {
+        format!(
+            "merge_method: linear\nmodels:\n  - {{model: {}, parameters: {{weight: 1}}}}\n  - {{model: {}, parameters: {{weight: 1}}}}\ntokenizer_source: {src}\n",
+            a.display(),
+            second.display()
+        )
+    };
+    let out = root.join("out");
+    let cfg = MergeConfig::from_yaml(&yaml(&b.display().to_string(), &b)).unwrap();
+    merge_directories(&cfg, &out).unwrap();
+    // the source's tokenizer files, in place of the donor's (the first model's)
+    assert_eq!(std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap(), "b");
+    // a model with another vocabulary would need its embeddings permuted: refused, by name
+    let cfg = MergeConfig::from_yaml(&yaml(&b.display().to_string(), &c)).unwrap();
+    let err = merge_directories(&cfg, root.join("out2")).unwrap_err();
+    assert!(
+        matches!(&err, Error::Unsupported { field, .. } if field == "tokenizer_source"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("tokenizer.json"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
 }

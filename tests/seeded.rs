@@ -1,12 +1,15 @@
 //! Reproducibility under a seed: DARE's random drops, PEFT's (`TaskMerge::DareLinear`) and
 //! mergekit's (`MergeMethod::DareLinear`, with both rescales), draw the same mask after the same
-//! `manual_seed`. One test in a binary of its own: libtorch's CPU generator is global, so any
-//! other test thread drawing between the seed and the draw would change the mask.
+//! `manual_seed`; and DARE and DELLA draw the very masks mergekit 0.1.5 draws after the same
+//! seed (libtorch's CPU generator is the one both use; fixtures by
+//! `scripts/make_merge_fixtures.py`). One test in a binary of its own: the generator is
+//! global, so any other test thread drawing between the seed and the draw would change the mask.
 
 mod common;
 
 use common::*;
 use tch::{Device, Kind, Tensor};
+use tch_peft::io;
 use tch_peft::lora::TaskMerge;
 use tch_peft::merge::{merge_tensor, GlobalParams, MergeMethod, ModelParams};
 
@@ -38,4 +41,51 @@ fn dare_masks_repeat_under_the_same_seed() {
     assert!(bit_equal(&inv.ne(0.0), &mask), "same seed, same mask");
     let expected = a.masked_select(&mask) / 0.3;
     assert!(max_abs_diff(&inv.masked_select(&mask), &expected) < 1e-6);
+
+    random_methods_draw_mergekit_s_masks();
+}
+
+/// Each case of `random.json`: the same seed before each tensor, the same merged tensor.
+fn random_methods_draw_mergekit_s_masks() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/merge");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("random.json")).unwrap()).unwrap();
+    let t: std::collections::HashMap<String, Tensor> =
+        io::read_safetensors(dir.join("random.safetensors")).unwrap().tensors.into_iter().collect();
+    let num = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64());
+    for (case, c) in cases.as_object().unwrap() {
+        let method: MergeMethod = serde_json::from_value(c["method"].clone()).unwrap();
+        let d = ModelParams::default();
+        let params: Vec<ModelParams> = c["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| ModelParams {
+                weight: num(m, "weight").unwrap(),
+                density: num(m, "density").unwrap_or(d.density),
+                epsilon: num(m, "epsilon").unwrap_or(d.epsilon),
+                ..d
+            })
+            .collect();
+        let p = &c["parameters"];
+        let g = GlobalParams {
+            lambda: num(p, "lambda").unwrap_or(1.0),
+            rescale: p.get("rescale").and_then(|x| x.as_bool()),
+            normalize: p.get("normalize").and_then(|x| x.as_bool()),
+            ..GlobalParams::default()
+        };
+        for shape in ["matrix", "vector", "conv"] {
+            let base = &t[&format!("{shape}.base")];
+            let models: Vec<(&Tensor, ModelParams)> = ["m1", "m2"]
+                .iter()
+                .map(|m| &t[&format!("{shape}.{m}")])
+                .zip(params.clone())
+                .collect();
+            tch::manual_seed(c["seed"].as_i64().unwrap());
+            let ours = merge_tensor(method, Some(base), &models, &g).unwrap();
+            let theirs = &t[&format!("{case}.{shape}")];
+            let d = max_abs_diff(&ours, theirs);
+            assert!(d < 1e-6, "{case} {shape}: {d}");
+        }
+    }
 }

@@ -193,12 +193,18 @@ fn loreft_state_dict(d: i64, r: i64) -> Vec<u8> {
 pub fn merge_config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Ok(cfg) = MergeConfig::from_yaml(text) else { return };
+    let mut blocks = vec![&cfg.parameters];
+    blocks.extend(cfg.models.iter().map(|m| &m.parameters));
+    for s in &cfg.slices {
+        blocks.push(&s.parameters);
+        blocks.extend(s.sources.iter().map(|src| &src.parameters));
+    }
     for name in ["model.layers.0.mlp.up_proj.weight", "lm_head.weight", ""] {
         for t in [0.0, 0.5, 1.0, 7.0, -3.0, f64::NAN] {
-            for i in 0..cfg.models.len().min(4) {
-                let _ = cfg.model_params(i, name, t);
+            for setting in blocks.iter().take(16).flat_map(|b| b.values()) {
+                let _ = setting.number(name, t);
+                let _ = setting.boolean(name, t);
             }
-            let _ = cfg.global_params(name, t);
         }
     }
 }

@@ -40,5 +40,4 @@ mod select;
 pub use batch_norm::FreezableBatchNorm;
 pub use plan::{module_report, FreezePlan, ModuleReport, ModuleRow};
 pub use schedule::{GradualUnfreezing, LayerGroups, LayerwiseLr};
-pub(crate) use select::block_index;
 pub use select::Select;

@@ -11,7 +11,7 @@ mod files;
 mod pickle;
 mod safetensors;
 
-pub(crate) use self::files::{join_inside, open_regular, read_config};
+pub(crate) use self::files::{join_inside, open_regular, read_capped, read_config};
 pub use self::files::{MAX_CONFIG_BYTES, MAX_HEADER_BYTES, MAX_PICKLE_BYTES};
 pub use self::pickle::{
     read_torch_dict, read_torch_dict_bytes, MAX_PICKLE_DEPTH, MAX_PICKLE_OBJECTS,

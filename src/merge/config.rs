@@ -1,12 +1,14 @@
-//! mergekit's YAML configuration: method, base, models with parameters, global parameters,
-//! dtype; parameters as scalars, gradients over depth, or `{filter, value}` conditionals.
+//! mergekit's YAML configuration: method, base, `models` or `slices` (with `layer_range` and
+//! per-source parameters), global parameters, `dtype`/`out_dtype`, tokenizer source;
+//! parameters as scalars, gradients over depth, or `{filter, value}` conditionals.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::methods::{GlobalParams, MergeMethod, ModelParams};
+use super::methods::MergeMethod;
+use super::params::KNOWN_PARAMETERS;
 use crate::{Error, Result};
 
 /// A parameter as mergekit accepts it (`config.py: evaluate_setting`).
@@ -18,11 +20,13 @@ pub enum Setting {
     /// A number.
     Number(f64),
     /// A gradient: values spread evenly over depth and interpolated linearly
-    /// (`t = layer / (layers − 1)`; tensors outside the blocks use `t = 0`).
+    /// (`t = layer / (layers − 1)` within the slice; tensors outside the blocks use `t = 0`).
     Gradient(Vec<f64>),
     /// The first `{filter, value}` whose filter is absent, `"*"`, or a substring of the tensor
     /// name.
     Conditional(Vec<Conditional>),
+    /// A single `{filter, value}` (as a one-entry [`Setting::Conditional`]).
+    Filtered(Conditional),
 }
 
 /// One `{filter, value}` entry.
@@ -33,6 +37,15 @@ pub struct Conditional {
     pub filter: Option<String>,
     /// The value (itself a setting).
     pub value: Box<Setting>,
+}
+
+impl Conditional {
+    fn applies(&self, tensor: &str) -> bool {
+        match &self.filter {
+            None => true,
+            Some(f) => f == "*" || (!tensor.is_empty() && tensor.contains(f.as_str())),
+        }
+    }
 }
 
 impl Setting {
@@ -51,13 +64,10 @@ impl Setting {
                 let frac = scaled - i0 as f64;
                 Some((1.0 - frac) * v[i0] + frac * v[i1])
             }
-            Setting::Conditional(c) => c
-                .iter()
-                .find(|c| match &c.filter {
-                    None => true,
-                    Some(f) => f == "*" || tensor.contains(f.as_str()),
-                })
-                .and_then(|c| c.value.number(tensor, t)),
+            Setting::Conditional(c) => {
+                c.iter().find(|c| c.applies(tensor)).and_then(|c| c.value.number(tensor, t))
+            }
+            Setting::Filtered(c) => c.applies(tensor).then(|| c.value.number(tensor, t)).flatten(),
         }
     }
 
@@ -72,6 +82,7 @@ impl Setting {
                 v.iter().find(|x| !x.is_finite()).map_or(Ok(()), |x| Err(bad(*x)))
             }
             Setting::Conditional(c) => c.iter().try_for_each(|c| c.value.check_finite(field)),
+            Setting::Filtered(c) => c.value.check_finite(field),
         }
     }
 
@@ -84,45 +95,127 @@ impl Setting {
     }
 }
 
-/// One input model.
+/// Named parameters (`weight`, `density`, `t`, …).
+pub type Parameters = BTreeMap<String, Setting>;
+
+/// One input model of the `models:` form.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelEntry {
     /// A local directory with `config.json` and `*.safetensors` (sharded or not).
     pub model: PathBuf,
-    /// Its parameters (`weight`, `density`, `gamma`).
+    /// Its parameters (`weight`, `density`, …).
     #[serde(default)]
-    pub parameters: BTreeMap<String, Setting>,
+    pub parameters: Parameters,
 }
 
-/// A mergekit merge configuration (the subset this crate runs; other fields are refused by
-/// name).
+/// One source of an output slice: layers `layer_range[0] .. layer_range[1]` of a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SliceSource {
+    /// A local model directory.
+    pub model: PathBuf,
+    /// The half-open range of its layers this slice takes.
+    pub layer_range: [i64; 2],
+    /// Parameters of this source (over the slice's and the global ones).
+    #[serde(default)]
+    pub parameters: Parameters,
+}
+
+/// One output slice: its layers merged from the sources' layer ranges (all of one length), in
+/// order after the previous slices' layers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSlice {
+    /// The inputs (the base, when the method uses one, among them).
+    pub sources: Vec<SliceSource>,
+    /// This slice's base (default: the config's `base_model`).
+    #[serde(default)]
+    pub base_model: Option<PathBuf>,
+    /// Parameters of this slice (over the global ones).
+    #[serde(default)]
+    pub parameters: Parameters,
+}
+
+/// Where the output's tokenizer comes from (`tokenizer_source`, or `tokenizer.source`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenizerSource {
+    /// The base model's tokenizer.
+    Base,
+    /// mergekit's union of all the inputs' vocabularies (refused: it permutes the embeddings).
+    Union,
+    /// The tokenizer of the named model (a path).
+    #[serde(untagged)]
+    Model(PathBuf),
+}
+
+/// mergekit's `tokenizer:` block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerConfig {
+    /// The source (`base`, `union` or a model).
+    pub source: TokenizerSource,
+    /// Tokens to add or force (refused when not empty: they change the vocabulary).
+    #[serde(default)]
+    pub tokens: BTreeMap<String, serde_json::Value>,
+    /// Padding of the vocabulary (refused: it changes the embeddings' shape).
+    #[serde(default)]
+    pub pad_to_multiple_of: Option<i64>,
+}
+
+/// A mergekit merge configuration: exactly one of `models` and `slices`. Fields this crate does
+/// not run (`modules`, `chat_template`, `residual_weight`, …) are refused by name.
+///
+/// With `models`, every model contributes all its layers, and a `base_model` not listed among
+/// them is added as an input (mergekit's normalisation); with `slices`, each slice lists its
+/// sources, the base among them.
+///
+/// ```
+/// use tch_peft::merge::{MergeConfig, MergeMethod};
+/// let cfg = MergeConfig::from_yaml(
+///     "slices:\n  - sources:\n      - {model: a, layer_range: [0, 4]}\n      - {model: b, layer_range: [0, 4]}\n\
+///      merge_method: slerp\nbase_model: a\nparameters:\n  t: [0, 0.5, 1]\n",
+/// )?;
+/// assert_eq!(cfg.merge_method, MergeMethod::Slerp);
+/// assert_eq!(cfg.slices[0].sources[1].layer_range, [0, 4]);
+/// # Ok::<(), tch_peft::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MergeConfig {
     /// The method.
     pub merge_method: MergeMethod,
-    /// The base model directory (required by all methods but `linear`).
+    /// The base model directory (required by the task-vector methods, SLERP and Model Stock).
     #[serde(default)]
     pub base_model: Option<PathBuf>,
-    /// The input models.
-    pub models: Vec<ModelEntry>,
-    /// Method-wide parameters (`normalize`, `rescale`, `lambda`, `t`, `filter_wise`, and
-    /// defaults for the per-model ones).
+    /// The input models (the `models:` form).
     #[serde(default)]
-    pub parameters: BTreeMap<String, Setting>,
-    /// The output dtype (`float32`, `float16`, `bfloat16`, `float64`); default the base's.
+    pub models: Vec<ModelEntry>,
+    /// The output slices (the `slices:` form).
+    #[serde(default)]
+    pub slices: Vec<OutputSlice>,
+    /// Method-wide parameters, and defaults for the per-model ones.
+    #[serde(default)]
+    pub parameters: Parameters,
+    /// The dtype the inputs are cast to before merging (`float32`, `float16`, `bfloat16`,
+    /// `float64`); default: the inputs' (promoted).
     #[serde(default)]
     pub dtype: Option<String>,
-    /// Seeds libtorch's generator before merging, so that DARE's masks are reproducible
-    /// (mergekit's `--random-seed`).
+    /// The dtype of the written tensors; default: `dtype`, else the merged tensors'.
+    #[serde(default)]
+    pub out_dtype: Option<String>,
+    /// The tokenizer to write with the output (default: the base's or first model's files).
+    #[serde(default)]
+    pub tokenizer_source: Option<TokenizerSource>,
+    /// mergekit's `tokenizer:` block (only `source`).
+    #[serde(default)]
+    pub tokenizer: Option<TokenizerConfig>,
+    /// Seeds libtorch's generator before merging, so that DARE's and DELLA's masks are
+    /// reproducible (mergekit's `--random-seed`).
     #[serde(default)]
     pub random_seed: Option<i64>,
 }
-
-const MODEL_KEYS: [&str; 3] = ["weight", "density", "gamma"];
-const GLOBAL_KEYS: [&str; 7] =
-    ["normalize", "rescale", "lambda", "t", "filter_wise", "int8_mask", "inverse_density"];
 
 impl MergeConfig {
     /// Parses YAML, refusing unknown fields and parameters with errors naming them.
@@ -133,91 +226,145 @@ impl MergeConfig {
         Ok(cfg)
     }
 
-    /// Checks the parameter names, that every number is finite, and what the method needs.
+    /// Reads a YAML file and resolves its relative model paths against the file's folder
+    /// (as mergekit resolves them against the working directory, where its users run it).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let mut cfg = Self::from_yaml(&crate::io::read_config(path)?)?;
+        cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        Ok(cfg)
+    }
+
+    /// Joins every relative model path (base, models, slice sources and bases, tokenizer
+    /// source) onto `root`.
+    pub fn resolve_paths(&mut self, root: &Path) {
+        let join = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = root.join(&*p);
+            }
+        };
+        self.base_model.iter_mut().for_each(join);
+        self.models.iter_mut().for_each(|m| join(&mut m.model));
+        for s in &mut self.slices {
+            s.base_model.iter_mut().for_each(join);
+            s.sources.iter_mut().for_each(|src| join(&mut src.model));
+        }
+        let mut source = |s: &mut TokenizerSource| {
+            if let TokenizerSource::Model(p) = s {
+                join(p);
+            }
+        };
+        self.tokenizer_source.iter_mut().for_each(&mut source);
+        if let Some(t) = &mut self.tokenizer {
+            source(&mut t.source);
+        }
+    }
+
+    /// Every parameter block with a name for errors: global, per model, per slice and source.
+    fn parameter_blocks(&self) -> Vec<(String, &Parameters)> {
+        let mut v = vec![("parameters".to_string(), &self.parameters)];
+        for m in &self.models {
+            v.push((format!("models[{}].parameters", m.model.display()), &m.parameters));
+        }
+        for (i, s) in self.slices.iter().enumerate() {
+            v.push((format!("slices[{i}].parameters"), &s.parameters));
+            for src in &s.sources {
+                v.push((
+                    format!("slices[{i}].sources[{}].parameters", src.model.display()),
+                    &src.parameters,
+                ));
+            }
+        }
+        v
+    }
+
+    /// Checks the structure (one of `models`/`slices`, layer ranges), that every parameter is
+    /// one mergekit knows and every number is finite, and what the method needs.
     pub fn validate(&self) -> Result<()> {
-        for (k, v) in &self.parameters {
-            v.check_finite(&format!("parameters.{k}"))?;
-        }
-        for m in &self.models {
-            for (k, v) in &m.parameters {
-                v.check_finite(&format!("models[{}].parameters.{k}", m.model.display()))?;
-            }
-        }
-        for k in self.parameters.keys() {
-            if !GLOBAL_KEYS.contains(&k.as_str()) && !MODEL_KEYS.contains(&k.as_str()) {
-                return Err(Error::Unsupported {
-                    field: format!("parameters.{k}"),
-                    reason: "not a parameter of the supported methods".into(),
-                });
-            }
-        }
-        for m in &self.models {
-            for k in m.parameters.keys() {
-                if !MODEL_KEYS.contains(&k.as_str()) {
+        for (block, params) in self.parameter_blocks() {
+            for (k, v) in params {
+                v.check_finite(&format!("{block}.{k}"))?;
+                if !KNOWN_PARAMETERS.contains(&k.as_str()) {
                     return Err(Error::Unsupported {
-                        field: format!("models[{}].parameters.{k}", m.model.display()),
-                        reason: "not a per-model parameter of the supported methods".into(),
+                        field: format!("{block}.{k}"),
+                        reason: "not a parameter of any merge method".into(),
                     });
                 }
             }
         }
-        if self.merge_method.needs_base() && self.base_model.is_none() {
-            return Err(Error::config(
-                "base_model",
-                format!("{:?} needs a base model", self.merge_method),
-            ));
-        }
-        if self.models.is_empty() {
-            return Err(Error::config("models", "no model to merge"));
-        }
-        Ok(())
-    }
-
-    /// The per-model parameters of model `i` for `tensor` at depth `t` (per-model values over
-    /// global ones over defaults). Errors when a weighted method lacks `weight`.
-    pub fn model_params(&self, i: usize, tensor: &str, t: f64) -> Result<ModelParams> {
-        let get = |k: &str| {
-            self.models[i]
-                .parameters
-                .get(k)
-                .or(self.parameters.get(k))
-                .and_then(|s| s.number(tensor, t))
-        };
-        let d = ModelParams::default();
-        let weight = match get("weight") {
-            Some(w) => w,
-            None if matches!(self.merge_method, MergeMethod::Slerp | MergeMethod::ModelStock) => {
-                1.0
-            }
-            None => {
+        match (self.models.is_empty(), self.slices.is_empty()) {
+            (true, true) => return Err(Error::config("models", "no model to merge")),
+            (false, false) => {
                 return Err(Error::config(
-                    "weight",
-                    format!(
-                        "model `{}` has no weight for `{tensor}`",
-                        self.models[i].model.display()
-                    ),
+                    "slices",
+                    "give either `models` or `slices`, not both (as mergekit requires)",
                 ))
             }
-        };
-        Ok(ModelParams {
-            weight,
-            density: get("density").unwrap_or(d.density),
-            gamma: get("gamma").unwrap_or(d.gamma),
-        })
+            _ => {}
+        }
+        for (i, s) in self.slices.iter().enumerate() {
+            if s.sources.is_empty() {
+                return Err(Error::config(format!("slices[{i}].sources"), "no source"));
+            }
+            let len = |src: &SliceSource| src.layer_range[1].checked_sub(src.layer_range[0]);
+            for src in &s.sources {
+                let [a, b] = src.layer_range;
+                if a < 0 || b < a {
+                    return Err(Error::config(
+                        format!("slices[{i}].sources[{}].layer_range", src.model.display()),
+                        format!("[{a}, {b}] is not a range of layers"),
+                    ));
+                }
+            }
+            if s.sources.iter().any(|src| len(src) != len(&s.sources[0])) {
+                return Err(Error::config(
+                    format!("slices[{i}].sources"),
+                    "all sources of a slice must span the same number of layers",
+                ));
+            }
+        }
+        if self.tokenizer_source.is_some() && self.tokenizer.is_some() {
+            return Err(Error::config(
+                "tokenizer",
+                "give either `tokenizer_source` or `tokenizer`, not both",
+            ));
+        }
+        if let Some(t) = &self.tokenizer {
+            if !t.tokens.is_empty() || t.pad_to_multiple_of.is_some() {
+                return Err(Error::Unsupported {
+                    field: "tokenizer.tokens".into(),
+                    reason: "adding tokens or padding the vocabulary changes the embeddings; \
+                             only `tokenizer.source` is supported"
+                        .into(),
+                });
+            }
+        }
+        if matches!(self.tokenizer_source(), Some(TokenizerSource::Union)) {
+            return Err(Error::Unsupported {
+                field: "tokenizer_source".into(),
+                reason: "`union` builds a new vocabulary and permutes the embeddings; use \
+                         `base` or a model whose tokenizer all inputs share"
+                    .into(),
+            });
+        }
+        if matches!(self.tokenizer_source(), Some(TokenizerSource::Base))
+            && self.base_model.is_none()
+        {
+            return Err(Error::config("tokenizer_source", "`base` needs a `base_model`"));
+        }
+        for (field, name) in [("dtype", &self.dtype), ("out_dtype", &self.out_dtype)] {
+            if let Some(n) = name {
+                super::stream::kind_from_name(n).map_err(|e| match e {
+                    Error::InvalidConfig { reason, .. } => Error::config(field, reason),
+                    other => other,
+                })?;
+            }
+        }
+        super::plan::check_structure(self)
     }
 
-    /// The method-wide parameters for `tensor` at depth `t`.
-    pub fn global_params(&self, tensor: &str, t: f64) -> GlobalParams {
-        let p = |k: &str| self.parameters.get(k);
-        GlobalParams {
-            normalize: p("normalize").and_then(|s| s.boolean(tensor, t)),
-            rescale: p("rescale").and_then(|s| s.boolean(tensor, t)),
-            lambda: p("lambda").and_then(|s| s.number(tensor, t)).unwrap_or(1.0),
-            t: p("t").and_then(|s| s.number(tensor, t)),
-            filter_wise: p("filter_wise").and_then(|s| s.boolean(tensor, t)).unwrap_or(false),
-            inverse_density: p("inverse_density")
-                .and_then(|s| s.boolean(tensor, t))
-                .unwrap_or(false),
-        }
+    /// The tokenizer source, from `tokenizer_source` or `tokenizer.source`.
+    pub fn tokenizer_source(&self) -> Option<&TokenizerSource> {
+        self.tokenizer_source.as_ref().or(self.tokenizer.as_ref().map(|t| &t.source))
     }
 }

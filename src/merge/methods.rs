@@ -1,21 +1,38 @@
-//! mergekit 0.1.5's merge methods on one tensor (`mergekit/merge_methods/`, `sparsify.py`).
+//! mergekit 0.1.5's merge methods on one tensor (`mergekit/merge_methods/`, `sparsify.py`):
+//! the method list, their per-tensor parameters, and the task-vector family (task arithmetic,
+//! TIES, DARE, Breadcrumbs, DELLA, SCE). The spherical and averaging methods are in
+//! [`geometric`](super::geometric).
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::sparsify::{magnitude_mask, random_mask, sign_consensus_mask, MajoritySign, Ranking};
-use crate::lora::compute_kind;
+use super::geometric::{karcher, model_stock, multislerp, nuslerp_merge};
+use super::sparsify::{
+    della_mask, magnitude_mask, random_mask, sign_consensus_mask, MajoritySign, Ranking,
+};
 use crate::{Error, Result};
 
 /// A merge method, by mergekit's name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MergeMethod {
-    /// `Σ w_i θ_i` (÷ `Σ w_i` with `normalize`, default true).
+    /// `Σ w_i θ_i` (÷ `Σ w_i` with `normalize`, default true). The base, when given, is one of
+    /// the weighted inputs.
     Linear,
     /// Spherical interpolation between the base and one model by `t` (linear when nearly
     /// colinear, `|cos| > 0.9995`).
     Slerp,
+    /// SLERP of two models by `t = w₂/(w₁+w₂)`; with a base, of their task vectors
+    /// (`θ₀ + slerp(t, δ₁, δ₂)`), whole (`nuslerp_flatten`, default) or per row/column.
+    Nuslerp,
+    /// Barycentric spherical interpolation of any number of models (of their task vectors
+    /// with a base): tangent-space mean at the weighted mean direction, mapped back, scaled by
+    /// the weighted mean norm.
+    Multislerp,
+    /// The weighted Karcher (Riemannian) mean of the inputs' directions on the unit sphere, by
+    /// up to `max_iter` steps, scaled by their mean norm. The base, when given, is one of the
+    /// inputs.
+    Karcher,
     /// `θ₀ + λ·Σ w_i δ_i` (÷ `Σ w_i` with `normalize`, default false).
     TaskArithmetic,
     /// TIES: magnitude pruning to `density`, weighted sign election, disjoint mean (÷ the
@@ -30,25 +47,78 @@ pub enum MergeMethod {
     Breadcrumbs,
     /// Breadcrumbs with TIES' sign election.
     BreadcrumbsTies,
+    /// DELLA: per row, keep each entry with probability `density − ε + 2ε·rank/(n−1)` (rank by
+    /// magnitude), L1 rescale, TIES' sign election and disjoint mean (`normalize` default
+    /// true).
+    Della,
+    /// DELLA's drop without the sign election (`normalize` default false).
+    DellaLinear,
+    /// SCE: keep the `select_topk` fraction of entries of largest variance across the task
+    /// vectors, weight each vector by its mean square, elect signs, and take the weighted mean
+    /// of the agreeing entries.
+    Sce,
     /// Model Stock: `t = N cos / (1 + (N − 1) cos)` from the mean pairwise cosine of the task
     /// vectors; `t·mean(θ_i) + (1 − t)·θ₀` (needs a base and ≥ 2 models).
     ModelStock,
+    /// One input's tensor (× `scale` when given): with `slices`, stacks layer ranges of
+    /// different models ("frankenmerges").
+    Passthrough,
+}
+
+/// How a method treats the base model (mergekit's `BasePolicy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BasePolicy {
+    /// The method needs a base.
+    Required,
+    /// The method works with or without one (task vectors with it).
+    Optional,
+    /// The base, when named, is an input like the others.
+    Ignored,
 }
 
 impl MergeMethod {
+    /// How the method treats the base model.
+    pub fn base_policy(self) -> BasePolicy {
+        use MergeMethod as M;
+        match self {
+            M::Linear | M::Karcher | M::Passthrough => BasePolicy::Ignored,
+            M::Nuslerp | M::Multislerp => BasePolicy::Optional,
+            _ => BasePolicy::Required,
+        }
+    }
+
     /// Whether the method needs a base model.
     pub fn needs_base(self) -> bool {
-        !matches!(self, MergeMethod::Linear)
+        self.base_policy() == BasePolicy::Required
     }
 
     /// mergekit's default of `normalize`.
     pub fn default_normalize(self) -> bool {
-        matches!(self, MergeMethod::Linear | MergeMethod::Ties)
+        matches!(self, MergeMethod::Linear | MergeMethod::Ties | MergeMethod::Della)
     }
 
     /// mergekit's default of `rescale`.
     pub fn default_rescale(self) -> bool {
-        matches!(self, MergeMethod::DareLinear | MergeMethod::DareTies)
+        matches!(
+            self,
+            MergeMethod::DareLinear
+                | MergeMethod::DareTies
+                | MergeMethod::Della
+                | MergeMethod::DellaLinear
+        )
+    }
+
+    /// The fewest and most inputs other than the base, and the fewest inputs in all (mergekit's
+    /// `InputContract`s).
+    pub(crate) fn input_counts(self) -> (usize, Option<usize>, usize) {
+        use MergeMethod as M;
+        match self {
+            M::Slerp => (1, Some(1), 2),
+            M::Nuslerp => (2, Some(2), 2),
+            M::ModelStock => (2, None, 3),
+            M::Passthrough => (1, Some(1), 1),
+            _ => (0, None, 1),
+        }
     }
 
     fn sparsification(self) -> Option<Sparsify> {
@@ -56,12 +126,19 @@ impl MergeMethod {
             MergeMethod::Ties => Some(Sparsify::Magnitude),
             MergeMethod::DareLinear | MergeMethod::DareTies => Some(Sparsify::Random),
             MergeMethod::Breadcrumbs | MergeMethod::BreadcrumbsTies => Some(Sparsify::Outliers),
+            MergeMethod::Della | MergeMethod::DellaLinear => Some(Sparsify::Della),
             _ => None,
         }
     }
 
     fn consensus(self) -> bool {
-        matches!(self, MergeMethod::Ties | MergeMethod::DareTies | MergeMethod::BreadcrumbsTies)
+        matches!(
+            self,
+            MergeMethod::Ties
+                | MergeMethod::DareTies
+                | MergeMethod::BreadcrumbsTies
+                | MergeMethod::Della
+        )
     }
 }
 
@@ -70,6 +147,7 @@ enum Sparsify {
     Magnitude,
     Random,
     Outliers,
+    Della,
 }
 
 /// The parameters of one input model, as evaluated for one tensor.
@@ -81,11 +159,15 @@ pub struct ModelParams {
     pub density: f64,
     /// `gamma` of Breadcrumbs (default 0.01).
     pub gamma: f64,
+    /// `epsilon` of DELLA (default 0.15): keep probabilities span `density ± epsilon`.
+    pub epsilon: f64,
+    /// `scale` of Passthrough (none: the tensor as it is).
+    pub scale: Option<f64>,
 }
 
 impl Default for ModelParams {
     fn default() -> Self {
-        ModelParams { weight: 1.0, density: 1.0, gamma: 0.01 }
+        ModelParams { weight: 1.0, density: 1.0, gamma: 0.01, epsilon: 0.15, scale: None }
     }
 }
 
@@ -94,7 +176,7 @@ impl Default for ModelParams {
 pub struct GlobalParams {
     /// `normalize` (method default when `None`).
     pub normalize: Option<bool>,
-    /// `rescale` for DARE (method default when `None`).
+    /// `rescale` for DARE and DELLA (method default when `None`).
     pub rescale: Option<bool>,
     /// `lambda` (default 1).
     pub lambda: f64,
@@ -105,6 +187,20 @@ pub struct GlobalParams {
     /// DARE: rescale the kept entries by `1/density` (the paper's) instead of mergekit's L1-norm
     /// ratio. Config key `inverse_density` (not in mergekit). Default false.
     pub inverse_density: bool,
+    /// NuSLERP: interpolate columns (true) instead of rows, when not flattened. Default false.
+    pub nuslerp_row_wise: bool,
+    /// NuSLERP: interpolate the whole tensor as one vector. Default true.
+    pub nuslerp_flatten: bool,
+    /// Multi-SLERP: divide the weights by their sum. Default true.
+    pub normalize_weights: bool,
+    /// Multi-SLERP's `eps` (default 1e-8).
+    pub eps: f64,
+    /// Karcher's most iterations (default 10).
+    pub max_iter: f64,
+    /// Karcher's tolerance (default 1e-5).
+    pub tol: f64,
+    /// SCE's kept fraction of entries, by variance (default 1).
+    pub select_topk: f64,
 }
 
 impl Default for GlobalParams {
@@ -116,23 +212,47 @@ impl Default for GlobalParams {
             t: None,
             filter_wise: false,
             inverse_density: false,
+            nuslerp_row_wise: false,
+            nuslerp_flatten: true,
+            normalize_weights: true,
+            eps: 1e-8,
+            max_iter: 10.0,
+            tol: 1e-5,
+            select_topk: 1.0,
         }
     }
 }
 
+impl GlobalParams {
+    fn numbers(&self) -> [f64; 5] {
+        [self.lambda, self.eps, self.max_iter, self.tol, self.select_topk]
+    }
+}
+
 /// `tensor ⊙ mask`, rescaled to keep the L1 norm when asked (mergekit's
-/// `rescaled_masked_tensor`, eps 1e-7).
+/// `rescaled_masked_tensor`, eps 1e-7; the norms summed in f32, f64 for f64).
 fn masked(t: &Tensor, mask: &Tensor, l1: bool) -> Result<Tensor> {
     let m = t.f_mul(mask)?;
     if !l1 {
         return Ok(m);
     }
-    let before = t.f_abs()?.f_sum(Kind::Double)?.f_double_value(&[])?;
-    let after = m.f_abs()?.f_sum(Kind::Double)?.f_double_value(&[])?;
-    if before < 1e-7 || after < 1e-7 {
+    let kind = crate::lora::compute_kind(t.kind());
+    let before = t.f_abs()?.f_sum(kind)?;
+    let after = m.f_abs()?.f_sum(kind)?;
+    if before.f_double_value(&[])? < 1e-7 || after.f_double_value(&[])? < 1e-7 {
         return Ok(m);
     }
-    Ok(m.f_mul_scalar(before / after)?)
+    Ok(m.f_mul(&before.f_div(&after)?.f_to_kind(m.kind())?)?)
+}
+
+/// The dtype mergekit's random masks work in on this tensor's device: the tensor's own on
+/// accelerators and for bf16, f32 otherwise (CPU Bernoulli has no f16).
+fn random_work_kind(t: &Tensor) -> Kind {
+    if t.device() != tch::Device::Cpu || t.kind() == Kind::BFloat16 {
+        t.kind()
+    } else {
+        Kind::Float
+    }
 }
 
 fn sparsify(
@@ -172,7 +292,7 @@ fn sparsify(
             masked(delta, &mask_from(&keep)?, l1)
         }
         Sparsify::Random => {
-            let work = if delta.kind() == Kind::BFloat16 { Kind::BFloat16 } else { Kind::Float };
+            let work = random_work_kind(delta);
             let mask = random_mask(delta, density, work)?;
             let d = delta.f_to_kind(work)?;
             let out = if inverse_density && l1 {
@@ -182,11 +302,29 @@ fn sparsify(
             };
             Ok(out.f_to_kind(delta.kind())?)
         }
+        Sparsify::Della => {
+            if density <= 0.0 {
+                return Ok(delta.f_zeros_like()?);
+            }
+            if density + p.epsilon >= 1.0 || density - p.epsilon <= 0.0 {
+                return Err(Error::config(
+                    "epsilon",
+                    format!("density ± epsilon ({density} ± {}) must lie inside (0, 1)", p.epsilon),
+                ));
+            }
+            let work = random_work_kind(delta);
+            let rows = if delta.dim() < 2 { delta.f_unsqueeze(0)? } else { delta.shallow_clone() };
+            let mask = della_mask(&rows, density, p.epsilon, work)?;
+            let out = masked(&rows.f_to_kind(work)?, &mask, l1)?;
+            Ok(out.f_to_kind(delta.kind())?.f_reshape(delta.size())?)
+        }
     }
 }
 
-/// Merges one tensor: `base` (required unless the method is `Linear`) and the `models` with
-/// their parameters. The result has the base's dtype (the first model's for `Linear`).
+/// Merges one tensor: `base` (required by [`BasePolicy::Required`] methods, used by the
+/// optional ones when given, ignored by the others — pass it among `models` there) and the
+/// `models` with their parameters. The task-vector methods return the base's dtype, the others
+/// the inputs'.
 ///
 /// ```
 /// use tch::Tensor;
@@ -206,19 +344,45 @@ pub fn merge_tensor(
     models: &[(&Tensor, ModelParams)],
     global: &GlobalParams,
 ) -> Result<Tensor> {
-    if models.is_empty() {
-        return Err(Error::config("models", "no model to merge"));
-    }
     for (_, p) in models {
-        for (field, x) in [("weight", p.weight), ("density", p.density), ("gamma", p.gamma)] {
+        let numbers = [("weight", p.weight), ("density", p.density), ("gamma", p.gamma)];
+        for (field, x) in numbers.into_iter().chain([("epsilon", p.epsilon)]) {
             if !x.is_finite() {
                 return Err(Error::config(field, format!("{x} is not a finite number")));
             }
         }
+        if let Some(x) = p.scale.filter(|x| !x.is_finite()) {
+            return Err(Error::config("scale", format!("{x} is not a finite number")));
+        }
     }
-    if let Some(x) = [Some(global.lambda), global.t].into_iter().flatten().find(|x| !x.is_finite())
-    {
+    if let Some(x) = global.numbers().into_iter().chain(global.t).find(|x| !x.is_finite()) {
         return Err(Error::config("parameters", format!("{x} is not a finite number")));
+    }
+    let base = match method.base_policy() {
+        BasePolicy::Ignored => None,
+        BasePolicy::Optional => base,
+        BasePolicy::Required => Some(base.ok_or_else(|| {
+            Error::config("base_model", format!("{method:?} needs a base model"))
+        })?),
+    };
+    let (min, max, min_inputs) = method.input_counts();
+    let n = models.len();
+    let inputs = n + usize::from(base.is_some());
+    if n < min || max.is_some_and(|m| n > m) || inputs < min_inputs {
+        let want = match max {
+            Some(m) if m == min => format!("exactly {m}"),
+            Some(m) => format!("{min} to {m}"),
+            None => format!("at least {}", min.max(min_inputs - usize::from(base.is_some()))),
+        };
+        let who = if base.is_some() { " besides the base" } else { "" };
+        return Err(Error::config(
+            "models",
+            format!("{method:?} merges {want} model(s){who}; got {n}"),
+        ));
+    }
+    if n == 0 {
+        // the task-vector methods with the base alone (mergekit returns it)
+        return Ok(base.expect("an input").shallow_clone());
     }
     let shape = base.map(Tensor::size).unwrap_or_else(|| models[0].0.size());
     for (t, _) in models {
@@ -230,176 +394,138 @@ pub fn merge_tensor(
             });
         }
     }
-    let base = match (base, method.needs_base()) {
-        (Some(b), _) => Some(b),
-        (None, false) => None,
-        (None, true) => {
-            return Err(Error::config("base_model", format!("{method:?} needs a base model")))
-        }
-    };
     let normalize = global.normalize.unwrap_or(method.default_normalize());
+    let tensors: Vec<&Tensor> = models.iter().map(|(t, _)| *t).collect();
+    let weights: Vec<f64> = models.iter().map(|(_, p)| p.weight).collect();
     match method {
-        MergeMethod::Linear => {
-            let out_kind = models[0].0.kind();
-            let wk = compute_kind(out_kind);
-            let mut acc = models[0].0.f_zeros_like()?.f_to_kind(wk)?;
-            let mut total = 0.0;
-            for (t, p) in models {
-                acc = acc.f_add(&t.f_to_kind(wk)?.f_mul_scalar(p.weight)?)?;
-                total += p.weight;
-            }
-            if normalize {
-                if total == 0.0 {
-                    return Err(Error::config(
-                        "weight",
-                        "the weights sum to zero, and `normalize` divides by their sum",
-                    ));
-                }
-                acc = acc.f_div_scalar(total)?;
-            }
-            Ok(acc.f_to_kind(out_kind)?)
+        MergeMethod::Linear => linear(&tensors, &weights, normalize),
+        MergeMethod::Passthrough => {
+            let (t, p) = &models[0];
+            Ok(match p.scale {
+                Some(s) => t.f_mul_scalar(s)?,
+                None => t.shallow_clone(),
+            })
         }
         MergeMethod::Slerp => {
-            let base = base.expect("checked");
-            if models.len() != 1 {
-                return Err(Error::config("models", "SLERP merges the base and exactly one model"));
-            }
             let t = global.t.ok_or_else(|| Error::config("t", "SLERP needs `t`"))?;
-            slerp(t, base, models[0].0)
+            super::geometric::slerp(t, base.expect("required"), models[0].0)
+        }
+        MergeMethod::Nuslerp => nuslerp_merge(base, &tensors, &weights, global),
+        MergeMethod::Multislerp => multislerp(base, &tensors, &weights, global),
+        MergeMethod::Karcher => {
+            let alphas = vec![1.0 / n as f64; n];
+            karcher(&tensors, &alphas, global.max_iter, global.tol)
         }
         MergeMethod::ModelStock => {
-            let base = base.expect("checked");
-            if models.len() < 2 {
-                return Err(Error::config(
-                    "models",
-                    "Model Stock needs a base and at least two models",
-                ));
-            }
-            model_stock(base, models, global.filter_wise)
+            model_stock(base.expect("required"), &tensors, global.filter_wise)
         }
-        _ => {
-            let base = base.expect("checked");
-            let rescale = global.rescale.unwrap_or(method.default_rescale());
-            let mut deltas = Vec::with_capacity(models.len());
-            for (t, p) in models {
-                let d = t.f_sub(base)?;
-                deltas.push(match method.sparsification() {
-                    Some(how) => sparsify(&d, how, p, rescale, global.inverse_density)?,
-                    None => d,
-                });
-            }
-            let stacked = Tensor::f_stack(&deltas, 0)?;
-            let mut wshape = vec![models.len() as i64];
-            wshape.extend(std::iter::repeat_n(1, stacked.dim() - 1));
-            let weights: Vec<f64> = models.iter().map(|(_, p)| p.weight).collect();
-            let w = Tensor::from_slice(&weights)
-                .f_to_kind(stacked.kind())?
-                .f_to_device(stacked.device())?
-                .f_view(wshape.as_slice())?;
-            let weighted = stacked.f_mul(&w)?;
-            let (mut mixed, divisor) = if method.consensus() {
-                // mergekit elects the sign from the weighted deltas' sum
-                let mask = sign_consensus_mask(&weighted, MajoritySign::Total)?;
-                let mixed = weighted.f_mul(&mask)?.f_sum_dim_intlist(0, false, weighted.kind())?;
-                let div = w.f_mul(&mask)?.f_sum_dim_intlist(0, false, weighted.kind())?;
-                let div = div.f_masked_fill(&div.f_eq(0.0)?, 1.0)?;
-                (mixed, div)
-            } else {
-                let mixed = weighted.f_sum_dim_intlist(0, false, weighted.kind())?;
-                let total: f64 = weights.iter().sum();
-                let total = if total.abs() < 1e-8 { 1.0 } else { total };
-                (
-                    mixed,
-                    Tensor::from(total)
-                        .f_to_kind(weighted.kind())?
-                        .f_to_device(weighted.device())?,
-                )
-            };
-            if normalize {
-                mixed = mixed.f_div(&divisor)?;
-            }
-            if global.lambda != 1.0 {
-                mixed = mixed.f_mul_scalar(global.lambda)?;
-            }
-            Ok(base.f_add(&mixed)?.f_to_kind(base.kind())?)
-        }
+        MergeMethod::Sce => sce(base.expect("required"), &tensors, global.select_topk),
+        _ => task_vectors(method, base.expect("required"), models, global, normalize),
     }
 }
 
-/// mergekit's SLERP of two tensors (flattened), in f32 (f64 for f64).
-pub fn slerp(t: f64, v0: &Tensor, v1: &Tensor) -> Result<Tensor> {
-    let kind = compute_kind(v0.kind());
-    let (a, b) = (v0.f_reshape([-1])?.f_to_kind(kind)?, v1.f_reshape([-1])?.f_to_kind(kind)?);
-    if a.numel() == 0 {
-        return Ok(v0.shallow_clone());
+/// `Σ w_i θ_i` (÷ `Σ w_i`), in f32 (f64 for f64), in the first input's dtype.
+fn linear(tensors: &[&Tensor], weights: &[f64], normalize: bool) -> Result<Tensor> {
+    let out_kind = tensors[0].kind();
+    let wk = crate::lora::compute_kind(out_kind);
+    let mut acc = tensors[0].f_zeros_like()?.f_to_kind(wk)?;
+    for (t, w) in tensors.iter().zip(weights) {
+        acc = acc.f_add(&t.f_to_kind(wk)?.f_mul_scalar(*w)?)?;
     }
-    let norm = |x: &Tensor| -> Result<f64> {
-        let n = x.f_square()?.f_sum(Kind::Double)?.f_sqrt()?.f_double_value(&[])?;
-        Ok(if n > 1e-8 { n } else { 1.0 })
-    };
-    let (na, nb) = (norm(&a)?, norm(&b)?);
-    let dot = a
-        .f_div_scalar(na)?
-        .f_mul(&b.f_div_scalar(nb)?)?
-        .f_sum(Kind::Double)?
-        .f_double_value(&[])?
-        .clamp(-1.0, 1.0);
-    let (ca, cb) = if dot.abs() > 0.9995 {
-        (1.0 - t, t)
-    } else {
-        let theta = dot.acos();
-        let s = theta.sin();
-        (((1.0 - t) * theta).sin() / s, (t * theta).sin() / s)
-    };
-    let out = a.f_mul_scalar(ca)?.f_add(&b.f_mul_scalar(cb)?)?;
-    Ok(out.f_reshape(v0.size())?.f_to_kind(v0.kind())?)
+    if normalize {
+        let total: f64 = weights.iter().sum();
+        if total == 0.0 {
+            return Err(Error::config(
+                "weight",
+                "the weights sum to zero, and `normalize` divides by their sum",
+            ));
+        }
+        acc = acc.f_div_scalar(total)?;
+    }
+    Ok(acc.f_to_kind(out_kind)?)
 }
 
-fn model_stock(
+/// The task-vector family: sparsify each `δ_i`, weight, elect signs when the method does, sum,
+/// normalise, `θ₀ + λ·mixed` (mergekit's `GeneralizedTaskArithmeticMerge`).
+fn task_vectors(
+    method: MergeMethod,
     base: &Tensor,
     models: &[(&Tensor, ModelParams)],
-    filter_wise: bool,
+    global: &GlobalParams,
+    normalize: bool,
 ) -> Result<Tensor> {
-    let shape = base.size();
-    let kind = compute_kind(base.kind());
-    let prep = |t: &Tensor| -> Result<Tensor> {
-        let t = t.f_to_kind(kind)?;
-        Ok(if filter_wise {
-            if t.dim() == 1 {
-                t.f_unsqueeze(0)?
-            } else {
-                t
-            }
-        } else {
-            t.f_reshape([-1])?
-        })
+    let rescale = global.rescale.unwrap_or(method.default_rescale());
+    let mut deltas = Vec::with_capacity(models.len());
+    for (t, p) in models {
+        let d = t.f_sub(base)?;
+        deltas.push(match method.sparsification() {
+            Some(how) => sparsify(&d, how, p, rescale, global.inverse_density)?,
+            None => d,
+        });
+    }
+    let stacked = Tensor::f_stack(&deltas, 0)?;
+    let mut wshape = vec![models.len() as i64];
+    wshape.extend(std::iter::repeat_n(1, stacked.dim() - 1));
+    let weights: Vec<f64> = models.iter().map(|(_, p)| p.weight).collect();
+    let w = Tensor::from_slice(&weights)
+        .f_to_kind(stacked.kind())?
+        .f_to_device(stacked.device())?
+        .f_view(wshape.as_slice())?;
+    let weighted = stacked.f_mul(&w)?;
+    let (mut mixed, divisor) = if method.consensus() {
+        // mergekit elects the sign from the weighted deltas' sum
+        let mask = sign_consensus_mask(&weighted, MajoritySign::Total)?;
+        let mixed = weighted.f_mul(&mask)?.f_sum_dim_intlist(0, false, weighted.kind())?;
+        let div = w.f_mul(&mask)?.f_sum_dim_intlist(0, false, weighted.kind())?;
+        let div = div.f_masked_fill(&div.f_eq(0.0)?, 1.0)?;
+        (mixed, div)
+    } else {
+        let mixed = weighted.f_sum_dim_intlist(0, false, weighted.kind())?;
+        let total: f64 = weights.iter().sum();
+        let total = if total.abs() < 1e-8 { 1.0 } else { total };
+        (mixed, Tensor::from(total).f_to_kind(weighted.kind())?.f_to_device(weighted.device())?)
     };
-    let w0 = prep(base)?;
-    let ws: Vec<Tensor> = models.iter().map(|(t, _)| prep(t)).collect::<Result<_>>()?;
-    let offsets: Vec<Tensor> =
-        ws.iter().map(|w| w.f_sub(&w0)).collect::<std::result::Result<_, _>>()?;
-    let mut cos = Vec::new();
-    for i in 0..offsets.len() {
-        for j in i + 1..offsets.len() {
-            let (a, b) = (&offsets[i], &offsets[j]);
-            let na = a.f_square()?.f_sum_dim_intlist(-1, false, kind)?.f_sqrt()?;
-            let nb = b.f_square()?.f_sum_dim_intlist(-1, false, kind)?.f_sqrt()?;
-            let dotp = a.f_mul(b)?.f_sum_dim_intlist(-1, false, kind)?;
-            cos.push(dotp.f_div(&na.f_mul(&nb)?.f_clamp_min(1e-6)?)?.f_clamp(-1.0, 1.0)?);
-        }
+    if normalize {
+        mixed = mixed.f_div(&divisor)?;
     }
-    let cos = Tensor::f_stack(&cos, 0)?.f_mean_dim(0, false, kind)?.f_unsqueeze(-1)?;
-    let n = ws.len() as f64;
-    let denom = cos.f_mul_scalar(n - 1.0)?.f_add_scalar(1.0)?;
-    let singular = denom.f_abs()?.f_lt(1e-6)?;
-    let safe = denom.f_masked_fill(&singular, 1.0)?;
-    let t = cos.f_mul_scalar(n)?.f_div(&safe)?.f_masked_fill(&singular, 0.0)?;
-    let mut avg = ws[0].shallow_clone();
-    for w in &ws[1..] {
-        avg = avg.f_add(w)?;
+    if global.lambda != 1.0 {
+        mixed = mixed.f_mul_scalar(global.lambda)?;
     }
-    let avg = avg.f_div_scalar(n)?;
-    let one_minus = t.f_neg()?.f_add_scalar(1.0)?;
-    let out = avg.f_mul(&t)?.f_add(&w0.f_mul(&one_minus)?)?;
-    Ok(out.f_reshape(shape)?.f_to_kind(base.kind())?)
+    Ok(base.f_add(&mixed)?.f_to_kind(base.kind())?)
+}
+
+/// SCE (mergekit's `sce_merge`): select by variance, weight by mean square, erase by sign.
+fn sce(base: &Tensor, tensors: &[&Tensor], select_topk: f64) -> Result<Tensor> {
+    let deltas: Vec<Tensor> =
+        tensors.iter().map(|t| t.f_sub(base)).collect::<std::result::Result<_, _>>()?;
+    let mut tvs = Tensor::f_stack(&deltas, 0)?;
+    let kind = tvs.kind();
+    let n = tensors.len() as i64;
+    if select_topk < 1.0 {
+        let mask = if select_topk <= 0.0 {
+            base.f_zeros_like()?
+        } else {
+            let var = tvs.f_var_correction(Some([0i64].as_slice()), 0, false)?;
+            let nonzero = var.f_count_nonzero(None)?.f_int64_value(&[])?;
+            let k = (nonzero as f64 * select_topk) as i64;
+            let mask = var.f_zeros_like()?;
+            if k == 0 {
+                mask
+            } else {
+                let (_, idx) = var.f_abs()?.f_reshape([-1])?.f_topk(k, 0, true, true)?;
+                mask.f_reshape([-1])?.f_index_fill(0, &idx, 1.0)?.f_reshape(var.size())?
+            }
+        };
+        tvs = tvs.f_mul(&mask.f_unsqueeze(0)?)?;
+    }
+    let erase = sign_consensus_mask(&tvs, MajoritySign::Total)?;
+    let w = tvs.f_square()?.f_reshape([n, -1])?.f_mean_dim(1, false, kind)?;
+    let sum = w.f_sum(kind)?.f_double_value(&[])?;
+    let w = if sum.abs() < 1e-6 { w.f_ones_like()?.f_div_scalar(n)? } else { w.f_div_scalar(sum)? };
+    let mut wshape = vec![n];
+    wshape.extend(std::iter::repeat_n(1, tvs.dim() - 1));
+    let erased = w.f_view(wshape.as_slice())?.f_mul(&erase)?;
+    let merged = tvs.f_mul(&erased)?.f_sum_dim_intlist(0, false, kind)?;
+    let total = erased.f_sum_dim_intlist(0, false, kind)?.f_clamp_min(1e-6)?;
+    Ok(base.f_add(&merged.f_div(&total)?)?)
 }

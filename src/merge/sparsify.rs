@@ -77,3 +77,17 @@ pub(crate) fn sign_consensus_mask(x: &Tensor, rule: MajoritySign) -> Result<Tens
     let majority = election.f_ge(0.0)?.f_to_kind(kind)?.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?;
     Ok(signs.f_eq_tensor(&majority)?.f_to_kind(kind)?)
 }
+
+/// DELLA's keep-mask of `rows` (≥ 2 dims; ranked along dim 1) in `kind`: entry `j` of a row
+/// is kept with probability `density − ε + 2ε·(rank_j − 1)/(n − 1)`, its rank by magnitude
+/// (1 the smallest) — mergekit's `della_magprune`, op for op, so that the same generator state
+/// draws the same mask.
+pub(crate) fn della_mask(rows: &Tensor, density: f64, epsilon: f64, kind: Kind) -> Result<Tensor> {
+    let order = rows.f_abs()?.f_argsort(1, false)?;
+    let ranks = order.f_argsort(1, false)?.f_to_kind(kind)?.f_add_scalar(1)?;
+    let (min, _) = ranks.f_min_dim(1, true)?;
+    let (max, _) = ranks.f_max_dim(1, true)?;
+    let norm = ranks.f_sub(&min)?.f_div(&max.f_sub(&min)?)?.f_clamp(0.0, 1.0)?;
+    let probs = norm.f_mul_scalar(2)?.f_mul_scalar(epsilon)?.f_add_scalar(density - epsilon)?;
+    Ok(probs.f_bernoulli()?.f_to_kind(kind)?)
+}

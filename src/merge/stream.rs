@@ -14,7 +14,7 @@ use tch::{Kind, Tensor};
 
 use super::config::MergeConfig;
 use super::methods::merge_tensor;
-use crate::freeze::block_index;
+use super::plan::{self, split_layer, Plan};
 use crate::{io, Error, Result};
 
 /// A tensor's place in a safetensors file.
@@ -200,6 +200,29 @@ impl ModelFiles {
         Ok(ModelFiles { dir, files, tensors, num_layers })
     }
 
+    /// The model's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The number of layers: the larger of `num_hidden_layers` and the deepest layer index on
+    /// disk + 1 (layers: see [`MergeConfig`]'s slices).
+    pub fn depth(&self) -> u64 {
+        let deepest = self
+            .tensors
+            .keys()
+            .filter_map(|n| split_layer(n))
+            .map(|(_, i, _)| i.saturating_add(1))
+            .max()
+            .unwrap_or(0);
+        deepest.max(self.num_layers.map_or(0, |n| n as u64))
+    }
+
+    /// Whether the model has the tensor.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
     /// The tensor names, sorted.
     pub fn names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.tensors.keys().cloned().collect();
@@ -242,11 +265,35 @@ pub struct MergeStats {
     pub seconds: f64,
 }
 
-/// Runs a [`MergeConfig`] over model directories and writes `out/model.safetensors`, plus the
-/// base's (or first model's) `config.json` and other non-weight files. Tensors are merged one
-/// at a time; layer tensors get `t = layer / (layers − 1)` for gradients (`layers` the larger
-/// of the base's `num_hidden_layers` and the largest block index + 1), other tensors `t = 0`.
-/// Integer tensors are copied from the base.
+/// The tokenizer files mergekit copies (`merge.py: _copy_tokenizer`).
+const TOKENIZER_FILES: [&str; 10] = [
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+    "chat_template.json",
+    "video_preprocessor_config.json",
+];
+
+/// The files that define a vocabulary: inputs must agree on them for a tokenizer source to be
+/// copied without permuting the embeddings.
+const VOCABULARY_FILES: [&str; 3] = ["tokenizer.json", "tokenizer.model", "added_tokens.json"];
+
+/// Runs a [`MergeConfig`] over model directories and writes `out/model.safetensors` with the
+/// donor's (the base's, else the first source's) `config.json` and other non-weight files.
+///
+/// The config is planned as mergekit plans it: `models` become one slice of all layers with
+/// the base added when not listed; each slice's layers follow the previous slices' (renumbered
+/// in the tensor names, and `num_hidden_layers` rewritten in `config.json`); gradients run over
+/// each slice's depth (`t = i / (n − 1)`, 1 for a one-layer slice); tensors outside the layers
+/// use `t = 0` and come from the first slice's sources (embeddings) or the last's. A layer is
+/// the first all-digit component of a tensor's module path. Integer tensors are copied from
+/// the first source. With `tokenizer_source`, that model's tokenizer files are written, after
+/// checking that every input has the same vocabulary files (so no embedding needs permuting).
 ///
 /// The output directory is replaced as a whole (a crash leaves the old one or the new one; see
 /// [`crate::io`]); it may not be one of the inputs. Errors name the tensor and model when a
@@ -260,57 +307,24 @@ pub fn merge_directories(cfg: &MergeConfig, out: impl AsRef<Path>) -> Result<Mer
         tch::manual_seed(seed);
     }
     let started = Instant::now();
-    let base = cfg.base_model.as_ref().map(ModelFiles::open).transpose()?;
-    let models: Vec<ModelFiles> =
-        cfg.models.iter().map(|m| ModelFiles::open(&m.model)).collect::<Result<_>>()?;
-    let reference = base.as_ref().unwrap_or(&models[0]);
-    let names = reference.names();
-    let out_kind = cfg.dtype.as_deref().map(kind_from_name).transpose()?;
-    let deepest = names
-        .iter()
-        .filter_map(|n| block_index(n, &[]))
-        .max()
-        .map_or(1, |m| m.saturating_add(1).max(1));
-    let num_layers = reference.num_layers.map_or(deepest, |n| n.max(deepest));
-    // every input has every tensor, with the same shape
-    let mut plan = Vec::with_capacity(names.len());
-    for n in &names {
-        let Some((shape, kind)) = reference.info(n) else { continue };
-        for m in &models {
-            match m.info(n) {
-                None => return Err(Error::MissingTensor { name: n.clone(), file: m.dir.clone() }),
-                Some((s, _)) if s != shape => {
-                    return Err(Error::ShapeMismatch {
-                        name: format!("{n} in {}", m.dir.display()),
-                        expected: shape,
-                        actual: s,
-                    })
-                }
-                Some(_) => {}
-            }
-        }
-        let float = crate::lora::is_float(kind);
-        let k = if float { out_kind.unwrap_or(kind) } else { kind };
-        let bytes = shape
-            .iter()
-            .try_fold(k.elt_size_in_bytes() as u64, |a, &d| a.checked_mul(d as u64))
-            .ok_or_else(|| Error::config("dtype", format!("`{n}` is too large")))?;
-        plan.push((n.clone(), shape, k, float, bytes));
-    }
+    let plan = plan::build(cfg)?;
+    check_vocabularies(&plan)?;
     // the header, from shapes and output kinds
     let mut header = serde_json::Map::new();
     let mut meta = serde_json::Map::new();
     meta.insert("format".into(), "pt".into());
     header.insert("__metadata__".into(), serde_json::Value::Object(meta));
     let mut offset = 0u64;
-    for (n, shape, k, _, bytes) in &plan {
+    for p in &plan.tensors {
         let end = offset
-            .checked_add(*bytes)
+            .checked_add(p.bytes)
             .ok_or_else(|| Error::config("models", "the merged model is too large"))?;
-        header.insert(
-            n.clone(),
-            serde_json::json!({"dtype": dtype_of(*k)?, "shape": shape, "data_offsets": [offset, end]}),
-        );
+        let entry = serde_json::json!({
+            "dtype": dtype_of(p.out_kind)?, "shape": p.shape, "data_offsets": [offset, end]
+        });
+        if header.insert(p.name.clone(), entry).is_some() {
+            return Err(Error::config("slices", format!("`{}` would be written twice", p.name)));
+        }
         offset = end;
     }
     let mut text = serde_json::to_vec(&serde_json::Value::Object(header))?;
@@ -318,7 +332,8 @@ pub fn merge_directories(cfg: &MergeConfig, out: impl AsRef<Path>) -> Result<Mer
         text.push(b' ');
     }
     let mut stats =
-        MergeStats { tensors: plan.len(), bytes_read: 0, bytes_written: 0, seconds: 0.0 };
+        MergeStats { tensors: plan.tensors.len(), bytes_read: 0, bytes_written: 0, seconds: 0.0 };
+    let method = cfg.merge_method;
     // the weights of an earlier model in `out` (shards, their index, other formats) go
     io::replace_dir(out, &is_weight_file, |dir| {
         let path = dir.join("model.safetensors");
@@ -326,54 +341,143 @@ pub fn merge_directories(cfg: &MergeConfig, out: impl AsRef<Path>) -> Result<Mer
         let mut w = BufWriter::with_capacity(1 << 22, file);
         w.write_all(&(text.len() as u64).to_le_bytes()).map_err(|e| Error::io(&path, e))?;
         w.write_all(&text).map_err(|e| Error::io(&path, e))?;
-        for (n, _, k, float, bytes) in &plan {
-            let t = match block_index(n, &[]) {
-                Some(i) if num_layers > 1 => i as f64 / (num_layers - 1) as f64,
-                _ => 0.0,
-            };
-            let merged = if !float {
-                reference.read(n)?
+        for p in &plan.tensors {
+            let merged = if !p.float {
+                let i = &p.inputs[0];
+                plan.models[i.model].read(&i.name)?
             } else {
-                let b = base.as_ref().map(|b| b.read(n)).transpose()?;
-                let inputs: Vec<Tensor> =
-                    models.iter().map(|m| m.read(n)).collect::<Result<_>>()?;
-                stats.bytes_read += inputs
-                    .iter()
-                    .chain(b.iter())
-                    .map(|x| (x.numel() * x.kind().elt_size_in_bytes()) as u64)
-                    .sum::<u64>();
-                let params: Vec<_> =
-                    (0..models.len()).map(|i| cfg.model_params(i, n, t)).collect::<Result<_>>()?;
-                let pairs: Vec<(&Tensor, _)> = inputs.iter().zip(params).collect();
-                let merged = tch::no_grad(|| {
-                    merge_tensor(cfg.merge_method, b.as_ref(), &pairs, &cfg.global_params(n, t))
-                })?;
+                let mut base = None;
+                let mut inputs = Vec::with_capacity(p.inputs.len());
+                for i in &p.inputs {
+                    let t = plan.models[i.model].read(&i.name)?;
+                    stats.bytes_read += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+                    let t = if t.kind() == p.work_kind { t } else { t.f_to_kind(p.work_kind)? };
+                    if i.is_base {
+                        base = Some(t);
+                    } else {
+                        inputs.push((t, i.params));
+                    }
+                }
+                let pairs: Vec<(&Tensor, _)> = inputs.iter().map(|(t, p)| (t, *p)).collect();
+                let merged =
+                    tch::no_grad(|| merge_tensor(method, base.as_ref(), &pairs, &p.global))?;
                 if !crate::lora::all_finite(&merged)? {
-                    return Err(Error::NonFinite { name: n.clone(), file: out.to_path_buf() });
+                    return Err(Error::NonFinite { name: p.name.clone(), file: out.to_path_buf() });
                 }
                 merged
             };
-            let merged = merged.f_to_kind(*k)?.f_contiguous()?;
-            let mut buf = vec![0u8; *bytes as usize];
+            let merged = merged.f_to_kind(p.out_kind)?.f_contiguous()?;
+            let mut buf = vec![0u8; p.bytes as usize];
             merged.f_copy_data_u8(&mut buf, merged.numel())?;
             w.write_all(&buf).map_err(|e| Error::io(&path, e))?;
-            stats.bytes_written += bytes;
+            stats.bytes_written += p.bytes;
         }
         w.flush().map_err(|e| Error::io(&path, e))?;
-        // the other files of the reference model (config, tokenizer), not its weights
-        for entry in std::fs::read_dir(&reference.dir).map_err(|e| Error::io(&reference.dir, e))? {
-            let p = entry.map_err(|e| Error::io(&reference.dir, e))?.path();
-            let name = p.file_name().and_then(|s| s.to_str()).unwrap_or_default();
-            if is_weight_file(name) || name.starts_with('.') || io::open_regular(&p).is_err() {
-                continue;
-            }
-            let dst = dir.join(name);
-            std::fs::copy(&p, &dst).map_err(|e| Error::io(&p, e))?;
-        }
-        Ok(())
+        copy_other_files(cfg, &plan, dir)
     })?;
     stats.seconds = started.elapsed().as_secs_f64();
     Ok(stats)
+}
+
+/// With a tokenizer source, every input must carry the same vocabulary files as the source (or
+/// none): mergekit would otherwise permute the embeddings to the source's vocabulary.
+fn check_vocabularies(plan: &Plan) -> Result<()> {
+    let Some(src) = plan.tokenizer else { return Ok(()) };
+    let read = |dir: &Path, f: &str| -> Result<Option<Vec<u8>>> {
+        let p = dir.join(f);
+        match io::open_regular(&p) {
+            Err(_) => Ok(None),
+            Ok(_) => Ok(Some(io::read_capped(&p, 1 << 30)?)),
+        }
+    };
+    let source_dir = plan.models[src].dir();
+    for f in VOCABULARY_FILES {
+        let theirs = read(source_dir, f)?;
+        for m in &plan.models {
+            match (read(m.dir(), f)?, &theirs) {
+                (None, _) => {}
+                (Some(a), Some(b)) if &a == b => {}
+                _ => {
+                    return Err(Error::Unsupported {
+                        field: "tokenizer_source".into(),
+                        reason: format!(
+                            "{} has a different `{f}` than {}: its embeddings would need \
+                             permuting to the source's vocabulary",
+                            m.dir().display(),
+                            source_dir.display()
+                        ),
+                    })
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The donor's non-weight files (config, tokenizer, …), the tokenizer source's tokenizer files
+/// in place of the donor's, and `config.json` with the new depth and dtype.
+fn copy_other_files(cfg: &MergeConfig, plan: &Plan, dir: &Path) -> Result<()> {
+    let donor = plan.models[plan.donor].dir();
+    let tokenizer = plan.tokenizer.map(|t| plan.models[t].dir());
+    for entry in std::fs::read_dir(donor).map_err(|e| Error::io(donor, e))? {
+        let p = entry.map_err(|e| Error::io(donor, e))?.path();
+        let name = p.file_name().and_then(|s| s.to_str()).unwrap_or_default();
+        let replaced = tokenizer.is_some() && TOKENIZER_FILES.contains(&name);
+        if is_weight_file(name)
+            || name.starts_with('.')
+            || replaced
+            || io::open_regular(&p).is_err()
+        {
+            continue;
+        }
+        copy_file(&p, &dir.join(name))?;
+    }
+    if let Some(src) = tokenizer {
+        for name in TOKENIZER_FILES {
+            let p = src.join(name);
+            if io::open_regular(&p).is_ok() {
+                copy_file(&p, &dir.join(name))?;
+            }
+        }
+    }
+    let config = dir.join("config.json");
+    let kind = cfg.out_dtype.as_deref().or(cfg.dtype.as_deref());
+    if io::open_regular(&config).is_ok() && (plan.num_layers.is_some() || kind.is_some()) {
+        let text = io::read_config(&config)?;
+        let mut v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::CorruptFile { file: config.clone(), reason: e.to_string() })?;
+        if let Some(obj) = v.as_object_mut() {
+            if let Some(n) = plan.num_layers {
+                obj.insert("num_hidden_layers".into(), n.into());
+            }
+            if let Some(k) = kind {
+                let name = super::stream::canonical_dtype_name(k);
+                let key = if obj.contains_key("torch_dtype") { "torch_dtype" } else { "dtype" };
+                obj.insert(key.into(), name.into());
+            }
+        }
+        let text = serde_json::to_string_pretty(&v)?;
+        std::fs::write(&config, text).map_err(|e| Error::io(&config, e))?;
+    }
+    Ok(())
+}
+
+/// Copies a file by streaming (no whole-file buffer).
+fn copy_file(from: &Path, to: &Path) -> Result<()> {
+    let (mut src, _) = io::open_regular(from)?;
+    let mut dst = File::create(to).map_err(|e| Error::io(to, e))?;
+    std::io::copy(&mut src, &mut dst).map_err(|e| Error::io(from, e))?;
+    Ok(())
+}
+
+/// The name transformers writes for a dtype (`float16` for `fp16`).
+pub(crate) fn canonical_dtype_name(name: &str) -> &str {
+    match name {
+        "fp32" => "float32",
+        "fp16" => "float16",
+        "bf16" => "bfloat16",
+        other => other,
+    }
 }
 
 /// Weights of a model directory in any format (not copied from the reference, not kept from an
@@ -384,12 +488,25 @@ fn is_weight_file(name: &str) -> bool {
         .any(|ext| name.ends_with(ext))
 }
 
-/// Refuses an output directory that is (or links to) the base or one of the models: the merge
-/// would replace its own input.
+/// Every model directory a config names (base, models, slice sources and bases, tokenizer).
+fn inputs_of(cfg: &MergeConfig) -> Vec<&Path> {
+    let mut v: Vec<&Path> = cfg.base_model.iter().map(|p| p.as_path()).collect();
+    v.extend(cfg.models.iter().map(|m| m.model.as_path()));
+    for s in &cfg.slices {
+        v.extend(s.base_model.iter().map(|p| p.as_path()));
+        v.extend(s.sources.iter().map(|src| src.model.as_path()));
+    }
+    if let Some(super::config::TokenizerSource::Model(p)) = cfg.tokenizer_source() {
+        v.push(p);
+    }
+    v
+}
+
+/// Refuses an output directory that is (or links to) one of the inputs: the merge would
+/// replace its own input.
 fn check_output_is_not_an_input(cfg: &MergeConfig, out: &Path) -> Result<()> {
     let Ok(out_c) = std::fs::canonicalize(out) else { return Ok(()) }; // not there yet
-    let inputs = cfg.base_model.iter().chain(cfg.models.iter().map(|m| &m.model));
-    for input in inputs {
+    for input in inputs_of(cfg) {
         if std::fs::canonicalize(input).is_ok_and(|c| c == out_c) {
             return Err(Error::config(
                 "out",

@@ -161,11 +161,24 @@ fn extreme_block_indices_do_not_overflow() {
     let names = ["model.layers.9223372036854775807.w", "model.layers.-3.w", "model.layers.0.w"];
     let ts: Vec<(String, Tensor)> = names.iter().map(|n| (n.to_string(), t())).collect();
     io::write_safetensors(dir.join("model.safetensors"), &ts, None).unwrap();
+    let other = root.join("n");
+    std::fs::create_dir_all(&other).unwrap();
+    io::write_safetensors(other.join("model.safetensors"), &ts, None).unwrap();
     let yaml = format!(
-        "merge_method: linear\nmodels:\n  - model: {0}\n    parameters: {{weight: [1.0, 2.0]}}\n  - model: {0}\n    parameters: {{weight: 1.0}}\n",
-        dir.display()
+        "merge_method: linear\nmodels:\n  - model: {}\n    parameters: {{weight: [1.0, 2.0]}}\n  - model: {}\n    parameters: {{weight: 1.0}}\n",
+        dir.display(),
+        other.display()
     );
     merge_directories(&MergeConfig::from_yaml(&yaml).unwrap(), root.join("out")).unwrap();
+    // a slice up to the deepest layer iterates only while layers exist: a typed error, no hang
+    let yaml = format!(
+        "merge_method: passthrough\nslices:\n  - sources: [{{model: {}, layer_range: [0, 9223372036854775807]}}]\n",
+        dir.display()
+    );
+    let e = merge_directories(&MergeConfig::from_yaml(&yaml).unwrap(), root.join("out2"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has no tensors") || e.contains("more than"), "{e}");
 }
 
 #[test]
