@@ -201,6 +201,11 @@ pub struct GlobalParams {
     pub tol: f64,
     /// SCE's kept fraction of entries, by variance (default 1).
     pub select_topk: f64,
+    /// TIES and Breadcrumbs in the streamed merge: rank by mergekit's `argsort` (its order among
+    /// equal magnitudes) instead of a threshold that keeps every entry tied with the last kept
+    /// one. Config key `exact_ties` (not in mergekit). Default false; [`merge_tensor`] always
+    /// ranks as mergekit does.
+    pub exact_ties: bool,
 }
 
 impl Default for GlobalParams {
@@ -219,6 +224,7 @@ impl Default for GlobalParams {
             max_iter: 10.0,
             tol: 1e-5,
             select_topk: 1.0,
+            exact_ties: false,
         }
     }
 }

@@ -6,9 +6,12 @@
 //! LoRA adapter from a fine-tuned model and its base ([`extract_lora`]).
 
 mod config;
+mod execute;
 mod extract;
+mod fused;
 pub(crate) mod geometric;
 mod methods;
+mod output;
 mod params;
 mod plan;
 pub(crate) mod sparsify;
@@ -19,8 +22,9 @@ pub use config::{
     Conditional, MergeConfig, ModelEntry, OutputSlice, Parameters, Setting, SliceSource,
     TokenizerConfig, TokenizerSource,
 };
+pub use execute::{merge_directories, merge_directories_with_progress, MergeStats, Progress};
 pub use extract::{extract_lora, ExtractOptions, ExtractStats};
 pub use geometric::{slerp, MAX_KARCHER_ITER};
 pub use methods::{merge_tensor, BasePolicy, GlobalParams, MergeMethod, ModelParams};
-pub use stream::{merge_directories, MergeStats, ModelFiles};
+pub use stream::ModelFiles;
 pub use wise_ft::WiseFt;

@@ -43,9 +43,9 @@ const fn spec(name: &'static str, scope: Scope, default: Fallback) -> Spec {
 use Fallback::{Required, Unset, Value};
 use Scope::{Input, NonBase, Shared};
 
-/// Every parameter name some mergekit method (or this crate's `inverse_density`) takes; other
-/// names are refused as typos.
-pub(crate) const KNOWN_PARAMETERS: [&str; 19] = [
+/// Every parameter name some mergekit method (or this crate's `inverse_density` and
+/// `exact_ties`) takes; other names are refused as typos.
+pub(crate) const KNOWN_PARAMETERS: [&str; 20] = [
     "weight",
     "normalize",
     "t",
@@ -65,6 +65,7 @@ pub(crate) const KNOWN_PARAMETERS: [&str; 19] = [
     "filter_wise",
     "scale",
     "inverse_density",
+    "exact_ties",
 ];
 
 const fn b(x: bool) -> Fallback {
@@ -110,7 +111,11 @@ pub(crate) fn specs(method: MergeMethod) -> Vec<Spec> {
                 spec("density", NonBase, Value(1.0)),
             ];
             match method {
-                M::Breadcrumbs | M::BreadcrumbsTies => v.push(spec("gamma", NonBase, Value(0.01))),
+                M::Breadcrumbs | M::BreadcrumbsTies => {
+                    v.push(spec("gamma", NonBase, Value(0.01)));
+                    v.push(spec("exact_ties", Shared, b(false)));
+                }
+                M::Ties => v.push(spec("exact_ties", Shared, b(false))),
                 M::Della | M::DellaLinear => v.push(spec("epsilon", NonBase, Value(0.15))),
                 M::DareLinear | M::DareTies => v.push(spec("inverse_density", Shared, b(false))),
                 _ => {}
@@ -169,6 +174,7 @@ pub(crate) fn global(
             "max_iter" => g.max_iter = x,
             "tol" => g.tol = x,
             "select_topk" => g.select_topk = x,
+            "exact_ties" => g.exact_ties = on,
             _ => {} // int8_mask: the mask's dtype only
         }
     }

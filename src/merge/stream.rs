@@ -1,20 +1,17 @@
-//! Merging checkpoint directories tensor by tensor with bounded memory: each input tensor is
-//! read from its safetensors file on its own (header offsets, one seek and read — no mmap, so
-//! the page cache, not the process, holds what the OS keeps), merged, and appended to the output
-//! file, whose header is written first from the inputs' headers. Peak memory grows with the
-//! largest tensor times the number of inputs, not with the model.
+//! Reading model directories tensor by tensor for the streamed merge: safetensors headers
+//! checked against their files, and each tensor read on its own (header offsets, one seek and
+//! read — no mmap, so the page cache, not the process, holds what the OS keeps), into reused
+//! aligned buffers. Peak memory grows with the largest tensor times the number of inputs, not
+//! with the model.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
-use super::config::MergeConfig;
-use super::methods::merge_tensor;
-use super::plan::{self, split_layer, Plan};
+use super::plan::split_layer;
 use crate::{io, Error, Result};
 
 /// A tensor's place in a safetensors file.
@@ -113,7 +110,7 @@ fn kind_of(dtype: &str) -> Option<Kind> {
     })
 }
 
-fn dtype_of(kind: Kind) -> Result<&'static str> {
+pub(crate) fn dtype_of(kind: Kind) -> Result<&'static str> {
     Ok(match kind {
         Kind::Double => "F64",
         Kind::Float => "F32",
@@ -250,272 +247,86 @@ impl ModelFiles {
         io::check_loaded_finite([(name, &t)], path)?;
         Ok(t)
     }
+
+    /// Reads one tensor's bytes into `buf` (grown as needed, never shrunk), through `handles`
+    /// (this model's open files, by index, opened on first use).
+    pub(crate) fn read_raw(
+        &self,
+        name: &str,
+        handles: &mut HashMap<usize, File>,
+        buf: &mut Buf,
+    ) -> Result<()> {
+        let e = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { name: name.into(), file: self.dir.clone() })?;
+        let (path, data_start) = &self.files[e.file];
+        let f = match handles.entry(e.file) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(io::open_regular(path)?.0),
+        };
+        f.seek(SeekFrom::Start(data_start + e.start)).map_err(|err| Error::io(path, err))?;
+        buf.set_len((e.end - e.start) as usize);
+        f.read_exact(buf.bytes_mut()).map_err(|err| Error::io(path, err))?;
+        Ok(())
+    }
+
+    /// The path of the file holding `name`.
+    pub(crate) fn file_of(&self, name: &str) -> PathBuf {
+        self.tensors.get(name).map_or_else(|| self.dir.clone(), |e| self.files[e.file].0.clone())
+    }
 }
 
-/// What a streamed merge did.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct MergeStats {
-    /// Tensors written.
-    pub tensors: usize,
-    /// Bytes read from the inputs.
-    pub bytes_read: u64,
-    /// Bytes of tensor data written.
-    pub bytes_written: u64,
-    /// Wall time in seconds.
-    pub seconds: f64,
-}
-
-/// The tokenizer files mergekit copies (`merge.py: _copy_tokenizer`).
-const TOKENIZER_FILES: [&str; 10] = [
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "generation_config.json",
-    "chat_template.json",
-    "video_preprocessor_config.json",
-];
-
-/// The files that define a vocabulary: inputs must agree on them for a tokenizer source to be
-/// copied without permuting the embeddings.
-const VOCABULARY_FILES: [&str; 3] = ["tokenizer.json", "tokenizer.model", "added_tokens.json"];
-
-/// Runs a [`MergeConfig`] over model directories and writes `out/model.safetensors` with the
-/// donor's (the base's, else the first source's) `config.json` and other non-weight files.
-///
-/// The config is planned as mergekit plans it: `models` become one slice of all layers with
-/// the base added when not listed; each slice's layers follow the previous slices' (renumbered
-/// in the tensor names, and `num_hidden_layers` rewritten in `config.json`); gradients run over
-/// each slice's depth (`t = i / (n − 1)`, 1 for a one-layer slice); tensors outside the layers
-/// use `t = 0` and come from the first slice's sources (embeddings) or the last's. A layer is
-/// the first all-digit component of a tensor's module path. Integer tensors are copied from
-/// the first source. With `tokenizer_source`, that model's tokenizer files are written, after
-/// checking that every input has the same vocabulary files (so no embedding needs permuting).
-///
-/// The output directory is replaced as a whole (a crash leaves the old one or the new one; see
-/// [`crate::io`]); it may not be one of the inputs. Errors name the tensor and model when a
-/// tensor is missing or shaped differently, and refuse a merged tensor that is not finite
-/// ([`Error::NonFinite`]: the weights or the inputs are not sane) before anything is replaced.
-pub fn merge_directories(cfg: &MergeConfig, out: impl AsRef<Path>) -> Result<MergeStats> {
-    cfg.validate()?;
-    let out = out.as_ref();
-    check_output_is_not_an_input(cfg, out)?;
-    if let Some(seed) = cfg.random_seed {
-        tch::manual_seed(seed);
-    }
-    let started = Instant::now();
-    let plan = plan::build(cfg)?;
-    check_vocabularies(&plan)?;
-    // the header, from shapes and output kinds
-    let mut header = serde_json::Map::new();
-    let mut meta = serde_json::Map::new();
-    meta.insert("format".into(), "pt".into());
-    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
-    let mut offset = 0u64;
-    for p in &plan.tensors {
-        let end = offset
-            .checked_add(p.bytes)
-            .ok_or_else(|| Error::config("models", "the merged model is too large"))?;
-        let entry = serde_json::json!({
-            "dtype": dtype_of(p.out_kind)?, "shape": p.shape, "data_offsets": [offset, end]
-        });
-        if header.insert(p.name.clone(), entry).is_some() {
-            return Err(Error::config("slices", format!("`{}` would be written twice", p.name)));
-        }
-        offset = end;
-    }
-    let mut text = serde_json::to_vec(&serde_json::Value::Object(header))?;
-    while text.len() % 8 != 0 {
-        text.push(b' ');
-    }
-    let mut stats =
-        MergeStats { tensors: plan.tensors.len(), bytes_read: 0, bytes_written: 0, seconds: 0.0 };
-    let method = cfg.merge_method;
-    // the weights of an earlier model in `out` (shards, their index, other formats) go
-    io::replace_dir(out, &is_weight_file, |dir| {
-        let path = dir.join("model.safetensors");
-        let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let mut w = BufWriter::with_capacity(1 << 22, file);
-        w.write_all(&(text.len() as u64).to_le_bytes()).map_err(|e| Error::io(&path, e))?;
-        w.write_all(&text).map_err(|e| Error::io(&path, e))?;
-        for p in &plan.tensors {
-            let merged = if !p.float {
-                let i = &p.inputs[0];
-                plan.models[i.model].read(&i.name)?
-            } else {
-                let mut base = None;
-                let mut inputs = Vec::with_capacity(p.inputs.len());
-                for i in &p.inputs {
-                    let t = plan.models[i.model].read(&i.name)?;
-                    stats.bytes_read += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
-                    let t = if t.kind() == p.work_kind { t } else { t.f_to_kind(p.work_kind)? };
-                    if i.is_base {
-                        base = Some(t);
-                    } else {
-                        inputs.push((t, i.params));
-                    }
-                }
-                let pairs: Vec<(&Tensor, _)> = inputs.iter().map(|(t, p)| (t, *p)).collect();
-                let merged =
-                    tch::no_grad(|| merge_tensor(method, base.as_ref(), &pairs, &p.global))?;
-                if !crate::lora::all_finite(&merged)? {
-                    return Err(Error::NonFinite { name: p.name.clone(), file: out.to_path_buf() });
-                }
-                merged
-            };
-            let merged = merged.f_to_kind(p.out_kind)?.f_contiguous()?;
-            let mut buf = vec![0u8; p.bytes as usize];
-            merged.f_copy_data_u8(&mut buf, merged.numel())?;
-            w.write_all(&buf).map_err(|e| Error::io(&path, e))?;
-            stats.bytes_written += p.bytes;
-        }
-        w.flush().map_err(|e| Error::io(&path, e))?;
-        copy_other_files(cfg, &plan, dir)
-    })?;
-    stats.seconds = started.elapsed().as_secs_f64();
-    Ok(stats)
-}
-
-/// With a tokenizer source, every input must carry the same vocabulary files as the source (or
-/// none): mergekit would otherwise permute the embeddings to the source's vocabulary.
-fn check_vocabularies(plan: &Plan) -> Result<()> {
-    let Some(src) = plan.tokenizer else { return Ok(()) };
-    let read = |dir: &Path, f: &str| -> Result<Option<Vec<u8>>> {
-        let p = dir.join(f);
-        match io::open_regular(&p) {
-            Err(_) => Ok(None),
-            Ok(_) => Ok(Some(io::read_capped(&p, 1 << 30)?)),
-        }
-    };
-    let source_dir = plan.models[src].dir();
-    for f in VOCABULARY_FILES {
-        let theirs = read(source_dir, f)?;
-        for m in &plan.models {
-            match (read(m.dir(), f)?, &theirs) {
-                (None, _) => {}
-                (Some(a), Some(b)) if &a == b => {}
-                _ => {
-                    return Err(Error::Unsupported {
-                        field: "tokenizer_source".into(),
-                        reason: format!(
-                            "{} has a different `{f}` than {}: its embeddings would need \
-                             permuting to the source's vocabulary",
-                            m.dir().display(),
-                            source_dir.display()
-                        ),
-                    })
-                }
+/// Asks Linux to back `[ptr, ptr + len)` with transparent huge pages (a hint; errors ignored).
+fn advise_huge_pages(ptr: *mut u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let start = (ptr as usize).next_multiple_of(PAGE);
+        let end = (ptr as usize + len) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the range lies inside an allocation this buffer owns; MADV_HUGEPAGE
+            // changes no content
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
             }
         }
     }
-    Ok(())
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, len);
 }
 
-/// The donor's non-weight files (config, tokenizer, …), the tokenizer source's tokenizer files
-/// in place of the donor's, and `config.json` with the new depth and dtype.
-fn copy_other_files(cfg: &MergeConfig, plan: &Plan, dir: &Path) -> Result<()> {
-    let donor = plan.models[plan.donor].dir();
-    let tokenizer = plan.tokenizer.map(|t| plan.models[t].dir());
-    for entry in std::fs::read_dir(donor).map_err(|e| Error::io(donor, e))? {
-        let p = entry.map_err(|e| Error::io(donor, e))?.path();
-        let name = p.file_name().and_then(|s| s.to_str()).unwrap_or_default();
-        let replaced = tokenizer.is_some() && TOKENIZER_FILES.contains(&name);
-        if is_weight_file(name)
-            || name.starts_with('.')
-            || replaced
-            || io::open_regular(&p).is_err()
-        {
-            continue;
+/// A byte buffer aligned for any element type (8 bytes), reused across tensors.
+#[derive(Debug, Default)]
+pub(crate) struct Buf {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Buf {
+    /// Makes the buffer `len` bytes long (growing its storage when needed).
+    pub(crate) fn set_len(&mut self, len: usize) {
+        let words = len.div_ceil(8);
+        if self.words.len() < words {
+            // a fresh allocation (the old content is not needed), in huge pages where the
+            // kernel offers them: a 64 MiB buffer then faults in 32 times, not 16 384
+            let mut v: Vec<u64> = Vec::with_capacity(words);
+            advise_huge_pages(v.as_mut_ptr().cast(), words * 8);
+            v.resize(words, 0);
+            self.words = v;
         }
-        copy_file(&p, &dir.join(name))?;
+        self.len = len;
     }
-    if let Some(src) = tokenizer {
-        for name in TOKENIZER_FILES {
-            let p = src.join(name);
-            if io::open_regular(&p).is_ok() {
-                copy_file(&p, &dir.join(name))?;
-            }
-        }
-    }
-    let config = dir.join("config.json");
-    let kind = cfg.out_dtype.as_deref().or(cfg.dtype.as_deref());
-    if io::open_regular(&config).is_ok() && (plan.num_layers.is_some() || kind.is_some()) {
-        let text = io::read_config(&config)?;
-        let mut v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::CorruptFile { file: config.clone(), reason: e.to_string() })?;
-        if let Some(obj) = v.as_object_mut() {
-            if let Some(n) = plan.num_layers {
-                obj.insert("num_hidden_layers".into(), n.into());
-            }
-            if let Some(k) = kind {
-                let name = super::stream::canonical_dtype_name(k);
-                let key = if obj.contains_key("torch_dtype") { "torch_dtype" } else { "dtype" };
-                obj.insert(key.into(), name.into());
-            }
-        }
-        let text = serde_json::to_string_pretty(&v)?;
-        std::fs::write(&config, text).map_err(|e| Error::io(&config, e))?;
-    }
-    Ok(())
-}
 
-/// Copies a file by streaming (no whole-file buffer).
-fn copy_file(from: &Path, to: &Path) -> Result<()> {
-    let (mut src, _) = io::open_regular(from)?;
-    let mut dst = File::create(to).map_err(|e| Error::io(to, e))?;
-    std::io::copy(&mut src, &mut dst).map_err(|e| Error::io(from, e))?;
-    Ok(())
-}
-
-/// The name transformers writes for a dtype (`float16` for `fp16`).
-pub(crate) fn canonical_dtype_name(name: &str) -> &str {
-    match name {
-        "fp32" => "float32",
-        "fp16" => "float16",
-        "bf16" => "bfloat16",
-        other => other,
+    /// The bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: `words` holds at least `len` initialised bytes; u8 has no alignment needs
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast(), self.len) }
     }
-}
 
-/// Weights of a model directory in any format (not copied from the reference, not kept from an
-/// earlier model in the output).
-fn is_weight_file(name: &str) -> bool {
-    [".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".gguf"]
-        .iter()
-        .any(|ext| name.ends_with(ext))
-}
-
-/// Every model directory a config names (base, models, slice sources and bases, tokenizer).
-fn inputs_of(cfg: &MergeConfig) -> Vec<&Path> {
-    let mut v: Vec<&Path> = cfg.base_model.iter().map(|p| p.as_path()).collect();
-    v.extend(cfg.models.iter().map(|m| m.model.as_path()));
-    for s in &cfg.slices {
-        v.extend(s.base_model.iter().map(|p| p.as_path()));
-        v.extend(s.sources.iter().map(|src| src.model.as_path()));
+    /// The bytes, mutably.
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as `bytes`, and the borrow is unique
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast(), self.len) }
     }
-    if let Some(super::config::TokenizerSource::Model(p)) = cfg.tokenizer_source() {
-        v.push(p);
-    }
-    v
-}
-
-/// Refuses an output directory that is (or links to) one of the inputs: the merge would
-/// replace its own input.
-fn check_output_is_not_an_input(cfg: &MergeConfig, out: &Path) -> Result<()> {
-    let Ok(out_c) = std::fs::canonicalize(out) else { return Ok(()) }; // not there yet
-    for input in inputs_of(cfg) {
-        if std::fs::canonicalize(input).is_ok_and(|c| c == out_c) {
-            return Err(Error::config(
-                "out",
-                format!(
-                    "{} is an input of the merge; write the merged model elsewhere",
-                    out.display()
-                ),
-            ));
-        }
-    }
-    Ok(())
 }

@@ -1,0 +1,377 @@
+//! Running a planned merge: one thread reads each output tensor's inputs into reused buffers
+//! while the other merges the previous one (a one-pass kernel where there is one, else
+//! [`merge_tensor`] on tensors over the buffers) and appends it to the output file, whose
+//! header is written first from the plan.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use half::{bf16, f16};
+use tch::{Kind, Tensor};
+
+use super::config::MergeConfig;
+use super::fused::{self, cast, cast_mut, Elem, Kernel, Run};
+use super::methods::{merge_tensor, MergeMethod};
+use super::output::{
+    check_output_is_not_an_input, check_vocabularies, copy_other_files, is_weight_file,
+};
+use super::plan::{self, Plan, Planned};
+use super::stream::{dtype_of, Buf};
+use crate::{io, Error, Result};
+
+/// What a streamed merge did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MergeStats {
+    /// Tensors written.
+    pub tensors: usize,
+    /// Bytes read from the inputs.
+    pub bytes_read: u64,
+    /// Bytes of tensor data written.
+    pub bytes_written: u64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+/// Where a streamed merge is, after each tensor (for a progress bar).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Tensors written so far.
+    pub done: usize,
+    /// Tensors to write.
+    pub total: usize,
+    /// Bytes read from the inputs so far.
+    pub bytes_read: u64,
+    /// Seconds since the merge started.
+    pub seconds: f64,
+}
+
+/// Runs a [`MergeConfig`] over model directories and writes `out/model.safetensors` with the
+/// donor's (the base's, else the first source's) `config.json` and other non-weight files.
+///
+/// The config is planned as mergekit plans it: `models` become one slice of all layers with
+/// the base added when not listed; each slice's layers follow the previous slices' (renumbered
+/// in the tensor names, and `num_hidden_layers` rewritten in `config.json`); gradients run over
+/// each slice's depth (`t = i / (n − 1)`, 1 for a one-layer slice); tensors outside the layers
+/// use `t = 0` and come from the first slice's sources (embeddings) or the last's. A layer is
+/// the first all-digit component of a tensor's module path. Integer tensors are copied from
+/// the first source. With `tokenizer_source`, that model's tokenizer files are written, after
+/// checking that every input has the same vocabulary files (so no embedding needs permuting).
+///
+/// Reading overlaps merging: a second thread reads the next tensor's inputs (into reused
+/// buffers, with no copy into libtorch) while this one merges the current one. Linear, task
+/// arithmetic, TIES and Breadcrumbs run as one-pass kernels over the raw inputs (f32/f16/bf16;
+/// see `exact_ties` for the magnitude selection); the other methods through [`merge_tensor`].
+///
+/// The output directory is replaced as a whole (a crash leaves the old one or the new one; see
+/// [`crate::io`]); it may not be one of the inputs. Errors name the tensor and model when a
+/// tensor is missing or shaped differently, and refuse a merged tensor that is not finite
+/// ([`Error::NonFinite`]: the weights or the inputs are not sane) before anything is replaced.
+pub fn merge_directories(cfg: &MergeConfig, out: impl AsRef<Path>) -> Result<MergeStats> {
+    merge_directories_with_progress(cfg, out, |_| {})
+}
+
+/// [`merge_directories`], calling `progress` after each tensor is written.
+pub fn merge_directories_with_progress(
+    cfg: &MergeConfig,
+    out: impl AsRef<Path>,
+    mut progress: impl FnMut(&Progress),
+) -> Result<MergeStats> {
+    cfg.validate()?;
+    let out = out.as_ref();
+    check_output_is_not_an_input(cfg, out)?;
+    if let Some(seed) = cfg.random_seed {
+        tch::manual_seed(seed);
+    }
+    let started = Instant::now();
+    let plan = plan::build(cfg)?;
+    check_vocabularies(&plan)?;
+    let header = header(&plan)?;
+    let mut stats =
+        MergeStats { tensors: plan.tensors.len(), bytes_read: 0, bytes_written: 0, seconds: 0.0 };
+    // the weights of an earlier model in `out` (shards, their index, other formats) go
+    io::replace_dir(out, &is_weight_file, |dir| {
+        let path = dir.join("model.safetensors");
+        let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let method = cfg.merge_method;
+        let total = plan.tensors.len();
+        let mut on_batch = |index: usize, bufs: &[Buf], out_buf: &mut Buf| -> Result<()> {
+            let p = &plan.tensors[index];
+            stats.bytes_read += bufs.iter().map(|b| b.bytes().len() as u64).sum::<u64>();
+            if p.float {
+                merge_one(method, &plan, p, bufs, out_buf, out)?;
+            } else {
+                // integers: the first input's bytes, as they are
+                out_buf.set_len(bufs[0].bytes().len());
+                out_buf.bytes_mut().copy_from_slice(bufs[0].bytes());
+            }
+            stats.bytes_written += out_buf.bytes().len() as u64;
+            let seconds = started.elapsed().as_secs_f64();
+            progress(&Progress { done: index + 1, total, bytes_read: stats.bytes_read, seconds });
+            Ok(())
+        };
+        pipeline(&plan, &mut on_batch, file, &path, &header)?;
+        copy_other_files(cfg, &plan, dir)
+    })?;
+    stats.seconds = started.elapsed().as_secs_f64();
+    Ok(stats)
+}
+
+/// The safetensors header of the output, padded to 8 bytes, from the plan's shapes and kinds.
+fn header(plan: &Plan) -> Result<Vec<u8>> {
+    let mut header = serde_json::Map::new();
+    let mut meta = serde_json::Map::new();
+    meta.insert("format".into(), "pt".into());
+    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+    let mut offset = 0u64;
+    for p in &plan.tensors {
+        let end = offset
+            .checked_add(p.bytes)
+            .ok_or_else(|| Error::config("models", "the merged model is too large"))?;
+        let entry = serde_json::json!({
+            "dtype": dtype_of(p.out_kind)?, "shape": p.shape, "data_offsets": [offset, end]
+        });
+        if header.insert(p.name.clone(), entry).is_some() {
+            return Err(Error::config("slices", format!("`{}` would be written twice", p.name)));
+        }
+        offset = end;
+    }
+    let mut text = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    Ok(text)
+}
+
+/// What the merging thread does with one tensor: its inputs' bytes in, its output's out.
+type OnBatch<'a> = dyn FnMut(usize, &[Buf], &mut Buf) -> Result<()> + 'a;
+
+/// Runs the merge on three threads: a reader fills each planned tensor's input buffers, one
+/// tensor ahead; this thread merges (`on_batch`) into an output buffer; a writer appends it to
+/// `file` after the `header`. Buffers cycle back to the reader and this thread, so at most two
+/// tensors' inputs and two outputs are held. Stops at the first error of any of them.
+fn pipeline(
+    plan: &Plan,
+    on_batch: &mut OnBatch<'_>,
+    file: File,
+    path: &Path,
+    header: &[u8],
+) -> Result<()> {
+    let (in_tx, in_rx) = mpsc::sync_channel::<Result<(usize, Vec<Buf>)>>(0);
+    let (in_back_tx, in_back_rx) = mpsc::channel::<Buf>();
+    let (out_tx, out_rx) = mpsc::sync_channel::<Buf>(0);
+    let (out_back_tx, out_back_rx) = mpsc::channel::<Buf>();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let mut handles: Vec<HashMap<usize, File>> =
+                plan.models.iter().map(|_| HashMap::new()).collect();
+            for (index, p) in plan.tensors.iter().enumerate() {
+                let n = if p.float { p.inputs.len() } else { 1 };
+                let mut bufs = Vec::with_capacity(n);
+                for i in &p.inputs[..n] {
+                    let mut b = in_back_rx.try_recv().unwrap_or_default();
+                    let model = &plan.models[i.model];
+                    if let Err(e) = model.read_raw(&i.name, &mut handles[i.model], &mut b) {
+                        let _ = in_tx.send(Err(e));
+                        return;
+                    }
+                    bufs.push(b);
+                }
+                if in_tx.send(Ok((index, bufs))).is_err() {
+                    return; // the merging side stopped
+                }
+            }
+        });
+        let writer = s.spawn(move || -> Result<()> {
+            let mut w = BufWriter::with_capacity(1 << 22, file);
+            let io_err = |e| Error::io(path, e);
+            w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io_err)?;
+            w.write_all(header).map_err(io_err)?;
+            for buf in out_rx {
+                w.write_all(buf.bytes()).map_err(io_err)?;
+                let _ = out_back_tx.send(buf);
+            }
+            w.flush().map_err(io_err)
+        });
+        // the channels' ends are moved in and dropped on return, so that a reader blocked on
+        // a send wakes (its send fails) and the writer sees the end, before the scope joins
+        let mut consume = move |in_rx: mpsc::Receiver<Result<(usize, Vec<Buf>)>>,
+                                out_tx: mpsc::SyncSender<Buf>|
+              -> Result<()> {
+            for batch in in_rx {
+                let (index, bufs) = batch?;
+                let mut out_buf = out_back_rx.try_recv().unwrap_or_default();
+                on_batch(index, &bufs, &mut out_buf)?;
+                for b in bufs {
+                    let _ = in_back_tx.send(b);
+                }
+                if out_tx.send(out_buf).is_err() {
+                    break; // the writer failed: its error is the one to report
+                }
+            }
+            Ok(())
+        };
+        let merged = consume(in_rx, out_tx);
+        let written = writer.join().unwrap_or_else(|_| {
+            Err(Error::io(path, std::io::Error::other("the writer thread panicked")))
+        });
+        merged.and(written)
+    })
+}
+
+/// Merges one floating-point tensor from its inputs' bytes into `out_buf`.
+fn merge_one(
+    method: MergeMethod,
+    plan: &Plan,
+    p: &Planned,
+    bufs: &[Buf],
+    out_buf: &mut Buf,
+    out: &Path,
+) -> Result<()> {
+    out_buf.set_len(p.bytes as usize);
+    let kinds: Vec<Kind> = p
+        .inputs
+        .iter()
+        .map(|i| plan.models[i.model].info(&i.name).map_or(Kind::Float, |(_, k)| k))
+        .collect();
+    let params: Vec<_> = p.inputs.iter().filter(|i| !i.is_base).map(|i| i.params).collect();
+    let same = kinds.iter().all(|&k| k == p.work_kind);
+    let kernel =
+        if same { fused::kernel(method, &p.global, &params, &kinds, p.out_kind) } else { None };
+    if let Some(k) = kernel {
+        let (in_ok, out_ok) = match (p.work_kind, p.out_kind) {
+            (Kind::Float, o) => fused_typed::<f32>(k, method, p, bufs, out_buf, o),
+            (Kind::BFloat16, o) => fused_typed::<bf16>(k, method, p, bufs, out_buf, o),
+            (Kind::Half, o) => fused_typed::<f16>(k, method, p, bufs, out_buf, o),
+            _ => unreachable!("fused kernels take f32, f16, bf16"),
+        };
+        if !in_ok && io::require_finite() {
+            return Err(first_non_finite(plan, p, bufs));
+        }
+        if !out_ok {
+            return Err(Error::NonFinite { name: p.name.clone(), file: out.to_path_buf() });
+        }
+        return Ok(());
+    }
+    // the general path: tensors over the buffers (no copy), then merge_tensor
+    let mut base = None;
+    let mut inputs = Vec::with_capacity(p.inputs.len());
+    for ((i, b), &k) in p.inputs.iter().zip(bufs).zip(&kinds) {
+        let t = blob(b, &p.shape, k)?;
+        io::check_loaded_finite([(i.name.as_str(), &t)], &plan.models[i.model].file_of(&i.name))?;
+        let t = if k == p.work_kind { t } else { t.f_to_kind(p.work_kind)? };
+        if i.is_base {
+            base = Some(t);
+        } else {
+            inputs.push((t, i.params));
+        }
+    }
+    let pairs: Vec<(&Tensor, _)> = inputs.iter().map(|(t, p)| (t, *p)).collect();
+    let merged = tch::no_grad(|| merge_tensor(method, base.as_ref(), &pairs, &p.global))?;
+    if !crate::lora::all_finite(&merged)? {
+        return Err(Error::NonFinite { name: p.name.clone(), file: out.to_path_buf() });
+    }
+    let merged = merged.f_to_kind(p.out_kind)?.f_contiguous()?;
+    merged.f_copy_data_u8(out_buf.bytes_mut(), merged.numel())?;
+    Ok(())
+}
+
+/// A CPU tensor over `b`'s bytes (no copy; dropped before `b` is reused).
+fn blob(b: &Buf, shape: &[i64], kind: Kind) -> Result<Tensor> {
+    let mut strides = vec![1i64; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * shape[d + 1].max(1);
+    }
+    // SAFETY: `b` holds the tensor's bytes (its length is the shape's byte size, checked with
+    // the header), is aligned to 8 bytes, outlives the tensor, and is not written meanwhile
+    Ok(unsafe { Tensor::f_from_blob(b.bytes().as_ptr(), shape, &strides, kind, tch::Device::Cpu)? })
+}
+
+/// The first input of `p` holding a non-finite value, as the loaders' error.
+fn first_non_finite(plan: &Plan, p: &Planned, bufs: &[Buf]) -> Error {
+    for (i, b) in p.inputs.iter().zip(bufs) {
+        let kind = plan.models[i.model].info(&i.name).map_or(Kind::Float, |(_, k)| k);
+        let bad = blob(b, &p.shape, kind).and_then(|t| Ok(!crate::lora::all_finite(&t)?));
+        if bad.unwrap_or(true) {
+            return Error::NonFinite {
+                name: i.name.clone(),
+                file: plan.models[i.model].file_of(&i.name),
+            };
+        }
+    }
+    Error::NonFinite {
+        name: p.name.clone(),
+        file: plan.models[p.inputs[0].model].dir().to_path_buf(),
+    }
+}
+
+fn fused_typed<I: Elem>(
+    k: Kernel,
+    method: MergeMethod,
+    p: &Planned,
+    bufs: &[Buf],
+    out: &mut Buf,
+    out_kind: Kind,
+) -> (bool, bool) {
+    match out_kind {
+        Kind::Float => fused_run::<I, f32>(k, method, p, bufs, out),
+        Kind::BFloat16 => fused_run::<I, bf16>(k, method, p, bufs, out),
+        _ => fused_run::<I, f16>(k, method, p, bufs, out),
+    }
+}
+
+fn fused_run<I: Elem, O: Elem>(
+    k: Kernel,
+    method: MergeMethod,
+    p: &Planned,
+    bufs: &[Buf],
+    out: &mut Buf,
+) -> (bool, bool) {
+    // SAFETY: the buffers are 8-byte aligned and hold the tensors' bytes; every bit pattern
+    // is a valid f32, f16 or bf16
+    let views: Vec<&[I]> = bufs.iter().map(|b| unsafe { cast::<I>(b.bytes()) }).collect();
+    let base = p.inputs.iter().position(|i| i.is_base).map(|b| views[b]);
+    let mut inputs = Vec::new();
+    let mut weights = Vec::new();
+    let mut keep = Vec::new();
+    for (i, v) in p.inputs.iter().zip(&views) {
+        if i.is_base {
+            continue;
+        }
+        inputs.push(*v);
+        weights.push(i.params.weight as f32);
+        if let (Kernel::Magnitude { .. }, Some(b)) = (k, base) {
+            keep.push(match fused::rank_range(method, &i.params, v.len()) {
+                None => (0, u32::MAX),
+                Some((lo, hi)) if lo > hi => (1, 0),
+                Some((lo, _)) if method == MergeMethod::Ties => {
+                    (fused::select_ranks(v, b, &[lo])[0], u32::MAX)
+                }
+                Some((lo, hi)) => {
+                    let r = fused::select_ranks(v, b, &[lo, hi]);
+                    (r[0], r[1])
+                }
+            });
+        }
+    }
+    let coef: Vec<f32> = match k {
+        Kernel::TaskArithmetic => {
+            let g = &p.global;
+            let total: f64 = p.inputs.iter().filter(|i| !i.is_base).map(|i| i.params.weight).sum();
+            let normalize = g.normalize.unwrap_or(method.default_normalize());
+            let div = if normalize && total.abs() >= 1e-8 { total } else { 1.0 };
+            p.inputs
+                .iter()
+                .filter(|i| !i.is_base)
+                .map(|i| (g.lambda * i.params.weight / div) as f32)
+                .collect()
+        }
+        _ => weights.clone(),
+    };
+    // SAFETY: as above, for the output buffer of the planned size
+    let out = unsafe { cast_mut::<O>(out.bytes_mut()) };
+    Run { base, inputs, coef, weights, keep, out }.go(k)
+}
