@@ -1,24 +1,33 @@
-//! Merge checkpoints with a mergekit YAML config, streamed tensor by tensor.
+//! Merge checkpoints with a mergekit YAML config, streamed tensor by tensor; extract a LoRA
+//! adapter from a fine-tuned model and its base.
 //!
 //! ```text
 //! scripts/with-torch cargo run --release --example merge -- --config FILE.yml --out DIR
+//! scripts/with-torch cargo run --release --example merge -- --extract-lora --base DIR --model DIR --out DIR [--max-rank 128]
 //! scripts/with-torch cargo run --release --example merge -- --synthetic DIR [--size-gb 1] [--models 3]
 //! ```
 //!
-//! * `--config`: mergekit's YAML (`merge_method`, `base_model`, `models` with `parameters`,
-//!   global `parameters`, `dtype`); model entries are local directories with `config.json` and
-//!   `*.safetensors` (sharded or not), relative paths taken from the config file's folder.
-//!   Fields this crate does not run (e.g. `slices`, `tokenizer_source`) are errors naming them.
-//! * `--out`: the merged directory (`model.safetensors` and the base's other files).
+//! * `--config`: mergekit's YAML (`merge_method`, `base_model`, `models` or `slices` with
+//!   `layer_range`, `parameters`, `dtype`, `out_dtype`, `tokenizer_source`); models are local
+//!   directories with `config.json` and `*.safetensors` (sharded or not), relative paths taken
+//!   from the config file's folder. Fields this crate does not run (e.g. `modules`,
+//!   `tokenizer_source: union`) are errors naming them. A progress line (tensors, GB/s) goes to
+//!   stderr.
+//! * `--out`: the merged directory (`model.safetensors` and the donor's other files).
+//! * `--extract-lora`: mergekit-extract-lora: `--model` minus `--base`, truncated SVD per linear
+//!   layer to `--max-rank`, written as a PEFT adapter directory in `--out`.
 //! * `--synthetic DIR`: writes a base and `--models` fine-tuned checkpoints of `--size-gb` GB
 //!   each (f32, 64 MiB tensors, Llama-style names) and configs `DIR/ties.yml` and
-//!   `DIR/task_arithmetic.yml` over them; merging them with `--config` (in a fresh process)
-//!   prints throughput and peak memory: the measurement in docs/PERFORMANCE.md.
+//!   `DIR/task_arithmetic.yml` over them (the side-by-side with mergekit on Llama-shaped
+//!   checkpoints is `scripts/bench_merge_vs_mergekit.py`).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use tch::{Kind, Tensor};
-use tch_peft::merge::{merge_directories, MergeConfig};
+use tch_peft::merge::{
+    extract_lora, merge_directories_with_progress, ExtractOptions, MergeConfig, Progress,
+};
 use tch_peft::{io, Error, Result};
 
 fn peak_rss_mib() -> Option<f64> {
@@ -28,16 +37,35 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn run_config(config: &Path, out: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(config)
-        .map_err(|e| Error::Io { path: config.to_path_buf(), source: e })?;
-    let mut cfg = MergeConfig::from_yaml(&text)?;
-    let root = config.parent().unwrap_or(Path::new("."));
-    cfg.base_model = cfg.base_model.map(|b| root.join(b));
-    for m in &mut cfg.models {
-        m.model = root.join(&m.model);
+/// A progress line on stderr, at most every 0.2 s and at the end.
+fn progress_bar() -> impl FnMut(&Progress) {
+    let mut last = -1.0;
+    move |p: &Progress| {
+        if p.seconds - last < 0.2 && p.done < p.total {
+            return;
+        }
+        last = p.seconds;
+        let width = 30;
+        let filled = width * p.done / p.total.max(1);
+        let gbs = p.bytes_read as f64 / 1e9 / p.seconds.max(1e-9);
+        eprint!(
+            "\r[{}{}] {}/{} tensors, {:.2} GB read, {gbs:.2} GB/s",
+            "#".repeat(filled),
+            " ".repeat(width - filled),
+            p.done,
+            p.total,
+            p.bytes_read as f64 / 1e9
+        );
+        if p.done == p.total {
+            eprintln!();
+        }
+        let _ = std::io::stderr().flush();
     }
-    let stats = merge_directories(&cfg, out)?;
+}
+
+fn run_config(config: &Path, out: &Path) -> Result<()> {
+    let cfg = MergeConfig::from_file(config)?;
+    let stats = merge_directories_with_progress(&cfg, out, progress_bar())?;
     let gb = |b: u64| b as f64 / 1e9;
     println!(
         "{:?}: {} tensors, read {:.2} GB, wrote {:.2} GB in {:.1} s ({:.2} GB/s read); peak RSS {:.0} MiB",
@@ -50,6 +78,20 @@ fn run_config(config: &Path, out: &Path) -> Result<()> {
         peak_rss_mib().unwrap_or(f64::NAN)
     );
     println!("merged model in {}", out.display());
+    Ok(())
+}
+
+fn run_extract(base: &Path, model: &Path, out: &Path, max_rank: i64) -> Result<()> {
+    let opts = ExtractOptions { max_rank, ..Default::default() };
+    let stats = extract_lora(base, model, out, &opts)?;
+    println!(
+        "{} modules decomposed (rank ≤ {max_rank}), {} saved whole ({}); ‖ΔW − BA‖/‖ΔW‖ = {:.3e}",
+        stats.ranks.len(),
+        stats.modules_to_save.len(),
+        stats.modules_to_save.join(", "),
+        stats.relative_error
+    );
+    println!("adapter in {}", out.display());
     Ok(())
 }
 
@@ -96,9 +138,25 @@ fn synthetic(dir: &Path, size_gb: f64, models: usize) -> Result<()> {
     Ok(())
 }
 
+/// glibc returns freed blocks of 32 MiB and more to the kernel at once, so that every large
+/// tensor libtorch allocates for the methods without a one-pass kernel comes back as fresh,
+/// zero-filled pages; keeping them in the heap saves the kernel that work (peak memory is the
+/// same: the blocks are reused).
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before other threads start
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() {
+    keep_freed_memory();
+    let usage = "usage: merge --config FILE.yml --out DIR | --extract-lora --base DIR --model DIR --out DIR [--max-rank N] | --synthetic DIR [--size-gb N] [--models N]";
     let mut args = std::env::args().skip(1);
     let (mut config, mut out, mut synth, mut size_gb, mut models) = (None, None, None, 1.0, 3usize);
+    let (mut extract, mut base, mut model, mut max_rank) = (false, None, None, 128i64);
     while let Some(a) = args.next() {
         let mut v = || {
             args.next().unwrap_or_else(|| {
@@ -106,23 +164,34 @@ fn main() {
                 std::process::exit(2)
             })
         };
+        let number = |s: String| -> f64 {
+            s.parse().unwrap_or_else(|_| {
+                eprintln!("error: `{s}` is not a number\n{usage}");
+                std::process::exit(2)
+            })
+        };
         match a.as_str() {
             "--config" => config = Some(PathBuf::from(v())),
             "--out" => out = Some(PathBuf::from(v())),
             "--synthetic" => synth = Some(PathBuf::from(v())),
-            "--size-gb" => size_gb = v().parse().unwrap_or(1.0),
-            "--models" => models = v().parse().unwrap_or(3),
+            "--size-gb" => size_gb = number(v()),
+            "--models" => models = number(v()) as usize,
+            "--extract-lora" => extract = true,
+            "--base" => base = Some(PathBuf::from(v())),
+            "--model" => model = Some(PathBuf::from(v())),
+            "--max-rank" => max_rank = number(v()) as i64,
             other => {
-                eprintln!("error: unknown argument `{other}`\nusage: merge --config FILE.yml --out DIR | --synthetic DIR [--size-gb N] [--models N]");
+                eprintln!("error: unknown argument `{other}`\n{usage}");
                 std::process::exit(2)
             }
         }
     }
-    let result = match (config, out, synth) {
-        (Some(c), Some(o), None) => run_config(&c, &o),
-        (None, None, Some(d)) => synthetic(&d, size_gb, models),
+    let result = match (config, out, synth, extract, base, model) {
+        (Some(c), Some(o), None, false, None, None) => run_config(&c, &o),
+        (None, Some(o), None, true, Some(b), Some(m)) => run_extract(&b, &m, &o, max_rank),
+        (None, None, Some(d), false, None, None) => synthetic(&d, size_gb, models),
         _ => {
-            eprintln!("usage: merge --config FILE.yml --out DIR | --synthetic DIR [--size-gb N] [--models N]");
+            eprintln!("{usage}");
             std::process::exit(2)
         }
     };

@@ -20,7 +20,7 @@ use super::output::{
     check_output_is_not_an_input, check_vocabularies, copy_other_files, is_weight_file,
 };
 use super::plan::{self, Plan, Planned};
-use super::stream::{dtype_of, Buf};
+use super::stream::{dtype_of, finite_bytes, Buf};
 use crate::{io, Error, Result};
 
 /// What a streamed merge did.
@@ -146,6 +146,28 @@ fn header(plan: &Plan) -> Result<Vec<u8>> {
     Ok(text)
 }
 
+/// Buffers not in use, shared by the threads that fill and drain them.
+#[derive(Default)]
+struct Pool(std::sync::Mutex<Vec<Buf>>);
+
+impl Pool {
+    /// The free buffer that fits `len` bytes most tightly, else the largest one (to grow), else
+    /// a new one: big tensors (embeddings) keep big buffers and small ones small, so that the
+    /// memory touched stays near what the tensors in flight need.
+    fn take(&self, len: usize) -> Buf {
+        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let fit = (0..free.len())
+            .filter(|&i| free[i].capacity() >= len)
+            .min_by_key(|&i| free[i].capacity())
+            .or_else(|| (0..free.len()).max_by_key(|&i| free[i].capacity()));
+        fit.map(|i| free.swap_remove(i)).unwrap_or_default()
+    }
+
+    fn give(&self, b: Buf) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(b);
+    }
+}
+
 /// What the merging thread does with one tensor: its inputs' bytes in, its output's out.
 type OnBatch<'a> = dyn FnMut(usize, &[Buf], &mut Buf) -> Result<()> + 'a;
 
@@ -160,10 +182,11 @@ fn pipeline(
     path: &Path,
     header: &[u8],
 ) -> Result<()> {
+    // buffers go back to pools, each taken again for the tensor it fits best
+    let pools = (Pool::default(), Pool::default());
+    let (in_pool, out_pool) = (&pools.0, &pools.1);
     let (in_tx, in_rx) = mpsc::sync_channel::<Result<(usize, Vec<Buf>)>>(0);
-    let (in_back_tx, in_back_rx) = mpsc::channel::<Buf>();
     let (out_tx, out_rx) = mpsc::sync_channel::<Buf>(0);
-    let (out_back_tx, out_back_rx) = mpsc::channel::<Buf>();
     std::thread::scope(|s| {
         s.spawn(move || {
             let mut handles: Vec<HashMap<usize, File>> =
@@ -172,7 +195,8 @@ fn pipeline(
                 let n = if p.float { p.inputs.len() } else { 1 };
                 let mut bufs = Vec::with_capacity(n);
                 for i in &p.inputs[..n] {
-                    let mut b = in_back_rx.try_recv().unwrap_or_default();
+                    let len = plan.models[i.model].byte_len(&i.name).unwrap_or(0);
+                    let mut b = in_pool.take(len);
                     let model = &plan.models[i.model];
                     if let Err(e) = model.read_raw(&i.name, &mut handles[i.model], &mut b) {
                         let _ = in_tx.send(Err(e));
@@ -192,7 +216,7 @@ fn pipeline(
             w.write_all(header).map_err(io_err)?;
             for buf in out_rx {
                 w.write_all(buf.bytes()).map_err(io_err)?;
-                let _ = out_back_tx.send(buf);
+                out_pool.give(buf);
             }
             w.flush().map_err(io_err)
         });
@@ -203,10 +227,10 @@ fn pipeline(
               -> Result<()> {
             for batch in in_rx {
                 let (index, bufs) = batch?;
-                let mut out_buf = out_back_rx.try_recv().unwrap_or_default();
+                let mut out_buf = out_pool.take(plan.tensors[index].bytes as usize);
                 on_batch(index, &bufs, &mut out_buf)?;
                 for b in bufs {
-                    let _ = in_back_tx.send(b);
+                    in_pool.give(b);
                 }
                 if out_tx.send(out_buf).is_err() {
                     break; // the writer failed: its error is the one to report
@@ -260,8 +284,11 @@ fn merge_one(
     let mut base = None;
     let mut inputs = Vec::with_capacity(p.inputs.len());
     for ((i, b), &k) in p.inputs.iter().zip(bufs).zip(&kinds) {
+        if io::require_finite() && !finite_bytes(k, b.bytes()) {
+            let file = plan.models[i.model].file_of(&i.name);
+            return Err(Error::NonFinite { name: i.name.clone(), file });
+        }
         let t = blob(b, &p.shape, k)?;
-        io::check_loaded_finite([(i.name.as_str(), &t)], &plan.models[i.model].file_of(&i.name))?;
         let t = if k == p.work_kind { t } else { t.f_to_kind(p.work_kind)? };
         if i.is_base {
             base = Some(t);
@@ -271,11 +298,11 @@ fn merge_one(
     }
     let pairs: Vec<(&Tensor, _)> = inputs.iter().map(|(t, p)| (t, *p)).collect();
     let merged = tch::no_grad(|| merge_tensor(method, base.as_ref(), &pairs, &p.global))?;
-    if !crate::lora::all_finite(&merged)? {
-        return Err(Error::NonFinite { name: p.name.clone(), file: out.to_path_buf() });
-    }
     let merged = merged.f_to_kind(p.out_kind)?.f_contiguous()?;
     merged.f_copy_data_u8(out_buf.bytes_mut(), merged.numel())?;
+    if !finite_bytes(p.out_kind, out_buf.bytes()) {
+        return Err(Error::NonFinite { name: p.name.clone(), file: out.to_path_buf() });
+    }
     Ok(())
 }
 
@@ -294,8 +321,7 @@ fn blob(b: &Buf, shape: &[i64], kind: Kind) -> Result<Tensor> {
 fn first_non_finite(plan: &Plan, p: &Planned, bufs: &[Buf]) -> Error {
     for (i, b) in p.inputs.iter().zip(bufs) {
         let kind = plan.models[i.model].info(&i.name).map_or(Kind::Float, |(_, k)| k);
-        let bad = blob(b, &p.shape, kind).and_then(|t| Ok(!crate::lora::all_finite(&t)?));
-        if bad.unwrap_or(true) {
+        if !finite_bytes(kind, b.bytes()) {
             return Error::NonFinite {
                 name: i.name.clone(),
                 file: plan.models[i.model].file_of(&i.name),

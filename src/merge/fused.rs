@@ -188,57 +188,44 @@ pub(crate) struct Run<'a, I: Elem, O: Elem> {
 }
 
 /// Elements per inner block: the kernels run each step over a block of this many entries, in
-/// f32 scratch, so that the loops vectorise.
+/// f32 scratch, so that the loops vectorise. Non-finite inputs and outputs are caught by
+/// summing `x · 0` per lane (NaN for ±∞ and NaN, else 0), which vectorises with the arithmetic.
 const BLOCK: usize = 1024;
 
-/// `NaN` when any of `xs` is not finite (`x · 0` is NaN for ±∞ and NaN), else 0: a check that
-/// vectorises with the arithmetic.
-#[inline(always)]
-fn poison(acc: &mut [f32; BLOCK], xs: &[f32]) {
-    for (a, x) in acc.iter_mut().zip(xs) {
-        *a += x * 0.0;
-    }
-}
-
-#[inline(always)]
-fn load_block<E: Elem>(dst: &mut [f32; BLOCK], src: &[E]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = s.load();
-    }
-}
-
 impl<I: Elem, O: Elem> Run<'_, I, O> {
-    /// Runs `k`; returns `(inputs finite, output finite)`.
+    /// Runs `k`; returns `(inputs finite, output finite)`. Each block is read straight from
+    /// the inputs (no staging copy: for f32 the loads are plain loads, for bf16 shifts).
     pub fn go(self, k: Kernel) -> (bool, bool) {
         let Run { base, inputs, coef, weights, keep, out } = self;
         let n = out.len();
         let m = inputs.len();
         let mut in_chk = [0.0f32; BLOCK];
         let mut out_chk = [0.0f32; BLOCK];
-        let mut b = [0.0f32; BLOCK];
-        let mut x = [0.0f32; BLOCK];
         let mut acc = [0.0f32; BLOCK];
-        // per model: its kept weighted delta in the block (the magnitude family)
         let mut wd =
             vec![[0.0f32; BLOCK]; if matches!(k, Kernel::Magnitude { .. }) { m } else { 0 }];
         let total: f32 = weights.iter().sum();
         let total = if total.abs() < 1e-8 { 1.0 } else { total };
+        let zero = [I::store(0.0); BLOCK];
         for start in (0..n).step_by(BLOCK) {
             let len = BLOCK.min(n - start);
             let range = start..start + len;
-            if let Some(base) = base {
-                load_block(&mut b, &base[range.clone()]);
-                poison(&mut in_chk, &b[..len]);
+            let bs: &[I] = match base {
+                Some(b) => &b[range.clone()],
+                None => &zero[..len],
+            };
+            for (c, b) in in_chk.iter_mut().zip(bs) {
+                *c += b.load() * 0.0;
             }
-            acc[..len].fill(0.0);
             match k {
                 Kernel::Linear { scale } => {
+                    acc[..len].fill(0.0);
                     for i in 0..m {
-                        load_block(&mut x, &inputs[i][range.clone()]);
-                        poison(&mut in_chk, &x[..len]);
-                        let c = coef[i];
+                        let (xs, c) = (&inputs[i][range.clone()], coef[i]);
                         for j in 0..len {
-                            acc[j] += x[j] * c;
+                            let x = xs[j].load();
+                            in_chk[j] += x * 0.0;
+                            acc[j] += x * c;
                         }
                     }
                     for a in &mut acc[..len] {
@@ -246,26 +233,28 @@ impl<I: Elem, O: Elem> Run<'_, I, O> {
                     }
                 }
                 Kernel::TaskArithmetic => {
-                    for i in 0..m {
-                        load_block(&mut x, &inputs[i][range.clone()]);
-                        poison(&mut in_chk, &x[..len]);
-                        let c = coef[i];
-                        for j in 0..len {
-                            acc[j] += (x[j] - b[j]) * c;
-                        }
-                    }
                     for j in 0..len {
-                        acc[j] += b[j];
+                        acc[j] = bs[j].load();
+                    }
+                    for i in 0..m {
+                        let (xs, c) = (&inputs[i][range.clone()], coef[i]);
+                        for j in 0..len {
+                            let x = xs[j].load();
+                            in_chk[j] += x * 0.0;
+                            acc[j] += (x - bs[j].load()) * c;
+                        }
                     }
                 }
                 Kernel::Magnitude { consensus, normalize, lambda } => {
+                    acc[..len].fill(0.0);
                     for i in 0..m {
-                        load_block(&mut x, &inputs[i][range.clone()]);
-                        poison(&mut in_chk, &x[..len]);
+                        let xs = &inputs[i][range.clone()];
                         let (lo, hi, w) = (keep[i].0, keep[i].1, weights[i]);
                         let wdi = &mut wd[i];
                         for j in 0..len {
-                            let d = x[j] - b[j];
+                            let x = xs[j].load();
+                            in_chk[j] += x * 0.0;
+                            let d = x - bs[j].load();
                             let bits = abs_bits(d);
                             let kept = bits >= lo && bits <= hi;
                             wdi[j] = if kept { d * w } else { 0.0 };
@@ -290,18 +279,18 @@ impl<I: Elem, O: Elem> Run<'_, I, O> {
                             } else {
                                 num[j]
                             };
-                            acc[j] = b[j] + lambda * mixed;
+                            acc[j] = bs[j].load() + lambda * mixed;
                         }
                     } else {
                         let div = if normalize { total } else { 1.0 };
                         for j in 0..len {
-                            acc[j] = b[j] + lambda * (acc[j] / div);
+                            acc[j] = bs[j].load() + lambda * (acc[j] / div);
                         }
                     }
                 }
             }
-            poison(&mut out_chk, &acc[..len]);
-            for (o, a) in out[range].iter_mut().zip(&acc[..len]) {
+            for ((o, a), c) in out[range].iter_mut().zip(&acc[..len]).zip(out_chk.iter_mut()) {
+                *c += a * 0.0;
                 *o = O::store(*a);
             }
         }

@@ -271,24 +271,51 @@ impl ModelFiles {
         Ok(())
     }
 
+    /// The byte length of a tensor's data.
+    pub(crate) fn byte_len(&self, name: &str) -> Option<usize> {
+        self.tensors.get(name).map(|e| (e.end - e.start) as usize)
+    }
+
     /// The path of the file holding `name`.
     pub(crate) fn file_of(&self, name: &str) -> PathBuf {
         self.tensors.get(name).map_or_else(|| self.dir.clone(), |e| self.files[e.file].0.clone())
     }
 }
 
-/// Asks Linux to back `[ptr, ptr + len)` with transparent huge pages (a hint; errors ignored).
-fn advise_huge_pages(ptr: *mut u8, len: usize) {
+/// Whether every value of a tensor of `kind` in `bytes` is finite (integers always are), by
+/// the exponent bits: a scan with no allocation.
+pub(crate) fn finite_bytes(kind: Kind, bytes: &[u8]) -> bool {
+    fn all<const N: usize>(bytes: &[u8], mask: u64) -> bool {
+        bytes.chunks_exact(N).fold(true, |ok, c| {
+            let mut w = [0u8; 8];
+            w[..N].copy_from_slice(c);
+            ok & (u64::from_le_bytes(w) & mask != mask)
+        })
+    }
+    match kind {
+        Kind::Float => all::<4>(bytes, 0x7f80_0000),
+        Kind::Half => all::<2>(bytes, 0x7c00),
+        Kind::BFloat16 => all::<2>(bytes, 0x7f80),
+        Kind::Double => all::<8>(bytes, 0x7ff0_0000_0000_0000),
+        _ => true,
+    }
+}
+
+/// Asks Linux to map `[ptr, ptr + len)` writable now, in one call (`MADV_POPULATE_WRITE`,
+/// Linux 5.14; a hint: errors ignored). Transparent huge pages were tried instead: the
+/// compaction they trigger made the merge slower.
+fn populate(ptr: *mut u8, len: usize) {
     #[cfg(target_os = "linux")]
     {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
         const PAGE: usize = 4096;
         let start = (ptr as usize).next_multiple_of(PAGE);
         let end = (ptr as usize + len) / PAGE * PAGE;
         if end > start {
-            // SAFETY: the range lies inside an allocation this buffer owns; MADV_HUGEPAGE
-            // changes no content
+            // SAFETY: the range lies inside an allocation this buffer owns; populating changes
+            // no content
             unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+                libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE);
             }
         }
     }
@@ -306,16 +333,26 @@ pub(crate) struct Buf {
 impl Buf {
     /// Makes the buffer `len` bytes long (growing its storage when needed).
     pub(crate) fn set_len(&mut self, len: usize) {
-        let words = len.div_ceil(8);
-        if self.words.len() < words {
-            // a fresh allocation (the old content is not needed), in huge pages where the
-            // kernel offers them: a 64 MiB buffer then faults in 32 times, not 16 384
-            let mut v: Vec<u64> = Vec::with_capacity(words);
-            advise_huge_pages(v.as_mut_ptr().cast(), words * 8);
-            v.resize(words, 0);
+        self.reserve(len, len);
+        self.len = len;
+    }
+
+    /// Makes room for `len` bytes, allocating `max(len, hint)` when growing: zeroed lazily
+    /// (calloc: the kernel's zero pages until written), then populated in one call where the
+    /// kernel can (no fault per page when the read fills it).
+    pub(crate) fn reserve(&mut self, len: usize, hint: usize) {
+        let cap = len.max(hint).div_ceil(8);
+        if self.words.len() < cap {
+            self.words = Vec::new(); // the old storage goes before the new is touched
+            let mut v: Vec<u64> = vec![0; cap];
+            populate(v.as_mut_ptr().cast(), cap * 8);
             self.words = v;
         }
-        self.len = len;
+    }
+
+    /// The bytes the buffer holds without growing.
+    pub(crate) fn capacity(&self) -> usize {
+        self.words.len() * 8
     }
 
     /// The bytes.
