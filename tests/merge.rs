@@ -347,3 +347,78 @@ fn a_tokenizer_source_is_copied_when_the_vocabularies_agree() {
     assert!(err.to_string().contains("tokenizer.json"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A model directory of `tensors` under `root`.
+fn write_model(root: &Path, name: &str, tensors: &[(&str, Tensor)]) -> PathBuf {
+    let d = root.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let ts: Vec<(String, Tensor)> =
+        tensors.iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
+    io::write_safetensors(d.join("model.safetensors"), &ts, None).unwrap();
+    d
+}
+
+#[test]
+fn the_streamed_ties_threshold_keeps_tied_entries_and_exact_ties_keeps_mergekit_s_count() {
+    let root = temp_dir("merge-ties-threshold");
+    let n = "model.layers.0.w";
+    let base = write_model(&root, "base", &[(n, Tensor::zeros([8], (Kind::Float, Device::Cpu)))]);
+    let delta = Tensor::from_slice(&[1.0f32, -1.0, 1.0, 1.0, 0.5, 0.5, 2.0, -2.0]);
+    let a = write_model(&root, "a", &[(n, delta.shallow_clone())]);
+    let yaml = |extra: &str| {
+        format!(
+            "merge_method: ties\nbase_model: {}\nmodels:\n  - {{model: {}, parameters: {{weight: 1.0, density: 0.5}}}}\n{extra}",
+            base.display(),
+            a.display()
+        )
+    };
+    let merged = |extra: &str| {
+        let out = root.join("out");
+        merge_directories(&MergeConfig::from_yaml(&yaml(extra)).unwrap(), &out).unwrap();
+        tensors(&out.join("model.safetensors"))[n].shallow_clone()
+    };
+    let nonzero = |t: &Tensor| t.ne(0.0).sum(Kind::Int64).int64_value(&[]);
+    // k = 4 of 8; four entries tie at |1| for the last two places: the threshold keeps all four
+    let fast = merged("");
+    assert_eq!(nonzero(&fast), 6);
+    assert!(bit_equal(&fast, &delta.where_self(&delta.abs().ge(1.0), &delta.zeros_like())));
+    // exact_ties: mergekit's argsort picks exactly four, as merge_tensor does
+    let exact = merged("parameters: {exact_ties: true}\n");
+    assert_eq!(nonzero(&exact), 4);
+    let p = ModelParams { weight: 1.0, density: 0.5, ..Default::default() };
+    let zero = Tensor::zeros([8], (Kind::Float, Device::Cpu));
+    let reference =
+        merge_tensor(MergeMethod::Ties, Some(&zero), &[(&delta, p)], &GlobalParams::default())
+            .unwrap();
+    assert!(bit_equal(&exact, &reference));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn the_one_pass_kernels_round_bf16_once_from_f32() {
+    let root = temp_dir("merge-bf16-kernels");
+    let n = "model.layers.0.w";
+    tch::manual_seed(3);
+    let t = |s: f64| (randn(&[3000], Kind::Float) * s).to_kind(Kind::BFloat16);
+    let (b, x1, x2) = (t(1.0), t(1.0), t(1.0));
+    let base = write_model(&root, "base", &[(n, b.shallow_clone())]);
+    let m1 = write_model(&root, "m1", &[(n, x1.shallow_clone())]);
+    let m2 = write_model(&root, "m2", &[(n, x2.shallow_clone())]);
+    let yaml = format!(
+        "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - {{model: {}, parameters: {{weight: 0.7}}}}\n  - {{model: {}, parameters: {{weight: -0.4}}}}\nparameters: {{lambda: 0.9}}\n",
+        base.display(),
+        m1.display(),
+        m2.display()
+    );
+    let out = root.join("out");
+    merge_directories(&MergeConfig::from_yaml(&yaml).unwrap(), &out).unwrap();
+    let got = tensors(&out.join("model.safetensors"))[n].shallow_clone();
+    assert_eq!(got.kind(), Kind::BFloat16);
+    let d = |x: &Tensor| x.to_kind(Kind::Double);
+    let exact = d(&b) + (d(&x1) - d(&b)) * (0.9 * 0.7) + (d(&x2) - d(&b)) * (0.9 * -0.4);
+    // within half a bf16 step of the exact value (one rounding, from f32), plus f32's error
+    let err = (d(&got) - &exact).abs();
+    let step = exact.abs() * 2f64.powi(-8) + 1e-6;
+    assert!(bool::try_from(err.le_tensor(&step).all()).unwrap());
+    let _ = std::fs::remove_dir_all(&root);
+}

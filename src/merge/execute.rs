@@ -271,7 +271,7 @@ fn merge_one(
             (Kind::BFloat16, o) => fused_typed::<bf16>(k, method, p, bufs, out_buf, o),
             (Kind::Half, o) => fused_typed::<f16>(k, method, p, bufs, out_buf, o),
             _ => unreachable!("fused kernels take f32, f16, bf16"),
-        };
+        }?;
         if !in_ok && io::require_finite() {
             return Err(first_non_finite(plan, p, bufs));
         }
@@ -341,7 +341,7 @@ fn fused_typed<I: Elem>(
     bufs: &[Buf],
     out: &mut Buf,
     out_kind: Kind,
-) -> (bool, bool) {
+) -> Result<(bool, bool)> {
     match out_kind {
         Kind::Float => fused_run::<I, f32>(k, method, p, bufs, out),
         Kind::BFloat16 => fused_run::<I, bf16>(k, method, p, bufs, out),
@@ -355,7 +355,7 @@ fn fused_run<I: Elem, O: Elem>(
     p: &Planned,
     bufs: &[Buf],
     out: &mut Buf,
-) -> (bool, bool) {
+) -> Result<(bool, bool)> {
     // SAFETY: the buffers are 8-byte aligned and hold the tensors' bytes; every bit pattern
     // is a valid f32, f16 or bf16
     let views: Vec<&[I]> = bufs.iter().map(|b| unsafe { cast::<I>(b.bytes()) }).collect();
@@ -397,7 +397,27 @@ fn fused_run<I: Elem, O: Elem>(
         }
         _ => weights.clone(),
     };
+    let (k, coef, base) = match k {
+        Kernel::Spherical => {
+            let params: Vec<_> = p.inputs.iter().filter(|i| !i.is_base).map(|i| i.params).collect();
+            if method == MergeMethod::Slerp {
+                // the base and the model as they are (v0, v1), not as task vectors
+                let b = base.expect("SLERP has a base");
+                let g = fused::gram::<I>(None, &[b, inputs[0]]);
+                let (_, c) =
+                    fused::spherical_coefficients(method, &p.global, &[params[0]; 2], &g, false)?;
+                (Kernel::Combine { base_coef: c[0] as f32 }, vec![c[1] as f32], base)
+            } else {
+                let g = fused::gram(base, &inputs);
+                let (c0, c) =
+                    fused::spherical_coefficients(method, &p.global, &params, &g, base.is_some())?;
+                let coef = c.iter().map(|&x| x as f32).collect();
+                (Kernel::Combine { base_coef: c0 as f32 }, coef, base)
+            }
+        }
+        other => (other, coef, base),
+    };
     // SAFETY: as above, for the output buffer of the planned size
     let out = unsafe { cast_mut::<O>(out.bytes_mut()) };
-    Run { base, inputs, coef, weights, keep, out }.go(k)
+    Ok(Run { base, inputs, coef, weights, keep, out }.go(k))
 }

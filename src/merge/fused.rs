@@ -67,6 +67,13 @@ pub(crate) enum Kernel {
     /// Keep `δ_i` whose `|δ_i|` ranks in `[lo_i, hi_i]`, then sum (÷ `Σ w` when normalised) or
     /// elect signs and take the disjoint mean; `θ₀ + λ·mixed`.
     Magnitude { consensus: bool, normalize: bool, lambda: f32 },
+    /// The spherical and averaging methods (SLERP, flattened NuSLERP, Multi-SLERP, Karcher,
+    /// Model Stock): every quantity they need of the whole tensors is an inner product, so one
+    /// pass takes the Gram matrix of the inputs (of their task vectors with a base), the method
+    /// runs on it in f64, and a second pass writes the result as `c₀ θ₀ + Σ c_i θ_i`.
+    Spherical,
+    /// `c₀ θ₀ + Σ c_i θ_i` with the coefficients in [`Run::coef`] (`base_coef` for `θ₀`).
+    Combine { base_coef: f32 },
 }
 
 /// The kernel for `method` with these parameters, or `None` when the general path must run
@@ -102,8 +109,233 @@ pub(crate) fn kernel(
                 lambda: global.lambda as f32,
             })
         }
+        MergeMethod::Slerp | MergeMethod::Karcher => Some(Kernel::Spherical),
+        MergeMethod::Multislerp if params.len() > 1 => Some(Kernel::Spherical),
+        MergeMethod::Nuslerp if global.nuslerp_flatten => Some(Kernel::Spherical),
+        MergeMethod::ModelStock if !global.filter_wise => Some(Kernel::Spherical),
         _ => None,
     }
+}
+
+/// The Gram matrix (row-major, `m × m`, in f64) of the inputs, or of their differences from
+/// `base`: one pass over the data.
+pub(crate) fn gram<I: Elem>(base: Option<&[I]>, xs: &[&[I]]) -> Vec<f64> {
+    let m = xs.len();
+    let n = xs.first().map_or(0, |x| x.len());
+    let mut g = vec![0.0f64; m * m];
+    let mut d = vec![[0.0f32; BLOCK]; m];
+    for start in (0..n).step_by(BLOCK) {
+        let len = BLOCK.min(n - start);
+        for (i, x) in xs.iter().enumerate() {
+            let x = &x[start..start + len];
+            match base {
+                Some(b) => {
+                    let b = &b[start..start + len];
+                    for j in 0..len {
+                        d[i][j] = x[j].load() - b[j].load();
+                    }
+                }
+                None => {
+                    for j in 0..len {
+                        d[i][j] = x[j].load();
+                    }
+                }
+            }
+        }
+        for i in 0..m {
+            for k in i..m {
+                // f32 products summed in 8 f64 lanes
+                let mut lanes = [0.0f64; 8];
+                for (j, (a, c)) in d[i][..len].iter().zip(&d[k][..len]).enumerate() {
+                    lanes[j % 8] += (a * c) as f64;
+                }
+                let s: f64 = lanes.iter().sum();
+                g[i * m + k] += s;
+                if k != i {
+                    g[k * m + i] += s;
+                }
+            }
+        }
+    }
+    g
+}
+
+/// The coefficients `(c₀, c_i)` of `c₀ θ₀ + Σ c_i θ_i` that `method` gives for inputs of Gram
+/// matrix `g` (of the task vectors when `has_base`), as mergekit computes them on the whole
+/// tensors (same branches and thresholds; here in f64), or a config error.
+pub(crate) fn spherical_coefficients(
+    method: MergeMethod,
+    global: &GlobalParams,
+    params: &[ModelParams],
+    g: &[f64],
+    has_base: bool,
+) -> crate::Result<(f64, Vec<f64>)> {
+    let m = params.len();
+    let gij = |i: usize, j: usize| g[i * m + j];
+    let norm = |i: usize| gij(i, i).max(0.0).sqrt();
+    // coefficients on task vectors become coefficients on the models and the base
+    let from_deltas = |c: Vec<f64>| -> (f64, Vec<f64>) {
+        let base = if has_base { 1.0 - c.iter().sum::<f64>() } else { 0.0 };
+        (base, c)
+    };
+    let slerp_pair = |t: f64, na: f64, nb: f64, dot: f64, colinear: bool| -> (f64, f64) {
+        if colinear {
+            return (1.0 - t, t);
+        }
+        let _ = (na, nb);
+        let theta = dot.acos();
+        let s = theta.sin();
+        (((1.0 - t) * theta).sin() / s, (t * theta).sin() / s)
+    };
+    match method {
+        MergeMethod::Slerp => {
+            // the base is the first input here (v0), the model the second (v1): no deltas
+            let t = global.t.ok_or_else(|| crate::Error::config("t", "SLERP needs `t`"))?;
+            let na = if norm(0) > 1e-8 { norm(0) } else { 1.0 };
+            let nb = if norm(1) > 1e-8 { norm(1) } else { 1.0 };
+            let dot = (gij(0, 1) / (na * nb)).clamp(-1.0, 1.0);
+            let (ca, cb) = slerp_pair(t, na, nb, dot, dot.abs() > 0.9995);
+            Ok((0.0, vec![ca, cb]))
+        }
+        MergeMethod::Nuslerp => {
+            let (w1, w2) = (params[0].weight, params[1].weight);
+            let total = w1 + w2;
+            let t = if total.abs() < 1e-6 { 0.5 } else { w2 / total };
+            let (na, nb) = (norm(0).max(1e-7), norm(1).max(1e-7));
+            let cos = (gij(0, 1) / (na * nb)).clamp(-1.0, 1.0);
+            let (ca, cb) = slerp_pair(t, na, nb, cos, 1.0 - cos * cos <= 1e-16);
+            Ok(from_deltas(vec![ca, cb]))
+        }
+        MergeMethod::Multislerp => {
+            let eps = global.eps;
+            let mut w: Vec<f64> = params.iter().map(|p| p.weight).collect();
+            if global.normalize_weights {
+                let sum: f64 = w.iter().sum();
+                w.iter_mut().for_each(|x| *x /= sum);
+            }
+            let scaled: Vec<f64> = (0..m).map(|i| w[i] / (norm(i) + eps)).collect();
+            let mut mean2 = 0.0;
+            for i in 0..m {
+                for j in 0..m {
+                    mean2 += scaled[i] * scaled[j] * gij(i, j);
+                }
+            }
+            let mean_norm = mean2.max(0.0).sqrt();
+            if mean_norm < eps {
+                if m == 2 {
+                    return Ok(from_deltas(w));
+                }
+                return Err(crate::Error::config(
+                    "weight",
+                    "the weighted sum of the unit inputs is zero (antipodal inputs with \
+                     balancing weights); Multi-SLERP has no direction to interpolate around",
+                ));
+            }
+            // the tangent-space mean of mergekit's multislerp is zero up to rounding (its
+            // projections cancel exactly), so the result is the mean direction, scaled
+            let avg_norm: f64 = (0..m).map(|i| norm(i) * w[i]).sum();
+            let c = (0..m).map(|i| scaled[i] / mean_norm * avg_norm * eps.cos()).collect();
+            Ok(from_deltas(c))
+        }
+        MergeMethod::ModelStock => {
+            let mut cos = 0.0;
+            let mut pairs = 0.0;
+            for i in 0..m {
+                for j in i + 1..m {
+                    cos += (gij(i, j) / (norm(i) * norm(j)).max(1e-6)).clamp(-1.0, 1.0);
+                    pairs += 1.0;
+                }
+            }
+            let cos = cos / pairs;
+            let n = m as f64;
+            let denom = 1.0 + (n - 1.0) * cos;
+            let t = if denom.abs() < 1e-6 { 0.0 } else { n * cos / denom };
+            Ok((1.0 - t, vec![t / n; m]))
+        }
+        MergeMethod::Karcher => karcher_coefficients(g, m, global.max_iter, global.tol),
+        _ => unreachable!("not a spherical method"),
+    }
+}
+
+/// mergekit's Karcher iteration with the mean kept as coefficients over the unit inputs (the
+/// mean and every tangent stay in their span), so each step is `m × m` algebra on the Gram
+/// matrix instead of passes over the tensors.
+fn karcher_coefficients(
+    g: &[f64],
+    m: usize,
+    max_iter: f64,
+    tol: f64,
+) -> crate::Result<(f64, Vec<f64>)> {
+    if !(0.0..=super::geometric::MAX_KARCHER_ITER).contains(&max_iter) || max_iter.fract() != 0.0 {
+        return Err(crate::Error::config(
+            "max_iter",
+            format!(
+                "{max_iter} is not a whole number of iterations in 0..={}",
+                super::geometric::MAX_KARCHER_ITER
+            ),
+        ));
+    }
+    let norms: Vec<f64> = (0..m).map(|i| g[i * m + i].max(0.0).sqrt()).collect();
+    let valid: Vec<usize> = (0..m).filter(|&i| norms[i] > tol).collect();
+    if valid.is_empty() {
+        return Ok((0.0, vec![0.0; m]));
+    }
+    let v = valid.len();
+    // the Gram matrix of the valid unit vectors
+    let gu = |a: usize, b: usize| {
+        let (i, j) = (valid[a], valid[b]);
+        g[i * m + j] / (norms[i] * norms[j])
+    };
+    let quad = |x: &[f64]| -> f64 {
+        let mut s = 0.0;
+        for a in 0..v {
+            for b in 0..v {
+                s += x[a] * x[b] * gu(a, b);
+            }
+        }
+        s.max(0.0).sqrt()
+    };
+    let alpha = vec![1.0 / v as f64; v]; // equal weights, normalised over the valid inputs
+    let mut mean = alpha.clone();
+    let mean_norm = quad(&mean);
+    if mean_norm < tol {
+        mean = vec![0.0; v];
+        mean[0] = 1.0;
+    } else {
+        mean.iter_mut().for_each(|x| *x /= mean_norm);
+    }
+    for _ in 0..max_iter as u64 {
+        let mut tangent = vec![0.0; v];
+        for i in 0..v {
+            let dot: f64 = (0..v).map(|k| mean[k] * gu(k, i)).sum::<f64>().clamp(-1.0, 1.0);
+            let theta = dot.acos();
+            if theta < tol {
+                continue;
+            }
+            let c = alpha[i] * theta / theta.sin();
+            for k in 0..v {
+                tangent[k] -= c * dot * mean[k];
+            }
+            tangent[i] += c;
+        }
+        let tn = quad(&tangent);
+        if tn < tol {
+            break;
+        }
+        for k in 0..v {
+            mean[k] = tn.cos() * mean[k] + tn.sin() * tangent[k] / tn;
+        }
+        let un = quad(&mean);
+        if un > tol {
+            mean.iter_mut().for_each(|x| *x /= un);
+        }
+    }
+    let scale: f64 = norms.iter().map(|n| n / m as f64).sum();
+    let mut c = vec![0.0; m];
+    for (a, &i) in valid.iter().enumerate() {
+        c[i] = scale * mean[a] / norms[i];
+    }
+    Ok((0.0, c))
 }
 
 /// The ascending rank range `[lo, hi]` (inclusive, of `n` entries) a model's `|δ|` must fall in
@@ -230,6 +462,20 @@ impl<I: Elem, O: Elem> Run<'_, I, O> {
                     }
                     for a in &mut acc[..len] {
                         *a *= scale;
+                    }
+                }
+                Kernel::Spherical => unreachable!("resolved to Combine before the run"),
+                Kernel::Combine { base_coef } => {
+                    for j in 0..len {
+                        acc[j] = bs[j].load() * base_coef;
+                    }
+                    for i in 0..m {
+                        let (xs, c) = (&inputs[i][range.clone()], coef[i]);
+                        for j in 0..len {
+                            let x = xs[j].load();
+                            in_chk[j] += x * 0.0;
+                            acc[j] += x * c;
+                        }
                     }
                 }
                 Kernel::TaskArithmetic => {
