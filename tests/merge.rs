@@ -62,8 +62,22 @@ fn deterministic_methods_match_mergekit() {
         "sce",
         "sce_topk",
     ] {
-        let out = temp_dir(&format!("merge-{case}"));
-        let stats = merge_directories(&config(case), &out).unwrap();
+        // the one-pass kernels where they apply, and merge_tensor everywhere
+        for fused in [true, false] {
+            check_case(case, fused);
+        }
+    }
+}
+
+fn check_case(case: &str, fused: bool) {
+    {
+        let out = temp_dir(&format!("merge-{case}-{fused}"));
+        let stats = if fused {
+            merge_directories(&config(case), &out).unwrap()
+        } else {
+            tch_peft::merge::without_fused_kernels(|| merge_directories(&config(case), &out))
+                .unwrap()
+        };
         let ours = tensors(&out.join("model.safetensors"));
         let theirs = tensors(&fixture().join(case).join("model.safetensors"));
         let names = |m: &BTreeMap<String, Tensor>| m.keys().cloned().collect::<Vec<_>>();
@@ -76,7 +90,7 @@ fn deterministic_methods_match_mergekit() {
                 _ => 2e-3 * t.abs().max().double_value(&[]).max(1e-3),
             };
             let d = max_abs_diff(&ours[k].to_kind(Kind::Float), &t.to_kind(Kind::Float));
-            assert!(d <= tol, "{case}: {k}: {d}");
+            assert!(d <= tol, "{case} (fused {fused}): {k}: {d}");
             assert_eq!(ours[k].kind(), t.kind(), "{case}: {k}");
         }
         let their_config = fixture().join(case).join("config.json");
@@ -196,10 +210,22 @@ fn config_errors_name_what_is_wrong() {
         ("merge_method: ties\nbase_model: b\nmodels: [{model: m1}]\ntokenizer_source: union\n", "union"),
         ("merge_method: ties\nbase_model: b\nmodels: [{model: m1}]\ntokenizer: {source: base, tokens: {x: {source: base}}}\n", "tokens"),
         ("merge_method: ties\nbase_model: b\nmodels: [{model: m1}]\ndtype: int8\n", "dtype"),
+        ("merge_method: multislerp\nbase_model: b\nmodels: [{model: b}]\n", "at least 1"),
     ] {
         let err = MergeConfig::from_yaml(yaml).unwrap_err().to_string();
         assert!(err.contains(needle), "{yaml}: {err}");
     }
+    // models of different depths (mergekit: take layer ranges with slices)
+    let shallow = temp_dir("merge-shallow");
+    let t = tensors(&fixture().join("m1/model.safetensors"));
+    let kept: Vec<(String, Tensor)> =
+        t.into_iter().filter(|(k, _)| !k.contains("layers.2.")).collect();
+    io::write_safetensors(shallow.join("model.safetensors"), &kept, None).unwrap();
+    let mut cfg = config("linear");
+    cfg.models[1].model = shallow.clone();
+    let err = merge_directories(&cfg, temp_dir("merge-shallow-out")).unwrap_err().to_string();
+    assert!(err.contains("as many"), "{err}");
+    let _ = std::fs::remove_dir_all(&shallow);
     // a layer range past the model's layers
     let mut cfg = config("passthrough");
     cfg.slices[1].sources[0].layer_range = [1, 4];
@@ -420,5 +446,89 @@ fn the_one_pass_kernels_round_bf16_once_from_f32() {
     let err = (d(&got) - &exact).abs();
     let step = exact.abs() * 2f64.powi(-8) + 1e-6;
     assert!(bool::try_from(err.le_tensor(&step).all()).unwrap());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn the_streamed_dare_keeps_the_density_and_the_l1_norm_and_repeats_under_a_seed() {
+    let root = temp_dir("merge-dare-streamed");
+    let n = "model.layers.0.w";
+    let base =
+        write_model(&root, "base", &[(n, Tensor::zeros([400, 50], (Kind::Float, Device::Cpu)))]);
+    let delta = randn(&[400, 50], Kind::Float);
+    let a = write_model(&root, "a", &[(n, delta.shallow_clone())]);
+    let merged = |seed: i64, extra: &str| {
+        let yaml = format!(
+            "merge_method: dare_linear\nbase_model: {}\nmodels:\n  - {{model: {}, parameters: {{weight: 1.0, density: 0.3}}}}\nrandom_seed: {seed}\n{extra}",
+            base.display(),
+            a.display()
+        );
+        let out = root.join("out");
+        merge_directories(&MergeConfig::from_yaml(&yaml).unwrap(), &out).unwrap();
+        tensors(&out.join("model.safetensors"))[n].shallow_clone()
+    };
+    let m = merged(1, "");
+    let kept = m.ne(0.0).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    assert!((kept - 0.3).abs() < 0.01, "{kept}");
+    let l1 = |t: &Tensor| t.abs().sum(Kind::Double).double_value(&[]);
+    assert!((l1(&m) - l1(&delta)).abs() / l1(&delta) < 1e-5, "mergekit's L1 rescale");
+    assert!(bit_equal(&m, &merged(1, "")), "the same seed, the same masks");
+    assert!(!bit_equal(&m.ne(0.0), &merged(2, "").ne(0.0)), "another seed, other masks");
+    // exact_masks (libtorch's generator, as merge_tensor draws): tests/seeded.rs
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn the_streamed_della_keeps_large_entries_more_often_and_the_l1_norm() {
+    let root = temp_dir("merge-della-streamed");
+    let n = "model.layers.0.w";
+    let base =
+        write_model(&root, "base", &[(n, Tensor::zeros([200, 100], (Kind::Float, Device::Cpu)))]);
+    let delta = randn(&[200, 100], Kind::Float);
+    let a = write_model(&root, "a", &[(n, delta.shallow_clone())]);
+    let yaml = format!(
+        "merge_method: della_linear\nbase_model: {}\nmodels:\n  - {{model: {}, parameters: {{weight: 1.0, density: 0.4, epsilon: 0.3}}}}\nrandom_seed: 3\n",
+        base.display(),
+        a.display()
+    );
+    let out = root.join("out");
+    merge_directories(&MergeConfig::from_yaml(&yaml).unwrap(), &out).unwrap();
+    let m = tensors(&out.join("model.safetensors"))[n].shallow_clone();
+    let kept = m.ne(0.0);
+    let frac = |mask: &Tensor| mask.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    assert!((frac(&kept) - 0.4).abs() < 0.02, "{}", frac(&kept));
+    // keep probabilities run from 0.1 (smallest in a row) to 0.7 (largest)
+    let large = delta.abs().gt(1.5);
+    let small = delta.abs().lt(0.1);
+    let of = |sel: &Tensor| frac(&kept.masked_select(sel));
+    assert!(of(&large) > 0.6 && of(&small) < 0.2, "{} {}", of(&large), of(&small));
+    let l1 = |t: &Tensor| t.abs().sum(Kind::Double).double_value(&[]);
+    assert!((l1(&m) - l1(&delta)).abs() / l1(&delta) < 1e-5, "mergekit's L1 rescale");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn the_one_pass_kernels_on_two_threads_agree_with_merge_tensor() {
+    let root = temp_dir("merge-two-threads");
+    let n = "model.layers.0.w";
+    let t = || randn(&[300, 301], Kind::Float);
+    let (b, x1, x2) = (t(), t(), t());
+    let base = write_model(&root, "base", &[(n, b)]);
+    let m1 = write_model(&root, "m1", &[(n, x1)]);
+    let m2 = write_model(&root, "m2", &[(n, x2)]);
+    for method in ["task_arithmetic", "ties", "multislerp"] {
+        let yaml = format!(
+            "merge_method: {method}\nbase_model: {}\nmodels:\n  - {{model: {}, parameters: {{weight: 0.7, density: 0.4}}}}\n  - {{model: {}, parameters: {{weight: 0.3, density: 0.6}}}}\n",
+            base.display(),
+            m1.display(),
+            m2.display()
+        );
+        let cfg = MergeConfig::from_yaml(&yaml).unwrap();
+        let (fast, slow) = (root.join("fast"), root.join("slow"));
+        merge_directories(&cfg, &fast).unwrap();
+        tch_peft::merge::without_fused_kernels(|| merge_directories(&cfg, &slow)).unwrap();
+        let d = max_abs_diff(&tensors(&fast.join("model.safetensors"))[n], &tensors(&slow.join("model.safetensors"))[n]);
+        assert!(d < 1e-5, "{method}: {d}");
+    }
     let _ = std::fs::remove_dir_all(&root);
 }

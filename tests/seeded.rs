@@ -43,6 +43,52 @@ fn dare_masks_repeat_under_the_same_seed() {
     assert!(max_abs_diff(&inv.masked_select(&mask), &expected) < 1e-6);
 
     random_methods_draw_mergekit_s_masks();
+    streamed_exact_masks_are_merge_tensor_s();
+}
+
+/// The streamed DARE with `exact_masks` draws from libtorch's generator after `random_seed`,
+/// as `merge_tensor` (and mergekit) after the same seed.
+fn streamed_exact_masks_are_merge_tensor_s() {
+    let root = temp_dir("seeded-exact-masks");
+    let n = "model.layers.0.w";
+    let write = |name: &str, t: &Tensor| {
+        let d = root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        io::write_safetensors(
+            d.join("model.safetensors"),
+            &[(n.to_string(), t.shallow_clone())],
+            None,
+        )
+        .unwrap();
+        d
+    };
+    let zero = Tensor::zeros([400, 50], (Kind::Float, Device::Cpu));
+    let delta = randn(&[400, 50], Kind::Float);
+    let (base, a) = (write("base", &zero), write("a", &delta));
+    let yaml = format!(
+        "merge_method: dare_linear\nbase_model: {}\nmodels:\n  - {{model: {}, parameters: {{weight: 1.0, density: 0.3}}}}\nrandom_seed: 5\nparameters: {{exact_masks: true}}\n",
+        base.display(),
+        a.display()
+    );
+    let out = root.join("out");
+    tch_peft::merge::merge_directories(
+        &tch_peft::merge::MergeConfig::from_yaml(&yaml).unwrap(),
+        &out,
+    )
+    .unwrap();
+    let got: std::collections::HashMap<String, Tensor> =
+        io::read_safetensors(out.join("model.safetensors")).unwrap().tensors.into_iter().collect();
+    tch::manual_seed(5);
+    let p = ModelParams { weight: 1.0, density: 0.3, ..Default::default() };
+    let reference = merge_tensor(
+        MergeMethod::DareLinear,
+        Some(&zero),
+        &[(&delta, p)],
+        &GlobalParams::default(),
+    )
+    .unwrap();
+    assert!(bit_equal(&got[n], &reference));
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 /// Each case of `random.json`: the same seed before each tensor, the same merged tensor.

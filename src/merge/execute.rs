@@ -88,6 +88,13 @@ pub fn merge_directories_with_progress(
     }
     let started = Instant::now();
     let plan = plan::build(cfg)?;
+    // the seed of DARE's counter-based draws: `random_seed`, else one draw of libtorch's
+    // generator (with `random_seed` libtorch's sequence is left as mergekit's, for exact_masks)
+    let seed = match cfg.random_seed {
+        Some(s) => s as u64,
+        None => Tensor::f_randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu))?
+            .f_int64_value(&[0])? as u64,
+    };
     check_vocabularies(&plan)?;
     let header = header(&plan)?;
     let mut stats =
@@ -102,7 +109,7 @@ pub fn merge_directories_with_progress(
             let p = &plan.tensors[index];
             stats.bytes_read += bufs.iter().map(|b| b.bytes().len() as u64).sum::<u64>();
             if p.float {
-                merge_one(method, &plan, p, bufs, out_buf, out)?;
+                merge_one(method, &plan, p, bufs, out_buf, out, seed)?;
             } else {
                 // integers: the first input's bytes, as they are
                 out_buf.set_len(bufs[0].bytes().len());
@@ -254,6 +261,7 @@ fn merge_one(
     bufs: &[Buf],
     out_buf: &mut Buf,
     out: &Path,
+    seed: u64,
 ) -> Result<()> {
     out_buf.set_len(p.bytes as usize);
     let kinds: Vec<Kind> = p
@@ -262,14 +270,14 @@ fn merge_one(
         .map(|i| plan.models[i.model].info(&i.name).map_or(Kind::Float, |(_, k)| k))
         .collect();
     let params: Vec<_> = p.inputs.iter().filter(|i| !i.is_base).map(|i| i.params).collect();
-    let same = kinds.iter().all(|&k| k == p.work_kind);
+    let same = kinds.iter().all(|&k| k == p.work_kind) && della_fusable(method, p, &params);
     let kernel =
         if same { fused::kernel(method, &p.global, &params, &kinds, p.out_kind) } else { None };
     if let Some(k) = kernel {
         let (in_ok, out_ok) = match (p.work_kind, p.out_kind) {
-            (Kind::Float, o) => fused_typed::<f32>(k, method, p, bufs, out_buf, o),
-            (Kind::BFloat16, o) => fused_typed::<bf16>(k, method, p, bufs, out_buf, o),
-            (Kind::Half, o) => fused_typed::<f16>(k, method, p, bufs, out_buf, o),
+            (Kind::Float, o) => fused_typed::<f32>(k, method, p, bufs, out_buf, o, seed),
+            (Kind::BFloat16, o) => fused_typed::<bf16>(k, method, p, bufs, out_buf, o, seed),
+            (Kind::Half, o) => fused_typed::<f16>(k, method, p, bufs, out_buf, o, seed),
             _ => unreachable!("fused kernels take f32, f16, bf16"),
         }?;
         if !in_ok && io::require_finite() {
@@ -304,6 +312,21 @@ fn merge_one(
         return Err(Error::NonFinite { name: p.name.clone(), file: out.to_path_buf() });
     }
     Ok(())
+}
+
+/// Whether DELLA's one-pass path applies: at most two dimensions with rows of at least two
+/// entries, and settings the general path would not refuse (it names the error).
+fn della_fusable(method: MergeMethod, p: &Planned, params: &[crate::merge::ModelParams]) -> bool {
+    if !matches!(method, MergeMethod::Della | MergeMethod::DellaLinear) {
+        return true;
+    }
+    let cols = if p.shape.len() < 2 { p.shape.iter().product::<i64>() } else { p.shape[1] };
+    p.shape.len() <= 2
+        && cols >= 2
+        && params.iter().all(|m| {
+            m.density >= 1.0
+                || (m.density > 0.0 && m.density + m.epsilon < 1.0 && m.density - m.epsilon > 0.0)
+        })
 }
 
 /// A CPU tensor over `b`'s bytes (no copy; dropped before `b` is reused).
@@ -341,11 +364,12 @@ fn fused_typed<I: Elem>(
     bufs: &[Buf],
     out: &mut Buf,
     out_kind: Kind,
+    seed: u64,
 ) -> Result<(bool, bool)> {
     match out_kind {
-        Kind::Float => fused_run::<I, f32>(k, method, p, bufs, out),
-        Kind::BFloat16 => fused_run::<I, bf16>(k, method, p, bufs, out),
-        _ => fused_run::<I, f16>(k, method, p, bufs, out),
+        Kind::Float => fused_run::<I, f32>(k, method, p, bufs, out, seed),
+        Kind::BFloat16 => fused_run::<I, bf16>(k, method, p, bufs, out, seed),
+        _ => fused_run::<I, f16>(k, method, p, bufs, out, seed),
     }
 }
 
@@ -355,6 +379,7 @@ fn fused_run<I: Elem, O: Elem>(
     p: &Planned,
     bufs: &[Buf],
     out: &mut Buf,
+    seed: u64,
 ) -> Result<(bool, bool)> {
     // SAFETY: the buffers are 8-byte aligned and hold the tensors' bytes; every bit pattern
     // is a valid f32, f16 or bf16
@@ -417,7 +442,44 @@ fn fused_run<I: Elem, O: Elem>(
         }
         other => (other, coef, base),
     };
+    let (mut random, mut scale, mut masks) = (Vec::new(), Vec::new(), Vec::new());
+    let della = matches!(method, MergeMethod::Della | MergeMethod::DellaLinear);
+    if let (Kernel::Random { .. }, Some(b), true) = (k, base, della) {
+        let g = &p.global;
+        let rescale = g.rescale.unwrap_or(method.default_rescale());
+        let cols = if p.shape.len() < 2 { p.shape.iter().product::<i64>() } else { p.shape[1] };
+        for (n, i) in p.inputs.iter().filter(|i| !i.is_base).enumerate() {
+            let (density, eps) = (i.params.density, i.params.epsilon);
+            random.push((0, 0));
+            if density >= 1.0 {
+                masks.push(vec![u64::MAX; inputs[n].len().div_ceil(64)]);
+                scale.push(1.0);
+                continue;
+            }
+            let key = fused::draw_key(seed, &p.name, n);
+            let (bits, factor) =
+                fused::della_bits(inputs[n], b, cols.max(1) as usize, density, eps, key);
+            masks.push(bits);
+            scale.push(if rescale { factor } else { 1.0 });
+        }
+    } else if let (Kernel::Random { .. }, Some(b)) = (k, base) {
+        let g = &p.global;
+        let rescale = g.rescale.unwrap_or(method.default_rescale());
+        for (n, i) in p.inputs.iter().filter(|i| !i.is_base).enumerate() {
+            let key = fused::draw_key(seed, &p.name, n);
+            let density = i.params.density;
+            let thr = fused::keep_threshold(density);
+            random.push((key, thr));
+            scale.push(if density >= 1.0 || !rescale {
+                1.0
+            } else if g.inverse_density {
+                (1.0 / density) as f32
+            } else {
+                fused::dare_l1_factor(inputs[n], b, key, thr)
+            });
+        }
+    }
     // SAFETY: as above, for the output buffer of the planned size
     let out = unsafe { cast_mut::<O>(out.bytes_mut()) };
-    Ok(Run { base, inputs, coef, weights, keep, out }.go(k))
+    Ok(Run { base, inputs, coef, weights, keep, random, scale, masks, out }.go(k))
 }

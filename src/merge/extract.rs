@@ -4,6 +4,10 @@
 //! (or `A = diag(S_r) V_rᵀ`, `B = U_r` without `distribute_scale`) with `r = lora_alpha`, so
 //! that PEFT's scaling is 1 and `B A = ΔW` at full rank. Embeddings, the output head and the
 //! tensors of other modules (norms) go to `modules_to_save` at full rank, as mergekit does.
+//!
+//! Modules are told apart by name and shape (mergekit asks the model's classes): every 2-D
+//! `*.weight` but the embeddings and `lm_head` is taken for a linear layer stored `[out, in]`.
+//! GPT-2's `Conv1D` stores `[in, out]`: list such modules in `modules_to_save`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -69,9 +73,7 @@ fn is_embedding(module: &str) -> bool {
 }
 
 fn role(module: &str, shape: &[i64], opts: &ExtractOptions) -> Role {
-    let last = module.rsplit('.').next().unwrap_or(module);
-    let listed = opts.modules_to_save.iter().any(|m| m == module || m == last);
-    if listed || is_embedding(module) {
+    if listed(module, opts).is_some() || is_embedding(module) {
         Role::Full
     } else if shape.len() == 2 {
         Role::Lora
@@ -80,6 +82,12 @@ fn role(module: &str, shape: &[i64], opts: &ExtractOptions) -> Role {
     } else {
         Role::Full
     }
+}
+
+/// The `modules_to_save` entry that names `module` (its full name or its last component).
+fn listed<'a>(module: &str, opts: &'a ExtractOptions) -> Option<&'a str> {
+    let last = module.rsplit('.').next().unwrap_or(module);
+    opts.modules_to_save.iter().map(String::as_str).find(|m| *m == module || *m == last)
 }
 
 /// Truncated SVD of one task vector (in f32, f64 for f64): `(A, B)` in its dtype.
@@ -146,7 +154,8 @@ pub fn extract_lora(
         match role(module, &shape, opts) {
             Role::Skip => {}
             Role::Full => {
-                to_save.insert(last);
+                // as the caller named it (PEFT matches by suffix), else the last component
+                to_save.insert(listed(module, opts).map_or(last, str::to_string));
                 tensors.push((format!("base_model.model.{name}"), ft.read(name)?));
                 if has_bias {
                     tensors.push((format!("base_model.model.{bias}"), ft.read(&bias)?));

@@ -4,7 +4,11 @@
 //! threshold found by radix selection on the bit patterns of `|δ|` (two histogram passes, exact
 //! `k`-th value) instead of mergekit's full `argsort`: the kept set is the same unless entries
 //! tie at the threshold, where all of them are kept (`exact_ties: true` in the config takes
-//! mergekit's order instead, through [`merge_tensor`](super::merge_tensor)).
+//! mergekit's order instead, through [`merge_tensor`](super::merge_tensor)). DARE draws its
+//! masks from a counter-based generator (a hash of the merge's seed, the tensor's name, the
+//! model and the entry) instead of libtorch's, which costs a fraction of libtorch's Bernoulli
+//! draws and needs no mask in memory; `exact_masks: true` draws mergekit's masks (libtorch's
+//! generator, as `merge_tensor` does).
 //!
 //! Inputs and output are checked for non-finite values in the same pass.
 
@@ -52,6 +56,25 @@ impl Elem for f16 {
     }
 }
 
+thread_local! {
+    static ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Runs `f` with the one-pass kernels off on this thread (merges go through
+/// [`merge_tensor`](super::merge_tensor)): for tests that compare both paths with the same
+/// reference.
+#[doc(hidden)]
+pub fn without_fused_kernels<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ENABLED.with(|e| e.set(self.0));
+        }
+    }
+    let _restore = Restore(ENABLED.with(|e| e.replace(false)));
+    f()
+}
+
 /// Whether the kernels take a tensor of these kinds.
 fn fusable_kind(k: Kind) -> bool {
     matches!(k, Kind::Float | Kind::Half | Kind::BFloat16)
@@ -67,6 +90,9 @@ pub(crate) enum Kernel {
     /// Keep `δ_i` whose `|δ_i|` ranks in `[lo_i, hi_i]`, then sum (÷ `Σ w` when normalised) or
     /// elect signs and take the disjoint mean; `θ₀ + λ·mixed`.
     Magnitude { consensus: bool, normalize: bool, lambda: f32 },
+    /// DARE: keep each `δ_i` entry with probability `density_i` (a counter-based draw per
+    /// entry, [`Run::random`]), scale by [`Run::scale`], then as [`Kernel::Magnitude`].
+    Random { consensus: bool, normalize: bool, lambda: f32 },
     /// The spherical and averaging methods (SLERP, flattened NuSLERP, Multi-SLERP, Karcher,
     /// Model Stock): every quantity they need of the whole tensors is an inner product, so one
     /// pass takes the Gram matrix of the inputs (of their task vectors with a base), the method
@@ -85,7 +111,9 @@ pub(crate) fn kernel(
     kinds: &[Kind],
     out: Kind,
 ) -> Option<Kernel> {
-    if !kinds.iter().chain([&out]).all(|&k| fusable_kind(k)) || kinds.iter().any(|&k| k != kinds[0])
+    if !ENABLED.with(|e| e.get())
+        || !kinds.iter().chain([&out]).all(|&k| fusable_kind(k))
+        || kinds.iter().any(|&k| k != kinds[0])
     {
         return None;
     }
@@ -105,6 +133,20 @@ pub(crate) fn kernel(
         {
             Some(Kernel::Magnitude {
                 consensus: method != MergeMethod::Breadcrumbs,
+                normalize,
+                lambda: global.lambda as f32,
+            })
+        }
+        MergeMethod::DareLinear | MergeMethod::DareTies if !global.exact_masks => {
+            Some(Kernel::Random {
+                consensus: method == MergeMethod::DareTies,
+                normalize,
+                lambda: global.lambda as f32,
+            })
+        }
+        MergeMethod::Della | MergeMethod::DellaLinear if !global.exact_masks => {
+            Some(Kernel::Random {
+                consensus: method == MergeMethod::Della,
                 normalize,
                 lambda: global.lambda as f32,
             })
@@ -275,6 +317,9 @@ fn karcher_coefficients(
             ),
         ));
     }
+    if m == 1 {
+        return Ok((0.0, vec![1.0])); // one input is its own mean, as in mergekit
+    }
     let norms: Vec<f64> = (0..m).map(|i| g[i * m + i].max(0.0).sqrt()).collect();
     let valid: Vec<usize> = (0..m).filter(|&i| norms[i] > tol).collect();
     if valid.is_empty() {
@@ -336,6 +381,160 @@ fn karcher_coefficients(
         c[i] = scale * mean[a] / norms[i];
     }
     Ok((0.0, c))
+}
+
+/// SplitMix64's output function: a well-mixed 64-bit hash.
+#[inline(always)]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The draw for entry `j` under `key`: kept when below the threshold of [`keep_threshold`].
+#[inline(always)]
+fn draw(key: u64, j: u64) -> u64 {
+    mix(key.wrapping_add(j.wrapping_mul(0x9e37_79b9_7f4a_7c15))) >> 11
+}
+
+/// The threshold a 53-bit draw must be below to keep an entry with probability `density`.
+pub(crate) fn keep_threshold(density: f64) -> u64 {
+    if density >= 1.0 {
+        u64::MAX
+    } else if density <= 0.0 {
+        0
+    } else {
+        (density * (1u64 << 53) as f64) as u64
+    }
+}
+
+/// The key of model `i`'s draws for tensor `name` in a merge seeded with `seed`.
+pub(crate) fn draw_key(seed: u64, name: &str, i: usize) -> u64 {
+    let h = name
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    mix(seed ^ h).wrapping_add(mix(i as u64 + 1))
+}
+
+/// DARE's rescale of model `x`'s kept entries under `key` (mergekit's L1 ratio
+/// `Σ|δ| / Σ|δ ⊙ mask|`, 1 when either is below 1e-7): one pass.
+pub(crate) fn dare_l1_factor<I: Elem>(x: &[I], base: &[I], key: u64, threshold: u64) -> f32 {
+    let (mut before, mut after) = (0.0f64, 0.0f64);
+    for (start, (xs, bs)) in x.chunks(BLOCK).zip(base.chunks(BLOCK)).enumerate() {
+        let (mut b, mut a) = (0.0f32, 0.0f32);
+        for (j, (x, y)) in xs.iter().zip(bs).enumerate() {
+            let d = (x.load() - y.load()).abs();
+            b += d;
+            a += if draw(key, (start * BLOCK + j) as u64) < threshold { d } else { 0.0 };
+        }
+        before += b as f64;
+        after += a as f64;
+    }
+    if before < 1e-7 || after < 1e-7 {
+        1.0
+    } else {
+        (before / after) as f32
+    }
+}
+
+/// DELLA's keep-mask of model `x` (bits, one per entry) and its L1 rescale factor: per row
+/// (`cols` entries; a vector is one row) each entry is kept with probability
+/// `density − ε + 2ε·(rank − 1)/(cols − 1)`, its rank by `|δ|` (1 the smallest; a stable radix
+/// sort, so equal magnitudes rank in order), drawn under `key`.
+pub(crate) fn della_bits<I: Elem>(
+    x: &[I],
+    base: &[I],
+    cols: usize,
+    density: f64,
+    epsilon: f64,
+    key: u64,
+) -> (Vec<u64>, f32) {
+    let n = x.len();
+    let cols = cols.max(1);
+    let rows = n / cols;
+    let span = (cols.max(2) - 1) as f64;
+    // the keep threshold of each rank, the same in every row
+    let thresholds: Vec<u64> = (0..cols)
+        .map(|rank| keep_threshold((density - epsilon) + rank as f64 / span * 2.0 * epsilon))
+        .collect();
+    // rows split between two threads; each part's bits start on a whole word
+    let rows_per_word = 64 / gcd(64, cols);
+    let mid =
+        if n >= PARALLEL_MIN { (rows / 2).next_multiple_of(rows_per_word).min(rows) } else { rows };
+    let part = |r0: usize, r1: usize| della_rows(x, base, cols, r0, r1, &thresholds, key);
+    let ((mut bits, b0, a0), (hi, b1, a1)) = std::thread::scope(|s| {
+        let second = s.spawn(|| part(mid, rows));
+        (part(0, mid), second.join().expect("a DELLA part"))
+    });
+    let word = mid * cols / 64;
+    for (w, h) in bits[word..].iter_mut().zip(hi) {
+        *w |= h;
+    }
+    let (before, after) = (b0 + b1, a0 + a1);
+    let factor = if before < 1e-7 || after < 1e-7 { 1.0 } else { (before / after) as f32 };
+    (bits, factor)
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// DELLA's bits for rows `r0 .. r1`: the whole tensor's words from `r0`'s on (the caller
+/// merges them), with `Σ|δ|` and the kept part's.
+fn della_rows<I: Elem>(
+    x: &[I],
+    base: &[I],
+    cols: usize,
+    r0: usize,
+    r1: usize,
+    thresholds: &[u64],
+    key: u64,
+) -> (Vec<u64>, f64, f64) {
+    let first_word = r0 * cols / 64;
+    let mut bits = vec![0u64; (x.len().div_ceil(64)).saturating_sub(first_word)];
+    let (mut before, mut after) = (0.0f64, 0.0f64);
+    let mut mags = vec![0u32; cols];
+    let (mut order, mut tmp) = (vec![0u32; cols], vec![0u32; cols]);
+    for row in r0..r1 {
+        let start = row * cols;
+        for j in 0..cols {
+            mags[j] = abs_bits(x[start + j].load() - base[start + j].load());
+            order[j] = j as u32;
+        }
+        // LSD radix sort of the indices by magnitude bits, 8 bits a pass
+        for shift in [0u32, 8, 16, 24] {
+            let mut count = [0usize; 257];
+            for &i in &order {
+                count[((mags[i as usize] >> shift) & 0xff) as usize + 1] += 1;
+            }
+            for b in 0..256 {
+                count[b + 1] += count[b];
+            }
+            for &i in &order {
+                let b = ((mags[i as usize] >> shift) & 0xff) as usize;
+                tmp[count[b]] = i;
+                count[b] += 1;
+            }
+            std::mem::swap(&mut order, &mut tmp);
+        }
+        let (mut b, mut a) = (0.0f32, 0.0f32);
+        for (&i, &thr) in order.iter().zip(thresholds) {
+            let j = start + i as usize;
+            let d = f32::from_bits(mags[i as usize]);
+            b += d;
+            if draw(key, j as u64) < thr {
+                bits[j / 64 - first_word] |= 1 << (j % 64);
+                a += d;
+            }
+        }
+        before += b as f64;
+        after += a as f64;
+    }
+    (bits, before, after)
 }
 
 /// The ascending rank range `[lo, hi]` (inclusive, of `n` entries) a model's `|δ|` must fall in
@@ -416,8 +615,38 @@ pub(crate) struct Run<'a, I: Elem, O: Elem> {
     pub coef: Vec<f32>,
     pub weights: Vec<f32>,
     pub keep: Vec<(u32, u32)>,
+    /// Per input (not the base), for [`Kernel::Random`]: its draws' key and keep threshold.
+    pub random: Vec<(u64, u64)>,
+    /// Per input (not the base), for [`Kernel::Random`]: the factor of its kept entries.
+    pub scale: Vec<f32>,
+    /// Per input (not the base), when not empty: the kept entries as bits (DELLA), in place of
+    /// the draws.
+    pub masks: Vec<Vec<u64>>,
     pub out: &'a mut [O],
 }
+
+/// The part of a run over entries `offset ..` of the tensor (the slices are that part's).
+struct Part<'a, 'r, I: Elem, O: Elem> {
+    run: &'r RunShared<'a, I>,
+    inputs: Vec<&'a [I]>,
+    base: Option<&'a [I]>,
+    out: &'r mut [O],
+    offset: usize,
+}
+
+/// What every part of a run shares.
+struct RunShared<'a, I: Elem> {
+    coef: Vec<f32>,
+    weights: Vec<f32>,
+    keep: Vec<(u32, u32)>,
+    random: Vec<(u64, u64)>,
+    scale: Vec<f32>,
+    masks: Vec<Vec<u64>>,
+    _input: std::marker::PhantomData<&'a I>,
+}
+
+/// Entries below which a run stays on one thread.
+const PARALLEL_MIN: usize = 1 << 16;
 
 /// Elements per inner block: the kernels run each step over a block of this many entries, in
 /// f32 scratch, so that the loops vectorise. Non-finite inputs and outputs are caught by
@@ -426,16 +655,54 @@ const BLOCK: usize = 1024;
 
 impl<I: Elem, O: Elem> Run<'_, I, O> {
     /// Runs `k`; returns `(inputs finite, output finite)`. Each block is read straight from
-    /// the inputs (no staging copy: for f32 the loads are plain loads, for bf16 shifts).
+    /// the inputs (no staging copy: for f32 the loads are plain loads, for bf16 shifts). Large
+    /// tensors are split in two halves run on two threads.
     pub fn go(self, k: Kernel) -> (bool, bool) {
-        let Run { base, inputs, coef, weights, keep, out } = self;
+        let Run { base, inputs, coef, weights, keep, random, scale, masks, out } = self;
+        let shared = RunShared {
+            coef,
+            weights,
+            keep,
+            random,
+            scale,
+            masks,
+            _input: std::marker::PhantomData,
+        };
+        let n = out.len();
+        if n < PARALLEL_MIN {
+            return Part { run: &shared, inputs, base, out, offset: 0 }.go(k);
+        }
+        // halves on a multiple of 64 entries (mask words) and of BLOCK
+        let mid = (n / 2).next_multiple_of(BLOCK * 64).min(n);
+        let (lo, hi) = out.split_at_mut(mid);
+        let (in_lo, in_hi): (Vec<&[I]>, Vec<&[I]>) = inputs.iter().map(|x| x.split_at(mid)).unzip();
+        let (b_lo, b_hi) = match base {
+            Some(b) => (Some(b.split_at(mid).0), Some(b.split_at(mid).1)),
+            None => (None, None),
+        };
+        let shared = &shared;
+        std::thread::scope(|s| {
+            let second = s.spawn(move || {
+                Part { run: shared, inputs: in_hi, base: b_hi, out: hi, offset: mid }.go(k)
+            });
+            let first = Part { run: shared, inputs: in_lo, base: b_lo, out: lo, offset: 0 }.go(k);
+            let second = second.join().unwrap_or((false, false));
+            (first.0 && second.0, first.1 && second.1)
+        })
+    }
+}
+
+impl<I: Elem, O: Elem> Part<'_, '_, I, O> {
+    fn go(self, k: Kernel) -> (bool, bool) {
+        let Part { run, inputs, base, out, offset } = self;
+        let RunShared { coef, weights, keep, random, scale, masks, .. } = run;
         let n = out.len();
         let m = inputs.len();
         let mut in_chk = [0.0f32; BLOCK];
         let mut out_chk = [0.0f32; BLOCK];
         let mut acc = [0.0f32; BLOCK];
-        let mut wd =
-            vec![[0.0f32; BLOCK]; if matches!(k, Kernel::Magnitude { .. }) { m } else { 0 }];
+        let selective = matches!(k, Kernel::Magnitude { .. } | Kernel::Random { .. });
+        let mut wd = vec![[0.0f32; BLOCK]; if selective { m } else { 0 }];
         let total: f32 = weights.iter().sum();
         let total = if total.abs() < 1e-8 { 1.0 } else { total };
         let zero = [I::store(0.0); BLOCK];
@@ -491,20 +758,45 @@ impl<I: Elem, O: Elem> Run<'_, I, O> {
                         }
                     }
                 }
-                Kernel::Magnitude { consensus, normalize, lambda } => {
+                Kernel::Magnitude { consensus, normalize, lambda }
+                | Kernel::Random { consensus, normalize, lambda } => {
                     acc[..len].fill(0.0);
                     for i in 0..m {
                         let xs = &inputs[i][range.clone()];
-                        let (lo, hi, w) = (keep[i].0, keep[i].1, weights[i]);
+                        let w = weights[i];
                         let wdi = &mut wd[i];
-                        for j in 0..len {
-                            let x = xs[j].load();
-                            in_chk[j] += x * 0.0;
-                            let d = x - bs[j].load();
-                            let bits = abs_bits(d);
-                            let kept = bits >= lo && bits <= hi;
-                            wdi[j] = if kept { d * w } else { 0.0 };
-                            acc[j] += wdi[j];
+                        if let (Kernel::Random { .. }, Some(mask)) = (k, masks.get(i)) {
+                            let f = scale[i] * w;
+                            for j in 0..len {
+                                let x = xs[j].load();
+                                in_chk[j] += x * 0.0;
+                                let d = x - bs[j].load();
+                                let e = offset + start + j;
+                                let kept = (mask[e / 64] >> (e % 64)) & 1 == 1;
+                                wdi[j] = if kept { d * f } else { 0.0 };
+                                acc[j] += wdi[j];
+                            }
+                        } else if let Kernel::Random { .. } = k {
+                            let ((key, thr), f) = (random[i], scale[i] * w);
+                            for j in 0..len {
+                                let x = xs[j].load();
+                                in_chk[j] += x * 0.0;
+                                let d = x - bs[j].load();
+                                let kept = draw(key, (offset + start + j) as u64) < thr;
+                                wdi[j] = if kept { d * f } else { 0.0 };
+                                acc[j] += wdi[j];
+                            }
+                        } else {
+                            let (lo, hi) = keep[i];
+                            for j in 0..len {
+                                let x = xs[j].load();
+                                in_chk[j] += x * 0.0;
+                                let d = x - bs[j].load();
+                                let bits = abs_bits(d);
+                                let kept = bits >= lo && bits <= hi;
+                                wdi[j] = if kept { d * w } else { 0.0 };
+                                acc[j] += wdi[j];
+                            }
                         }
                     }
                     if consensus {
@@ -536,8 +828,10 @@ impl<I: Elem, O: Elem> Run<'_, I, O> {
                 }
             }
             for ((o, a), c) in out[range].iter_mut().zip(&acc[..len]).zip(out_chk.iter_mut()) {
-                *c += a * 0.0;
-                *o = O::store(*a);
+                // the stored value: f16 turns large finite f32 values into ±∞
+                let stored = O::store(*a);
+                *c += stored.load() * 0.0;
+                *o = stored;
             }
         }
         let finite = |c: &[f32; BLOCK]| c.iter().all(|v| *v == 0.0);

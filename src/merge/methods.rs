@@ -117,6 +117,7 @@ impl MergeMethod {
             M::Nuslerp => (2, Some(2), 2),
             M::ModelStock => (2, None, 3),
             M::Passthrough => (1, Some(1), 1),
+            M::Multislerp => (1, None, 1),
             _ => (0, None, 1),
         }
     }
@@ -206,6 +207,10 @@ pub struct GlobalParams {
     /// one. Config key `exact_ties` (not in mergekit). Default false; [`merge_tensor`] always
     /// ranks as mergekit does.
     pub exact_ties: bool,
+    /// DARE in the streamed merge: draw the masks from libtorch's generator, as mergekit and
+    /// [`merge_tensor`] do (mergekit's masks after the same seed), instead of the faster
+    /// counter-based generator. Config key `exact_masks` (not in mergekit). Default false.
+    pub exact_masks: bool,
 }
 
 impl Default for GlobalParams {
@@ -225,6 +230,7 @@ impl Default for GlobalParams {
             tol: 1e-5,
             select_topk: 1.0,
             exact_ties: false,
+            exact_masks: false,
         }
     }
 }

@@ -24,6 +24,8 @@ pub use config::{
 };
 pub use execute::{merge_directories, merge_directories_with_progress, MergeStats, Progress};
 pub use extract::{extract_lora, ExtractOptions, ExtractStats};
+#[doc(hidden)]
+pub use fused::without_fused_kernels;
 pub use geometric::{slerp, MAX_KARCHER_ITER};
 pub use methods::{merge_tensor, BasePolicy, GlobalParams, MergeMethod, ModelParams};
 pub use stream::ModelFiles;

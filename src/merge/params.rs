@@ -43,9 +43,9 @@ const fn spec(name: &'static str, scope: Scope, default: Fallback) -> Spec {
 use Fallback::{Required, Unset, Value};
 use Scope::{Input, NonBase, Shared};
 
-/// Every parameter name some mergekit method (or this crate's `inverse_density` and
-/// `exact_ties`) takes; other names are refused as typos.
-pub(crate) const KNOWN_PARAMETERS: [&str; 20] = [
+/// Every parameter name some mergekit method (or this crate's `inverse_density`,
+/// `exact_ties` and `exact_masks`) takes; other names are refused as typos.
+pub(crate) const KNOWN_PARAMETERS: [&str; 21] = [
     "weight",
     "normalize",
     "t",
@@ -66,6 +66,7 @@ pub(crate) const KNOWN_PARAMETERS: [&str; 20] = [
     "scale",
     "inverse_density",
     "exact_ties",
+    "exact_masks",
 ];
 
 const fn b(x: bool) -> Fallback {
@@ -117,7 +118,10 @@ pub(crate) fn specs(method: MergeMethod) -> Vec<Spec> {
                 }
                 M::Ties => v.push(spec("exact_ties", Shared, b(false))),
                 M::Della | M::DellaLinear => v.push(spec("epsilon", NonBase, Value(0.15))),
-                M::DareLinear | M::DareTies => v.push(spec("inverse_density", Shared, b(false))),
+                M::DareLinear | M::DareTies => {
+                    v.push(spec("inverse_density", Shared, b(false)));
+                    v.push(spec("exact_masks", Shared, b(false)));
+                }
                 _ => {}
             }
             v
@@ -175,6 +179,7 @@ pub(crate) fn global(
             "tol" => g.tol = x,
             "select_topk" => g.select_topk = x,
             "exact_ties" => g.exact_ties = on,
+            "exact_masks" => g.exact_masks = on,
             _ => {} // int8_mask: the mask's dtype only
         }
     }

@@ -315,8 +315,22 @@ pub(crate) fn build(cfg: &MergeConfig) -> Result<Plan> {
         let base = base_of(s);
         match s.sources[0].1 {
             None => {
-                // the models form: every layer of the first model, by name; t over the depth
-                let depth = sid.iter().map(|&m| models[m].depth()).max().unwrap_or(0);
+                // the models form: every layer of the first model, by name; t over the depth,
+                // which every model must share (mergekit: "All inputs to a slice must contain
+                // the same number of layers")
+                let depth = models[sid[0]].depth();
+                if let Some(&m) = sid.iter().find(|&&m| models[m].depth() != depth) {
+                    return Err(Error::config(
+                        "models",
+                        format!(
+                            "{} has {} layers and {} has {depth}: all inputs must have as many \
+                             (take layer ranges with `slices`)",
+                            models[m].dir().display(),
+                            models[m].depth(),
+                            models[sid[0]].dir().display()
+                        ),
+                    ));
+                }
                 let layers: Vec<(u64, Vec<(String, String)>)> =
                     layers_of(sid[0]).iter().map(|(i, v)| (*i, v.clone())).collect();
                 for (i, templates) in layers {
