@@ -527,7 +527,10 @@ fn the_one_pass_kernels_on_two_threads_agree_with_merge_tensor() {
         let (fast, slow) = (root.join("fast"), root.join("slow"));
         merge_directories(&cfg, &fast).unwrap();
         tch_peft::merge::without_fused_kernels(|| merge_directories(&cfg, &slow)).unwrap();
-        let d = max_abs_diff(&tensors(&fast.join("model.safetensors"))[n], &tensors(&slow.join("model.safetensors"))[n]);
+        let d = max_abs_diff(
+            &tensors(&fast.join("model.safetensors"))[n],
+            &tensors(&slow.join("model.safetensors"))[n],
+        );
         assert!(d < 1e-5, "{method}: {d}");
     }
     let _ = std::fs::remove_dir_all(&root);

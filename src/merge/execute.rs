@@ -481,5 +481,8 @@ fn fused_run<I: Elem, O: Elem>(
     }
     // SAFETY: as above, for the output buffer of the planned size
     let out = unsafe { cast_mut::<O>(out.bytes_mut()) };
+    if let Kernel::Sce { select_topk } = k {
+        return Ok(fused::sce(base.expect("SCE has a base"), &inputs, out, select_topk));
+    }
     Ok(Run { base, inputs, coef, weights, keep, random, scale, masks, out }.go(k))
 }

@@ -100,6 +100,8 @@ pub(crate) enum Kernel {
     Spherical,
     /// `c₀ θ₀ + Σ c_i θ_i` with the coefficients in [`Run::coef`] (`base_coef` for `θ₀`).
     Combine { base_coef: f32 },
+    /// SCE ([`sce`]).
+    Sce { select_topk: f64 },
 }
 
 /// The kernel for `method` with these parameters, or `None` when the general path must run
@@ -151,6 +153,7 @@ pub(crate) fn kernel(
                 lambda: global.lambda as f32,
             })
         }
+        MergeMethod::Sce => Some(Kernel::Sce { select_topk: global.select_topk }),
         MergeMethod::Slerp | MergeMethod::Karcher => Some(Kernel::Spherical),
         MergeMethod::Multislerp if params.len() > 1 => Some(Kernel::Spherical),
         MergeMethod::Nuslerp if global.nuslerp_flatten => Some(Kernel::Spherical),
@@ -537,6 +540,125 @@ fn della_rows<I: Elem>(
     (bits, before, after)
 }
 
+/// SCE over the raw inputs (mergekit's `sce_merge`, in f32): keep the entries whose variance
+/// across the task vectors is among the `select_topk` fraction of the non-zero ones (by a
+/// radix-selected threshold: ties at it are all kept), weight each task vector by its mean
+/// square, elect signs from the unweighted sum, `θ₀ + Σ w_i τ_i [agree] / max(Σ w_i [agree],
+/// 1e-6)`. Returns `(inputs finite, output finite)`.
+pub(crate) fn sce<I: Elem, O: Elem>(
+    base: &[I],
+    xs: &[&[I]],
+    out: &mut [O],
+    select_topk: f64,
+) -> (bool, bool) {
+    let (n, m) = (base.len(), xs.len());
+    let mut tv = vec![0.0f32; m];
+    let fill = |j: usize, tv: &mut [f32]| {
+        let b = base[j].load();
+        for (t, x) in tv.iter_mut().zip(xs) {
+            *t = x[j].load() - b;
+        }
+    };
+    let variance = |tv: &[f32]| -> f32 {
+        let mean = tv.iter().sum::<f32>() / m as f32;
+        tv.iter().map(|t| (t - mean) * (t - mean)).sum::<f32>() / m as f32
+    };
+    // each entry's variance (bits of a non-negative f32), computed once
+    let var: Vec<u32> = if select_topk > 0.0 && select_topk < 1.0 {
+        (0..n)
+            .map(|j| {
+                fill(j, &mut tv);
+                variance(&tv).to_bits()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // the variance threshold, or keep all (`Some(0)` with select_topk ≥ 1) / none
+    let threshold: Option<u32> = if select_topk >= 1.0 {
+        Some(0)
+    } else if select_topk <= 0.0 {
+        None
+    } else {
+        let mut hi = vec![0u64; 1 << 16];
+        let mut zeros = 0u64;
+        for &v in &var {
+            hi[(v >> 16) as usize] += 1;
+            zeros += u64::from(v == 0);
+        }
+        let k = ((n as u64 - zeros) as f64 * select_topk) as u64;
+        if k == 0 {
+            None
+        } else {
+            // the k-th largest: ascending rank n − k
+            let rank = n as u64 - k;
+            let (mut seen, mut bin) = (0u64, 0usize);
+            while seen + hi[bin] <= rank {
+                seen += hi[bin];
+                bin += 1;
+            }
+            let mut lo = vec![0u64; 1 << 16];
+            for &v in &var {
+                if (v >> 16) as usize == bin {
+                    lo[(v & 0xffff) as usize] += 1;
+                }
+            }
+            let (mut rest, mut low) = (rank - seen, 0usize);
+            while rest >= lo[low] {
+                rest -= lo[low];
+                low += 1;
+            }
+            Some(((bin as u32) << 16) | low as u32)
+        }
+    };
+    let kept = |j: usize| match threshold {
+        None => false,
+        Some(_) if var.is_empty() => true,
+        Some(t) => var[j] >= t,
+    };
+    // the task vectors' mean squares (masked), normalised
+    let mut w = vec![0.0f64; m];
+    let mut in_ok = true;
+    for j in 0..n {
+        fill(j, &mut tv);
+        in_ok &= base[j].load().is_finite() && tv.iter().all(|t| t.is_finite());
+        if kept(j) {
+            for (wi, t) in w.iter_mut().zip(&tv) {
+                *wi += (t * t) as f64;
+            }
+        }
+    }
+    w.iter_mut().for_each(|x| *x /= n as f64);
+    let sum: f64 = w.iter().sum();
+    let w: Vec<f32> = w
+        .iter()
+        .map(|&x| if sum.abs() < 1e-6 { 1.0 / m as f32 } else { (x / sum) as f32 })
+        .collect();
+    let mut out_ok = true;
+    for j in 0..n {
+        fill(j, &mut tv);
+        let b = base[j].load();
+        let v = if kept(j) {
+            let total: f32 = tv.iter().sum();
+            let (mut num, mut den) = (0.0f32, 0.0f32);
+            for (t, wi) in tv.iter().zip(&w) {
+                let agree = if total >= 0.0 { *t > 0.0 } else { *t < 0.0 };
+                if agree {
+                    num += t * wi;
+                    den += wi;
+                }
+            }
+            b + num / den.max(1e-6)
+        } else {
+            b
+        };
+        let stored = O::store(v);
+        out_ok &= stored.load().is_finite();
+        out[j] = stored;
+    }
+    (in_ok, out_ok)
+}
+
 /// The ascending rank range `[lo, hi]` (inclusive, of `n` entries) a model's `|δ|` must fall in
 /// to be kept, as mergekit's `magnitude` (TIES) and `magnitude_outliers` (Breadcrumbs) choose
 /// it; `None` keeps everything, an empty range (`lo > hi`) nothing.
@@ -731,7 +853,7 @@ impl<I: Elem, O: Elem> Part<'_, '_, I, O> {
                         *a *= scale;
                     }
                 }
-                Kernel::Spherical => unreachable!("resolved to Combine before the run"),
+                Kernel::Spherical | Kernel::Sce { .. } => unreachable!("run before the parts"),
                 Kernel::Combine { base_coef } => {
                     for j in 0..len {
                         acc[j] = bs[j].load() * base_coef;
