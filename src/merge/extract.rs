@@ -115,8 +115,8 @@ fn decompose(delta: &Tensor, opts: &ExtractOptions) -> Result<(Tensor, Tensor)> 
 }
 
 /// Extracts a PEFT LoRA adapter directory (`adapter_config.json`, `adapter_model.safetensors`)
-/// from `model` (fine-tuned) and `base`, both model directories as [`merge_directories`]
-/// (super::merge_directories) reads them. A linear layer's bias, when it changed, is written as
+/// from `model` (fine-tuned) and `base`, both model directories as
+/// [`merge_directories`](super::merge_directories) reads them. A linear layer's bias, when it changed, is written as
 /// `lora_B.bias` with `lora_bias: true`. The output directory is replaced whole.
 ///
 /// Errors when the models' tensors differ in name or shape, or `max_rank < 1`.

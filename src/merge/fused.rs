@@ -619,9 +619,9 @@ pub(crate) fn sce<I: Elem, O: Elem>(
     // the task vectors' mean squares (masked), normalised
     let mut w = vec![0.0f64; m];
     let mut in_ok = true;
-    for j in 0..n {
+    for (j, b) in base.iter().enumerate() {
         fill(j, &mut tv);
-        in_ok &= base[j].load().is_finite() && tv.iter().all(|t| t.is_finite());
+        in_ok &= b.load().is_finite() && tv.iter().all(|t| t.is_finite());
         if kept(j) {
             for (wi, t) in w.iter_mut().zip(&tv) {
                 *wi += (t * t) as f64;

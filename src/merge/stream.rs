@@ -203,7 +203,7 @@ impl ModelFiles {
     }
 
     /// The number of layers: the larger of `num_hidden_layers` and the deepest layer index on
-    /// disk + 1 (layers: see [`MergeConfig`]'s slices).
+    /// disk + 1 (layers: see [`MergeConfig`](super::MergeConfig)'s slices).
     pub fn depth(&self) -> u64 {
         let deepest = self
             .tensors
