@@ -468,6 +468,10 @@ fn fused_run<I: Elem, O: Elem>(
         for (n, i) in p.inputs.iter().filter(|i| !i.is_base).enumerate() {
             let key = fused::draw_key(seed, &p.name, n);
             let density = i.params.density;
+            if density < 0.0 {
+                // libtorch's Bernoulli (the general path, mergekit) refuses it too
+                return Err(Error::config("density", format!("{density} is not a probability")));
+            }
             let thr = fused::keep_threshold(density);
             random.push((key, thr));
             scale.push(if density >= 1.0 || !rescale {

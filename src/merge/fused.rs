@@ -465,10 +465,15 @@ pub(crate) fn della_bits<I: Elem>(
     let mid =
         if n >= PARALLEL_MIN { (rows / 2).next_multiple_of(rows_per_word).min(rows) } else { rows };
     let part = |r0: usize, r1: usize| della_rows(x, base, cols, r0, r1, &thresholds, key);
-    let ((mut bits, b0, a0), (hi, b1, a1)) = std::thread::scope(|s| {
-        let second = s.spawn(|| part(mid, rows));
-        (part(0, mid), second.join().expect("a DELLA part"))
-    });
+    let ((mut bits, b0, a0), (hi, b1, a1)) = if mid == 0 || mid == rows {
+        (part(0, rows), (Vec::new(), 0.0, 0.0))
+    } else {
+        std::thread::scope(|s| {
+            let second = s.spawn(|| part(mid, rows));
+            let first = part(0, mid);
+            (first, second.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+        })
+    };
     let word = mid * cols / 64;
     for (w, h) in bits[word..].iter_mut().zip(hi) {
         *w |= h;
@@ -621,7 +626,8 @@ pub(crate) fn sce<I: Elem, O: Elem>(
     let mut in_ok = true;
     for (j, b) in base.iter().enumerate() {
         fill(j, &mut tv);
-        in_ok &= b.load().is_finite() && tv.iter().all(|t| t.is_finite());
+        // the inputs themselves (a difference may overflow: the output check reports that)
+        in_ok &= b.load().is_finite() && xs.iter().all(|x| x[j].load().is_finite());
         if kept(j) {
             for (wi, t) in w.iter_mut().zip(&tv) {
                 *wi += (t * t) as f64;
@@ -808,7 +814,7 @@ impl<I: Elem, O: Elem> Run<'_, I, O> {
                 Part { run: shared, inputs: in_hi, base: b_hi, out: hi, offset: mid }.go(k)
             });
             let first = Part { run: shared, inputs: in_lo, base: b_lo, out: lo, offset: 0 }.go(k);
-            let second = second.join().unwrap_or((false, false));
+            let second = second.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
             (first.0 && second.0, first.1 && second.1)
         })
     }

@@ -304,6 +304,9 @@ fn sparsify(
             masked(delta, &mask_from(&keep)?, l1)
         }
         Sparsify::Random => {
+            if inverse_density && l1 && density == 0.0 {
+                return Ok(delta.f_zeros_like()?); // every entry dropped; no 0/0
+            }
             let work = random_work_kind(delta);
             let mask = random_mask(delta, density, work)?;
             let d = delta.f_to_kind(work)?;
