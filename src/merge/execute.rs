@@ -314,13 +314,22 @@ fn merge_one(
     Ok(())
 }
 
+/// The entries of a row DELLA ranks within (mergekit ranks along dim 1; a vector is one row).
+fn della_row_len(shape: &[i64]) -> i64 {
+    if shape.len() < 2 {
+        shape.iter().product()
+    } else {
+        shape[1]
+    }
+}
+
 /// Whether DELLA's one-pass path applies: at most two dimensions with rows of at least two
 /// entries, and settings the general path would not refuse (it names the error).
 fn della_fusable(method: MergeMethod, p: &Planned, params: &[crate::merge::ModelParams]) -> bool {
     if !matches!(method, MergeMethod::Della | MergeMethod::DellaLinear) {
         return true;
     }
-    let cols = if p.shape.len() < 2 { p.shape.iter().product::<i64>() } else { p.shape[1] };
+    let cols = della_row_len(&p.shape);
     p.shape.len() <= 2
         && cols >= 2
         && params.iter().all(|m| {
@@ -447,7 +456,7 @@ fn fused_run<I: Elem, O: Elem>(
     if let (Kernel::Random { .. }, Some(b), true) = (k, base, della) {
         let g = &p.global;
         let rescale = g.rescale.unwrap_or(method.default_rescale());
-        let cols = if p.shape.len() < 2 { p.shape.iter().product::<i64>() } else { p.shape[1] };
+        let cols = della_row_len(&p.shape);
         for (n, i) in p.inputs.iter().filter(|i| !i.is_base).enumerate() {
             let (density, eps) = (i.params.density, i.params.epsilon);
             random.push((0, 0));

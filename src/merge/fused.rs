@@ -15,6 +15,7 @@
 use half::{bf16, f16};
 use tch::Kind;
 
+use super::geometric::slerp_coefficients;
 use super::methods::{GlobalParams, MergeMethod, ModelParams};
 
 /// An element type the kernels read and write.
@@ -34,27 +35,22 @@ impl Elem for f32 {
     }
 }
 
-impl Elem for bf16 {
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn store(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
+macro_rules! half_elem {
+    ($($t:ty),*) => {$(
+        impl Elem for $t {
+            #[inline(always)]
+            fn load(self) -> f32 {
+                self.to_f32()
+            }
+            #[inline(always)]
+            fn store(x: f32) -> Self {
+                <$t>::from_f32(x)
+            }
+        }
+    )*};
 }
 
-impl Elem for f16 {
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn store(x: f32) -> Self {
-        f16::from_f32(x)
-    }
-}
+half_elem!(bf16, f16);
 
 thread_local! {
     static ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
@@ -223,15 +219,6 @@ pub(crate) fn spherical_coefficients(
         let base = if has_base { 1.0 - c.iter().sum::<f64>() } else { 0.0 };
         (base, c)
     };
-    let slerp_pair = |t: f64, na: f64, nb: f64, dot: f64, colinear: bool| -> (f64, f64) {
-        if colinear {
-            return (1.0 - t, t);
-        }
-        let _ = (na, nb);
-        let theta = dot.acos();
-        let s = theta.sin();
-        (((1.0 - t) * theta).sin() / s, (t * theta).sin() / s)
-    };
     match method {
         MergeMethod::Slerp => {
             // the base is the first input here (v0), the model the second (v1): no deltas
@@ -239,16 +226,14 @@ pub(crate) fn spherical_coefficients(
             let na = if norm(0) > 1e-8 { norm(0) } else { 1.0 };
             let nb = if norm(1) > 1e-8 { norm(1) } else { 1.0 };
             let dot = (gij(0, 1) / (na * nb)).clamp(-1.0, 1.0);
-            let (ca, cb) = slerp_pair(t, na, nb, dot, dot.abs() > 0.9995);
+            let (ca, cb) = slerp_coefficients(t, dot, dot.abs() > 0.9995);
             Ok((0.0, vec![ca, cb]))
         }
         MergeMethod::Nuslerp => {
-            let (w1, w2) = (params[0].weight, params[1].weight);
-            let total = w1 + w2;
-            let t = if total.abs() < 1e-6 { 0.5 } else { w2 / total };
+            let t = super::geometric::nuslerp_t(params[0].weight, params[1].weight);
             let (na, nb) = (norm(0).max(1e-7), norm(1).max(1e-7));
             let cos = (gij(0, 1) / (na * nb)).clamp(-1.0, 1.0);
-            let (ca, cb) = slerp_pair(t, na, nb, cos, 1.0 - cos * cos <= 1e-16);
+            let (ca, cb) = slerp_coefficients(t, cos, 1.0 - cos * cos <= 1e-16);
             Ok(from_deltas(vec![ca, cb]))
         }
         MergeMethod::Multislerp => {
@@ -270,11 +255,7 @@ pub(crate) fn spherical_coefficients(
                 if m == 2 {
                     return Ok(from_deltas(w));
                 }
-                return Err(crate::Error::config(
-                    "weight",
-                    "the weighted sum of the unit inputs is zero (antipodal inputs with \
-                     balancing weights); Multi-SLERP has no direction to interpolate around",
-                ));
+                return Err(super::geometric::multislerp_no_direction());
             }
             // the tangent-space mean of mergekit's multislerp is zero up to rounding (its
             // projections cancel exactly), so the result is the mean direction, scaled
@@ -311,15 +292,7 @@ fn karcher_coefficients(
     max_iter: f64,
     tol: f64,
 ) -> crate::Result<(f64, Vec<f64>)> {
-    if !(0.0..=super::geometric::MAX_KARCHER_ITER).contains(&max_iter) || max_iter.fract() != 0.0 {
-        return Err(crate::Error::config(
-            "max_iter",
-            format!(
-                "{max_iter} is not a whole number of iterations in 0..={}",
-                super::geometric::MAX_KARCHER_ITER
-            ),
-        ));
-    }
+    let iterations = super::geometric::karcher_iterations(max_iter)?;
     if m == 1 {
         return Ok((0.0, vec![1.0])); // one input is its own mean, as in mergekit
     }
@@ -352,7 +325,7 @@ fn karcher_coefficients(
     } else {
         mean.iter_mut().for_each(|x| *x /= mean_norm);
     }
-    for _ in 0..max_iter as u64 {
+    for _ in 0..iterations {
         let mut tangent = vec![0.0; v];
         for i in 0..v {
             let dot: f64 = (0..v).map(|k| mean[k] * gu(k, i)).sum::<f64>().clamp(-1.0, 1.0);
@@ -755,7 +728,7 @@ pub(crate) struct Run<'a, I: Elem, O: Elem> {
 
 /// The part of a run over entries `offset ..` of the tensor (the slices are that part's).
 struct Part<'a, 'r, I: Elem, O: Elem> {
-    run: &'r RunShared<'a, I>,
+    run: &'r RunShared,
     inputs: Vec<&'a [I]>,
     base: Option<&'a [I]>,
     out: &'r mut [O],
@@ -763,14 +736,13 @@ struct Part<'a, 'r, I: Elem, O: Elem> {
 }
 
 /// What every part of a run shares.
-struct RunShared<'a, I: Elem> {
+struct RunShared {
     coef: Vec<f32>,
     weights: Vec<f32>,
     keep: Vec<(u32, u32)>,
     random: Vec<(u64, u64)>,
     scale: Vec<f32>,
     masks: Vec<Vec<u64>>,
-    _input: std::marker::PhantomData<&'a I>,
 }
 
 /// Entries below which a run stays on one thread.
@@ -787,15 +759,7 @@ impl<I: Elem, O: Elem> Run<'_, I, O> {
     /// tensors are split in two halves run on two threads.
     pub fn go(self, k: Kernel) -> (bool, bool) {
         let Run { base, inputs, coef, weights, keep, random, scale, masks, out } = self;
-        let shared = RunShared {
-            coef,
-            weights,
-            keep,
-            random,
-            scale,
-            masks,
-            _input: std::marker::PhantomData,
-        };
+        let shared = RunShared { coef, weights, keep, random, scale, masks };
         let n = out.len();
         if n < PARALLEL_MIN {
             return Part { run: &shared, inputs, base, out, offset: 0 }.go(k);
@@ -823,7 +787,7 @@ impl<I: Elem, O: Elem> Run<'_, I, O> {
 impl<I: Elem, O: Elem> Part<'_, '_, I, O> {
     fn go(self, k: Kernel) -> (bool, bool) {
         let Part { run, inputs, base, out, offset } = self;
-        let RunShared { coef, weights, keep, random, scale, masks, .. } = run;
+        let RunShared { coef, weights, keep, random, scale, masks } = run;
         let n = out.len();
         let m = inputs.len();
         let mut in_chk = [0.0f32; BLOCK];

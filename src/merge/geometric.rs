@@ -12,6 +12,48 @@ use crate::{Error, Result};
 /// The most Karcher iterations a config may ask for.
 pub const MAX_KARCHER_ITER: f64 = 10_000.0;
 
+/// Karcher's `max_iter` as a count, or an error unless it is a whole number in
+/// `0..=MAX_KARCHER_ITER`.
+pub(crate) fn karcher_iterations(max_iter: f64) -> Result<u64> {
+    if !(0.0..=MAX_KARCHER_ITER).contains(&max_iter) || max_iter.fract() != 0.0 {
+        return Err(Error::config(
+            "max_iter",
+            format!("{max_iter} is not a whole number of iterations in 0..={MAX_KARCHER_ITER}"),
+        ));
+    }
+    Ok(max_iter as u64)
+}
+
+/// Multi-SLERP's error for more than two inputs whose weighted unit vectors cancel.
+pub(crate) fn multislerp_no_direction() -> Error {
+    Error::config(
+        "weight",
+        "the weighted sum of the unit inputs is zero (antipodal inputs with balancing \
+         weights); Multi-SLERP has no direction to interpolate around",
+    )
+}
+
+/// The weights of `v₀` and `v₁` in their spherical interpolation by `t`, the cosine between
+/// them `dot`: `sin((1 − t)θ)/sin θ` and `sin(tθ)/sin θ`, or `1 − t` and `t` when `colinear`.
+pub(crate) fn slerp_coefficients(t: f64, dot: f64, colinear: bool) -> (f64, f64) {
+    if colinear {
+        return (1.0 - t, t);
+    }
+    let theta = dot.acos();
+    let s = theta.sin();
+    (((1.0 - t) * theta).sin() / s, (t * theta).sin() / s)
+}
+
+/// NuSLERP's `t = w₂/(w₁+w₂)`, ½ when the weights cancel.
+pub(crate) fn nuslerp_t(w1: f64, w2: f64) -> f64 {
+    let total = w1 + w2;
+    if total.abs() < 1e-6 {
+        0.5
+    } else {
+        w2 / total
+    }
+}
+
 fn norm2(x: &Tensor, dim: Option<i64>, keepdim: bool, kind: Option<Kind>) -> Result<Tensor> {
     let x = match kind {
         Some(k) => x.f_to_kind(k)?,
@@ -46,13 +88,7 @@ pub fn slerp(t: f64, v0: &Tensor, v1: &Tensor) -> Result<Tensor> {
         .f_sum(Kind::Double)?
         .f_double_value(&[])?
         .clamp(-1.0, 1.0);
-    let (ca, cb) = if dot.abs() > 0.9995 {
-        (1.0 - t, t)
-    } else {
-        let theta = dot.acos();
-        let s = theta.sin();
-        (((1.0 - t) * theta).sin() / s, (t * theta).sin() / s)
-    };
+    let (ca, cb) = slerp_coefficients(t, dot, dot.abs() > 0.9995);
     let out = a.f_mul_scalar(ca)?.f_add(&b.f_mul_scalar(cb)?)?;
     Ok(out.f_reshape(v0.size())?.f_to_kind(v0.kind())?)
 }
@@ -146,8 +182,7 @@ pub(crate) fn nuslerp_merge(
     weights: &[f64],
     g: &GlobalParams,
 ) -> Result<Tensor> {
-    let total = weights[0] + weights[1];
-    let t = if total.abs() < 1e-6 { 0.5 } else { weights[1] / total };
+    let t = nuslerp_t(weights[0], weights[1]);
     let dim = if g.nuslerp_row_wise { 0 } else { -1 };
     match base {
         Some(b) => Ok(b.f_add(&nuslerp(
@@ -191,11 +226,7 @@ pub(crate) fn multislerp(
     let mean_norm = norm2(&mean, None, false, None)?;
     if mean_norm.f_double_value(&[])? < g.eps {
         if n != 2 {
-            return Err(Error::config(
-                "weight",
-                "the weighted sum of the unit inputs is zero (antipodal inputs with \
-                 balancing weights); Multi-SLERP has no direction to interpolate around",
-            ));
+            return Err(multislerp_no_direction());
         }
         let w0 = w.f_get(0)?;
         let w1 = w.f_get(1)?;
@@ -229,12 +260,7 @@ pub(crate) fn karcher(
     max_iter: f64,
     tol: f64,
 ) -> Result<Tensor> {
-    if !(0.0..=MAX_KARCHER_ITER).contains(&max_iter) || max_iter.fract() != 0.0 {
-        return Err(Error::config(
-            "max_iter",
-            format!("{max_iter} is not a whole number of iterations in 0..={MAX_KARCHER_ITER}"),
-        ));
-    }
+    let iterations = karcher_iterations(max_iter)?;
     if tensors.len() == 1 {
         return Ok(tensors[0].shallow_clone());
     }
@@ -268,7 +294,7 @@ pub(crate) fn karcher(
     } else {
         mean.f_div(&mean_norm)?.f_to_kind(mean.kind())?
     };
-    for _ in 0..max_iter as u64 {
+    for _ in 0..iterations {
         let mut tangent = mean.f_zeros_like()?;
         let flat_mean = mean.f_flatten(0, -1)?;
         for (a, u) in alpha.iter().zip(&us) {

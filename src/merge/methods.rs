@@ -122,6 +122,31 @@ impl MergeMethod {
         }
     }
 
+    /// Errors unless `non_base` inputs besides the base (`has_base`) fit the method's input
+    /// counts; `field` names the config part in the error.
+    pub(crate) fn check_input_counts(
+        self,
+        non_base: usize,
+        has_base: bool,
+        field: &str,
+    ) -> Result<()> {
+        let (min, max, min_inputs) = self.input_counts();
+        let inputs = non_base + usize::from(has_base);
+        if non_base >= min && max.is_none_or(|m| non_base <= m) && inputs >= min_inputs {
+            return Ok(());
+        }
+        let want = match max {
+            Some(m) if m == min => format!("exactly {m}"),
+            Some(m) => format!("{min} to {m}"),
+            None => format!("at least {}", min.max(min_inputs - usize::from(has_base))),
+        };
+        let besides = if has_base { " besides the base" } else { "" };
+        Err(Error::config(
+            field,
+            format!("{self:?} merges {want} model(s){besides}; got {non_base}"),
+        ))
+    }
+
     fn sparsification(self) -> Option<Sparsify> {
         match self {
             MergeMethod::Ties => Some(Sparsify::Magnitude),
@@ -380,21 +405,8 @@ pub fn merge_tensor(
             Error::config("base_model", format!("{method:?} needs a base model"))
         })?),
     };
-    let (min, max, min_inputs) = method.input_counts();
     let n = models.len();
-    let inputs = n + usize::from(base.is_some());
-    if n < min || max.is_some_and(|m| n > m) || inputs < min_inputs {
-        let want = match max {
-            Some(m) if m == min => format!("exactly {m}"),
-            Some(m) => format!("{min} to {m}"),
-            None => format!("at least {}", min.max(min_inputs - usize::from(base.is_some()))),
-        };
-        let who = if base.is_some() { " besides the base" } else { "" };
-        return Err(Error::config(
-            "models",
-            format!("{method:?} merges {want} model(s){who}; got {n}"),
-        ));
-    }
+    method.check_input_counts(n, base.is_some(), "models")?;
     if n == 0 {
         // the task-vector methods with the base alone (mergekit returns it)
         return Ok(base.expect("an input").shallow_clone());

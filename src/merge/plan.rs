@@ -154,20 +154,7 @@ pub(crate) fn check_structure(cfg: &MergeConfig) -> Result<()> {
         if policy == BasePolicy::Required && !has_base {
             return Err(Error::config("base_model", format!("{method:?} needs a base model")));
         }
-        let non_base = s.sources.len() - usize::from(has_base);
-        let (min, max, min_inputs) = method.input_counts();
-        if non_base < min || max.is_some_and(|m| non_base > m) || s.sources.len() < min_inputs {
-            let want = match max {
-                Some(m) if m == min => format!("exactly {m}"),
-                Some(m) => format!("{min} to {m}"),
-                None => format!("at least {}", min.max(min_inputs - usize::from(has_base))),
-            };
-            let besides = if has_base { " besides the base" } else { "" };
-            return Err(Error::config(
-                field,
-                format!("{method:?} merges {want} model(s){besides}; got {non_base}"),
-            ));
-        }
+        method.check_input_counts(s.sources.len() - usize::from(has_base), has_base, &field)?;
     }
     Ok(())
 }
