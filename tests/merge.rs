@@ -535,3 +535,44 @@ fn the_one_pass_kernels_on_two_threads_agree_with_merge_tensor() {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn tensors_merged_in_chunks_agree_with_merge_tensor_entry_for_entry() {
+    // past one read chunk (2^20 entries) with a tail; integers copied in chunks; no entries
+    let root = temp_dir("merge-chunks");
+    let (w, ids, empty) = ("model.layers.0.w", "model.layers.0.ids", "model.layers.0.empty");
+    let model = |name: &str, ids_t: Tensor| {
+        let tensors = [
+            (w, randn(&[1025, 1027], Kind::Float)),
+            (ids, ids_t),
+            (empty, Tensor::zeros([0, 4], (Kind::Float, Device::Cpu))),
+        ];
+        write_model(&root, name, &tensors)
+    };
+    let first_ids = Tensor::arange((1 << 20) + 3, (Kind::Int, Device::Cpu));
+    let base = model("base", first_ids.shallow_clone());
+    let m1 = model("m1", first_ids.shallow_clone());
+    let m2 = model("m2", first_ids.zeros_like());
+    let (b, m1, m2) = (base.display(), m1.display(), m2.display());
+    for yaml in [
+        format!("merge_method: linear\nmodels:\n  - {{model: {m1}, parameters: {{weight: 0.7}}}}\n  - {{model: {m2}, parameters: {{weight: 0.2}}}}\nout_dtype: bfloat16\n"),
+        format!("merge_method: task_arithmetic\nbase_model: {b}\nmodels:\n  - {{model: {m1}, parameters: {{weight: 0.7}}}}\n  - {{model: {m2}, parameters: {{weight: 0.3}}}}\n"),
+        format!("merge_method: passthrough\nmodels:\n  - {{model: {m1}, parameters: {{scale: 0.5}}}}\n"),
+    ] {
+        let cfg = MergeConfig::from_yaml(&yaml).unwrap();
+        let (fast, slow) = (root.join("fast"), root.join("slow"));
+        merge_directories(&cfg, &fast).unwrap();
+        tch_peft::merge::without_fused_kernels(|| merge_directories(&cfg, &slow)).unwrap();
+        let (a, b) = (tensors(&fast.join("model.safetensors")), tensors(&slow.join("model.safetensors")));
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        // bf16 output: the two paths' f32 sums (in other orders) may round one ulp apart
+        let (x, y) = (a[w].to_kind(Kind::Double), b[w].to_kind(Kind::Double));
+        let (rel, abs) = if a[w].kind() == Kind::BFloat16 { (1.0 / 128.0, 0.0) } else { (0.0, 1e-6) };
+        let over = ((&x - &y).abs() - y.abs() * rel - abs).max().double_value(&[]);
+        assert!(over <= 1e-30, "{yaml}: {over}");
+        assert_eq!(a[w].kind(), b[w].kind());
+        assert!(bit_equal(&a[ids], &first_ids), "{yaml}");
+        assert_eq!(a[empty].size(), [0, 4]);
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::ops::Range;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Instant;
@@ -20,6 +20,7 @@ use super::output::{
     check_output_is_not_an_input, check_vocabularies, copy_other_files, is_weight_file,
 };
 use super::plan::{self, Plan, Planned};
+use super::sink::Sink;
 use super::stream::{dtype_of, finite_bytes, Buf};
 use crate::{io, Error, Result};
 
@@ -102,25 +103,30 @@ pub fn merge_directories_with_progress(
     // the weights of an earlier model in `out` (shards, their index, other formats) go
     io::replace_dir(out, &is_weight_file, |dir| {
         let path = dir.join("model.safetensors");
-        let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
         let method = cfg.merge_method;
         let total = plan.tensors.len();
-        let mut on_batch = |index: usize, bufs: &[Buf], out_buf: &mut Buf| -> Result<()> {
+        // decided here, where `without_fused_kernels` is seen, for the reader too
+        let chunked: Vec<bool> =
+            plan.tensors.iter().map(|p| elementwise(method, &plan, p)).collect();
+        let mut on_batch = |index: usize, elems: Range<usize>, bufs: &[Buf], out_buf: &mut Buf| {
             let p = &plan.tensors[index];
             stats.bytes_read += bufs.iter().map(|b| b.bytes().len() as u64).sum::<u64>();
             if p.float {
-                merge_one(method, &plan, p, bufs, out_buf, out, seed)?;
+                merge_one(method, &plan, p, elems.clone(), bufs, out_buf, out, seed)?;
             } else {
                 // integers: the first input's bytes, as they are
                 out_buf.set_len(bufs[0].bytes().len());
                 out_buf.bytes_mut().copy_from_slice(bufs[0].bytes());
             }
             stats.bytes_written += out_buf.bytes().len() as u64;
-            let seconds = started.elapsed().as_secs_f64();
-            progress(&Progress { done: index + 1, total, bytes_read: stats.bytes_read, seconds });
+            if elems.end == numel(p) {
+                let seconds = started.elapsed().as_secs_f64();
+                let bytes_read = stats.bytes_read;
+                progress(&Progress { done: index + 1, total, bytes_read, seconds });
+            }
             Ok(())
         };
-        pipeline(&plan, &mut on_batch, file, &path, &header)?;
+        pipeline(&plan, &chunked, &mut on_batch, &path, &header)?;
         copy_other_files(cfg, &plan, dir)
     })?;
     stats.seconds = started.elapsed().as_secs_f64();
@@ -175,24 +181,60 @@ impl Pool {
     }
 }
 
-/// What the merging thread does with one tensor: its inputs' bytes in, its output's out.
-type OnBatch<'a> = dyn FnMut(usize, &[Buf], &mut Buf) -> Result<()> + 'a;
+/// What the merging thread does with entries `elems` of one tensor: their inputs' bytes in,
+/// the output's out.
+type OnBatch<'a> = dyn FnMut(usize, Range<usize>, &[Buf], &mut Buf) -> Result<()> + 'a;
 
-/// Runs the merge on three threads: a reader fills each planned tensor's input buffers, one
-/// tensor ahead; this thread merges (`on_batch`) into an output buffer; a writer appends it to
-/// `file` after the `header`. Buffers cycle back to the reader and this thread, so at most two
-/// tensors' inputs and two outputs are held. Stops at the first error of any of them.
+/// A read batch: the tensor's index, its entries, and their bytes per input.
+type Batch = (usize, Range<usize>, Vec<Buf>);
+
+/// Entries per batch of a tensor merged entry by entry (4 MiB of f32 per input).
+const CHUNK_ELEMS: usize = 1 << 20;
+
+/// The number of entries of a planned tensor.
+fn numel(p: &Planned) -> usize {
+    p.shape.iter().product::<i64>() as usize
+}
+
+/// Whether a tensor is merged entry by entry, so that it can be read, merged and written in
+/// chunks: integers (copied), and the element-wise kernels (linear, task arithmetic,
+/// passthrough) on inputs of one kind. The others need whole tensors (a Gram matrix, a
+/// magnitude ranking, a norm).
+fn elementwise(method: MergeMethod, plan: &Plan, p: &Planned) -> bool {
+    if !p.float {
+        return true;
+    }
+    let kinds: Vec<Kind> = p
+        .inputs
+        .iter()
+        .map(|i| plan.models[i.model].info(&i.name).map_or(Kind::Float, |(_, k)| k))
+        .collect();
+    let params: Vec<_> = p.inputs.iter().filter(|i| !i.is_base).map(|i| i.params).collect();
+    kinds.iter().all(|&k| k == p.work_kind)
+        && matches!(
+            fused::kernel(method, &p.global, &params, &kinds, p.out_kind),
+            Some(Kernel::Linear { .. } | Kernel::TaskArithmetic)
+        )
+}
+
+/// Runs the merge on three threads: a reader fills each planned tensor's input buffers (a
+/// chunk at a time where `chunked`), one batch ahead; this thread merges (`on_batch`) into an
+/// output buffer; a writer appends it to the file at `path` after the `header` ([`Sink`]:
+/// direct writes where the file system allows). Buffers cycle back to the reader and this
+/// thread, so at most two batches' inputs and two outputs are held. Stops at the first error
+/// of any of them.
 fn pipeline(
     plan: &Plan,
+    chunked: &[bool],
     on_batch: &mut OnBatch<'_>,
-    file: File,
     path: &Path,
     header: &[u8],
 ) -> Result<()> {
+    let file = Sink::create(path)?;
     // buffers go back to pools, each taken again for the tensor it fits best
     let pools = (Pool::default(), Pool::default());
     let (in_pool, out_pool) = (&pools.0, &pools.1);
-    let (in_tx, in_rx) = mpsc::sync_channel::<Result<(usize, Vec<Buf>)>>(0);
+    let (in_tx, in_rx) = mpsc::sync_channel::<Result<Batch>>(0);
     let (out_tx, out_rx) = mpsc::sync_channel::<Buf>(0);
     std::thread::scope(|s| {
         s.spawn(move || {
@@ -200,42 +242,51 @@ fn pipeline(
                 plan.models.iter().map(|_| HashMap::new()).collect();
             for (index, p) in plan.tensors.iter().enumerate() {
                 let n = if p.float { p.inputs.len() } else { 1 };
-                let mut bufs = Vec::with_capacity(n);
-                for i in &p.inputs[..n] {
-                    let len = plan.models[i.model].byte_len(&i.name).unwrap_or(0);
-                    let mut b = in_pool.take(len);
-                    let model = &plan.models[i.model];
-                    if let Err(e) = model.read_raw(&i.name, &mut handles[i.model], &mut b) {
-                        let _ = in_tx.send(Err(e));
-                        return;
+                let total = numel(p);
+                let step = if chunked[index] { CHUNK_ELEMS } else { total.max(1) };
+                // one batch at least (a tensor of no entries too)
+                for start in (0..total.max(1)).step_by(step) {
+                    let elems = start.min(total)..(start + step).min(total);
+                    let mut bufs = Vec::with_capacity(n);
+                    for i in &p.inputs[..n] {
+                        let model = &plan.models[i.model];
+                        let size = model.info(&i.name).map_or(1, |(_, k)| k.elt_size_in_bytes());
+                        let range = (elems.start * size) as u64..(elems.end * size) as u64;
+                        let mut b = in_pool.take((range.end - range.start) as usize);
+                        if let Err(e) =
+                            model.read_raw(&i.name, range, &mut handles[i.model], &mut b)
+                        {
+                            let _ = in_tx.send(Err(e));
+                            return;
+                        }
+                        bufs.push(b);
                     }
-                    bufs.push(b);
-                }
-                if in_tx.send(Ok((index, bufs))).is_err() {
-                    return; // the merging side stopped
+                    if in_tx.send(Ok((index, elems, bufs))).is_err() {
+                        return; // the merging side stopped
+                    }
                 }
             }
         });
         let writer = s.spawn(move || -> Result<()> {
-            let mut w = BufWriter::with_capacity(1 << 22, file);
-            let io_err = |e| Error::io(path, e);
-            w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io_err)?;
-            w.write_all(header).map_err(io_err)?;
+            let mut w = file;
+            w.write_all(&(header.len() as u64).to_le_bytes())?;
+            w.write_all(header)?;
             for buf in out_rx {
-                w.write_all(buf.bytes()).map_err(io_err)?;
+                w.write_all(buf.bytes())?;
                 out_pool.give(buf);
             }
-            w.flush().map_err(io_err)
+            w.finish().map(drop)
         });
         // the channels' ends are moved in and dropped on return, so that a reader blocked on
         // a send wakes (its send fails) and the writer sees the end, before the scope joins
-        let mut consume = move |in_rx: mpsc::Receiver<Result<(usize, Vec<Buf>)>>,
+        let mut consume = move |in_rx: mpsc::Receiver<Result<Batch>>,
                                 out_tx: mpsc::SyncSender<Buf>|
               -> Result<()> {
             for batch in in_rx {
-                let (index, bufs) = batch?;
-                let mut out_buf = out_pool.take(plan.tensors[index].bytes as usize);
-                on_batch(index, &bufs, &mut out_buf)?;
+                let (index, elems, bufs) = batch?;
+                let p = &plan.tensors[index];
+                let mut out_buf = out_pool.take(elems.len() * p.out_kind.elt_size_in_bytes());
+                on_batch(index, elems, &bufs, &mut out_buf)?;
                 for b in bufs {
                     in_pool.give(b);
                 }
@@ -253,17 +304,21 @@ fn pipeline(
     })
 }
 
-/// Merges one floating-point tensor from its inputs' bytes into `out_buf`.
+/// Merges entries `elems` of one floating-point tensor (all of them unless it is
+/// [`elementwise`]) from their inputs' bytes into `out_buf`.
+#[allow(clippy::too_many_arguments)]
 fn merge_one(
     method: MergeMethod,
     plan: &Plan,
     p: &Planned,
+    elems: Range<usize>,
     bufs: &[Buf],
     out_buf: &mut Buf,
     out: &Path,
     seed: u64,
 ) -> Result<()> {
-    out_buf.set_len(p.bytes as usize);
+    let whole = elems.len() == numel(p);
+    out_buf.set_len(elems.len() * p.out_kind.elt_size_in_bytes());
     let kinds: Vec<Kind> = p
         .inputs
         .iter()
@@ -273,6 +328,10 @@ fn merge_one(
     let same = kinds.iter().all(|&k| k == p.work_kind) && della_fusable(method, p, &params);
     let kernel =
         if same { fused::kernel(method, &p.global, &params, &kinds, p.out_kind) } else { None };
+    if !whole && !matches!(kernel, Some(Kernel::Linear { .. } | Kernel::TaskArithmetic)) {
+        // chunks are made only for the element-wise kernels (`elementwise`, the same test)
+        return Err(Error::io(out, std::io::Error::other("a chunk reached a whole-tensor path")));
+    }
     if let Some(k) = kernel {
         let (in_ok, out_ok) = match (p.work_kind, p.out_kind) {
             (Kind::Float, o) => fused_typed::<f32>(k, method, p, bufs, out_buf, o, seed),
@@ -428,6 +487,9 @@ fn fused_run<I: Elem, O: Elem>(
                 .filter(|i| !i.is_base)
                 .map(|i| (g.lambda * i.params.weight / div) as f32)
                 .collect()
+        }
+        Kernel::Linear { .. } if method == MergeMethod::Passthrough => {
+            p.inputs.iter().map(|i| i.params.scale.unwrap_or(1.0) as f32).collect()
         }
         _ => weights.clone(),
     };

@@ -126,6 +126,8 @@ pub(crate) fn kernel(
             Some(Kernel::Linear { scale: if normalize { (1.0 / total) as f32 } else { 1.0 } })
         }
         MergeMethod::TaskArithmetic => Some(Kernel::TaskArithmetic),
+        // `scale · θ` (the coefficient, [`Run::coef`]), or θ itself
+        MergeMethod::Passthrough => Some(Kernel::Linear { scale: 1.0 }),
         MergeMethod::Ties | MergeMethod::Breadcrumbs | MergeMethod::BreadcrumbsTies
             if !rescale && !global.exact_ties =>
         {

@@ -14,6 +14,7 @@ mod methods;
 mod output;
 mod params;
 mod plan;
+mod sink;
 pub(crate) mod sparsify;
 mod stream;
 pub mod wise_ft;

@@ -248,11 +248,13 @@ impl ModelFiles {
         Ok(t)
     }
 
-    /// Reads one tensor's bytes into `buf` (grown as needed, never shrunk), through `handles`
-    /// (this model's open files, by index, opened on first use).
+    /// Reads bytes `range` of one tensor's data (all of it: `0..byte_len`) into `buf` (grown as
+    /// needed, never shrunk), through `handles` (this model's open files, by index, opened on
+    /// first use). A range past the tensor's end is refused.
     pub(crate) fn read_raw(
         &self,
         name: &str,
+        range: std::ops::Range<u64>,
         handles: &mut HashMap<usize, File>,
         buf: &mut Buf,
     ) -> Result<()> {
@@ -261,19 +263,21 @@ impl ModelFiles {
             .get(name)
             .ok_or_else(|| Error::MissingTensor { name: name.into(), file: self.dir.clone() })?;
         let (path, data_start) = &self.files[e.file];
+        if range.start > range.end || range.end > e.end - e.start {
+            return Err(Error::io(
+                path,
+                std::io::Error::other(format!("bytes {range:?} of `{name}` are outside it")),
+            ));
+        }
         let f = match handles.entry(e.file) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => v.insert(io::open_regular(path)?.0),
         };
-        f.seek(SeekFrom::Start(data_start + e.start)).map_err(|err| Error::io(path, err))?;
-        buf.set_len((e.end - e.start) as usize);
+        f.seek(SeekFrom::Start(data_start + e.start + range.start))
+            .map_err(|err| Error::io(path, err))?;
+        buf.set_len((range.end - range.start) as usize);
         f.read_exact(buf.bytes_mut()).map_err(|err| Error::io(path, err))?;
         Ok(())
-    }
-
-    /// The byte length of a tensor's data.
-    pub(crate) fn byte_len(&self, name: &str) -> Option<usize> {
-        self.tensors.get(name).map(|e| (e.end - e.start) as usize)
     }
 
     /// The path of the file holding `name`.
