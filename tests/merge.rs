@@ -453,9 +453,10 @@ fn the_one_pass_kernels_round_bf16_once_from_f32() {
 fn the_streamed_dare_keeps_the_density_and_the_l1_norm_and_repeats_under_a_seed() {
     let root = temp_dir("merge-dare-streamed");
     let n = "model.layers.0.w";
+    // two threads' halves, and a last mask word partly used
     let base =
-        write_model(&root, "base", &[(n, Tensor::zeros([400, 50], (Kind::Float, Device::Cpu)))]);
-    let delta = randn(&[400, 50], Kind::Float);
+        write_model(&root, "base", &[(n, Tensor::zeros([300, 301], (Kind::Float, Device::Cpu)))]);
+    let delta = randn(&[300, 301], Kind::Float);
     let a = write_model(&root, "a", &[(n, delta.shallow_clone())]);
     let merged = |seed: i64, extra: &str| {
         let yaml = format!(
@@ -474,6 +475,9 @@ fn the_streamed_dare_keeps_the_density_and_the_l1_norm_and_repeats_under_a_seed(
     assert!((l1(&m) - l1(&delta)).abs() / l1(&delta) < 1e-5, "mergekit's L1 rescale");
     assert!(bit_equal(&m, &merged(1, "")), "the same seed, the same masks");
     assert!(!bit_equal(&m.ne(0.0), &merged(2, "").ne(0.0)), "another seed, other masks");
+    // the rescaled merge keeps its mask as bits; without rescaling the kernel draws each entry
+    let drawn = merged(1, "parameters: {rescale: false}\n");
+    assert!(bit_equal(&m.ne(0.0), &drawn.ne(0.0)), "the bits are the draws");
     // exact_masks (libtorch's generator, as merge_tensor draws): tests/seeded.rs
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -545,13 +545,18 @@ fn fused_run<I: Elem, O: Elem>(
             }
             let thr = fused::keep_threshold(density);
             random.push((key, thr));
-            scale.push(if density >= 1.0 || !rescale {
-                1.0
-            } else if g.inverse_density {
-                (1.0 / density) as f32
+            if rescale && !g.inverse_density {
+                // the L1 rescale needs the mask first: drawn once, kept as bits for the merge
+                let (bits, factor) = if density >= 1.0 {
+                    (vec![u64::MAX; inputs[n].len().div_ceil(64)], 1.0)
+                } else {
+                    fused::dare_bits(inputs[n], b, key, thr)
+                };
+                masks.push(bits);
+                scale.push(factor);
             } else {
-                fused::dare_l1_factor(inputs[n], b, key, thr)
-            });
+                scale.push(if density >= 1.0 || !rescale { 1.0 } else { (1.0 / density) as f32 });
+            }
         }
     }
     // SAFETY: as above, for the output buffer of the planned size

@@ -394,25 +394,56 @@ pub(crate) fn draw_key(seed: u64, name: &str, i: usize) -> u64 {
     mix(seed ^ h).wrapping_add(mix(i as u64 + 1))
 }
 
-/// DARE's rescale of model `x`'s kept entries under `key` (mergekit's L1 ratio
-/// `Σ|δ| / Σ|δ ⊙ mask|`, 1 when either is below 1e-7): one pass.
-pub(crate) fn dare_l1_factor<I: Elem>(x: &[I], base: &[I], key: u64, threshold: u64) -> f32 {
-    let (mut before, mut after) = (0.0f64, 0.0f64);
-    for (start, (xs, bs)) in x.chunks(BLOCK).zip(base.chunks(BLOCK)).enumerate() {
-        let (mut b, mut a) = (0.0f32, 0.0f32);
-        for (j, (x, y)) in xs.iter().zip(bs).enumerate() {
-            let d = (x.load() - y.load()).abs();
-            b += d;
-            a += if draw(key, (start * BLOCK + j) as u64) < threshold { d } else { 0.0 };
+/// DARE's keep-mask of model `x` (bits, one per entry: `draw(key, j) < threshold`) and its
+/// L1 rescale factor `Σ|δ| / Σ_kept |δ|` (1 when either is below 1e-7, as mergekit), in one
+/// pass that draws each entry once (two threads for large tensors), so that the merge pass
+/// reads the bits instead of drawing again.
+pub(crate) fn dare_bits<I: Elem>(x: &[I], base: &[I], key: u64, threshold: u64) -> (Vec<u64>, f32) {
+    let n = x.len();
+    let mut bits = vec![0u64; n.div_ceil(64)];
+    // entries `offset ..` of the tensor into their words: (Σ|δ|, Σ_kept |δ|), f32 per block
+    let part = |x: &[I], base: &[I], words: &mut [u64], offset: usize| {
+        let (mut before, mut after) = (0.0f64, 0.0f64);
+        let blocks = x.chunks(BLOCK).zip(base.chunks(BLOCK)).zip(words.chunks_mut(BLOCK / 64));
+        for (block, ((xs, bs), ws)) in blocks.enumerate() {
+            let (mut b, mut a) = (0.0f32, 0.0f32);
+            for (word, (w, (xs, bs))) in
+                ws.iter_mut().zip(xs.chunks(64).zip(bs.chunks(64))).enumerate()
+            {
+                let first = (offset + block * BLOCK + word * 64) as u64;
+                let mut m = 0u64;
+                for (j, (x, y)) in xs.iter().zip(bs).enumerate() {
+                    let d = (x.load() - y.load()).abs();
+                    let kept = draw(key, first + j as u64) < threshold;
+                    b += d;
+                    a += if kept { d } else { 0.0 };
+                    m |= (kept as u64) << j;
+                }
+                *w = m;
+            }
+            before += b as f64;
+            after += a as f64;
         }
-        before += b as f64;
-        after += a as f64;
-    }
-    if before < 1e-7 || after < 1e-7 {
-        1.0
-    } else {
-        (before / after) as f32
-    }
+        (before, after)
+    };
+    let mid = if n >= PARALLEL_MIN { (n / 2).next_multiple_of(BLOCK).min(n) } else { n };
+    let ((b0, a0), (b1, a1)) = {
+        let (lo, hi) = bits.split_at_mut(mid.div_ceil(64)); // mid: n or a multiple of 64
+        let (x_lo, x_hi) = x.split_at(mid);
+        let (base_lo, base_hi) = base.split_at(mid);
+        if mid == n {
+            (part(x_lo, base_lo, lo, 0), (0.0, 0.0))
+        } else {
+            std::thread::scope(|s| {
+                let second = s.spawn(|| part(x_hi, base_hi, hi, mid));
+                let first = part(x_lo, base_lo, lo, 0);
+                (first, second.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            })
+        }
+    };
+    let (before, after) = (b0 + b1, a0 + a1);
+    let factor = if before < 1e-7 || after < 1e-7 { 1.0 } else { (before / after) as f32 };
+    (bits, factor)
 }
 
 /// DELLA's keep-mask of model `x` (bits, one per entry) and its L1 rescale factor: per row
@@ -797,6 +828,7 @@ impl<I: Elem, O: Elem> Part<'_, '_, I, O> {
         let mut acc = [0.0f32; BLOCK];
         let selective = matches!(k, Kernel::Magnitude { .. } | Kernel::Random { .. });
         let mut wd = vec![[0.0f32; BLOCK]; if selective { m } else { 0 }];
+        let mut mask_bits = [0u32; BLOCK];
         let total: f32 = weights.iter().sum();
         let total = if total.abs() < 1e-8 { 1.0 } else { total };
         let zero = [I::store(0.0); BLOCK];
@@ -861,13 +893,20 @@ impl<I: Elem, O: Elem> Part<'_, '_, I, O> {
                         let wdi = &mut wd[i];
                         if let (Kernel::Random { .. }, Some(mask)) = (k, masks.get(i)) {
                             let f = scale[i] * w;
+                            // the block's bits spread out first (blocks start on a whole word:
+                            // parts on multiples of 64 blocks), so that the loop below has no
+                            // branch on them and vectorises
+                            let first = (offset + start) / 64;
+                            for (c, word) in mask_bits[..len].chunks_mut(64).zip(&mask[first..]) {
+                                for (b, k) in c.iter_mut().enumerate() {
+                                    *k = ((word >> b) & 1) as u32;
+                                }
+                            }
                             for j in 0..len {
                                 let x = xs[j].load();
                                 in_chk[j] += x * 0.0;
                                 let d = x - bs[j].load();
-                                let e = offset + start + j;
-                                let kept = (mask[e / 64] >> (e % 64)) & 1 == 1;
-                                wdi[j] = if kept { d * f } else { 0.0 };
+                                wdi[j] = if mask_bits[j] != 0 { d * f } else { 0.0 };
                                 acc[j] += wdi[j];
                             }
                         } else if let Kernel::Random { .. } = k {

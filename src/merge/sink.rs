@@ -11,7 +11,6 @@
 //! the same bytes.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
@@ -92,29 +91,30 @@ impl Sink {
     /// direct tail is written padded to the alignment, then the padding cut off).
     pub(crate) fn finish(mut self) -> Result<File> {
         let len = self.written + self.filled as u64;
-        if self.filled > 0 {
-            let padded =
-                if self.direct { self.filled.next_multiple_of(ALIGN) } else { self.filled };
-            let filled = self.filled;
+        let filled = self.filled;
+        let padded = if self.direct { filled.next_multiple_of(ALIGN) } else { filled };
+        if filled > 0 {
             self.staging.bytes_mut()[filled..padded].fill(0);
             self.flush_block(padded)?;
         }
-        if self.direct {
+        if padded != filled {
             self.file.set_len(len).map_err(|e| Error::io(&self.path, e))?;
         }
         Ok(self.file)
     }
 
-    /// Writes the first `n` staged bytes at the end of what is written.
+    /// Writes the first `n` staged bytes at the end of what is written (at an explicit offset,
+    /// so that a write retried buffered after a refused direct one rewrites the same bytes).
     fn flush_block(&mut self, n: usize) -> Result<()> {
-        let result = self.file.write_all(&self.staging.bytes_mut()[..n]);
+        let at = self.written;
+        let result = write_at(&self.file, &self.staging.bytes_mut()[..n], at);
         match result {
-            Err(e) if self.direct && self.written == 0 && e.raw_os_error() == Some(EINVAL) => {
-                // the file system took O_DIRECT at open but not at write: go on buffered
-                // (nothing was written: a refused direct write writes nothing)
+            Err(e) if self.direct && e.raw_os_error() == Some(EINVAL) => {
+                // the file system took O_DIRECT at open but not this write (its alignment):
+                // go on buffered from here
                 self.direct = false;
                 clear_direct(&self.file).map_err(|e| Error::io(&self.path, e))?;
-                self.file.write_all(&self.staging.bytes_mut()[..n])
+                write_at(&self.file, &self.staging.bytes_mut()[..n], at)
             }
             other => other,
         }
@@ -123,6 +123,19 @@ impl Sink {
         self.filled = 0;
         Ok(())
     }
+}
+
+/// Writes all of `bytes` at `offset`.
+#[cfg(unix)]
+fn write_at(f: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(f, bytes, offset)
+}
+
+#[cfg(not(unix))]
+fn write_at(mut f: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    f.seek(SeekFrom::Start(offset))?;
+    f.write_all(bytes)
 }
 
 #[cfg(target_os = "linux")]

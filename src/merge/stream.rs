@@ -1,8 +1,9 @@
 //! Reading model directories tensor by tensor for the streamed merge: safetensors headers
-//! checked against their files, and each tensor read on its own (header offsets, one seek and
-//! read — no mmap, so the page cache, not the process, holds what the OS keeps), into reused
-//! aligned buffers. Peak memory grows with the largest tensor times the number of inputs, not
-//! with the model.
+//! checked against their files, and each tensor, or a byte range of it, read on its own
+//! (header offsets, one seek and read — no mmap, so the page cache, not the process, holds
+//! what the OS keeps, and a file truncated meanwhile is an I/O error, not a `SIGBUS`), into
+//! reused aligned buffers. Peak memory grows with the largest tensor a method needs whole
+//! times the number of inputs (a chunk for the element-wise methods), not with the model.
 
 use std::collections::HashMap;
 use std::fs::File;
