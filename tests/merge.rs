@@ -546,22 +546,24 @@ fn tensors_merged_in_chunks_agree_with_merge_tensor_entry_for_entry() {
     let root = temp_dir("merge-chunks");
     let (w, ids, empty) = ("model.layers.0.w", "model.layers.0.ids", "model.layers.0.empty");
     let model = |name: &str, ids_t: Tensor| {
-        let tensors = [
-            (w, randn(&[1025, 1027], Kind::Float)),
-            (ids, ids_t),
-            (empty, Tensor::zeros([0, 4], (Kind::Float, Device::Cpu))),
-        ];
+        // negative zeros among the values (a copy keeps them)
+        let values = randn(&[1025, 1027], Kind::Float);
+        let _ = values.narrow(0, 7, 3).fill_(-0.0);
+        let tensors =
+            [(w, values), (ids, ids_t), (empty, Tensor::zeros([0, 4], (Kind::Float, Device::Cpu)))];
         write_model(&root, name, &tensors)
     };
     let first_ids = Tensor::arange((1 << 20) + 3, (Kind::Int, Device::Cpu));
     let base = model("base", first_ids.shallow_clone());
     let m1 = model("m1", first_ids.shallow_clone());
+    let m1_w = tensors(&m1.join("model.safetensors"))[w].shallow_clone();
     let m2 = model("m2", first_ids.zeros_like());
     let (b, m1, m2) = (base.display(), m1.display(), m2.display());
     for yaml in [
         format!("merge_method: linear\nmodels:\n  - {{model: {m1}, parameters: {{weight: 0.7}}}}\n  - {{model: {m2}, parameters: {{weight: 0.2}}}}\nout_dtype: bfloat16\n"),
         format!("merge_method: task_arithmetic\nbase_model: {b}\nmodels:\n  - {{model: {m1}, parameters: {{weight: 0.7}}}}\n  - {{model: {m2}, parameters: {{weight: 0.3}}}}\n"),
         format!("merge_method: passthrough\nmodels:\n  - {{model: {m1}, parameters: {{scale: 0.5}}}}\n"),
+        format!("merge_method: passthrough\nmodels:\n  - {{model: {m1}}}\n"),
     ] {
         let cfg = MergeConfig::from_yaml(&yaml).unwrap();
         let (fast, slow) = (root.join("fast"), root.join("slow"));
@@ -577,6 +579,11 @@ fn tensors_merged_in_chunks_agree_with_merge_tensor_entry_for_entry() {
         assert_eq!(a[w].kind(), b[w].kind());
         assert!(bit_equal(&a[ids], &first_ids), "{yaml}");
         assert_eq!(a[empty].size(), [0, 4]);
+        if !yaml.contains("scale") && yaml.contains("passthrough") {
+            // bit for bit, negative zeros included
+            let bits = |t: &Tensor| t.view_dtype(Kind::Int);
+            assert!(bit_equal(&bits(&a[w]), &bits(&m1_w)), "{yaml}");
+        }
     }
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -1,7 +1,8 @@
-//! Running a planned merge: one thread reads each output tensor's inputs into reused buffers
-//! while the other merges the previous one (a one-pass kernel where there is one, else
-//! [`merge_tensor`] on tensors over the buffers) and appends it to the output file, whose
-//! header is written first from the plan.
+//! Running a planned merge: one thread reads each output tensor's inputs (or a chunk of them,
+//! for the element-wise methods) into reused buffers while this one merges the previous batch
+//! (a one-pass kernel where there is one, else [`merge_tensor`] on tensors over the buffers)
+//! and a third appends it to the output file ([`Sink`]), whose header is written first from the
+//! plan.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -62,10 +63,15 @@ pub struct Progress {
 /// the first source. With `tokenizer_source`, that model's tokenizer files are written, after
 /// checking that every input has the same vocabulary files (so no embedding needs permuting).
 ///
-/// Reading overlaps merging: a second thread reads the next tensor's inputs (into reused
-/// buffers, with no copy into libtorch) while this one merges the current one. Linear, task
-/// arithmetic, TIES and Breadcrumbs run as one-pass kernels over the raw inputs (f32/f16/bf16;
-/// see `exact_ties` for the magnitude selection); the other methods through [`merge_tensor`].
+/// Reading overlaps merging and writing: a second thread reads the next tensor's inputs (into
+/// reused buffers, with no copy into libtorch) while this one merges the current one and a
+/// third writes the previous one (`O_DIRECT` where the file system takes it;
+/// `TCH_PEFT_MERGE_DIRECT_IO=0` writes through the page cache). Element-wise merges (linear,
+/// task arithmetic, passthrough without `scale`, integer copies) go in chunks of 2²⁰ entries,
+/// so their memory does not grow with the largest tensor. Every method but the general forms
+/// (NuSLERP by rows or columns, filter-wise Model Stock, `exact_ties`, `exact_masks`, mixed
+/// kinds) runs as one-pass kernels over the raw inputs (f32/f16/bf16); the rest through
+/// [`merge_tensor`]. A non-finite value found in a chunk is reported for that chunk.
 ///
 /// The output directory is replaced as a whole (a crash leaves the old one or the new one; see
 /// [`crate::io`]); it may not be one of the inputs. Errors name the tensor and model when a
@@ -111,12 +117,22 @@ pub fn merge_directories_with_progress(
         let mut on_batch = |index: usize, elems: Range<usize>, bufs: &[Buf], out_buf: &mut Buf| {
             let p = &plan.tensors[index];
             stats.bytes_read += bufs.iter().map(|b| b.bytes().len() as u64).sum::<u64>();
-            if p.float {
-                merge_one(method, &plan, p, elems.clone(), bufs, out_buf, out, seed)?;
-            } else {
-                // integers: the first input's bytes, as they are
+            if copied(method, &plan, p) {
+                // the first input's bytes, as they are
                 out_buf.set_len(bufs[0].bytes().len());
                 out_buf.bytes_mut().copy_from_slice(bufs[0].bytes());
+                if p.float && !finite_bytes(p.out_kind, out_buf.bytes()) {
+                    // named as the general path names it: the input when inputs are checked
+                    let i = &p.inputs[0];
+                    return Err(if io::require_finite() {
+                        let file = plan.models[i.model].file_of(&i.name);
+                        Error::NonFinite { name: i.name.clone(), file }
+                    } else {
+                        Error::NonFinite { name: p.name.clone(), file: out.to_path_buf() }
+                    });
+                }
+            } else {
+                merge_one(method, &plan, p, elems.clone(), bufs, out_buf, out, seed)?;
             }
             stats.bytes_written += out_buf.bytes().len() as u64;
             if elems.end == numel(p) {
@@ -196,12 +212,23 @@ fn numel(p: &Planned) -> usize {
     p.shape.iter().product::<i64>() as usize
 }
 
+/// Whether a tensor's output is its first input's bytes: integers, and passthrough without
+/// `scale` where the input, work and output kinds are one (then `t.to(work).to(out)` is `t`).
+fn copied(method: MergeMethod, plan: &Plan, p: &Planned) -> bool {
+    let Some(first) = p.inputs.first() else { return false };
+    !p.float
+        || (method == MergeMethod::Passthrough
+            && first.params.scale.is_none()
+            && p.work_kind == p.out_kind
+            && plan.models[first.model].info(&first.name).is_some_and(|(_, k)| k == p.out_kind))
+}
+
 /// Whether a tensor is merged entry by entry, so that it can be read, merged and written in
-/// chunks: integers (copied), and the element-wise kernels (linear, task arithmetic,
-/// passthrough) on inputs of one kind. The others need whole tensors (a Gram matrix, a
-/// magnitude ranking, a norm).
+/// chunks: copies ([`copied`]), and the element-wise kernels (linear, task arithmetic) on
+/// inputs of one kind. The others need whole tensors (a Gram matrix, a magnitude ranking, a
+/// norm).
 fn elementwise(method: MergeMethod, plan: &Plan, p: &Planned) -> bool {
-    if !p.float {
+    if copied(method, plan, p) {
         return true;
     }
     let kinds: Vec<Kind> = p
@@ -487,9 +514,6 @@ fn fused_run<I: Elem, O: Elem>(
                 .filter(|i| !i.is_base)
                 .map(|i| (g.lambda * i.params.weight / div) as f32)
                 .collect()
-        }
-        Kernel::Linear { .. } if method == MergeMethod::Passthrough => {
-            p.inputs.iter().map(|i| i.params.scale.unwrap_or(1.0) as f32).collect()
         }
         _ => weights.clone(),
     };

@@ -7,8 +7,9 @@
 //! mergekit's order instead, through [`merge_tensor`](super::merge_tensor)). DARE draws its
 //! masks from a counter-based generator (a hash of the merge's seed, the tensor's name, the
 //! model and the entry) instead of libtorch's, which costs a fraction of libtorch's Bernoulli
-//! draws and needs no mask in memory; `exact_masks: true` draws mergekit's masks (libtorch's
-//! generator, as `merge_tensor` does).
+//! draws: without the L1 rescale no mask is held (each entry is drawn in the merge pass), with
+//! it the mask is drawn once into bits (one per entry) beside the rescale's sums;
+//! `exact_masks: true` draws mergekit's masks (libtorch's generator, as `merge_tensor` does).
 //!
 //! Inputs and output are checked for non-finite values in the same pass.
 
@@ -126,8 +127,6 @@ pub(crate) fn kernel(
             Some(Kernel::Linear { scale: if normalize { (1.0 / total) as f32 } else { 1.0 } })
         }
         MergeMethod::TaskArithmetic => Some(Kernel::TaskArithmetic),
-        // `scale · θ` (the coefficient, [`Run::coef`]), or θ itself
-        MergeMethod::Passthrough => Some(Kernel::Linear { scale: 1.0 }),
         MergeMethod::Ties | MergeMethod::Breadcrumbs | MergeMethod::BreadcrumbsTies
             if !rescale && !global.exact_ties =>
         {
@@ -753,8 +752,8 @@ pub(crate) struct Run<'a, I: Elem, O: Elem> {
     pub random: Vec<(u64, u64)>,
     /// Per input (not the base), for [`Kernel::Random`]: the factor of its kept entries.
     pub scale: Vec<f32>,
-    /// Per input (not the base), when not empty: the kept entries as bits (DELLA), in place of
-    /// the draws.
+    /// Per input (not the base), when not empty: the kept entries as bits (DELLA, and DARE
+    /// with the L1 rescale), in place of the draws.
     pub masks: Vec<Vec<u64>>,
     pub out: &'a mut [O],
 }
