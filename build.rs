@@ -2,7 +2,8 @@
 //! link what it needs so that the crate's own binaries and every dependent's find CUDA.
 //!
 //! torch-sys (links = "tch") exports the libtorch library directory as `DEP_TCH_LIBTORCH_LIB`.
-//! * `csrc/lora_linear.cpp` (the fused LoRA/DoRA autograd node), `csrc/cuda_kernels.cpp` (their
+//! * `csrc/lora_linear.cpp` (the fused LoRA/DoRA autograd node), `csrc/linear_cross_entropy.cpp`
+//!   (the chunked linear cross-entropy node), `csrc/cuda_kernels.cpp` (their
 //!   NVRTC-compiled CUDA kernels, where the CUDA headers are found), `csrc/memory.cpp` (the
 //!   device allocator's peaks), `csrc/optim.cpp` (multi-tensor AdamW) and `csrc/profiler.cpp`
 //!   (Kineto device-kernel times), whose ABI `csrc/tch_peft.h` declares, are compiled against the
@@ -85,6 +86,7 @@ fn main() {
             .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
             .flag("-DGLOG_USE_GLOG_EXPORT")
             .file("csrc/lora_linear.cpp")
+            .file("csrc/linear_cross_entropy.cpp")
             .file("csrc/cuda_kernels.cpp")
             .file("csrc/memory.cpp")
             .file("csrc/optim.cpp")

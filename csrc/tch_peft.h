@@ -30,6 +30,17 @@ int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* 
                         const at::Tensor* const* w_sqs, const double* scalings,
                         at::Tensor** out, char** error);
 
+// --- linear_cross_entropy.cpp: the fused linear cross-entropy node ---
+
+// The loss of `h Wᵀ + bias` ([N, H] by [V, H], `bias` [V] or null) against `labels` ([N] int64,
+// `ignore_index` rows left out), `chunk` rows at a time, the mean over valid rows when `mean`
+// is non-zero, else the sum. On success writes a new owned f32 scalar to `out` and returns 0;
+// else 1 with *error set.
+int tch_peft_linear_cross_entropy(const at::Tensor* h, const at::Tensor* w,
+                                  const at::Tensor* bias, const at::Tensor* labels,
+                                  int64_t ignore_index, int64_t chunk, int mean,
+                                  at::Tensor** out, char** error);
+
 // Frees a message or text handed to Rust.
 void tch_peft_free_error(char* error);
 

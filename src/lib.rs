@@ -12,6 +12,7 @@ pub mod lora;
 pub mod memory;
 pub mod merge;
 pub mod models;
+pub mod ops;
 pub mod optim;
 pub mod profiler;
 pub mod reft;

@@ -37,6 +37,19 @@ mod ffi {
             error: *mut *mut c_char,
         ) -> i32;
         pub fn tch_peft_free_error(error: *mut c_char);
+        // csrc/linear_cross_entropy.cpp
+        #[allow(clippy::too_many_arguments)]
+        pub fn tch_peft_linear_cross_entropy(
+            h: *const C_tensor,
+            w: *const C_tensor,
+            bias: *const C_tensor,
+            labels: *const C_tensor,
+            ignore_index: i64,
+            chunk: i64,
+            mean: i32,
+            out: *mut *mut C_tensor,
+            error: *mut *mut c_char,
+        ) -> i32;
         pub fn tch_peft_grad_enabled() -> i32;
         // csrc/cuda_kernels.cpp
         pub fn tch_peft_custom_kernels_available() -> i32;
@@ -178,6 +191,41 @@ pub(crate) fn lora_group(
             return Err(take_error(error, "tch_peft_lora_group"));
         }
         Ok(out.into_iter().map(|p| Tensor::from_ptr(p)).collect())
+    }
+}
+
+/// The fused linear cross-entropy node (`csrc/linear_cross_entropy.cpp`): the loss of
+/// `h Wᵀ + b` against `labels`, `chunk` rows at a time; shapes, kinds, devices and label
+/// ranges checked by the caller.
+pub(crate) fn linear_cross_entropy(
+    h: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    labels: &Tensor,
+    ignore_index: i64,
+    chunk: i64,
+    mean: bool,
+) -> Result<Tensor, tch::TchError> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let mut error: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the handles are live for the call (the bias null when absent); on success the
+    // C++ side writes one new owned handle into `out`.
+    unsafe {
+        let rc = ffi::tch_peft_linear_cross_entropy(
+            h.as_ptr(),
+            w.as_ptr(),
+            handle(bias),
+            labels.as_ptr(),
+            ignore_index,
+            chunk,
+            mean as i32,
+            &mut out,
+            &mut error,
+        );
+        if rc != 0 {
+            return Err(take_error(error, "tch_peft_linear_cross_entropy"));
+        }
+        Ok(Tensor::from_ptr(out))
     }
 }
 

@@ -1,0 +1,252 @@
+//! The cross-entropy of a linear head, fused: the loss a language model trains on, without the
+//! `[tokens, vocab]` logits held in memory (for a Llama-3 head at 8192 tokens those are 4.2 GB
+//! in f32, and as much again for their gradient).
+//!
+//! ```text
+//! loss = Σ_{i : yᵢ ≠ ignore} (logsumexp_v zᵢᵥ − zᵢ,yᵢ) / d        z = h Wᵀ + b
+//! ```
+//!
+//! with `d` the number of rows not ignored ([`Reduction::Mean`], torch's and transformers'
+//! default) or 1 ([`Reduction::Sum`]). The logits are formed in the head's dtype and reduced in
+//! f32, as transformers' `ForCausalLMLoss` upcasts them.
+//!
+//! How: rows go in chunks; for each chunk the logits, their softmax and the gradients of `h`,
+//! `W` and `b` (those that need one) are formed at once and the chunk's logits dropped (the
+//! method of Liger's fused linear cross-entropy). The backward only scales the saved gradients
+//! by the upstream one. Without the crate's C++ (a `doc-only` build) the same loss comes from
+//! composed ops over the full logits.
+
+use tch::{Kind, Tensor};
+
+use crate::{Error, Result};
+
+/// How the per-token losses are reduced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduction {
+    /// Their mean over the rows not ignored (NaN when every row is ignored, as torch's).
+    Mean,
+    /// Their sum.
+    Sum,
+}
+
+/// Options of [`linear_cross_entropy`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinearCrossEntropy {
+    /// Label of rows left out of the loss (transformers: -100).
+    pub ignore_index: i64,
+    /// How the per-token losses are reduced.
+    pub reduction: Reduction,
+    /// Rows per chunk; `None` picks Liger's size: the power of two at or above
+    /// `tokens / ⌈vocab / hidden⌉`, so that a chunk's logits are about the size of the hidden
+    /// states.
+    pub chunk_rows: Option<i64>,
+}
+
+impl Default for LinearCrossEntropy {
+    fn default() -> Self {
+        LinearCrossEntropy { ignore_index: -100, reduction: Reduction::Mean, chunk_rows: None }
+    }
+}
+
+/// The cross-entropy of `hidden · weightᵀ (+ bias)` against `labels`, without the full logits.
+///
+/// `hidden` `[N, H]` (floating point), `weight` `[V, H]` and `bias` `[V]` of the same kind and
+/// device, `labels` `[N]` int64 on that device, each in `[0, V)` or `ignore_index`. Returns an
+/// f32 scalar that backpropagates into `hidden`, `weight` and `bias` (those that require a
+/// gradient). Shapes, kinds, devices and label ranges are checked (typed errors; the label check
+/// reads one flag back from the device).
+///
+/// ```no_run
+/// # fn main() -> tch_peft::Result<()> {
+/// use tch::{Device, Kind, Tensor};
+/// use tch_peft::ops::{linear_cross_entropy, LinearCrossEntropy};
+/// let h = Tensor::randn([16, 64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+/// let head = Tensor::randn([1000, 64], (Kind::Float, Device::Cpu));
+/// let labels = Tensor::randint(1000, [16], (Kind::Int64, Device::Cpu));
+/// let loss = linear_cross_entropy(&h, &head, None, &labels, &LinearCrossEntropy::default())?;
+/// loss.backward();
+/// # Ok(()) }
+/// ```
+pub fn linear_cross_entropy(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    labels: &Tensor,
+    opts: &LinearCrossEntropy,
+) -> Result<Tensor> {
+    let (n, h) = match hidden.size()[..] {
+        [n, h] => (n, h),
+        _ => return Err(shape("hidden", vec![-1, -1], hidden)),
+    };
+    let v = match weight.size()[..] {
+        [v, wh] if wh == h && v >= 1 => v,
+        _ => return Err(shape("weight", vec![-1, h], weight)),
+    };
+    if !hidden.is_floating_point() {
+        return Err(Error::DtypeMismatch {
+            name: "hidden".into(),
+            expected: "a floating-point kind".into(),
+            actual: hidden.kind(),
+        });
+    }
+    let same = |name: &str, t: &Tensor| -> Result<()> {
+        if t.kind() != hidden.kind() {
+            return Err(Error::DtypeMismatch {
+                name: name.into(),
+                expected: format!("{:?} (the hidden states' kind)", hidden.kind()),
+                actual: t.kind(),
+            });
+        }
+        if t.device() != hidden.device() {
+            return Err(Error::DeviceMismatch {
+                name: name.into(),
+                expected: hidden.device(),
+                actual: t.device(),
+            });
+        }
+        Ok(())
+    };
+    same("weight", weight)?;
+    if let Some(b) = bias {
+        same("bias", b)?;
+        if b.size() != [v] {
+            return Err(shape("bias", vec![v], b));
+        }
+    }
+    if labels.size() != [n] {
+        return Err(shape("labels", vec![n], labels));
+    }
+    if labels.kind() != Kind::Int64 {
+        return Err(Error::DtypeMismatch {
+            name: "labels".into(),
+            expected: "Int64".into(),
+            actual: labels.kind(),
+        });
+    }
+    if labels.device() != hidden.device() {
+        return Err(Error::DeviceMismatch {
+            name: "labels".into(),
+            expected: hidden.device(),
+            actual: labels.device(),
+        });
+    }
+    let outside = labels
+        .f_ne(opts.ignore_index)?
+        .f_logical_and(&labels.f_lt(0)?.f_logical_or(&labels.f_ge(v)?)?)?
+        .f_any()?;
+    if outside.f_int64_value(&[])? != 0 {
+        return Err(Error::TokenOutOfRange { input: "labels", vocab_size: v });
+    }
+    let chunk = match opts.chunk_rows {
+        Some(c) if c >= 1 => c,
+        Some(c) => {
+            return Err(Error::InvalidConfig {
+                field: "chunk_rows".into(),
+                reason: format!("{c} is not a positive number of rows"),
+            })
+        }
+        None => {
+            let factor = (v + h - 1) / h.max(1);
+            let rows = ((n + factor - 1) / factor.max(1)).clamp(1, 1 << 40);
+            (rows as u64).next_power_of_two() as i64
+        }
+    };
+    fused_or_composed(hidden, weight, bias, labels, opts, chunk)
+}
+
+#[cfg(tch_peft_csrc)]
+fn fused_or_composed(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    labels: &Tensor,
+    opts: &LinearCrossEntropy,
+    chunk: i64,
+) -> Result<Tensor> {
+    let mean = opts.reduction == Reduction::Mean;
+    Ok(crate::sys::linear_cross_entropy(
+        hidden,
+        weight,
+        bias,
+        labels,
+        opts.ignore_index,
+        chunk,
+        mean,
+    )?)
+}
+
+#[cfg(not(tch_peft_csrc))]
+fn fused_or_composed(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    labels: &Tensor,
+    opts: &LinearCrossEntropy,
+    _chunk: i64,
+) -> Result<Tensor> {
+    composed(hidden, weight, bias, labels, opts)
+}
+
+/// The same loss over the full logits, in composed ops (the reference of the tests, and the
+/// path without the crate's C++).
+#[doc(hidden)]
+pub fn composed(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    labels: &Tensor,
+    opts: &LinearCrossEntropy,
+) -> Result<Tensor> {
+    let mut logits = hidden.f_matmul(&weight.f_tr()?)?;
+    if let Some(b) = bias {
+        logits = logits.f_add(b)?;
+    }
+    let reduction = match opts.reduction {
+        Reduction::Mean => tch::Reduction::Mean,
+        Reduction::Sum => tch::Reduction::Sum,
+    };
+    Ok(logits.f_to_kind(Kind::Float)?.f_cross_entropy_loss::<Tensor>(
+        labels,
+        None,
+        reduction,
+        opts.ignore_index,
+        0.0,
+    )?)
+}
+
+/// A causal language model's loss as transformers' `ForCausalLMLoss` computes it: position `t`
+/// predicts label `t + 1` (labels shifted left, the last position of each sequence ignored),
+/// over the head `weight` (`bias`), through [`linear_cross_entropy`].
+///
+/// `hidden` `[B, T, H]` (the final norm's output), `labels` `[B, T]` int64 (usually the input
+/// ids, with `ignore_index` on padding).
+pub fn causal_lm_loss(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    labels: &Tensor,
+    opts: &LinearCrossEntropy,
+) -> Result<Tensor> {
+    let (b, t, h) = match hidden.size()[..] {
+        [b, t, h] => (b, t, h),
+        _ => return Err(shape("hidden", vec![-1, -1, -1], hidden)),
+    };
+    if labels.size() != [b, t] {
+        return Err(shape("labels", vec![b, t], labels));
+    }
+    if labels.kind() != Kind::Int64 {
+        return Err(Error::DtypeMismatch {
+            name: "labels".into(),
+            expected: "Int64".into(),
+            actual: labels.kind(),
+        });
+    }
+    let pad = Tensor::f_full([b, 1], opts.ignore_index, (Kind::Int64, labels.device()))?;
+    let shifted = Tensor::f_cat(&[labels.f_narrow(1, 1, (t - 1).max(0))?, pad], 1)?;
+    let shifted = shifted.f_narrow(1, 0, t)?.f_reshape([-1])?;
+    linear_cross_entropy(&hidden.f_reshape([-1, h])?, weight, bias, &shifted, opts)
+}
+
+fn shape(name: &str, expected: Vec<i64>, t: &Tensor) -> Error {
+    Error::ShapeMismatch { name: name.into(), expected, actual: t.size() }
+}
