@@ -54,7 +54,8 @@ fn the_chunked_linear_cross_entropy_is_the_composed_one_with_its_gradients() {
             &bias,
         );
         // the loss is f32 (as transformers upcasts the logits); the gradients keep f64
-        assert!(max_abs_diff(&fused.0, &reference.0) < 1e-5, "{reduction:?} loss");
+        // (relative: a sum over the rows is ~100, where an f32 ulp is ~1e-5)
+        assert!(rel_diff(&fused.0, &reference.0) < 1e-6, "{reduction:?} loss");
         for (name, a, b) in [
             ("h", &fused.1, &reference.1),
             ("w", &fused.2, &reference.2),

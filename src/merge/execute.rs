@@ -228,20 +228,26 @@ fn copied(method: MergeMethod, plan: &Plan, p: &Planned) -> bool {
 /// inputs of one kind. The others need whole tensors (a Gram matrix, a magnitude ranking, a
 /// norm).
 fn elementwise(method: MergeMethod, plan: &Plan, p: &Planned) -> bool {
-    if copied(method, plan, p) {
-        return true;
-    }
+    copied(method, plan, p)
+        || matches!(
+            choose_kernel(method, plan, p).0,
+            Some(Kernel::Linear { .. } | Kernel::TaskArithmetic)
+        )
+}
+
+/// The one-pass kernel for a tensor (none: the general path), with its inputs' kinds: the one
+/// decision [`elementwise`] and [`merge_one`] share.
+fn choose_kernel(method: MergeMethod, plan: &Plan, p: &Planned) -> (Option<Kernel>, Vec<Kind>) {
     let kinds: Vec<Kind> = p
         .inputs
         .iter()
         .map(|i| plan.models[i.model].info(&i.name).map_or(Kind::Float, |(_, k)| k))
         .collect();
     let params: Vec<_> = p.inputs.iter().filter(|i| !i.is_base).map(|i| i.params).collect();
-    kinds.iter().all(|&k| k == p.work_kind)
-        && matches!(
-            fused::kernel(method, &p.global, &params, &kinds, p.out_kind),
-            Some(Kernel::Linear { .. } | Kernel::TaskArithmetic)
-        )
+    let same = kinds.iter().all(|&k| k == p.work_kind) && della_fusable(method, p, &params);
+    let kernel =
+        if same { fused::kernel(method, &p.global, &params, &kinds, p.out_kind) } else { None };
+    (kernel, kinds)
 }
 
 /// Runs the merge on three threads: a reader fills each planned tensor's input buffers (a
@@ -346,15 +352,7 @@ fn merge_one(
 ) -> Result<()> {
     let whole = elems.len() == numel(p);
     out_buf.set_len(elems.len() * p.out_kind.elt_size_in_bytes());
-    let kinds: Vec<Kind> = p
-        .inputs
-        .iter()
-        .map(|i| plan.models[i.model].info(&i.name).map_or(Kind::Float, |(_, k)| k))
-        .collect();
-    let params: Vec<_> = p.inputs.iter().filter(|i| !i.is_base).map(|i| i.params).collect();
-    let same = kinds.iter().all(|&k| k == p.work_kind) && della_fusable(method, p, &params);
-    let kernel =
-        if same { fused::kernel(method, &p.global, &params, &kinds, p.out_kind) } else { None };
+    let (kernel, kinds) = choose_kernel(method, plan, p);
     if !whole && !matches!(kernel, Some(Kernel::Linear { .. } | Kernel::TaskArithmetic)) {
         // chunks are made only for the element-wise kernels (`elementwise`, the same test)
         return Err(Error::io(out, std::io::Error::other("a chunk reached a whole-tensor path")));

@@ -116,13 +116,7 @@ pub fn linear_cross_entropy(
     if labels.size() != [n] {
         return Err(shape("labels", vec![n], labels));
     }
-    if labels.kind() != Kind::Int64 {
-        return Err(Error::DtypeMismatch {
-            name: "labels".into(),
-            expected: "Int64".into(),
-            actual: labels.kind(),
-        });
-    }
+    check_int64_labels(labels)?;
     if labels.device() != hidden.device() {
         return Err(Error::DeviceMismatch {
             name: "labels".into(),
@@ -154,7 +148,7 @@ pub fn linear_cross_entropy(
     fused_or_composed(hidden, weight, bias, labels, opts, chunk)
 }
 
-#[cfg(tch_peft_csrc)]
+/// The crate's node where its C++ was compiled, else [`composed`].
 fn fused_or_composed(
     hidden: &Tensor,
     weight: &Tensor,
@@ -163,28 +157,17 @@ fn fused_or_composed(
     opts: &LinearCrossEntropy,
     chunk: i64,
 ) -> Result<Tensor> {
-    let mean = opts.reduction == Reduction::Mean;
-    Ok(crate::sys::linear_cross_entropy(
-        hidden,
-        weight,
-        bias,
-        labels,
-        opts.ignore_index,
-        chunk,
-        mean,
-    )?)
-}
-
-#[cfg(not(tch_peft_csrc))]
-fn fused_or_composed(
-    hidden: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    labels: &Tensor,
-    opts: &LinearCrossEntropy,
-    _chunk: i64,
-) -> Result<Tensor> {
-    composed(hidden, weight, bias, labels, opts)
+    #[cfg(tch_peft_csrc)]
+    {
+        let mean = opts.reduction == Reduction::Mean;
+        let ignore = opts.ignore_index;
+        Ok(crate::sys::linear_cross_entropy(hidden, weight, bias, labels, ignore, chunk, mean)?)
+    }
+    #[cfg(not(tch_peft_csrc))]
+    {
+        let _ = chunk;
+        composed(hidden, weight, bias, labels, opts)
+    }
 }
 
 /// The same loss over the full logits, in composed ops (the reference of the tests, and the
@@ -234,6 +217,15 @@ pub fn causal_lm_loss(
     if labels.size() != [b, t] {
         return Err(shape("labels", vec![b, t], labels));
     }
+    check_int64_labels(labels)?;
+    let pad = Tensor::f_full([b, 1], opts.ignore_index, (Kind::Int64, labels.device()))?;
+    let shifted = Tensor::f_cat(&[labels.f_narrow(1, 1, (t - 1).max(0))?, pad], 1)?;
+    let shifted = shifted.f_narrow(1, 0, t)?.f_reshape([-1])?;
+    linear_cross_entropy(&hidden.f_reshape([-1, h])?, weight, bias, &shifted, opts)
+}
+
+/// Labels are token ids: int64 (a narrower kind would be promoted silently by the shift).
+fn check_int64_labels(labels: &Tensor) -> Result<()> {
     if labels.kind() != Kind::Int64 {
         return Err(Error::DtypeMismatch {
             name: "labels".into(),
@@ -241,10 +233,7 @@ pub fn causal_lm_loss(
             actual: labels.kind(),
         });
     }
-    let pad = Tensor::f_full([b, 1], opts.ignore_index, (Kind::Int64, labels.device()))?;
-    let shifted = Tensor::f_cat(&[labels.f_narrow(1, 1, (t - 1).max(0))?, pad], 1)?;
-    let shifted = shifted.f_narrow(1, 0, t)?.f_reshape([-1])?;
-    linear_cross_entropy(&hidden.f_reshape([-1, h])?, weight, bias, &shifted, opts)
+    Ok(())
 }
 
 fn shape(name: &str, expected: Vec<i64>, t: &Tensor) -> Error {
