@@ -13,6 +13,7 @@
 // once per device, on first use.
 
 #include "cuda_kernels.h"
+#include "model_kernels_source.h"
 #include "tch_peft.h"
 
 #ifdef TCH_PEFT_CUDA
@@ -28,6 +29,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <string>
@@ -417,11 +419,19 @@ bool ensure_context(int device) {
          a.cuCtxSetCurrent(ctx) == CUDA_SUCCESS;
 }
 
+// the model ops' kernels (model_kernels_source.h), looked up by name from csrc/model_ops.cpp
+const char* const kModelKernelNames[] = {"rms_fwd_1", "rms_fwd_2", "rms_fwd_4", "rms_bwd_1",
+                                         "rms_bwd_2", "rms_bwd_4", "swiglu",    "rope"};
+
 struct Module {
   CUfunction scale = nullptr, dot_only = nullptr, dot_sum = nullptr, up16 = nullptr,
              up32 = nullptr;
+  std::map<std::string, CUfunction> model;
   int sms = 0;
-  bool ok() const { return scale && dot_only && dot_sum && up16 && up32; }
+  bool ok() const {
+    return scale && dot_only && dot_sum && up16 && up32 &&
+           model.size() == std::size(kModelKernelNames);
+  }
 };
 
 // The kernel source's parameter structs of lora_up, declared alike (same layout on both sides).
@@ -455,8 +465,8 @@ const Module* module() {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   nvrtcProgram prog = nullptr;
   if (prop->major >= 8 && ensure_context(device) &&
-      a.nvrtcCreateProgram(&prog, kSource, "tch_peft_dora.cu", 0, nullptr, nullptr) ==
-          NVRTC_SUCCESS) {
+      a.nvrtcCreateProgram(&prog, (std::string(kSource) + kModelKernelsSource).c_str(),
+                           "tch_peft_kernels.cu", 0, nullptr, nullptr) == NVRTC_SUCCESS) {
     const std::string arch =
         "--gpu-architecture=sm_" + std::to_string(prop->major * 10 + prop->minor);
     const char* opts[] = {arch.c_str(), "--std=c++17", "-default-device"};
@@ -482,6 +492,13 @@ const Module* module() {
             a.cuModuleGetFunction(&mod.up16, cu_module, "lora_up_16") != CUDA_SUCCESS ||
             a.cuModuleGetFunction(&mod.up32, cu_module, "lora_up_32") != CUDA_SUCCESS) {
           mod = Module();
+        }
+        for (const char* name : kModelKernelNames) {
+          CUfunction fn = nullptr;
+          if (mod.scale != nullptr &&
+              a.cuModuleGetFunction(&fn, cu_module, name) == CUDA_SUCCESS) {
+            mod.model[name] = fn;
+          }
         }
       }
     }
@@ -684,6 +701,22 @@ bool lora_up(const at::Tensor& h, const std::vector<UpTerm>& terms,
   return true;
 }
 
+void* model_function(const char* name) {
+  const Module* mod = module();
+  if (mod == nullptr) return nullptr;
+  const auto found = mod->model.find(name);
+  return found == mod->model.end() ? nullptr : reinterpret_cast<void*>(found->second);
+}
+
+bool launch_model(void* fn, unsigned blocks, void** args) {
+  return fn != nullptr && launch(reinterpret_cast<CUfunction>(fn), blocks, 1, args);
+}
+
+int sm_count() {
+  const Module* mod = module();
+  return mod == nullptr ? 0 : mod->sms;
+}
+
 bool available() {
   if (c10::cuda::device_count() == 0) return false;
   try {
@@ -711,6 +744,12 @@ bool column_dot(const at::Tensor&, const at::Tensor&, const at::Tensor&, const a
 bool lora_up(const at::Tensor&, const std::vector<UpTerm>&, std::vector<at::Tensor>&) {
   return false;
 }
+
+void* model_function(const char*) { return nullptr; }
+
+bool launch_model(void*, unsigned, void**) { return false; }
+
+int sm_count() { return 0; }
 
 bool available() { return false; }
 

@@ -41,6 +41,13 @@ struct UpTerm {
 bool lora_up(const at::Tensor& h, const std::vector<UpTerm>& terms,
              std::vector<at::Tensor>& outs);
 
+// For the model ops (csrc/model_ops.cpp): a kernel of model_kernels_source.h by name (null where
+// the kernels cannot run), its launch on the current stream with 256 threads per block, and the
+// device's SM count (0 where the kernels cannot run).
+void* model_function(const char* name);
+bool launch_model(void* fn, unsigned blocks, void** args);
+int sm_count();
+
 // Whether the kernels compile and load on the current device (compiling them if needed).
 bool available();
 

@@ -41,6 +41,22 @@ int tch_peft_linear_cross_entropy(const at::Tensor* h, const at::Tensor* w,
                                   int64_t ignore_index, int64_t chunk, int mean,
                                   at::Tensor** out, char** error);
 
+// --- model_ops.cpp: the fused model ops' autograd nodes (bf16 on CUDA) ---
+// Each returns 0 with new owned handles in its outputs, 2 (nothing written) where its kernels do
+// not take these inputs, or 1 with *error set.
+
+// RMSNorm of x [..., H] with weight w [H].
+int tch_peft_rms_norm(const at::Tensor* x, const at::Tensor* w, double eps, at::Tensor** out,
+                      char** error);
+
+// bf16(silu(g))·u for g, u of one shape.
+int tch_peft_swiglu(const at::Tensor* g, const at::Tensor* u, at::Tensor** out, char** error);
+
+// The rotary embedding of q [B, S, Hq, D] and k [B, S, Hk, D] (or null: then *out_k stays null)
+// with tables cos, sin [S, D].
+int tch_peft_rope(const at::Tensor* q, const at::Tensor* k, const at::Tensor* cos,
+                  const at::Tensor* sin, at::Tensor** out_q, at::Tensor** out_k, char** error);
+
 // Frees a message or text handed to Rust.
 void tch_peft_free_error(char* error);
 

@@ -51,6 +51,29 @@ mod ffi {
             error: *mut *mut c_char,
         ) -> i32;
         pub fn tch_peft_grad_enabled() -> i32;
+        // csrc/model_ops.cpp
+        pub fn tch_peft_rms_norm(
+            x: *const C_tensor,
+            w: *const C_tensor,
+            eps: f64,
+            out: *mut *mut C_tensor,
+            error: *mut *mut c_char,
+        ) -> i32;
+        pub fn tch_peft_swiglu(
+            g: *const C_tensor,
+            u: *const C_tensor,
+            out: *mut *mut C_tensor,
+            error: *mut *mut c_char,
+        ) -> i32;
+        pub fn tch_peft_rope(
+            q: *const C_tensor,
+            k: *const C_tensor,
+            cos: *const C_tensor,
+            sin: *const C_tensor,
+            out_q: *mut *mut C_tensor,
+            out_k: *mut *mut C_tensor,
+            error: *mut *mut c_char,
+        ) -> i32;
         // csrc/cuda_kernels.cpp
         pub fn tch_peft_custom_kernels_available() -> i32;
         pub fn tch_peft_set_custom_kernels(on: i32);
@@ -226,6 +249,68 @@ pub(crate) fn linear_cross_entropy(
             return Err(take_error(error, "tch_peft_linear_cross_entropy"));
         }
         Ok(Tensor::from_ptr(out))
+    }
+}
+
+/// RMSNorm's CUDA node (`csrc/model_ops.cpp`), `None` where its kernels do not take `x`, `w`.
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor>, tch::TchError> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let mut error: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the handles are live for the call; on 0 the C++ side wrote one owned handle.
+    unsafe {
+        match ffi::tch_peft_rms_norm(x.as_ptr(), w.as_ptr(), eps, &mut out, &mut error) {
+            0 => Ok(Some(Tensor::from_ptr(out))),
+            2 => Ok(None),
+            _ => Err(take_error(error, "tch_peft_rms_norm")),
+        }
+    }
+}
+
+/// SwiGLU's CUDA node (`csrc/model_ops.cpp`), `None` where its kernel does not take `g`, `u`.
+pub(crate) fn swiglu(g: &Tensor, u: &Tensor) -> Result<Option<Tensor>, tch::TchError> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let mut error: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the handles are live for the call; on 0 the C++ side wrote one owned handle.
+    unsafe {
+        match ffi::tch_peft_swiglu(g.as_ptr(), u.as_ptr(), &mut out, &mut error) {
+            0 => Ok(Some(Tensor::from_ptr(out))),
+            2 => Ok(None),
+            _ => Err(take_error(error, "tch_peft_swiglu")),
+        }
+    }
+}
+
+/// The rotary embedding's CUDA node (`csrc/model_ops.cpp`) for `q` and optionally `k`, `None`
+/// where its kernel does not take them.
+pub(crate) fn rope(
+    q: &Tensor,
+    k: Option<&Tensor>,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Option<(Tensor, Option<Tensor>)>, tch::TchError> {
+    let mut out_q: *mut C_tensor = std::ptr::null_mut();
+    let mut out_k: *mut C_tensor = std::ptr::null_mut();
+    let mut error: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the handles are live for the call (k null when absent); on 0 the C++ side wrote
+    // an owned handle to `out_q` and, when k was given, to `out_k`.
+    unsafe {
+        let rc = ffi::tch_peft_rope(
+            q.as_ptr(),
+            handle(k),
+            cos.as_ptr(),
+            sin.as_ptr(),
+            &mut out_q,
+            &mut out_k,
+            &mut error,
+        );
+        match rc {
+            0 => Ok(Some((
+                Tensor::from_ptr(out_q),
+                (!out_k.is_null()).then(|| Tensor::from_ptr(out_k)),
+            ))),
+            2 => Ok(None),
+            _ => Err(take_error(error, "tch_peft_rope")),
+        }
     }
 }
 

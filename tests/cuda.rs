@@ -479,3 +479,171 @@ fn lora_group_kernel_matches_cublas_and_the_f64_formula() {
         }
     }
 }
+
+/// `f` on bf16 copies of `inputs` (requiring grad) and the gradients for upstream `g`.
+fn bf16_grads(
+    f: &dyn Fn(&[Tensor]) -> Tensor,
+    inputs: &[&Tensor],
+    g: &Tensor,
+) -> (Tensor, Vec<Tensor>) {
+    let xs: Vec<Tensor> =
+        inputs.iter().map(|t| t.to_kind(Kind::BFloat16).detach().set_requires_grad(true)).collect();
+    let y = f(&xs);
+    (&y * g.to_kind(Kind::BFloat16)).sum(Kind::Float).backward();
+    (y.detach(), xs.iter().map(Tensor::grad).collect())
+}
+
+/// The fused op (`fused`) against the composed bf16 ops and the composed f32 ops: its output
+/// and gradients are within a few bf16 steps of the composed bf16 ones and no further from the
+/// f32 ones than those are (plus a bf16 step).
+fn check_fused(
+    what: &str,
+    fused: &dyn Fn(&[Tensor]) -> Tensor,
+    composed: &dyn Fn(&[Tensor]) -> Tensor,
+    inputs: &[&Tensor],
+    g: &Tensor,
+) {
+    let (y_k, g_k) = bf16_grads(fused, inputs, g);
+    let (y_c, g_c) = bf16_grads(composed, inputs, g);
+    let xs: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.to_kind(Kind::BFloat16).to_kind(Kind::Float).set_requires_grad(true))
+        .collect();
+    let y_f = composed(&xs);
+    (&y_f * g.to_kind(Kind::BFloat16).to_kind(Kind::Float)).sum(Kind::Float).backward();
+    let g_f: Vec<Tensor> = xs.iter().map(Tensor::grad).collect();
+    let y_f = y_f.detach();
+    let outs = std::iter::once((&y_k, &y_c, &y_f))
+        .chain(g_k.iter().zip(&g_c).zip(&g_f).map(|((k, c), f)| (k, c, f)));
+    for (i, (k, c, f)) in outs.enumerate() {
+        assert_eq!(k.kind(), Kind::BFloat16, "{what} #{i}");
+        let vs_composed = rel_diff(k, c);
+        let (k_f32, c_f32) = (rel_diff(k, f), rel_diff(c, f));
+        assert!(vs_composed < 2e-2, "{what} #{i}: relative to composed bf16 {vs_composed}");
+        assert!(k_f32 <= c_f32 * 1.5 + 4e-3, "{what} #{i}: vs f32 {k_f32} (composed {c_f32})");
+    }
+}
+
+#[test]
+fn fused_model_ops_match_the_composed_ops_in_bf16_on_cuda() {
+    use tch_peft::ops;
+    let _g = shared();
+    let dev = cuda();
+    assert!(custom_cuda_kernels_available(), "NVRTC kernels should load on this GPU");
+    tch::manual_seed(5);
+    // RMSNorm: one, two and four vectors per thread, a partial last vector group, and a width
+    // the kernel does not take (composed fallback)
+    for h in [2048, 264, 4096, 8192, 12] {
+        let x = Tensor::randn([3, 67, h], (Kind::Float, dev)) * 3.0;
+        let w = Tensor::randn([h], (Kind::Float, dev));
+        let g = Tensor::randn([3, 67, h], (Kind::Float, dev));
+        check_fused(
+            &format!("rms_norm h {h}"),
+            &|t| ops::rms_norm(&t[0], &t[1], 1e-6).unwrap(),
+            &|t| ops::rms_norm_composed(&t[0], &t[1], 1e-6).unwrap(),
+            &[&x, &w],
+            &g,
+        );
+    }
+    for (rows, width) in [(1000, 8192), (3, 24), (5, 12)] {
+        let gate = Tensor::randn([rows, width], (Kind::Float, dev)) * 4.0;
+        let up = Tensor::randn([rows, width], (Kind::Float, dev));
+        let g = Tensor::randn([rows, width], (Kind::Float, dev));
+        check_fused(
+            &format!("swiglu {rows}x{width}"),
+            &|t| ops::swiglu(&t[0], &t[1]).unwrap(),
+            &|t| ops::swiglu_composed(&t[0], &t[1]).unwrap(),
+            &[&gate, &up],
+            &g,
+        );
+    }
+    for d in [64, 128, 16] {
+        let (b, s, hq, hk) = (2, 37, 4, 2);
+        let (cos, sin) = ops::rotary_tables(s, d, 10_000.0, Kind::BFloat16, dev).unwrap();
+        let q = Tensor::randn([b, s, hq, d], (Kind::Float, dev));
+        let k = Tensor::randn([b, s, hk, d], (Kind::Float, dev));
+        let gq = Tensor::randn([b, s, hq, d], (Kind::Float, dev));
+        let (c, sn) = (cos.shallow_clone(), sin.shallow_clone());
+        let (c32, s32) = (cos.to_kind(Kind::Float), sin.to_kind(Kind::Float));
+        let composed = |t: &[Tensor]| {
+            let (c, s) = if t[0].kind() == Kind::Float { (&c32, &s32) } else { (&c, &sn) };
+            let q = ops::apply_rotary_composed(&t[0], c, s).unwrap();
+            let k = ops::apply_rotary_composed(&t[1], c, s).unwrap();
+            // one output: q and k side by side (k's gradient through the same upstream tensor)
+            Tensor::cat(&[q, k.repeat([1, 1, 2, 1])], 2)
+        };
+        let fused = |t: &[Tensor]| {
+            let (q, k) = ops::apply_rotary(&t[0], Some(&t[1]), &c, &sn).unwrap();
+            Tensor::cat(&[q, k.unwrap().repeat([1, 1, 2, 1])], 2)
+        };
+        let g = Tensor::cat(&[&gq, &gq], 2);
+        check_fused(&format!("rope d {d}"), &fused, &composed, &[&q, &k], &g);
+        // q alone, and k's output unused (its gradient materialised as zeros)
+        let (yq, _) = ops::apply_rotary(&q.to_kind(Kind::BFloat16), None, &c, &sn).unwrap();
+        let want = ops::apply_rotary_composed(&q.to_kind(Kind::BFloat16), &c, &sn).unwrap();
+        assert!(rel_diff(&yq, &want) < 2e-2, "rope q alone, d {d}");
+        let (qb, kb) = (
+            q.to_kind(Kind::BFloat16).set_requires_grad(true),
+            k.to_kind(Kind::BFloat16).set_requires_grad(true),
+        );
+        let (yq, _yk) = ops::apply_rotary(&qb, Some(&kb), &c, &sn).unwrap();
+        yq.sum(Kind::Float).backward();
+        let kg = kb.grad();
+        assert!(!kg.defined() || kg.abs().max().double_value(&[]) == 0.0, "k unused, d {d}");
+    }
+}
+
+#[test]
+fn bf16_llama_step_with_fused_ops_matches_the_composed_step_on_cuda() {
+    use tch_peft::models::llama::{Llama, LlamaConfig};
+    let _alone = Alone::new();
+    let dev = cuda();
+    let cfg = LlamaConfig {
+        vocab_size: 512,
+        hidden_size: 128,
+        intermediate_size: 256,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        tie_word_embeddings: true,
+        ..LlamaConfig::default()
+    };
+    tch::manual_seed(3);
+    let mut vs = nn::VarStore::new(dev);
+    let model = Llama::new(&vs.root(), &cfg, None).unwrap();
+    tch::no_grad(|| {
+        for (name, t) in vs.variables() {
+            if name.ends_with("layernorm.weight") || name.ends_with("norm.weight") {
+                let _ = t.shallow_clone().uniform_(0.5, 1.5);
+            } else {
+                let _ = t.shallow_clone().normal_(0.0, 0.05);
+            }
+        }
+    });
+    vs.set_kind(Kind::BFloat16);
+    let ids = Tensor::randint(cfg.vocab_size, [2, 48], (Kind::Int64, dev));
+    let run = |kernels: bool| {
+        set_custom_cuda_kernels(kernels);
+        for t in vs.trainable_variables() {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let h = model.hidden_states(&ids, None, true, None).unwrap();
+        let loss = model.causal_lm_loss(&h, &ids, true).unwrap();
+        loss.backward();
+        let mut grads: Vec<(String, Tensor)> =
+            vs.variables().into_iter().map(|(n, t)| (n, t.grad().copy())).collect();
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        (loss.double_value(&[]), grads)
+    };
+    let (loss_k, grads_k) = run(true);
+    let (loss_c, grads_c) = run(false);
+    set_custom_cuda_kernels(true);
+    assert!((loss_k - loss_c).abs() < 1e-2 * loss_c.abs(), "loss {loss_k} vs {loss_c}");
+    for ((name, k), (_, c)) in grads_k.iter().zip(&grads_c) {
+        let rel = rel_diff(k, c);
+        assert!(rel < 5e-2, "{name}: relative {rel}");
+    }
+}

@@ -171,3 +171,111 @@ fn bad_inputs_are_typed_errors() {
     let loss = linear_cross_entropy(&hidden, &weight, None, &none, &opts).unwrap();
     assert!(loss.double_value(&[]).is_nan());
 }
+
+/// `f(x)` and the gradients of its inputs for the upstream gradient `g`, in f64.
+fn grads_of(
+    f: impl Fn(&[Tensor]) -> Tensor,
+    inputs: &[&Tensor],
+    g: &Tensor,
+) -> (Tensor, Vec<Tensor>) {
+    let xs: Vec<Tensor> = inputs.iter().map(|t| t.detach().set_requires_grad(true)).collect();
+    let y = f(&xs);
+    (&y * g).sum(Kind::Double).backward();
+    (y.detach(), xs.iter().map(Tensor::grad).collect())
+}
+
+#[test]
+fn rms_norm_is_the_math_and_its_documented_backward() {
+    use tch_peft::ops::rms_norm;
+    let (rows, h, eps) = (6, 24, 1e-5);
+    let x = randn(&[2, 3, h], Kind::Double);
+    let w = randn(&[h], Kind::Double);
+    let g = randn(&[2, 3, h], Kind::Double);
+    let (y, grads) = grads_of(|t| rms_norm(&t[0], &t[1], eps).unwrap(), &[&x, &w], &g);
+    // y = w ⊙ x / sqrt(mean x² + ε), in f64 from the definition
+    let r = (x.square().mean_dim(-1, true, Kind::Double) + eps).rsqrt();
+    let xh = &x * &r;
+    assert!(max_abs_diff(&y, &(&w * &xh)) < 1e-12);
+    // the kernels' backward: dn = dy ⊙ w, dx = r·(dn − x̂·mean(dn ⊙ x̂)), dw = Σ dy ⊙ x̂
+    let dn = &g * &w;
+    let dx = &r * (&dn - &xh * (&dn * &xh).mean_dim(-1, true, Kind::Double));
+    let dw = (&g * &xh).view([rows, h]).sum_dim_intlist(0, false, Kind::Double);
+    assert!(max_abs_diff(&grads[0], &dx) < 1e-12, "dx");
+    assert!(max_abs_diff(&grads[1], &dw) < 1e-12, "dw");
+    // bf16: the value rounds to bf16 after the f32 scale, then the weight's product rounds
+    let (xb, wb) = (x.to_kind(Kind::BFloat16), w.to_kind(Kind::BFloat16));
+    let yb = rms_norm(&xb, &wb, eps).unwrap();
+    assert_eq!(yb.kind(), Kind::BFloat16);
+    assert!(rel_diff(&yb, &y) < 1e-2);
+    // checked inputs
+    let bad_w = randn(&[h + 1], Kind::Double);
+    assert!(matches!(rms_norm(&x, &bad_w, eps), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(rms_norm(&x, &w, f64::NAN), Err(Error::InvalidConfig { .. })));
+    let ints = Tensor::zeros([2, h], (Kind::Int64, Device::Cpu));
+    assert!(matches!(rms_norm(&ints, &w, eps), Err(Error::DtypeMismatch { .. })));
+}
+
+#[test]
+fn swiglu_is_the_math_and_its_documented_backward() {
+    use tch_peft::ops::swiglu;
+    let gate = randn(&[5, 16], Kind::Double) * 3.0;
+    let up = randn(&[5, 16], Kind::Double);
+    let g = randn(&[5, 16], Kind::Double);
+    let (y, grads) = grads_of(|t| swiglu(&t[0], &t[1]).unwrap(), &[&gate, &up], &g);
+    let sig = gate.sigmoid();
+    let silu = &gate * &sig;
+    assert!(max_abs_diff(&y, &(&silu * &up)) < 1e-12);
+    let dg = &g * &up * &sig * ((&gate * (1.0 - &sig)) + 1.0);
+    assert!(max_abs_diff(&grads[0], &dg) < 1e-12, "dg");
+    assert!(max_abs_diff(&grads[1], &(&g * &silu)) < 1e-12, "du");
+    let short = randn(&[5, 8], Kind::Double);
+    assert!(matches!(swiglu(&gate, &short), Err(Error::ShapeMismatch { .. })));
+    let f32_up = up.to_kind(Kind::Float);
+    assert!(matches!(swiglu(&gate, &f32_up), Err(Error::DtypeMismatch { .. })));
+}
+
+#[test]
+fn rotary_embedding_rotates_pairs_by_position_and_its_backward_is_the_inverse() {
+    use tch_peft::ops::{apply_rotary, rotary_tables};
+    let (b, s, hq, hk, d, theta) = (2, 5, 4, 2, 8, 500.0);
+    let (cos, sin) = rotary_tables(s, d, theta, Kind::Double, Device::Cpu).unwrap();
+    // the tables from the definition: angle[p, i] = p·θ^(−2(i mod D/2)/D)
+    for (p, i) in [(0, 0), (3, 1), (4, 6), (2, 3)] {
+        let angle = p as f64 * theta.powf(-2.0 * (i % (d / 2)) as f64 / d as f64);
+        let c = cos.double_value(&[p, i]);
+        assert!((c - angle.cos()).abs() < 1e-6, "cos[{p}, {i}] = {c}");
+        assert!((sin.double_value(&[p, i]) - angle.sin()).abs() < 1e-6);
+    }
+    let q = randn(&[b, s, hq, d], Kind::Double);
+    let k = randn(&[b, s, hk, d], Kind::Double);
+    let (yq, yk) = apply_rotary(&q, Some(&k), &cos, &sin).unwrap();
+    let yk = yk.unwrap();
+    // pair (i, i + D/2) at position p turns by its angle: a rotation of the 2-vector
+    let half = d / 2;
+    for (bi, p, h, i) in [(0, 0, 0, 0), (1, 4, 3, 2), (0, 2, 1, 3)] {
+        let (x1, x2) = (q.double_value(&[bi, p, h, i]), q.double_value(&[bi, p, h, i + half]));
+        let (c, sn) = (cos.double_value(&[p, i]), sin.double_value(&[p, i]));
+        assert!((yq.double_value(&[bi, p, h, i]) - (x1 * c - x2 * sn)).abs() < 1e-12);
+        assert!((yq.double_value(&[bi, p, h, i + half]) - (x2 * c + x1 * sn)).abs() < 1e-12);
+    }
+    // a rotation keeps every pair's norm, for k too
+    let norms =
+        |t: &Tensor| (t.narrow(-1, 0, half).square() + t.narrow(-1, half, half).square()).sqrt();
+    // (up to the f32 tables' cos² + sin² ≠ 1)
+    assert!(max_abs_diff(&norms(&yk), &norms(&k)) < 1e-6);
+    // backward: dx = dy ⊙ cos + rotate_halfᵀ(dy ⊙ sin) = the rotation by −angle
+    let g = randn(&[b, s, hq, d], Kind::Double);
+    let (_, grads) = grads_of(|t| apply_rotary(&t[0], None, &cos, &sin).unwrap().0, &[&q], &g);
+    let (inverse, _) = apply_rotary(&g, None, &cos, &(-&sin)).unwrap();
+    assert!(max_abs_diff(&grads[0], &inverse) < 1e-12);
+    // checked inputs
+    let (c4, s4) = rotary_tables(s - 1, d, theta, Kind::Double, Device::Cpu).unwrap();
+    assert!(matches!(apply_rotary(&q, None, &c4, &s4), Err(Error::ShapeMismatch { .. })));
+    let k_short = randn(&[b, s - 1, hk, d], Kind::Double);
+    assert!(matches!(
+        apply_rotary(&q, Some(&k_short), &cos, &sin),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(rotary_tables(4, 7, theta, Kind::Float, Device::Cpu).is_err());
+    assert!(rotary_tables(4, 8, f64::INFINITY, Kind::Float, Device::Cpu).is_err());
+}

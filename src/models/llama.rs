@@ -28,6 +28,7 @@ use tch::{Kind, Tensor};
 use super::{embed_checked, ResidualHook};
 use crate::io;
 use crate::lora::{self, LoraBuilder, MaybeLoraEmbedding, MaybeLoraLinear};
+use crate::ops;
 use crate::{Error, Result};
 
 fn default_eps() -> f64 {
@@ -284,21 +285,6 @@ impl LlamaConfig {
 }
 
 /// RMSNorm as transformers computes it: in f32, scaled after casting back.
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
-    let kind = x.kind();
-    let xf = x.to_kind(Kind::Float);
-    let var = xf.square().mean_dim(-1, true, Kind::Float);
-    weight * (xf * (var + eps).rsqrt()).to_kind(kind)
-}
-
-/// `cat(-x2, x1)` over the last dimension.
-fn rotate_half(x: &Tensor) -> Tensor {
-    let half = x.size()[x.dim() - 1] / 2;
-    let x1 = x.narrow(-1, 0, half);
-    let x2 = x.narrow(-1, half, half);
-    Tensor::cat(&[x2.neg(), x1], -1)
-}
-
 #[derive(Debug)]
 struct Block {
     input_layernorm: Tensor,
@@ -393,9 +379,63 @@ impl Llama {
         train: bool,
         hook: Option<&dyn ResidualHook>,
     ) -> Result<Tensor> {
+        let h = self.hidden_states(input_ids, attention_mask, train, hook)?;
+        self.logits(&h, train)
+    }
+
+    /// The final norm's output `[batch, seq, hidden]` (what the head reads), as
+    /// [`forward_hooked`](Self::forward_hooked) forms it before the head: with
+    /// [`causal_lm_loss`](Self::causal_lm_loss) a training step never holds the logits.
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+        hook: Option<&dyn ResidualHook>,
+    ) -> Result<Tensor> {
         let (b, s, h) =
             embed_checked(&self.embed_tokens, input_ids, attention_mask, self.config.vocab_size)?;
         self.decode(b, s, h, attention_mask, train, hook)
+    }
+
+    /// The logits `[batch, seq, vocab]` of final hidden states ([`hidden_states`](Self::hidden_states)).
+    pub fn logits(&self, hidden: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(match &self.lm_head {
+            Some(head) => head.f_forward_t(hidden, train)?,
+            None => hidden.f_matmul(&self.embed_tokens.weight().f_tr()?)?,
+        })
+    }
+
+    /// The causal-LM loss of final hidden states `[batch, seq, hidden]` against `labels`
+    /// `[batch, seq]` (int64; usually the input ids, `-100` where a token is not predicted), as
+    /// transformers' `LlamaForCausalLM(labels=…)`: position `t` predicts label `t + 1`, the mean
+    /// over labels not ignored, the logits in f32. Through
+    /// [`ops::causal_lm_loss`](crate::ops::causal_lm_loss), which never holds the
+    /// `[tokens, vocab]` logits, where the head is a plain (or tied) weight; a head with LoRA
+    /// adapters or trainable copies goes through its own forward and the full logits.
+    pub fn causal_lm_loss(&self, hidden: &Tensor, labels: &Tensor, train: bool) -> Result<Tensor> {
+        let opts = ops::LinearCrossEntropy::default();
+        let (weight, bias) = match &self.lm_head {
+            None => (self.embed_tokens.weight().shallow_clone(), None),
+            Some(MaybeLoraLinear::Plain(l)) => (l.ws.shallow_clone(), l.bs.as_ref()),
+            Some(head) => {
+                // the head's own forward and the loss of its full logits
+                let logits = head.f_forward_t(hidden, train)?;
+                let v = self.config.vocab_size;
+                let labels = ops::shifted_labels(labels, hidden.size()[..2].to_vec(), &opts)?;
+                return Ok(logits
+                    .f_reshape([-1, v])?
+                    .f_to_kind(Kind::Float)?
+                    .f_cross_entropy_loss::<Tensor>(
+                        &labels,
+                        None,
+                        tch::Reduction::Mean,
+                        opts.ignore_index,
+                        0.0,
+                    )?);
+            }
+        };
+        ops::causal_lm_loss(hidden, &weight, bias, labels, &opts)
     }
 
     /// The token embeddings `[batch, seq, hidden]` of `input_ids: [batch, seq]` (checked as in
@@ -409,6 +449,19 @@ impl Llama {
     /// dtype. With `inputs_embeds` requiring grad, the backward runs through every block even
     /// when nothing in the model trains (transformers' `enable_input_require_grads`).
     pub fn forward_embeds(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+        hook: Option<&dyn ResidualHook>,
+    ) -> Result<Tensor> {
+        let h = self.hidden_states_embeds(inputs_embeds, attention_mask, train, hook)?;
+        self.logits(&h, train)
+    }
+
+    /// As [`hidden_states`](Self::hidden_states) from embeddings (see
+    /// [`forward_embeds`](Self::forward_embeds)).
+    pub fn hidden_states_embeds(
         &self,
         inputs_embeds: &Tensor,
         attention_mask: Option<&Tensor>,
@@ -459,15 +512,7 @@ impl Llama {
         let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
 
         // RoPE tables in f32, cast to the activations' dtype (as transformers)
-        let exponent = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, device))
-            .to_kind(Kind::Float)
-            / hd as f64;
-        let inv_freq = Tensor::pow_scalar(c.theta(), &exponent).reciprocal();
-        let pos = Tensor::arange(s, (Kind::Int64, device)).to_kind(Kind::Float);
-        let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        let (cos, sin) = (emb.cos().to_kind(kind), emb.sin().to_kind(kind));
-        let rope = |x: &Tensor| x * &cos + rotate_half(x) * &sin;
+        let (cos, sin) = ops::rotary_tables(s, hd, c.theta(), kind, device)?;
 
         // Without padding, causal attention needs no mask tensor: SDPA's `is_causal` with native
         // grouped-query heads (`enable_gqa`) runs the flash kernel on CUDA, as transformers' sdpa
@@ -491,13 +536,22 @@ impl Llama {
         };
 
         for (i, l) in self.layers.iter().enumerate() {
-            let n = rms_norm(&h, &l.input_layernorm, c.rms_norm_eps);
+            let n = ops::rms_norm(&h, &l.input_layernorm, c.rms_norm_eps)?;
             // one node for the three projections of `n` where they are LoRA layers
             let qkv = lora::forward_shared(&[&l.q_proj, &l.k_proj, &l.v_proj], &n, train)?;
-            let q = qkv[0].view([b, s, heads, hd]).transpose(1, 2);
-            let k = qkv[1].view([b, s, kv, hd]).transpose(1, 2);
+            // rotated in the projections' layout [b, s, heads, hd], then heads first for SDPA
+            let (q, k) = ops::apply_rotary(
+                &qkv[0].view([b, s, heads, hd]),
+                Some(&qkv[1].view([b, s, kv, hd])),
+                &cos,
+                &sin,
+            )?;
+            let q = q.transpose(1, 2);
+            let Some(k) = k else {
+                return Err(Error::config("num_key_value_heads", "k came back unrotated"));
+            };
+            let k = k.transpose(1, 2);
             let v = qkv[2].view([b, s, kv, hd]).transpose(1, 2);
-            let (q, k) = (rope(&q), rope(&k));
             let scale = 1.0 / (hd as f64).sqrt();
             let attn = match &mask {
                 None => Tensor::f_scaled_dot_product_attention::<Tensor>(
@@ -535,19 +589,15 @@ impl Llama {
             let attn = attn.transpose(1, 2).reshape([b, s, heads * hd]);
             // out of place: `h` is saved for the norm's backward
             h = h.f_add(&l.o_proj.f_forward_t(&attn, train)?)?;
-            let m = rms_norm(&h, &l.post_attention_layernorm, c.rms_norm_eps);
+            let m = ops::rms_norm(&h, &l.post_attention_layernorm, c.rms_norm_eps)?;
             let gate_up = lora::forward_shared(&[&l.gate_proj, &l.up_proj], &m, train)?;
-            let gated = gate_up[0].silu() * &gate_up[1];
+            let gated = ops::swiglu(&gate_up[0], &gate_up[1])?;
             h = h.f_add(&l.down_proj.f_forward_t(&gated, train)?)?;
             if let Some(hook) = hook {
                 h = hook.after_block(i as i64, &h, train)?;
             }
         }
-        let h = rms_norm(&h, &self.norm, c.rms_norm_eps);
-        Ok(match &self.lm_head {
-            Some(head) => head.f_forward_t(&h, train)?,
-            None => h.matmul(&self.embed_tokens.weight().tr()),
-        })
+        ops::rms_norm(&h, &self.norm, c.rms_norm_eps)
     }
 }
 

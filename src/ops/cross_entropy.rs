@@ -214,14 +214,26 @@ pub fn causal_lm_loss(
         [b, t, h] => (b, t, h),
         _ => return Err(shape("hidden", vec![-1, -1, -1], hidden)),
     };
-    if labels.size() != [b, t] {
-        return Err(shape("labels", vec![b, t], labels));
+    let shifted = shifted_labels(labels, vec![b, t], opts)?;
+    linear_cross_entropy(&hidden.f_reshape([-1, h])?, weight, bias, &shifted, opts)
+}
+
+/// The labels `[B·T]` a causal LM's positions predict: `labels` `[B, T]` (int64, checked to be
+/// `batch_seq`) shifted left by one, `opts.ignore_index` at each sequence's last position
+/// (transformers' `ForCausalLMLoss` shift), flattened to match `[B·T, V]` logits.
+pub fn shifted_labels(
+    labels: &Tensor,
+    batch_seq: Vec<i64>,
+    opts: &LinearCrossEntropy,
+) -> Result<Tensor> {
+    if labels.size() != batch_seq || batch_seq.len() != 2 {
+        return Err(shape("labels", batch_seq, labels));
     }
     check_int64_labels(labels)?;
+    let (b, t) = (batch_seq[0], batch_seq[1]);
     let pad = Tensor::f_full([b, 1], opts.ignore_index, (Kind::Int64, labels.device()))?;
     let shifted = Tensor::f_cat(&[labels.f_narrow(1, 1, (t - 1).max(0))?, pad], 1)?;
-    let shifted = shifted.f_narrow(1, 0, t)?.f_reshape([-1])?;
-    linear_cross_entropy(&hidden.f_reshape([-1, h])?, weight, bias, &shifted, opts)
+    Ok(shifted.f_narrow(1, 0, t)?.f_reshape([-1])?)
 }
 
 /// Labels are token ids: int64 (a narrower kind would be promoted silently by the shift).

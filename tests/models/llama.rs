@@ -161,6 +161,44 @@ fn unpadded_fast_attention_path_equals_the_masked_path() {
     assert!(d1 < 1e-5, "max |Δ| = {d1}");
 }
 
+/// transformers' causal-LM loss of `logits` [B, T, V] for `labels` [B, T]: positions 0..T−1
+/// predict labels 1..T, the mean over labels that are not -100, in f64.
+fn shifted_cross_entropy(logits: &Tensor, labels: &Tensor) -> f64 {
+    let (b, t, v) = (logits.size()[0], logits.size()[1], logits.size()[2]);
+    let lp = logits.narrow(1, 0, t - 1).to_kind(Kind::Double).log_softmax(-1, Kind::Double);
+    let (mut sum, mut count) = (0.0, 0.0);
+    for i in 0..b {
+        for j in 0..t - 1 {
+            let y = labels.int64_value(&[i, j + 1]);
+            if y != -100 {
+                assert!((0..v).contains(&y));
+                sum -= lp.double_value(&[i, j, y]);
+                count += 1.0;
+            }
+        }
+    }
+    sum / count
+}
+
+#[test]
+fn causal_lm_loss_from_hidden_states_is_transformers_shifted_loss() {
+    for name in ["gqa", "tied"] {
+        let (_vs, model) = load(name);
+        let t = io_tensors(name);
+        let (ids, mask) = (&t["input_ids"], &t["attention_mask"]);
+        // padding not predicted, as a user masks it
+        let labels = ids.masked_fill(&mask.eq(0), -100);
+        let hidden = model.hidden_states(ids, Some(mask), false, None).unwrap();
+        let loss = model.causal_lm_loss(&hidden, &labels, false).unwrap().double_value(&[]);
+        let want = shifted_cross_entropy(&t["logits"], &labels);
+        assert!((loss - want).abs() < 1e-4 * want.abs().max(1.0), "{name}: {loss} vs {want}");
+        // the logits of the same hidden states are forward_t's
+        let logits = model.logits(&hidden, false).unwrap();
+        let direct = model.forward_t(ids, Some(mask), false).unwrap();
+        assert!(max_abs_diff(&logits, &direct) < 1e-6, "{name}");
+    }
+}
+
 #[test]
 fn config_defaults_are_transformers_and_save_pretrained_round_trips() {
     let d = LlamaConfig::default();

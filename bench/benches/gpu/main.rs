@@ -5,7 +5,7 @@
 //! scripts/with-torch cargo bench -p tch-peft-bench --bench gpu --no-run     # build here, run where the GPU is:
 //! target/release/deps/gpu-<hash> --bench [--only linear,train,infer,interleaved] [--variants none,lora,dora,loreft,full]
 //!     [--steps 20] [--warmup 5] [--layers 16] [--batch 8] [--seq 1024] [--json FILE]
-//!     [--phases] [--profile] [--optimizer fused|libtorch]
+//!     [--phases] [--profile] [--optimizer fused|libtorch] [--loss fused|logits]
 //! (`--profile`: the GPU's kernel time per step and the top kernels, `TCH_PEFT_PROFILE_TOP=N` of
 //! them, 14 by default)
 //! python3 bench/benches/gpu/peft_side.py   [the same flags]
@@ -16,7 +16,8 @@
 //! variant's construction to its last step):
 //! 1. `linear`: one Linear 4096 → 4096 on 8192 tokens, forward + backward of `sum(y ⊙ g)` to the
 //!    input (and the adapter): the frozen base, LoRA r 16, DoRA r 16.
-//! 2. `train`: a training step (forward, causal-LM cross-entropy in f32 as transformers, backward,
+//! 2. `train`: a training step (forward, causal-LM cross-entropy in f32 — fused, without the logits,
+//!    unless `--loss logits` — backward,
 //!    AdamW) of a Llama-3.2-1B-shaped model (hidden 2048, 16 layers, 32 heads / 8 KV heads, MLP
 //!    8192, vocabulary 128256, tied embeddings) on 8 × 1024 random tokens: `none` (frozen; the
 //!    input embeddings require grad, so the backward runs through every block: the floor), `lora`
@@ -97,6 +98,14 @@ fn parse_args() -> Args {
             "--optimizer" => a.optimizer = it.next().unwrap_or_default(),
             "--phases" => a.phases = true,
             "--profile" => a.profile = true,
+            "--loss" => {
+                let fused = match it.next().as_deref() {
+                    Some("fused") => true,
+                    Some("logits") => false,
+                    other => panic!("--loss takes fused or logits, not {other:?}"),
+                };
+                FUSED_LOSS.store(fused, std::sync::atomic::Ordering::Relaxed);
+            }
             _ => {} // cargo's and criterion's own flags (--bench, filters)
         }
     }
@@ -265,6 +274,33 @@ fn llama(
     (base_vs, adapter_vs, model, lora)
 }
 
+/// `--loss fused` (default): the model's `causal_lm_loss` of its final hidden states
+/// (`tch_peft::ops::causal_lm_loss`, no logits held); `--loss logits`: the full f32 logits and
+/// their cross-entropy, as transformers' eager loss.
+static FUSED_LOSS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// A training step's loss: `frozen` feeds detached embeddings that require grad (the floor's
+/// backward through every block); `labels` are `ids` shifted (the fused loss shifts itself).
+fn step_loss(
+    model: &Llama,
+    ids: &Tensor,
+    labels: &Tensor,
+    frozen: bool,
+    hook: Option<&dyn tch_peft::models::ResidualHook>,
+) -> Tensor {
+    let h = if frozen {
+        let emb = model.embed(ids).expect("embed").detach().set_requires_grad(true);
+        model.hidden_states_embeds(&emb, None, true, None).expect("forward")
+    } else {
+        model.hidden_states(ids, None, true, hook).expect("forward")
+    };
+    if FUSED_LOSS.load(std::sync::atomic::Ordering::Relaxed) {
+        model.causal_lm_loss(&h, ids, true).expect("loss")
+    } else {
+        causal_lm_loss(&model.logits(&h, true).expect("head"), labels)
+    }
+}
+
 fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
     let v = logits.size()[2];
     logits.to_kind(Kind::Float).view([-1, v]).cross_entropy_loss::<Tensor>(
@@ -358,20 +394,8 @@ fn train_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
             }
         });
         let forward = || {
-            let logits = if variant == "none" {
-                let emb = model.embed(&ids).expect("embed").detach().set_requires_grad(true);
-                model.forward_embeds(&emb, None, true, None).expect("forward")
-            } else {
-                model
-                    .forward_hooked(
-                        &ids,
-                        None,
-                        true,
-                        hook.as_ref().map(|h| h as &dyn tch_peft::models::ResidualHook),
-                    )
-                    .expect("forward")
-            };
-            causal_lm_loss(&logits, &labels)
+            let hook = hook.as_ref().map(|h| h as &dyn tch_peft::models::ResidualHook);
+            step_loss(&model, &ids, &labels, variant == "none", hook)
         };
         let mut step = |phase: &mut dyn FnMut(usize)| {
             let loss = forward();
@@ -513,13 +537,7 @@ fn interleaved_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
         .map(|(v, _, _, model, opt)| {
             let (v, model, ids, labels) = (*v, &*model, &ids, &labels);
             Box::new(move || {
-                let logits = if v == "none" {
-                    let emb = model.embed(ids).expect("embed").detach().set_requires_grad(true);
-                    model.forward_embeds(&emb, None, true, None).expect("forward")
-                } else {
-                    model.forward_t(ids, None, true).expect("forward")
-                };
-                let loss = causal_lm_loss(&logits, labels);
+                let loss = step_loss(model, ids, labels, v == "none", None);
                 if let Some(o) = opt.as_mut() {
                     o.zero_grad();
                 }

@@ -4,6 +4,14 @@ Hugging Face PEFT 0.21, pyreft 0.1.0 and transformers (torch eager, sdpa attenti
 
     python3 bench/benches/gpu/peft_side.py [--only linear,train,infer] [--variants none,lora,...]
         [--steps 20] [--warmup 5] [--layers 16] [--batch 8] [--seq 1024] [--json FILE]
+        [--stack eager|compile|liger]
+
+`--stack` picks the Python stack a user would run instead of eager PEFT:
+- `compile`: the loss function (`model(input_ids, labels).loss`, or the inference forward)
+  wrapped in `torch.compile` (default mode, inductor); the warm-up steps include compiling.
+- `liger`: Liger kernels (`liger_kernel.transformers.apply_liger_kernel_to_llama()`: RMSNorm,
+  RoPE, SwiGLU and the fused linear cross-entropy) patched into transformers' Llama before the
+  model is built. It patches classes process-wide, so run it in its own process.
 
 Same shapes, dtypes (bf16 base; adapters f32 as PEFT's default `autocast_adapter_dtype=True`,
 plus the `*_bf16` variants with `autocast_adapter_dtype=False`), seeds, step counts and timing
@@ -97,6 +105,11 @@ def linear_rows(args, rows):
 def llama(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if args.stack == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()
+
     cfg = LlamaConfig(
         vocab_size=128256, hidden_size=2048, intermediate_size=8192,
         num_hidden_layers=args.layers, num_attention_heads=32, num_key_value_heads=8,
@@ -110,6 +123,10 @@ def llama(args):
     model.to(torch.bfloat16)
     model.config.use_cache = False
     return model
+
+
+def labelled(variant, args):
+    return variant if args.stack == "eager" else f"{variant} [{args.stack}]"
 
 
 def batch(args):
@@ -164,6 +181,8 @@ def train_rows(args, rows):
         if run is None:
             def run():
                 return model(input_ids=ids, labels=ids).loss
+        if args.stack == "compile":
+            run = torch.compile(run)
 
         def step(phase=lambda p: None):
             loss = run()
@@ -194,8 +213,8 @@ def train_rows(args, rows):
             print(f"phases {variant}: forward+loss {m[0]:.2f} ms, backward {m[1]:.2f} ms, "
                   f"optimizer {m[2]:.2f} ms (synchronised)")
         rows.append(dict(workload=f"train llama-1B b{args.batch} s{args.seq} L{args.layers}",
-                         variant=variant, step_ms=s, host_ms=h, peak_gb=peak_gb(),
-                         trainable=sum(p.numel() for p in params)))
+                         variant=labelled(variant, args), step_ms=s, host_ms=h,
+                         peak_gb=peak_gb(), trainable=sum(p.numel() for p in params)))
         del model, opt, params, run, step
         if variant == "loreft":
             del rm
@@ -205,7 +224,7 @@ def infer_rows(args, rows):
     from peft import LoraConfig, get_peft_model
 
     ids = batch(args)
-    for variant in ["base", "lora unmerged", "lora merged", "lora unmerged bf16"]:
+    for variant in args.infer_variants:
         fresh()
         model = llama(args)
         model.eval()
@@ -220,13 +239,20 @@ def infer_rows(args, rows):
                 model.merge_adapter()
             model.eval()
 
+        def forward():
+            return model(input_ids=ids).logits
+
+        if args.stack == "compile":
+            forward = torch.compile(forward)
+
         def step():
             with torch.no_grad():
-                model(input_ids=ids).logits
+                forward()
 
         s, h = time_steps(step, args.warmup, args.steps)
         rows.append(dict(workload=f"infer llama-1B b{args.batch} s{args.seq} L{args.layers}",
-                         variant=variant, step_ms=s, host_ms=h, peak_gb=peak_gb(), trainable=0))
+                         variant=labelled(variant, args), step_ms=s, host_ms=h, peak_gb=peak_gb(),
+                         trainable=0))
         del model
 
 
@@ -241,13 +267,17 @@ def main():
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--json")
     ap.add_argument("--phases", action="store_true")
+    ap.add_argument("--stack", choices=["eager", "compile", "liger"], default="eager")
+    ap.add_argument("--infer-variants", default="base,lora unmerged,lora merged,lora unmerged bf16")
     args = ap.parse_args()
     args.variants = [v.strip() for v in args.variants.split(",")]
+    args.infer_variants = [v.strip() for v in args.infer_variants.split(",")]
     import peft
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"peft {peft.__version__}, {torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU'}")
+          f"peft {peft.__version__}, {torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU'}, "
+          f"stack {args.stack}")
     rows = []
     for w in args.only.split(","):
         {"linear": linear_rows, "train": train_rows, "infer": infer_rows}[w.strip()](args, rows)
@@ -257,7 +287,8 @@ def main():
               f"{r['peak_gb']:>9.2f} {r['trainable']:>12}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"library": "peft", "torch": torch.__version__, "steps": args.steps,
+            json.dump({"library": "peft", "stack": args.stack, "torch": torch.__version__,
+                       "steps": args.steps,
                        "warmup": args.warmup, "rows": rows}, f, indent=1)
 
 

@@ -1,0 +1,244 @@
+// The fused model ops as autograd nodes over the CUDA kernels of model_kernels_source.h (called
+// from src/ops/): RMSNorm, SwiGLU and the rotary embedding of q and k, each one launch forward
+// and one backward, saving only what the backward needs in the inputs' dtype (RMSNorm: x and
+// the f32 row scale r; SwiGLU: g and u; RoPE: nothing but the tables).
+//
+// An entry point returns 2, having done nothing, where no kernel takes its inputs (not bf16 on
+// the current CUDA device, not contiguous, a width the kernels do not handle, the kernels off or
+// not compiled): src/ops/ then composes the same formula from libtorch ops.
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "cuda_kernels.h"
+#include "tch_peft.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+namespace kernels = tch_peft::kernels;
+
+constexpr int64_t kMaxInt = (int64_t{1} << 31) - 1;
+
+bool bf16_cuda(const at::Tensor& t) {
+  return t.defined() && t.is_cuda() && t.scalar_type() == at::kBFloat16 && t.is_contiguous() &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+void launch_or_throw(const char* name, unsigned blocks, void** args) {
+  if (!kernels::launch_model(kernels::model_function(name), blocks, args)) {
+    throw std::runtime_error(std::string("the CUDA kernel ") + name + " failed to launch");
+  }
+}
+
+unsigned grid_for(int64_t work_items, int per_sm) {
+  const int64_t cap = int64_t{per_sm} * std::max(1, kernels::sm_count());
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(work_items, cap)));
+}
+
+// vectors of 8 per thread for a row of `h` values (0: no kernel)
+int rms_vpt(int64_t h) {
+  if (h % 8 != 0 || h == 0) return 0;
+  const int64_t vec = h / 8;
+  return vec <= 256 ? 1 : vec <= 512 ? 2 : vec <= 1024 ? 4 : 0;
+}
+
+// ---- RMSNorm ----
+
+struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            double eps) {
+    const int64_t h = x.size(-1), rows = x.numel() / std::max<int64_t>(h, 1);
+    const int vpt = rms_vpt(h);
+    at::Tensor y = at::empty_like(x);
+    at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+    if (rows > 0) {
+      const void* xp = x.data_ptr();
+      const void* wp = w.data_ptr();
+      void* yp = y.data_ptr();
+      void* rp = rstd.data_ptr();
+      int r = static_cast<int>(rows), vec = static_cast<int>(h / 8);
+      float e = static_cast<float>(eps);
+      void* args[] = {&xp, &wp, &yp, &rp, &r, &vec, &e};
+      launch_or_throw(("rms_fwd_" + std::to_string(vpt)).c_str(), grid_for(rows, 8), args);
+    }
+    ctx->save_for_backward({x, w, rstd});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
+    const c10::DeviceGuard guard(x.device());
+    const at::Tensor dy = grads[0].to(at::kBFloat16).contiguous();
+    const int64_t h = x.size(-1), rows = rstd.numel();
+    const int vpt = rms_vpt(h);
+    at::Tensor dx = at::empty_like(x);
+    const unsigned blocks = grid_for(rows, 4);
+    at::Tensor part = at::empty({blocks, h}, x.options().dtype(at::kFloat));
+    if (rows > 0) {
+      const void* gp = dy.data_ptr();
+      const void* xp = x.data_ptr();
+      const void* wp = w.data_ptr();
+      const void* rp = rstd.data_ptr();
+      void* dxp = dx.data_ptr();
+      void* pp = part.data_ptr();
+      int r = static_cast<int>(rows), vec = static_cast<int>(h / 8);
+      void* args[] = {&gp, &xp, &wp, &rp, &dxp, &pp, &r, &vec};
+      launch_or_throw(("rms_bwd_" + std::to_string(vpt)).c_str(), blocks, args);
+    }
+    const at::Tensor dw = part.sum(0).to(w.scalar_type());
+    return {dx, dw, at::Tensor()};
+  }
+};
+
+// ---- SwiGLU ----
+
+void swiglu_launch(const at::Tensor& g, const at::Tensor& u, const at::Tensor& dy, at::Tensor& y,
+                   at::Tensor& dg, at::Tensor& du, bool backward) {
+  const int64_t width = g.size(-1), rows = g.numel() / std::max<int64_t>(width, 1);
+  if (rows == 0) return;
+  const void* gp = g.data_ptr();
+  const void* up = u.data_ptr();
+  const void* dp = backward ? dy.data_ptr() : nullptr;
+  void* yp = backward ? nullptr : y.data_ptr();
+  void* dgp = backward ? dg.data_ptr() : nullptr;
+  void* dup = backward ? du.data_ptr() : nullptr;
+  long long r = rows, ld = width / 8;
+  int vec = static_cast<int>(width / 8), bwd = backward ? 1 : 0;
+  void* args[] = {&gp, &up, &dp, &yp, &dgp, &dup, &r, &vec, &ld, &ld, &bwd};
+  launch_or_throw("swiglu", grid_for((rows * vec + 255) / 256, 16), args);
+}
+
+struct SwiGluFunction : public torch::autograd::Function<SwiGluFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& g, const at::Tensor& u) {
+    at::Tensor y = at::empty_like(g), none;
+    swiglu_launch(g, u, none, y, none, none, false);
+    ctx->save_for_backward({g, u});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const c10::DeviceGuard guard(saved[0].device());
+    const at::Tensor dy = grads[0].to(at::kBFloat16).contiguous();
+    at::Tensor dg = at::empty_like(saved[0]), du = at::empty_like(saved[1]), none;
+    swiglu_launch(saved[0], saved[1], dy, none, dg, du, true);
+    return {dg, du};
+  }
+};
+
+// ---- rotary embedding ----
+
+void rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                 const at::Tensor& sin, at::Tensor& yq, at::Tensor& yk, bool backward) {
+  const int64_t d = q.size(-1), seq = cos.size(0);
+  const int64_t rows_q = q.numel() / d, rows_k = k.defined() ? k.numel() / d : 0;
+  const int64_t work = (rows_q + rows_k) * (d / 16);
+  if (work == 0) return;
+  const void* qp = q.data_ptr();
+  const void* kp = k.defined() ? k.data_ptr() : nullptr;
+  const void* cp = cos.data_ptr();
+  const void* sp = sin.data_ptr();
+  void* yqp = yq.data_ptr();
+  void* ykp = k.defined() ? yk.data_ptr() : nullptr;
+  long long rq = rows_q, rk = rows_k;
+  int hq = static_cast<int>(q.size(-2)), hk = k.defined() ? static_cast<int>(k.size(-2)) : 1;
+  int s = static_cast<int>(seq), half_vec = static_cast<int>(d / 16), bwd = backward ? 1 : 0;
+  void* args[] = {&qp, &kp, &cp, &sp, &yqp, &ykp, &rq, &rk, &hq, &hk, &s, &half_vec, &bwd};
+  launch_or_throw("rope", grid_for((work + 255) / 256, 16), args);
+}
+
+// q [B, S, Hq, D], k [B, S, Hk, D] or empty; cos, sin [S, D]
+struct RopeFunction : public torch::autograd::Function<RopeFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& cos, const at::Tensor& sin) {
+    const bool has_k = k.numel() > 0;
+    at::Tensor yq = at::empty_like(q), yk = has_k ? at::empty_like(k) : at::empty({0}, q.options());
+    rope_launch(q, has_k ? k : at::Tensor(), cos, sin, yq, yk, false);
+    ctx->save_for_backward({cos, sin});
+    ctx->saved_data["has_k"] = has_k;
+    return {yq, yk};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // autograd materialises a missing output gradient as zeros
+    const auto saved = ctx->get_saved_variables();
+    const bool has_k = ctx->saved_data["has_k"].toBool();
+    const c10::DeviceGuard guard(saved[0].device());
+    const at::Tensor gq = grads[0].to(at::kBFloat16).contiguous();
+    const at::Tensor gk = has_k ? grads[1].to(at::kBFloat16).contiguous() : at::Tensor();
+    at::Tensor dq = at::empty_like(gq), dk = has_k ? at::empty_like(gk) : at::Tensor();
+    rope_launch(gq, gk, saved[0], saved[1], dq, dk, true);
+    return {dq, dk, at::Tensor(), at::Tensor()};
+  }
+};
+
+bool kernels_on() { return kernels::model_function("swiglu") != nullptr; }
+
+}  // namespace
+
+extern "C" {
+
+int tch_peft_rms_norm(const at::Tensor* x, const at::Tensor* w, double eps, at::Tensor** out,
+                      char** error) {
+  return tch_peft::guarded<int>("tch_peft_rms_norm", error, 1, [&] {
+    const int64_t h = x->dim() >= 1 ? x->size(-1) : 0;
+    if (!x->is_cuda()) return 2;
+    const c10::DeviceGuard guard(x->device());
+    if (!bf16_cuda(*x) || !bf16_cuda(*w) || w->dim() != 1 || w->size(0) != h ||
+        w->device() != x->device() || rms_vpt(h) == 0 || x->numel() / h > kMaxInt ||
+        !kernels_on()) {
+      return 2;
+    }
+    *out = new at::Tensor(RmsNormFunction::apply(*x, *w, eps));
+    return 0;
+  });
+}
+
+int tch_peft_swiglu(const at::Tensor* g, const at::Tensor* u, at::Tensor** out, char** error) {
+  return tch_peft::guarded<int>("tch_peft_swiglu", error, 1, [&] {
+    const int64_t width = g->dim() >= 1 ? g->size(-1) : 0;
+    if (!g->is_cuda()) return 2;
+    const c10::DeviceGuard guard(g->device());
+    if (!bf16_cuda(*g) || !bf16_cuda(*u) || g->sizes() != u->sizes() ||
+        g->device() != u->device() || width % 8 != 0 || width == 0 || width / 8 > kMaxInt ||
+        !kernels_on()) {
+      return 2;
+    }
+    *out = new at::Tensor(SwiGluFunction::apply(*g, *u));
+    return 0;
+  });
+}
+
+int tch_peft_rope(const at::Tensor* q, const at::Tensor* k, const at::Tensor* cos,
+                  const at::Tensor* sin, at::Tensor** out_q, at::Tensor** out_k, char** error) {
+  return tch_peft::guarded<int>("tch_peft_rope", error, 1, [&] {
+    const auto shaped = [&](const at::Tensor& t) {
+      return bf16_cuda(t) && t.dim() == 4 && t.device() == q->device() &&
+             t.size(1) == cos->size(0) && t.size(3) == cos->size(1) && t.size(0) == q->size(0) &&
+             t.size(2) <= kMaxInt;
+    };
+    if (!q->is_cuda()) return 2;
+    const c10::DeviceGuard guard(q->device());
+    if (q->dim() != 4 || !shaped(*q) || (k != nullptr && !shaped(*k)) || !bf16_cuda(*cos) ||
+        !bf16_cuda(*sin) || cos->dim() != 2 || cos->sizes() != sin->sizes() ||
+        cos->device() != q->device() || sin->device() != q->device() || q->size(3) % 16 != 0 ||
+        cos->size(0) > kMaxInt || !kernels_on()) {
+      return 2;
+    }
+    const at::Tensor kk = k != nullptr ? *k : at::empty({0}, q->options());
+    const variable_list ys = RopeFunction::apply(*q, kk, *cos, *sin);
+    *out_q = new at::Tensor(ys[0]);
+    *out_k = k != nullptr ? new at::Tensor(ys[1]) : nullptr;
+    return 0;
+  });
+}
+
+}  // extern "C"

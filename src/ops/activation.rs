@@ -1,0 +1,51 @@
+//! SwiGLU, the gated activation of Llama's MLP, one fused node per call on CUDA bf16.
+//!
+//! ```text
+//! y = silu(g) ⊙ u,   silu(g) = g·σ(g)
+//! dg = dy ⊙ u ⊙ σ(g)·(1 + g·(1 − σ(g))),   du = dy ⊙ silu(g)
+//! ```
+//!
+//! On CUDA with bf16 contiguous `g`, `u` (width a multiple of 8) one kernel each way, rounding
+//! `silu(g)` to bf16 before the product as the composed ops do, and saving only `g` and `u` (the
+//! composed ops also keep `silu(g)`).
+
+use tch::Tensor;
+
+use crate::{Error, Result};
+
+/// `silu(gate) ⊙ up` for `gate` and `up` of one shape, kind and device.
+///
+/// ```
+/// # fn main() -> tch_peft::Result<()> {
+/// use tch::{Device, Kind, Tensor};
+/// let g = Tensor::from_slice(&[0.0f32, 1.0]);
+/// let y = tch_peft::ops::swiglu(&g, &Tensor::from_slice(&[3.0f32, 2.0]))?;
+/// let silu_1 = 1.0 / (1.0 + (-1.0f64).exp());
+/// assert!((y.double_value(&[1]) - 2.0 * silu_1).abs() < 1e-6);
+/// # Ok(()) }
+/// ```
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.size() != up.size() {
+        return Err(Error::ShapeMismatch {
+            name: "up".into(),
+            expected: gate.size(),
+            actual: up.size(),
+        });
+    }
+    super::check_float("gate", gate)?;
+    super::check_same_kind("up", up, gate)?;
+    super::check_device("up", up, gate)?;
+    #[cfg(tch_peft_csrc)]
+    if gate.device().is_cuda() {
+        if let Some(y) = crate::sys::swiglu(gate, up)? {
+            return Ok(y);
+        }
+    }
+    swiglu_composed(gate, up)
+}
+
+/// [`swiglu`] in composed libtorch ops (the reference of the tests).
+#[doc(hidden)]
+pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok(gate.f_silu()?.f_mul(up)?)
+}
