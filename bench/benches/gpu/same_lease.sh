@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 18's same-lease comparison on the GPU host, one part per call (each part fits a 10-minute
+# call; run them back to back in one lease). Expects the harness binary at dev-bin/gpu (built
+# here with `scripts/with-torch cargo bench -p tch-peft-bench --bench gpu --no-run`) and, for
+# `liger`, the liger-kernel 0.8.5 wheel in .whl/. Writes NAME.txt and NAME.json under $OUT.
+#
+#   bash bench/benches/gpu/same_lease.sh rust|rust-logits|eager|liger|compile|profile
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=$(python3 -c 'import torch,os; print(os.path.dirname(torch.__file__)+"/lib")')
+py=bench/benches/gpu/peft_side.py
+case "${1:-}" in
+  rust) dev-bin/gpu --bench --only train,infer --json "$OUT/rust.json" 2>&1 | tee "$OUT/rust.txt" ;;
+  rust-logits) dev-bin/gpu --bench --only train --variants none,lora --loss logits \
+      --json "$OUT/rust-logits.json" 2>&1 | tee "$OUT/rust-logits.txt" ;;
+  profile) dev-bin/gpu --bench --only train --variants none,lora --profile --phases \
+      2>&1 | tee "$OUT/rust-profile.txt" ;;
+  eager) python3 $py --only train,infer --variants none,lora,lora_bf16,full \
+      --infer-variants "base,lora unmerged bf16" --json "$OUT/eager.json" 2>&1 | tee "$OUT/eager.txt" ;;
+  liger) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site &&
+    python3 $py --stack liger --only train --variants none,lora_bf16 \
+      --json "$OUT/liger.json" 2>&1 | tee "$OUT/liger.txt" ;;
+  compile) python3 $py --stack compile --only train,infer --variants none,lora_bf16,lora,full \
+      --infer-variants "base,lora unmerged bf16" --json "$OUT/compile.json" 2>&1 | tee "$OUT/compile.txt" ;;
+  *) echo "usage: $0 rust|rust-logits|eager|liger|compile|profile" >&2; exit 2 ;;
+esac
