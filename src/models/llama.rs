@@ -410,7 +410,7 @@ impl Llama {
     /// `[batch, seq]` (int64; usually the input ids, `-100` where a token is not predicted), as
     /// transformers' `LlamaForCausalLM(labels=…)`: position `t` predicts label `t + 1`, the mean
     /// over labels not ignored, the logits in f32. Through
-    /// [`ops::causal_lm_loss`](crate::ops::causal_lm_loss), which never holds the
+    /// [`ops::causal_lm_loss`](crate::ops::causal_lm_loss()), which never holds the
     /// `[tokens, vocab]` logits, where the head is a plain (or tied) weight; a head with LoRA
     /// adapters or trainable copies goes through its own forward and the full logits.
     pub fn causal_lm_loss(&self, hidden: &Tensor, labels: &Tensor, train: bool) -> Result<Tensor> {
