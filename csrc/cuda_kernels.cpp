@@ -421,7 +421,8 @@ bool ensure_context(int device) {
 
 // the model ops' kernels (model_kernels_source.h), looked up by name from csrc/model_ops.cpp
 const char* const kModelKernelNames[] = {"rms_fwd_1", "rms_fwd_2", "rms_fwd_4", "rms_bwd_1",
-                                         "rms_bwd_2", "rms_bwd_4", "swiglu",    "rope"};
+                                         "rms_bwd_2", "rms_bwd_4", "swiglu",    "rope",
+                                         "softmax_ce"};
 
 struct Module {
   CUfunction scale = nullptr, dot_only = nullptr, dot_sum = nullptr, up16 = nullptr,

@@ -11,14 +11,22 @@
 // gradient g = (softmax(z) − onehot(y)) / divisor (0 on ignored rows), which goes straight into
 //   dh_c = g W          dW += gᵀ h_c          db += Σ_rows g
 // (each only if that input needs a gradient) — the chunk's logits are then dropped, so the peak
-// is one chunk's [chunk, V] in f32 instead of N's. The gradients are saved; the backward scales
+// is one chunk's [chunk, V] instead of N's. On CUDA with a bf16 head (V a multiple of 8) the
+// softmax, the loss terms and g are one kernel over the bf16 logits, g written over them in bf16
+// (model_kernels_source.h's softmax_ce), and dW accumulates in f32 straight from the bf16 GEMM
+// (cuBLAS's bf16 inputs, f32 output); elsewhere they are ATen ops on an f32 copy. The gradients are saved; the backward scales
 // them by the upstream gradient (a scalar), as Liger's fused linear cross-entropy does.
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <c10/core/DeviceGuard.h>
+
+#include "cuda_kernels.h"
 #include "tch_peft.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <vector>
 
 namespace {
@@ -38,39 +46,81 @@ struct LinearCrossEntropyFunction
     const bool grad_w = (wanted & 2) != 0;
     const bool grad_b = has_bias && (wanted & 4) != 0;
     at::NoGradGuard no_grad;
-    const int64_t n = h.size(0);
-    const at::Tensor valid = labels.ne(ignore_index);
+    const c10::DeviceGuard device(h.device());
+    const int64_t n = h.size(0), v = w.size(0);
+    const at::Tensor y = labels.contiguous();
+    const at::Tensor valid = y.ne(ignore_index);
     const at::Tensor count = valid.sum().to(at::kFloat);
     // mean: 1 / count (inf when nothing is valid: the loss is then 0·inf = NaN, as torch's)
     const at::Tensor inv = mean ? count.reciprocal() : at::ones({}, count.options());
+    const bool half_cuda = w.is_cuda() && h.scalar_type() == w.scalar_type() &&
+                           (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf);
+    // the fused softmax kernel (null where it cannot run: the ATen ops below instead)
+    void* const softmax_ce =
+        half_cuda && w.scalar_type() == at::kBFloat16 && v % 8 == 0 && v / 8 <= INT32_MAX &&
+                chunk <= INT32_MAX
+            ? tch_peft::kernels::model_function("softmax_ce")
+            : nullptr;
     at::Tensor loss = at::zeros({}, h.options().dtype(at::kFloat));
-    at::Tensor dh = grad_h ? at::empty_like(h) : at::Tensor();
+    at::Tensor row_loss = softmax_ce != nullptr ? at::empty({n}, loss.options()) : at::Tensor();
+    at::Tensor dh = grad_h ? at::empty(h.sizes(), h.options()) : at::Tensor();
     at::Tensor dw = grad_w ? at::zeros(w.sizes(), w.options().dtype(at::kFloat)) : at::Tensor();
     at::Tensor db = grad_b ? at::zeros(bias.sizes(), bias.options().dtype(at::kFloat))
                            : at::Tensor();
+    const bool any_grad = grad_h || grad_w || grad_b;
     const at::Tensor wt = w.t();
     for (int64_t start = 0; start < n; start += chunk) {
       const int64_t len = std::min(chunk, n - start);
       const at::Tensor hc = h.narrow(0, start, len);
-      const at::Tensor yc = labels.narrow(0, start, len);
-      const at::Tensor vc = valid.narrow(0, start, len);
+      const at::Tensor yc = y.narrow(0, start, len);
       at::Tensor z = has_bias ? at::addmm(bias, hc, wt) : at::mm(hc, wt);
-      z = z.to(at::kFloat);
-      const at::Tensor lse = at::logsumexp(z, {1});
-      // an ignored row's label may be anything: gather at 0 there and drop the term
-      const at::Tensor safe = at::where(vc, yc, at::zeros_like(yc));
-      const at::Tensor target = z.gather(1, safe.unsqueeze(1)).squeeze(1);
-      loss.add_(at::where(vc, lse - target, at::zeros_like(lse)).sum());
-      if (!(grad_h || grad_w || grad_b)) continue;
-      // g = (softmax − onehot) · inv on valid rows, 0 on the rest, in place of z
-      z.sub_(lse.unsqueeze(1)).exp_();
-      z.scatter_add_(1, safe.unsqueeze(1), at::full({len, 1}, -1.0, z.options()));
-      z.mul_((vc.to(at::kFloat) * inv).unsqueeze(1));
-      if (grad_b) db.add_(z.sum(0));
-      const at::Tensor g = z.to(w.scalar_type());
-      if (grad_h) dh.narrow(0, start, len).copy_(at::mm(g, w));
-      if (grad_w) dw.addmm_(g.t().to(at::kFloat), hc.to(at::kFloat));
+      at::Tensor g;
+      if (softmax_ce != nullptr) {
+        z = z.contiguous();
+        void* zp = z.data_ptr();
+        const void* yp = yc.data_ptr();
+        const void* ip = inv.data_ptr();
+        void* lp = row_loss.narrow(0, start, len).data_ptr();
+        int rows = static_cast<int>(len), vec = static_cast<int>(v / 8), write = any_grad;
+        long long ignore = ignore_index;
+        void* args[] = {&zp, &yp, &ip, &lp, &rows, &vec, &ignore, &write};
+        const int64_t blocks = std::min<int64_t>(len, 8 * std::max(1, tch_peft::kernels::sm_count()));
+        if (!tch_peft::kernels::launch_model(softmax_ce, static_cast<unsigned>(blocks), args)) {
+          throw std::runtime_error("the CUDA kernel softmax_ce failed to launch");
+        }
+        if (!any_grad) continue;
+        g = z;
+        if (grad_b) db.add_(g.sum(0, false, at::kFloat));
+      } else {
+        const at::Tensor vc = valid.narrow(0, start, len);
+        z = z.to(at::kFloat);
+        const at::Tensor lse = at::logsumexp(z, {1});
+        // an ignored row's label may be anything: gather at 0 there and drop the term
+        const at::Tensor safe = at::where(vc, yc, at::zeros_like(yc));
+        const at::Tensor target = z.gather(1, safe.unsqueeze(1)).squeeze(1);
+        loss.add_(at::where(vc, lse - target, at::zeros_like(lse)).sum());
+        if (!any_grad) continue;
+        // g = (softmax − onehot) · inv on valid rows, 0 on the rest, in place of z
+        z.sub_(lse.unsqueeze(1)).exp_();
+        z.scatter_add_(1, safe.unsqueeze(1), at::full({len, 1}, -1.0, z.options()));
+        z.mul_((vc.to(at::kFloat) * inv).unsqueeze(1));
+        if (grad_b) db.add_(z.sum(0));
+        g = z.to(w.scalar_type());
+      }
+      if (grad_h) {
+        at::Tensor dh_c = dh.narrow(0, start, len);
+        at::mm_out(dh_c, g, w);
+      }
+      if (grad_w) {
+        if (half_cuda) {
+          // dW += gᵀ h_c on tensor cores, accumulated in the f32 dW
+          at::addmm_out(dw, dw, g.t(), hc, at::kFloat);
+        } else {
+          dw.addmm_(g.t().to(at::kFloat), hc.to(at::kFloat));
+        }
+      }
     }
+    if (softmax_ce != nullptr) loss = row_loss.sum();
     loss.mul_(inv);
     ctx->saved_data["dh"] = dh;
     ctx->saved_data["dw"] = grad_w ? dw.to(w.scalar_type()) : at::Tensor();

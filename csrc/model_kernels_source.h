@@ -40,6 +40,19 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
   return t;
 }
 
+// the maximum of v over the block's 256 threads, returned to every thread (sh as block_sum)
+__device__ __forceinline__ float block_max(float v, float* sh) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float t = sh[0];
+#pragma unroll
+  for (int i = 1; i < 8; ++i) t = fmaxf(t, sh[i]);
+  __syncthreads();
+  return t;
+}
+
 // RMSNorm forward, one row of H = 8·vec values per block iteration; thread t owns the vectors
 // t + 256·j (j < VPT). Writes y [rows, H] and r [rows] (f32).
 template <int VPT>
@@ -233,6 +246,63 @@ extern "C" __global__ void __launch_bounds__(256) rope(
     }
     y[row * dvec + v] = pack8(o1);
     y[row * dvec + v + half_vec] = pack8(o2);
+  }
+}
+
+// Softmax cross-entropy over one chunk of bf16 logits z [rows, V = 8·vec], in f32, one row per
+// block iteration (csrc/linear_cross_entropy.cpp):
+//   lse = log Σ_v exp(z_v)   (one pass: a running maximum and the sum rescaled to it)
+//   loss[row] = lse − z_y on a valid row (label ≠ ignore_index), 0 on an ignored one
+//   z ← bf16((softmax(z) − onehot(y))·inv) on a valid row, 0 on an ignored one (write_grad)
+// in place: the logits' gradient for dh = g·W and dW = gᵀ·h. `inv` is a device scalar (the mean's
+// 1/count, or 1), read there so that the host never waits for it. Labels are checked in range
+// by the caller.
+extern "C" __global__ void __launch_bounds__(256) softmax_ce(
+    uint4* __restrict__ z, const long long* __restrict__ labels, const float* __restrict__ inv,
+    float* __restrict__ loss, int rows, int vec, long long ignore_index, int write_grad) {
+  __shared__ float sh[8];
+  const float scale = *inv;
+  for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+    uint4* zr = z + (size_t)row * vec;
+    const long long y = labels[row];
+    const bool valid = y != ignore_index && y >= 0 && y < 8LL * vec;
+    // the label's logit, read before any thread of the block overwrites the row
+    const float zy = valid ? __uint_as_float(
+        ((unsigned)reinterpret_cast<const unsigned short*>(zr)[y]) << 16) : 0.f;
+    float m = __int_as_float(0xff800000), s = 0.f;  // −∞
+    for (int v = threadIdx.x; v < vec; v += 256) {
+      float f[8];
+      unpack8(zr[v], f);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        if (f[k] > m) {
+          s = s * __expf(m - f[k]) + 1.f;
+          m = f[k];
+        } else {
+          s += __expf(f[k] - m);
+        }
+      }
+    }
+    const float mx = block_max(m, sh);
+    const float total = block_sum(s == 0.f ? 0.f : s * __expf(m - mx), sh);
+    const float lse = mx + logf(total);
+    if (threadIdx.x == 0) loss[row] = valid ? lse - zy : 0.f;
+    if (!write_grad) continue;
+    const int yv = valid ? (int)(y >> 3) : -1, yk = (int)(y & 7);
+    for (int v = threadIdx.x; v < vec; v += 256) {
+      float f[8];
+      if (valid) {
+        unpack8(zr[v], f);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          f[k] = (__expf(f[k] - lse) - (v == yv && k == yk ? 1.f : 0.f)) * scale;
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) f[k] = 0.f;
+      }
+      zr[v] = pack8(f);
+    }
   }
 }
 )";

@@ -647,3 +647,91 @@ fn bf16_llama_step_with_fused_ops_matches_the_composed_step_on_cuda() {
         assert!(rel < 5e-2, "{name}: relative {rel}");
     }
 }
+
+#[test]
+fn fused_linear_cross_entropy_kernel_matches_aten_and_f64_on_cuda() {
+    // the bf16 head's softmax kernel (one pass over the bf16 logits, the gradient written over
+    // them) and dW accumulated in f32 from bf16 GEMMs, against the ATen path (kernels off) and
+    // against the f64 loss over the full logits: chunks with a partial last one, ignored rows,
+    // an all-ignored chunk, with and without a bias, the head trained or frozen, the sum and the
+    // mean, and a vocabulary that is not a multiple of 8 (no kernel: the ATen path)
+    use tch_peft::ops::{linear_cross_entropy, linear_cross_entropy_composed};
+    use tch_peft::ops::{LinearCrossEntropy, Reduction};
+    let _alone = Alone::new();
+    let dev = cuda();
+    assert!(custom_cuda_kernels_available(), "NVRTC kernels should load on this GPU");
+    tch::manual_seed(17);
+    for (v, bias, train_w, reduction) in [
+        (1000, false, true, Reduction::Mean),
+        (4104, true, true, Reduction::Sum),
+        (1000, true, false, Reduction::Mean),
+        (1001, false, true, Reduction::Mean),
+    ] {
+        let (n, h) = (300, 64);
+        let x = Tensor::randn([n, h], (Kind::Float, dev)) * 2.0;
+        let w = Tensor::randn([v, h], (Kind::Float, dev)) * 0.2;
+        let b = Tensor::randn([v], (Kind::Float, dev));
+        let mut y = Tensor::randint(v, [n], (Kind::Int64, dev));
+        // every third row ignored, and rows 64..128 (a whole chunk)
+        let _ = y.index_fill_(0, &Tensor::arange_start_step(0, n, 3, (Kind::Int64, dev)), -100);
+        let _ = y.narrow(0, 64, 64).fill_(-100);
+        let opts = LinearCrossEntropy { reduction, chunk_rows: Some(64), ..Default::default() };
+        let what = format!("v {v} bias {bias} train_w {train_w} {reduction:?}");
+        let run = |kind: Kind, fused: bool| {
+            let xs = x.to_kind(kind).set_requires_grad(true);
+            let ws = w.to_kind(kind).set_requires_grad(train_w);
+            let bs = b.to_kind(kind).set_requires_grad(true);
+            let bias = bias.then_some(&bs);
+            let loss = if fused {
+                linear_cross_entropy(&xs, &ws, bias, &y, &opts).unwrap()
+            } else {
+                linear_cross_entropy_composed(&xs, &ws, bias, &y, &opts).unwrap()
+            };
+            loss.backward();
+            let mut out = vec![loss.to_kind(Kind::Double), xs.grad()];
+            if train_w {
+                out.push(ws.grad());
+            }
+            if bias.is_some() {
+                out.push(bs.grad());
+            }
+            out.iter().map(|t| t.to_kind(Kind::Double)).collect::<Vec<_>>()
+        };
+        set_custom_cuda_kernels(true);
+        let kernel = run(Kind::BFloat16, true);
+        set_custom_cuda_kernels(false);
+        let aten = run(Kind::BFloat16, true);
+        set_custom_cuda_kernels(true);
+        // f64 inputs (the bf16-rounded ones), the softmax in f32 (the composed loss upcasts to f32)
+        let exact = {
+            let (xr, wr, br) = (
+                x.to_kind(Kind::BFloat16).to_kind(Kind::Double),
+                w.to_kind(Kind::BFloat16).to_kind(Kind::Double),
+                b.to_kind(Kind::BFloat16).to_kind(Kind::Double),
+            );
+            let xs = xr.set_requires_grad(true);
+            let ws = wr.set_requires_grad(train_w);
+            let bs = br.set_requires_grad(true);
+            let loss =
+                linear_cross_entropy_composed(&xs, &ws, bias.then_some(&bs), &y, &opts).unwrap();
+            loss.backward();
+            let mut out = vec![loss.to_kind(Kind::Double), xs.grad()];
+            if train_w {
+                out.push(ws.grad());
+            }
+            if bias {
+                out.push(bs.grad());
+            }
+            out
+        };
+        assert_eq!(kernel.len(), exact.len(), "{what}");
+        for (i, ((k, a), e)) in kernel.iter().zip(&aten).zip(&exact).enumerate() {
+            let (ke, ae) = (rel_diff(k, e), rel_diff(a, e));
+            // the loss in f32 from bf16 logits; the gradients rounded to bf16 once (the kernel) or
+            // after an f32 pass (ATen)
+            let tol = if i == 0 { 1e-2 } else { 2e-2 };
+            assert!(ke < tol, "{what} #{i}: kernel vs f64 {ke}");
+            assert!(ke <= ae * 1.5 + 4e-3, "{what} #{i}: kernel {ke} vs ATen {ae} (against f64)");
+        }
+    }
+}
