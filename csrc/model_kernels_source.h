@@ -5,7 +5,8 @@
 // Every kernel reads and writes bf16 in 16-byte vectors (8 values) and computes in f32, rounding
 // to bf16 exactly where transformers' eager bf16 graph rounds, so the outputs match the composed
 // ops up to the order of f32 sums:
-//   RMSNorm   n = bf16(x·r), y = bf16(w·n), r = 1/sqrt(mean(x²) + ε)
+//   RMSNorm   n = bf16(x·r), y = bf16(w·n), r = 1/sqrt(mean(x²) + ε); with the residual add
+//             fused in, x = bf16(x + res) first
 //   SwiGLU    y = bf16(bf16(silu(g))·u)
 //   RoPE      y_i = bf16(bf16(x_i·cos_i) + bf16(rot(x)_i·sin_i)), rot(x) = [−x₂, x₁]
 #pragma once
@@ -54,10 +55,12 @@ __device__ __forceinline__ float block_max(float v, float* sh) {
 }
 
 // RMSNorm forward, one row of H = 8·vec values per block iteration; thread t owns the vectors
-// t + 256·j (j < VPT). Writes y [rows, H] and r [rows] (f32).
+// t + 256·j (j < VPT). Writes y [rows, H] and r [rows] (f32). With a residual `res` (non-null)
+// the row normalised is s = bf16(x + res), written to `sum` (the residual add fused in).
 template <int VPT>
-__device__ void rms_fwd(const uint4* __restrict__ x, const uint4* __restrict__ w,
-                        uint4* __restrict__ y, float* __restrict__ rstd, int rows, int vec,
+__device__ void rms_fwd(const uint4* __restrict__ x, const uint4* __restrict__ res,
+                        const uint4* __restrict__ w, uint4* __restrict__ y,
+                        uint4* __restrict__ sum, float* __restrict__ rstd, int rows, int vec,
                         float eps) {
   __shared__ float sh[8];
   float wf[VPT][8];
@@ -75,6 +78,13 @@ __device__ void rms_fwd(const uint4* __restrict__ x, const uint4* __restrict__ w
       const int v = threadIdx.x + 256 * j;
       if (v < vec) {
         unpack8(x[(size_t)row * vec + v], xf[j]);
+        if (res != nullptr) {
+          float rf[8];
+          unpack8(res[(size_t)row * vec + v], rf);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) xf[j][k] = bf(xf[j][k] + rf[k]);
+          sum[(size_t)row * vec + v] = pack8(xf[j]);
+        }
 #pragma unroll
         for (int k = 0; k < 8; ++k) ss += xf[j][k] * xf[j][k];
       }
@@ -96,10 +106,13 @@ __device__ void rms_fwd(const uint4* __restrict__ x, const uint4* __restrict__ w
 
 // RMSNorm backward: with x̂ = x·r, dn = bf16(dy·w):
 //   dx = bf16(r·(dn − x̂·mean(dn·x̂))),  dw_part[block] = Σ_{block's rows} dy·bf16(x̂)  (f32)
+// With `dsum` (non-null: the gradient reaching a fused add's sum from elsewhere) the row written
+// is bf16(dx + dsum), the gradient of both addends.
 template <int VPT>
 __device__ void rms_bwd(const uint4* __restrict__ dy, const uint4* __restrict__ x,
                         const uint4* __restrict__ w, const float* __restrict__ rstd,
-                        uint4* __restrict__ dx, float* __restrict__ dw_part, int rows, int vec) {
+                        const uint4* __restrict__ dsum, uint4* __restrict__ dx,
+                        float* __restrict__ dw_part, int rows, int vec) {
   __shared__ float sh[8];
   float wf[VPT][8], acc[VPT][8];
 #pragma unroll
@@ -138,6 +151,12 @@ __device__ void rms_bwd(const uint4* __restrict__ dy, const uint4* __restrict__ 
         float o[8];
 #pragma unroll
         for (int k = 0; k < 8; ++k) o[k] = r * (dn[j][k] - xh[j][k] * mean);
+        if (dsum != nullptr) {
+          float sf[8];
+          unpack8(dsum[(size_t)row * vec + v], sf);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) o[k] = bf(o[k]) + sf[k];
+        }
         dx[(size_t)row * vec + v] = pack8(o);
       }
     }
@@ -155,13 +174,14 @@ __device__ void rms_bwd(const uint4* __restrict__ dy, const uint4* __restrict__ 
 
 #define TCH_PEFT_RMS(VPT)                                                                     \
   extern "C" __global__ void __launch_bounds__(256) rms_fwd_##VPT(                            \
-      const uint4* x, const uint4* w, uint4* y, float* rstd, int rows, int vec, float eps) { \
-    rms_fwd<VPT>(x, w, y, rstd, rows, vec, eps);                                              \
+      const uint4* x, const uint4* res, const uint4* w, uint4* y, uint4* sum, float* rstd,    \
+      int rows, int vec, float eps) {                                                         \
+    rms_fwd<VPT>(x, res, w, y, sum, rstd, rows, vec, eps);                                    \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(256) rms_bwd_##VPT(                            \
-      const uint4* dy, const uint4* x, const uint4* w, const float* rstd, uint4* dx,          \
-      float* dw_part, int rows, int vec) {                                                    \
-    rms_bwd<VPT>(dy, x, w, rstd, dx, dw_part, rows, vec);                                     \
+      const uint4* dy, const uint4* x, const uint4* w, const float* rstd, const uint4* dsum,  \
+      uint4* dx, float* dw_part, int rows, int vec) {                                         \
+    rms_bwd<VPT>(dy, x, w, rstd, dsum, dx, dw_part, rows, vec);                               \
   }
 TCH_PEFT_RMS(1)
 TCH_PEFT_RMS(2)
@@ -270,16 +290,26 @@ extern "C" __global__ void __launch_bounds__(256) softmax_ce(
     const float zy = valid ? __uint_as_float(
         ((unsigned)reinterpret_cast<const unsigned short*>(zr)[y]) << 16) : 0.f;
     float m = __int_as_float(0xff800000), s = 0.f;  // −∞
-    for (int v = threadIdx.x; v < vec; v += 256) {
-      float f[8];
-      unpack8(zr[v], f);
+    // four 16-byte loads in flight per thread before any is used
+    for (int v0 = threadIdx.x; v0 < vec; v0 += 1024) {
+      uint4 raw[4];
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        if (f[k] > m) {
-          s = s * __expf(m - f[k]) + 1.f;
-          m = f[k];
-        } else {
-          s += __expf(f[k] - m);
+      for (int u = 0; u < 4; ++u) {
+        if (v0 + 256 * u < vec) raw[u] = zr[v0 + 256 * u];
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (v0 + 256 * u >= vec) break;
+        float f[8];
+        unpack8(raw[u], f);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          if (f[k] > m) {
+            s = s * __expf(m - f[k]) + 1.f;
+            m = f[k];
+          } else {
+            s += __expf(f[k] - m);
+          }
         }
       }
     }
@@ -289,19 +319,29 @@ extern "C" __global__ void __launch_bounds__(256) softmax_ce(
     if (threadIdx.x == 0) loss[row] = valid ? lse - zy : 0.f;
     if (!write_grad) continue;
     const int yv = valid ? (int)(y >> 3) : -1, yk = (int)(y & 7);
-    for (int v = threadIdx.x; v < vec; v += 256) {
-      float f[8];
-      if (valid) {
-        unpack8(zr[v], f);
+    for (int v0 = threadIdx.x; v0 < vec; v0 += 1024) {
+      uint4 raw[4];
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          f[k] = (__expf(f[k] - lse) - (v == yv && k == yk ? 1.f : 0.f)) * scale;
-        }
-      } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) f[k] = 0.f;
+      for (int u = 0; u < 4; ++u) {
+        if (valid && v0 + 256 * u < vec) raw[u] = zr[v0 + 256 * u];
       }
-      zr[v] = pack8(f);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int v = v0 + 256 * u;
+        if (v >= vec) break;
+        float f[8];
+        if (valid) {
+          unpack8(raw[u], f);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            f[k] = (__expf(f[k] - lse) - (v == yv && k == yk ? 1.f : 0.f)) * scale;
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) f[k] = 0.f;
+        }
+        zr[v] = pack8(f);
+      }
     }
   }
 }

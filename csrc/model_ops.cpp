@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 namespace {
 
@@ -51,50 +52,89 @@ int rms_vpt(int64_t h) {
 
 // ---- RMSNorm ----
 
+// y = rms_norm(s) (and r) with s = x, or s = bf16(x + res) written to `sum` where res is defined
+void rms_forward(const at::Tensor& x, const at::Tensor& res, const at::Tensor& w, double eps,
+                 at::Tensor& y, at::Tensor& sum, at::Tensor& rstd) {
+  const int64_t h = x.size(-1), rows = x.numel() / std::max<int64_t>(h, 1);
+  const int vpt = rms_vpt(h);
+  y = at::empty_like(x);
+  sum = res.defined() ? at::empty_like(x) : at::Tensor();
+  rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  if (rows == 0) return;
+  const void* xp = x.data_ptr();
+  const void* resp = res.defined() ? res.data_ptr() : nullptr;
+  const void* wp = w.data_ptr();
+  void* yp = y.data_ptr();
+  void* sp = res.defined() ? sum.data_ptr() : nullptr;
+  void* rp = rstd.data_ptr();
+  int r = static_cast<int>(rows), vec = static_cast<int>(h / 8);
+  float e = static_cast<float>(eps);
+  void* args[] = {&xp, &resp, &wp, &yp, &sp, &rp, &r, &vec, &e};
+  launch_or_throw(("rms_fwd_" + std::to_string(vpt)).c_str(), grid_for(rows, 8), args);
+}
+
+// dx (+ dsum where defined) and dw of the norm of the saved x (its r saved too)
+std::pair<at::Tensor, at::Tensor> rms_backward(const at::Tensor& grad, const at::Tensor& x,
+                                               const at::Tensor& w, const at::Tensor& rstd,
+                                               const at::Tensor& dsum_in) {
+  const c10::DeviceGuard guard(x.device());
+  const at::Tensor dy = grad.to(at::kBFloat16).contiguous();
+  const at::Tensor dsum =
+      dsum_in.defined() ? dsum_in.to(at::kBFloat16).contiguous() : at::Tensor();
+  const int64_t h = x.size(-1), rows = rstd.numel();
+  const int vpt = rms_vpt(h);
+  at::Tensor dx = at::empty_like(x);
+  const unsigned blocks = grid_for(rows, 4);
+  at::Tensor part = at::empty({blocks, h}, x.options().dtype(at::kFloat));
+  if (rows > 0) {
+    const void* gp = dy.data_ptr();
+    const void* xp = x.data_ptr();
+    const void* wp = w.data_ptr();
+    const void* rp = rstd.data_ptr();
+    const void* dsp = dsum.defined() ? dsum.data_ptr() : nullptr;
+    void* dxp = dx.data_ptr();
+    void* pp = part.data_ptr();
+    int r = static_cast<int>(rows), vec = static_cast<int>(h / 8);
+    void* args[] = {&gp, &xp, &wp, &rp, &dsp, &dxp, &pp, &r, &vec};
+    launch_or_throw(("rms_bwd_" + std::to_string(vpt)).c_str(), blocks, args);
+  }
+  return {dx, part.sum(0).to(w.scalar_type())};
+}
+
 struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             double eps) {
-    const int64_t h = x.size(-1), rows = x.numel() / std::max<int64_t>(h, 1);
-    const int vpt = rms_vpt(h);
-    at::Tensor y = at::empty_like(x);
-    at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
-    if (rows > 0) {
-      const void* xp = x.data_ptr();
-      const void* wp = w.data_ptr();
-      void* yp = y.data_ptr();
-      void* rp = rstd.data_ptr();
-      int r = static_cast<int>(rows), vec = static_cast<int>(h / 8);
-      float e = static_cast<float>(eps);
-      void* args[] = {&xp, &wp, &yp, &rp, &r, &vec, &e};
-      launch_or_throw(("rms_fwd_" + std::to_string(vpt)).c_str(), grid_for(rows, 8), args);
-    }
+    at::Tensor y, sum, rstd;
+    rms_forward(x, at::Tensor(), w, eps, y, sum, rstd);
     ctx->save_for_backward({x, w, rstd});
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
-    const c10::DeviceGuard guard(x.device());
-    const at::Tensor dy = grads[0].to(at::kBFloat16).contiguous();
-    const int64_t h = x.size(-1), rows = rstd.numel();
-    const int vpt = rms_vpt(h);
-    at::Tensor dx = at::empty_like(x);
-    const unsigned blocks = grid_for(rows, 4);
-    at::Tensor part = at::empty({blocks, h}, x.options().dtype(at::kFloat));
-    if (rows > 0) {
-      const void* gp = dy.data_ptr();
-      const void* xp = x.data_ptr();
-      const void* wp = w.data_ptr();
-      const void* rp = rstd.data_ptr();
-      void* dxp = dx.data_ptr();
-      void* pp = part.data_ptr();
-      int r = static_cast<int>(rows), vec = static_cast<int>(h / 8);
-      void* args[] = {&gp, &xp, &wp, &rp, &dxp, &pp, &r, &vec};
-      launch_or_throw(("rms_bwd_" + std::to_string(vpt)).c_str(), blocks, args);
-    }
-    const at::Tensor dw = part.sum(0).to(w.scalar_type());
+    auto [dx, dw] = rms_backward(grads[0], saved[0], saved[1], saved[2], at::Tensor());
     return {dx, dw, at::Tensor()};
+  }
+};
+
+// s = x + res and y = rms_norm(s) in one pass: the pre-norm residual stream's add and the next
+// block's norm. Saves s (an output), w and r; the backward gives both addends bf16(dx + ds).
+struct AddRmsNormFunction : public torch::autograd::Function<AddRmsNormFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& res,
+                               const at::Tensor& w, double eps) {
+    at::Tensor y, sum, rstd;
+    rms_forward(x, res, w, eps, y, sum, rstd);
+    ctx->save_for_backward({sum, w, rstd});
+    return {sum, y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &s = saved[0], &w = saved[1];
+    // an output nobody used comes back undefined: its gradient is zero
+    const at::Tensor dy = grads[1].defined() ? grads[1] : at::zeros_like(s);
+    auto [dx, dw] = rms_backward(dy, s, w, saved[2], grads[0]);
+    return {dx, dx, dw, at::Tensor()};
   }
 };
 
@@ -198,6 +238,25 @@ int tch_peft_rms_norm(const at::Tensor* x, const at::Tensor* w, double eps, at::
       return 2;
     }
     *out = new at::Tensor(RmsNormFunction::apply(*x, *w, eps));
+    return 0;
+  });
+}
+
+int tch_peft_add_rms_norm(const at::Tensor* x, const at::Tensor* res, const at::Tensor* w,
+                          double eps, at::Tensor** out_sum, at::Tensor** out_y, char** error) {
+  return tch_peft::guarded<int>("tch_peft_add_rms_norm", error, 1, [&] {
+    const int64_t h = x->dim() >= 1 ? x->size(-1) : 0;
+    if (!x->is_cuda()) return 2;
+    const c10::DeviceGuard guard(x->device());
+    if (!bf16_cuda(*x) || !bf16_cuda(*res) || !bf16_cuda(*w) || x->sizes() != res->sizes() ||
+        res->device() != x->device() || w->dim() != 1 || w->size(0) != h ||
+        w->device() != x->device() || rms_vpt(h) == 0 || x->numel() / h > kMaxInt ||
+        !kernels_on()) {
+      return 2;
+    }
+    const variable_list ys = AddRmsNormFunction::apply(*x, *res, *w, eps);
+    *out_sum = new at::Tensor(ys[0]);
+    *out_y = new at::Tensor(ys[1]);
     return 0;
   });
 }

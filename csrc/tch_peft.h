@@ -49,6 +49,10 @@ int tch_peft_linear_cross_entropy(const at::Tensor* h, const at::Tensor* w,
 int tch_peft_rms_norm(const at::Tensor* x, const at::Tensor* w, double eps, at::Tensor** out,
                       char** error);
 
+// s = x + res and the RMSNorm of s (weight w [H]) in one pass: *out_sum = s, *out_y = the norm.
+int tch_peft_add_rms_norm(const at::Tensor* x, const at::Tensor* res, const at::Tensor* w,
+                          double eps, at::Tensor** out_sum, at::Tensor** out_y, char** error);
+
 // bf16(silu(g))·u for g, u of one shape.
 int tch_peft_swiglu(const at::Tensor* g, const at::Tensor* u, at::Tensor** out, char** error);
 

@@ -59,6 +59,16 @@ mod ffi {
             out: *mut *mut C_tensor,
             error: *mut *mut c_char,
         ) -> i32;
+        #[allow(clippy::too_many_arguments)]
+        pub fn tch_peft_add_rms_norm(
+            x: *const C_tensor,
+            res: *const C_tensor,
+            w: *const C_tensor,
+            eps: f64,
+            out_sum: *mut *mut C_tensor,
+            out_y: *mut *mut C_tensor,
+            error: *mut *mut c_char,
+        ) -> i32;
         pub fn tch_peft_swiglu(
             g: *const C_tensor,
             u: *const C_tensor,
@@ -262,6 +272,35 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor
             0 => Ok(Some(Tensor::from_ptr(out))),
             2 => Ok(None),
             _ => Err(take_error(error, "tch_peft_rms_norm")),
+        }
+    }
+}
+
+/// The fused residual add and RMSNorm (`csrc/model_ops.cpp`): `(x + res, rms_norm(x + res))`,
+/// `None` where its kernels do not take the inputs.
+pub(crate) fn add_rms_norm(
+    x: &Tensor,
+    res: &Tensor,
+    w: &Tensor,
+    eps: f64,
+) -> Result<Option<(Tensor, Tensor)>, tch::TchError> {
+    let mut sum: *mut C_tensor = std::ptr::null_mut();
+    let mut y: *mut C_tensor = std::ptr::null_mut();
+    let mut error: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the handles are live for the call; on 0 the C++ side wrote two owned handles.
+    unsafe {
+        match ffi::tch_peft_add_rms_norm(
+            x.as_ptr(),
+            res.as_ptr(),
+            w.as_ptr(),
+            eps,
+            &mut sum,
+            &mut y,
+            &mut error,
+        ) {
+            0 => Ok(Some((Tensor::from_ptr(sum), Tensor::from_ptr(y)))),
+            2 => Ok(None),
+            _ => Err(take_error(error, "tch_peft_add_rms_norm")),
         }
     }
 }

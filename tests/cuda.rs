@@ -545,6 +545,23 @@ fn fused_model_ops_match_the_composed_ops_in_bf16_on_cuda() {
             &g,
         );
     }
+    // the residual add fused in: s and its norm side by side (both outputs' gradients)
+    for h in [2048, 4096, 12] {
+        let x = Tensor::randn([2, 45, h], (Kind::Float, dev)) * 2.0;
+        let r = Tensor::randn([2, 45, h], (Kind::Float, dev));
+        let w = Tensor::randn([h], (Kind::Float, dev));
+        let g = Tensor::randn([2, 45, 2 * h], (Kind::Float, dev));
+        let pair = |t: &[Tensor]| {
+            let (s, n) = ops::add_rms_norm(&t[0], &t[1], &t[2], 1e-6).unwrap();
+            Tensor::cat(&[s, n], -1)
+        };
+        let apart = |t: &[Tensor]| {
+            let s = &t[0] + &t[1];
+            let n = ops::rms_norm_composed(&s, &t[2], 1e-6).unwrap();
+            Tensor::cat(&[s, n], -1)
+        };
+        check_fused(&format!("add_rms_norm h {h}"), &pair, &apart, &[&x, &r, &w], &g);
+    }
     for (rows, width) in [(1000, 8192), (3, 24), (5, 12)] {
         let gate = Tensor::randn([rows, width], (Kind::Float, dev)) * 4.0;
         let up = Tensor::randn([rows, width], (Kind::Float, dev));

@@ -216,6 +216,40 @@ fn rms_norm_is_the_math_and_its_documented_backward() {
 }
 
 #[test]
+fn add_rms_norm_is_the_add_then_the_norm_with_both_gradients() {
+    use tch_peft::ops::{add_rms_norm, rms_norm};
+    let (h, eps) = (16, 1e-6);
+    let x = randn(&[3, h], Kind::Double);
+    let r = randn(&[3, h], Kind::Double);
+    let w = randn(&[h], Kind::Double);
+    let (gs, gn) = (randn(&[3, h], Kind::Double), randn(&[3, h], Kind::Double));
+    // one output of the pair: s and the norm side by side, each with its own upstream gradient
+    let g = Tensor::cat(&[&gs, &gn], 1);
+    let pair = |t: &[Tensor]| {
+        let (s, n) = add_rms_norm(&t[0], &t[1], &t[2], eps).unwrap();
+        Tensor::cat(&[s, n], 1)
+    };
+    let apart = |t: &[Tensor]| {
+        let s = &t[0] + &t[1];
+        let n = rms_norm(&s, &t[2], eps).unwrap();
+        Tensor::cat(&[s, n], 1)
+    };
+    let (y, grads) = grads_of(pair, &[&x, &r, &w], &g);
+    let (y_ref, grads_ref) = grads_of(apart, &[&x, &r, &w], &g);
+    assert!(max_abs_diff(&y, &y_ref) < 1e-12);
+    for (i, (a, b)) in grads.iter().zip(&grads_ref).enumerate() {
+        assert!(max_abs_diff(a, b) < 1e-12, "gradient {i}");
+    }
+    // both addends get the same gradient
+    assert!(max_abs_diff(&grads[0], &grads[1]) < 1e-12);
+    let bad = randn(&[2, h], Kind::Double);
+    assert!(matches!(add_rms_norm(&x, &bad, &w, eps), Err(Error::ShapeMismatch { .. })));
+    let ints = Tensor::zeros([3, h], (Kind::Int64, Device::Cpu));
+    assert!(matches!(add_rms_norm(&x, &ints, &w, eps), Err(Error::DtypeMismatch { .. })));
+    assert!(matches!(add_rms_norm(&x, &r, &w, -1.0), Err(Error::InvalidConfig { .. })));
+}
+
+#[test]
 fn swiglu_is_the_math_and_its_documented_backward() {
     use tch_peft::ops::swiglu;
     let gate = randn(&[5, 16], Kind::Double) * 3.0;

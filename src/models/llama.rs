@@ -535,8 +535,17 @@ impl Llama {
             }
         };
 
+        // The pre-norm residual stream: each residual add is fused into the norm after it
+        // (`add_rms_norm`), except after a block a hook edits. `pending` is the MLP output not
+        // yet added to `h`.
+        let mut pending: Option<Tensor> = None;
+        let norm_of = |h: &Tensor, pending: Option<Tensor>, w: &Tensor| match pending {
+            Some(d) => ops::add_rms_norm(h, &d, w, c.rms_norm_eps),
+            None => Ok((h.shallow_clone(), ops::rms_norm(h, w, c.rms_norm_eps)?)),
+        };
         for (i, l) in self.layers.iter().enumerate() {
-            let n = ops::rms_norm(&h, &l.input_layernorm, c.rms_norm_eps)?;
+            let (h_in, n) = norm_of(&h, pending.take(), &l.input_layernorm)?;
+            h = h_in;
             // one node for the three projections of `n` where they are LoRA layers
             let qkv = lora::forward_shared(&[&l.q_proj, &l.k_proj, &l.v_proj], &n, train)?;
             // rotated in the projections' layout [b, s, heads, hd], then heads first for SDPA
@@ -587,17 +596,20 @@ impl Llama {
                 }
             };
             let attn = attn.transpose(1, 2).reshape([b, s, heads * hd]);
-            // out of place: `h` is saved for the norm's backward
-            h = h.f_add(&l.o_proj.f_forward_t(&attn, train)?)?;
-            let m = ops::rms_norm(&h, &l.post_attention_layernorm, c.rms_norm_eps)?;
+            let o = l.o_proj.f_forward_t(&attn, train)?;
+            let (h_mid, m) = norm_of(&h, Some(o), &l.post_attention_layernorm)?;
+            h = h_mid;
             let gate_up = lora::forward_shared(&[&l.gate_proj, &l.up_proj], &m, train)?;
             let gated = ops::swiglu(&gate_up[0], &gate_up[1])?;
-            h = h.f_add(&l.down_proj.f_forward_t(&gated, train)?)?;
-            if let Some(hook) = hook {
-                h = hook.after_block(i as i64, &h, train)?;
+            let d = l.down_proj.f_forward_t(&gated, train)?;
+            match hook {
+                Some(hook) if hook.edits_block(i as i64) => {
+                    h = hook.after_block(i as i64, &h.f_add(&d)?, train)?;
+                }
+                _ => pending = Some(d),
             }
         }
-        ops::rms_norm(&h, &self.norm, c.rms_norm_eps)
+        Ok(norm_of(&h, pending, &self.norm)?.1)
     }
 }
 

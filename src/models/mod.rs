@@ -18,6 +18,14 @@ pub trait ResidualHook {
         hidden: &tch::Tensor,
         train: bool,
     ) -> crate::Result<tch::Tensor>;
+
+    /// Whether [`after_block`](Self::after_block) may change block `layer`'s output. Where it
+    /// says `false` the model skips the call, and can fuse that block's residual add into the
+    /// next norm ([`crate::ops::add_rms_norm`]). Default: `true`.
+    fn edits_block(&self, layer: i64) -> bool {
+        let _ = layer;
+        true
+    }
 }
 
 /// The largest vocabulary a model config may declare (`vocab_size`): 2²⁴.

@@ -1,7 +1,8 @@
 //! Model operations fused for speed and memory, as building blocks for any model graph: the
 //! linear cross-entropy of a language-model head ([`linear_cross_entropy`], [`causal_lm_loss`]),
 //! which never holds the full `[tokens, vocab]` logits, and a Llama block's pointwise parts:
-//! [`rms_norm`], [`swiglu`] and the rotary embedding ([`apply_rotary`], [`rotary_tables`]).
+//! [`rms_norm`] (with the residual add before it: [`add_rms_norm`]), [`swiglu`] and the rotary
+//! embedding ([`apply_rotary`], [`rotary_tables`]).
 //!
 //! Each op has one meaning whatever runs it: on CUDA bf16 an autograd node of the crate's C++
 //! over run-time compiled kernels (one launch each way, rounding where the composed bf16 ops
@@ -21,9 +22,9 @@ pub use cross_entropy::composed as linear_cross_entropy_composed;
 pub use cross_entropy::{
     causal_lm_loss, linear_cross_entropy, shifted_labels, LinearCrossEntropy, Reduction,
 };
-pub use norm::rms_norm;
 #[doc(hidden)]
 pub use norm::rms_norm_composed;
+pub use norm::{add_rms_norm, rms_norm};
 #[doc(hidden)]
 pub use rotary::apply_rotary_composed;
 pub use rotary::{apply_rotary, rotary_tables};

@@ -29,6 +29,63 @@ use crate::{Error, Result};
 /// # Ok(()) }
 /// ```
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    check(x, weight, eps)?;
+    #[cfg(tch_peft_csrc)]
+    if x.device().is_cuda() {
+        if let Some(y) = crate::sys::rms_norm(x, weight, eps)? {
+            return Ok(y);
+        }
+    }
+    rms_norm_composed(x, weight, eps)
+}
+
+/// The residual add of a pre-norm block and the next norm: `s = x + residual` and
+/// [`rms_norm`]`(s, weight, eps)`, returned as `(s, normed)`.
+///
+/// On CUDA bf16 (the shapes [`rms_norm`]'s kernel takes, `residual` of `x`'s shape) one kernel
+/// forms both, `s` rounded to bf16 as the add would round it; its backward gives `x` and
+/// `residual` the norm's input gradient plus the gradient reaching `s` directly, in the one
+/// kernel. Elsewhere: the add, then [`rms_norm`].
+///
+/// ```
+/// # fn main() -> tch_peft::Result<()> {
+/// use tch::{Device, Kind, Tensor};
+/// let opts = (Kind::Float, Device::Cpu);
+/// let (x, r, w) = (Tensor::randn([2, 8], opts), Tensor::randn([2, 8], opts), Tensor::ones([8], opts));
+/// let (s, n) = tch_peft::ops::add_rms_norm(&x, &r, &w, 1e-6)?;
+/// assert!(s.allclose(&(&x + &r), 0.0, 0.0, false));
+/// assert!(n.allclose(&tch_peft::ops::rms_norm(&s, &w, 1e-6)?, 1e-6, 1e-6, false));
+/// # Ok(()) }
+/// ```
+pub fn add_rms_norm(
+    x: &Tensor,
+    residual: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    check(x, weight, eps)?;
+    if residual.size() != x.size() {
+        return Err(Error::ShapeMismatch {
+            name: "residual".into(),
+            expected: x.size(),
+            actual: residual.size(),
+        });
+    }
+    super::check_float("residual", residual)?;
+    super::check_device("residual", residual, x)?;
+    #[cfg(tch_peft_csrc)]
+    if x.device().is_cuda() {
+        if let Some(pair) = crate::sys::add_rms_norm(x, residual, weight, eps)? {
+            return Ok(pair);
+        }
+    }
+    let s = x.f_add(residual)?;
+    let n = rms_norm(&s, weight, eps)?;
+    Ok((s, n))
+}
+
+/// The arguments' checks shared by [`rms_norm`] and [`add_rms_norm`].
+fn check(x: &Tensor, weight: &Tensor, eps: f64) -> Result<()> {
     let h = match x.size().last() {
         Some(&h) => h,
         None => {
@@ -55,13 +112,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
             reason: format!("{eps} is not a finite number ≥ 0"),
         });
     }
-    #[cfg(tch_peft_csrc)]
-    if x.device().is_cuda() {
-        if let Some(y) = crate::sys::rms_norm(x, weight, eps)? {
-            return Ok(y);
-        }
-    }
-    rms_norm_composed(x, weight, eps)
+    Ok(())
 }
 
 /// [`rms_norm`] in composed libtorch ops (the reference of the tests).

@@ -611,8 +611,12 @@ pub struct ReftHook<'a> {
 }
 
 impl ResidualHook for ReftHook<'_> {
+    fn edits_block(&self, layer: i64) -> bool {
+        self.model.interventions.iter().any(|(l, _, _)| *l == layer)
+    }
+
     fn after_block(&self, layer: i64, hidden: &Tensor, train: bool) -> Result<Tensor> {
-        if !self.model.interventions.iter().any(|(l, _, _)| *l == layer) {
+        if !self.edits_block(layer) {
             return Ok(hidden.shallow_clone());
         }
         let prepared = match self.prepared.get() {
