@@ -38,9 +38,17 @@ pub struct LinearCrossEntropy {
     pub reduction: Reduction,
     /// Rows per chunk; `None` picks Liger's size: the power of two at or above
     /// `tokens / ⌈vocab / hidden⌉`, so that a chunk's logits are about the size of the hidden
-    /// states.
+    /// states — but at least [`HEAD_GRAD_CHUNK_ROWS`] rows (or all of them) when the head's
+    /// weight takes a gradient, whose f32 accumulator `[vocab, hidden]` is read and written once
+    /// per chunk.
     pub chunk_rows: Option<i64>,
 }
+
+/// The fewest rows per chunk [`LinearCrossEntropy::chunk_rows`]'s default takes when the head's
+/// weight trains: each chunk adds its `gᵀ·h` into the f32 `[V, H]` gradient, and below about
+/// this many rows that read-and-write costs more than the chunk's GEMM (`docs/PERFORMANCE.md`
+/// has the H200 figures).
+pub const HEAD_GRAD_CHUNK_ROWS: i64 = 2048;
 
 impl Default for LinearCrossEntropy {
     fn default() -> Self {
@@ -142,10 +150,24 @@ pub fn linear_cross_entropy(
         None => {
             let factor = (v + h - 1) / h.max(1);
             let rows = ((n + factor - 1) / factor.max(1)).clamp(1, 1 << 40);
-            (rows as u64).next_power_of_two() as i64
+            let rows = (rows as u64).next_power_of_two() as i64;
+            if head_trains(weight) {
+                rows.max(HEAD_GRAD_CHUNK_ROWS)
+            } else {
+                rows
+            }
         }
     };
     fused_or_composed(hidden, weight, bias, labels, opts, chunk)
+}
+
+/// Whether the loss will backpropagate into the head's weight.
+fn head_trains(weight: &Tensor) -> bool {
+    #[cfg(tch_peft_csrc)]
+    let grad_mode = crate::sys::grad_enabled();
+    #[cfg(not(tch_peft_csrc))]
+    let grad_mode = true;
+    grad_mode && weight.requires_grad()
 }
 
 /// The crate's node where its C++ was compiled, else [`composed`].

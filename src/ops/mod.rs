@@ -21,6 +21,7 @@ pub use activation::swiglu_composed;
 pub use cross_entropy::composed as linear_cross_entropy_composed;
 pub use cross_entropy::{
     causal_lm_loss, linear_cross_entropy, shifted_labels, LinearCrossEntropy, Reduction,
+    HEAD_GRAD_CHUNK_ROWS,
 };
 #[doc(hidden)]
 pub use norm::rms_norm_composed;

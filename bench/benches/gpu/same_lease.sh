@@ -22,7 +22,7 @@ case "${1:-}" in
       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site &&
     python3 $py --stack liger --only train --variants none,lora_bf16 \
       --json "$OUT/liger.json" 2>&1 | tee "$OUT/liger.txt" ;;
-  compile) python3 $py --stack compile --only train,infer --variants none,lora_bf16,lora,full \
+  compile) python3 $py --stack compile --only train,infer --variants none,lora_bf16,full \
       --infer-variants "base,lora unmerged bf16" --json "$OUT/compile.json" 2>&1 | tee "$OUT/compile.txt" ;;
   *) echo "usage: $0 rust|rust-logits|eager|liger|compile|profile" >&2; exit 2 ;;
 esac
