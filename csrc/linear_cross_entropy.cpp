@@ -57,7 +57,7 @@ struct LinearCrossEntropyFunction
                            (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf);
     // the fused softmax kernel (null where it cannot run: the ATen ops below instead)
     void* const softmax_ce =
-        half_cuda && w.scalar_type() == at::kBFloat16 && v % 8 == 0 && v / 8 <= INT32_MAX &&
+        half_cuda && w.scalar_type() == at::kBFloat16 && v % 8 == 0 && v / 8 <= INT32_MAX - 1024 &&
                 chunk <= INT32_MAX
             ? tch_peft::kernels::model_function("softmax_ce")
             : nullptr;
@@ -103,7 +103,8 @@ struct LinearCrossEntropyFunction
         // g = (softmax − onehot) · inv on valid rows, 0 on the rest, in place of z
         z.sub_(lse.unsqueeze(1)).exp_();
         z.scatter_add_(1, safe.unsqueeze(1), at::full({len, 1}, -1.0, z.options()));
-        z.mul_((vc.to(at::kFloat) * inv).unsqueeze(1));
+        // (ignored rows scaled by 0, not by inv: inv is inf when every row is ignored)
+        z.mul_(at::where(vc, inv, at::zeros_like(inv)).unsqueeze(1));
         if (grad_b) db.add_(z.sum(0));
         g = z.to(w.scalar_type());
       }

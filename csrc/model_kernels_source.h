@@ -289,7 +289,7 @@ extern "C" __global__ void __launch_bounds__(256) softmax_ce(
     // the label's logit, read before any thread of the block overwrites the row
     const float zy = valid ? __uint_as_float(
         ((unsigned)reinterpret_cast<const unsigned short*>(zr)[y]) << 16) : 0.f;
-    float m = __int_as_float(0xff800000), s = 0.f;  // −∞
+    float m = -3.402823466e38f, s = 0.f;  // −FLT_MAX: a −∞ logit then adds exp(−∞) = 0
     // four 16-byte loads in flight per thread before any is used
     for (int v0 = threadIdx.x; v0 < vec; v0 += 1024) {
       uint4 raw[4];

@@ -32,6 +32,14 @@ bool bf16_cuda(const at::Tensor& t) {
          reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
+// a gradient as the kernels read it: bf16, contiguous and 16-byte aligned (autograd may hand
+// over a contiguous view at any offset, where the kernels' 16-byte loads would fault)
+at::Tensor kernel_input(const at::Tensor& t) {
+  at::Tensor c = t.to(at::kBFloat16).contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
 void launch_or_throw(const char* name, unsigned blocks, void** args) {
   if (!kernels::launch_model(kernels::model_function(name), blocks, args)) {
     throw std::runtime_error(std::string("the CUDA kernel ") + name + " failed to launch");
@@ -78,14 +86,14 @@ std::pair<at::Tensor, at::Tensor> rms_backward(const at::Tensor& grad, const at:
                                                const at::Tensor& w, const at::Tensor& rstd,
                                                const at::Tensor& dsum_in) {
   const c10::DeviceGuard guard(x.device());
-  const at::Tensor dy = grad.to(at::kBFloat16).contiguous();
+  const at::Tensor dy = kernel_input(grad);
   const at::Tensor dsum =
-      dsum_in.defined() ? dsum_in.to(at::kBFloat16).contiguous() : at::Tensor();
+      dsum_in.defined() ? kernel_input(dsum_in) : at::Tensor();
   const int64_t h = x.size(-1), rows = rstd.numel();
   const int vpt = rms_vpt(h);
   at::Tensor dx = at::empty_like(x);
   const unsigned blocks = grid_for(rows, 4);
-  at::Tensor part = at::empty({blocks, h}, x.options().dtype(at::kFloat));
+  at::Tensor part = at::zeros({blocks, h}, x.options().dtype(at::kFloat));
   if (rows > 0) {
     const void* gp = dy.data_ptr();
     const void* xp = x.data_ptr();
@@ -125,13 +133,15 @@ struct AddRmsNormFunction : public torch::autograd::Function<AddRmsNormFunction>
     at::Tensor y, sum, rstd;
     rms_forward(x, res, w, eps, y, sum, rstd);
     ctx->save_for_backward({sum, w, rstd});
+    // an output nobody used then comes back undefined instead of as zeros (no [rows, H] read)
+    ctx->set_materialize_grads(false);
     return {sum, y};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &s = saved[0], &w = saved[1];
-    // an output nobody used comes back undefined: its gradient is zero
+    // an unused output's gradient is undefined (set_materialize_grads(false)): zero
     const at::Tensor dy = grads[1].defined() ? grads[1] : at::zeros_like(s);
     auto [dx, dw] = rms_backward(dy, s, w, saved[2], grads[0]);
     return {dx, dx, dw, at::Tensor()};
@@ -167,7 +177,7 @@ struct SwiGluFunction : public torch::autograd::Function<SwiGluFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const c10::DeviceGuard guard(saved[0].device());
-    const at::Tensor dy = grads[0].to(at::kBFloat16).contiguous();
+    const at::Tensor dy = kernel_input(grads[0]);
     at::Tensor dg = at::empty_like(saved[0]), du = at::empty_like(saved[1]), none;
     swiglu_launch(saved[0], saved[1], dy, none, dg, du, true);
     return {dg, du};
@@ -212,8 +222,8 @@ struct RopeFunction : public torch::autograd::Function<RopeFunction> {
     const auto saved = ctx->get_saved_variables();
     const bool has_k = ctx->saved_data["has_k"].toBool();
     const c10::DeviceGuard guard(saved[0].device());
-    const at::Tensor gq = grads[0].to(at::kBFloat16).contiguous();
-    const at::Tensor gk = has_k ? grads[1].to(at::kBFloat16).contiguous() : at::Tensor();
+    const at::Tensor gq = kernel_input(grads[0]);
+    const at::Tensor gk = has_k ? kernel_input(grads[1]) : at::Tensor();
     at::Tensor dq = at::empty_like(gq), dk = has_k ? at::empty_like(gk) : at::Tensor();
     rope_launch(gq, gk, saved[0], saved[1], dq, dk, true);
     return {dq, dk, at::Tensor(), at::Tensor()};

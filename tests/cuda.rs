@@ -670,8 +670,9 @@ fn fused_linear_cross_entropy_kernel_matches_aten_and_f64_on_cuda() {
     // the bf16 head's softmax kernel (one pass over the bf16 logits, the gradient written over
     // them) and dW accumulated in f32 from bf16 GEMMs, against the ATen path (kernels off) and
     // against the f64 loss over the full logits: chunks with a partial last one, ignored rows,
-    // an all-ignored chunk, with and without a bias, the head trained or frozen, the sum and the
-    // mean, and a vocabulary that is not a multiple of 8 (no kernel: the ATen path)
+    // an all-ignored chunk, with and without a bias (one with −∞ entries), the head trained or
+    // frozen, the sum and the mean, and a vocabulary that is not a multiple of 8 (no kernel: the
+    // ATen path)
     use tch_peft::ops::{linear_cross_entropy, linear_cross_entropy_composed};
     use tch_peft::ops::{LinearCrossEntropy, Reduction};
     let _alone = Alone::new();
@@ -687,8 +688,15 @@ fn fused_linear_cross_entropy_kernel_matches_aten_and_f64_on_cuda() {
         let (n, h) = (300, 64);
         let x = Tensor::randn([n, h], (Kind::Float, dev)) * 2.0;
         let w = Tensor::randn([v, h], (Kind::Float, dev)) * 0.2;
-        let b = Tensor::randn([v], (Kind::Float, dev));
+        let mut b = Tensor::randn([v], (Kind::Float, dev));
         let mut y = Tensor::randint(v, [n], (Kind::Int64, dev));
+        if v == 4104 {
+            // tokens masked by a −∞ bias, among the first logits each thread reads (never a
+            // label: the loss would be infinite)
+            let masked = Tensor::from_slice(&[0i64, 1, 5, 8, 2050]).to_device(dev);
+            let _ = b.index_fill_(0, &masked, f64::NEG_INFINITY);
+            y = y.clamp_min(2051);
+        }
         // every third row ignored, and rows 64..128 (a whole chunk)
         let _ = y.index_fill_(0, &Tensor::arange_start_step(0, n, 3, (Kind::Int64, dev)), -100);
         let _ = y.narrow(0, 64, 64).fill_(-100);

@@ -38,9 +38,9 @@ pub struct LinearCrossEntropy {
     pub reduction: Reduction,
     /// Rows per chunk; `None` picks Liger's size: the power of two at or above
     /// `tokens / ⌈vocab / hidden⌉`, so that a chunk's logits are about the size of the hidden
-    /// states — but at least [`HEAD_GRAD_CHUNK_ROWS`] rows (or all of them) when the head's
-    /// weight takes a gradient, whose f32 accumulator `[vocab, hidden]` is read and written once
-    /// per chunk.
+    /// states — but at least [`HEAD_GRAD_CHUNK_ROWS`] rows (or all of them) when a CUDA
+    /// bf16/f16 head's weight takes a gradient, whose f32 accumulator `[vocab, hidden]` is read
+    /// and written once per chunk.
     pub chunk_rows: Option<i64>,
 }
 
@@ -161,8 +161,13 @@ pub fn linear_cross_entropy(
     fused_or_composed(hidden, weight, bias, labels, opts, chunk)
 }
 
-/// Whether the loss will backpropagate into the head's weight.
+/// Whether the loss will backpropagate into a CUDA bf16/f16 head's weight (the case where the
+/// dW accumulation's traffic is what a small chunk costs; elsewhere a chunk is an f32 copy, and
+/// a larger one only costs memory).
 fn head_trains(weight: &Tensor) -> bool {
+    if !(weight.device().is_cuda() && matches!(weight.kind(), Kind::BFloat16 | Kind::Half)) {
+        return false;
+    }
     #[cfg(tch_peft_csrc)]
     let grad_mode = crate::sys::grad_enabled();
     #[cfg(not(tch_peft_csrc))]

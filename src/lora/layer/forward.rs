@@ -50,7 +50,8 @@ pub fn custom_cuda_kernels_available() -> bool {
 /// Switches the fused nodes' run-time compiled CUDA kernels ([`custom_cuda_kernels_available`])
 /// on or off for the whole process (on by default; `TCH_PEFT_CUSTOM_KERNELS=0` in the
 /// environment starts with them off). Off, the fused LoRA and DoRA nodes and the model ops of
-/// [`crate::ops`] (RMSNorm, SwiGLU, RoPE) use libtorch's ops only.
+/// [`crate::ops`] (RMSNorm with or without the fused residual add, SwiGLU, RoPE, the linear
+/// cross-entropy's bf16 softmax) use libtorch's ops only.
 pub fn set_custom_cuda_kernels(on: bool) {
     #[cfg(tch_peft_csrc)]
     crate::sys::set_custom_kernels(on);
