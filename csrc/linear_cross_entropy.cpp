@@ -14,8 +14,9 @@
 // is one chunk's [chunk, V] instead of N's. On CUDA with a bf16 head (V a multiple of 8) the
 // softmax, the loss terms and g are one kernel over the bf16 logits, g written over them in bf16
 // (model_kernels_source.h's softmax_ce), and dW accumulates in f32 straight from the bf16 GEMM
-// (cuBLAS's bf16 inputs, f32 output); elsewhere they are ATen ops on an f32 copy. The gradients are saved; the backward scales
-// them by the upstream gradient (a scalar), as Liger's fused linear cross-entropy does.
+// (cuBLAS's bf16 inputs, f32 output); elsewhere they are ATen ops on an f32 copy. The gradients
+// are saved; the backward scales them by the upstream gradient (a scalar), as Liger's fused
+// linear cross-entropy does.
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -56,11 +57,10 @@ struct LinearCrossEntropyFunction
     const bool half_cuda = w.is_cuda() && h.scalar_type() == w.scalar_type() &&
                            (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf);
     // the fused softmax kernel (null where it cannot run: the ATen ops below instead)
+    const bool kernel_takes = half_cuda && w.scalar_type() == at::kBFloat16 && v % 8 == 0 &&
+                              v / 8 <= INT32_MAX - 1024 && chunk <= INT32_MAX;
     void* const softmax_ce =
-        half_cuda && w.scalar_type() == at::kBFloat16 && v % 8 == 0 && v / 8 <= INT32_MAX - 1024 &&
-                chunk <= INT32_MAX
-            ? tch_peft::kernels::model_function("softmax_ce")
-            : nullptr;
+        kernel_takes ? tch_peft::kernels::model_function("softmax_ce") : nullptr;
     at::Tensor loss = at::zeros({}, h.options().dtype(at::kFloat));
     at::Tensor row_loss = softmax_ce != nullptr ? at::empty({n}, loss.options()) : at::Tensor();
     at::Tensor dh = grad_h ? at::empty(h.sizes(), h.options()) : at::Tensor();
@@ -76,15 +76,15 @@ struct LinearCrossEntropyFunction
       at::Tensor z = has_bias ? at::addmm(bias, hc, wt) : at::mm(hc, wt);
       at::Tensor g;
       if (softmax_ce != nullptr) {
-        z = z.contiguous();
-        void* zp = z.data_ptr();
+        void* zp = z.data_ptr();  // mm/addmm's fresh output: contiguous
         const void* yp = yc.data_ptr();
         const void* ip = inv.data_ptr();
         void* lp = row_loss.narrow(0, start, len).data_ptr();
         int rows = static_cast<int>(len), vec = static_cast<int>(v / 8), write = any_grad;
         long long ignore = ignore_index;
         void* args[] = {&zp, &yp, &ip, &lp, &rows, &vec, &ignore, &write};
-        const int64_t blocks = std::min<int64_t>(len, 8 * std::max(1, tch_peft::kernels::sm_count()));
+        const int64_t blocks =
+            std::min<int64_t>(len, 8 * std::max(1, tch_peft::kernels::sm_count()));
         if (!tch_peft::kernels::launch_model(softmax_ce, static_cast<unsigned>(blocks), args)) {
           throw std::runtime_error("the CUDA kernel softmax_ce failed to launch");
         }

@@ -93,7 +93,9 @@ std::pair<at::Tensor, at::Tensor> rms_backward(const at::Tensor& grad, const at:
   const int vpt = rms_vpt(h);
   at::Tensor dx = at::empty_like(x);
   const unsigned blocks = grid_for(rows, 4);
-  at::Tensor part = at::zeros({blocks, h}, x.options().dtype(at::kFloat));
+  // every block writes its row of partials; with no rows nothing does, and dw must be 0
+  at::Tensor part = rows > 0 ? at::empty({blocks, h}, x.options().dtype(at::kFloat))
+                             : at::zeros({blocks, h}, x.options().dtype(at::kFloat));
   if (rows > 0) {
     const void* gp = dy.data_ptr();
     const void* xp = x.data_ptr();

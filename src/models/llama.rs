@@ -370,8 +370,8 @@ impl Llama {
 
     /// As [`forward_t`](Self::forward_t), calling `hook` on the residual stream after every
     /// decoder block it edits ([`ResidualHook::edits_block`]; `hidden: [batch, seq, hidden]`,
-    /// block index from 0) and continuing with what it returns: where ReFT interventions attach (see
-    /// [`ReftModel::hook`](crate::reft::ReftModel::hook)).
+    /// block index from 0) and continuing with what it returns: where ReFT interventions attach
+    /// (see [`ReftModel::hook`](crate::reft::ReftModel::hook)).
     pub fn forward_hooked(
         &self,
         input_ids: &Tensor,

@@ -9,7 +9,8 @@ pub use llama::{Llama, LlamaConfig};
 
 /// A callback on a model's residual stream: [`Llama::forward_hooked`] calls it after every
 /// decoder block it may edit ([`edits_block`](Self::edits_block)) with the block's output
-/// `[batch, seq, hidden]` and continues with the tensor it returns. ReFT implements it; any model can call it at its own hook points.
+/// `[batch, seq, hidden]` and continues with the tensor it returns. ReFT implements it; any
+/// model can call it at its own hook points.
 pub trait ResidualHook {
     /// The (possibly edited) hidden states after block `layer` (0-based).
     fn after_block(
@@ -20,8 +21,8 @@ pub trait ResidualHook {
     ) -> crate::Result<tch::Tensor>;
 
     /// Whether [`after_block`](Self::after_block) may change block `layer`'s output. Where it
-    /// says `false` a model may skip the call (Llama does), and can fuse that block's residual add into the
-    /// next norm ([`crate::ops::add_rms_norm`]). Default: `true`.
+    /// says `false` a model may skip the call (Llama does), and can fuse that block's residual
+    /// add into the next norm ([`crate::ops::add_rms_norm`]). Default: `true`.
     fn edits_block(&self, layer: i64) -> bool {
         let _ = layer;
         true

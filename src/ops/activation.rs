@@ -11,7 +11,7 @@
 
 use tch::Tensor;
 
-use crate::{Error, Result};
+use crate::Result;
 
 /// `silu(gate) ⊙ up` for `gate` and `up` of one shape, kind and device.
 ///
@@ -25,16 +25,8 @@ use crate::{Error, Result};
 /// # Ok(()) }
 /// ```
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.size() != up.size() {
-        return Err(Error::ShapeMismatch {
-            name: "up".into(),
-            expected: gate.size(),
-            actual: up.size(),
-        });
-    }
+    super::check_like("up", up, gate)?;
     super::check_float("gate", gate)?;
-    super::check_same_kind("up", up, gate)?;
-    super::check_device("up", up, gate)?;
     #[cfg(tch_peft_csrc)]
     if gate.device().is_cuda() {
         if let Some(y) = crate::sys::swiglu(gate, up)? {

@@ -45,6 +45,19 @@ fn check_float(name: &str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// `t` has `like`'s shape, kind and device (an operand that pairs with another element-wise).
+fn check_like(name: &str, t: &Tensor, like: &Tensor) -> Result<()> {
+    if t.size() != like.size() {
+        return Err(Error::ShapeMismatch {
+            name: name.into(),
+            expected: like.size(),
+            actual: t.size(),
+        });
+    }
+    check_same_kind(name, t, like)?;
+    check_device(name, t, like)
+}
+
 fn check_same_kind(name: &str, t: &Tensor, like: &Tensor) -> Result<()> {
     if t.kind() != like.kind() {
         return Err(Error::DtypeMismatch {

@@ -64,15 +64,7 @@ pub fn add_rms_norm(
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
     check(x, weight, eps)?;
-    if residual.size() != x.size() {
-        return Err(Error::ShapeMismatch {
-            name: "residual".into(),
-            expected: x.size(),
-            actual: residual.size(),
-        });
-    }
-    super::check_float("residual", residual)?;
-    super::check_device("residual", residual, x)?;
+    super::check_like("residual", residual, x)?;
     #[cfg(tch_peft_csrc)]
     if x.device().is_cuda() {
         if let Some(pair) = crate::sys::add_rms_norm(x, residual, weight, eps)? {
