@@ -10,6 +10,9 @@
 // Forward: the low-rank branch s·(x Aᵀ) Bᵀ (+ bias) first, then the base GEMM accumulating into
 // it in place (alpha = s on the thin GEMM, so no separate scaling kernel). A and B are cast to
 // the base dtype (autocast-style) once and saved with h = x Aᵀ ([N, r]) for the backward.
+// x itself is saved too, unless the caller names how its producer made it (an RMSNorm or a
+// SwiGLU whose own node keeps its inputs anyway): then the backward replays that kernel, bit
+// for bit, and x's [N, in] is not held between forward and backward.
 //
 // Backward, for an upstream gradient g: [N, out]:
 //   dx = g (W + s·BA)        one GEMM against W + s·BA formed in [out, in] (cheap when out is
@@ -20,6 +23,7 @@
 // Gradients for A and B are returned in their own dtype (f32 masters on a bf16 base; on CUDA
 // cuBLAS writes them in f32 directly).
 
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "cuda_kernels.h"
@@ -206,9 +210,9 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
   // index there or -1.
   static variable_list forward(AutogradContext* ctx, at::Tensor x, at::TensorList ws,
                                at::TensorList as, at::TensorList bs, at::TensorList biases,
-                               at::TensorList ms, at::TensorList w_sqs,
+                               at::TensorList ms, at::TensorList w_sqs, at::TensorList from,
                                std::vector<int64_t> bias_of, std::vector<int64_t> dora_of,
-                               std::vector<double> scalings) {
+                               std::vector<double> scalings, int64_t recipe, double eps) {
     // outputs nobody used keep an undefined gradient (skipped below) instead of zeros
     ctx->set_materialize_grads(false);
     const auto kind = x.scalar_type();
@@ -245,7 +249,12 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     }
     variable_list ys = low_rank_outputs(h_all, terms);
     for (size_t i = 0; i < n; ++i) ys[i].addmm_(x, w_used[i].t());  // + x W_iᵀ, beta = 1
-    std::vector<at::Tensor> to_save{x, a_all, h_all};
+    // x, unless its producer's recipe can replay it in the backward from tensors that
+    // producer's own node keeps anyway (then those are saved, and x is freed after the forward)
+    const std::vector<at::Tensor> from_list(from.begin(), from.end());
+    const bool recompute =
+        recipe != 0 && tch_peft::can_recompute_input(recipe, from_list, x.size(0), x.size(1));
+    std::vector<at::Tensor> to_save{recompute ? at::Tensor() : x, a_all, h_all};
     std::vector<at::Tensor> dora_saved;
     std::vector<int64_t> m_kinds;
     for (size_t i = 0; i < n; ++i) {
@@ -261,7 +270,11 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
       }
     }
     to_save.insert(to_save.end(), dora_saved.begin(), dora_saved.end());
+    if (recompute) to_save.insert(to_save.end(), from_list.begin(), from_list.end());
     ctx->save_for_backward(to_save);
+    ctx->saved_data["recipe"] = recompute ? recipe : int64_t{0};
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["n_from"] = static_cast<int64_t>(from.size());
     ctx->saved_data["offsets"] = offsets;
     ctx->saved_data["bias_of"] = bias_of;
     ctx->saved_data["dora_of"] = dora_of;
@@ -280,7 +293,6 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
     const at::Tensor& a_all = saved[1];
     const at::Tensor& h_all = saved[2];
     const auto offsets = ctx->saved_data["offsets"].toIntVector();
@@ -293,9 +305,23 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     const int64_t n_biases = ctx->saved_data["n_biases"].toInt();
     const size_t n = scalings.size();
     const size_t n_dora = m_kinds.size();
+    const int64_t recipe = ctx->saved_data["recipe"].toInt();
+    const int64_t n_from = ctx->saved_data["n_from"].toInt();
     const int64_t big_r = offsets[n];
-    const auto kind = x.scalar_type();
-    const bool wide = x.is_cuda() && (kind == at::kBFloat16 || kind == at::kHalf);
+    const int64_t rows = h_all.size(0);
+    const auto kind = a_all.scalar_type();  // the base dtype, as x's
+    const bool wide = h_all.is_cuda() && (kind == at::kBFloat16 || kind == at::kHalf);
+    // x as saved, or replayed by its producer's kernel on first use (bit for bit)
+    at::Tensor x_replayed;
+    const auto input = [&]() -> const at::Tensor& {
+      if (recipe == 0) return saved[0];
+      if (!x_replayed.defined()) {
+        const size_t first = 3 + 2 * n + 4 * n_dora;
+        x_replayed = tch_peft::recompute_input(
+            recipe, {saved[first], saved[first + 1]}, ctx->saved_data["eps"].toDouble());
+      }
+      return x_replayed;
+    };
     // tensor inputs, flattened: x, ws (n), as (n), bs (n), biases, ms, w_sqs
     const auto w_index = [](size_t i) { return 1 + i; };
     const auto a_index = [n](size_t i) { return 1 + n + i; };
@@ -318,11 +344,11 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     // weights (≈ 4·Σ out_i·in element moves), while Σ g_i W_i followed by one thin accumulate of
     // [s_i·g_i B_i]·[A_i] reads and writes dx once more (≈ 2·N·in): the cheaper one is taken
     // (wide groups such as gate/up go thin)
-    const bool thin = ctx->needs_input_grad(0) && x.size(0) < 2 * sum_out;
+    const bool thin = ctx->needs_input_grad(0) && rows < 2 * sum_out;
     const bool need_gb = any_a || thin;
     // s_i·g_i B_i side by side: [N, R] (zero where an output got no gradient)
     const at::Tensor gb_all =
-        need_gb ? at::empty({x.size(0), big_r}, x.options()) : at::Tensor();
+        need_gb ? at::empty({rows, big_r}, h_all.options()) : at::Tensor();
     for (size_t i = 0; i < n; ++i) {
       const int64_t r = offsets[i + 1] - offsets[i];
       if (!grads[i].defined()) {
@@ -350,7 +376,7 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
         }
       }
       if (ctx->needs_input_grad(w_index(i))) {
-        dws[i] = at::mm(g.t(), x);
+        dws[i] = at::mm(g.t(), input());
         if (j >= 0) {
           dws[i].mul_(saved[d + 1].to(kind));
         }
@@ -393,6 +419,7 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
       const auto f32 = static_cast<int64_t>(at::kFloat);
       const bool all_f32 =
           std::all_of(a_kinds.begin(), a_kinds.end(), [f32](int64_t k) { return k == f32; });
+      const at::Tensor& x = input();
       const at::Tensor da_all =
           wide && all_f32 ? at::mm(gb_all.t(), x, at::kFloat) : at::mm(gb_all.t(), x);
       for (size_t i = 0; i < n; ++i) {
@@ -407,7 +434,8 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     for (const auto* list : {&dws, &das, &dbs, &dbiases, &dms, &dw_sqs}) {
       out.insert(out.end(), list->begin(), list->end());
     }
-    out.resize(out.size() + 3);  // bias_of, dora_of, scalings
+    // from (never differentiated through here), bias_of, dora_of, scalings, recipe, eps
+    out.resize(out.size() + static_cast<size_t>(n_from) + 5);
     return out;
   }
 };
@@ -425,7 +453,8 @@ extern "C" {
 int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* ws,
                         const at::Tensor* const* biases, const at::Tensor* const* as,
                         const at::Tensor* const* bs, const at::Tensor* const* ms,
-                        const at::Tensor* const* w_sqs, const double* scalings,
+                        const at::Tensor* const* w_sqs, const double* scalings, int recipe,
+                        const at::Tensor* const* from, size_t n_from, double eps,
                         at::Tensor** out, char** error) {
   return tch_peft::guarded<int>("tch_peft_lora_group", error, 1, [&] {
     std::vector<at::Tensor> w_list, a_list, b_list, bias_list, m_list, w_sq_list;
@@ -449,10 +478,13 @@ int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* 
       }
     }
     std::vector<double> s(scalings, scalings + n);
+    // detached: the node never differentiates through its recipe's tensors
+    std::vector<at::Tensor> from_list;
+    for (size_t i = 0; i < n_from; ++i) from_list.push_back(from[i]->detach());
     const auto ys = LoraGroupFunction::apply(
         *x, at::TensorList(w_list), at::TensorList(a_list), at::TensorList(b_list),
-        at::TensorList(bias_list), at::TensorList(m_list), at::TensorList(w_sq_list), bias_of,
-        dora_of, s);
+        at::TensorList(bias_list), at::TensorList(m_list), at::TensorList(w_sq_list),
+        at::TensorList(from_list), bias_of, dora_of, s, static_cast<int64_t>(recipe), eps);
     for (size_t i = 0; i < n; ++i) {
       out[i] = new at::Tensor(ys[i]);
     }
@@ -464,5 +496,12 @@ void tch_peft_free_error(char* error) { std::free(error); }
 
 // Whether autograd records operations on this thread (c10::GradMode).
 int tch_peft_grad_enabled() { return c10::GradMode::is_enabled() ? 1 : 0; }
+
+int tch_peft_backward_with_grad(const at::Tensor* y, const at::Tensor* grad, char** error) {
+  return tch_peft::guarded<int>("tch_peft_backward_with_grad", error, 1, [&] {
+    torch::autograd::backward({*y}, {*grad});
+    return 0;
+  });
+}
 
 }  // extern "C"

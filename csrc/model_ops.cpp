@@ -236,6 +236,42 @@ bool kernels_on() { return kernels::model_function("swiglu") != nullptr; }
 
 }  // namespace
 
+namespace tch_peft {
+
+bool can_recompute_input(int64_t recipe, const std::vector<at::Tensor>& from, int64_t rows,
+                         int64_t width) {
+  if (from.size() != 2 || !kernels_on() || !bf16_cuda(from[0]) || !bf16_cuda(from[1]) ||
+      from[1].device() != from[0].device() || from[0].dim() < 1 ||
+      from[0].size(-1) != width || from[0].numel() != rows * width) {
+    return false;
+  }
+  switch (recipe) {
+    case 1:  // rms_norm(src, w): the shapes tch_peft_rms_norm takes
+      return from[1].dim() == 1 && from[1].size(0) == width && rms_vpt(width) != 0 &&
+             rows <= kMaxInt;
+    case 2:  // swiglu(g, u)
+      return from[1].sizes() == from[0].sizes() && width % 8 == 0 && width / 8 <= kMaxInt;
+    default:
+      return false;
+  }
+}
+
+at::Tensor recompute_input(int64_t recipe, const std::vector<at::Tensor>& from, double eps) {
+  const c10::DeviceGuard guard(from[0].device());
+  at::Tensor y;
+  if (recipe == 1) {
+    at::Tensor sum, rstd;
+    rms_forward(from[0], at::Tensor(), from[1], eps, y, sum, rstd);
+  } else {
+    y = at::empty_like(from[0]);
+    at::Tensor none;
+    swiglu_launch(from[0], from[1], none, y, none, none, false);
+  }
+  return y.view({-1, y.size(-1)});
+}
+
+}  // namespace tch_peft
+
 extern "C" {
 
 int tch_peft_rms_norm(const at::Tensor* x, const at::Tensor* w, double eps, at::Tensor** out,

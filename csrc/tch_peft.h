@@ -16,6 +16,7 @@
 #include <cstring>
 #include <exception>
 #include <string>
+#include <vector>
 
 extern "C" {
 
@@ -24,10 +25,16 @@ extern "C" {
 // `n` layers on the shared 2-D input `x`, arrays of `n` handles each; `biases[i]` may be null, and
 // so may `ms[i]` (the DoRA magnitude [out]) with `w_sqs[i]` (the cached ‖W_i‖² [out]) for a LoRA
 // member. On success writes `n` new owned handles to `out` and returns 0; else 1 with *error set.
+//
+// `recipe` says how the node may recompute `x` in its backward instead of saving it (see
+// tch_peft::recompute_input below): 0 saves `x`; 1 (`x` = rms_norm(from[0], from[1], eps)) and
+// 2 (`x` = swiglu(from[0], from[1])) save the `n_from` tensors of `from` instead, which the
+// producing op's own node keeps anyway. A recipe the kernels cannot replay is ignored (`x` saved).
 int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* ws,
                         const at::Tensor* const* biases, const at::Tensor* const* as,
                         const at::Tensor* const* bs, const at::Tensor* const* ms,
-                        const at::Tensor* const* w_sqs, const double* scalings,
+                        const at::Tensor* const* w_sqs, const double* scalings, int recipe,
+                        const at::Tensor* const* from, size_t n_from, double eps,
                         at::Tensor** out, char** error);
 
 // --- linear_cross_entropy.cpp: the fused linear cross-entropy node ---
@@ -66,6 +73,10 @@ void tch_peft_free_error(char* error);
 
 // Whether autograd records operations on this thread (c10::GradMode).
 int tch_peft_grad_enabled();
+
+// torch::autograd::backward of `y` with upstream gradient `grad` (of y's shape), accumulating
+// into the leaves' .grad as Tensor::backward does. 0 on success; else 1 with *error set.
+int tch_peft_backward_with_grad(const at::Tensor* y, const at::Tensor* grad, char** error);
 
 // --- cuda_kernels.cpp: the NVRTC-compiled CUDA kernels ---
 
@@ -108,6 +119,14 @@ char* tch_peft_profiler_stop(char** error);
 }  // extern "C"
 
 namespace tch_peft {
+
+// The input of a LoRA group node, recomputed in its backward bit for bit as the forward's CUDA
+// kernel made it (model_ops.cpp): recipe 1 is rms_norm(from[0], weight from[1], eps), recipe 2
+// swiglu(from[0], from[1]). can_recompute_input says whether the kernels replay `recipe` on
+// `from` for an `x` of `rows` × `width` (else the node saves `x`).
+bool can_recompute_input(int64_t recipe, const std::vector<at::Tensor>& from, int64_t rows,
+                         int64_t width);
+at::Tensor recompute_input(int64_t recipe, const std::vector<at::Tensor>& from, double eps);
 
 // A malloc'ed copy of `s` for Rust (null if malloc fails).
 inline char* copy_c_string(const std::string& s) {

@@ -5,6 +5,7 @@
 #![allow(clippy::needless_doctest_main)]
 
 pub mod adapter;
+pub mod checkpoint;
 mod error;
 pub mod freeze;
 pub mod io;

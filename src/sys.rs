@@ -33,6 +33,10 @@ mod ffi {
             ms: *const *const C_tensor,
             w_sqs: *const *const C_tensor,
             scalings: *const f64,
+            recipe: i32,
+            from: *const *const C_tensor,
+            n_from: usize,
+            eps: f64,
             out: *mut *mut C_tensor,
             error: *mut *mut c_char,
         ) -> i32;
@@ -51,6 +55,11 @@ mod ffi {
             error: *mut *mut c_char,
         ) -> i32;
         pub fn tch_peft_grad_enabled() -> i32;
+        pub fn tch_peft_backward_with_grad(
+            y: *const C_tensor,
+            grad: *const C_tensor,
+            error: *mut *mut c_char,
+        ) -> i32;
         // csrc/model_ops.cpp
         pub fn tch_peft_rms_norm(
             x: *const C_tensor,
@@ -147,6 +156,19 @@ fn handle_mut(t: &Tensor) -> *mut C_tensor {
     t.as_ptr() as *mut C_tensor
 }
 
+/// `y.backward(grad)`: autograd from `y` with upstream gradient `grad` (shapes checked by the
+/// caller), accumulating into the leaves' `.grad`.
+pub(crate) fn backward_with_grad(y: &Tensor, grad: &Tensor) -> Result<(), tch::TchError> {
+    let mut error: *mut c_char = std::ptr::null_mut();
+    // SAFETY: both handles are live for the call.
+    unsafe {
+        if ffi::tch_peft_backward_with_grad(y.as_ptr(), grad.as_ptr(), &mut error) != 0 {
+            return Err(take_error(error, "tch_peft_backward_with_grad"));
+        }
+    }
+    Ok(())
+}
+
 /// Whether autograd records operations on this thread (false inside `tch::no_grad`).
 pub(crate) fn grad_enabled() -> bool {
     // SAFETY: reads a thread-local flag; cannot fail.
@@ -188,10 +210,13 @@ pub(crate) struct DoraMember<'a> {
 /// `x Wᵢᵀ + bᵢ + sᵢ·(x Aᵢᵀ) Bᵢᵀ` for every member (DoRA members:
 /// `m/‖W + s·BA‖_row ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias`, the norm detached as in PEFT), as the one
 /// autograd node of `csrc/lora_linear.cpp` on the shared 2-D input `x`: one output per member.
-/// Inputs must have been checked by the caller.
+/// With a `recipe` (how the op that produced `x` replays it, see [`crate::ops::Recomputable`])
+/// the node keeps that recipe's tensors instead of `x`. Inputs must have been checked by the
+/// caller.
 pub(crate) fn lora_group(
     x: &Tensor,
     members: &[GroupMember<'_>],
+    recipe: Option<&crate::ops::Recipe>,
 ) -> Result<Vec<Tensor>, tch::TchError> {
     let n = members.len();
     let ws: Vec<_> = members.iter().map(|m| m.w.as_ptr()).collect();
@@ -201,11 +226,18 @@ pub(crate) fn lora_group(
     let ms: Vec<_> = members.iter().map(|m| handle(m.dora.as_ref().map(|d| d.m))).collect();
     let w_sqs: Vec<_> = members.iter().map(|m| handle(m.dora.as_ref().map(|d| &d.w_sq))).collect();
     let scalings: Vec<f64> = members.iter().map(|m| m.scaling).collect();
+    let (code, from, eps) = match recipe {
+        None => (0, vec![], 0.0),
+        Some(crate::ops::Recipe::RmsNorm { src, weight, eps }) => {
+            (1, vec![src.as_ptr(), weight.as_ptr()], *eps)
+        }
+        Some(crate::ops::Recipe::SwiGlu { gate, up }) => (2, vec![gate.as_ptr(), up.as_ptr()], 0.0),
+    };
     let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); n];
     let mut error: *mut c_char = std::ptr::null_mut();
     // SAFETY: the arrays hold `n` live handles (or nulls for absent biases and magnitudes; a
-    // magnitude and its ‖W‖² come together) borrowed for the call; on success the C++ side
-    // writes `n` new owned handles into `out`.
+    // magnitude and its ‖W‖² come together) and `from` its live handles, borrowed for the
+    // call; on success the C++ side writes `n` new owned handles into `out`.
     unsafe {
         let rc = ffi::tch_peft_lora_group(
             x.as_ptr(),
@@ -217,6 +249,10 @@ pub(crate) fn lora_group(
             ms.as_ptr(),
             w_sqs.as_ptr(),
             scalings.as_ptr(),
+            code,
+            from.as_ptr(),
+            from.len(),
+            eps,
             out.as_mut_ptr(),
             &mut error,
         );

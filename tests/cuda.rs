@@ -611,6 +611,85 @@ fn fused_model_ops_match_the_composed_ops_in_bf16_on_cuda() {
 }
 
 #[test]
+fn lora_nodes_replaying_their_inputs_give_the_same_gradients_with_less_memory_on_cuda() {
+    // LoRA on every linear layer of a bf16 Llama: with recomputation the q/k/v, gate/up and
+    // down nodes replay the norm and SwiGLU kernels instead of keeping their inputs; the
+    // gradients must be the same bits and the memory held between forward and backward smaller
+    // by those inputs
+    use tch_peft::models::llama::{Llama, LlamaConfig};
+    let _alone = Alone::new();
+    let dev = cuda();
+    let cfg = LlamaConfig {
+        vocab_size: 512,
+        hidden_size: 128,
+        intermediate_size: 256,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        tie_word_embeddings: true,
+        ..LlamaConfig::default()
+    };
+    tch::manual_seed(4);
+    let (mut vs, va) = (nn::VarStore::new(dev), nn::VarStore::new(dev));
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let builder = LoraBuilder::new(
+        &va.root(),
+        LoraConfig { r: 8, lora_alpha: 16.0, ..LoraConfig::for_targets(targets) },
+    )
+    .unwrap();
+    let model = Llama::new(&vs.root(), &cfg, Some(&builder)).unwrap();
+    let adapter = builder.finish().unwrap();
+    tch::no_grad(|| {
+        for l in adapter.layers() {
+            let _ = l.lora_b().shallow_clone().normal_(0.0, 0.05);
+        }
+    });
+    vs.set_kind(Kind::BFloat16);
+    vs.freeze();
+    let (b, s) = (2, 64);
+    let ids = Tensor::randint(cfg.vocab_size, [b, s], (Kind::Int64, dev));
+    let run = |recompute: bool| {
+        tch_peft::ops::set_recompute(recompute);
+        for t in va.trainable_variables() {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        tch::Cuda::synchronize(0);
+        let before = tch_peft::memory::current_bytes(dev).unwrap();
+        let h = model.hidden_states(&ids, None, true, None).unwrap();
+        let loss = model.causal_lm_loss(&h, &ids, true).unwrap();
+        tch::Cuda::synchronize(0);
+        let held = tch_peft::memory::current_bytes(dev).unwrap() - before;
+        loss.backward();
+        let mut grads: Vec<(String, Tensor)> =
+            va.variables().into_iter().map(|(n, t)| (n, t.grad().copy())).collect();
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        (loss.double_value(&[]), grads, held)
+    };
+    let (loss_r, grads_r, held_r) = run(true);
+    let (loss_k, grads_k, held_k) = run(false);
+    tch_peft::ops::set_recompute(true);
+    assert_eq!(loss_r, loss_k);
+    assert_eq!(grads_r.len(), 2 * 7 * 2);
+    for ((name, r), (_, k)) in grads_r.iter().zip(&grads_k) {
+        assert!(r.abs().max().double_value(&[]) > 0.0, "{name}: no gradient");
+        assert!(r.equal(k), "{name}: recomputed gradient differs (relative {})", rel_diff(r, k));
+    }
+    // bf16, per layer: the two norm outputs [b·s, hidden] and the SwiGLU output
+    // [b·s, intermediate], less the first norm's (its input, the frozen embeddings, is kept
+    // instead: no norm node holds it)
+    let per_layer = 2 * cfg.hidden_size + cfg.intermediate_size;
+    let inputs = 2 * (b * s) as u64 * (cfg.num_hidden_layers * per_layer - cfg.hidden_size) as u64;
+    let saved = held_k.saturating_sub(held_r);
+    assert!(
+        saved >= inputs,
+        "held {held_k} B keeping the inputs, {held_r} B replaying them: {saved} B less, want ≥ {inputs}"
+    );
+}
+
+#[test]
 fn bf16_llama_step_with_fused_ops_matches_the_composed_step_on_cuda() {
     use tch_peft::models::llama::{Llama, LlamaConfig};
     let _alone = Alone::new();

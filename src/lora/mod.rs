@@ -30,6 +30,8 @@ pub use layer::{
     custom_cuda_kernels_available, fused_kernel_available, set_custom_cuda_kernels, Conv2dConfig,
     LoraConv2d, LoraEmbedding, LoraLinear, LoraStack, ModuleCopy,
 };
-pub use model_layers::{forward_shared, MaybeLoraConv2d, MaybeLoraEmbedding, MaybeLoraLinear};
+pub use model_layers::{
+    forward_recomputable, forward_shared, MaybeLoraConv2d, MaybeLoraEmbedding, MaybeLoraLinear,
+};
 
 pub(crate) use layer::{all_finite, compute_kind, is_float};

@@ -46,6 +46,19 @@ impl MaybeLoraLinear {
         }
     }
 
+    /// Whether a forward with `train` draws a dropout mask (an enabled, unmerged adapter with
+    /// `lora_dropout` > 0 in training).
+    pub(crate) fn draws_dropout(&self, train: bool) -> bool {
+        let mut any = false;
+        if let MaybeLoraLinear::Lora(s) = self {
+            let _ = s.for_each(|_, l| {
+                any |= l.draws_dropout(train);
+                Ok(())
+            });
+        }
+        any
+    }
+
     /// Forward with input checks (see [`LoraLinear::f_forward_t`]).
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         match self {
@@ -92,6 +105,44 @@ pub fn forward_shared(
     xs: &Tensor,
     train: bool,
 ) -> Result<Vec<Tensor>> {
+    shared(layers, xs, None, train)
+}
+
+/// [`forward_shared`] on an op's [`Recomputable`] output (an RMSNorm's or a SwiGLU's): where
+/// the output carries its recipe, the fused node keeps the recipe's tensors, which the op's own
+/// node holds anyway, instead of the `[N, in]` input, and replays the op's kernel in its
+/// backward, bit for bit. Same values and gradients as [`forward_shared`] on the tensor; one
+/// layer alone takes the fused node too.
+///
+/// ```
+/// use tch::{nn, Device, Kind, Tensor};
+/// use tch_peft::lora::{forward_recomputable, LoraBuilder, LoraConfig};
+///
+/// let (base, adapters) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+/// let builder = LoraBuilder::new(&adapters.root(), LoraConfig::for_targets(["down"]))?;
+/// let down = builder.linear(&(base.root() / "down"), 16, 8, Default::default())?;
+/// let (g, u) = (Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu)), Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu)));
+/// let gated = tch_peft::ops::swiglu_recomputable(&g, &u)?;
+/// let y = forward_recomputable(&[&down], &gated, true)?.remove(0);
+/// assert!(y.allclose(&down.f_forward_t(gated.tensor(), true)?, 1e-6, 1e-6, false));
+/// # Ok::<(), tch_peft::Error>(())
+/// ```
+pub fn forward_recomputable(
+    layers: &[&MaybeLoraLinear],
+    xs: &crate::ops::Recomputable,
+    train: bool,
+) -> Result<Vec<Tensor>> {
+    shared(layers, xs.tensor(), xs.recipe(), train)
+}
+
+fn shared(
+    layers: &[&MaybeLoraLinear],
+    xs: &Tensor,
+    recipe: Option<&crate::ops::Recipe>,
+    train: bool,
+) -> Result<Vec<Tensor>> {
+    #[cfg(not(tch_peft_csrc))]
+    let _ = recipe;
     #[cfg(tch_peft_csrc)]
     {
         // the single adapter of each layer that has one, its base weight locked for reading
@@ -120,7 +171,9 @@ pub fn forward_shared(
             }
             fused.push(member);
         }
-        if fused.iter().filter(|m| m.is_some()).count() >= 2 {
+        // one node for two or more; for one alone where it saves the input
+        let count = fused.iter().filter(|m| m.is_some()).count();
+        if count >= 2 || (count == 1 && recipe.is_some()) {
             let in_features = *xs.size().last().expect("checked by the layers");
             let x2 = xs.f_reshape([-1, in_features])?;
             // inference: the factors' cached casts (no cast kernels)
@@ -135,7 +188,7 @@ pub fn forward_shared(
                 .zip(&factors)
                 .map(|((l, bias), f)| l.group_member(bias.as_ref(), f.as_ref()))
                 .collect::<Result<Vec<_>>>()?;
-            let mut ys = super::layer::fused::lora_group(&x2, &members)?.into_iter();
+            let mut ys = super::layer::fused::lora_group(&x2, &members, recipe)?.into_iter();
             let mut out = Vec::with_capacity(layers.len());
             for (l, m) in layers.iter().zip(&fused) {
                 out.push(match m {

@@ -468,6 +468,15 @@ impl Llama {
         train: bool,
         hook: Option<&dyn ResidualHook>,
     ) -> Result<Tensor> {
+        self.check_embeds(inputs_embeds)?;
+        let size = inputs_embeds.size();
+        let (b, s) = (size[0], size[1]);
+        super::check_mask(attention_mask, b, s)?;
+        self.decode(b, s, inputs_embeds.shallow_clone(), attention_mask, train, hook)
+    }
+
+    /// `inputs_embeds` is `[batch, seq, hidden]` in the model's dtype and on its device.
+    fn check_embeds(&self, inputs_embeds: &Tensor) -> Result<()> {
         let size = inputs_embeds.size();
         let d = self.config.hidden_size;
         let weight = self.embed_tokens.weight();
@@ -492,9 +501,7 @@ impl Llama {
                 actual: inputs_embeds.device(),
             });
         }
-        let (b, s) = (size[0], size[1]);
-        super::check_mask(attention_mask, b, s)?;
-        self.decode(b, s, inputs_embeds.shallow_clone(), attention_mask, train, hook)
+        Ok(())
     }
 
     fn decode(
@@ -506,13 +513,29 @@ impl Llama {
         train: bool,
         hook: Option<&dyn ResidualHook>,
     ) -> Result<Tensor> {
+        let ctx = self.decode_context(b, s, attention_mask)?;
+        // The pre-norm residual stream: each residual add is fused into the norm after it
+        // (`add_rms_norm`), except after a block a hook edits. `pending` is the MLP output not
+        // yet added to `h`.
+        let mut pending: Option<Tensor> = None;
+        for i in 0..self.layers.len() {
+            (h, pending) = self.block(i, &h, pending, &ctx, train, hook)?;
+        }
+        Ok(self.norm_of(&h, pending, &self.norm)?.1.into_tensor())
+    }
+
+    /// What every block of a forward shares: the RoPE tables and the padding mask.
+    fn decode_context(
+        &self,
+        b: i64,
+        s: i64,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<DecodeContext> {
         let c = &self.config;
         let device = self.embed_tokens.weight().device();
         let kind = self.embed_tokens.weight().kind();
-        let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-
         // RoPE tables in f32, cast to the activations' dtype (as transformers)
-        let (cos, sin) = ops::rotary_tables(s, hd, c.theta(), kind, device)?;
+        let (cos, sin) = ops::rotary_tables(s, c.head_dim(), c.theta(), kind, device)?;
 
         // Without padding, causal attention needs no mask tensor: SDPA's `is_causal` with native
         // grouped-query heads (`enable_gqa`) runs the flash kernel on CUDA, as transformers' sdpa
@@ -534,83 +557,203 @@ impl Llama {
                 Some(Tensor::zeros([1], (kind, device)).masked_fill(&blocked, lowest))
             }
         };
+        Ok(DecodeContext { b, s, cos, sin, mask })
+    }
 
-        // The pre-norm residual stream: each residual add is fused into the norm after it
-        // (`add_rms_norm`), except after a block a hook edits. `pending` is the MLP output not
-        // yet added to `h`.
-        let mut pending: Option<Tensor> = None;
-        let norm_of = |h: &Tensor, pending: Option<Tensor>, w: &Tensor| match pending {
-            Some(d) => ops::add_rms_norm(h, &d, w, c.rms_norm_eps),
-            None => Ok((h.shallow_clone(), ops::rms_norm(h, w, c.rms_norm_eps)?)),
+    /// `h + pending` (where a block's MLP output is still to be added) and the norm of that
+    /// sum, as a [`Recomputable`](ops::Recomputable): the LoRA nodes it feeds replay it.
+    fn norm_of(
+        &self,
+        h: &Tensor,
+        pending: Option<Tensor>,
+        w: &Tensor,
+    ) -> Result<(Tensor, ops::Recomputable)> {
+        let eps = self.config.rms_norm_eps;
+        match pending {
+            Some(d) => ops::add_rms_norm_recomputable(h, &d, w, eps),
+            None => Ok((h.shallow_clone(), ops::rms_norm_recomputable(h, w, eps)?)),
+        }
+    }
+
+    /// Block `i` on the residual stream `h` + `pending`: the stream after the block's attention
+    /// residual and the block's MLP output not yet added to it, or (after a block the hook
+    /// edits) the edited stream and `None`.
+    fn block(
+        &self,
+        i: usize,
+        h: &Tensor,
+        pending: Option<Tensor>,
+        ctx: &DecodeContext,
+        train: bool,
+        hook: Option<&dyn ResidualHook>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let c = &self.config;
+        let l = &self.layers[i];
+        let (b, s) = (ctx.b, ctx.s);
+        let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let (h, n) = self.norm_of(h, pending, &l.input_layernorm)?;
+        // one node for the three projections of `n` where they are LoRA layers; the norm's and
+        // SwiGLU's outputs feed the LoRA nodes as `Recomputable`s, replayed in the backward
+        let qkv = lora::forward_recomputable(&[&l.q_proj, &l.k_proj, &l.v_proj], &n, train)?;
+        drop(n);
+        // rotated in the projections' layout [b, s, heads, hd], then heads first for SDPA
+        let (q, k) = ops::apply_rotary(
+            &qkv[0].view([b, s, heads, hd]),
+            Some(&qkv[1].view([b, s, kv, hd])),
+            &ctx.cos,
+            &ctx.sin,
+        )?;
+        let q = q.transpose(1, 2);
+        let Some(k) = k else {
+            return Err(Error::config("num_key_value_heads", "k came back unrotated"));
         };
-        for (i, l) in self.layers.iter().enumerate() {
-            let (h_in, n) = norm_of(&h, pending.take(), &l.input_layernorm)?;
-            h = h_in;
-            // one node for the three projections of `n` where they are LoRA layers
-            let qkv = lora::forward_shared(&[&l.q_proj, &l.k_proj, &l.v_proj], &n, train)?;
-            // rotated in the projections' layout [b, s, heads, hd], then heads first for SDPA
-            let (q, k) = ops::apply_rotary(
-                &qkv[0].view([b, s, heads, hd]),
-                Some(&qkv[1].view([b, s, kv, hd])),
-                &cos,
-                &sin,
-            )?;
-            let q = q.transpose(1, 2);
-            let Some(k) = k else {
-                return Err(Error::config("num_key_value_heads", "k came back unrotated"));
-            };
-            let k = k.transpose(1, 2);
-            let v = qkv[2].view([b, s, kv, hd]).transpose(1, 2);
-            let scale = 1.0 / (hd as f64).sqrt();
-            let attn = match &mask {
-                None => Tensor::f_scaled_dot_product_attention::<Tensor>(
+        let k = k.transpose(1, 2);
+        let v = qkv[2].view([b, s, kv, hd]).transpose(1, 2);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let attn = match &ctx.mask {
+            None => Tensor::f_scaled_dot_product_attention::<Tensor>(
+                &q,
+                &k,
+                &v,
+                None,
+                0.0,
+                s > 1,
+                scale,
+                kv != heads,
+            )?,
+            Some(mask) => {
+                let (k, v) = if kv == heads {
+                    (k, v)
+                } else {
+                    let rep = heads / kv;
+                    (
+                        k.repeat_interleave_self_int(rep, 1, None),
+                        v.repeat_interleave_self_int(rep, 1, None),
+                    )
+                };
+                Tensor::f_scaled_dot_product_attention(
                     &q,
                     &k,
                     &v,
-                    None,
+                    Some(mask),
                     0.0,
-                    s > 1,
+                    false,
                     scale,
-                    kv != heads,
-                )?,
-                Some(mask) => {
-                    let (k, v) = if kv == heads {
-                        (k, v)
-                    } else {
-                        let rep = heads / kv;
-                        (
-                            k.repeat_interleave_self_int(rep, 1, None),
-                            v.repeat_interleave_self_int(rep, 1, None),
-                        )
-                    };
-                    Tensor::f_scaled_dot_product_attention(
-                        &q,
-                        &k,
-                        &v,
-                        Some(mask),
-                        0.0,
-                        false,
-                        scale,
-                        false,
-                    )?
-                }
-            };
-            let attn = attn.transpose(1, 2).reshape([b, s, heads * hd]);
-            let o = l.o_proj.f_forward_t(&attn, train)?;
-            let (h_mid, m) = norm_of(&h, Some(o), &l.post_attention_layernorm)?;
-            h = h_mid;
-            let gate_up = lora::forward_shared(&[&l.gate_proj, &l.up_proj], &m, train)?;
-            let gated = ops::swiglu(&gate_up[0], &gate_up[1])?;
-            let d = l.down_proj.f_forward_t(&gated, train)?;
-            match hook {
-                Some(hook) if hook.edits_block(i as i64) => {
-                    h = hook.after_block(i as i64, &h.f_add(&d)?, train)?;
-                }
-                _ => pending = Some(d),
+                    false,
+                )?
+            }
+        };
+        let attn = attn.transpose(1, 2).reshape([b, s, heads * hd]);
+        let o = l.o_proj.f_forward_t(&attn, train)?;
+        let (h, m) = self.norm_of(&h, Some(o), &l.post_attention_layernorm)?;
+        let gate_up = lora::forward_recomputable(&[&l.gate_proj, &l.up_proj], &m, train)?;
+        drop(m);
+        let gated = ops::swiglu_recomputable(&gate_up[0], &gate_up[1])?;
+        let d = lora::forward_recomputable(&[&l.down_proj], &gated, train)?.remove(0);
+        Ok(match hook {
+            Some(hook) if hook.edits_block(i as i64) => {
+                (hook.after_block(i as i64, &h.f_add(&d)?, train)?, None)
+            }
+            _ => (h, Some(d)),
+        })
+    }
+
+    /// A training step's forward and backward of [`causal_lm_loss`](Self::causal_lm_loss)
+    /// with activation checkpointing per decoder block
+    /// ([`checkpoint::backward_checkpointed`](crate::checkpoint::backward_checkpointed)): only
+    /// each block's input `[batch, seq, hidden]` is kept from the forward, and each block is run
+    /// again when its gradient is due. Gradients accumulate into `.grad` as `loss.backward()`
+    /// would accumulate them; returns the loss, detached. Costs one more forward of every block;
+    /// saves all their activations but one block's (figures in `docs/PERFORMANCE.md`).
+    ///
+    /// # Errors
+    /// Those of [`hidden_states`](Self::hidden_states), and `InvalidConfig` where a LoRA layer
+    /// draws dropout in training (its recomputation would draw another mask).
+    pub fn causal_lm_backward_checkpointed(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        labels: &Tensor,
+        hook: Option<&dyn ResidualHook>,
+    ) -> Result<Tensor> {
+        let (b, s, h) =
+            embed_checked(&self.embed_tokens, input_ids, attention_mask, self.config.vocab_size)?;
+        self.checkpointed(b, s, &h, attention_mask, labels, hook)
+    }
+
+    /// As [`causal_lm_backward_checkpointed`](Self::causal_lm_backward_checkpointed) from
+    /// embeddings (checked as in [`hidden_states_embeds`](Self::hidden_states_embeds)); their
+    /// gradient reaches `inputs_embeds` where it requires grad.
+    pub fn causal_lm_backward_checkpointed_embeds(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        labels: &Tensor,
+        hook: Option<&dyn ResidualHook>,
+    ) -> Result<Tensor> {
+        self.check_embeds(inputs_embeds)?;
+        let size = inputs_embeds.size();
+        super::check_mask(attention_mask, size[0], size[1])?;
+        self.checkpointed(size[0], size[1], inputs_embeds, attention_mask, labels, hook)
+    }
+
+    fn checkpointed(
+        &self,
+        b: i64,
+        s: i64,
+        h: &Tensor,
+        attention_mask: Option<&Tensor>,
+        labels: &Tensor,
+        hook: Option<&dyn ResidualHook>,
+    ) -> Result<Tensor> {
+        for (i, l) in self.layers.iter().enumerate() {
+            let linears = [
+                &l.q_proj,
+                &l.k_proj,
+                &l.v_proj,
+                &l.o_proj,
+                &l.gate_proj,
+                &l.up_proj,
+                &l.down_proj,
+            ];
+            if linears.iter().any(|m| m.draws_dropout(true)) {
+                return Err(Error::config(
+                    "lora_dropout",
+                    format!(
+                        "block {i} draws LoRA dropout in training; a checkpointed step recomputes                          each block and needs it deterministic (set lora_dropout to 0)"
+                    ),
+                ));
             }
         }
-        Ok(norm_of(&h, pending, &self.norm)?.1)
+        let ctx = self.decode_context(b, s, attention_mask)?;
+        let blocks: Vec<Box<crate::checkpoint::Segment<'_>>> = (0..self.layers.len())
+            .map(|i| {
+                let ctx = &ctx;
+                Box::new(move |x: &Tensor| -> Result<Tensor> {
+                    let (h, pending) = self.block(i, x, None, ctx, true, hook)?;
+                    Ok(match pending {
+                        Some(d) => h.f_add(&d)?,
+                        None => h,
+                    })
+                }) as Box<crate::checkpoint::Segment<'_>>
+            })
+            .collect();
+        let segments: Vec<&crate::checkpoint::Segment<'_>> = blocks.iter().map(|b| &**b).collect();
+        let loss = |x: &Tensor| {
+            let n = self.norm_of(x, None, &self.norm)?.1.into_tensor();
+            self.causal_lm_loss(&n, labels, true)
+        };
+        crate::checkpoint::backward_checkpointed(h, &segments, &loss)
     }
+}
+
+/// See [`Llama::decode_context`].
+struct DecodeContext {
+    b: i64,
+    s: i64,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
 }
 
 impl ModuleT for Llama {

@@ -25,15 +25,24 @@ use crate::Result;
 /// # Ok(()) }
 /// ```
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok(swiglu_recomputable(gate, up)?.into_tensor())
+}
+
+/// [`swiglu`] as a [`Recomputable`](super::Recomputable): where the CUDA kernel ran, a LoRA
+/// node fed the output replays it from `gate` and `up` (which SwiGLU's node keeps) instead of
+/// keeping the output too.
+pub fn swiglu_recomputable(gate: &Tensor, up: &Tensor) -> Result<super::Recomputable> {
     super::check_like("up", up, gate)?;
     super::check_float("gate", gate)?;
     #[cfg(tch_peft_csrc)]
     if gate.device().is_cuda() {
         if let Some(y) = crate::sys::swiglu(gate, up)? {
-            return Ok(y);
+            let recipe =
+                super::Recipe::SwiGlu { gate: gate.shallow_clone(), up: up.shallow_clone() };
+            return Ok(super::Recomputable::with_recipe(y, recipe));
         }
     }
-    swiglu_composed(gate, up)
+    Ok(super::Recomputable::plain(swiglu_composed(gate, up)?))
 }
 
 /// [`swiglu`] in composed libtorch ops (the reference of the tests).

@@ -2,7 +2,9 @@
 //! linear cross-entropy of a language-model head ([`linear_cross_entropy`], [`causal_lm_loss`]),
 //! which never holds the full `[tokens, vocab]` logits, and a Llama block's pointwise parts:
 //! [`rms_norm`] (with the residual add before it: [`add_rms_norm`]), [`swiglu`] and the rotary
-//! embedding ([`apply_rotary`], [`rotary_tables`]).
+//! embedding ([`apply_rotary`], [`rotary_tables`]). The norm and SwiGLU also come as
+//! [`Recomputable`] outputs, which a LoRA node downstream replays in its backward instead of
+//! keeping ([`lora::forward_recomputable`](crate::lora::forward_recomputable)).
 //!
 //! Each op has one meaning whatever runs it: on CUDA bf16 an autograd node of the crate's C++
 //! over run-time compiled kernels (one launch each way, rounding where the composed bf16 ops
@@ -12,11 +14,12 @@
 mod activation;
 mod cross_entropy;
 mod norm;
+mod recompute;
 mod rotary;
 
-pub use activation::swiglu;
 #[doc(hidden)]
 pub use activation::swiglu_composed;
+pub use activation::{swiglu, swiglu_recomputable};
 #[doc(hidden)]
 pub use cross_entropy::composed as linear_cross_entropy_composed;
 pub use cross_entropy::{
@@ -25,7 +28,9 @@ pub use cross_entropy::{
 };
 #[doc(hidden)]
 pub use norm::rms_norm_composed;
-pub use norm::{add_rms_norm, rms_norm};
+pub use norm::{add_rms_norm, add_rms_norm_recomputable, rms_norm, rms_norm_recomputable};
+pub(crate) use recompute::Recipe;
+pub use recompute::{recompute_enabled, set_recompute, Recomputable};
 #[doc(hidden)]
 pub use rotary::apply_rotary_composed;
 pub use rotary::{apply_rotary, rotary_tables};

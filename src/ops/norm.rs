@@ -15,6 +15,7 @@
 
 use tch::{Kind, Tensor};
 
+use super::Recomputable;
 use crate::{Error, Result};
 
 /// RMSNorm of `x` `[..., H]` with weight `[H]` and `eps`, as transformers' `LlamaRMSNorm`.
@@ -29,14 +30,25 @@ use crate::{Error, Result};
 /// # Ok(()) }
 /// ```
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(rms_norm_recomputable(x, weight, eps)?.into_tensor())
+}
+
+/// [`rms_norm`] as a [`Recomputable`]: where the CUDA kernel ran, a LoRA node fed the output
+/// replays the norm from `x` (which the norm's node keeps) instead of keeping the output too.
+pub fn rms_norm_recomputable(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Recomputable> {
     check(x, weight, eps)?;
     #[cfg(tch_peft_csrc)]
     if x.device().is_cuda() {
         if let Some(y) = crate::sys::rms_norm(x, weight, eps)? {
-            return Ok(y);
+            let recipe = super::Recipe::RmsNorm {
+                src: x.shallow_clone(),
+                weight: weight.shallow_clone(),
+                eps,
+            };
+            return Ok(Recomputable::with_recipe(y, recipe));
         }
     }
-    rms_norm_composed(x, weight, eps)
+    Ok(Recomputable::plain(rms_norm_composed(x, weight, eps)?))
 }
 
 /// The residual add of a pre-norm block and the next norm: `s = x + residual` and
@@ -63,16 +75,33 @@ pub fn add_rms_norm(
     weight: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
+    let (s, n) = add_rms_norm_recomputable(x, residual, weight, eps)?;
+    Ok((s, n.into_tensor()))
+}
+
+/// [`add_rms_norm`] with the norm as a [`Recomputable`] (replayed from `s`, which the node
+/// keeps).
+pub fn add_rms_norm_recomputable(
+    x: &Tensor,
+    residual: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Recomputable)> {
     check(x, weight, eps)?;
     super::check_like("residual", residual, x)?;
     #[cfg(tch_peft_csrc)]
     if x.device().is_cuda() {
-        if let Some(pair) = crate::sys::add_rms_norm(x, residual, weight, eps)? {
-            return Ok(pair);
+        if let Some((s, n)) = crate::sys::add_rms_norm(x, residual, weight, eps)? {
+            let recipe = super::Recipe::RmsNorm {
+                src: s.shallow_clone(),
+                weight: weight.shallow_clone(),
+                eps,
+            };
+            return Ok((s, Recomputable::with_recipe(n, recipe)));
         }
     }
     let s = x.f_add(residual)?;
-    let n = rms_norm(&s, weight, eps)?;
+    let n = rms_norm_recomputable(&s, weight, eps)?;
     Ok((s, n))
 }
 

@@ -226,3 +226,106 @@ fn config_defaults_are_transformers_and_save_pretrained_round_trips() {
     assert!(matches!(bad.save_pretrained(&dir), Err(Error::InvalidConfig { .. })));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A small f32 Llama with LoRA on every linear layer, B non-zero.
+fn lora_llama(dropout: f64) -> (nn::VarStore, nn::VarStore, Llama, LlamaConfig) {
+    let cfg = LlamaConfig {
+        vocab_size: 64,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        tie_word_embeddings: true,
+        ..LlamaConfig::default()
+    };
+    tch::manual_seed(11);
+    let (mut vs, va) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let lora = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: dropout,
+        ..LoraConfig::for_targets(targets)
+    };
+    let builder = LoraBuilder::new(&va.root(), lora).unwrap();
+    let model = Llama::new(&vs.root(), &cfg, Some(&builder)).unwrap();
+    let adapter = builder.finish().unwrap();
+    tch::no_grad(|| {
+        for (name, t) in vs.variables() {
+            if name.ends_with("norm.weight") {
+                let _ = t.shallow_clone().uniform_(0.5, 1.5);
+            } else {
+                let _ = t.shallow_clone().normal_(0.0, 0.2);
+            }
+        }
+        for l in adapter.layers() {
+            let _ = l.lora_b().shallow_clone().normal_(0.0, 0.1);
+        }
+    });
+    vs.freeze();
+    (vs, va, model, cfg)
+}
+
+fn grads_of(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut g: Vec<_> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(n, t)| {
+            let g = t.grad().copy();
+            let _ = t.grad().zero_();
+            (n, g)
+        })
+        .collect();
+    g.sort_by(|a, b| a.0.cmp(&b.0));
+    g
+}
+
+#[test]
+fn checkpointed_step_gives_the_ordinary_backwards_loss_and_gradients() {
+    let (_vs, va, model, cfg) = lora_llama(0.0);
+    let ids = Tensor::randint(cfg.vocab_size, [2, 7], (Kind::Int64, Device::Cpu));
+    let mask = Tensor::from_slice2(&[[1i64, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]]);
+    let labels = ids.masked_fill(&mask.eq(0), -100);
+    for mask in [None, Some(&mask)] {
+        // ids: the adapters' gradients
+        let h = model.hidden_states(&ids, mask, true, None).unwrap();
+        let plain = model.causal_lm_loss(&h, &labels, true).unwrap();
+        plain.backward();
+        let want = grads_of(&va);
+        let loss = model.causal_lm_backward_checkpointed(&ids, mask, &labels, None).unwrap();
+        let got = grads_of(&va);
+        assert!(!loss.requires_grad());
+        assert!((loss.double_value(&[]) - plain.double_value(&[])).abs() < 1e-6);
+        assert_eq!(got.len(), 2 * 7 * cfg.num_hidden_layers as usize);
+        for ((name, g), (_, w)) in got.iter().zip(&want) {
+            assert!(w.abs().max().double_value(&[]) > 0.0, "{name}: no gradient");
+            let rel = rel_diff(g, w);
+            assert!(rel < 1e-5, "{name}: relative difference {rel} (mask {})", mask.is_some());
+        }
+        // embeddings that require grad: their gradient too (the frozen floor of the benches)
+        let emb = model.embed(&ids).unwrap().detach().set_requires_grad(true);
+        let h = model.hidden_states_embeds(&emb, mask, true, None).unwrap();
+        model.causal_lm_loss(&h, &labels, true).unwrap().backward();
+        let want_emb = emb.grad().copy();
+        let _ = grads_of(&va);
+        let emb2 = emb.detach().set_requires_grad(true);
+        let _ = model.causal_lm_backward_checkpointed_embeds(&emb2, mask, &labels, None).unwrap();
+        let rel = rel_diff(&emb2.grad(), &want_emb);
+        assert!(rel < 1e-5, "embeddings' gradient: relative difference {rel}");
+        let _ = grads_of(&va);
+    }
+    // wrong embeddings are the usual typed errors
+    let bad = Tensor::zeros([2, 7, 5], (Kind::Float, Device::Cpu));
+    let err = model.causal_lm_backward_checkpointed_embeds(&bad, None, &labels, None).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+}
+
+#[test]
+fn checkpointed_step_refuses_lora_dropout() {
+    let (_vs, _va, model, cfg) = lora_llama(0.1);
+    let ids = Tensor::randint(cfg.vocab_size, [1, 5], (Kind::Int64, Device::Cpu));
+    let err = model.causal_lm_backward_checkpointed(&ids, None, &ids, None).unwrap_err();
+    assert!(matches!(&err, Error::InvalidConfig { field, .. } if field == "lora_dropout"), "{err}");
+}

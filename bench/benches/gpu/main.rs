@@ -22,7 +22,10 @@
 //!    8192, vocabulary 128256, tied embeddings) on 8 × 1024 random tokens: `none` (frozen; the
 //!    input embeddings require grad, so the backward runs through every block: the floor), `lora`
 //!    (r 16, α 32, on all seven linear layers of every block), `dora`, `loreft` (r 8, `f7+l7`,
-//!    every layer), `full` (every weight, AdamW on the bf16 weights).
+//!    every layer), `full` (every weight, AdamW on the bf16 weights); besides those,
+//!    `lora-keep` (LoRA with every LoRA node keeping its input: `ops::set_recompute(false)`) and
+//!    `none-ckpt` / `lora-ckpt` (activation checkpointing per block:
+//!    `Llama::causal_lm_backward_checkpointed`).
 //! 3. `infer`: the same model's inference forward (logits, `no_grad`): base, LoRA unmerged, LoRA
 //!    merged (`merge`, which keeps the pre-merge weights in host memory for a bit-exact unmerge)
 //!    and `merge_and_unload` (no copy kept, as PEFT's merge).
@@ -279,6 +282,22 @@ fn llama(
 /// their cross-entropy, as transformers' eager loss.
 static FUSED_LOSS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
+/// A training step's forward and backward with activation checkpointing per block (the fused
+/// loss; `frozen` as in [`step_loss`]).
+fn checkpointed_step(
+    model: &Llama,
+    ids: &Tensor,
+    frozen: bool,
+    hook: Option<&dyn tch_peft::models::ResidualHook>,
+) {
+    if frozen {
+        let emb = model.embed(ids).expect("embed").detach().set_requires_grad(true);
+        let _ = model.causal_lm_backward_checkpointed_embeds(&emb, None, ids, None).expect("step");
+    } else {
+        let _ = model.causal_lm_backward_checkpointed(ids, None, ids, hook).expect("step");
+    }
+}
+
 /// A training step's loss: `frozen` feeds detached embeddings that require grad (the floor's
 /// backward through every block); `labels` are `ids` shifted (the fused loss shifts itself).
 fn step_loss(
@@ -359,8 +378,16 @@ fn train_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
     let (ids, labels) = batch(&cfg, args, device);
     for variant in &args.variants {
         tch_peft::memory::reset_peak(device);
-        let (mut base_vs, adapter_vs, model, _lora) = llama(&cfg, device, variant);
-        let reft = (variant == "loreft").then(|| {
+        // `lora-keep`: LoRA with every LoRA node keeping its input (no recomputation);
+        // `…-ckpt`: the variant with activation checkpointing per block
+        tch_peft::ops::set_recompute(variant != "lora-keep");
+        let ckpt = variant.ends_with("-ckpt");
+        let built = match variant.as_str() {
+            "lora-keep" => "lora",
+            v => v.trim_end_matches("-ckpt"),
+        };
+        let (mut base_vs, adapter_vs, model, _lora) = llama(&cfg, device, built);
+        let reft = (built == "loreft").then(|| {
             ReftModel::new(
                 &adapter_vs.root(),
                 ReftConfig::new(
@@ -379,12 +406,12 @@ fn train_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
                 .expect("locations")
         });
         let hook = reft.as_ref().zip(loc.as_ref()).map(|(r, l)| r.hook(l));
-        if variant == "full" {
+        if built == "full" {
             base_vs.unfreeze();
         }
-        let trained_vs = if variant == "full" { &base_vs } else { &adapter_vs };
+        let trained_vs = if built == "full" { &base_vs } else { &adapter_vs };
         let trainable: i64 = trained_vs.variables().values().map(|t| t.numel() as i64).sum();
-        let mut opt = (variant != "none").then(|| {
+        let mut opt = (built != "none").then(|| {
             if args.optimizer == "libtorch" {
                 Opt::Libtorch(nn::AdamW::default().build(trained_vs, 1e-5).expect("optimizer"))
             } else {
@@ -395,15 +422,25 @@ fn train_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
         });
         let forward = || {
             let hook = hook.as_ref().map(|h| h as &dyn tch_peft::models::ResidualHook);
-            step_loss(&model, &ids, &labels, variant == "none", hook)
+            step_loss(&model, &ids, &labels, built == "none", hook)
         };
         let mut step = |phase: &mut dyn FnMut(usize)| {
-            let loss = forward();
-            phase(0);
-            if let Some(o) = opt.as_mut() {
-                o.zero_grad();
+            if ckpt {
+                // forward and backward in one call (phase 0 stays empty)
+                phase(0);
+                if let Some(o) = opt.as_mut() {
+                    o.zero_grad();
+                }
+                let hook = hook.as_ref().map(|h| h as &dyn tch_peft::models::ResidualHook);
+                checkpointed_step(&model, &ids, built == "none", hook);
+            } else {
+                let loss = forward();
+                phase(0);
+                if let Some(o) = opt.as_mut() {
+                    o.zero_grad();
+                }
+                loss.backward();
             }
-            loss.backward();
             phase(1);
             if let Some(o) = opt.as_mut() {
                 o.step();
@@ -453,6 +490,7 @@ fn train_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
             trainable,
         });
     }
+    tch_peft::ops::set_recompute(true);
 }
 
 fn infer_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {

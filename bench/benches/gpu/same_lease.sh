@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 export LD_LIBRARY_PATH=$(python3 -c 'import torch,os; print(os.path.dirname(torch.__file__)+"/lib")')
 py=bench/benches/gpu/peft_side.py
 case "${1:-}" in
-  rust) dev-bin/gpu --bench --only train,infer --json "$OUT/rust.json" 2>&1 | tee "$OUT/rust.txt" ;;
+  rust) dev-bin/gpu --bench --only train,infer --variants none,lora,lora-keep,dora,loreft,full,none-ckpt,lora-ckpt --json "$OUT/rust.json" 2>&1 | tee "$OUT/rust.txt" ;;
   rust-logits) dev-bin/gpu --bench --only train --variants none,lora --loss logits \
       --json "$OUT/rust-logits.json" 2>&1 | tee "$OUT/rust-logits.txt" ;;
   profile) dev-bin/gpu --bench --only train --variants none,lora --profile --phases \

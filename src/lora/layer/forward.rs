@@ -82,6 +82,11 @@ impl LoraLinear {
         Ok(Some(self.input_bias(xs.kind())?))
     }
 
+    /// Whether a forward with `train` draws a dropout mask.
+    pub(crate) fn draws_dropout(&self, train: bool) -> bool {
+        train && self.dropout > 0.0 && self.is_enabled() && !self.is_merged()
+    }
+
     /// Whether an unmerged forward runs the fused (LoRA or DoRA) node: no active dropout, no
     /// `lora_bias`, fused not switched off.
     #[cfg(tch_peft_csrc)]
@@ -199,7 +204,7 @@ impl LoraLinear {
             // without autograd (inference), LoRA factors' casts are reused until they change
             let cached = self.inference_factors(x2.kind())?;
             let member = self.group_member(bias, cached.as_ref())?;
-            let y = super::fused::lora_group(&x2, &[member])?.remove(0);
+            let y = super::fused::lora_group(&x2, &[member], None)?.remove(0);
             return Ok(y.f_reshape(out_shape)?);
         }
         if let Some(m) = &self.magnitude {
