@@ -169,6 +169,15 @@ pub enum Error {
         /// The file (or model directory) it came from.
         file: PathBuf,
     },
+    /// A quantized weight whose state is malformed or inconsistent (a bitsandbytes 4-bit weight's
+    /// codes, absmax, code tables or `quant_state` JSON), or a weight that cannot be quantized.
+    #[error("quantized weight `{name}`: {reason}")]
+    Quantization {
+        /// The weight's name (its key prefix in the checkpoint).
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An I/O error on a named file.
     #[error("i/o error on `{}`: {source}", path.display())]
     Io {

@@ -16,6 +16,7 @@ pub mod models;
 pub mod ops;
 pub mod optim;
 pub mod profiler;
+pub mod quant;
 pub mod reft;
 #[cfg(tch_peft_csrc)]
 mod sys;

@@ -108,7 +108,7 @@ pub fn forward_shared(
     shared(layers, xs, None, train)
 }
 
-/// [`forward_shared`] on an op's [`Recomputable`] output (an RMSNorm's or a SwiGLU's): where
+/// [`forward_shared`] on an op's [`Recomputable`](crate::ops::Recomputable) output (an RMSNorm's or a SwiGLU's): where
 /// the output carries its recipe, the fused node keeps the recipe's tensors, which the op's own
 /// node holds anyway, instead of the `[N, in]` input, and replays the op's kernel in its
 /// backward, bit for bit. Same values and gradients as [`forward_shared`] on the tensor; one

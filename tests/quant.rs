@@ -1,0 +1,177 @@
+//! bitsandbytes 4-bit weights against bitsandbytes 0.50.2 itself (fixtures made by
+//! `scripts/make_bnb_fixtures.py` with its CPU backend): reading transformers' layout,
+//! dequantization, quantization (codes and absmax bit for bit, double quantization included),
+//! the round trip through the saved layout, and typed errors for malformed states.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tch::{Kind, Tensor};
+use tch_peft::quant::{fp4_code, Bnb4bitWeight, QuantType, NF4_CODE};
+use tch_peft::{io, Error};
+
+const CASES: [(&str, QuantType, i64, bool); 5] = [
+    ("nf4_dq", QuantType::Nf4, 64, true),
+    ("fp4", QuantType::Fp4, 64, false),
+    ("nf4_bf16", QuantType::Nf4, 128, true),
+    ("nf4_tail", QuantType::Nf4, 64, true),
+    ("fp4_dq_big", QuantType::Fp4, 64, true),
+];
+
+fn fixtures() -> BTreeMap<String, Tensor> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bnb/weights.safetensors");
+    io::read_safetensors(path).unwrap().tensors.into_iter().collect()
+}
+
+fn lookup(t: &BTreeMap<String, Tensor>) -> impl Fn(&str) -> Option<Tensor> + '_ {
+    |k: &str| t.get(k).map(Tensor::shallow_clone)
+}
+
+fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+    a.size() == b.size() && a.kind() == b.kind() && a.equal(b)
+}
+
+#[test]
+fn code_tables_are_bitsandbytes_tables() {
+    let t = fixtures();
+    assert!(same_bits(&t["nf4_dq.weight.quant_map"], &Tensor::from_slice(&NF4_CODE)));
+    assert!(same_bits(&t["fp4.weight.quant_map"], &Tensor::from_slice(&fp4_code())));
+    assert_eq!(QuantType::from_name("fp4"), Some(QuantType::Fp4));
+    assert_eq!(QuantType::Nf4.name(), "nf4");
+}
+
+#[test]
+fn saved_weights_dequantize_exactly_as_bitsandbytes() {
+    let t = fixtures();
+    for (case, q, bs, nested) in CASES {
+        let w = Bnb4bitWeight::from_state(&format!("{case}.weight"), &lookup(&t)).unwrap();
+        assert_eq!(
+            (w.quant_type(), w.blocksize(), w.nested().is_some()),
+            (q, bs, nested),
+            "{case}"
+        );
+        assert_eq!(w.shape(), t[&format!("{case}.input")].size().as_slice(), "{case}");
+        let want = &t[&format!("{case}.dequantized")];
+        let got = w.dequantize().unwrap();
+        assert!(same_bits(&got, want), "{case}: dequantized weights differ");
+        assert!(Bnb4bitWeight::is_quantized(&format!("{case}.weight"), &lookup(&t)));
+    }
+    assert!(!Bnb4bitWeight::is_quantized("nf4_dq.input", &lookup(&t)));
+}
+
+#[test]
+fn quantizing_gives_bitsandbytes_codes_and_absmax() {
+    let t = fixtures();
+    for (case, q, bs, nested) in CASES {
+        let input = &t[&format!("{case}.input")];
+        let w = Bnb4bitWeight::quantize(input, q, bs, nested).unwrap();
+        let name = format!("{case}.weight");
+        let mine: BTreeMap<String, Tensor> = w.state(&name).unwrap().into_iter().collect();
+        for (key, tensor) in &mine {
+            if key.contains("quant_state") {
+                continue;
+            }
+            assert!(same_bits(tensor, &t[key]), "{case}: `{key}` differs from bitsandbytes'");
+        }
+        // the JSON parses back to the same state, and the state dequantizes as bitsandbytes'
+        let back = Bnb4bitWeight::from_state(&name, &lookup(&mine)).unwrap();
+        if let (Some(a), Some(b)) = (back.nested(), w.nested()) {
+            assert_eq!(a.offset.to_bits(), b.offset.to_bits(), "{case}");
+        }
+        assert!(same_bits(&back.dequantize().unwrap(), &t[&format!("{case}.dequantized")]));
+        let keys_theirs: Vec<_> = t.keys().filter(|k| k.starts_with(name.as_str())).collect();
+        let keys_mine: Vec<_> = mine.keys().collect();
+        assert_eq!(keys_mine, keys_theirs, "{case}: the saved layout's keys");
+    }
+}
+
+#[test]
+fn malformed_states_are_typed_errors() {
+    let t = fixtures();
+    let name = "nf4_dq.weight";
+    let with = |key: &str, value: Option<Tensor>| {
+        let mut m: BTreeMap<String, Tensor> =
+            t.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+        match value {
+            Some(v) => m.insert(key.to_string(), v),
+            None => m.remove(key),
+        };
+        m
+    };
+    let state = |json: &str| Some(Tensor::from_slice(json.as_bytes()));
+    let key = "nf4_dq.weight.quant_state.bitsandbytes__nf4";
+    let good = r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [48, 96], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.01}"#;
+    let cases: Vec<(&str, BTreeMap<String, Tensor>)> = vec![
+        ("missing absmax", with("nf4_dq.weight.absmax", None)),
+        (
+            "absmax of the wrong size",
+            with("nf4_dq.weight.absmax", Some(Tensor::zeros([3], (Kind::Uint8, tch::Device::Cpu)))),
+        ),
+        (
+            "codes of the wrong dtype",
+            with(name, Some(Tensor::zeros([2304, 1], (Kind::Float, tch::Device::Cpu)))),
+        ),
+        (
+            "a NaN in the code table",
+            with(
+                "nf4_dq.weight.quant_map",
+                Some(Tensor::full([16], f64::NAN, (Kind::Float, tch::Device::Cpu))),
+            ),
+        ),
+        ("not JSON", with(key, state("{not json"))),
+        ("a huge shape", with(key, state(&good.replace("[48, 96]", "[9223372036854775807, 9]")))),
+        ("a negative shape", with(key, state(&good.replace("[48, 96]", "[-48, -96]")))),
+        ("a shape the codes do not hold", with(key, state(&good.replace("[48, 96]", "[48, 97]")))),
+        (
+            "an odd blocksize",
+            with(key, state(&good.replace("\"blocksize\": 64", "\"blocksize\": 63"))),
+        ),
+        (
+            "an integer dtype",
+            with(key, state(&good.replace("\"float32\", \"shape\"", "\"int8\", \"shape\""))),
+        ),
+        ("a type under the other key", with(key, state(&good.replace("\"nf4\"", "\"fp4\"")))),
+        ("no nested offset", with(key, state(&good.replace(", \"nested_offset\": 0.01", "")))),
+        ("an infinite offset", with(key, state(&good.replace("0.01}", "1e300}")))),
+        (
+            "a state that is not bytes",
+            with(key, Some(Tensor::zeros([4], (Kind::Float, tch::Device::Cpu)))),
+        ),
+    ];
+    for (what, m) in cases {
+        match Bnb4bitWeight::from_state(name, &lookup(&m)) {
+            Err(Error::Quantization { name: n, reason }) => {
+                assert_eq!(n, name, "{what}: {reason}");
+            }
+            other => panic!("{what}: expected a quantization error, got {other:?}"),
+        }
+    }
+    // the good state itself reads (the offset differs, so the values do, but it is valid)
+    assert!(Bnb4bitWeight::from_state(name, &lookup(&with(key, state(good)))).is_ok());
+    // quantize refuses what bitsandbytes refuses
+    let w = Tensor::from_slice(&[1.0f32, f32::NAN]);
+    assert!(matches!(
+        Bnb4bitWeight::quantize(&w, QuantType::Nf4, 64, false),
+        Err(Error::Quantization { .. })
+    ));
+    let w = Tensor::ones([4], (Kind::Float, tch::Device::Cpu));
+    assert!(matches!(
+        Bnb4bitWeight::quantize(&w, QuantType::Nf4, 48, false),
+        Err(Error::Quantization { .. })
+    ));
+    let w = Tensor::ones([4], (Kind::Double, tch::Device::Cpu));
+    assert!(matches!(
+        Bnb4bitWeight::quantize(&w, QuantType::Nf4, 64, false),
+        Err(Error::Quantization { .. })
+    ));
+}
+
+#[test]
+fn storage_is_about_four_bits_a_weight_with_double_quantization() {
+    let w = Tensor::randn([256, 1024], (Kind::Float, tch::Device::Cpu));
+    let q = Bnb4bitWeight::quantize(&w, QuantType::Nf4, 64, true).unwrap();
+    // 4 bits of code, 8 bits of absmax per 64 weights, an f32 nested absmax per 256 blocks, and
+    // the tables (16 and 256 f32): 4.127 bits per weight once the tables are amortised
+    let n = q.numel() as u64;
+    assert_eq!(q.storage_bytes(), n / 2 + n / 64 + 4 * (n / 64 / 256) + 4 * (16 + 256));
+}
