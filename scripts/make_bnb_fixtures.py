@@ -17,6 +17,7 @@ weights.safetensors holds, for each case, the input weight `<case>.input` and wh
               odd element count)
   fp4_dq_big  FP4, blocksize 64, double quantization over 2 nested blocks (> 256 absmax), f32
               [66, 256]
+llama-src/, llama-nf4/ (and llama-nf4/adapter, llama-nf4/io.safetensors): see llama_nf4().
 """
 import json
 import os
@@ -66,6 +67,43 @@ def case(tensors, name, w, quant_type, blocksize, nested, out_dtype):
     tensors[f"{name}.dequantized"] = deq.contiguous()
 
 
+def llama_nf4():
+    """A tiny random bf16 Llama (llama-src/), the same model loaded by transformers with
+    BitsAndBytesConfig(load_in_4bit, nf4, double quantization, f32 compute) and saved
+    (llama-nf4/: the bitsandbytes layout), its logits, and a PEFT LoRA adapter trained on nothing
+    (random B) on top of the 4-bit base with the adapter's logits (llama-nf4/adapter)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    src, dst = os.path.join(OUT, "llama-src"), os.path.join(OUT, "llama-nf4")
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    m = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    m.save_pretrained(src)
+    bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    q = LlamaForCausalLM.from_pretrained(src, quantization_config=bnb_cfg, device_map="cpu",
+                                         dtype=torch.float32, attn_implementation="eager")
+    q.eval()
+    q.save_pretrained(dst)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = q(input_ids=ids).logits
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    pm = get_peft_model(q, lcfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=g)
+        logits_adapter = pm(input_ids=ids).logits
+    pm.save_pretrained(os.path.join(dst, "adapter"))
+    os.remove(os.path.join(dst, "adapter", "README.md"))
+    save_file({"input_ids": ids, "logits": logits.contiguous(), "logits_adapter": logits_adapter.contiguous()},
+              os.path.join(dst, "io.safetensors"))
+
+
 def main():
     if "--dynamic-map" in sys.argv:
         sys.stdout.write(dynamic_map_source())
@@ -82,6 +120,7 @@ def main():
     case(t, "nf4_tail", torch.randn(5, 27, generator=g), "nf4", 64, True, torch.float32)
     case(t, "fp4_dq_big", torch.randn(66, 256, generator=g) * 0.1, "fp4", 64, True, torch.float32)
     save_file(t, os.path.join(OUT, "weights.safetensors"))
+    llama_nf4()
     meta = {"bitsandbytes": __import__("bitsandbytes").__version__, "torch": torch.__version__}
     with open(os.path.join(OUT, "versions.json"), "w") as f:
         json.dump(meta, f, indent=1)

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use tch::{Kind, Tensor};
-use tch_peft::quant::{fp4_code, Bnb4bitWeight, QuantType, NF4_CODE};
+use tch_peft::quant::{fp4_code, Bnb4bitWeight, QuantLinear, QuantType, NF4_CODE};
 use tch_peft::{io, Error};
 
 const CASES: [(&str, QuantType, i64, bool); 5] = [
@@ -174,4 +174,89 @@ fn storage_is_about_four_bits_a_weight_with_double_quantization() {
     // the tables (16 and 256 f32): 4.127 bits per weight once the tables are amortised
     let n = q.numel() as u64;
     assert_eq!(q.storage_bytes(), n / 2 + n / 64 + 4 * (n / 64 / 256) + 4 * (16 + 256));
+}
+
+fn dir(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bnb").join(name)
+}
+
+#[test]
+fn a_transformers_4bit_checkpoint_reads_and_quantize_on_load_matches_it() {
+    // transformers' save_pretrained of a Llama loaded with BitsAndBytesConfig(nf4, double
+    // quantization): every linear layer of the blocks is a 4-bit weight, the rest stays float;
+    // quantizing the bf16 source checkpoint ourselves gives the same codes and absmax
+    let saved: BTreeMap<String, Tensor> = io::read_safetensors(dir("llama-nf4/model.safetensors"))
+        .unwrap()
+        .tensors
+        .into_iter()
+        .collect();
+    let source: BTreeMap<String, Tensor> = io::read_safetensors(dir("llama-src/model.safetensors"))
+        .unwrap()
+        .tensors
+        .into_iter()
+        .collect();
+    let mut quantized = 0;
+    for (name, w) in &source {
+        let q = Bnb4bitWeight::is_quantized(name, &lookup(&saved));
+        let linear = name.contains("_proj.");
+        assert_eq!(q, linear, "{name}");
+        if !q {
+            continue;
+        }
+        quantized += 1;
+        let theirs = Bnb4bitWeight::from_state(name, &lookup(&saved)).unwrap();
+        assert_eq!(theirs.shape(), w.size().as_slice());
+        let mine =
+            Bnb4bitWeight::quantize(&w.to_kind(Kind::Float), QuantType::Nf4, 64, true).unwrap();
+        let mine: BTreeMap<String, Tensor> = mine.state(name).unwrap().into_iter().collect();
+        for (key, t) in &mine {
+            if !key.contains("quant_state") {
+                assert!(same_bits(t, &saved[key]), "`{key}` differs");
+            }
+        }
+        // the layer computes x · deq(W)ᵀ and its input gradient through deq(W)
+        let layer = QuantLinear::new(theirs, None, Kind::Float).unwrap();
+        let x = Tensor::randn([3, layer.in_features()], (Kind::Float, tch::Device::Cpu))
+            .set_requires_grad(true);
+        let y = layer.f_forward(&x).unwrap();
+        let dense = layer.dense_weight().unwrap();
+        assert!(!dense.requires_grad());
+        assert!(y.allclose(&x.detach().matmul(&dense.tr()), 1e-6, 1e-6, false));
+        y.sum(Kind::Float).backward();
+        assert!(x.grad().allclose(
+            &dense.sum_dim_intlist(0, true, Kind::Float).expand([3, -1], false),
+            1e-5,
+            1e-5,
+            false
+        ));
+        assert_eq!(layer.num_parameters(), w.numel() as i64);
+        assert_eq!(layer.num_parameters_bnb(), w.numel() as i64 / 2);
+    }
+    assert_eq!(quantized, 2 * 7);
+}
+
+#[test]
+fn quantized_linear_refuses_bad_inputs() {
+    let w = Tensor::randn([8, 64], (Kind::Float, tch::Device::Cpu));
+    let q = || Bnb4bitWeight::quantize(&w, QuantType::Fp4, 64, false).unwrap();
+    let layer = QuantLinear::new(
+        q(),
+        Some(Tensor::zeros([8], (Kind::Float, tch::Device::Cpu))),
+        Kind::BFloat16,
+    )
+    .unwrap();
+    let bad_width = Tensor::zeros([2, 63], (Kind::BFloat16, tch::Device::Cpu));
+    assert!(matches!(layer.f_forward(&bad_width), Err(Error::ShapeMismatch { .. })));
+    let bad_kind = Tensor::zeros([2, 64], (Kind::Float, tch::Device::Cpu));
+    assert!(matches!(layer.f_forward(&bad_kind), Err(Error::DtypeMismatch { .. })));
+    let y = layer.f_forward(&Tensor::ones([2, 64], (Kind::BFloat16, tch::Device::Cpu))).unwrap();
+    assert_eq!((y.size(), y.kind()), (vec![2, 8], Kind::BFloat16));
+    let bad_bias = Some(Tensor::zeros([7], (Kind::Float, tch::Device::Cpu)));
+    assert!(matches!(
+        QuantLinear::new(q(), bad_bias, Kind::Float),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(QuantLinear::new(q(), None, Kind::Double), Err(Error::DtypeMismatch { .. })));
+    let flat = Bnb4bitWeight::quantize(&w.reshape([-1]), QuantType::Nf4, 64, false).unwrap();
+    assert!(matches!(QuantLinear::new(flat, None, Kind::Float), Err(Error::ShapeMismatch { .. })));
 }

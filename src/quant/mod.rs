@@ -5,7 +5,8 @@
 //! loaded with `BitsAndBytesConfig(load_in_4bit=True)`: read from a checkpoint's tensors
 //! ([`Bnb4bitWeight::from_state`]), made from a float weight exactly as bitsandbytes makes it
 //! ([`Bnb4bitWeight::quantize`]), written back in the same layout ([`Bnb4bitWeight::state`]) and
-//! dequantized ([`Bnb4bitWeight::dequantize`]).
+//! dequantized ([`Bnb4bitWeight::dequantize`]). [`QuantLinear`] is a frozen linear layer over
+//! one.
 //!
 //! ```text
 //! n elements in blocks of `blocksize` (64 by default); code c_k ∈ 0..16 per element, two per
@@ -21,8 +22,10 @@
 
 mod bnb;
 mod dynamic_map;
+mod linear;
 
 pub use bnb::{Bnb4bitWeight, NestedAbsmax};
+pub use linear::QuantLinear;
 
 /// bitsandbytes' 4-bit data types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
