@@ -3,7 +3,8 @@
 //!
 //! torch-sys (links = "tch") exports the libtorch library directory as `DEP_TCH_LIBTORCH_LIB`.
 //! * `csrc/lora_linear.cpp` (the fused LoRA/DoRA autograd node), `csrc/linear_cross_entropy.cpp`
-//!   (the chunked linear cross-entropy node), `csrc/model_ops.cpp` (RMSNorm, SwiGLU and RoPE
+//!   (the chunked linear cross-entropy node), `csrc/quant_linear.cpp` (the frozen 4-bit
+//!   linear node), `csrc/model_ops.cpp` (RMSNorm, SwiGLU and RoPE
 //!   nodes), `csrc/cuda_kernels.cpp` (their
 //!   NVRTC-compiled CUDA kernels, where the CUDA headers are found), `csrc/memory.cpp` (the
 //!   device allocator's peaks), `csrc/optim.cpp` (multi-tensor AdamW) and `csrc/profiler.cpp`
@@ -88,6 +89,7 @@ fn main() {
             .flag("-DGLOG_USE_GLOG_EXPORT")
             .file("csrc/lora_linear.cpp")
             .file("csrc/linear_cross_entropy.cpp")
+            .file("csrc/quant_linear.cpp")
             .file("csrc/model_ops.cpp")
             .file("csrc/cuda_kernels.cpp")
             .file("csrc/memory.cpp")

@@ -37,6 +37,16 @@ int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* 
                         const at::Tensor* const* from, size_t n_from, double eps,
                         at::Tensor** out, char** error);
 
+// --- quant_linear.cpp: the frozen 4-bit linear layer's node ---
+
+// y = x · deq(W)ᵀ + bias for bitsandbytes' 4-bit W: `q` holds `n_q` handles (codes, absmax,
+// quant_map, and with double quantization nested_absmax, nested_map), `dims` out, in, blocksize,
+// nested_blocksize; `bias` may be null. Shapes checked by the caller. On success writes a new
+// owned handle to `out` and returns 0; else 1 with *error set.
+int tch_peft_linear_4bit(const at::Tensor* x, const at::Tensor* bias,
+                         const at::Tensor* const* q, size_t n_q, const int64_t* dims,
+                         double offset, at::Tensor** out, char** error);
+
 // --- linear_cross_entropy.cpp: the fused linear cross-entropy node ---
 
 // The loss of `h Wᵀ + bias` ([N, H] by [V, H], `bias` [V] or null) against `labels` ([N] int64,

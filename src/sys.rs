@@ -41,6 +41,17 @@ mod ffi {
             error: *mut *mut c_char,
         ) -> i32;
         pub fn tch_peft_free_error(error: *mut c_char);
+        // csrc/quant_linear.cpp
+        pub fn tch_peft_linear_4bit(
+            x: *const C_tensor,
+            bias: *const C_tensor,
+            q: *const *const C_tensor,
+            n_q: usize,
+            dims: *const i64,
+            offset: f64,
+            out: *mut *mut C_tensor,
+            error: *mut *mut c_char,
+        ) -> i32;
         // csrc/linear_cross_entropy.cpp
         #[allow(clippy::too_many_arguments)]
         pub fn tch_peft_linear_cross_entropy(
@@ -260,6 +271,39 @@ pub(crate) fn lora_group(
             return Err(take_error(error, "tch_peft_lora_group"));
         }
         Ok(out.into_iter().map(|p| Tensor::from_ptr(p)).collect())
+    }
+}
+
+/// The frozen 4-bit linear node (`csrc/quant_linear.cpp`): `x · deq(W)ᵀ + bias`, keeping only
+/// the quantized parts `q` (codes, absmax, quant_map[, nested_absmax, nested_map]) for the
+/// backward; `dims` = out, in, blocksize, nested blocksize. Checked by the caller.
+pub(crate) fn linear_4bit(
+    x: &Tensor,
+    bias: Option<&Tensor>,
+    q: &[&Tensor],
+    dims: [i64; 4],
+    offset: f64,
+) -> Result<Tensor, tch::TchError> {
+    let handles: Vec<_> = q.iter().map(|t| t.as_ptr()).collect();
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let mut error: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the handles are live for the call (the bias null when absent), `dims` holds 4
+    // values; on success the C++ side writes one new owned handle into `out`.
+    unsafe {
+        let rc = ffi::tch_peft_linear_4bit(
+            x.as_ptr(),
+            handle(bias),
+            handles.as_ptr(),
+            handles.len(),
+            dims.as_ptr(),
+            offset,
+            &mut out,
+            &mut error,
+        );
+        if rc != 0 {
+            return Err(take_error(error, "tch_peft_linear_4bit"));
+        }
+        Ok(Tensor::from_ptr(out))
     }
 }
 

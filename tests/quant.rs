@@ -260,3 +260,34 @@ fn quantized_linear_refuses_bad_inputs() {
     let flat = Bnb4bitWeight::quantize(&w.reshape([-1]), QuantType::Nf4, 64, false).unwrap();
     assert!(matches!(QuantLinear::new(flat, None, Kind::Float), Err(Error::ShapeMismatch { .. })));
 }
+
+#[test]
+fn the_4bit_node_keeps_only_the_quantized_weight_and_matches_the_composed_ops() {
+    for (q, nested, kind) in
+        [(QuantType::Nf4, true, Kind::Float), (QuantType::Fp4, false, Kind::BFloat16)]
+    {
+        let w = Tensor::randn([24, 128], (Kind::Float, tch::Device::Cpu));
+        let bias = Tensor::randn([24], (Kind::Float, tch::Device::Cpu));
+        let layer =
+            QuantLinear::new(Bnb4bitWeight::quantize(&w, q, 64, nested).unwrap(), Some(bias), kind)
+                .unwrap();
+        let x = Tensor::randn([2, 5, 128], (kind, tch::Device::Cpu));
+        let run = |composed: bool| {
+            let xg = x.detach().set_requires_grad(true);
+            let y = if composed { layer.f_forward_composed(&xg) } else { layer.f_forward(&xg) }
+                .unwrap();
+            let g = y.ones_like().cumsum(-1, kind);
+            (&y * &g).sum(Kind::Float).backward();
+            (y.detach(), xg.grad())
+        };
+        let ((y, dx), (y_ref, dx_ref)) = (run(false), run(true));
+        assert_eq!(y.size(), [2, 5, 24]);
+        let tol = if kind == Kind::Float { 1e-5 } else { 2e-2 };
+        assert!(common_rel(&y, &y_ref) < tol && common_rel(&dx, &dx_ref) < tol, "{q:?} {kind:?}");
+    }
+}
+
+fn common_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[]);
+    d / b.to_kind(Kind::Double).abs().max().double_value(&[]).max(1e-30)
+}

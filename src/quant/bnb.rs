@@ -425,6 +425,11 @@ impl Bnb4bitWeight {
         &self.quant_map
     }
 
+    /// The absmax as stored: f32 `[blocks]`, or (double-quantized) its uint8 codes.
+    pub fn absmax_storage(&self) -> Tensor {
+        self.absmax.first().shallow_clone()
+    }
+
     /// The nested absmax, where the weight is double-quantized.
     pub fn nested(&self) -> Option<&NestedAbsmax> {
         match &self.absmax {

@@ -7,7 +7,10 @@ use crate::{Error, Result};
 
 /// A frozen linear layer over a [`Bnb4bitWeight`]: `y = x · deq(W)ᵀ + b`, with `deq(W)` formed in
 /// the compute dtype for each forward (bitsandbytes' `Linear4bit` with `compute_dtype`). Nothing
-/// about the layer trains; the input's gradient flows through `deq(W)`.
+/// about the layer trains; the input's gradient flows through `deq(W)`, which the backward forms
+/// again from the codes (as bitsandbytes' `MatMul4Bit` does): between forward and backward the
+/// layer holds neither the dense weight nor its input (the autograd node of
+/// `csrc/quant_linear.cpp`; composed ops, which keep the dense weight, in a `doc-only` build).
 ///
 /// ```
 /// # fn main() -> tch_peft::Result<()> {
@@ -126,6 +129,34 @@ impl QuantLinear {
                 actual: xs.device(),
             });
         }
+        #[cfg(tch_peft_csrc)]
+        {
+            let w = &self.weight;
+            let absmax = w.absmax_storage();
+            let mut q = vec![w.codes(), &absmax, w.quant_map()];
+            let (nbs, offset) = match w.nested() {
+                Some(n) => {
+                    q.push(&n.absmax);
+                    q.push(&n.map);
+                    (n.blocksize, f64::from(n.offset))
+                }
+                None => (0, 0.0),
+            };
+            let dims = [self.out_features(), in_features, w.blocksize(), nbs];
+            Ok(crate::sys::linear_4bit(xs, self.bias.as_ref(), &q, dims, offset)?)
+        }
+        #[cfg(not(tch_peft_csrc))]
+        {
+            let w = self.dense_weight()?;
+            Ok(xs.f_linear(&w, self.bias.as_ref())?)
+        }
+    }
+
+    /// As [`f_forward`](Self::f_forward), always through composed libtorch ops: the dense
+    /// weight is formed once and autograd keeps it for the input gradient (the reference the
+    /// node is tested against).
+    #[doc(hidden)]
+    pub fn f_forward_composed(&self, xs: &Tensor) -> Result<Tensor> {
         let w = self.dense_weight()?;
         Ok(xs.f_linear(&w, self.bias.as_ref())?)
     }
