@@ -3,6 +3,8 @@
 //! dequantization, quantization (codes and absmax bit for bit, double quantization included),
 //! the round trip through the saved layout, and typed errors for malformed states.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -290,4 +292,137 @@ fn the_4bit_node_keeps_only_the_quantized_weight_and_matches_the_composed_ops() 
 fn common_rel(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[]);
     d / b.to_kind(Kind::Double).abs().max().double_value(&[]).max(1e-30)
+}
+
+mod gguf_files {
+    use super::*;
+    use crate::common;
+    use common::temp_dir;
+    use tch_peft::quant::gguf::{GgmlType, GgufFile, GgufValue};
+
+    fn fixture() -> std::path::PathBuf {
+        dir("../gguf/types.gguf")
+    }
+
+    #[test]
+    fn every_type_dequantizes_as_gguf_py_and_metadata_reads_back() {
+        let f = GgufFile::open(fixture()).unwrap();
+        assert_eq!(f.version(), 3);
+        let want: BTreeMap<String, Tensor> =
+            io::read_safetensors(dir("../gguf/expected.safetensors"))
+                .unwrap()
+                .tensors
+                .into_iter()
+                .collect();
+        assert_eq!(f.tensors().len(), want.len());
+        for info in f.tensors() {
+            let got = f.tensor(&info.name).unwrap();
+            assert!(same_bits(&got, &want[&info.name]), "{} ({:?})", info.name, info.ggml_type);
+        }
+        assert_eq!(f.info("q8_0_3d").unwrap().shape(), [2, 3, 32]);
+        assert_eq!(f.info("q6_k").unwrap().ggml_type, GgmlType::Q6K);
+        let m = f.metadata();
+        assert_eq!(m["general.architecture"].as_str(), Some("llama"));
+        assert_eq!(m["llama.context_length"].as_u64(), Some(2048));
+        assert_eq!(m["test.u8"], GgufValue::U8(200));
+        assert_eq!(m["test.i8"], GgufValue::I8(-100));
+        assert_eq!(m["test.u16"], GgufValue::U16(60000));
+        assert_eq!(m["test.i16"], GgufValue::I16(-30000));
+        assert_eq!(m["test.u32"], GgufValue::U32(4_000_000_000));
+        assert_eq!(m["test.i32"], GgufValue::I32(-2_000_000_000));
+        assert_eq!(m["test.u64"], GgufValue::U64(1 << 60));
+        assert_eq!(m["test.i64"], GgufValue::I64(-(1 << 60)));
+        assert_eq!(m["test.f32"], GgufValue::F32(0.15625));
+        assert_eq!(m["test.f64"], GgufValue::F64(-2.5e-300));
+        assert_eq!(m["test.bool"], GgufValue::Bool(true));
+        assert_eq!(m["test.string"].as_str(), Some("héllo"));
+        let s = |v: &str| GgufValue::String(v.into());
+        assert_eq!(m["test.strings"], GgufValue::Array(vec![s("a"), s("bc"), s("")]));
+        let nested = &m["test.nested"];
+        let GgufValue::Array(rows) = nested else { panic!("{nested:?}") };
+        assert_eq!(rows.len(), 2);
+        assert!(matches!(f.tensor("absent"), Err(Error::MissingTensor { .. })));
+    }
+
+    /// Where tensor `name`'s type id sits in the file.
+    fn type_offset(bytes: &[u8], name: &str) -> usize {
+        let mut key = (name.len() as u64).to_le_bytes().to_vec();
+        key.extend(name.as_bytes());
+        let pos = bytes.windows(key.len()).position(|w| w == key.as_slice()).unwrap();
+        let dims_at = pos + key.len();
+        let n_dims = u32::from_le_bytes(bytes[dims_at..dims_at + 4].try_into().unwrap()) as usize;
+        dims_at + 4 + 8 * n_dims
+    }
+
+    fn open_bytes(bytes: &[u8], tag: &str) -> tch_peft::Result<GgufFile> {
+        let path = temp_dir(tag).join("f.gguf");
+        std::fs::write(&path, bytes).unwrap();
+        GgufFile::open(&path)
+    }
+
+    #[test]
+    fn truncated_and_corrupted_files_are_errors_never_panics() {
+        let good = std::fs::read(fixture()).unwrap();
+        // every prefix is an error, but for those that cut only the final alignment padding:
+        // those read every tensor whole
+        let path = temp_dir("gguf-truncated").join("f.gguf");
+        let mut opened_prefixes = 0;
+        for len in 0..good.len() {
+            std::fs::write(&path, &good[..len]).unwrap();
+            if let Ok(f) = GgufFile::open(&path) {
+                opened_prefixes += 1;
+                for t in f.tensors() {
+                    assert!(f.tensor(&t.name).is_ok(), "prefix of {len} bytes: {}", t.name);
+                }
+            }
+        }
+        assert!(opened_prefixes < 32, "{opened_prefixes} prefixes opened");
+        // bytes overwritten at random: a typed error or a file whose tensors read or fail cleanly
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut opened = 0;
+        for _ in 0..1500 {
+            let mut bad = good.clone();
+            for _ in 0..1 + next() % 4 {
+                let i = (next() % bad.len() as u64) as usize;
+                bad[i] = next() as u8;
+            }
+            std::fs::write(&path, &bad).unwrap();
+            if let Ok(f) = GgufFile::open(&path) {
+                opened += 1;
+                for t in f.tensors() {
+                    let _ = f.tensor(&t.name);
+                }
+            }
+        }
+        assert!(opened > 0, "no corrupted file opened at all: the flips never hit tensor data");
+        // named errors for the common cases
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert!(matches!(open_bytes(&bad, "gguf-magic"), Err(Error::CorruptFile { .. })));
+        let mut bad = good.clone();
+        bad[4] = 1;
+        let err = open_bytes(&bad, "gguf-version").unwrap_err();
+        assert!(err.to_string().contains("version 1"), "{err}");
+        let mut bad = good.clone();
+        let at = type_offset(&bad, "q4_k");
+        bad[at..at + 4].copy_from_slice(&10u32.to_le_bytes()); // Q2_K
+        let err = open_bytes(&bad, "gguf-type").unwrap_err();
+        assert!(
+            matches!(&err, Error::Unsupported { reason, .. } if reason.contains("q4_k") && reason.contains("Q2_K")),
+            "{err}"
+        );
+        let mut bad = good.clone();
+        bad[8..16].copy_from_slice(&u64::MAX.to_le_bytes()); // tensor count
+        assert!(matches!(open_bytes(&bad, "gguf-count"), Err(Error::CorruptFile { .. })));
+        let mut bad = good.clone();
+        let at = type_offset(&bad, "f32") - 8 * 2; // ne[0] of `f32`
+        bad[at..at + 8].copy_from_slice(&(1u64 << 62).to_le_bytes());
+        assert!(matches!(open_bytes(&bad, "gguf-dims"), Err(Error::CorruptFile { .. })));
+    }
 }

@@ -6,7 +6,7 @@
 //! ([`Bnb4bitWeight::from_state`]), made from a float weight exactly as bitsandbytes makes it
 //! ([`Bnb4bitWeight::quantize`]), written back in the same layout ([`Bnb4bitWeight::state`]) and
 //! dequantized ([`Bnb4bitWeight::dequantize`]). [`QuantLinear`] is a frozen linear layer over
-//! one.
+//! one. [`gguf`] reads llama.cpp's GGUF files.
 //!
 //! ```text
 //! n elements in blocks of `blocksize` (64 by default); code c_k ∈ 0..16 per element, two per
@@ -22,6 +22,7 @@
 
 mod bnb;
 mod dynamic_map;
+pub mod gguf;
 mod linear;
 
 pub use bnb::{Bnb4bitWeight, NestedAbsmax};
