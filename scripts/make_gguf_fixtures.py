@@ -8,7 +8,7 @@ Python), with the `gguf` package (llama.cpp's gguf-py) as the reference.
 types.gguf: one tensor per ggml type the crate reads, the quantized ones made of random block
 bytes (their f16 scales set to finite values), a 3-D tensor, and metadata of every value type
 (nested arrays included). expected.safetensors: each tensor as `gguf.quants.dequantize` gives it
-(f32, in numpy's shape order).
+(f32, in numpy's shape order). llama.gguf and llama-io.safetensors: see llama_gguf().
 """
 import os
 
@@ -79,6 +79,76 @@ def main():
     save_file({k: np.ascontiguousarray(v) for k, v in expected.items()}, os.path.join(OUT, "expected.safetensors"))
     r = gguf.GGUFReader(os.path.join(OUT, "types.gguf"))
     print("wrote", OUT, [(t.name, t.tensor_type.name, list(t.shape)) for t in r.tensors])
+    llama_gguf()
+
+
+def permute(w, n_head):
+    """llama.cpp's q/k row order (convert_hf_to_gguf.py's LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_gguf():
+    """The tiny bf16 Llama of tests/fixtures/bnb/llama-src as a GGUF file with llama.cpp's names,
+    q/k permutation and a mix of types (llama.gguf), and the logits transformers computes from
+    that file (`from_pretrained(dir, gguf_file=...)`, f32, eager attention) in llama-io.safetensors."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    src = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "bnb", "llama-src")
+    cfg = LlamaConfig.from_pretrained(src)
+    sd = {k: v.float().numpy() for k, v in load_file(os.path.join(src, "model.safetensors")).items()}
+    path = os.path.join(OUT, "llama.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    types = {"attn_q": T.Q8_0, "attn_k": T.Q4_0, "attn_v": T.Q4_1, "attn_output": T.Q5_0,
+             "ffn_gate": T.Q5_1, "ffn_up": T.Q8_0, "ffn_down": T.Q4_0}
+
+    def put(name, arr, qtype):
+        arr = np.ascontiguousarray(arr.astype(np.float32))
+        if qtype == T.F32:
+            w.add_tensor(name, arr)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+
+    put("token_embd.weight", sd["model.embed_tokens.weight"], T.Q8_0)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}
+        put(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"], T.F32)
+        put(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"], T.F32)
+        for g, h in hf.items():
+            wt = sd[p + h + ".weight"]
+            if g == "attn_q":
+                wt = permute(wt, cfg.num_attention_heads)
+            elif g == "attn_k":
+                wt = permute(wt, cfg.num_key_value_heads)
+            put(f"blk.{i}.{g}.weight", wt, types[g])
+    put("output_norm.weight", sd["model.norm.weight"], T.F32)
+    put("output.weight", sd["lm_head.weight"], T.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    m = AutoModelForCausalLM.from_pretrained(OUT, gguf_file="llama.gguf", dtype=torch.float32,
+                                             attn_implementation="eager")
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = m(input_ids=ids).logits
+    from safetensors.torch import save_file as save_torch
+    save_torch({"input_ids": ids, "logits": logits.contiguous()}, os.path.join(OUT, "llama-io.safetensors"))
 
 
 if __name__ == "__main__":

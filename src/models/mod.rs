@@ -2,6 +2,7 @@
 //! their linear layers go through [`crate::lora::LoraBuilder`].
 
 pub mod bert;
+pub mod gguf;
 pub mod llama;
 
 pub use bert::{Bert, BertConfig};

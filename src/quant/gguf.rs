@@ -410,6 +410,11 @@ impl GgufFile {
         Ok(GgufFile { path: path.to_path_buf(), version, metadata, tensors, data_start })
     }
 
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The file's GGUF version.
     pub fn version(&self) -> u32 {
         self.version

@@ -329,3 +329,41 @@ fn checkpointed_step_refuses_lora_dropout() {
     let err = model.causal_lm_backward_checkpointed(&ids, None, &ids, None).unwrap_err();
     assert!(matches!(&err, Error::InvalidConfig { field, .. } if field == "lora_dropout"), "{err}");
 }
+
+#[test]
+fn a_gguf_llama_gives_transformers_logits_from_the_same_file() {
+    // tests/fixtures/gguf/llama.gguf: llama.cpp's names, q/k permutation and Q8_0/Q4_0/Q4_1/
+    // Q5_0/Q5_1 tensors; transformers' logits from the same file (scripts/make_gguf_fixtures.py)
+    use tch_peft::models::gguf;
+    use tch_peft::quant::gguf::GgufFile;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    let file = GgufFile::open(dir.join("llama.gguf")).unwrap();
+    let cfg = gguf::llama_config(&file).unwrap();
+    assert_eq!((cfg.hidden_size, cfg.num_hidden_layers, cfg.kv_heads()), (64, 2, 2));
+    assert!(!cfg.tie_word_embeddings);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = Llama::new(&vs.root(), &cfg, None).unwrap();
+    gguf::load_llama_weights(&vs, &file, &cfg).unwrap();
+    let io: std::collections::BTreeMap<String, Tensor> =
+        io::read_safetensors(dir.join("llama-io.safetensors"))
+            .unwrap()
+            .tensors
+            .into_iter()
+            .collect();
+    let logits = model.forward_t(&io["input_ids"], None, false).unwrap();
+    let d = max_abs_diff(&logits, &io["logits"]);
+    assert!(d < 5e-4, "max |Δ| {d}");
+    // a model of another shape is refused by name
+    let other = LlamaConfig { intermediate_size: 96, ..cfg.clone() };
+    let vs2 = nn::VarStore::new(Device::Cpu);
+    let _m = Llama::new(&vs2.root(), &other, None).unwrap();
+    assert!(matches!(
+        gguf::load_llama_weights(&vs2, &file, &other),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert_eq!(
+        gguf::hf_name("blk.3.ffn_down.weight").as_deref(),
+        Some("model.layers.3.mlp.down_proj.weight")
+    );
+    assert_eq!(gguf::hf_name("blk.x.ffn_down.weight"), None);
+}
