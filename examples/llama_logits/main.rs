@@ -6,7 +6,8 @@
 //! ```
 //!
 //! * `--model`: a directory with `config.json` and `model.safetensors` (or a sharded
-//!   `model.safetensors.index.json`).
+//!   `model.safetensors.index.json`), or a llama.cpp `.gguf` file (the config from its
+//!   metadata, its tensors dequantized to f32: `tch_peft::models::gguf`).
 //! * `--adapter`: a PEFT LoRA directory (`adapter_config.json`, `adapter_model.safetensors`).
 //! * `--new-adapter CONFIG.json --save-adapter DIR [--seed N]`: instead of loading an adapter,
 //!   create one from a PEFT `adapter_config.json` (DoRA/PiSSA/module copies initialised from the
@@ -22,7 +23,9 @@ use std::path::PathBuf;
 
 use tch::{nn, Device, Kind, Tensor};
 use tch_peft::lora::{LoraBuilder, LoraConfig};
+use tch_peft::models::gguf;
 use tch_peft::models::llama::{load_weights, Llama, LlamaConfig};
+use tch_peft::quant::gguf::GgufFile;
 use tch_peft::{io, Error};
 
 const USAGE: &str = "usage: llama_logits --model DIR [--adapter PEFT_DIR | --new-adapter CONFIG.json --save-adapter DIR [--seed N]] [--merge] --input FILE.json --output FILE.safetensors";
@@ -109,7 +112,15 @@ fn matrix(
 
 fn run(args: Args) -> tch_peft::Result<()> {
     let device = Device::cuda_if_available();
-    let config = LlamaConfig::from_pretrained(&args.model)?;
+    let gguf_file = if args.model.extension().is_some_and(|e| e == "gguf") {
+        Some(GgufFile::open(&args.model)?)
+    } else {
+        None
+    };
+    let config = match &gguf_file {
+        Some(f) => gguf::llama_config(f)?,
+        None => LlamaConfig::from_pretrained(&args.model)?,
+    };
     let (base_vs, adapter_vs) = (nn::VarStore::new(device), nn::VarStore::new(device));
     let config_file = args.adapter.as_ref().or(args.new_adapter.as_ref().map(|n| &n.0));
     let lora = match config_file {
@@ -123,7 +134,10 @@ fn run(args: Args) -> tch_peft::Result<()> {
         tch::manual_seed(*seed);
     }
     let model = Llama::new(&base_vs.root(), &config, lora.as_ref())?;
-    load_weights(&base_vs, &args.model, &config)?;
+    match &gguf_file {
+        Some(f) => gguf::load_llama_weights(&base_vs, f, &config)?,
+        None => load_weights(&base_vs, &args.model, &config)?,
+    }
     if let Some(builder) = lora {
         let adapter = builder.finish()?;
         match (&args.adapter, &args.new_adapter) {
