@@ -9,6 +9,7 @@
 //             fused in, x = bf16(x + res) first
 //   SwiGLU    y = bf16(bf16(silu(g))·u)
 //   RoPE      y_i = bf16(bf16(x_i·cos_i) + bf16(rot(x)_i·sin_i)), rot(x) = [−x₂, x₁]
+// and the 4-bit dequantization of csrc/quant_linear.cpp.
 #pragma once
 
 namespace tch_peft::kernels {
@@ -343,6 +344,39 @@ extern "C" __global__ void __launch_bounds__(256) softmax_ce(
         zr[v] = pack8(f);
       }
     }
+  }
+}
+
+// bitsandbytes' 4-bit weight to bf16 (csrc/quant_linear.cpp): 16 elements per thread from 8
+// code bytes (high nibble first), one absmax each (blocks are multiples of 16). The products
+// and the nested absmax's add are rounded one by one (no contraction into FMAs), as ATen's
+// separate ops round them:
+//   s = nested_map[qabs[b]] · nested_absmax[b >> nested_log2] + offset   (or absmax[b])
+//   w_e = bf16(quant_map[code_e] · s),   b = e >> block_log2
+extern "C" __global__ void __launch_bounds__(256) dequant_4bit(
+    const uint2* __restrict__ codes, const float* __restrict__ absmax,
+    const unsigned char* __restrict__ qabs, const float* __restrict__ nested_absmax,
+    const float* __restrict__ nested_map, const float* __restrict__ quant_map, float offset,
+    int block_log2, int nested_log2, long long groups, uint4* __restrict__ out) {
+  __shared__ float qm[16];
+  if (threadIdx.x < 16) qm[threadIdx.x] = quant_map[threadIdx.x];
+  __syncthreads();
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < groups;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long b = (i * 16) >> block_log2;
+    const float s = qabs != nullptr
+        ? __fadd_rn(__fmul_rn(nested_map[qabs[b]], nested_absmax[b >> nested_log2]), offset)
+        : absmax[b];
+    const uint2 c = codes[i];
+    float f[16];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const unsigned byte = ((k < 4 ? c.x : c.y) >> (8 * (k & 3))) & 0xFFu;
+      f[2 * k] = __fmul_rn(qm[byte >> 4], s);
+      f[2 * k + 1] = __fmul_rn(qm[byte & 15u], s);
+    }
+    out[2 * i] = pack8(f);
+    out[2 * i + 1] = pack8(f + 8);
   }
 }
 )";

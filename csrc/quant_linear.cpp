@@ -14,8 +14,12 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "cuda_kernels.h"
 #include "tch_peft.h"
 
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 namespace {
@@ -23,10 +27,65 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+int log2_exact(int64_t v) {
+  int l = 0;
+  while ((int64_t{1} << l) < v) ++l;
+  return (int64_t{1} << l) == v ? l : -1;
+}
+
+bool dense_cuda(const at::Tensor& t, at::ScalarType kind) {
+  return t.is_cuda() && t.scalar_type() == kind && t.is_contiguous();
+}
+
+// The run-time compiled kernel's dequantization to bf16 (one pass), where it applies: bf16 on
+// CUDA, every part contiguous on one device, element count a multiple of 16, power-of-two
+// blocks, 8-byte aligned codes. Undefined where it does not.
+at::Tensor dequantize_kernel(const std::vector<at::Tensor>& q, const std::vector<int64_t>& dims,
+                             double offset, at::ScalarType kind) {
+  const int64_t out = dims[0], in = dims[1], n = out * in;
+  const bool nested = q.size() == 5;
+  const int block_log2 = log2_exact(dims[2]);
+  const int nested_log2 = nested ? log2_exact(dims[3]) : 0;
+  void* fn = tch_peft::kernels::model_function("dequant_4bit");
+  if (kind != at::kBFloat16 || fn == nullptr || n % 16 != 0 || n == 0 || block_log2 < 4 ||
+      nested_log2 < 0 || !dense_cuda(q[0], at::kByte) ||
+      reinterpret_cast<uintptr_t>(q[0].data_ptr()) % 8 != 0 ||
+      !dense_cuda(q[1], nested ? at::kByte : at::kFloat) || !dense_cuda(q[2], at::kFloat) ||
+      (nested && (!dense_cuda(q[3], at::kFloat) || !dense_cuda(q[4], at::kFloat)))) {
+    return at::Tensor();
+  }
+  for (const at::Tensor& t : q) {
+    if (t.device() != q[0].device()) return at::Tensor();
+  }
+  const c10::DeviceGuard guard(q[0].device());
+  at::Tensor w = at::empty({out, in}, q[0].options().dtype(at::kBFloat16));
+  const void* codes = q[0].data_ptr();
+  const void* absmax = nested ? nullptr : q[1].data_ptr();
+  const void* qabs = nested ? q[1].data_ptr() : nullptr;
+  const void* nabs = nested ? q[3].data_ptr() : nullptr;
+  const void* nmap = nested ? q[4].data_ptr() : nullptr;
+  const void* qmap = q[2].data_ptr();
+  float off = static_cast<float>(offset);
+  int bl = block_log2, nl = nested_log2;
+  long long groups = n / 16;
+  void* outp = w.data_ptr();
+  void* args[] = {&codes, &absmax, &qabs, &nabs, &nmap, &qmap, &off, &bl, &nl, &groups, &outp};
+  const int64_t cap = int64_t{16} * std::max(1, tch_peft::kernels::sm_count());
+  const auto blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((groups + 255) / 256, cap)));
+  if (!tch_peft::kernels::launch_model(fn, blocks, args)) {
+    throw std::runtime_error("the CUDA kernel dequant_4bit failed to launch");
+  }
+  return w;
+}
+
 // q: codes, absmax (f32, or uint8 nested codes), quant_map[, nested_absmax, nested_map];
 // dims: out, in, blocksize, nested_blocksize
 at::Tensor dequantize(const std::vector<at::Tensor>& q, const std::vector<int64_t>& dims,
                       double offset, at::ScalarType kind) {
+  if (q[0].is_cuda()) {
+    at::Tensor w = dequantize_kernel(q, dims, offset, kind);
+    if (w.defined()) return w;
+  }
   const int64_t out = dims[0], in = dims[1], blocksize = dims[2], n = out * in;
   const at::Tensor b = q[0].reshape({-1}).to(at::kInt);
   const at::Tensor idx =
@@ -91,6 +150,22 @@ int tch_peft_linear_4bit(const at::Tensor* x, const at::Tensor* bias,
     if (bias != nullptr) b.push_back(bias->detach());
     *out = new at::Tensor(Linear4bitFunction::apply(*x, at::TensorList(b), at::TensorList(parts),
                                                      std::vector<int64_t>(dims, dims + 4), offset));
+    return 0;
+  });
+}
+
+// The kernel's bf16 dequantization alone (for Bnb4bitWeight::dequantize_to on CUDA): 0 with a
+// new owned handle in `out`, 2 where the kernel does not apply (nothing done), 1 on error.
+int tch_peft_dequantize_4bit(const at::Tensor* const* q, size_t n_q, const int64_t* dims,
+                             double offset, at::Tensor** out, char** error) {
+  return tch_peft::guarded<int>("tch_peft_dequantize_4bit", error, 1, [&] {
+    std::vector<at::Tensor> parts;
+    for (size_t i = 0; i < n_q; ++i) parts.push_back(*q[i]);
+    if (!parts[0].is_cuda()) return 2;
+    const at::Tensor w = dequantize_kernel(parts, std::vector<int64_t>(dims, dims + 4), offset,
+                                           at::kBFloat16);
+    if (!w.defined()) return 2;
+    *out = new at::Tensor(w);
     return 0;
   });
 }

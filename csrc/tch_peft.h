@@ -47,6 +47,11 @@ int tch_peft_linear_4bit(const at::Tensor* x, const at::Tensor* bias,
                          const at::Tensor* const* q, size_t n_q, const int64_t* dims,
                          double offset, at::Tensor** out, char** error);
 
+// deq(W) in bf16 by the CUDA kernel, same arguments: 0 with a new owned handle in `out`, 2 where
+// the kernel does not apply (nothing done), 1 with *error set.
+int tch_peft_dequantize_4bit(const at::Tensor* const* q, size_t n_q, const int64_t* dims,
+                             double offset, at::Tensor** out, char** error);
+
 // --- linear_cross_entropy.cpp: the fused linear cross-entropy node ---
 
 // The loss of `h Wᵀ + bias` ([N, H] by [V, H], `bias` [V] or null) against `labels` ([N] int64,

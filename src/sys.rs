@@ -52,6 +52,14 @@ mod ffi {
             out: *mut *mut C_tensor,
             error: *mut *mut c_char,
         ) -> i32;
+        pub fn tch_peft_dequantize_4bit(
+            q: *const *const C_tensor,
+            n_q: usize,
+            dims: *const i64,
+            offset: f64,
+            out: *mut *mut C_tensor,
+            error: *mut *mut c_char,
+        ) -> i32;
         // csrc/linear_cross_entropy.cpp
         #[allow(clippy::too_many_arguments)]
         pub fn tch_peft_linear_cross_entropy(
@@ -304,6 +312,34 @@ pub(crate) fn linear_4bit(
             return Err(take_error(error, "tch_peft_linear_4bit"));
         }
         Ok(Tensor::from_ptr(out))
+    }
+}
+
+/// The 4-bit dequantization kernel (`csrc/quant_linear.cpp`) to bf16, `None` where it does not
+/// apply; arguments as [`linear_4bit`].
+pub(crate) fn dequantize_4bit(
+    q: &[&Tensor],
+    dims: [i64; 4],
+    offset: f64,
+) -> Result<Option<Tensor>, tch::TchError> {
+    let handles: Vec<_> = q.iter().map(|t| t.as_ptr()).collect();
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let mut error: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the handles are live for the call, `dims` holds 4 values; on 0 the C++ side
+    // wrote one new owned handle into `out`.
+    unsafe {
+        match ffi::tch_peft_dequantize_4bit(
+            handles.as_ptr(),
+            handles.len(),
+            dims.as_ptr(),
+            offset,
+            &mut out,
+            &mut error,
+        ) {
+            0 => Ok(Some(Tensor::from_ptr(out))),
+            2 => Ok(None),
+            _ => Err(take_error(error, "tch_peft_dequantize_4bit")),
+        }
     }
 }
 

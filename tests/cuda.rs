@@ -839,3 +839,47 @@ fn fused_linear_cross_entropy_kernel_matches_aten_and_f64_on_cuda() {
         }
     }
 }
+
+#[test]
+fn four_bit_dequantization_kernel_and_node_match_the_libtorch_ops_on_cuda() {
+    use tch_peft::quant::{Bnb4bitWeight, QuantLinear, QuantType};
+    let _alone = Alone::new();
+    let dev = cuda();
+    tch::manual_seed(6);
+    for (q, nested, bs) in
+        [(QuantType::Nf4, true, 64), (QuantType::Fp4, false, 128), (QuantType::Nf4, true, 32)]
+    {
+        let w = Tensor::randn([320, 192], (Kind::Float, Device::Cpu)) * 0.05;
+        let cpu = Bnb4bitWeight::quantize(&w, q, bs, nested).unwrap();
+        let want = cpu.dequantize_to(Kind::BFloat16).unwrap();
+        let gpu = cpu.to_device(dev).unwrap();
+        set_custom_cuda_kernels(true);
+        let kernel = gpu.dequantize_to(Kind::BFloat16).unwrap();
+        set_custom_cuda_kernels(false);
+        let aten = gpu.dequantize_to(Kind::BFloat16).unwrap();
+        set_custom_cuda_kernels(true);
+        assert!(kernel.to_device(Device::Cpu).equal(&want), "{q:?} {bs}: kernel vs CPU");
+        assert!(aten.to_device(Device::Cpu).equal(&want), "{q:?} {bs}: ATen on CUDA vs CPU");
+
+        // the node: same forward, input gradient through deq(W), and no dense weight held
+        let layer = QuantLinear::new(gpu, None, Kind::BFloat16).unwrap();
+        let x = Tensor::randn([4, 64, 192], (Kind::BFloat16, dev));
+        let run = |composed: bool| {
+            let xg = x.detach().set_requires_grad(true);
+            tch::Cuda::synchronize(0);
+            let before = tch_peft::memory::current_bytes(dev).unwrap();
+            let y = if composed { layer.f_forward_composed(&xg) } else { layer.f_forward(&xg) }
+                .unwrap();
+            tch::Cuda::synchronize(0);
+            let held = tch_peft::memory::current_bytes(dev).unwrap() - before;
+            y.sum(Kind::Float).backward();
+            (y.detach(), xg.grad(), held)
+        };
+        let (y, dx, held) = run(false);
+        let (y_ref, dx_ref, held_ref) = run(true);
+        assert!(y.equal(&y_ref), "{q:?} {bs}: forward");
+        assert!(rel_diff(&dx, &dx_ref) < 1e-2, "{q:?} {bs}: input gradient");
+        let dense = 320 * 192 * 2;
+        assert!(held + dense <= held_ref, "node holds {held} B, composed {held_ref} B");
+    }
+}

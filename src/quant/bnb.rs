@@ -299,8 +299,17 @@ impl Bnb4bitWeight {
         self.dequantize_to(self.dtype)
     }
 
-    /// The weight dequantized to `kind` (the f32 product cast to it).
+    /// The weight dequantized to `kind` (the f32 product cast to it). On CUDA to bf16, one
+    /// run-time compiled kernel (same bits as the libtorch ops used elsewhere).
     pub fn dequantize_to(&self, kind: Kind) -> Result<Tensor> {
+        #[cfg(tch_peft_csrc)]
+        if kind == Kind::BFloat16 && self.device().is_cuda() && self.shape.len() == 2 {
+            let (parts, dims, offset) = self.node_parts();
+            let refs: Vec<&Tensor> = parts.iter().collect();
+            if let Some(w) = crate::sys::dequantize_4bit(&refs, dims, offset)? {
+                return Ok(w);
+            }
+        }
         let n = self.numel();
         let b = self.codes.f_reshape([-1])?.f_to_kind(Kind::Int)?;
         let hi = b.f_floor_divide_scalar(16)?;
@@ -423,6 +432,23 @@ impl Bnb4bitWeight {
     /// The code table, f32 `[16]`.
     pub fn quant_map(&self) -> &Tensor {
         &self.quant_map
+    }
+
+    /// The parts the C++ nodes take: codes, absmax (as stored), quant_map[, nested absmax,
+    /// nested map]; out, in, blocksize, nested blocksize; the offset. (2-D weights.)
+    pub(crate) fn node_parts(&self) -> (Vec<Tensor>, [i64; 4], f64) {
+        let mut q =
+            vec![self.codes.shallow_clone(), self.absmax_storage(), self.quant_map.shallow_clone()];
+        let (nbs, offset) = match &self.absmax {
+            Absmax::Nested(n) => {
+                q.push(n.absmax.shallow_clone());
+                q.push(n.map.shallow_clone());
+                (n.blocksize, f64::from(n.offset))
+            }
+            Absmax::Plain(_) => (0, 0.0),
+        };
+        let in_features = self.shape.get(1).copied().unwrap_or(1);
+        (q, [self.shape[0], in_features, self.blocksize, nbs], offset)
     }
 
     /// The absmax as stored: f32 `[blocks]`, or (double-quantized) its uint8 codes.

@@ -131,18 +131,8 @@ impl QuantLinear {
         }
         #[cfg(tch_peft_csrc)]
         {
-            let w = &self.weight;
-            let absmax = w.absmax_storage();
-            let mut q = vec![w.codes(), &absmax, w.quant_map()];
-            let (nbs, offset) = match w.nested() {
-                Some(n) => {
-                    q.push(&n.absmax);
-                    q.push(&n.map);
-                    (n.blocksize, f64::from(n.offset))
-                }
-                None => (0, 0.0),
-            };
-            let dims = [self.out_features(), in_features, w.blocksize(), nbs];
+            let (parts, dims, offset) = self.weight.node_parts();
+            let q: Vec<&Tensor> = parts.iter().collect();
             Ok(crate::sys::linear_4bit(xs, self.bias.as_ref(), &q, dims, offset)?)
         }
         #[cfg(not(tch_peft_csrc))]
