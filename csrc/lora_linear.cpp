@@ -455,7 +455,7 @@ int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* 
                         const at::Tensor* const* bs, const at::Tensor* const* ms,
                         const at::Tensor* const* w_sqs, const double* scalings, int recipe,
                         const at::Tensor* const* from, size_t n_from, double eps,
-                        at::Tensor** out, char** error) {
+                        const int64_t* versions, at::Tensor** out, char** error) {
   return tch_peft::guarded<int>("tch_peft_lora_group", error, 1, [&] {
     std::vector<at::Tensor> w_list, a_list, b_list, bias_list, m_list, w_sq_list;
     std::vector<int64_t> bias_of, dora_of;
@@ -481,6 +481,15 @@ int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* 
     // detached: the node never differentiates through its recipe's tensors
     std::vector<at::Tensor> from_list;
     for (size_t i = 0; i < n_from; ++i) from_list.push_back(from[i]->detach());
+    // unchanged since the op made x from them, or no replay
+    bool unchanged = versions != nullptr && x->_version() == versions[n_from];
+    for (size_t i = 0; unchanged && i < n_from; ++i) {
+      unchanged = from[i]->_version() == versions[i];
+    }
+    if (!unchanged) {
+      recipe = 0;
+      from_list.clear();
+    }
     const auto ys = LoraGroupFunction::apply(
         *x, at::TensorList(w_list), at::TensorList(a_list), at::TensorList(b_list),
         at::TensorList(bias_list), at::TensorList(m_list), at::TensorList(w_sq_list),
@@ -496,6 +505,10 @@ void tch_peft_free_error(char* error) { std::free(error); }
 
 // Whether autograd records operations on this thread (c10::GradMode).
 int tch_peft_grad_enabled() { return c10::GradMode::is_enabled() ? 1 : 0; }
+
+int64_t tch_peft_tensor_version(const at::Tensor* t) {
+  return t->defined() ? static_cast<int64_t>(t->_version()) : -1;
+}
 
 int tch_peft_backward_with_grad(const at::Tensor* y, const at::Tensor* grad, char** error) {
   return tch_peft::guarded<int>("tch_peft_backward_with_grad", error, 1, [&] {

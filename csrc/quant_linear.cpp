@@ -46,6 +46,8 @@ at::Tensor dequantize_kernel(const std::vector<at::Tensor>& q, const std::vector
   const bool nested = q.size() == 5;
   const int block_log2 = log2_exact(dims[2]);
   const int nested_log2 = nested ? log2_exact(dims[3]) : 0;
+  // the kernel of the weight's device (the module is per device)
+  const c10::DeviceGuard guard(q[0].device());
   void* fn = tch_peft::kernels::model_function("dequant_4bit");
   if (kind != at::kBFloat16 || fn == nullptr || n % 16 != 0 || n == 0 || block_log2 < 4 ||
       nested_log2 < 0 || !dense_cuda(q[0], at::kByte) ||
@@ -57,7 +59,6 @@ at::Tensor dequantize_kernel(const std::vector<at::Tensor>& q, const std::vector
   for (const at::Tensor& t : q) {
     if (t.device() != q[0].device()) return at::Tensor();
   }
-  const c10::DeviceGuard guard(q[0].device());
   at::Tensor w = at::empty({out, in}, q[0].options().dtype(at::kBFloat16));
   const void* codes = q[0].data_ptr();
   const void* absmax = nested ? nullptr : q[1].data_ptr();

@@ -29,13 +29,15 @@ extern "C" {
 // `recipe` says how the node may recompute `x` in its backward instead of saving it (see
 // tch_peft::recompute_input below): 0 saves `x`; 1 (`x` = rms_norm(from[0], from[1], eps)) and
 // 2 (`x` = swiglu(from[0], from[1])) save the `n_from` tensors of `from` instead, which the
-// producing op's own node keeps anyway. A recipe the kernels cannot replay is ignored (`x` saved).
+// producing op's own node keeps anyway. `versions` (n_from + 1 values, or null without a recipe)
+// are the version counters of `from` and of `x` when the op made `x`: a tensor changed in place
+// since, or a recipe the kernels cannot replay, is ignored (`x` saved).
 int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* ws,
                         const at::Tensor* const* biases, const at::Tensor* const* as,
                         const at::Tensor* const* bs, const at::Tensor* const* ms,
                         const at::Tensor* const* w_sqs, const double* scalings, int recipe,
                         const at::Tensor* const* from, size_t n_from, double eps,
-                        at::Tensor** out, char** error);
+                        const int64_t* versions, at::Tensor** out, char** error);
 
 // --- quant_linear.cpp: the frozen 4-bit linear layer's node ---
 
@@ -88,6 +90,9 @@ void tch_peft_free_error(char* error);
 
 // Whether autograd records operations on this thread (c10::GradMode).
 int tch_peft_grad_enabled();
+
+// The version counter of `t` (bumped by every in-place change).
+int64_t tch_peft_tensor_version(const at::Tensor* t);
 
 // torch::autograd::backward of `y` with upstream gradient `grad` (of y's shape), accumulating
 // into the leaves' .grad as Tensor::backward does. 0 on success; else 1 with *error set.

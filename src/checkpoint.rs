@@ -16,7 +16,8 @@
 //! The gradients are those of `ℓ(f_L(…f₁(x₀)))`'s ordinary backward (the same kernels on the
 //! same inputs); what it costs is one more forward of every segment, and what it saves is every
 //! activation but the boundaries and one segment's at a time. Segments must be deterministic —
-//! no dropout or other random draw — since the recomputation must see the forward's values.
+//! no dropout or other random draw — since the recomputation must see the forward's values, and
+//! must not modify their input in place (it is the kept boundary).
 //!
 //! ```
 //! # fn main() -> tch_peft::Result<()> {
@@ -87,6 +88,7 @@ pub fn backward_checkpointed(
     let mut grad = x_last.grad();
     // 3. each segment again, with autograd, and its backward
     for (i, f) in segments.iter().enumerate().rev() {
+        bounds.truncate(i + 1); // the boundaries after this segment are done with
         if !grad.defined() {
             break; // nothing before this point reaches the loss
         }

@@ -37,6 +37,7 @@ mod ffi {
             from: *const *const C_tensor,
             n_from: usize,
             eps: f64,
+            versions: *const i64,
             out: *mut *mut C_tensor,
             error: *mut *mut c_char,
         ) -> i32;
@@ -74,6 +75,7 @@ mod ffi {
             error: *mut *mut c_char,
         ) -> i32;
         pub fn tch_peft_grad_enabled() -> i32;
+        pub fn tch_peft_tensor_version(t: *const C_tensor) -> i64;
         pub fn tch_peft_backward_with_grad(
             y: *const C_tensor,
             grad: *const C_tensor,
@@ -175,6 +177,12 @@ fn handle_mut(t: &Tensor) -> *mut C_tensor {
     t.as_ptr() as *mut C_tensor
 }
 
+/// The version counter of `t` (bumped by every in-place change).
+pub(crate) fn tensor_version(t: &Tensor) -> i64 {
+    // SAFETY: reads a counter of a live handle.
+    unsafe { ffi::tch_peft_tensor_version(t.as_ptr()) }
+}
+
 /// `y.backward(grad)`: autograd from `y` with upstream gradient `grad` (shapes checked by the
 /// caller), accumulating into the leaves' `.grad`.
 pub(crate) fn backward_with_grad(y: &Tensor, grad: &Tensor) -> Result<(), tch::TchError> {
@@ -245,18 +253,26 @@ pub(crate) fn lora_group(
     let ms: Vec<_> = members.iter().map(|m| handle(m.dora.as_ref().map(|d| d.m))).collect();
     let w_sqs: Vec<_> = members.iter().map(|m| handle(m.dora.as_ref().map(|d| &d.w_sq))).collect();
     let scalings: Vec<f64> = members.iter().map(|m| m.scaling).collect();
-    let (code, from, eps) = match recipe {
-        None => (0, vec![], 0.0),
-        Some(crate::ops::Recipe::RmsNorm { src, weight, eps }) => {
-            (1, vec![src.as_ptr(), weight.as_ptr()], *eps)
+    let (code, from, eps, versions) = match recipe {
+        None => (0, vec![], 0.0, std::ptr::null()),
+        Some(r) => {
+            let (code, from, eps) = match &r.kind {
+                crate::ops::RecipeKind::RmsNorm { src, weight, eps } => {
+                    (1, vec![src.as_ptr(), weight.as_ptr()], *eps)
+                }
+                crate::ops::RecipeKind::SwiGlu { gate, up } => {
+                    (2, vec![gate.as_ptr(), up.as_ptr()], 0.0)
+                }
+            };
+            (code, from, eps, r.versions.as_ptr())
         }
-        Some(crate::ops::Recipe::SwiGlu { gate, up }) => (2, vec![gate.as_ptr(), up.as_ptr()], 0.0),
     };
     let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); n];
     let mut error: *mut c_char = std::ptr::null_mut();
     // SAFETY: the arrays hold `n` live handles (or nulls for absent biases and magnitudes; a
-    // magnitude and its ‖W‖² come together) and `from` its live handles, borrowed for the
-    // call; on success the C++ side writes `n` new owned handles into `out`.
+    // magnitude and its ‖W‖² come together), `from` its live handles and `versions` (when not
+    // null) `from.len() + 1` values, borrowed for the call; on success the C++ side writes `n`
+    // new owned handles into `out`.
     unsafe {
         let rc = ffi::tch_peft_lora_group(
             x.as_ptr(),
@@ -272,6 +288,7 @@ pub(crate) fn lora_group(
             from.as_ptr(),
             from.len(),
             eps,
+            versions,
             out.as_mut_ptr(),
             &mut error,
         );

@@ -116,8 +116,12 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         "output.weight" => "lm_head.weight".into(),
         _ => {
             let rest = gguf.strip_prefix("blk.")?;
-            let (n, part) = rest.split_once('.')?;
-            let n: u32 = n.parse().ok()?;
+            let (digits, part) = rest.split_once('.')?;
+            let n: u32 = digits.parse().ok()?;
+            // one spelling per block (`blk.00` or `blk.+0` would alias `blk.0`)
+            if n.to_string() != digits {
+                return None;
+            }
             let hf = match part {
                 "attn_norm.weight" => "input_layernorm.weight",
                 "attn_q.weight" => "self_attn.q_proj.weight",
@@ -204,7 +208,12 @@ pub fn load_llama_weights(vs: &nn::VarStore, file: &GgufFile, config: &LlamaConf
         let src = t.f_to_kind(var.kind())?;
         let mut dst = var.shallow_clone();
         tch::no_grad(|| dst.f_copy_(&src))?;
-        seen.insert(name);
+        if !seen.insert(name) {
+            return Err(Error::UnexpectedTensor {
+                name: info.name.clone(),
+                file: file.path().into(),
+            });
+        }
     }
     let mut names: Vec<&String> = vars.keys().collect();
     names.sort();

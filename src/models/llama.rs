@@ -668,7 +668,8 @@ impl Llama {
     ///
     /// # Errors
     /// Those of [`hidden_states`](Self::hidden_states), and `InvalidConfig` where a LoRA layer
-    /// draws dropout in training (its recomputation would draw another mask).
+    /// draws dropout in training or the hook draws random numbers
+    /// ([`ResidualHook::draws_random`]): the recomputation would draw another mask.
     pub fn causal_lm_backward_checkpointed(
         &self,
         input_ids: &Tensor,
@@ -720,10 +721,18 @@ impl Llama {
                 return Err(Error::config(
                     "lora_dropout",
                     format!(
-                        "block {i} draws LoRA dropout in training; a checkpointed step recomputes                          each block and needs it deterministic (set lora_dropout to 0)"
+                        "block {i} draws LoRA dropout in training; a checkpointed step \
+                         recomputes each block and needs it deterministic (set lora_dropout to 0)"
                     ),
                 ));
             }
+        }
+        if hook.is_some_and(|h| h.draws_random(true)) {
+            return Err(Error::config(
+                "hook",
+                "the residual hook draws random numbers in training (dropout); a checkpointed \
+                 step recomputes each block and needs it deterministic",
+            ));
         }
         let ctx = self.decode_context(b, s, attention_mask)?;
         let blocks: Vec<Box<crate::checkpoint::Segment<'_>>> = (0..self.layers.len())

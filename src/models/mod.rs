@@ -28,6 +28,15 @@ pub trait ResidualHook {
         let _ = layer;
         true
     }
+
+    /// Whether [`after_block`](Self::after_block) with `train` draws random numbers (dropout),
+    /// so that running a block again gives other values: a checkpointed step
+    /// ([`Llama::causal_lm_backward_checkpointed`]) refuses such a hook. Default: `true`, as a
+    /// hook that cannot say is not known to be deterministic.
+    fn draws_random(&self, train: bool) -> bool {
+        let _ = train;
+        true
+    }
 }
 
 /// The largest vocabulary a model config may declare (`vocab_size`): 2²⁴.

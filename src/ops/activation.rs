@@ -38,7 +38,7 @@ pub fn swiglu_recomputable(gate: &Tensor, up: &Tensor) -> Result<super::Recomput
     if gate.device().is_cuda() {
         if let Some(y) = crate::sys::swiglu(gate, up)? {
             let recipe =
-                super::Recipe::SwiGlu { gate: gate.shallow_clone(), up: up.shallow_clone() };
+                super::RecipeKind::SwiGlu { gate: gate.shallow_clone(), up: up.shallow_clone() };
             return Ok(super::Recomputable::with_recipe(y, recipe));
         }
     }

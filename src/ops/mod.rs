@@ -29,8 +29,8 @@ pub use cross_entropy::{
 #[doc(hidden)]
 pub use norm::rms_norm_composed;
 pub use norm::{add_rms_norm, add_rms_norm_recomputable, rms_norm, rms_norm_recomputable};
-pub(crate) use recompute::Recipe;
 pub use recompute::{recompute_enabled, set_recompute, Recomputable};
+pub(crate) use recompute::{Recipe, RecipeKind};
 #[doc(hidden)]
 pub use rotary::apply_rotary_composed;
 pub use rotary::{apply_rotary, rotary_tables};

@@ -40,7 +40,7 @@ pub fn rms_norm_recomputable(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Re
     #[cfg(tch_peft_csrc)]
     if x.device().is_cuda() {
         if let Some(y) = crate::sys::rms_norm(x, weight, eps)? {
-            let recipe = super::Recipe::RmsNorm {
+            let recipe = super::RecipeKind::RmsNorm {
                 src: x.shallow_clone(),
                 weight: weight.shallow_clone(),
                 eps,
@@ -92,7 +92,7 @@ pub fn add_rms_norm_recomputable(
     #[cfg(tch_peft_csrc)]
     if x.device().is_cuda() {
         if let Some((s, n)) = crate::sys::add_rms_norm(x, residual, weight, eps)? {
-            let recipe = super::Recipe::RmsNorm {
+            let recipe = super::RecipeKind::RmsNorm {
                 src: s.shallow_clone(),
                 weight: weight.shallow_clone(),
                 eps,

@@ -9,8 +9,10 @@
 //! bit for bit. In a Llama-3.2-1B LoRA step at 8 × 1024 tokens that is 3.2 GB less at a cost of
 //! one more pass of each replayed op (figures in `docs/PERFORMANCE.md`).
 //!
-//! Recipes exist where the CUDA kernels ran (bf16 on CUDA, autograd recording, recomputation
-//! on: [`set_recompute`]); elsewhere a `Recomputable` is a plain tensor and the node keeps `x`.
+//! Recipes exist where the CUDA kernels ran (bf16 on CUDA, autograd recording, an input of the
+//! op requiring grad, recomputation on: [`set_recompute`]); elsewhere a `Recomputable` is a
+//! plain tensor and the node keeps `x`. The node checks the version counters of the output and
+//! of the recipe's tensors: after an in-place change to any of them it keeps `x` instead.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -31,11 +33,19 @@ pub fn recompute_enabled() -> bool {
 
 /// How an output is remade by the kernel that made it.
 #[derive(Debug)]
-pub(crate) enum Recipe {
+pub(crate) enum RecipeKind {
     /// `rms_norm(src, weight, eps)`; `src` is what the norm's node keeps.
     RmsNorm { src: Tensor, weight: Tensor, eps: f64 },
     /// `swiglu(gate, up)`.
     SwiGlu { gate: Tensor, up: Tensor },
+}
+
+/// A recipe with the version counters of its two inputs and of the output when the op ran: the
+/// LoRA node replays only what nothing has changed in place since (else it keeps its input).
+#[derive(Debug)]
+pub(crate) struct Recipe {
+    pub(crate) kind: RecipeKind,
+    pub(crate) versions: [i64; 3],
 }
 
 /// An op's output, with (where its kernel ran) how to replay it; see the module documentation.
@@ -61,14 +71,31 @@ impl Recomputable {
         Recomputable { value, recipe: None }
     }
 
-    /// `value` made by the kernel `recipe` replays, the recipe kept only while recomputation
-    /// is on and autograd records.
-    pub(crate) fn with_recipe(value: Tensor, recipe: Recipe) -> Self {
+    /// `value` made by the kernel `kind` replays, the recipe kept only while recomputation is
+    /// on, autograd records and the op's own node was recorded (an input requires grad: only
+    /// then does that node keep the recipe's tensors anyway).
+    pub(crate) fn with_recipe(value: Tensor, kind: RecipeKind) -> Self {
+        let (a, b) = match &kind {
+            RecipeKind::RmsNorm { src, weight, .. } => (src, weight),
+            RecipeKind::SwiGlu { gate, up } => (gate, up),
+        };
         #[cfg(tch_peft_csrc)]
-        let keep = recompute_enabled() && crate::sys::grad_enabled();
+        let recipe = if recompute_enabled()
+            && crate::sys::grad_enabled()
+            && (a.requires_grad() || b.requires_grad())
+        {
+            let v = crate::sys::tensor_version;
+            let versions = [v(a), v(b), v(&value)];
+            Some(Recipe { versions, kind })
+        } else {
+            None
+        };
         #[cfg(not(tch_peft_csrc))]
-        let keep = false;
-        Recomputable { value, recipe: keep.then_some(recipe) }
+        let recipe = {
+            let _ = (a, b);
+            None
+        };
+        Recomputable { value, recipe }
     }
 
     /// The output.

@@ -199,7 +199,11 @@ impl Bnb4bitWeight {
             Absmax::Plain(absmax_t.reshape([-1]))
         };
         let device = codes.device();
-        let parts = [&quant_map, absmax.first()];
+        let mut parts = vec![&quant_map, absmax.first()];
+        if let Absmax::Nested(q) = &absmax {
+            parts.push(&q.absmax);
+            parts.push(&q.map);
+        }
         if let Some(other) = parts.iter().find(|t| t.device() != device) {
             return Err(Error::DeviceMismatch {
                 name: format!("{name} (its quantization state)"),
@@ -254,11 +258,14 @@ impl Bnb4bitWeight {
             return Err(bad(name, format!("dtype {dtype:?} is not f32, f16 or bf16")));
         }
         let n = weight.numel() as i64;
+        if n == 0 {
+            return Err(bad(name, "has no elements"));
+        }
         if n > MAX_ELEMENTS {
             return Err(bad(name, format!("{n} elements exceed the limit of {MAX_ELEMENTS}")));
         }
         let a = weight.f_reshape([-1])?.f_to_kind(Kind::Float)?;
-        if n > 0 && !bool::try_from(a.f_isfinite()?.f_all()?)? {
+        if !bool::try_from(a.f_isfinite()?.f_all()?)? {
             return Err(bad(name, "holds NaN or infinite values"));
         }
         let device = a.device();

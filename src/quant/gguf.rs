@@ -34,6 +34,9 @@ use crate::{Error, Result};
 const MAX_HEADER_BYTES: u64 = 1 << 30;
 /// The deepest nesting of metadata arrays accepted.
 const MAX_ARRAY_DEPTH: usize = 4;
+/// The most metadata values (array elements included) a file may hold: 2²⁴ (a 256k-token
+/// vocabulary with its merges and scores is about 0.8 M).
+const MAX_VALUES: u64 = 1 << 24;
 /// The most dimensions a tensor may have (ggml's limit).
 const MAX_DIMS: u32 = 4;
 
@@ -235,6 +238,20 @@ struct Header<'a> {
     pos: u64,
     len: u64,
     path: &'a Path,
+    /// Metadata values read so far.
+    values: u64,
+}
+
+/// The fewest bytes one value of metadata type `ty` takes (0 for an unknown type).
+fn min_value_bytes(ty: u32) -> u64 {
+    match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8,
+        9 => 12,
+        _ => 0,
+    }
 }
 
 impl Header<'_> {
@@ -274,6 +291,10 @@ impl Header<'_> {
     }
 
     fn value(&mut self, ty: u32, depth: usize, key: &str) -> Result<GgufValue> {
+        self.values += 1;
+        if self.values > MAX_VALUES {
+            return Err(corrupt(self.path, format!("more than {MAX_VALUES} metadata values")));
+        }
         Ok(match ty {
             0 => GgufValue::U8(self.array::<1>(key)?[0]),
             1 => GgufValue::I8(self.array::<1>(key)?[0] as i8),
@@ -297,8 +318,13 @@ impl Header<'_> {
                 }
                 let elem = self.u32(key)?;
                 let count = self.u64(key)?;
-                // every element takes at least one byte: a count beyond the bytes left is a lie
-                if count > self.len.saturating_sub(self.pos) {
+                // a count beyond what the bytes left can hold is a lie
+                let left = self.len.min(MAX_HEADER_BYTES).saturating_sub(self.pos);
+                let min = min_value_bytes(elem);
+                if min == 0 {
+                    return Err(corrupt(self.path, format!("`{key}`: array of value type {elem}")));
+                }
+                if count > left / min || count > MAX_VALUES - self.values.min(MAX_VALUES) {
                     return Err(corrupt(
                         self.path,
                         format!("`{key}`: an array of {count} elements in fewer bytes"),
@@ -333,7 +359,7 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let (file, len) = open_regular(path)?;
-        let mut h = Header { r: BufReader::new(&file), pos: 0, len, path };
+        let mut h = Header { r: BufReader::new(&file), pos: 0, len, path, values: 0 };
         if &h.array::<4>("magic")? != b"GGUF" {
             return Err(corrupt(path, "not a GGUF file (no `GGUF` magic)"));
         }
@@ -376,7 +402,11 @@ impl GgufFile {
             }
             let mut dims = Vec::new();
             for _ in 0..n_dims {
-                dims.push(h.u64(&name)?);
+                let d = h.u64(&name)?;
+                if d > i64::MAX as u64 {
+                    return Err(corrupt(path, format!("tensor `{name}` has a dimension of {d}")));
+                }
+                dims.push(d);
             }
             let id = h.u32(&name)?;
             let ggml_type = GgmlType::from_id(id).map_err(|t| Error::Unsupported {

@@ -247,6 +247,11 @@ fn add(p: &nn::Path, name: &str, t: Tensor) -> Result<Tensor> {
 }
 
 impl LowRankIntervention {
+    /// Whether a forward with `train` draws a dropout mask (as `forward` decides).
+    pub(crate) fn draws_dropout(&self, train: bool) -> bool {
+        train && self.config.dropout > 0.0 && self.config.kind != InterventionKind::ConsReft
+    }
+
     /// A new intervention with its variables under `p`, initialised as pyreft does: `R`
     /// orthonormal (`orthogonal_`), the linear layers as `nn.Linear` (`U(±1/√d)`), the constant
     /// sources of ConsReFT/LoBiReFT `U(0, 1)`. Parameters are f32 (pyreft defaults its linear

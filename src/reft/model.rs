@@ -615,6 +615,10 @@ impl ResidualHook for ReftHook<'_> {
         self.model.interventions.iter().any(|(l, _, _)| *l == layer)
     }
 
+    fn draws_random(&self, train: bool) -> bool {
+        self.model.interventions.iter().any(|(_, _, i)| i.draws_dropout(train))
+    }
+
     fn after_block(&self, layer: i64, hidden: &Tensor, train: bool) -> Result<Tensor> {
         if !self.edits_block(layer) {
             return Ok(hidden.shallow_clone());

@@ -323,11 +323,27 @@ fn checkpointed_step_gives_the_ordinary_backwards_loss_and_gradients() {
 }
 
 #[test]
-fn checkpointed_step_refuses_lora_dropout() {
+fn checkpointed_step_refuses_lora_dropout_and_hooks_that_draw_random_numbers() {
     let (_vs, _va, model, cfg) = lora_llama(0.1);
     let ids = Tensor::randint(cfg.vocab_size, [1, 5], (Kind::Int64, Device::Cpu));
     let err = model.causal_lm_backward_checkpointed(&ids, None, &ids, None).unwrap_err();
     assert!(matches!(&err, Error::InvalidConfig { field, .. } if field == "lora_dropout"), "{err}");
+    // a hook that does not say it is deterministic is refused; one that says so runs
+    struct Identity(bool);
+    impl tch_peft::models::ResidualHook for Identity {
+        fn after_block(&self, _: i64, h: &Tensor, _: bool) -> tch_peft::Result<Tensor> {
+            Ok(h.shallow_clone())
+        }
+        fn draws_random(&self, train: bool) -> bool {
+            self.0 && train
+        }
+    }
+    let (_vs, _va, model, _) = lora_llama(0.0);
+    let err = model.causal_lm_backward_checkpointed(&ids, None, &ids, Some(&Identity(true)));
+    assert!(matches!(&err, Err(Error::InvalidConfig { field, .. }) if field == "hook"), "{err:?}");
+    assert!(model
+        .causal_lm_backward_checkpointed(&ids, None, &ids, Some(&Identity(false)))
+        .is_ok());
 }
 
 #[test]
