@@ -16,7 +16,7 @@ use tch_peft::models::{Llama, LlamaConfig};
 use tch_peft::reft::{Activation, Positions, ReftConfig, ReftModel};
 
 /// The names of the targets, as `fuzz/fuzz_targets/<name>.rs` and the seed folders call them.
-pub const TARGETS: [&str; 9] = [
+pub const TARGETS: [&str; 10] = [
     "safetensors",
     "adapter_config",
     "pickle",
@@ -26,6 +26,7 @@ pub const TARGETS: [&str; 9] = [
     "merge_header",
     "reft_config",
     "model_config",
+    "gguf",
 ];
 
 /// Runs the target `name` on `data`.
@@ -40,6 +41,7 @@ pub fn run(name: &str, data: &[u8]) {
         "merge_header" => merge_header(data),
         "reft_config" => reft_config(data),
         "model_config" => model_config(data),
+        "gguf" => gguf(data),
         other => panic!("no fuzz target `{other}`"),
     }
 }
@@ -211,6 +213,26 @@ pub fn merge_config(data: &[u8]) {
 
 /// The bytes as a model directory's `model.safetensors`: headers read by the streamed merge, and
 /// every tensor read.
+/// The bytes as a GGUF file: opened, every tensor read, and where it describes a small Llama, the
+/// config derived, the model built and the weights loaded.
+pub fn gguf(data: &[u8]) {
+    use tch_peft::quant::gguf::GgufFile;
+    let dir = scratch("gguf");
+    let path = dir.join("model.gguf");
+    write(&path, data);
+    let Ok(file) = GgufFile::open(&path) else { return };
+    for t in file.tensors() {
+        let _ = file.tensor(&t.name);
+    }
+    let Ok(cfg) = tch_peft::models::gguf::llama_config(&file) else { return };
+    if cfg.num_parameters().is_ok_and(|n| n <= 1 << 16) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        if Llama::new(&vs.root(), &cfg, None).is_ok() {
+            let _ = tch_peft::models::gguf::load_llama_weights(&vs, &file, &cfg);
+        }
+    }
+}
+
 pub fn merge_header(data: &[u8]) {
     let dir = scratch("merge_header");
     write(&dir.join("model.safetensors"), data);
