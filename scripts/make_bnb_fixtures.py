@@ -87,6 +87,20 @@ def llama_nf4():
                                          dtype=torch.float32, attn_implementation="eager")
     q.eval()
     q.save_pretrained(dst)
+    # bitsandbytes 0.50.2's CPU Linear4bit forward rounds through bf16 whatever the compute dtype
+    # (outputs land on bf16 values, ≈ 3e-3 off x·deq(W)ᵀ): the logits here use the layer's
+    # definition instead, x·deq(W)ᵀ in f32 with the reference dequantization (what its CUDA
+    # path computes for an f32 compute dtype)
+    import bitsandbytes as bnb
+
+    def reference_forward(self, x):
+        st = self.weight.quant_state
+        absmax = F.dequantize_blockwise(st.absmax, st.state2) + st.offset if st.nested else st.absmax
+        w = _dequantize_4bit_compute(self.weight.data.reshape(-1), absmax.float(), st.code,
+                                     st.blocksize, st.shape, x.dtype)
+        return torch.nn.functional.linear(x, w, self.bias)
+
+    bnb.nn.Linear4bit.forward = reference_forward
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits = q(input_ids=ids).logits

@@ -108,6 +108,12 @@ pub struct LlamaConfig {
     /// Only `"silu"` is supported.
     #[serde(default = "default_act")]
     pub hidden_act: String,
+    /// transformers' `quantization_config`, as read. A bitsandbytes 4-bit checkpoint
+    /// (`quant_method: "bitsandbytes"`, `load_in_4bit`) loads with its NF4/FP4 weights
+    /// dequantized ([`load_weights`]); other methods are refused there. Never written by
+    /// [`save_pretrained`](Self::save_pretrained), whose weights are what the model holds.
+    #[serde(default, skip_serializing)]
+    pub quantization_config: Option<serde_json::Value>,
 }
 
 impl Default for LlamaConfig {
@@ -129,6 +135,7 @@ impl Default for LlamaConfig {
             attention_bias: false,
             mlp_bias: false,
             hidden_act: default_act(),
+            quantization_config: None,
         }
     }
 }
@@ -159,9 +166,34 @@ impl LlamaConfig {
             .map_err(|e| Error::CorruptFile { file: file.clone(), reason: e.to_string() })?;
         cfg.validate()?;
         if path.is_dir() {
-            super::check_against_weights(path, cfg.num_parameters()?, weight_files(path))?;
+            // a 4-bit checkpoint holds half a byte per quantized weight
+            let n = cfg.num_parameters()?;
+            let n = if cfg.quantization()?.is_some() { n / 2 } else { n };
+            super::check_against_weights(path, n, weight_files(path))?;
         }
         Ok(cfg)
+    }
+
+    /// The checkpoint's quantization: `None` for float weights, `Some("bitsandbytes-4bit")`
+    /// for bitsandbytes' 4-bit layout.
+    ///
+    /// # Errors
+    /// `Unsupported` for another `quantization_config` (8-bit, GPTQ, AWQ, …).
+    pub fn quantization(&self) -> Result<Option<&'static str>> {
+        let Some(q) = &self.quantization_config else { return Ok(None) };
+        let method = q.get("quant_method").and_then(|m| m.as_str());
+        let four_bit = ["load_in_4bit", "_load_in_4bit"]
+            .iter()
+            .any(|k| q.get(k).and_then(serde_json::Value::as_bool) == Some(true));
+        match method {
+            Some("bitsandbytes") if four_bit => Ok(Some("bitsandbytes-4bit")),
+            _ => Err(Error::Unsupported {
+                field: "quantization_config".into(),
+                reason: format!(
+                    "quant_method {method:?} (4-bit: {four_bit}); bitsandbytes 4-bit is read"
+                ),
+            }),
+        }
     }
 
     /// Key/value heads.
@@ -809,10 +841,73 @@ pub fn weight_files(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
 /// Loads a Hugging Face Llama directory's weights (single or sharded safetensors) into `vs`,
 /// strictly: every variable must be found with its shape, and every tensor of the files must
 /// be a variable (except `rotary_emb.inv_freq` buffers, and `lm_head.weight` when tied).
+///
+/// A bitsandbytes 4-bit checkpoint ([`LlamaConfig::quantization`]) loads with each quantized
+/// weight ([`Bnb4bitWeight`](crate::quant::Bnb4bitWeight), its state checked) dequantized into
+/// its variable's dtype; every part of the state must belong to a variable.
 pub fn load_weights(vs: &nn::VarStore, dir: impl AsRef<Path>, config: &LlamaConfig) -> Result<()> {
     let files = weight_files(&dir)?;
     let tied = config.tie_word_embeddings;
-    io::load_into_var_store(vs, &files, |name| {
-        name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight")
-    })
+    let ignore =
+        |name: &str| name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight");
+    if config.quantization()?.is_none() {
+        return io::load_into_var_store(vs, &files, ignore);
+    }
+    load_dequantizing(vs, &files, ignore)
+}
+
+/// [`load_weights`] of a bitsandbytes 4-bit checkpoint.
+fn load_dequantizing(
+    vs: &nn::VarStore,
+    files: &[PathBuf],
+    ignore: impl Fn(&str) -> bool,
+) -> Result<()> {
+    use crate::quant::Bnb4bitWeight;
+    let mut all = std::collections::BTreeMap::new();
+    for file in files {
+        for (name, t) in io::read_safetensors(file)?.tensors {
+            if all.insert(name.clone(), (t, file.clone())).is_some() {
+                return Err(Error::CorruptFile {
+                    file: file.clone(),
+                    reason: format!("tensor `{name}` appears in more than one file"),
+                });
+            }
+        }
+    }
+    let lookup = |k: &str| all.get(k).map(|(t, _)| t.shallow_clone());
+    let first = files.first().cloned().unwrap_or_default();
+    let mut used = std::collections::BTreeSet::new();
+    for (name, var) in vs.variables() {
+        let value = if Bnb4bitWeight::is_quantized(&name, &lookup) {
+            let w = Bnb4bitWeight::from_state(&name, &lookup)?;
+            let prefix = format!("{name}.");
+            used.extend(all.keys().filter(|k| k.starts_with(&prefix)).cloned());
+            w.dequantize_to(var.kind())?
+        } else {
+            let Some((t, _)) = all.get(&name) else {
+                return Err(Error::MissingTensor { name, file: first });
+            };
+            t.shallow_clone()
+        };
+        if value.size() != var.size() {
+            return Err(Error::ShapeMismatch { name, expected: var.size(), actual: value.size() });
+        }
+        if crate::lora::is_float(var.kind()) != crate::lora::is_float(value.kind()) {
+            return Err(Error::DtypeMismatch {
+                expected: format!("{:?} or another kind of its class", var.kind()),
+                actual: value.kind(),
+                name,
+            });
+        }
+        let src = value.f_to_kind(var.kind())?.f_to_device(var.device())?;
+        let mut dst = var.shallow_clone();
+        tch::no_grad(|| dst.f_copy_(&src))?;
+        used.insert(name);
+    }
+    for (name, (_, file)) in &all {
+        if !used.contains(name) && !ignore(name) {
+            return Err(Error::UnexpectedTensor { name: name.clone(), file: file.clone() });
+        }
+    }
+    Ok(())
 }

@@ -383,3 +383,46 @@ fn a_gguf_llama_gives_transformers_logits_from_the_same_file() {
     );
     assert_eq!(gguf::hf_name("blk.x.ffn_down.weight"), None);
 }
+
+#[test]
+fn a_bitsandbytes_4bit_checkpoint_and_its_peft_qlora_adapter_give_transformers_logits() {
+    // tests/fixtures/bnb/llama-nf4: transformers' save_pretrained of a Llama loaded with
+    // BitsAndBytesConfig(nf4, double quantization, f32 compute), its logits, and a PEFT LoRA
+    // adapter trained on that 4-bit base with its logits (scripts/make_bnb_fixtures.py)
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bnb/llama-nf4");
+    let cfg = LlamaConfig::from_pretrained(&dir).unwrap();
+    assert_eq!(cfg.quantization().unwrap(), Some("bitsandbytes-4bit"));
+    let t: std::collections::BTreeMap<String, Tensor> =
+        io::read_safetensors(dir.join("io.safetensors")).unwrap().tensors.into_iter().collect();
+    let ids = &t["input_ids"];
+    // the base alone
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = Llama::new(&vs.root(), &cfg, None).unwrap();
+    load_weights(&vs, &dir, &cfg).unwrap();
+    let d = max_abs_diff(&model.forward_t(ids, None, false).unwrap(), &t["logits"]);
+    assert!(d < 1e-4, "base: max |Δ| {d}");
+    // with PEFT's adapter
+    let lora_cfg = LoraConfig::from_pretrained(dir.join("adapter")).unwrap();
+    let (base_vs, adapter_vs) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let builder = LoraBuilder::new(&adapter_vs.root(), lora_cfg).unwrap();
+    let model = Llama::new(&base_vs.root(), &cfg, Some(&builder)).unwrap();
+    let adapter = builder.finish().unwrap();
+    load_weights(&base_vs, &dir, &cfg).unwrap();
+    adapter.load_pretrained(dir.join("adapter")).unwrap();
+    let logits = model.forward_t(ids, None, false).unwrap();
+    let d = max_abs_diff(&logits, &t["logits_adapter"]);
+    assert!(d < 1e-4, "adapter: max |Δ| {d}");
+    assert!(max_abs_diff(&logits, &t["logits"]) > 1e-3, "the adapter matters");
+    // saving the config does not claim quantized weights
+    let out = temp_dir("llama-nf4-config");
+    cfg.save_pretrained(&out).unwrap();
+    let text = std::fs::read_to_string(out.join("config.json")).unwrap();
+    assert!(!text.contains("quantization_config"), "{text}");
+    // other quantization methods are refused by name
+    let gptq = LlamaConfig {
+        quantization_config: Some(serde_json::json!({"quant_method": "gptq", "bits": 4})),
+        ..cfg.clone()
+    };
+    assert!(matches!(gptq.quantization(), Err(Error::Unsupported { .. })));
+    std::fs::remove_dir_all(&out).ok();
+}
