@@ -6,8 +6,9 @@
 //! ```
 //!
 //! * `--model`: a directory with `config.json` and `model.safetensors` (or a sharded
-//!   `model.safetensors.index.json`), or a llama.cpp `.gguf` file (the config from its
-//!   metadata, its tensors dequantized to f32: `tch_peft::models::gguf`).
+//!   `model.safetensors.index.json`; a bitsandbytes 4-bit checkpoint is dequantized on load),
+//!   or a llama.cpp `.gguf` file (the config from its metadata, its tensors dequantized to
+//!   f32: `tch_peft::models::gguf`).
 //! * `--adapter`: a PEFT LoRA directory (`adapter_config.json`, `adapter_model.safetensors`).
 //! * `--new-adapter CONFIG.json --save-adapter DIR [--seed N]`: instead of loading an adapter,
 //!   create one from a PEFT `adapter_config.json` (DoRA/PiSSA/module copies initialised from the
