@@ -16,7 +16,7 @@ use tch_peft::models::{Llama, LlamaConfig};
 use tch_peft::reft::{Activation, Positions, ReftConfig, ReftModel};
 
 /// The names of the targets, as `fuzz/fuzz_targets/<name>.rs` and the seed folders call them.
-pub const TARGETS: [&str; 10] = [
+pub const TARGETS: [&str; 11] = [
     "safetensors",
     "adapter_config",
     "pickle",
@@ -27,6 +27,7 @@ pub const TARGETS: [&str; 10] = [
     "reft_config",
     "model_config",
     "gguf",
+    "bnb_checkpoint",
 ];
 
 /// Runs the target `name` on `data`.
@@ -42,6 +43,7 @@ pub fn run(name: &str, data: &[u8]) {
         "reft_config" => reft_config(data),
         "model_config" => model_config(data),
         "gguf" => gguf(data),
+        "bnb_checkpoint" => bnb_checkpoint(data),
         other => panic!("no fuzz target `{other}`"),
     }
 }
@@ -230,6 +232,20 @@ pub fn gguf(data: &[u8]) {
         if Llama::new(&vs.root(), &cfg, None).is_ok() {
             let _ = tch_peft::models::gguf::load_llama_weights(&vs, &file, &cfg);
         }
+    }
+}
+
+/// The bytes as the `model.safetensors` of a bitsandbytes 4-bit Llama directory (the config of
+/// `tests/fixtures/bnb/llama-nf4`): the model built and the weights loaded, dequantized.
+pub fn bnb_checkpoint(data: &[u8]) {
+    const CONFIG: &str = include_str!("../../tests/fixtures/bnb/llama-nf4/config.json");
+    let dir = scratch("bnb_checkpoint");
+    write(&dir.join("config.json"), CONFIG.as_bytes());
+    write(&dir.join("model.safetensors"), data);
+    let Ok(cfg) = LlamaConfig::from_pretrained(&dir) else { return };
+    let vs = nn::VarStore::new(Device::Cpu);
+    if Llama::new(&vs.root(), &cfg, None).is_ok() {
+        let _ = tch_peft::models::llama::load_weights(&vs, &dir, &cfg);
     }
 }
 
