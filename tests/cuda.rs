@@ -610,16 +610,9 @@ fn fused_model_ops_match_the_composed_ops_in_bf16_on_cuda() {
     }
 }
 
-#[test]
-fn lora_nodes_replaying_their_inputs_give_the_same_gradients_with_less_memory_on_cuda() {
-    // LoRA on every linear layer of a bf16 Llama: with recomputation the q/k/v, gate/up and
-    // down nodes replay the norm and SwiGLU kernels instead of keeping their inputs; the
-    // gradients must be the same bits and the memory held between forward and backward smaller
-    // by those inputs
-    use tch_peft::models::llama::{Llama, LlamaConfig};
-    let _alone = Alone::new();
-    let dev = cuda();
-    let cfg = LlamaConfig {
+/// The small bf16-testable Llama of the model-level CUDA tests (GQA, tied embeddings).
+fn tiny_llama() -> tch_peft::models::LlamaConfig {
+    tch_peft::models::LlamaConfig {
         vocab_size: 512,
         hidden_size: 128,
         intermediate_size: 256,
@@ -627,8 +620,20 @@ fn lora_nodes_replaying_their_inputs_give_the_same_gradients_with_less_memory_on
         num_attention_heads: 4,
         num_key_value_heads: Some(2),
         tie_word_embeddings: true,
-        ..LlamaConfig::default()
-    };
+        ..Default::default()
+    }
+}
+
+#[test]
+fn lora_nodes_replaying_their_inputs_give_the_same_gradients_with_less_memory_on_cuda() {
+    // LoRA on every linear layer of a bf16 Llama: with recomputation the q/k/v, gate/up and
+    // down nodes replay the norm and SwiGLU kernels instead of keeping their inputs; the
+    // gradients must be the same bits and the memory held between forward and backward smaller
+    // by those inputs
+    use tch_peft::models::llama::Llama;
+    let _alone = Alone::new();
+    let dev = cuda();
+    let cfg = tiny_llama();
     tch::manual_seed(4);
     let (mut vs, va) = (nn::VarStore::new(dev), nn::VarStore::new(dev));
     let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -698,19 +703,10 @@ fn lora_nodes_replaying_their_inputs_give_the_same_gradients_with_less_memory_on
 
 #[test]
 fn bf16_llama_step_with_fused_ops_matches_the_composed_step_on_cuda() {
-    use tch_peft::models::llama::{Llama, LlamaConfig};
+    use tch_peft::models::llama::Llama;
     let _alone = Alone::new();
     let dev = cuda();
-    let cfg = LlamaConfig {
-        vocab_size: 512,
-        hidden_size: 128,
-        intermediate_size: 256,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: Some(2),
-        tie_word_embeddings: true,
-        ..LlamaConfig::default()
-    };
+    let cfg = tiny_llama();
     tch::manual_seed(3);
     let mut vs = nn::VarStore::new(dev);
     let model = Llama::new(&vs.root(), &cfg, None).unwrap();

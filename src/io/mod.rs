@@ -110,16 +110,7 @@ pub fn load_into_var_store(
             let Some(var) = vars.get(&name) else {
                 return Err(Error::UnexpectedTensor { name, file: file.clone() });
             };
-            if var.size() != t.size() {
-                return Err(Error::ShapeMismatch { name, expected: var.size(), actual: t.size() });
-            }
-            if crate::lora::is_float(var.kind()) != crate::lora::is_float(t.kind()) {
-                return Err(Error::DtypeMismatch {
-                    expected: format!("{:?} or another kind of its class", var.kind()),
-                    actual: t.kind(),
-                    name,
-                });
-            }
+            check_loadable(&name, var, &t)?;
             if found.insert(name.clone(), (t, file.clone())).is_some() {
                 return Err(Error::CorruptFile {
                     file: file.clone(),
@@ -142,6 +133,27 @@ pub fn load_into_var_store(
     for (name, (src, _)) in found {
         let mut dst = vars[&name].shallow_clone();
         dst.f_copy_(&src.f_to_device(dst.device())?.f_to_kind(dst.kind())?)?;
+    }
+    Ok(())
+}
+
+/// `t` can be copied into the variable `var` named `name`: same shape, and a float where the
+/// variable is a float (and the reverse); the copy converts within the class.
+pub(crate) fn check_loadable(name: &str, var: &tch::Tensor, t: &tch::Tensor) -> crate::Result<()> {
+    use crate::Error;
+    if var.size() != t.size() {
+        return Err(Error::ShapeMismatch {
+            name: name.into(),
+            expected: var.size(),
+            actual: t.size(),
+        });
+    }
+    if crate::lora::is_float(var.kind()) != crate::lora::is_float(t.kind()) {
+        return Err(Error::DtypeMismatch {
+            name: name.into(),
+            expected: format!("{:?} or another kind of its class", var.kind()),
+            actual: t.kind(),
+        });
     }
     Ok(())
 }

@@ -178,20 +178,14 @@ pub fn unpermute_rows(w: &Tensor, heads: i64) -> Result<Tensor> {
 /// lacks, `ShapeMismatch` for a wrong shape, and the file's read errors.
 pub fn load_llama_weights(vs: &nn::VarStore, file: &GgufFile, config: &LlamaConfig) -> Result<()> {
     let vars = vs.variables();
+    // names, shapes and completeness checked before the first tensor is read or written
+    let mut targets = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for info in file.tensors() {
-        let Some(name) = hf_name(&info.name) else {
-            return Err(Error::UnexpectedTensor {
-                name: info.name.clone(),
-                file: file.path().into(),
-            });
-        };
-        let Some(var) = vars.get(&name) else {
-            return Err(Error::UnexpectedTensor {
-                name: info.name.clone(),
-                file: file.path().into(),
-            });
-        };
+        let unexpected =
+            || Error::UnexpectedTensor { name: info.name.clone(), file: file.path().into() };
+        let name = hf_name(&info.name).ok_or_else(unexpected)?;
+        let var = vars.get(&name).ok_or_else(unexpected)?;
         if var.size() != info.shape() {
             return Err(Error::ShapeMismatch {
                 name: info.name.clone(),
@@ -199,6 +193,15 @@ pub fn load_llama_weights(vs: &nn::VarStore, file: &GgufFile, config: &LlamaConf
                 actual: info.shape(),
             });
         }
+        if !seen.insert(name.clone()) {
+            return Err(unexpected());
+        }
+        targets.push((info, name, var));
+    }
+    if let Some(name) = vars.keys().filter(|n| !seen.contains(*n)).min() {
+        return Err(Error::MissingTensor { name: name.clone(), file: file.path().into() });
+    }
+    for (info, name, var) in targets {
         let mut t = file.tensor(&info.name)?;
         if name.ends_with("q_proj.weight") {
             t = unpermute_rows(&t, config.num_attention_heads)?;
@@ -208,19 +211,6 @@ pub fn load_llama_weights(vs: &nn::VarStore, file: &GgufFile, config: &LlamaConf
         let src = t.f_to_kind(var.kind())?;
         let mut dst = var.shallow_clone();
         tch::no_grad(|| dst.f_copy_(&src))?;
-        if !seen.insert(name) {
-            return Err(Error::UnexpectedTensor {
-                name: info.name.clone(),
-                file: file.path().into(),
-            });
-        }
-    }
-    let mut names: Vec<&String> = vars.keys().collect();
-    names.sort();
-    for name in names {
-        if !seen.contains(name) {
-            return Err(Error::MissingTensor { name: name.clone(), file: file.path().into() });
-        }
     }
     Ok(())
 }

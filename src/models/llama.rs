@@ -877,6 +877,8 @@ fn load_dequantizing(
     let lookup = |k: &str| all.get(k).map(|(t, _)| t.shallow_clone());
     let first = files.first().cloned().unwrap_or_default();
     let mut used = std::collections::BTreeSet::new();
+    // every value formed and checked before any variable is written
+    let mut values = Vec::new();
     for (name, var) in vs.variables() {
         let value = if Bnb4bitWeight::is_quantized(&name, &lookup) {
             let w = Bnb4bitWeight::from_state(&name, &lookup)?;
@@ -889,25 +891,19 @@ fn load_dequantizing(
             };
             t.shallow_clone()
         };
-        if value.size() != var.size() {
-            return Err(Error::ShapeMismatch { name, expected: var.size(), actual: value.size() });
-        }
-        if crate::lora::is_float(var.kind()) != crate::lora::is_float(value.kind()) {
-            return Err(Error::DtypeMismatch {
-                expected: format!("{:?} or another kind of its class", var.kind()),
-                actual: value.kind(),
-                name,
-            });
-        }
-        let src = value.f_to_kind(var.kind())?.f_to_device(var.device())?;
-        let mut dst = var.shallow_clone();
-        tch::no_grad(|| dst.f_copy_(&src))?;
+        io::check_loadable(&name, &var, &value)?;
         used.insert(name);
+        values.push((var, value));
     }
     for (name, (_, file)) in &all {
         if !used.contains(name) && !ignore(name) {
             return Err(Error::UnexpectedTensor { name: name.clone(), file: file.clone() });
         }
+    }
+    let _guard = tch::no_grad_guard();
+    for (var, value) in values {
+        let mut dst = var.shallow_clone();
+        dst.f_copy_(&value.f_to_device(dst.device())?.f_to_kind(dst.kind())?)?;
     }
     Ok(())
 }

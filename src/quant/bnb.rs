@@ -111,8 +111,7 @@ impl Bnb4bitWeight {
     /// Whether the checkpoint tensors behind `lookup` hold `name` as a bitsandbytes 4-bit weight
     /// (its `quant_state` entry is present).
     pub fn is_quantized(name: &str, lookup: &dyn Fn(&str) -> Option<Tensor>) -> bool {
-        QuantType::Nf4.state_key(name).pipe(|k| lookup(&k)).is_some()
-            || QuantType::Fp4.state_key(name).pipe(|k| lookup(&k)).is_some()
+        [QuantType::Nf4, QuantType::Fp4].iter().any(|q| lookup(&q.state_key(name)).is_some())
     }
 
     /// The weight `name` from a checkpoint's tensors (`lookup` returns the tensor stored under a
@@ -503,14 +502,6 @@ impl QuantType {
         format!("{name}.quant_state.bitsandbytes__{}", self.name())
     }
 }
-
-/// A tiny `pipe` so a computed value can feed a closure inline.
-trait Pipe: Sized {
-    fn pipe<R>(self, f: impl FnOnce(Self) -> R) -> R {
-        f(self)
-    }
-}
-impl<T> Pipe for T {}
 
 fn read_state_json(name: &str, t: &Tensor) -> Result<QuantStateJson> {
     if t.kind() != Kind::Uint8 || t.dim() != 1 {
