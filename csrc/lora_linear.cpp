@@ -211,20 +211,35 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
   static variable_list forward(AutogradContext* ctx, at::Tensor x, at::TensorList ws,
                                at::TensorList as, at::TensorList bs, at::TensorList biases,
                                at::TensorList ms, at::TensorList w_sqs, at::TensorList from,
-                               std::vector<int64_t> bias_of, std::vector<int64_t> dora_of,
-                               std::vector<double> scalings, int64_t recipe, double eps) {
+                               at::TensorList qs, std::vector<int64_t> bias_of,
+                               std::vector<int64_t> dora_of, std::vector<double> scalings,
+                               int64_t recipe, double eps, std::vector<int64_t> q_counts,
+                               std::vector<int64_t> q_dims, std::vector<double> q_offsets) {
     // outputs nobody used keep an undefined gradient (skipped below) instead of zeros
     ctx->set_materialize_grads(false);
     const auto kind = x.scalar_type();
     const size_t n = ws.size();
     std::vector<int64_t> offsets(n + 1, 0);
     std::vector<DoraPrep> preps(n);
+    // each member's W: its weight, or a 4-bit member's dequantized for this forward
+    std::vector<at::Tensor> w_in(n);
+    const std::vector<at::Tensor> q_all(qs.begin(), qs.end());
     bool all_dora = true;
-    for (size_t i = 0; i < n; ++i) {
+    for (size_t i = 0, q_next = 0; i < n; ++i) {
       offsets[i + 1] = offsets[i] + as[i].size(0);
+      if (q_counts[i] > 0) {
+        const std::vector<at::Tensor> parts(q_all.begin() + q_next,
+                                            q_all.begin() + q_next + q_counts[i]);
+        q_next += q_counts[i];
+        w_in[i] = tch_peft::dequantize_4bit(
+            parts, std::vector<int64_t>(q_dims.begin() + 4 * i, q_dims.begin() + 4 * i + 4),
+            q_offsets[i], kind);
+      } else {
+        w_in[i] = ws[i];
+      }
       const int64_t j = dora_of[i];
       if (j >= 0) {
-        preps[i] = dora_prep(kind, ws[i], as[i], bs[i], ms[j], w_sqs[j], scalings[i]);
+        preps[i] = dora_prep(kind, w_in[i], as[i], bs[i], ms[j], w_sqs[j], scalings[i]);
       }
       all_dora = all_dora && j >= 0;
     }
@@ -242,7 +257,7 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     std::vector<tch_peft::kernels::UpTerm> terms;
     for (size_t i = 0; i < n; ++i) {
       const bool dora = dora_of[i] >= 0;
-      w_used[i] = dora ? preps[i].w_g : ws[i];
+      w_used[i] = dora ? preps[i].w_g : w_in[i];
       b_used[i] = dora ? preps[i].b_g : bs[i].to(kind);
       const at::Tensor* bias = bias_of[i] >= 0 ? &biases[bias_of[i]] : nullptr;
       terms.push_back({&b_used[i], bias, offsets[i], scalings[i]});
@@ -258,7 +273,8 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     std::vector<at::Tensor> dora_saved;
     std::vector<int64_t> m_kinds;
     for (size_t i = 0; i < n; ++i) {
-      to_save.push_back(w_used[i]);
+      // a 4-bit member's W (or W_g) is formed again in the backward from its parts
+      to_save.push_back(q_counts[i] > 0 ? at::Tensor() : w_used[i]);
       to_save.push_back(b_used[i]);
       if (dora_of[i] >= 0) {
         const at::Tensor* bias = terms[i].bias;
@@ -271,7 +287,13 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     }
     to_save.insert(to_save.end(), dora_saved.begin(), dora_saved.end());
     if (recompute) to_save.insert(to_save.end(), from_list.begin(), from_list.end());
+    ctx->saved_data["q_first"] = static_cast<int64_t>(to_save.size());
+    to_save.insert(to_save.end(), q_all.begin(), q_all.end());
     ctx->save_for_backward(to_save);
+    ctx->saved_data["q_counts"] = q_counts;
+    ctx->saved_data["q_dims"] = q_dims;
+    ctx->saved_data["q_offsets"] = q_offsets;
+    ctx->saved_data["n_qs"] = static_cast<int64_t>(q_all.size());
     ctx->saved_data["recipe"] = recompute ? recipe : int64_t{0};
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["n_from"] = static_cast<int64_t>(from.size());
@@ -307,6 +329,16 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     const size_t n_dora = m_kinds.size();
     const int64_t recipe = ctx->saved_data["recipe"].toInt();
     const int64_t n_from = ctx->saved_data["n_from"].toInt();
+    const auto q_counts = ctx->saved_data["q_counts"].toIntVector();
+    const auto q_dims = ctx->saved_data["q_dims"].toIntVector();
+    const auto q_offsets = ctx->saved_data["q_offsets"].toDoubleVector();
+    const int64_t n_qs = ctx->saved_data["n_qs"].toInt();
+    // where each 4-bit member's parts start among the saved tensors
+    std::vector<int64_t> q_start(n, 0);
+    for (size_t i = 0, next = ctx->saved_data["q_first"].toInt(); i < n; ++i) {
+      q_start[i] = static_cast<int64_t>(next);
+      next += q_counts[i];
+    }
     const int64_t big_r = offsets[n];
     const int64_t rows = h_all.size(0);
     const auto kind = a_all.scalar_type();  // the base dtype, as x's
@@ -358,14 +390,25 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
         continue;
       }
       const at::Tensor g = grads[i].contiguous();
-      const at::Tensor& w = saved[3 + 2 * i];   // W, or W_g for DoRA
+      const size_t d = 3 + 2 * n + 4 * static_cast<size_t>(std::max<int64_t>(dora_of[i], 0));
+      // W, or W_g for DoRA; a 4-bit member's dequantized again (W_g = G·W as the forward made it)
+      at::Tensor w_formed;
+      if (q_counts[i] > 0) {
+        const std::vector<at::Tensor> parts(saved.begin() + q_start[i],
+                                            saved.begin() + q_start[i] + q_counts[i]);
+        w_formed = tch_peft::dequantize_4bit(
+            parts, std::vector<int64_t>(q_dims.begin() + 4 * i, q_dims.begin() + 4 * i + 4),
+            q_offsets[i], kind);
+        if (dora_of[i] >= 0) w_formed.mul_(saved[d + 1].to(kind));
+      }
+      const at::Tensor& w = q_counts[i] > 0 ? w_formed : saved[3 + 2 * i];
       const at::Tensor& bc = saved[4 + 2 * i];  // B in the base dtype, or B_g
       const at::Tensor ac = a_all.narrow(0, offsets[i], r);
       const at::Tensor h = h_all.narrow(1, offsets[i], r);
       const double s = scalings[i];
       const int64_t j = dora_of[i];
-      // a DoRA member's saved output, scale G ([out, 1], compute kind), 1/m and bias
-      const size_t d = 3 + 2 * n + 4 * static_cast<size_t>(std::max<int64_t>(j, 0));
+      // (d: where a DoRA member's saved output, scale G ([out, 1], compute kind), 1/m and bias
+      // start)
       if (ctx->needs_input_grad(0)) {
         const at::Tensor w_eff =
             thin ? w : at::addmm(w, bc, ac, /*beta=*/1, /*alpha=*/s);  // W (+ s·BA)
@@ -434,8 +477,9 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     for (const auto* list : {&dws, &das, &dbs, &dbiases, &dms, &dw_sqs}) {
       out.insert(out.end(), list->begin(), list->end());
     }
-    // from (never differentiated through here), bias_of, dora_of, scalings, recipe, eps
-    out.resize(out.size() + static_cast<size_t>(n_from) + 5);
+    // from and qs (never differentiated through here), bias_of, dora_of, scalings, recipe, eps,
+    // q_counts, q_dims, q_offsets
+    out.resize(out.size() + static_cast<size_t>(n_from + n_qs) + 8);
     return out;
   }
 };
@@ -455,12 +499,27 @@ int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* 
                         const at::Tensor* const* bs, const at::Tensor* const* ms,
                         const at::Tensor* const* w_sqs, const double* scalings, int recipe,
                         const at::Tensor* const* from, size_t n_from, double eps,
-                        const int64_t* versions, at::Tensor** out, char** error) {
+                        const int64_t* versions, const at::Tensor* const* qs,
+                        const int64_t* q_counts, const int64_t* q_dims, const double* q_offsets,
+                        at::Tensor** out, char** error) {
   return tch_peft::guarded<int>("tch_peft_lora_group", error, 1, [&] {
-    std::vector<at::Tensor> w_list, a_list, b_list, bias_list, m_list, w_sq_list;
-    std::vector<int64_t> bias_of, dora_of;
-    for (size_t i = 0; i < n; ++i) {
-      w_list.push_back(*ws[i]);
+    std::vector<at::Tensor> w_list, a_list, b_list, bias_list, m_list, w_sq_list, q_list;
+    std::vector<int64_t> bias_of, dora_of, counts, dims;
+    std::vector<double> offsets;
+    for (size_t i = 0, q_next = 0; i < n; ++i) {
+      const int64_t count = q_counts != nullptr ? q_counts[i] : 0;
+      counts.push_back(count);
+      dims.insert(dims.end(), {0, 0, 0, 0});
+      offsets.push_back(0.0);
+      if (count > 0) {
+        for (int64_t k = 0; k < count; ++k) q_list.push_back(qs[q_next++]->detach());
+        std::copy(q_dims + 4 * i, q_dims + 4 * i + 4, dims.end() - 4);
+        offsets.back() = q_offsets[i];
+        // a placeholder input (never differentiated): the node forms W from the parts
+        w_list.push_back(at::empty({0}, x->options()));
+      } else {
+        w_list.push_back(*ws[i]);
+      }
       a_list.push_back(*as[i]);
       b_list.push_back(*bs[i]);
       if (biases[i] != nullptr) {
@@ -493,7 +552,8 @@ int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* 
     const auto ys = LoraGroupFunction::apply(
         *x, at::TensorList(w_list), at::TensorList(a_list), at::TensorList(b_list),
         at::TensorList(bias_list), at::TensorList(m_list), at::TensorList(w_sq_list),
-        at::TensorList(from_list), bias_of, dora_of, s, static_cast<int64_t>(recipe), eps);
+        at::TensorList(from_list), at::TensorList(q_list), bias_of, dora_of, s,
+        static_cast<int64_t>(recipe), eps, counts, dims, offsets);
     for (size_t i = 0; i < n; ++i) {
       out[i] = new at::Tensor(ys[i]);
     }

@@ -79,10 +79,13 @@ at::Tensor dequantize_kernel(const std::vector<at::Tensor>& q, const std::vector
   return w;
 }
 
+}  // namespace
+
 // q: codes, absmax (f32, or uint8 nested codes), quant_map[, nested_absmax, nested_map];
 // dims: out, in, blocksize, nested_blocksize
-at::Tensor dequantize(const std::vector<at::Tensor>& q, const std::vector<int64_t>& dims,
-                      double offset, at::ScalarType kind) {
+at::Tensor tch_peft::dequantize_4bit(const std::vector<at::Tensor>& q,
+                                     const std::vector<int64_t>& dims, double offset,
+                                     at::ScalarType kind) {
   if (q[0].is_cuda()) {
     at::Tensor w = dequantize_kernel(q, dims, offset, kind);
     if (w.defined()) return w;
@@ -103,12 +106,14 @@ at::Tensor dequantize(const std::vector<at::Tensor>& q, const std::vector<int64_
   return vals.mul(scale.narrow(0, 0, n)).to(kind).reshape({out, in});
 }
 
+namespace {
+
 struct Linear4bitFunction : public torch::autograd::Function<Linear4bitFunction> {
   // `bias`: empty or the bias (an undefined tensor cannot be a node input)
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList bias,
                             at::TensorList q, std::vector<int64_t> dims, double offset) {
     const std::vector<at::Tensor> parts(q.begin(), q.end());
-    const at::Tensor w = dequantize(parts, dims, offset, x.scalar_type());
+    const at::Tensor w = tch_peft::dequantize_4bit(parts, dims, offset, x.scalar_type());
     const at::Tensor x2 = x.reshape({-1, dims[1]});
     const at::Tensor y = bias.empty() ? at::mm(x2, w.t()) : at::addmm(bias[0], x2, w.t());
     ctx->save_for_backward(parts);
@@ -119,14 +124,15 @@ struct Linear4bitFunction : public torch::autograd::Function<Linear4bitFunction>
     shape.back() = dims[0];
     ctx->saved_data["x_shape"] = x.sizes().vec();
     ctx->saved_data["n_bias"] = static_cast<int64_t>(bias.size());
-    return y.view(shape);
+    // not a view (callers may accumulate into the output in place, as LoRA does)
+    return at::_unsafe_view(y, shape);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto parts = ctx->get_saved_variables();
     const auto dims = ctx->saved_data["dims"].toIntVector();
     const auto kind = static_cast<at::ScalarType>(ctx->saved_data["kind"].toInt());
-    const at::Tensor w = dequantize(parts, dims, ctx->saved_data["offset"].toDouble(), kind);
+    const at::Tensor w = tch_peft::dequantize_4bit(parts, dims, ctx->saved_data["offset"].toDouble(), kind);
     const at::Tensor g = grads[0].reshape({-1, dims[0]});
     const at::Tensor dx = at::mm(g.to(kind), w).view(ctx->saved_data["x_shape"].toIntVector());
     variable_list out{dx};

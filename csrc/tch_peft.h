@@ -32,12 +32,20 @@ extern "C" {
 // producing op's own node keeps anyway. `versions` (n_from + 1 values, or null without a recipe)
 // are the version counters of `from` and of `x` when the op made `x`: a tensor changed in place
 // since, or a recipe the kernels cannot replay, is ignored (`x` saved).
+//
+// A member with a 4-bit base (QLoRA) has `ws[i]` null and `q_counts[i]` > 0: its quantized parts
+// are the next `q_counts[i]` handles of `qs` (as tch_peft_linear_4bit's `q`), `q_dims[4i..4i+4]`
+// and `q_offsets[i]` their dims and nested offset. Its W is dequantized in the forward and again
+// in the backward; the node keeps only the parts. `q_counts` may be null when no member is
+// 4-bit.
 int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* ws,
                         const at::Tensor* const* biases, const at::Tensor* const* as,
                         const at::Tensor* const* bs, const at::Tensor* const* ms,
                         const at::Tensor* const* w_sqs, const double* scalings, int recipe,
                         const at::Tensor* const* from, size_t n_from, double eps,
-                        const int64_t* versions, at::Tensor** out, char** error);
+                        const int64_t* versions, const at::Tensor* const* qs,
+                        const int64_t* q_counts, const int64_t* q_dims, const double* q_offsets,
+                        at::Tensor** out, char** error);
 
 // --- quant_linear.cpp: the frozen 4-bit linear layer's node ---
 
@@ -147,6 +155,11 @@ namespace tch_peft {
 bool can_recompute_input(int64_t recipe, const std::vector<at::Tensor>& from, int64_t rows,
                          int64_t width);
 at::Tensor recompute_input(int64_t recipe, const std::vector<at::Tensor>& from, double eps);
+
+// bitsandbytes' 4-bit weight dequantized to `kind` (quant_linear.cpp): q = codes, absmax,
+// quant_map[, nested_absmax, nested_map]; dims = out, in, blocksize, nested_blocksize.
+at::Tensor dequantize_4bit(const std::vector<at::Tensor>& q, const std::vector<int64_t>& dims,
+                           double offset, at::ScalarType kind);
 
 // A malloc'ed copy of `s` for Rust (null if malloc fails).
 inline char* copy_c_string(const std::string& s) {

@@ -38,6 +38,10 @@ mod ffi {
             n_from: usize,
             eps: f64,
             versions: *const i64,
+            qs: *const *const C_tensor,
+            q_counts: *const i64,
+            q_dims: *const i64,
+            q_offsets: *const f64,
             out: *mut *mut C_tensor,
             error: *mut *mut c_char,
         ) -> i32;
@@ -219,12 +223,20 @@ pub(crate) fn set_custom_kernels(on: bool) {
 /// One LoRA or DoRA layer of a [`lora_group`] call: base weight, optional bias, A, B, scaling
 /// and, for DoRA, its magnitude part.
 pub(crate) struct GroupMember<'a> {
-    pub w: &'a Tensor,
+    pub w: MemberWeight<'a>,
     pub bias: Option<&'a Tensor>,
     pub a: &'a Tensor,
     pub b: &'a Tensor,
     pub scaling: f64,
     pub dora: Option<DoraMember<'a>>,
+}
+
+/// A group member's base weight: a float tensor, or a 4-bit weight's parts (codes, absmax,
+/// quant_map[, nested absmax, nested map]), dims (out, in, blocksize, nested blocksize) and
+/// nested offset, which the node dequantizes in its forward and again in its backward.
+pub(crate) enum MemberWeight<'a> {
+    Dense(&'a Tensor),
+    Quant { parts: Vec<Tensor>, dims: [i64; 4], offset: f64 },
 }
 
 /// A DoRA member's magnitude `m` ([out]) and `‖W_i‖²` per row in the compute kind (f32, f64 for
@@ -246,7 +258,29 @@ pub(crate) fn lora_group(
     recipe: Option<&crate::ops::Recipe>,
 ) -> Result<Vec<Tensor>, tch::TchError> {
     let n = members.len();
-    let ws: Vec<_> = members.iter().map(|m| m.w.as_ptr()).collect();
+    let ws: Vec<_> = members
+        .iter()
+        .map(|m| match &m.w {
+            MemberWeight::Dense(w) => w.as_ptr(),
+            MemberWeight::Quant { .. } => std::ptr::null(),
+        })
+        .collect();
+    let (mut qs, mut q_counts, mut q_dims, mut q_offsets) = (vec![], vec![], vec![], vec![]);
+    for m in members {
+        match &m.w {
+            MemberWeight::Dense(_) => {
+                q_counts.push(0i64);
+                q_dims.extend([0i64; 4]);
+                q_offsets.push(0.0);
+            }
+            MemberWeight::Quant { parts, dims, offset } => {
+                qs.extend(parts.iter().map(Tensor::as_ptr));
+                q_counts.push(parts.len() as i64);
+                q_dims.extend(dims);
+                q_offsets.push(*offset);
+            }
+        }
+    }
     let biases: Vec<_> = members.iter().map(|m| handle(m.bias)).collect();
     let a_s: Vec<_> = members.iter().map(|m| m.a.as_ptr()).collect();
     let bs: Vec<_> = members.iter().map(|m| m.b.as_ptr()).collect();
@@ -270,9 +304,10 @@ pub(crate) fn lora_group(
     let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); n];
     let mut error: *mut c_char = std::ptr::null_mut();
     // SAFETY: the arrays hold `n` live handles (or nulls for absent biases and magnitudes; a
-    // magnitude and its ‖W‖² come together), `from` its live handles and `versions` (when not
-    // null) `from.len() + 1` values, borrowed for the call; on success the C++ side writes `n`
-    // new owned handles into `out`.
+    // magnitude and its ‖W‖² come together; null weights for 4-bit members), `from` its live
+    // handles and `versions` (when not null) `from.len() + 1` values, `qs` the 4-bit members'
+    // parts (`q_counts` per member, `q_dims` 4 and `q_offsets` 1 value per member), borrowed
+    // for the call; on success the C++ side writes `n` new owned handles into `out`.
     unsafe {
         let rc = ffi::tch_peft_lora_group(
             x.as_ptr(),
@@ -289,6 +324,10 @@ pub(crate) fn lora_group(
             from.len(),
             eps,
             versions,
+            qs.as_ptr(),
+            q_counts.as_ptr(),
+            q_dims.as_ptr(),
+            q_offsets.as_ptr(),
             out.as_mut_ptr(),
             &mut error,
         );

@@ -19,7 +19,7 @@ fn fill(t: &Tensor, seed: i64) {
 
 /// `x (W + s·BA)ᵀ + b` for the given adapters of `stack`'s layer.
 fn reference(stack: &LoraStack<LoraLinear>, names: &[&str], x: &Tensor) -> Tensor {
-    let base = stack.base_linear();
+    let base = stack.base_linear().dense().unwrap();
     let mut w = base.ws.copy();
     for n in names {
         let l = stack.get(n).unwrap();

@@ -65,9 +65,9 @@ fn layer_with(kind: Kind, vb: &mut nn::VarStore, va: &nn::VarStore, dora: bool) 
 /// `x Wᵀ + b + s·(x Aᵀ) Bᵀ` in f64, on the layer's device.
 fn lora_formula_f64(l: &LoraLinear, x: &Tensor) -> Tensor {
     let f = |t: &Tensor| t.to_kind(Kind::Double);
-    let y = f(x).matmul(&f(&l.base().ws).tr())
+    let y = f(x).matmul(&f(&l.base().dense().unwrap().ws).tr())
         + f(x).matmul(&f(l.lora_a()).tr()).matmul(&f(l.lora_b()).tr()) * l.scaling();
-    match &l.base().bs {
+    match &l.base().dense().unwrap().bs {
         Some(b) => y + f(b),
         None => y,
     }
@@ -120,7 +120,7 @@ fn bf16_merge_unmerge_is_bit_exact_on_cuda() {
     tch::manual_seed(1);
     let (mut vb, va) = (nn::VarStore::new(dev), nn::VarStore::new(dev));
     let l = layer(Kind::BFloat16, &mut vb, &va);
-    let original = l.base().ws.copy();
+    let original = l.base().dense().unwrap().ws.copy();
     let x = Tensor::randn([8, 256], (Kind::BFloat16, dev));
     let unmerged = l.forward_t(&x, false);
     for _ in 0..20 {
@@ -130,7 +130,7 @@ fn bf16_merge_unmerge_is_bit_exact_on_cuda() {
         assert!(rel < 2e-2, "merged output within bf16 precision: {rel}");
         l.unmerge().unwrap();
     }
-    assert!(bit_equal(&l.base().ws, &original));
+    assert!(bit_equal(&l.base().dense().unwrap().ws, &original));
 }
 
 #[test]
@@ -178,7 +178,7 @@ fn dora_row_norm_of_a_bf16_weight_is_f32_accurate_on_cuda() {
     });
     l.init_from_base_weights().unwrap();
     // exact: W + s·BA in f64
-    let w = l.base().ws.to_kind(Kind::Double);
+    let w = l.base().dense().unwrap().ws.to_kind(Kind::Double);
     let delta = l.lora_b().to_kind(Kind::Double).matmul(&l.lora_a().to_kind(Kind::Double));
     let exact = (w + delta * l.scaling()).square().sum_dim_intlist(1, false, Kind::Double).sqrt();
     let m = l.magnitude().unwrap().to_kind(Kind::Double);
@@ -339,14 +339,14 @@ fn dora_custom_kernels_match_the_libtorch_ops_on_cuda() {
         // forward (W_g, B_g, x Aᵀ, the output: ~0.6 % here); with this B the low-rank part
         // dominates the norm, so an error there would be far larger
         let f = |t: &Tensor| t.to_kind(Kind::Double);
-        let w = f(&l.base().ws);
+        let w = f(&l.base().dense().unwrap().ws);
         let ba = f(l.lora_b()).matmul(&f(l.lora_a())) * l.scaling();
         let scale = f(l.magnitude().unwrap())
             / (&w + &ba).square().sum_dim_intlist(1, false, Kind::Double).sqrt();
         let mut expected = f(&x).matmul(&(&w + &ba).tr()) * scale;
         if let Some(b) = l.named_tensors().iter().find(|(n, _)| n.ends_with("bias")) {
             expected += f(&b.1);
-        } else if let Some(b) = &l.base().bs {
+        } else if let Some(b) = &l.base().dense().unwrap().bs {
             expected += f(b);
         }
         let rel = rel_diff(&f(&y_k), &expected);
@@ -865,7 +865,7 @@ fn four_bit_dequantization_kernel_and_node_match_the_libtorch_ops_on_cuda() {
         assert!(aten.to_device(Device::Cpu).equal(&want), "{q:?} {bs}: ATen on CUDA vs CPU");
 
         // the node: same forward, input gradient through deq(W), and no dense weight held
-        let layer = QuantLinear::new(gpu, None, Kind::BFloat16).unwrap();
+        let layer = QuantLinear::new(gpu, None).unwrap();
         let x = Tensor::randn([4, 64, 192], (Kind::BFloat16, dev));
         let run = |composed: bool| {
             let xg = x.detach().set_requires_grad(true);

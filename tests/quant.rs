@@ -217,11 +217,11 @@ fn a_transformers_4bit_checkpoint_reads_and_quantize_on_load_matches_it() {
             }
         }
         // the layer computes x · deq(W)ᵀ and its input gradient through deq(W)
-        let layer = QuantLinear::new(theirs, None, Kind::Float).unwrap();
+        let layer = QuantLinear::new(theirs, None).unwrap();
         let x = Tensor::randn([3, layer.in_features()], (Kind::Float, tch::Device::Cpu))
             .set_requires_grad(true);
         let y = layer.f_forward(&x).unwrap();
-        let dense = layer.dense_weight().unwrap();
+        let dense = layer.dense_weight(Kind::Float).unwrap();
         assert!(!dense.requires_grad());
         assert!(y.allclose(&x.detach().matmul(&dense.tr()), 1e-6, 1e-6, false));
         y.sum(Kind::Float).backward();
@@ -241,26 +241,22 @@ fn a_transformers_4bit_checkpoint_reads_and_quantize_on_load_matches_it() {
 fn quantized_linear_refuses_bad_inputs() {
     let w = Tensor::randn([8, 64], (Kind::Float, tch::Device::Cpu));
     let q = || Bnb4bitWeight::quantize(&w, QuantType::Fp4, 64, false).unwrap();
-    let layer = QuantLinear::new(
-        q(),
-        Some(Tensor::zeros([8], (Kind::Float, tch::Device::Cpu))),
-        Kind::BFloat16,
-    )
-    .unwrap();
+    let layer =
+        QuantLinear::new(q(), Some(Tensor::zeros([8], (Kind::Float, tch::Device::Cpu)))).unwrap();
     let bad_width = Tensor::zeros([2, 63], (Kind::BFloat16, tch::Device::Cpu));
     assert!(matches!(layer.f_forward(&bad_width), Err(Error::ShapeMismatch { .. })));
-    let bad_kind = Tensor::zeros([2, 64], (Kind::Float, tch::Device::Cpu));
+    let bad_kind = Tensor::zeros([2, 64], (Kind::Double, tch::Device::Cpu));
     assert!(matches!(layer.f_forward(&bad_kind), Err(Error::DtypeMismatch { .. })));
+    let ints = Tensor::zeros([2, 64], (Kind::Int64, tch::Device::Cpu));
+    assert!(matches!(layer.f_forward(&ints), Err(Error::DtypeMismatch { .. })));
     let y = layer.f_forward(&Tensor::ones([2, 64], (Kind::BFloat16, tch::Device::Cpu))).unwrap();
     assert_eq!((y.size(), y.kind()), (vec![2, 8], Kind::BFloat16));
     let bad_bias = Some(Tensor::zeros([7], (Kind::Float, tch::Device::Cpu)));
-    assert!(matches!(
-        QuantLinear::new(q(), bad_bias, Kind::Float),
-        Err(Error::ShapeMismatch { .. })
-    ));
-    assert!(matches!(QuantLinear::new(q(), None, Kind::Double), Err(Error::DtypeMismatch { .. })));
+    assert!(matches!(QuantLinear::new(q(), bad_bias), Err(Error::ShapeMismatch { .. })));
+    let int_bias = Some(Tensor::zeros([8], (Kind::Int64, tch::Device::Cpu)));
+    assert!(matches!(QuantLinear::new(q(), int_bias), Err(Error::DtypeMismatch { .. })));
     let flat = Bnb4bitWeight::quantize(&w.reshape([-1]), QuantType::Nf4, 64, false).unwrap();
-    assert!(matches!(QuantLinear::new(flat, None, Kind::Float), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(QuantLinear::new(flat, None), Err(Error::ShapeMismatch { .. })));
 }
 
 #[test]
@@ -271,7 +267,7 @@ fn the_4bit_node_keeps_only_the_quantized_weight_and_matches_the_composed_ops() 
         let w = Tensor::randn([24, 128], (Kind::Float, tch::Device::Cpu));
         let bias = Tensor::randn([24], (Kind::Float, tch::Device::Cpu));
         let layer =
-            QuantLinear::new(Bnb4bitWeight::quantize(&w, q, 64, nested).unwrap(), Some(bias), kind)
+            QuantLinear::new(Bnb4bitWeight::quantize(&w, q, 64, nested).unwrap(), Some(bias))
                 .unwrap();
         let x = Tensor::randn([2, 5, 128], (kind, tch::Device::Cpu));
         let run = |composed: bool| {
@@ -424,5 +420,148 @@ mod gguf_files {
         let at = type_offset(&bad, "f32") - 8 * 2; // ne[0] of `f32`
         bad[at..at + 8].copy_from_slice(&(1u64 << 62).to_le_bytes());
         assert!(matches!(open_bytes(&bad, "gguf-dims"), Err(Error::CorruptFile { .. })));
+    }
+}
+
+/// LoRA and DoRA on a 4-bit base (QLoRA): the same values and gradients as the same adapters on
+/// a float layer holding the dequantized weight, on the fused node and the composed ops; merges
+/// quantize `deq(W) + s·BA` again exactly as bitsandbytes would and unmerge restores the codes.
+mod qlora {
+    use super::*;
+    use tch::nn;
+    use tch_peft::lora::{LoraBuilder, LoraConfig, LoraInit, LoraLinear};
+
+    fn quantized(seed: i64) -> (QuantLinear, Tensor, Tensor) {
+        tch::manual_seed(seed);
+        let w = Tensor::randn([24, 128], (Kind::Float, tch::Device::Cpu)) * 0.1;
+        let bias = Tensor::randn([24], (Kind::Float, tch::Device::Cpu));
+        let q = Bnb4bitWeight::quantize(&w, QuantType::Nf4, 64, true).unwrap();
+        let layer = QuantLinear::new(q, Some(bias.copy())).unwrap();
+        let dense = layer.dense_weight(Kind::Float).unwrap();
+        (layer, dense, bias)
+    }
+
+    fn cfg(dora: bool) -> LoraConfig {
+        LoraConfig { r: 4, lora_alpha: 8.0, use_dora: dora, ..Default::default() }
+    }
+
+    /// The two layers with the same random A and B.
+    fn pair(dora: bool) -> (LoraLinear, LoraLinear, [nn::VarStore; 2]) {
+        let (layer, dense, bias) = quantized(3);
+        let (va, vb) = (nn::VarStore::new(tch::Device::Cpu), nn::VarStore::new(tch::Device::Cpu));
+        let q = LoraLinear::new(layer, &(va.root() / "p"), &cfg(dora)).unwrap();
+        let base = nn::Linear { ws: dense, bs: Some(bias) };
+        let d = LoraLinear::new(base, &(vb.root() / "p"), &cfg(dora)).unwrap();
+        tch::no_grad(|| {
+            let a = Tensor::randn(q.lora_a().size(), (Kind::Float, tch::Device::Cpu));
+            let b = Tensor::randn(q.lora_b().size(), (Kind::Float, tch::Device::Cpu)) * 0.1;
+            for l in [&q, &d] {
+                l.lora_a().shallow_clone().copy_(&a);
+                l.lora_b().shallow_clone().copy_(&b);
+            }
+        });
+        (q, d, [va, vb])
+    }
+
+    fn run(l: &LoraLinear, x: &Tensor) -> Vec<Tensor> {
+        let xg = x.detach().set_requires_grad(true);
+        let y = l.f_forward_t(&xg, true).unwrap();
+        let g = y.ones_like().cumsum(-1, Kind::Float) / 24.0;
+        (&y * &g).sum(Kind::Float).backward();
+        let mut out = vec![y.detach(), xg.grad(), l.lora_a().grad(), l.lora_b().grad()];
+        if let Some(m) = l.magnitude() {
+            out.push(m.grad());
+        }
+        out
+    }
+
+    #[test]
+    fn lora_and_dora_on_a_4bit_base_match_the_float_layer_of_its_dequantized_weight() {
+        for dora in [false, true] {
+            for fused in [true, false] {
+                let (q, d, _stores) = pair(dora);
+                q.set_fused(fused);
+                d.set_fused(fused);
+                if let (Some(mq), Some(md)) = (q.magnitude(), d.magnitude()) {
+                    assert!(mq.allclose(md, 1e-6, 1e-6, false), "magnitude from deq(W)");
+                }
+                let x = Tensor::randn([2, 5, 128], (Kind::Float, tch::Device::Cpu));
+                let (got, want) = (run(&q, &x), run(&d, &x));
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(a.defined() && b.defined(), "dora {dora} fused {fused}: #{i}");
+                    let rel = common_rel(a, b);
+                    assert!(rel < 1e-5, "dora {dora} fused {fused}: output/grad #{i} off by {rel}");
+                }
+                // the base stays frozen and 4-bit
+                assert!(q.base().quantized().is_some() && q.base().dense().is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn merging_a_4bit_base_quantizes_again_and_unmerging_restores_the_codes() {
+        for dora in [false, true] {
+            let (q, d, _stores) = pair(dora);
+            let base = q.base().quantized().unwrap();
+            let original = base.weight().state("w").unwrap();
+            let x = Tensor::randn([3, 128], (Kind::Float, tch::Device::Cpu));
+            let unmerged = q.f_forward_t(&x, false).unwrap();
+            // what bitsandbytes makes of the float merged weight
+            let merged_float = d.merged_dense_linear(Kind::Float).unwrap();
+            let want = Bnb4bitWeight::quantize(&merged_float.ws, QuantType::Nf4, 64, true).unwrap();
+            q.merge().unwrap();
+            assert!(q.is_merged());
+            let now: BTreeMap<String, Tensor> =
+                base.weight().state("w").unwrap().into_iter().collect();
+            for (k, t) in want.state("w").unwrap() {
+                assert!(same_bits(&t, &now[&k]), "dora {dora}: `{k}` after the merge");
+            }
+            // the merged 4-bit layer computes with the re-quantized weight (lossy: close to
+            // the unmerged output, not equal)
+            let merged = q.f_forward_t(&x, false).unwrap();
+            let direct =
+                x.matmul(&want.dequantize().unwrap().tr()) + merged_float.bs.as_ref().unwrap();
+            assert!(common_rel(&merged, &direct) < 1e-6, "dora {dora}");
+            assert!(common_rel(&merged, &unmerged) < 0.1, "dora {dora}");
+            q.unmerge().unwrap();
+            for ((k, a), (_, b)) in original.iter().zip(base.weight().state("w").unwrap()) {
+                assert!(same_bits(a, &b), "dora {dora}: `{k}` after the unmerge");
+            }
+            assert!(q.f_forward_t(&x, false).unwrap().equal(&unmerged));
+            // merged_dense_linear: deq(W) + s·BA in float, the layer untouched
+            let dense = q.merged_dense_linear(Kind::Float).unwrap();
+            assert!(common_rel(&dense.ws, &merged_float.ws) < 1e-6, "dora {dora}");
+            assert!(!q.is_merged());
+        }
+        // for good: a 4-bit base comes back, or a typed error where a float one is asked for
+        let (q, _d, _stores) = pair(false);
+        assert!(matches!(q.into_merged_linear(), Err(Error::Unsupported { .. })));
+        let (q, _d, _stores) = pair(false);
+        assert!(q.into_merged_base().unwrap().quantized().is_some());
+    }
+
+    #[test]
+    fn inits_that_rewrite_the_base_and_copies_of_4bit_modules_are_refused() {
+        let (layer, _, _) = quantized(4);
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let pissa = LoraConfig { init_lora_weights: LoraInit::Pissa, ..cfg(false) };
+        assert!(matches!(
+            LoraLinear::new(layer, &(vs.root() / "p"), &pissa),
+            Err(Error::Unsupported { .. })
+        ));
+        let (layer, _, _) = quantized(4);
+        let saving = LoraConfig {
+            modules_to_save: Some(vec!["head".into()]),
+            ..LoraConfig::for_targets(["q"])
+        };
+        let builder = LoraBuilder::new(&vs.root(), saving).unwrap();
+        assert!(matches!(builder.wrap("head", layer), Err(Error::Unsupported { .. })));
+        // an untargeted 4-bit layer stays plain and computes as the layer
+        let (layer, dense, bias) = quantized(5);
+        let plain = builder.wrap("other", layer).unwrap();
+        let x = Tensor::randn([2, 128], (Kind::Float, tch::Device::Cpu));
+        let want = x.matmul(&dense.tr()) + &bias;
+        assert!(common_rel(&plain.f_forward_t(&x, false).unwrap(), &want) < 1e-6);
+        assert!(plain.quantized_base().is_some() && plain.base().is_none());
     }
 }

@@ -6,7 +6,8 @@
 //! ```
 //!
 //! * `--model`: a directory with `config.json` and `model.safetensors` (or a sharded
-//!   `model.safetensors.index.json`; a bitsandbytes 4-bit checkpoint is dequantized on load),
+//!   `model.safetensors.index.json`; a bitsandbytes 4-bit checkpoint stays 4-bit, the adapter
+//!   training on it as QLoRA),
 //!   or a llama.cpp `.gguf` file (the config from its metadata, its tensors dequantized to
 //!   f32: `tch_peft::models::gguf`).
 //! * `--adapter`: a PEFT LoRA directory (`adapter_config.json`, `adapter_model.safetensors`).
@@ -25,7 +26,7 @@ use std::path::PathBuf;
 use tch::{nn, Device, Kind, Tensor};
 use tch_peft::lora::{LoraBuilder, LoraConfig};
 use tch_peft::models::gguf;
-use tch_peft::models::llama::{load_weights, Llama, LlamaConfig};
+use tch_peft::models::llama::{Llama, LlamaConfig};
 use tch_peft::quant::gguf::GgufFile;
 use tch_peft::{io, Error};
 
@@ -137,7 +138,7 @@ fn run(args: Args) -> tch_peft::Result<()> {
     let model = Llama::new(&base_vs.root(), &config, lora.as_ref())?;
     match &gguf_file {
         Some(f) => gguf::load_llama_weights(&base_vs, f, &config)?,
-        None => load_weights(&base_vs, &args.model, &config)?,
+        None => model.load_weights(&base_vs, &args.model)?,
     }
     if let Some(builder) = lora {
         let adapter = builder.finish()?;

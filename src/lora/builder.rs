@@ -10,8 +10,8 @@ use tch::Tensor;
 use super::adapters::{check_adapter_name, module_path, LoraAdapter, DEFAULT_ADAPTER_NAME};
 use super::config::LoraConfig;
 use super::layer::{
-    path_name, Attach, Conv2dConfig, ConvBase, CopyBase, CopyKind, LoraConv2d, LoraEmbedding,
-    LoraLinear, LoraStack, ModuleCopy,
+    path_name, Attach, Conv2dConfig, ConvBase, CopyBase, CopyKind, LinearBase, LoraConv2d,
+    LoraEmbedding, LoraLinear, LoraStack, ModuleCopy,
 };
 use super::model_layers::{MaybeLoraConv2d, MaybeLoraEmbedding, MaybeLoraLinear};
 use crate::target::Targets;
@@ -197,16 +197,35 @@ impl<'a> LoraBuilder<'a> {
     /// Wraps an existing layer named `module` when the config targets it. Either way the base
     /// layer's weight and bias stop requiring grad (PEFT freezes everything but the adapters;
     /// freeze the rest of the base store yourself, e.g. `base_vs.freeze()`).
-    pub fn wrap(&self, module: &str, base: nn::Linear) -> Result<MaybeLoraLinear> {
-        let _ = base.ws.set_requires_grad(false);
-        if let Some(bs) = &base.bs {
+    ///
+    /// A 4-bit base ([`QuantLinear`](crate::quant::QuantLinear)) takes LoRA and DoRA adapters
+    /// (QLoRA) but not `modules_to_save` (a trainable copy of a 4-bit weight is a float one:
+    /// keep such a module in float).
+    pub fn wrap(&self, module: &str, base: impl Into<LinearBase>) -> Result<MaybeLoraLinear> {
+        let base = base.into();
+        if let Some(bs) = base.bias() {
             let _ = bs.set_requires_grad(false);
         }
-        if let Some(copies) =
-            self.copies_for(module, CopyKind::Linear, &base.ws, base.bs.as_ref())?
-        {
-            return Ok(MaybeLoraLinear::Copy { base, copies });
-        }
+        let base = match base {
+            LinearBase::Dense(base) => {
+                let _ = base.ws.set_requires_grad(false);
+                if let Some(copies) =
+                    self.copies_for(module, CopyKind::Linear, &base.ws, base.bs.as_ref())?
+                {
+                    return Ok(MaybeLoraLinear::Copy { base, copies });
+                }
+                LinearBase::Dense(base)
+            }
+            LinearBase::Quant(q) => {
+                if self.declared.iter().any(|d| d.config.saves_module(module)) {
+                    return Err(Error::Unsupported {
+                        field: "modules_to_save".into(),
+                        reason: format!("`{module}` is 4-bit; keep it in float to train a copy"),
+                    });
+                }
+                LinearBase::Quant(q)
+            }
+        };
         let decl = self.targeting(module);
         if decl.is_empty() {
             lock(&self.plain).push(module.into());
@@ -344,7 +363,9 @@ pub fn linear(
 ) -> Result<MaybeLoraLinear> {
     match lora {
         Some(b) => b.linear(base_path, in_dim, out_dim, c),
-        None => Ok(MaybeLoraLinear::Plain(crate::vars::try_linear(base_path, in_dim, out_dim, c)?)),
+        None => Ok(MaybeLoraLinear::Plain(
+            crate::vars::try_linear(base_path, in_dim, out_dim, c)?.into(),
+        )),
     }
 }
 

@@ -26,9 +26,10 @@ pub use adapters::{
 };
 pub use builder::{embedding, linear, LoraBuilder};
 pub use config::{scaling, LoraBias, LoraConfig, LoraInit, TaskType, MAX_PISSA_NITER};
+pub(crate) use layer::path_name;
 pub use layer::{
     custom_cuda_kernels_available, fused_kernel_available, set_custom_cuda_kernels, Conv2dConfig,
-    LoraConv2d, LoraEmbedding, LoraLinear, LoraStack, ModuleCopy,
+    LinearBase, LoraConv2d, LoraEmbedding, LoraLinear, LoraStack, ModuleCopy,
 };
 pub use model_layers::{
     forward_recomputable, forward_shared, MaybeLoraConv2d, MaybeLoraEmbedding, MaybeLoraLinear,

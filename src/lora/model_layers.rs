@@ -5,14 +5,14 @@
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
-use super::layer::{LoraConv2d, LoraEmbedding, LoraLinear, LoraStack, ModuleCopy};
+use super::layer::{LinearBase, LoraConv2d, LoraEmbedding, LoraLinear, LoraStack, ModuleCopy};
 use crate::{Error, Result};
 
 /// A linear layer that is LoRA-adapted or not, as the configs' targets decided at build time.
 #[derive(Debug)]
 pub enum MaybeLoraLinear {
-    /// Not targeted: the plain base layer.
-    Plain(nn::Linear),
+    /// Not targeted: the plain base layer (float or 4-bit).
+    Plain(LinearBase),
     /// Targeted: the base layer with its named LoRA adapters.
     Lora(LoraStack<LoraLinear>),
     /// Listed in `modules_to_save`: the base layer and its trainable copies.
@@ -38,11 +38,21 @@ impl MaybeLoraLinear {
         }
     }
 
-    /// The base layer.
-    pub fn base(&self) -> &nn::Linear {
+    /// The base layer, when it is a float one (a 4-bit base: [`quantized_base`](Self::quantized_base)).
+    pub fn base(&self) -> Option<&nn::Linear> {
         match self {
-            MaybeLoraLinear::Plain(l) | MaybeLoraLinear::Copy { base: l, .. } => l,
-            MaybeLoraLinear::Lora(s) => s.base_linear(),
+            MaybeLoraLinear::Plain(l) => l.dense(),
+            MaybeLoraLinear::Copy { base: l, .. } => Some(l),
+            MaybeLoraLinear::Lora(s) => s.base_linear().dense(),
+        }
+    }
+
+    /// The 4-bit base layer, when the base is one.
+    pub fn quantized_base(&self) -> Option<&crate::quant::QuantLinear> {
+        match self {
+            MaybeLoraLinear::Plain(l) => l.quantized(),
+            MaybeLoraLinear::Copy { .. } => None,
+            MaybeLoraLinear::Lora(s) => s.base_linear().quantized(),
         }
     }
 
@@ -62,7 +72,7 @@ impl MaybeLoraLinear {
     /// Forward with input checks (see [`LoraLinear::f_forward_t`]).
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         match self {
-            MaybeLoraLinear::Plain(l) => {
+            MaybeLoraLinear::Plain(LinearBase::Dense(l)) => {
                 let in_features = l.ws.size()[1];
                 if xs.size().last() != Some(&in_features) {
                     return Err(Error::ShapeMismatch {
@@ -73,6 +83,7 @@ impl MaybeLoraLinear {
                 }
                 Ok(xs.f_linear(&l.ws, l.bs.as_ref())?)
             }
+            MaybeLoraLinear::Plain(LinearBase::Quant(q)) => q.f_forward(xs),
             MaybeLoraLinear::Lora(s) => s.f_forward_t(xs, train),
             MaybeLoraLinear::Copy { copies, .. } => copies.f_forward(xs),
         }
@@ -210,7 +221,10 @@ fn shared(
 impl ModuleT for MaybeLoraLinear {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         match self {
-            MaybeLoraLinear::Plain(l) => xs.linear(&l.ws, l.bs.as_ref()),
+            MaybeLoraLinear::Plain(LinearBase::Dense(l)) => xs.linear(&l.ws, l.bs.as_ref()),
+            MaybeLoraLinear::Plain(LinearBase::Quant(q)) => {
+                q.f_forward(xs).unwrap_or_else(|e| panic!("{e}"))
+            }
             MaybeLoraLinear::Lora(s) => s.forward_t(xs, train),
             MaybeLoraLinear::Copy { copies, .. } => copies.forward_t(xs, train),
         }

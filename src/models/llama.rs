@@ -29,6 +29,7 @@ use super::{embed_checked, ResidualHook};
 use crate::io;
 use crate::lora::{self, LoraBuilder, MaybeLoraEmbedding, MaybeLoraLinear};
 use crate::ops;
+use crate::quant::{Bnb4bitConfig, Bnb4bitWeight, QuantLinear};
 use crate::{Error, Result};
 
 fn default_eps() -> f64 {
@@ -108,11 +109,13 @@ pub struct LlamaConfig {
     /// Only `"silu"` is supported.
     #[serde(default = "default_act")]
     pub hidden_act: String,
-    /// transformers' `quantization_config`, as read. A bitsandbytes 4-bit checkpoint
-    /// (`quant_method: "bitsandbytes"`, `load_in_4bit`) loads with its NF4/FP4 weights
-    /// dequantized ([`load_weights`]); other methods are refused there. Never written by
-    /// [`save_pretrained`](Self::save_pretrained), whose weights are what the model holds.
-    #[serde(default, skip_serializing)]
+    /// transformers' `quantization_config`, as read. With a bitsandbytes 4-bit one
+    /// (`quant_method: "bitsandbytes"`, `load_in_4bit`; see [`Bnb4bitConfig`]) [`Llama::new`]
+    /// builds 4-bit linear layers (QLoRA's base) and [`Llama::load_weights`] fills them from a
+    /// 4-bit checkpoint or quantizes a float one on load; set it to `None` to build a float
+    /// model, into which [`load_weights`] dequantizes a 4-bit checkpoint. Other methods are
+    /// refused. Written by [`save_pretrained`](Self::save_pretrained) when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization_config: Option<serde_json::Value>,
 }
 
@@ -180,20 +183,22 @@ impl LlamaConfig {
     /// # Errors
     /// `Unsupported` for another `quantization_config` (8-bit, GPTQ, AWQ, …).
     pub fn quantization(&self) -> Result<Option<&'static str>> {
-        let Some(q) = &self.quantization_config else { return Ok(None) };
-        let method = q.get("quant_method").and_then(|m| m.as_str());
-        let four_bit = ["load_in_4bit", "_load_in_4bit"]
-            .iter()
-            .any(|k| q.get(k).and_then(serde_json::Value::as_bool) == Some(true));
-        match method {
-            Some("bitsandbytes") if four_bit => Ok(Some("bitsandbytes-4bit")),
-            _ => Err(Error::Unsupported {
-                field: "quantization_config".into(),
-                reason: format!(
-                    "quant_method {method:?} (4-bit: {four_bit}); bitsandbytes 4-bit is read"
-                ),
-            }),
-        }
+        Ok(self.bnb_4bit()?.map(|_| "bitsandbytes-4bit"))
+    }
+
+    /// The 4-bit layout of `quantization_config`, if set.
+    ///
+    /// # Errors
+    /// `Unsupported` for a `quantization_config` other than bitsandbytes 4-bit.
+    pub fn bnb_4bit(&self) -> Result<Option<Bnb4bitConfig>> {
+        self.quantization_config.as_ref().map(Bnb4bitConfig::from_quantization_config).transpose()
+    }
+
+    /// This config with its linear layers quantized to 4 bits as `q` says (QLoRA; what
+    /// transformers' `from_pretrained(…, quantization_config=BitsAndBytesConfig(…))` does).
+    pub fn with_bnb_4bit(mut self, q: &Bnb4bitConfig) -> Self {
+        self.quantization_config = Some(q.to_quantization_config());
+        self
     }
 
     /// Key/value heads.
@@ -343,8 +348,16 @@ pub struct Llama {
 impl Llama {
     /// Creates the variables under `p` (so `p` is usually a store's root) and the layers,
     /// adapting the linear layers that `lora` targets.
+    ///
+    /// With a 4-bit `quantization_config` ([`LlamaConfig::bnb_4bit`]) the quantized linear
+    /// layers are [`QuantLinear`]s on `p`'s device, their codes outside the store (zero until
+    /// [`load_weights`](Self::load_weights) fills them; their biases are variables), and the
+    /// LoRA adapters `lora` puts on them train on the 4-bit base (QLoRA). The store's float
+    /// variables may be cast (`set_kind`) as usual: the 4-bit layers compute in their input's
+    /// dtype.
     pub fn new(p: &nn::Path, config: &LlamaConfig, lora: Option<&LoraBuilder>) -> Result<Self> {
         config.validate()?;
+        let quant = config.bnb_4bit()?;
         let c = config;
         let (d, hd) = (c.hidden_size, c.head_dim());
         let m = p / "model";
@@ -357,8 +370,11 @@ impl Llama {
             let l = &m / "layers" / i;
             let a = &l / "self_attn";
             let mlp = &l / "mlp";
-            let lin = |path: nn::Path, i: i64, o: i64, lc: nn::LinearConfig| {
-                lora::linear(&path, i, o, lc, lora)
+            let lin = |path: nn::Path, i: i64, o: i64, lc: nn::LinearConfig| match &quant {
+                Some(q) if q.quantizes(&lora::path_name(&path)) => {
+                    quant_linear(&path, i, o, lc.bias, q, lora)
+                }
+                _ => lora::linear(&path, i, o, lc, lora),
             };
             layers.push(Block {
                 input_layernorm: (&l / "input_layernorm").f_ones("weight", &[d])?,
@@ -378,7 +394,13 @@ impl Llama {
             None
         } else {
             let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
-            Some(lora::linear(&(p / "lm_head"), d, c.vocab_size, no_bias, lora)?)
+            let head = p / "lm_head";
+            Some(match &quant {
+                Some(q) if q.quantizes("lm_head") => {
+                    quant_linear(&head, d, c.vocab_size, false, q, lora)?
+                }
+                _ => lora::linear(&head, d, c.vocab_size, no_bias, lora)?,
+            })
         };
         Ok(Llama { config: config.clone(), embed_tokens, layers, norm, lm_head })
     }
@@ -386,6 +408,82 @@ impl Llama {
     /// The config.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// Every linear layer with its module name (`model.layers.0.self_attn.q_proj`, …,
+    /// `lm_head`).
+    pub fn linear_layers(&self) -> Vec<(String, &MaybeLoraLinear)> {
+        let mut out = Vec::new();
+        for (i, b) in self.layers.iter().enumerate() {
+            let l = format!("model.layers.{i}");
+            for (name, layer) in [
+                ("self_attn.q_proj", &b.q_proj),
+                ("self_attn.k_proj", &b.k_proj),
+                ("self_attn.v_proj", &b.v_proj),
+                ("self_attn.o_proj", &b.o_proj),
+                ("mlp.gate_proj", &b.gate_proj),
+                ("mlp.up_proj", &b.up_proj),
+                ("mlp.down_proj", &b.down_proj),
+            ] {
+                out.push((format!("{l}.{name}"), layer));
+            }
+        }
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head".into(), h));
+        }
+        out
+    }
+
+    /// The 4-bit linear layers with their weights' names (`….q_proj.weight`).
+    pub fn quantized_layers(&self) -> Vec<(String, &QuantLinear)> {
+        self.linear_layers()
+            .into_iter()
+            .filter_map(|(n, l)| l.quantized_base().map(|q| (format!("{n}.weight"), q)))
+            .collect()
+    }
+
+    /// Bytes the 4-bit layers' weights hold (codes, absmax, tables).
+    pub fn quantized_bytes(&self) -> u64 {
+        self.quantized_layers().iter().map(|(_, q)| q.storage_bytes()).sum()
+    }
+
+    /// Writes the model as a Hugging Face directory that transformers loads
+    /// (`AutoModelForCausalLM.from_pretrained(dir)`, with bitsandbytes installed for a 4-bit
+    /// model): `config.json` (with the `quantization_config` of a 4-bit model) and
+    /// `model.safetensors` with the variables of `vs` (the store the model was built in) and each
+    /// 4-bit layer's weight in bitsandbytes' layout ([`Bnb4bitWeight::state`]). The directory is
+    /// replaced as a whole (the old files or the new, never a mix); other files in it are kept.
+    pub fn save_pretrained(&self, vs: &nn::VarStore, dir: impl AsRef<Path>) -> Result<()> {
+        self.config.validate()?;
+        let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        for (name, layer) in self.quantized_layers() {
+            tensors.extend(layer.weight().state(&name)?);
+        }
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let owns = |n: &str| n == "config.json" || n == "model.safetensors";
+        io::replace_dir(dir.as_ref(), &owns, |tmp| {
+            self.config.save_pretrained(tmp)?;
+            io::write_safetensors(tmp.join("model.safetensors"), &tensors, Some(io::pt_metadata()))
+        })
+    }
+
+    /// Loads a Hugging Face Llama directory into this model: the variables of `vs` (the store
+    /// the model was built in) as [`load_weights`] loads them, and the 4-bit layers' weights —
+    /// from a bitsandbytes 4-bit checkpoint as they are (every part checked, the layout the
+    /// layer's), or quantized on load from a float checkpoint exactly as bitsandbytes
+    /// quantizes (on the layer's device). Everything is read and checked before anything is
+    /// written.
+    pub fn load_weights(&self, vs: &nn::VarStore, dir: impl AsRef<Path>) -> Result<()> {
+        let quantized = self.quantized_layers();
+        if quantized.is_empty() {
+            return load_weights(vs, dir, &self.config);
+        }
+        let files = weight_files(&dir)?;
+        let tied = self.config.tie_word_embeddings;
+        let ignore = |name: &str| {
+            name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight")
+        };
+        load_checkpoint(vs, &files, ignore, &quantized)
     }
 
     /// Logits `[batch, seq, vocab]` for `input_ids: [batch, seq]` (i64). `attention_mask`
@@ -449,7 +547,9 @@ impl Llama {
         let opts = ops::LinearCrossEntropy::default();
         let (weight, bias) = match &self.lm_head {
             None => (self.embed_tokens.weight().shallow_clone(), None),
-            Some(MaybeLoraLinear::Plain(l)) => (l.ws.shallow_clone(), l.bs.as_ref()),
+            Some(MaybeLoraLinear::Plain(crate::lora::LinearBase::Dense(l))) => {
+                (l.ws.shallow_clone(), l.bs.as_ref())
+            }
             Some(head) => {
                 // the head's own forward and the loss of its full logits
                 let logits = head.f_forward_t(hidden, train)?;
@@ -853,16 +953,17 @@ pub fn load_weights(vs: &nn::VarStore, dir: impl AsRef<Path>, config: &LlamaConf
     if config.quantization()?.is_none() {
         return io::load_into_var_store(vs, &files, ignore);
     }
-    load_dequantizing(vs, &files, ignore)
+    load_checkpoint(vs, &files, ignore, &[])
 }
 
-/// [`load_weights`] of a bitsandbytes 4-bit checkpoint.
-fn load_dequantizing(
+/// [`load_weights`] of a bitsandbytes 4-bit checkpoint, or of any checkpoint into a model with
+/// 4-bit layers (`quantized`: the layers and their weights' names).
+fn load_checkpoint(
     vs: &nn::VarStore,
     files: &[PathBuf],
     ignore: impl Fn(&str) -> bool,
+    quantized: &[(String, &QuantLinear)],
 ) -> Result<()> {
-    use crate::quant::Bnb4bitWeight;
     let mut all = std::collections::BTreeMap::new();
     for file in files {
         for (name, t) in io::read_safetensors(file)?.tensors {
@@ -877,7 +978,37 @@ fn load_dequantizing(
     let lookup = |k: &str| all.get(k).map(|(t, _)| t.shallow_clone());
     let first = files.first().cloned().unwrap_or_default();
     let mut used = std::collections::BTreeSet::new();
-    // every value formed and checked before any variable is written
+    // every value formed and checked before any variable or layer is written
+    let mut layer_values = Vec::new();
+    for (name, layer) in quantized {
+        let dest = layer.weight();
+        let w = if Bnb4bitWeight::is_quantized(name, &lookup) {
+            let prefix = format!("{name}.");
+            used.extend(all.keys().filter(|k| k.starts_with(&prefix)).cloned());
+            Bnb4bitWeight::from_state(name, &lookup)?
+        } else {
+            let Some((t, _)) = all.get(name) else {
+                return Err(Error::MissingTensor { name: name.clone(), file: first });
+            };
+            if t.size() != dest.shape() {
+                return Err(Error::ShapeMismatch {
+                    name: name.clone(),
+                    expected: dest.shape().to_vec(),
+                    actual: t.size(),
+                });
+            }
+            // quantize on load, where the layer lives
+            let t = t.f_to_device(layer.device())?;
+            let nested = dest.nested().is_some();
+            Bnb4bitWeight::quantize(&t, dest.quant_type(), dest.blocksize(), nested)?
+        };
+        if !dest.same_layout(&w) {
+            // (load() says how they differ)
+            layer.load(name, &w)?;
+        }
+        used.insert(name.clone());
+        layer_values.push((layer, name, w));
+    }
     let mut values = Vec::new();
     for (name, var) in vs.variables() {
         let value = if Bnb4bitWeight::is_quantized(&name, &lookup) {
@@ -905,5 +1036,31 @@ fn load_dequantizing(
         let mut dst = var.shallow_clone();
         dst.f_copy_(&value.f_to_device(dst.device())?.f_to_kind(dst.kind())?)?;
     }
+    for (layer, name, w) in layer_values {
+        layer.load(name, &w)?;
+    }
     Ok(())
+}
+
+/// A 4-bit linear layer at `path` (its bias, if any, a variable there), wrapped by `lora` when
+/// it targets the path.
+fn quant_linear(
+    path: &nn::Path,
+    in_dim: i64,
+    out_dim: i64,
+    bias: bool,
+    q: &Bnb4bitConfig,
+    lora: Option<&LoraBuilder>,
+) -> Result<MaybeLoraLinear> {
+    let bias = if bias {
+        crate::vars::check_dims(path, &[out_dim])?;
+        Some(path.f_zeros_no_train("bias", &[out_dim])?)
+    } else {
+        None
+    };
+    let layer = QuantLinear::zeros(out_dim, in_dim, bias, q, path.kind(), path.device())?;
+    match lora {
+        Some(b) => b.wrap(&lora::path_name(path), layer),
+        None => Ok(MaybeLoraLinear::Plain(layer.into())),
+    }
 }

@@ -382,6 +382,29 @@ impl Bnb4bitWeight {
         Ok(out)
     }
 
+    /// This weight with `f` applied to each of its tensors (codes, tables, absmax).
+    pub(crate) fn map_parts(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        let absmax = match &self.absmax {
+            Absmax::Plain(a) => Absmax::Plain(f(a)?),
+            Absmax::Nested(q) => Absmax::Nested(NestedAbsmax {
+                codes: f(&q.codes)?,
+                absmax: f(&q.absmax)?,
+                map: f(&q.map)?,
+                blocksize: q.blocksize,
+                offset: q.offset,
+            }),
+        };
+        Ok(Bnb4bitWeight {
+            quant_type: self.quant_type,
+            blocksize: self.blocksize,
+            shape: self.shape.clone(),
+            dtype: self.dtype,
+            codes: f(&self.codes)?,
+            quant_map: f(&self.quant_map)?,
+            absmax,
+        })
+    }
+
     /// This weight's tensors on `device`.
     pub fn to_device(&self, device: Device) -> Result<Self> {
         let absmax = match &self.absmax {
@@ -460,6 +483,97 @@ impl Bnb4bitWeight {
         };
         let in_features = self.shape.get(1).copied().unwrap_or(1);
         (q, [self.shape[0], in_features, self.blocksize, nbs], offset)
+    }
+
+    /// A second handle on the same tensors (shallow clones), with the nested offset replaced
+    /// by `offset` where the weight is double-quantized.
+    pub(crate) fn shallow_with_offset(&self, offset: f32) -> Self {
+        let absmax = match &self.absmax {
+            Absmax::Plain(a) => Absmax::Plain(a.shallow_clone()),
+            Absmax::Nested(q) => Absmax::Nested(NestedAbsmax {
+                codes: q.codes.shallow_clone(),
+                absmax: q.absmax.shallow_clone(),
+                map: q.map.shallow_clone(),
+                blocksize: q.blocksize,
+                offset,
+            }),
+        };
+        Bnb4bitWeight {
+            quant_type: self.quant_type,
+            blocksize: self.blocksize,
+            shape: self.shape.clone(),
+            dtype: self.dtype,
+            codes: self.codes.shallow_clone(),
+            quant_map: self.quant_map.shallow_clone(),
+            absmax,
+        }
+    }
+
+    /// A weight of `shape` whose codes and absmax are all zero (it dequantizes to zeros), in
+    /// `quant_type`'s layout with `blocksize` and (with `double_quant`) a nested absmax: the
+    /// placeholder a model's 4-bit layer holds until its checkpoint is loaded.
+    pub(crate) fn zeros(
+        shape: &[i64],
+        quant_type: QuantType,
+        blocksize: i64,
+        double_quant: bool,
+        dtype: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        let name = "4-bit weight";
+        if kind_name(dtype).is_none() {
+            return Err(bad(name, format!("dtype {dtype:?} is not f32, f16 or bf16")));
+        }
+        if !BLOCKSIZES.contains(&blocksize) {
+            return Err(bad(name, format!("blocksize {blocksize} is not one of {BLOCKSIZES:?}")));
+        }
+        let n = checked_numel(name, shape)?;
+        let blocks = blocks_of(n, blocksize);
+        let absmax = if double_quant {
+            Absmax::Nested(NestedAbsmax {
+                codes: Tensor::f_zeros([blocks], (Kind::Uint8, device))?,
+                absmax: Tensor::f_zeros(
+                    [blocks_of(blocks, NESTED_BLOCKSIZE)],
+                    (Kind::Float, device),
+                )?,
+                map: Tensor::from_slice(&DYNAMIC_MAP).f_to_device(device)?,
+                blocksize: NESTED_BLOCKSIZE,
+                offset: 0.0,
+            })
+        } else {
+            Absmax::Plain(Tensor::f_zeros([blocks], (Kind::Float, device))?)
+        };
+        Ok(Bnb4bitWeight {
+            quant_type,
+            blocksize,
+            shape: shape.to_vec(),
+            dtype,
+            codes: Tensor::f_zeros([(n + 1) / 2, 1], (Kind::Uint8, device))?,
+            quant_map: Tensor::from_slice(&quant_type.code()).f_to_device(device)?,
+            absmax,
+        })
+    }
+
+    /// Whether `other` has this weight's layout: type, shape, block sizes, double quantization.
+    pub fn same_layout(&self, other: &Bnb4bitWeight) -> bool {
+        self.quant_type == other.quant_type
+            && self.blocksize == other.blocksize
+            && self.shape == other.shape
+            && self.nested().map(|n| n.blocksize) == other.nested().map(|n| n.blocksize)
+    }
+
+    /// Copies `other`'s codes, absmax and tables into this weight's tensors in place (moved to
+    /// their device), without autograd; the nested offset is the caller's to keep. The layouts
+    /// must match ([`same_layout`](Self::same_layout)).
+    pub(crate) fn copy_parts_from(&self, other: &Bnb4bitWeight) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let (mine, _, _) = self.node_parts();
+        let (theirs, _, _) = other.node_parts();
+        for (dst, src) in mine.iter().zip(&theirs) {
+            let mut dst = dst.shallow_clone();
+            dst.f_copy_(&src.f_to_device(dst.device())?.f_view_as(&dst)?)?;
+        }
+        Ok(())
     }
 
     /// The absmax as stored: f32 `[blocks]`, or (double-quantized) its uint8 codes.

@@ -21,11 +21,13 @@
 //! distribution, [`NF4_CODE`]) and FP4 (a 1-2-1 float format, [`fp4_code`]).
 
 mod bnb;
+mod config;
 mod dynamic_map;
 pub mod gguf;
 mod linear;
 
 pub use bnb::{Bnb4bitWeight, NestedAbsmax};
+pub use config::Bnb4bitConfig;
 pub use linear::QuantLinear;
 
 /// bitsandbytes' 4-bit data types.

@@ -27,7 +27,7 @@ fn f64_stores() -> (nn::VarStore, nn::VarStore) {
 
 /// `(m / ‖W'‖_row) ⊙ W'` with `W' = W + s·BA`, the norm detached.
 fn materialised_weight(l: &LoraLinear) -> Tensor {
-    let w = &l.base().ws + l.lora_b().matmul(l.lora_a()) * l.scaling();
+    let w = &l.base().dense().unwrap().ws + l.lora_b().matmul(l.lora_a()) * l.scaling();
     let norm = w.detach().square().sum_dim_intlist(1, true, Kind::Double).sqrt();
     w * (l.magnitude().unwrap().unsqueeze(1) / norm)
 }
@@ -41,7 +41,7 @@ fn magnitude_starts_at_the_row_norm_so_the_layer_starts_as_the_base() {
     let l = LoraLinear::new(base, &(va.root() / "proj"), &dora_cfg(3)).unwrap();
     assert!(max_abs_diff(l.magnitude().unwrap(), &row_norm) < 1e-12);
     let x = randn(&[4, 12], Kind::Double);
-    assert!(max_abs_diff(&l.forward_t(&x, false), &x.apply(l.base())) < 1e-12);
+    assert!(max_abs_diff(&l.forward_t(&x, false), &x.apply(l.base().dense().unwrap())) < 1e-12);
     let names: Vec<String> = l.named_tensors().into_iter().map(|(n, _)| n).collect();
     assert_eq!(names[2], "proj.lora_magnitude_vector");
     assert_eq!(l.num_trainable_parameters(), 3 * 12 + 10 * 3 + 10);
@@ -54,16 +54,20 @@ fn forward_and_merge_match_the_materialised_formula() {
     let l = f64_dora(&vb, &va);
     set(l.magnitude().unwrap(), &(randn(&[10], Kind::Double).abs() + 0.5));
     let x = randn(&[2, 5, 12], Kind::Double);
-    let expected = x.matmul(&materialised_weight(&l).tr()) + l.base().bs.as_ref().unwrap();
+    let expected =
+        x.matmul(&materialised_weight(&l).tr()) + l.base().dense().unwrap().bs.as_ref().unwrap();
     for train in [false, true] {
         assert!(max_abs_diff(&l.forward_t(&x, train), &expected) < 1e-12, "train={train}");
     }
-    let original = l.base().ws.copy();
+    let original = l.base().dense().unwrap().ws.copy();
     l.merge().unwrap();
-    assert!(max_abs_diff(&l.base().ws, &materialised_weight_unmerged(&l, &original)) < 1e-12);
+    assert!(
+        max_abs_diff(&l.base().dense().unwrap().ws, &materialised_weight_unmerged(&l, &original))
+            < 1e-12
+    );
     assert!(max_abs_diff(&l.forward_t(&x, false), &expected) < 1e-12);
     l.unmerge().unwrap();
-    assert!(bit_equal(&l.base().ws, &original));
+    assert!(bit_equal(&l.base().dense().unwrap().ws, &original));
 }
 
 fn materialised_weight_unmerged(l: &LoraLinear, w: &Tensor) -> Tensor {
@@ -86,7 +90,8 @@ fn gradients_treat_the_norm_as_a_constant() {
         false,
         false,
     );
-    let reference = x.matmul(&materialised_weight(&l).tr()) + l.base().bs.as_ref().unwrap();
+    let reference =
+        x.matmul(&materialised_weight(&l).tr()) + l.base().dense().unwrap().bs.as_ref().unwrap();
     let theirs = Tensor::run_backward(&[(reference * &g).sum(Kind::Double)], &params, false, false);
     for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
         assert!(max_abs_diff(a, b) < 1e-10, "gradient {i}");
@@ -108,7 +113,7 @@ fn builder_layers_need_their_magnitude_initialised_after_loading() {
     // "load" pre-trained weights, then initialise
     set(&base_vs.variables()["q.weight"], &randn(&[16, 16], Kind::Float));
     adapter.init_from_base_weights().unwrap();
-    let base = x.apply(q.base());
+    let base = x.apply(q.base().unwrap());
     assert!(max_abs_diff(&q.f_forward_t(&x, true).unwrap(), &base) < 1e-5);
 }
 
@@ -122,7 +127,7 @@ fn bf16_dora_unmerge_is_bit_exact() {
     let l = LoraLinear::new(base, &(va.root() / "proj"), &dora_cfg(4)).unwrap();
     assert_eq!(l.magnitude().unwrap().kind(), Kind::Float);
     set(l.lora_b(), &(randn(&[32, 4], Kind::Float) * 0.1));
-    let original = l.base().ws.copy();
+    let original = l.base().dense().unwrap().ws.copy();
     let x = randn(&[5, 64], Kind::Float).to_kind(Kind::BFloat16);
     let unmerged = l.forward_t(&x, false);
     assert_eq!(unmerged.kind(), Kind::BFloat16);
@@ -133,7 +138,7 @@ fn bf16_dora_unmerge_is_bit_exact() {
         assert!(rel < 2e-2, "{rel}");
         l.unmerge().unwrap();
     }
-    assert!(bit_equal(&l.base().ws, &original));
+    assert!(bit_equal(&l.base().dense().unwrap().ws, &original));
 }
 
 #[test]
@@ -167,7 +172,7 @@ fn dropout_in_training_follows_peft_form() {
     // dropped-out input x_d = x ⊙ mask / (1 − p). The mask comes from the process-wide RNG, which
     // tests on other threads draw from too, so each row's mask is found among all 2¹² instead of
     // being replayed from a seed: exactly one must give PEFT's form to 1e-12.
-    let w = &l.base().ws;
+    let w = &l.base().dense().unwrap().ws;
     let norm = (w + l.lora_b().matmul(l.lora_a()) * l.scaling())
         .square()
         .sum_dim_intlist(1, false, Kind::Double)
@@ -182,7 +187,7 @@ fn dropout_in_training_follows_peft_form() {
     for i in 0..8 {
         let xi = x.get(i).unsqueeze(0); // [1, 12]
         let xd = &masks * &xi / (1.0 - p); // [4096, 12]
-        let expected = xi.apply(l.base())
+        let expected = xi.apply(l.base().dense().unwrap())
             + xd.matmul(&w.tr()) * (&g - 1.0)
             + xd.matmul(&l.lora_a().tr()).matmul(&l.lora_b().tr()) * l.scaling() * &g;
         let err = (expected - y.get(i).unsqueeze(0)).abs().amax([1].as_slice(), false);
@@ -203,8 +208,9 @@ fn the_cached_row_norm_follows_in_place_changes_of_the_base_weight() {
     let x = randn(&[5, 12], Kind::Double);
     let _ = l.forward_t(&x, false); // fills the cache
                                     // the base weight changes in place (a reload, say): the norm must follow
-    set(&l.base().ws, &randn(&[10, 12], Kind::Double));
-    let expected = x.matmul(&materialised_weight(&l).tr()) + l.base().bs.as_ref().unwrap();
+    set(&l.base().dense().unwrap().ws, &randn(&[10, 12], Kind::Double));
+    let expected =
+        x.matmul(&materialised_weight(&l).tr()) + l.base().dense().unwrap().bs.as_ref().unwrap();
     let d = max_abs_diff(&l.forward_t(&x, false), &expected);
     assert!(d < 1e-10, "stale ‖W‖ cache: max |Δ| = {d}");
 }
@@ -218,13 +224,20 @@ fn fused_and_composed_nodes_give_every_gradient_of_the_materialised_formula() {
     let l = LoraLinear::new(base, &(va.root() / "proj"), &c).unwrap();
     set(l.lora_b(), &(randn(&[10, 3], Kind::Double) * 0.3));
     set(l.magnitude().unwrap(), &(randn(&[10], Kind::Double).abs() + 0.5));
-    let _ = l.base().ws.set_requires_grad(true); // the user unfroze the base weight
+    let _ = l.base().dense().unwrap().ws.set_requires_grad(true); // the user unfroze the base weight
     let bias = l.named_tensors().into_iter().find(|(n, _)| n.ends_with("bias")).unwrap().1;
     // 6 tokens: dx as g W_g + (s g B_g) A; 48 tokens (≥ 2 × out): through W_g + s·B_g A
     for tokens in [3, 24] {
         let x = randn(&[2, tokens, 12], Kind::Double).set_requires_grad(true);
         let g = randn(&[2, tokens, 10], Kind::Double);
-        let params = [&x, &l.base().ws, &bias, l.lora_a(), l.lora_b(), l.magnitude().unwrap()];
+        let params = [
+            &x,
+            &l.base().dense().unwrap().ws,
+            &bias,
+            l.lora_a(),
+            l.lora_b(),
+            l.magnitude().unwrap(),
+        ];
         let reference = x.matmul(&materialised_weight(&l).tr()) + &bias;
         let theirs =
             Tensor::run_backward(&[(&reference * &g).sum(Kind::Double)], &params, false, false);

@@ -28,7 +28,8 @@ fn f64_stores() -> (nn::VarStore, nn::VarStore) {
 /// x Wᵀ + b + s · x Aᵀ Bᵀ in float64.
 fn reference(x: &Tensor, l: &LoraLinear) -> Tensor {
     let d = |t: &Tensor| t.to_kind(Kind::Double);
-    let base = d(x).matmul(&d(&l.base().ws).tr()) + d(l.base().bs.as_ref().unwrap());
+    let base = d(x).matmul(&d(&l.base().dense().unwrap().ws).tr())
+        + d(l.base().dense().unwrap().bs.as_ref().unwrap());
     base + d(x).matmul(&d(l.lora_a()).tr()).matmul(&d(l.lora_b()).tr()) * l.scaling()
 }
 
@@ -92,7 +93,7 @@ fn merged_forward_equals_unmerged_forward() {
     let merged = l.forward_t(&x, false);
     assert!(max_abs_diff(&merged, &unmerged) < 1e-12);
     // the merged weight is W + s·BA and the forward is the plain base layer
-    assert!(max_abs_diff(&x.apply(l.base()), &unmerged) < 1e-12);
+    assert!(max_abs_diff(&x.apply(l.base().dense().unwrap()), &unmerged) < 1e-12);
     assert!(matches!(l.merge(), Err(Error::MergeState { .. })));
     l.unmerge().unwrap();
     assert!(matches!(l.unmerge(), Err(Error::MergeState { .. })));
@@ -111,11 +112,11 @@ fn unmerge_is_bit_exact(kind: Kind) {
     set(l.lora_b(), &(randn(&[48, 8], Kind::Float) * 0.1));
     for _ in 0..50 {
         l.merge().unwrap();
-        assert!(!bit_equal(&l.base().ws, &original), "merge changed the weight");
+        assert!(!bit_equal(&l.base().dense().unwrap().ws, &original), "merge changed the weight");
         l.unmerge().unwrap();
     }
     assert!(
-        bit_equal(&l.base().ws, &original),
+        bit_equal(&l.base().dense().unwrap().ws, &original),
         "50 merge/unmerge cycles are bit-exact in {kind:?}"
     );
 }
@@ -163,8 +164,11 @@ fn gradients_reach_only_a_and_b() {
             && l.lora_a().grad().abs().sum(Kind::Float).double_value(&[]) > 0.0
     );
     assert!(l.lora_b().grad().defined());
-    assert!(!l.base().ws.requires_grad() && !l.base().ws.grad().defined());
-    assert!(!l.base().bs.as_ref().unwrap().grad().defined());
+    assert!(
+        !l.base().dense().unwrap().ws.requires_grad()
+            && !l.base().dense().unwrap().ws.grad().defined()
+    );
+    assert!(!l.base().dense().unwrap().bs.as_ref().unwrap().grad().defined());
     assert_eq!(l.num_trainable_parameters(), 2 * 8 + 6 * 2);
 }
 
@@ -175,7 +179,7 @@ fn dropout_acts_in_training_only_and_on_the_adapter_branch_only() {
     let c = LoraConfig { lora_dropout: 0.5, ..cfg(4, 8.0) };
     let l = LoraLinear::new(base_linear(&vb, "proj", 16, 16), &(va.root() / "proj"), &c).unwrap();
     let x = randn(&[8, 16], Kind::Float);
-    let base_out = x.apply(l.base());
+    let base_out = x.apply(l.base().dense().unwrap());
     // B = 0: dropout on the adapter branch cannot show, so train output equals base output
     assert!(bit_equal(&l.forward_t(&x, true), &base_out));
     set(l.lora_b(), &randn(&[16, 4], Kind::Float));
@@ -195,7 +199,7 @@ fn disabled_adapter_runs_the_base_layer() {
         .unwrap();
     set(l.lora_b(), &randn(&[8, 2], Kind::Float));
     let x = randn(&[3, 8], Kind::Float);
-    let base_out = x.apply(l.base());
+    let base_out = x.apply(l.base().dense().unwrap());
     l.merge().unwrap();
     l.set_enabled(false).unwrap();
     assert!(!l.is_merged(), "disabling unmerges first");
@@ -229,11 +233,11 @@ fn safe_merge_refuses_non_finite_weights_and_leaves_the_base_unchanged() {
     let (vb, va) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
     let l = LoraLinear::new(base_linear(&vb, "proj", 4, 4), &(va.root() / "proj"), &cfg(2, 2.0))
         .unwrap();
-    let before = l.base().ws.copy();
+    let before = l.base().dense().unwrap().ws.copy();
     set(l.lora_b(), &Tensor::full([4, 2], f64::INFINITY, (Kind::Float, Device::Cpu)));
     let err = l.safe_merge().unwrap_err();
     assert!(matches!(&err, Error::NonFiniteMerge { module } if module == "proj"), "{err}");
-    assert!(bit_equal(&l.base().ws, &before));
+    assert!(bit_equal(&l.base().dense().unwrap().ws, &before));
     assert!(!l.is_merged());
 }
 
@@ -246,11 +250,14 @@ fn bias_lora_only_trains_a_copy_of_the_base_bias() {
     assert_eq!(names, ["proj.lora_A.weight", "proj.lora_B.weight", "proj.base_layer.bias"]);
     let mut opt = nn::Sgd::default().build(&va, 0.1).unwrap();
     let x = randn(&[5, 4], Kind::Float);
-    let before = l.base().bs.as_ref().unwrap().copy();
+    let before = l.base().dense().unwrap().bs.as_ref().unwrap().copy();
     opt.backward_step(&l.forward_t(&x, true).sum(Kind::Float));
     let trained = &l.named_tensors()[2].1;
     assert!(max_abs_diff(trained, &before) > 0.1, "the bias copy trains");
-    assert!(bit_equal(l.base().bs.as_ref().unwrap(), &before), "the base bias stays");
+    assert!(
+        bit_equal(l.base().dense().unwrap().bs.as_ref().unwrap(), &before),
+        "the base bias stays"
+    );
 }
 
 // ---------- bad input gives the typed error ----------
@@ -356,7 +363,7 @@ fn fused_and_composed_gradients_equal_the_analytic_gradients() {
         let x = randn(&[2, tokens, 12], Kind::Double);
         let g = randn(&[2, tokens, 10], Kind::Double);
         // dx = g (W + sBA), dA = s (gB)ᵀ x, dB = s gᵀ (x Aᵀ), over the flattened tokens
-        let (w, a, b, s) = (&l.base().ws, l.lora_a(), l.lora_b(), l.scaling());
+        let (w, a, b, s) = (&l.base().dense().unwrap().ws, l.lora_a(), l.lora_b(), l.scaling());
         let (x2, g2) = (x.reshape([-1, 12]), g.reshape([-1, 10]));
         let dx = g2.matmul(&(w + b.matmul(a) * s)).reshape([2, tokens, 12]);
         let da = g2.matmul(b).tr().matmul(&x2) * s;
@@ -379,7 +386,7 @@ fn fused_node_passes_gradients_to_a_trainable_bias_or_an_unfrozen_base() {
     let (vb, va) = f64_stores();
     let c = LoraConfig { bias: LoraBias::LoraOnly, ..cfg(2, 2.0) };
     let l = f64_layer(&vb, &va, &c);
-    let _ = l.base().ws.set_requires_grad(true); // the user unfroze the base weight
+    let _ = l.base().dense().unwrap().ws.set_requires_grad(true); // the user unfroze the base weight
     let x = randn(&[5, 12], Kind::Double);
     let g = randn(&[5, 10], Kind::Double);
     let bias = l.named_tensors()[2].1.shallow_clone();
@@ -389,7 +396,7 @@ fn fused_node_passes_gradients_to_a_trainable_bias_or_an_unfrozen_base() {
         let y = l.forward_t(&x, true);
         let gr = Tensor::run_backward(
             &[(&y * &g).sum(Kind::Double)],
-            &[&l.base().ws, &bias],
+            &[&l.base().dense().unwrap().ws, &bias],
             false,
             false,
         );
@@ -442,12 +449,21 @@ fn lora_bias_adds_s_times_its_bias_and_merges_into_the_base_bias() {
         l.set_fused(fused);
         assert!(max_abs_diff(&l.forward_t(&x, train), &expected) < 1e-12);
     }
-    let (w0, b0) = (l.base().ws.copy(), l.base().bs.as_ref().unwrap().copy());
+    let (w0, b0) = (
+        l.base().dense().unwrap().ws.copy(),
+        l.base().dense().unwrap().bs.as_ref().unwrap().copy(),
+    );
     l.merge().unwrap();
-    assert!(max_abs_diff(l.base().bs.as_ref().unwrap(), &(&b0 + bb * l.scaling())) < 1e-12);
+    assert!(
+        max_abs_diff(l.base().dense().unwrap().bs.as_ref().unwrap(), &(&b0 + bb * l.scaling()))
+            < 1e-12
+    );
     assert!(max_abs_diff(&l.forward_t(&x, false), &expected) < 1e-12);
     l.unmerge().unwrap();
-    assert!(bit_equal(&l.base().ws, &w0) && bit_equal(l.base().bs.as_ref().unwrap(), &b0));
+    assert!(
+        bit_equal(&l.base().dense().unwrap().ws, &w0)
+            && bit_equal(l.base().dense().unwrap().bs.as_ref().unwrap(), &b0)
+    );
     // a bias-less base cannot take the merge (as PEFT)
     let no_bias = nn::linear(
         vb.root() / "nb",
@@ -546,7 +562,7 @@ fn pissa_niter_keeps_the_exact_residual_and_finds_the_top_subspace() {
             &LoraConfig { init_lora_weights: init, ..cfg.clone() },
         )
         .unwrap();
-        let restored = &layer.base().ws + layer.delta_weight();
+        let restored = &layer.base().dense().unwrap().ws + layer.delta_weight();
         assert!(max_abs_diff(&restored, &w) < 1e-12, "{init:?}");
         deltas.push(layer.delta_weight());
     }

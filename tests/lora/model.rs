@@ -107,7 +107,8 @@ fn model_merge_then_forward_matches_unmerged_and_unmerge_restores_bits() {
     tch::manual_seed(1);
     let (base_vs, _a, model, adapter) = build(&["up", "down", "head"], 2);
     randomize_b(&adapter);
-    let originals: Vec<Tensor> = adapter.layers().iter().map(|l| l.base().ws.copy()).collect();
+    let originals: Vec<Tensor> =
+        adapter.layers().iter().map(|l| l.base().dense().unwrap().ws.copy()).collect();
     let x = randn(&[5, 8], Kind::Float);
     let unmerged = model.forward_t(&x, false);
     let mut boxed: Box<dyn Applicable> = Box::new(adapter);
@@ -287,5 +288,5 @@ fn single_store_use_trains_only_the_adapter() {
     }
     assert!(bit_equal(&vs.variables()["base.blocks.0.up.weight"], &w));
     assert!(adapter.layers()[0].lora_b().abs().sum(Kind::Double).double_value(&[]) > 0.0);
-    let _ = model.head.base().forward(&x);
+    let _ = model.head.base().unwrap().forward(&x);
 }

@@ -42,7 +42,7 @@ impl ModuleT for Mlp {
 /// adapters (f64).
 fn reference(model: &Mlp, adapter: &LoraAdapter, names: &[&str], xs: &Tensor) -> Tensor {
     let lin = |l: &MaybeLoraLinear, x: &Tensor| {
-        let base = l.base();
+        let base = l.base().unwrap();
         let mut w = base.ws.copy();
         if let Some(stack) = l.as_stack() {
             for n in names {
@@ -156,7 +156,8 @@ fn merging_a_subset_keeps_outputs_and_unmerges_bit_exactly() {
     adapter.set_active(&["default", "other"]).unwrap();
     let x = xs();
     let y = model.forward_t(&x, false);
-    let originals: Vec<Tensor> = model.blocks.iter().map(|(u, _)| u.base().ws.copy()).collect();
+    let originals: Vec<Tensor> =
+        model.blocks.iter().map(|(u, _)| u.base().unwrap().ws.copy()).collect();
     adapter.merge_adapters(&["other"], false).unwrap();
     assert_eq!(adapter.merged_adapters(), ["other"]);
     // "other" is in the weights, "default" still runs as a branch
@@ -169,7 +170,7 @@ fn merging_a_subset_keeps_outputs_and_unmerges_bit_exactly() {
     adapter.unmerge().unwrap();
     assert!(adapter.merged_adapters().is_empty());
     for ((u, _), w0) in model.blocks.iter().zip(&originals) {
-        assert!(bit_equal(&u.base().ws, w0));
+        assert!(bit_equal(&u.base().unwrap().ws, w0));
     }
     assert!(bit_equal(&model.forward_t(&x, false), &y));
     assert!(adapter.merge_adapters(&["missing"], false).is_err());
@@ -312,7 +313,7 @@ fn model_store(model: &Mlp) -> nn::VarStore {
     let vs = nn::VarStore::new(Device::Cpu);
     let root = vs.root();
     let put = |name: String, l: &MaybeLoraLinear| {
-        let b = l.base();
+        let b = l.base().unwrap();
         let p = name.split('.').fold(root.clone(), |p, c| p / c);
         let _ = p.add("weight", b.ws.copy(), false);
         if let Some(bs) = &b.bs {
@@ -399,11 +400,14 @@ fn merge_and_unload_folds_the_active_adapters_in_and_leaves_a_plain_model() {
     adapter.set_active(&["default", "other"]).unwrap();
     let x = xs();
     let y = model.forward_t(&x, false);
-    let w0 = model.blocks[0].0.base().ws.copy();
+    let w0 = model.blocks[0].0.base().unwrap().ws.copy();
     adapter.merge_and_unload(Some(&vs_a)).unwrap();
     // same outputs, from the merged weights alone
     assert!(max_abs_diff(&model.forward_t(&x, false), &y) < 1e-12);
-    assert!(max_abs_diff(&model.blocks[0].0.base().ws, &w0) > 1e-3, "the weight holds the merge");
+    assert!(
+        max_abs_diff(&model.blocks[0].0.base().unwrap().ws, &w0) > 1e-3,
+        "the weight holds the merge"
+    );
     // no adapter is left on any layer, and a training forward is the plain one too
     for (up, down) in &model.blocks {
         for l in [up, down] {

@@ -8,6 +8,7 @@ use crate::common::*;
 use tch::{nn, Device, Kind, Tensor};
 use tch_peft::lora::{LoraBuilder, LoraConfig};
 use tch_peft::models::llama::{load_weights, Llama, LlamaConfig};
+use tch_peft::quant::{Bnb4bitConfig, QuantType};
 use tch_peft::{io, Error};
 
 fn fixture(name: &str) -> PathBuf {
@@ -395,34 +396,129 @@ fn a_bitsandbytes_4bit_checkpoint_and_its_peft_qlora_adapter_give_transformers_l
     let t: std::collections::BTreeMap<String, Tensor> =
         io::read_safetensors(dir.join("io.safetensors")).unwrap().tensors.into_iter().collect();
     let ids = &t["input_ids"];
-    // the base alone
+    // the base alone, kept 4-bit: no float variable for the quantized layers
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Llama::new(&vs.root(), &cfg, None).unwrap();
-    load_weights(&vs, &dir, &cfg).unwrap();
-    let d = max_abs_diff(&model.forward_t(ids, None, false).unwrap(), &t["logits"]);
-    assert!(d < 1e-4, "base: max |Δ| {d}");
-    // with PEFT's adapter
+    assert_eq!(model.quantized_layers().len(), 2 * 7);
+    assert!(vs.variables().keys().all(|k| !k.contains("_proj")));
+    model.load_weights(&vs, &dir).unwrap();
+    let base_logits = model.forward_t(ids, None, false).unwrap();
+    let d = max_abs_diff(&base_logits, &t["logits"]);
+    assert!(d < 1e-4, "4-bit base: max |Δ| {d}");
+    // the same checkpoint dequantized into a float model
+    let float_cfg = LlamaConfig { quantization_config: None, ..cfg.clone() };
+    let vs_f = nn::VarStore::new(Device::Cpu);
+    let float_model = Llama::new(&vs_f.root(), &float_cfg, None).unwrap();
+    load_weights(&vs_f, &dir, &cfg).unwrap();
+    let d = max_abs_diff(&float_model.forward_t(ids, None, false).unwrap(), &t["logits"]);
+    assert!(d < 1e-4, "dequantized: max |Δ| {d}");
+    // with PEFT's adapter, on the 4-bit base (QLoRA)
     let lora_cfg = LoraConfig::from_pretrained(dir.join("adapter")).unwrap();
     let (base_vs, adapter_vs) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
-    let builder = LoraBuilder::new(&adapter_vs.root(), lora_cfg).unwrap();
+    let builder = LoraBuilder::new(&adapter_vs.root(), lora_cfg.clone()).unwrap();
     let model = Llama::new(&base_vs.root(), &cfg, Some(&builder)).unwrap();
     let adapter = builder.finish().unwrap();
-    load_weights(&base_vs, &dir, &cfg).unwrap();
+    model.load_weights(&base_vs, &dir).unwrap();
     adapter.load_pretrained(dir.join("adapter")).unwrap();
     let logits = model.forward_t(ids, None, false).unwrap();
     let d = max_abs_diff(&logits, &t["logits_adapter"]);
     assert!(d < 1e-4, "adapter: max |Δ| {d}");
     assert!(max_abs_diff(&logits, &t["logits"]) > 1e-3, "the adapter matters");
-    // saving the config does not claim quantized weights
+    // a training step on the 4-bit base gives the adapters the gradients they get on the
+    // dequantized float base
+    let (fb_vs, fa_vs) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let fbuilder = LoraBuilder::new(&fa_vs.root(), lora_cfg).unwrap();
+    let fmodel = Llama::new(&fb_vs.root(), &float_cfg, Some(&fbuilder)).unwrap();
+    let fadapter = fbuilder.finish().unwrap();
+    load_weights(&fb_vs, &dir, &cfg).unwrap();
+    fadapter.load_pretrained(dir.join("adapter")).unwrap();
+    for (m, vs) in [(&model, &adapter_vs), (&fmodel, &fa_vs)] {
+        let h = m.hidden_states(ids, None, true, None).unwrap();
+        m.causal_lm_loss(&h, ids, true).unwrap().backward();
+        assert!(vs.trainable_variables().iter().all(|v| v.grad().defined()));
+    }
+    let (qv, fv) = (adapter_vs.variables(), fa_vs.variables());
+    assert_eq!(qv.len(), fv.len());
+    for (name, v) in &qv {
+        let rel = rel_diff(&v.grad(), &fv[name].grad());
+        assert!(rel < 1e-4, "`{name}`: gradient off by {rel}");
+    }
+    // the config is saved with its quantization_config; other methods are refused by name
     let out = temp_dir("llama-nf4-config");
     cfg.save_pretrained(&out).unwrap();
     let text = std::fs::read_to_string(out.join("config.json")).unwrap();
-    assert!(!text.contains("quantization_config"), "{text}");
-    // other quantization methods are refused by name
+    assert!(text.contains("quantization_config"), "{text}");
     let gptq = LlamaConfig {
         quantization_config: Some(serde_json::json!({"quant_method": "gptq", "bits": 4})),
         ..cfg.clone()
     };
     assert!(matches!(gptq.quantization(), Err(Error::Unsupported { .. })));
+    assert!(matches!(Llama::new(&vs.root(), &gptq, None), Err(Error::Unsupported { .. })));
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn quantize_on_load_gives_the_codes_transformers_saved_and_a_saved_4bit_model_reads_back() {
+    // llama-src is the bf16 model that transformers quantized into llama-nf4
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bnb");
+    let src_cfg = LlamaConfig::from_pretrained(root.join("llama-src")).unwrap();
+    let q = Bnb4bitConfig { compute_dtype: Kind::Float, ..Bnb4bitConfig::default() };
+    let cfg = src_cfg.clone().with_bnb_4bit(&q);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = Llama::new(&vs.root(), &cfg, None).unwrap();
+    model.load_weights(&vs, root.join("llama-src")).unwrap();
+    let theirs: std::collections::BTreeMap<String, Tensor> =
+        io::read_safetensors(root.join("llama-nf4/model.safetensors"))
+            .unwrap()
+            .tensors
+            .into_iter()
+            .collect();
+    for (name, layer) in model.quantized_layers() {
+        for (key, t) in layer.weight().state(&name).unwrap() {
+            if !key.contains("quant_state") {
+                assert!(bit_equal(&t, &theirs[&key]), "`{key}` differs from bitsandbytes'");
+            }
+        }
+    }
+    // memory: half a byte a weight, a byte per block of 64, 4 bytes per 256 blocks and the
+    // two tables (16 and 256 f32) per layer: ≈ 4.13 bits a weight on large layers
+    let want: i64 = model
+        .quantized_layers()
+        .iter()
+        .map(|(_, l)| {
+            let n = l.num_parameters();
+            let blocks = (n + 63) / 64;
+            n / 2 + blocks + (blocks + 255) / 256 * 4 + (16 + 256) * 4
+        })
+        .sum();
+    assert_eq!(model.quantized_bytes() as i64, want);
+    // saved in bitsandbytes' layout and read back: the same tensors, the same logits
+    let out = temp_dir("llama-nf4-saved");
+    model.save_pretrained(&vs, &out).unwrap();
+    let saved: std::collections::BTreeMap<String, Tensor> =
+        io::read_safetensors(out.join("model.safetensors")).unwrap().tensors.into_iter().collect();
+    assert_eq!(
+        saved.keys().filter(|k| !k.contains("quant_state")).collect::<Vec<_>>(),
+        theirs.keys().filter(|k| !k.contains("quant_state")).collect::<Vec<_>>()
+    );
+    for (k, t) in &saved {
+        if !k.contains("quant_state") && theirs[k].kind() == Kind::Uint8 {
+            assert!(bit_equal(t, &theirs[k]), "`{k}`");
+        }
+    }
+    let cfg2 = LlamaConfig::from_pretrained(&out).unwrap();
+    assert_eq!(cfg2.bnb_4bit().unwrap().as_ref(), Some(&q));
+    let vs2 = nn::VarStore::new(Device::Cpu);
+    let model2 = Llama::new(&vs2.root(), &cfg2, None).unwrap();
+    model2.load_weights(&vs2, &out).unwrap();
+    let ids = Tensor::from_slice(&[1i64, 5, 9, 33, 2, 60]).view([1, 6]);
+    let (a, b) =
+        (model.forward_t(&ids, None, false).unwrap(), model2.forward_t(&ids, None, false).unwrap());
+    assert!(a.equal(&b));
+    // a layout the checkpoint does not have is refused by name, nothing written
+    let fp4 = src_cfg.with_bnb_4bit(&Bnb4bitConfig { quant_type: QuantType::Fp4, ..q });
+    let vs3 = nn::VarStore::new(Device::Cpu);
+    let model3 = Llama::new(&vs3.root(), &fp4, None).unwrap();
+    assert!(matches!(model3.load_weights(&vs3, &out), Err(Error::Quantization { .. })));
     std::fs::remove_dir_all(&out).ok();
 }

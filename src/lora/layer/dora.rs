@@ -74,7 +74,8 @@ pub(crate) fn dora_weight_norm_with(
 impl LoraLinear {
     /// The magnitude set from the (loaded) base weight: `m = ‖W + s·BA‖_row`.
     pub(super) fn dora_init_magnitude(&self, m: &Tensor) -> Result<()> {
-        let norm = dora_weight_norm(&self.base().ws, self.lora_a(), self.lora_b(), self.scaling())?;
+        let w = self.base_weight(tch::Kind::Float)?;
+        let norm = dora_weight_norm(&w, self.lora_a(), self.lora_b(), self.scaling())?;
         m.shallow_clone().f_copy_(&norm.f_to_kind(m.kind())?)?;
         Ok(())
     }
@@ -82,8 +83,8 @@ impl LoraLinear {
     /// DoRA's merged weight from the merged LoRA weight `W + s·BA` (in the compute kind):
     /// `m / ‖W + s·BA‖_row` times it, the norm of the unmerged weight.
     pub(super) fn dora_merged(&self, m: &Tensor, merged: &Tensor) -> Result<Tensor> {
-        let w = &self.base().ws;
-        let norm = dora_weight_norm(w, self.lora_a(), self.lora_b(), self.scaling())?;
+        let w = self.base_weight(tch::Kind::Float)?;
+        let norm = dora_weight_norm(&w, self.lora_a(), self.lora_b(), self.scaling())?;
         let g = m.f_to_kind(merged.kind())?.f_div(&norm)?.f_unsqueeze(1)?;
         Ok(merged.f_mul(&g)?)
     }
@@ -101,7 +102,7 @@ impl LoraLinear {
     ) -> Result<Tensor> {
         let norm = self.dora_norm()?;
         let g = m.f_div(&norm.f_to_kind(m.kind())?)?.f_to_kind(y.kind())?;
-        let xd_w = xd.f_linear::<Tensor>(&self.base().ws, None)?;
+        let xd_w = xd.f_linear::<Tensor>(&self.base_weight(xd.kind())?, None)?;
         let adapted = xd_w.f_addmm(h, &b.f_tr()?)?;
         Ok(y.f_sub(&xd_w)?.f_addcmul(&adapted, &g)?)
     }
@@ -126,15 +127,16 @@ impl LoraLinear {
         let (a, b) = (cast(self.lora_a())?, cast(self.lora_b())?);
         let xd = if dropout { x2.f_dropout(self.dropout, true)? } else { x2.shallow_clone() };
         let h = xd.f_mm(&a.f_tr()?)?.f_mul_scalar(self.scaling())?; // [N, r]
+        let w = self.base_weight(kind)?;
         let y = if dropout {
             // base + (g − 1)·(x_d Wᵀ) + g·s·x_d Aᵀ Bᵀ = base − x_d Wᵀ + g·(x_d Wᵀ + s·x_d Aᵀ Bᵀ)
-            let base = x2.f_linear(&self.base().ws, bias)?;
-            let xd_w = xd.f_linear::<Tensor>(&self.base().ws, None)?;
+            let base = x2.f_linear(&w, bias)?;
+            let xd_w = xd.f_linear::<Tensor>(&w, None)?;
             let adapted = xd_w.f_addmm(&h, &b.f_tr()?)?;
             base.f_sub(&xd_w)?.f_addcmul(&adapted, &g)?
         } else {
             // g·(x Wᵀ + s·x Aᵀ Bᵀ) + b: one accumulate in place, one fused scale-and-add
-            let mut adapted = x2.f_linear::<Tensor>(&self.base().ws, None)?;
+            let mut adapted = x2.f_linear::<Tensor>(&w, None)?;
             let _ = adapted.f_addmm_(&h, &b.f_tr()?)?;
             match bias {
                 Some(bs) => bs.f_addcmul(&adapted, &g)?,

@@ -61,7 +61,7 @@ pub fn set_custom_cuda_kernels(on: bool) {
 
 impl LoraLinear {
     fn check_input(&self, xs: &Tensor) -> Result<()> {
-        check_linear_input(&self.base.ws, &self.module, xs)
+        self.base.check_input(&self.module, xs)
     }
 
     /// When this layer's forward on `xs` would be the fused (LoRA or DoRA) node (enabled,
@@ -120,7 +120,14 @@ impl LoraLinear {
             Some(m) => Some(super::fused::DoraMember { m, w_sq: self.dora_row_sq_cached()? }),
             None => None,
         };
-        Ok(super::fused::GroupMember { w: &self.base.ws, bias, a, b, scaling: self.scaling, dora })
+        let w = match &self.base {
+            super::base::LinearBase::Dense(l) => super::fused::MemberWeight::Dense(&l.ws),
+            super::base::LinearBase::Quant(q) => {
+                let (parts, dims, offset) = q.node_parts();
+                super::fused::MemberWeight::Quant { parts, dims, offset }
+            }
+        };
+        Ok(super::fused::GroupMember { w, bias, a, b, scaling: self.scaling, dora })
     }
 
     /// Without autograd (inference), A and B of a LoRA layer cast to `kind` and cached until
@@ -185,11 +192,12 @@ impl LoraLinear {
         let bias = self.input_bias(xs.kind())?;
         let bias = bias.as_ref();
         if !self.is_enabled() {
-            return Ok(xs.f_linear(&self.base.ws, bias)?);
+            return self.base.forward_with_bias(xs, bias);
         }
         if self.is_merged() {
             // the merged layer is the base layer alone (merged bias included)
-            return Ok(xs.f_linear(&self.base.ws, self.base.bs.as_ref())?);
+            let bias = self.base.bias().map(|b| b.f_to_kind(xs.kind())).transpose()?;
+            return self.base.forward_with_bias(xs, bias.as_ref());
         }
         let mut out_shape = xs.size();
         *out_shape.last_mut().expect("checked non-empty") = self.out_features;
@@ -211,7 +219,7 @@ impl LoraLinear {
             let y = self.dora_forward(&x2, m, bias, dropout)?;
             return Ok(y.f_reshape(out_shape)?);
         }
-        let y = x2.f_linear(&self.base.ws, bias)?;
+        let y = self.base.forward_with_bias(&x2, bias)?;
         Ok(self.f_add_delta(&x2, y, train)?.f_reshape(out_shape)?)
     }
 }

@@ -10,4 +10,4 @@
 //! `csrc/cuda_kernels.cpp`). Without it (a `doc-only` build, or headers not found) the layer
 //! falls back to composing tch ops, which compute the same values.
 
-pub(crate) use crate::sys::{lora_group, DoraMember, GroupMember};
+pub(crate) use crate::sys::{lora_group, DoraMember, GroupMember, MemberWeight};

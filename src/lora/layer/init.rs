@@ -107,7 +107,14 @@ impl LoraLinear {
         let _base = self.state.merge.base_lock().write();
         let ready = self.state.base_init_done.load(Ordering::Acquire);
         if self.init.uses_base_weight() && !ready {
-            let w = &self.base.ws;
+            // a 4-bit base is refused these inits at construction
+            let Some(base) = self.base.dense() else {
+                return Err(Error::Unsupported {
+                    field: "init_lora_weights".into(),
+                    reason: format!("`{}` has a 4-bit base", self.module),
+                });
+            };
+            let w = &base.ws;
             let compute = compute_kind(w.kind());
             let wf = w.f_to_kind(compute)?;
             let (a, b) = match self.init {

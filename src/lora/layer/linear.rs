@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use tch::nn;
 use tch::{Kind, Tensor};
 
+use super::base::LinearBase;
 use super::dora::{dora_row_sq, dora_weight_norm_with};
 use super::init::init_factors;
-use super::merge::{compute_kind, BaseLock, MergeState};
+use super::merge::{compute_kind, BaseLock, MergeState, WeightRef};
 use super::{add_var, is_float, path_name, Attach, Factors, LoraLayer};
 use crate::adapter::{Adapter, AdapterKind, Applicable};
 use crate::lora::config::{LoraBias, LoraConfig, LoraInit};
@@ -42,7 +43,9 @@ struct CastCache {
 
 /// A LoRA-adapted linear layer.
 ///
-/// For a base layer `y = x Wᵀ + b` with `W: [out, in]`, LoRA adds a rank-`r` update:
+/// For a base layer `y = x Wᵀ + b` with `W: [out, in]` (a float `nn::Linear`, or a 4-bit
+/// [`QuantLinear`](crate::quant::QuantLinear) for QLoRA, see [`LinearBase`]), LoRA adds a
+/// rank-`r` update:
 ///
 /// ```text
 /// y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ        A = lora_A: [r, in],  B = lora_B: [out, r]
@@ -82,7 +85,7 @@ struct CastCache {
 /// ```
 #[derive(Debug)]
 pub struct LoraLinear {
-    pub(super) base: nn::Linear,
+    pub(super) base: LinearBase,
     pub(super) lora_a: Tensor,
     pub(super) lora_b: Tensor,
     /// Trainable copy of the base bias when `bias = "lora_only"`.
@@ -109,7 +112,7 @@ impl LoraLinear {
     /// The base weight and bias stop requiring grad. Errors: an invalid config, a base weight that
     /// is not a 2-D floating tensor, a bias of the wrong shape, a rank above `min(in, out)`, or
     /// adapter variables that already exist under `p`.
-    pub fn new(base: nn::Linear, p: &nn::Path, config: &LoraConfig) -> Result<Self> {
+    pub fn new(base: impl Into<LinearBase>, p: &nn::Path, config: &LoraConfig) -> Result<Self> {
         let module = path_name(p);
         Self::with_module_name(base, p, &module, config)
     }
@@ -169,18 +172,18 @@ impl LoraLinear {
     /// As [`new`](Self::new), with the module name given explicitly (it may differ from the
     /// adapter path, e.g. when the adapter store has a prefix).
     pub fn with_module_name(
-        base: nn::Linear,
+        base: impl Into<LinearBase>,
         p: &nn::Path,
         module: &str,
         config: &LoraConfig,
     ) -> Result<Self> {
-        Self::with_module_name_sharing(base, p, module, config, None)
+        Self::with_module_name_sharing(base.into(), p, module, config, None)
     }
 
     /// As [`with_module_name`](Self::with_module_name), the base weight's lock shared with the
     /// other adapters of its stack when given.
     pub(crate) fn with_module_name_sharing(
-        base: nn::Linear,
+        base: LinearBase,
         p: &nn::Path,
         module: &str,
         config: &LoraConfig,
@@ -189,24 +192,43 @@ impl LoraLinear {
         config.validate()?;
         let r = config.rank_for(module)?;
         let scaling = config.scaling_for(module)?;
-        let ws = &base.ws;
         let weight_name = || format!("{module}.weight");
-        if ws.dim() != 2 {
-            return Err(Error::ShapeMismatch {
-                name: weight_name(),
-                expected: vec![-1, -1],
-                actual: ws.size(),
-            });
-        }
-        if !is_float(ws.kind()) {
-            return Err(Error::DtypeMismatch {
-                name: weight_name(),
-                expected: "a floating-point kind".into(),
-                actual: ws.kind(),
-            });
-        }
-        let (out_features, in_features) = (ws.size()[0], ws.size()[1]);
-        if let Some(bs) = &base.bs {
+        // the dtype adapters are made in: the float weight's (f32 for half types, f64 for f64),
+        // f32 on a 4-bit base
+        let base_kind = match &base {
+            LinearBase::Dense(l) => {
+                let ws = &l.ws;
+                if ws.dim() != 2 {
+                    return Err(Error::ShapeMismatch {
+                        name: weight_name(),
+                        expected: vec![-1, -1],
+                        actual: ws.size(),
+                    });
+                }
+                if !is_float(ws.kind()) {
+                    return Err(Error::DtypeMismatch {
+                        name: weight_name(),
+                        expected: "a floating-point kind".into(),
+                        actual: ws.kind(),
+                    });
+                }
+                ws.kind()
+            }
+            LinearBase::Quant(_) => {
+                if config.init_lora_weights.uses_base_weight() {
+                    return Err(Error::Unsupported {
+                        field: "init_lora_weights".into(),
+                        reason: format!(
+                            "`{module}` is 4-bit: PiSSA/OLoRA rewrite the base weight with their \
+                             residual, which a 4-bit base cannot hold exactly"
+                        ),
+                    });
+                }
+                Kind::Float
+            }
+        };
+        let (out_features, in_features) = (base.out_features(), base.in_features());
+        if let Some(bs) = base.bias() {
             if bs.size() != [out_features] {
                 return Err(Error::ShapeMismatch {
                     name: format!("{module}.bias"),
@@ -224,7 +246,7 @@ impl LoraLinear {
             });
         }
         // check every name before registering anything, so a failure registers nothing
-        let with_bias = config.bias == LoraBias::LoraOnly && base.bs.is_some();
+        let with_bias = config.bias == LoraBias::LoraOnly && base.bias().is_some();
         for (sub, name) in [("lora_A", "weight"), ("lora_B", "weight"), ("base_layer", "bias")] {
             if (sub != "base_layer" || with_bias) && (p / sub).get(name).is_some() {
                 return Err(Error::DuplicateParameter((p / sub).path(name)));
@@ -238,15 +260,16 @@ impl LoraLinear {
         }
         // f32 adapters (PEFT upcasts f16/bf16 adapters), f64 on an f64 base (PEFT follows the
         // base dtype for full-precision bases).
-        let adapter_kind = compute_kind(ws.kind());
-        let opts = (adapter_kind, ws.device());
+        let adapter_kind = compute_kind(base_kind);
+        let opts = (adapter_kind, base.device());
         let (a, b) = init_factors(config.init_lora_weights, r, in_features, out_features, opts);
-        let bias = match &base.bs {
+        let bias = match base.bias() {
             Some(bs) if with_bias => Some(tch::no_grad(|| bs.to_kind(adapter_kind).copy())),
             _ => None,
         };
         let magnitude = if config.use_dora {
-            Some(super::dora::new_magnitude(p, &base.ws, &a, &b, scaling)?)
+            let w = base.weight(Kind::Float)?;
+            Some(super::dora::new_magnitude(p, &w, &a, &b, scaling)?)
         } else {
             None
         };
@@ -258,8 +281,10 @@ impl LoraLinear {
             .then(|| add_var(p, "lora_B", "bias", Tensor::zeros([out_features], opts)))
             .transpose()?;
         let bias = bias.map(|t| add_var(p, "base_layer", "bias", t)).transpose()?;
-        let _ = base.ws.set_requires_grad(false);
-        if let Some(bs) = &base.bs {
+        if let LinearBase::Dense(l) = &base {
+            let _ = l.ws.set_requires_grad(false);
+        }
+        if let Some(bs) = base.bias() {
             let _ = bs.set_requires_grad(false);
         }
         let layer = LoraLinear {
@@ -298,10 +323,7 @@ impl LoraLinear {
     /// merged/enabled state is shared.
     pub(crate) fn share(&self) -> LoraLinear {
         LoraLinear {
-            base: nn::Linear {
-                ws: self.base.ws.shallow_clone(),
-                bs: self.base.bs.as_ref().map(Tensor::shallow_clone),
-            },
+            base: self.base.share(),
             lora_a: self.lora_a.shallow_clone(),
             lora_b: self.lora_b.shallow_clone(),
             bias: self.bias.as_ref().map(Tensor::shallow_clone),
@@ -318,9 +340,23 @@ impl LoraLinear {
         }
     }
 
-    /// The wrapped base layer.
-    pub fn base(&self) -> &nn::Linear {
+    /// The wrapped base layer: float or 4-bit.
+    pub fn base(&self) -> &LinearBase {
         &self.base
+    }
+
+    /// The base weight as a merge writes it.
+    pub(super) fn weight_ref(&self) -> WeightRef<'_> {
+        match &self.base {
+            LinearBase::Dense(l) => WeightRef::Dense(&l.ws),
+            LinearBase::Quant(q) => WeightRef::Quant(q),
+        }
+    }
+
+    /// The base weight the composed ops compute with in `kind`: the float weight itself, or
+    /// the 4-bit weight dequantized.
+    pub(super) fn base_weight(&self, kind: Kind) -> Result<Tensor> {
+        self.base.weight(kind)
     }
 
     /// `lora_A`, shape `[r, in]`.
@@ -360,7 +396,7 @@ impl LoraLinear {
 
     /// The bias the layer uses: the trainable copy with `bias = "lora_only"`, else the base bias.
     pub(super) fn effective_bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref().or(self.base.bs.as_ref())
+        self.bias.as_ref().or(self.base.bias())
     }
 
     /// Whether the adapter branch is active.
@@ -439,29 +475,33 @@ impl LoraLinear {
     /// weight is unchanged (frozen bases: computed once). No gradient.
     pub(super) fn dora_norm(&self) -> Result<Tensor> {
         let w_sq = self.dora_row_sq_cached()?;
-        let w = &self.base.ws;
-        tch::no_grad(|| dora_weight_norm_with(&w_sq, w, &self.lora_a, &self.lora_b, self.scaling))
+        let w = self.base_weight(Kind::Float)?;
+        tch::no_grad(|| dora_weight_norm_with(&w_sq, &w, &self.lora_a, &self.lora_b, self.scaling))
     }
 
     /// `‖W_i‖²` of the current base weight, cached on its storage and version counter.
     pub(super) fn dora_row_sq_cached(&self) -> Result<Tensor> {
-        let w = &self.base.ws;
-        let key = (w.data_ptr() as usize, w.f_internal_version()?);
+        let key = match &self.base {
+            LinearBase::Dense(l) => (l.ws.data_ptr() as usize, l.ws.f_internal_version()?),
+            LinearBase::Quant(q) => q.version_key()?,
+        };
         let mut cache = self.state.row_sq.lock().unwrap_or_else(|e| e.into_inner());
         match cache.as_ref() {
             Some((ptr, version, t)) if (*ptr, *version) == key => Ok(t.shallow_clone()),
             _ => {
-                let t = tch::no_grad(|| dora_row_sq(w))?;
+                let w = self.base_weight(Kind::Float)?;
+                let t = tch::no_grad(|| dora_row_sq(&w))?;
                 *cache = Some((key.0, key.1, t.shallow_clone()));
                 Ok(t)
             }
         }
     }
 
-    /// The merged weight `W + s·BA` in the base dtype, computed in f32 (f64 for an f64 base).
+    /// The merged weight `W + s·BA` in the base dtype, computed in f32 (f64 for an f64 base);
+    /// on a 4-bit base in f32, from the dequantized weight (the merge quantizes it again).
     pub(super) fn merged_weight(&self) -> Result<Tensor> {
         self.check_base_init()?;
-        let w = &self.base.ws;
+        let w = &self.base_weight(Kind::Float)?;
         let compute = compute_kind(w.kind());
         let delta = self.lora_b.f_to_kind(compute)?.f_mm(&self.lora_a.f_to_kind(compute)?)?;
         let mut merged = w.f_to_kind(compute)?.f_add(&(delta * self.scaling))?;
@@ -472,7 +512,7 @@ impl LoraLinear {
     }
 
     pub(super) fn merge_impl(&self, safe: bool) -> Result<()> {
-        let (w, b) = (&self.base.ws, self.base.bs.as_ref());
+        let (w, b) = (self.weight_ref(), self.base.bias());
         self.state
             .merge
             .merge(&self.module, w, b, safe, || Ok((self.merged_weight()?, self.merged_bias()?)))
@@ -485,7 +525,7 @@ impl LoraLinear {
         if self.lora_b_bias.is_none() && self.bias.is_none() {
             return Ok(None);
         }
-        let Some(base_bias) = &self.base.bs else {
+        let Some(base_bias) = self.base.bias() else {
             return Err(Error::Unsupported {
                 field: "lora_bias".into(),
                 reason: format!("cannot merge into `{}`: the base layer has no bias", self.module),
@@ -517,7 +557,7 @@ impl LoraLinear {
 
     /// Restores the base weight saved by [`merge`](Self::merge), bit for bit.
     pub fn unmerge(&self) -> Result<()> {
-        self.state.merge.unmerge(&self.module, &self.base.ws, self.base.bs.as_ref())
+        self.state.merge.unmerge(&self.module, self.weight_ref(), self.base.bias())
     }
 
     /// Merges for good and returns the plain base layer (`W + s·BA`; the bias with the trained
@@ -531,12 +571,60 @@ impl LoraLinear {
     /// (and so the [`LoraAdapter`](crate::lora::LoraAdapter)) drops this adapter, whose update
     /// is part of the base from then on. A layer already merged is kept as it is, its saved
     /// original dropped.
+    ///
+    /// # Errors
+    /// `Unsupported` on a 4-bit base (nothing merged): see
+    /// [`into_merged_base`](Self::into_merged_base) and
+    /// [`merged_dense_linear`](Self::merged_dense_linear).
     pub fn into_merged_linear(self) -> Result<nn::Linear> {
-        self.state.merge.merge_for_good(&self.base.ws, self.base.bs.as_ref(), || {
+        if self.base.quantized().is_some() {
+            return Err(Error::Unsupported {
+                field: "into_merged_linear".into(),
+                reason: format!(
+                    "`{}` has a 4-bit base: `into_merged_base` merges into it (quantized again), \
+                     `merged_dense_linear` gives the float layer",
+                    self.module
+                ),
+            });
+        }
+        match self.into_merged_base()? {
+            LinearBase::Dense(l) => Ok(l),
+            LinearBase::Quant(_) => unreachable!("checked above"),
+        }
+    }
+
+    /// As [`into_merged_linear`](Self::into_merged_linear), for either kind of base. On a 4-bit
+    /// base the merged weight is quantized again into the base's layout, exactly as
+    /// [`Bnb4bitWeight::quantize`](crate::quant::Bnb4bitWeight::quantize) (bitsandbytes) does:
+    /// PEFT's merge on a bitsandbytes base, lossy (`W + s·BA` rounded to 4 bits, PEFT warns).
+    /// [`merge`](Self::merge) does the same while keeping the original codes, so that
+    /// [`unmerge`](Self::unmerge) restores them exactly.
+    pub fn into_merged_base(self) -> Result<LinearBase> {
+        self.state.merge.merge_for_good(self.weight_ref(), self.base.bias(), || {
             Ok((self.merged_weight()?, self.merged_bias()?))
         })?;
-        let bias = self.base.bs.as_ref().map(Tensor::shallow_clone);
-        Ok(nn::Linear { ws: self.base.ws.shallow_clone(), bs: bias })
+        Ok(self.base.share())
+    }
+
+    /// The merged layer in float, `kind` (f32, f16, bf16 or f64): `deq(W) + s·BA` (computed in
+    /// f32, f64 for f64) and the merged bias, as new tensors; the layer itself is unchanged
+    /// (PEFT's `merge_and_unload` after dequantizing a bitsandbytes base, for export). On a
+    /// merged layer the update is not added twice: its base already holds it.
+    pub fn merged_dense_linear(&self, kind: Kind) -> Result<nn::Linear> {
+        let _guard = tch::no_grad_guard();
+        let _base = self.state.merge.base_lock().read();
+        let (w, b) = if self.is_merged() || !self.is_enabled() {
+            let b = if self.is_merged() { self.base.bias() } else { self.effective_bias() };
+            (self.base_weight(compute_kind(kind))?, b.map(Tensor::shallow_clone))
+        } else {
+            (
+                self.merged_weight()?,
+                self.merged_bias()?.or(self.base.bias().map(Tensor::shallow_clone)),
+            )
+        };
+        let ws = w.f_to_kind(kind)?.f_detach_copy()?;
+        let bs = b.map(|b| b.f_to_kind(kind)?.f_detach_copy()).transpose()?;
+        Ok(nn::Linear { ws, bs })
     }
 }
 
@@ -615,15 +703,15 @@ impl LoraLayer for LoraLinear {
 }
 
 impl Attach for LoraLinear {
-    type Base = nn::Linear;
+    type Base = LinearBase;
     fn share(&self) -> Self {
         LoraLinear::share(self)
     }
-    fn share_base(b: &nn::Linear) -> nn::Linear {
-        nn::Linear { ws: b.ws.shallow_clone(), bs: b.bs.as_ref().map(Tensor::shallow_clone) }
+    fn share_base(b: &LinearBase) -> LinearBase {
+        b.share()
     }
     fn attach(
-        b: &nn::Linear,
+        b: &LinearBase,
         lock: &BaseLock,
         p: &nn::Path,
         module: &str,
@@ -631,8 +719,8 @@ impl Attach for LoraLinear {
     ) -> Result<Self> {
         LoraLinear::with_module_name_sharing(Self::share_base(b), p, module, config, Some(lock))
     }
-    fn rank_bound(b: &nn::Linear) -> (i64, i64) {
-        (b.ws.size()[1], b.ws.size()[0])
+    fn rank_bound(b: &LinearBase) -> (i64, i64) {
+        (b.in_features(), b.out_features())
     }
     fn registered(p: &nn::Path) -> Option<String> {
         let a = p / "lora_A";

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard}
 
 use tch::{Kind, Tensor};
 
+use crate::quant::{Bnb4bitWeight, QuantLinear};
 use crate::{Error, Result};
 
 /// Whether every value is finite (one host sync; merge paths only).
@@ -47,13 +48,71 @@ pub(crate) fn add_in_compute_kind(weight: &Tensor, delta: &Tensor) -> Result<Ten
     Ok(weight.f_to_kind(compute)?.f_add(&delta.f_to_kind(compute)?)?.f_to_kind(weight.kind())?)
 }
 
+/// The base weight a merge writes: a float tensor, or a 4-bit layer's weight (the merged float
+/// weight is quantized again into the layer's layout, as PEFT does on a bitsandbytes base).
+#[derive(Clone, Copy)]
+pub(crate) enum WeightRef<'a> {
+    Dense(&'a Tensor),
+    Quant(&'a QuantLinear),
+}
+
+impl<'a> From<&'a Tensor> for WeightRef<'a> {
+    fn from(t: &'a Tensor) -> Self {
+        WeightRef::Dense(t)
+    }
+}
+
+/// A pre-merge weight kept for the unmerge.
+#[derive(Debug)]
+enum KeptWeight {
+    Dense(Tensor),
+    /// The 4-bit weight's parts (with its nested offset), copied.
+    Quant(Bnb4bitWeight),
+}
+
+impl WeightRef<'_> {
+    fn snapshot(self) -> Result<KeptWeight> {
+        Ok(match self {
+            WeightRef::Dense(t) => KeptWeight::Dense(merge_snapshot(t)?),
+            WeightRef::Quant(q) => KeptWeight::Quant(q.weight().map_parts(merge_snapshot)?),
+        })
+    }
+
+    /// Writes the merged float weight `w`: copied in, or quantized into the layer's layout.
+    fn write(self, w: &Tensor) -> Result<()> {
+        match self {
+            WeightRef::Dense(t) => {
+                t.shallow_clone().f_copy_(w)?;
+            }
+            WeightRef::Quant(q) => {
+                let old = q.weight();
+                let nested = old.nested().is_some();
+                let new = Bnb4bitWeight::quantize(w, old.quant_type(), old.blocksize(), nested)?;
+                q.load("merged weight", &new)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn restore(self, kept: &KeptWeight) -> Result<()> {
+        match (self, kept) {
+            (WeightRef::Dense(t), KeptWeight::Dense(k)) => {
+                t.shallow_clone().f_copy_(k)?;
+            }
+            (WeightRef::Quant(q), KeptWeight::Quant(k)) => q.load("kept weight", k)?,
+            _ => unreachable!("a layer's base does not change kind"),
+        }
+        Ok(())
+    }
+}
+
 /// What a layer keeps while merged.
 #[derive(Debug)]
 enum Kept {
     /// Not merged.
     Nothing,
     /// Merged: the base weight and bias as they were, for a bit-exact unmerge.
-    Original(Tensor, Option<Tensor>),
+    Original(KeptWeight, Option<Tensor>),
     /// Merged for good (`into_merged_linear`): nothing to restore.
     NoOriginal,
 }
@@ -163,10 +222,10 @@ impl MergeState {
     /// Writes `merged()`'s weight (and bias, where both exist) into `weight` (and `bias`),
     /// keeping the originals (in host memory for tensors on an accelerator). Refuses when
     /// already merged; with `safe`, refuses non-finite values and writes nothing.
-    pub(crate) fn merge(
+    pub(crate) fn merge<'w>(
         &self,
         module: &str,
-        weight: &Tensor,
+        weight: impl Into<WeightRef<'w>>,
         bias: Option<&Tensor>,
         safe: bool,
         merged: impl FnOnce() -> Result<(Tensor, Option<Tensor>)>,
@@ -181,16 +240,20 @@ impl MergeState {
         if safe && !(all_finite(&w)? && b.as_ref().map_or(Ok(true), all_finite)?) {
             return Err(Error::NonFiniteMerge { module: module.into() });
         }
-        let saved_w = merge_snapshot(weight)?;
+        let weight = weight.into();
+        let saved_w = weight.snapshot()?;
         let saved_b = match (bias, &b) {
             (Some(bias), Some(_)) => Some(merge_snapshot(bias)?),
             _ => None,
         };
-        weight.shallow_clone().f_copy_(&w)?;
+        if let Err(e) = weight.write(&w) {
+            weight.restore(&saved_w)?;
+            return Err(e);
+        }
         if let (Some(bias), Some(b)) = (bias, &b) {
             if let Err(e) = bias.shallow_clone().f_copy_(b) {
                 // leave the layer as it was: unmerged, the original weight back
-                weight.shallow_clone().f_copy_(&saved_w)?;
+                weight.restore(&saved_w)?;
                 return Err(e.into());
             }
         }
@@ -199,10 +262,10 @@ impl MergeState {
     }
 
     /// Restores the kept originals bit-exactly.
-    pub(crate) fn unmerge(
+    pub(crate) fn unmerge<'w>(
         &self,
         module: &str,
-        weight: &Tensor,
+        weight: impl Into<WeightRef<'w>>,
         bias: Option<&Tensor>,
     ) -> Result<()> {
         let _guard = tch::no_grad_guard();
@@ -219,7 +282,7 @@ impl MergeState {
             }
         };
         // on failure the layer stays merged, its original kept
-        weight.shallow_clone().f_copy_(saved_w)?;
+        weight.into().restore(saved_w)?;
         if let (Some(bias), Some(sb)) = (bias, saved_b) {
             bias.shallow_clone().f_copy_(sb)?;
         }
@@ -229,9 +292,9 @@ impl MergeState {
 
     /// Merges for good: writes `merged()` when not merged yet, and drops any kept original, so
     /// that every handle sees the layer merged and none can unmerge.
-    pub(crate) fn merge_for_good(
+    pub(crate) fn merge_for_good<'w>(
         &self,
-        weight: &Tensor,
+        weight: impl Into<WeightRef<'w>>,
         bias: Option<&Tensor>,
         merged: impl FnOnce() -> Result<(Tensor, Option<Tensor>)>,
     ) -> Result<()> {
@@ -246,11 +309,11 @@ impl MergeState {
                 saved_b = Some(snapshot(bias)?);
                 bias.shallow_clone().f_copy_(b)?;
             }
-            if let Err(e) = weight.shallow_clone().f_copy_(&w) {
+            if let Err(e) = weight.into().write(&w) {
                 if let (Some(bias), Some(sb)) = (bias, &saved_b) {
                     bias.shallow_clone().f_copy_(sb)?;
                 }
-                return Err(e.into());
+                return Err(e);
             }
         }
         self.set(&mut kept, Kept::NoOriginal);

@@ -11,6 +11,7 @@
 //! Both traits are `pub` in this private module: sealed, so that the public [`LoraStack`] can
 //! name them in its bounds while no code outside the crate can name or implement them.
 
+mod base;
 mod conv2d;
 mod copy;
 mod dora;
@@ -25,6 +26,7 @@ mod stack;
 
 use tch::{nn, Kind, Tensor};
 
+pub use base::LinearBase;
 pub(crate) use conv2d::ConvBase;
 pub use conv2d::{Conv2dConfig, LoraConv2d};
 pub use copy::ModuleCopy;

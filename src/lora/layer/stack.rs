@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tch::nn::{self, ModuleT};
+use tch::nn::ModuleT;
 use tch::Tensor;
 
 use super::conv2d::{conv_input, LoraConv2d};
@@ -204,7 +204,7 @@ impl<L: Attach> LoraStack<L> {
 
 impl LoraStack<LoraLinear> {
     /// The base layer (with the merged adapters folded in while merged).
-    pub fn base_linear(&self) -> &nn::Linear {
+    pub fn base_linear(&self) -> &super::base::LinearBase {
         &self.base
     }
 
@@ -218,17 +218,17 @@ impl LoraStack<LoraLinear> {
         }
         let _base = self.base_lock.read();
         let base = &self.base;
-        check_linear_input(&base.ws, &self.module, xs)?;
+        base.check_input(&self.module, xs)?;
         let live: Vec<&LoraLinear> =
             st.slots.iter().map(|(_, l)| l).filter(|l| l.is_enabled() && !l.is_merged()).collect();
         // the bias: the trained copy (`bias = "lora_only"`) of the first live adapter with one
-        let bias = live.iter().find_map(|l| l.trained_bias()).or(base.bs.as_ref());
+        let bias = live.iter().find_map(|l| l.trained_bias()).or(base.bias());
         let bias = bias.map(|b| b.f_to_kind(xs.kind())).transpose()?;
-        let (out, inp) = (base.ws.size()[0], base.ws.size()[1]);
+        let (out, inp) = (base.out_features(), base.in_features());
         let mut out_shape = xs.size();
         *out_shape.last_mut().expect("checked non-empty") = out;
         let x2 = xs.f_reshape([-1, inp])?;
-        let mut y = x2.f_linear(&base.ws, bias.as_ref())?;
+        let mut y = base.forward_with_bias(&x2, bias.as_ref())?;
         for l in live {
             y = l.f_add_delta(&x2, y, train)?;
         }
