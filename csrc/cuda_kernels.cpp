@@ -422,7 +422,7 @@ bool ensure_context(int device) {
 // the model ops' kernels (model_kernels_source.h), looked up by name from csrc/model_ops.cpp
 const char* const kModelKernelNames[] = {"rms_fwd_1", "rms_fwd_2", "rms_fwd_4", "rms_bwd_1",
                                          "rms_bwd_2", "rms_bwd_4", "swiglu",    "rope",
-                                         "softmax_ce", "dequant_4bit"};
+                                         "softmax_ce", "dequant_4bit", "gemv_4bit"};
 
 struct Module {
   CUfunction scale = nullptr, dot_only = nullptr, dot_sum = nullptr, up16 = nullptr,

@@ -223,6 +223,8 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     std::vector<DoraPrep> preps(n);
     // each member's W: its weight, or a 4-bit member's dequantized for this forward
     std::vector<at::Tensor> w_in(n);
+    // a 4-bit LoRA member's x·deq(W)ᵀ by the GEMV kernel, for a few rows (decoding)
+    std::vector<at::Tensor> base_out(n);
     const std::vector<at::Tensor> q_all(qs.begin(), qs.end());
     bool all_dora = true;
     for (size_t i = 0, q_next = 0; i < n; ++i) {
@@ -231,9 +233,13 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
         const std::vector<at::Tensor> parts(q_all.begin() + q_next,
                                             q_all.begin() + q_next + q_counts[i]);
         q_next += q_counts[i];
-        w_in[i] = tch_peft::dequantize_4bit(
-            parts, std::vector<int64_t>(q_dims.begin() + 4 * i, q_dims.begin() + 4 * i + 4),
-            q_offsets[i], kind);
+        const std::vector<int64_t> dims_i(q_dims.begin() + 4 * i, q_dims.begin() + 4 * i + 4);
+        if (dora_of[i] < 0) {
+          base_out[i] = tch_peft::gemv_4bit(parts, dims_i, q_offsets[i], x, at::Tensor());
+        }
+        if (!base_out[i].defined()) {
+          w_in[i] = tch_peft::dequantize_4bit(parts, dims_i, q_offsets[i], kind);
+        }
       } else {
         w_in[i] = ws[i];
       }
@@ -263,7 +269,13 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
       terms.push_back({&b_used[i], bias, offsets[i], scalings[i]});
     }
     variable_list ys = low_rank_outputs(h_all, terms);
-    for (size_t i = 0; i < n; ++i) ys[i].addmm_(x, w_used[i].t());  // + x W_iᵀ, beta = 1
+    for (size_t i = 0; i < n; ++i) {
+      if (base_out[i].defined()) {
+        ys[i].add_(base_out[i]);
+      } else {
+        ys[i].addmm_(x, w_used[i].t());  // + x W_iᵀ, beta = 1
+      }
+    }
     // x, unless its producer's recipe can replay it in the backward from tensors that
     // producer's own node keeps anyway (then those are saved, and x is freed after the forward)
     const std::vector<at::Tensor> from_list(from.begin(), from.end());

@@ -379,6 +379,68 @@ extern "C" __global__ void __launch_bounds__(256) dequant_4bit(
     out[2 * i + 1] = pack8(f + 8);
   }
 }
+
+// y = x · deq(W)ᵀ (+ bias) for a few rows of x (decoding): the 4-bit weight is read once, half a
+// byte a weight, and never written out dense. One warp per output feature o (8 per block); lane
+// l takes the groups of 16 weights l, l + 32, … of row o (8 bytes of codes each, one absmax),
+// forms them as dequant_4bit does (bf16(quant_map[c] · s)), and accumulates their products with
+// every row of x in f32; a warp reduction and one bf16 rounding per output. x: bf16 [rows, in]
+// (rows ≤ 8, in a multiple of 16); bias: bf16 [out] or null; y: bf16 [rows, out].
+extern "C" __global__ void __launch_bounds__(256) gemv_4bit(
+    const uint2* __restrict__ codes, const float* __restrict__ absmax,
+    const unsigned char* __restrict__ qabs, const float* __restrict__ nested_absmax,
+    const float* __restrict__ nested_map, const float* __restrict__ quant_map, float offset,
+    int block_log2, int nested_log2, const uint4* __restrict__ x, int rows, int in_features,
+    int out_features, const unsigned short* __restrict__ bias, unsigned short* __restrict__ y) {
+  __shared__ float qm[16];
+  if (threadIdx.x < 16) qm[threadIdx.x] = quant_map[threadIdx.x];
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int o = blockIdx.x * 8 + (threadIdx.x >> 5);
+  if (o >= out_features) return;
+  const int groups = in_features >> 4;
+  const int xvec = in_features >> 3;  // 16-byte vectors per row of x
+  float acc[8];
+#pragma unroll
+  for (int r = 0; r < 8; ++r) acc[r] = 0.f;
+  for (int g = lane; g < groups; g += 32) {
+    const long long gi = (long long)o * groups + g;
+    const long long b = (gi * 16) >> block_log2;
+    const float s = qabs != nullptr
+        ? __fadd_rn(__fmul_rn(nested_map[qabs[b]], nested_absmax[b >> nested_log2]), offset)
+        : absmax[b];
+    const uint2 c = codes[gi];
+    float w[16];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const unsigned byte = ((k < 4 ? c.x : c.y) >> (8 * (k & 3))) & 0xFFu;
+      w[2 * k] = bf(__fmul_rn(qm[byte >> 4], s));
+      w[2 * k + 1] = bf(__fmul_rn(qm[byte & 15u], s));
+    }
+#pragma unroll
+    for (int r = 0; r < 8; ++r) {
+      if (r < rows) {
+        float xf[16];
+        unpack8(x[(size_t)r * xvec + 2 * g], xf);
+        unpack8(x[(size_t)r * xvec + 2 * g + 1], xf + 8);
+        float t = 0.f;
+#pragma unroll
+        for (int k = 0; k < 16; ++k) t = fmaf(w[k], xf[k], t);
+        acc[r] += t;
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    float v = acc[r];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0 && r < rows) {
+      if (bias != nullptr) v += lo((unsigned)bias[o]);
+      y[(size_t)r * out_features + o] = (unsigned short)(pack(v, 0.f) & 0xFFFFu);
+    }
+  }
+}
 )";
 
 }  // namespace tch_peft::kernels

@@ -27,6 +27,9 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The most rows of x the GEMV kernel takes (decoding batches); more go dequantize-then-GEMM.
+constexpr int64_t kGemvRows = 8;
+
 int log2_exact(int64_t v) {
   int l = 0;
   while ((int64_t{1} << l) < v) ++l;
@@ -81,6 +84,50 @@ at::Tensor dequantize_kernel(const std::vector<at::Tensor>& q, const std::vector
 
 }  // namespace
 
+at::Tensor tch_peft::gemv_4bit(const std::vector<at::Tensor>& q, const std::vector<int64_t>& dims,
+                               double offset, const at::Tensor& x, const at::Tensor& bias) {
+  const int64_t out = dims[0], in = dims[1], rows = x.dim() == 2 ? x.size(0) : -1;
+  const bool nested = q.size() == 5;
+  const int block_log2 = log2_exact(dims[2]);
+  const int nested_log2 = nested ? log2_exact(dims[3]) : 0;
+  if (!x.is_cuda() || rows < 1 || rows > kGemvRows || x.size(1) != in || in % 16 != 0 ||
+      out >= (int64_t{1} << 31) || in >= (int64_t{1} << 31) || block_log2 < 4 ||
+      nested_log2 < 0 || !dense_cuda(x, at::kBFloat16) ||
+      reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0 || !dense_cuda(q[0], at::kByte) ||
+      reinterpret_cast<uintptr_t>(q[0].data_ptr()) % 8 != 0 ||
+      !dense_cuda(q[1], nested ? at::kByte : at::kFloat) || !dense_cuda(q[2], at::kFloat) ||
+      (nested && (!dense_cuda(q[3], at::kFloat) || !dense_cuda(q[4], at::kFloat))) ||
+      (bias.defined() && (!dense_cuda(bias, at::kBFloat16) || bias.numel() != out))) {
+    return at::Tensor();
+  }
+  for (const at::Tensor& t : q) {
+    if (t.device() != x.device()) return at::Tensor();
+  }
+  const c10::DeviceGuard guard(x.device());
+  void* fn = tch_peft::kernels::model_function("gemv_4bit");
+  if (fn == nullptr) return at::Tensor();
+  at::Tensor y = at::empty({rows, out}, x.options());
+  const void* codes = q[0].data_ptr();
+  const void* absmax = nested ? nullptr : q[1].data_ptr();
+  const void* qabs = nested ? q[1].data_ptr() : nullptr;
+  const void* nabs = nested ? q[3].data_ptr() : nullptr;
+  const void* nmap = nested ? q[4].data_ptr() : nullptr;
+  const void* qmap = q[2].data_ptr();
+  const void* xp = x.data_ptr();
+  const void* bp = bias.defined() ? bias.data_ptr() : nullptr;
+  void* yp = y.data_ptr();
+  float off = static_cast<float>(offset);
+  int bl = block_log2, nl = nested_log2, r = static_cast<int>(rows), i = static_cast<int>(in),
+      o = static_cast<int>(out);
+  void* args[] = {&codes, &absmax, &qabs, &nabs, &nmap, &qmap, &off, &bl, &nl,
+                  &xp,    &r,      &i,    &o,    &bp,   &yp};
+  const auto blocks = static_cast<unsigned>((out + 7) / 8);
+  if (!tch_peft::kernels::launch_model(fn, blocks, args)) {
+    throw std::runtime_error("the CUDA kernel gemv_4bit failed to launch");
+  }
+  return y;
+}
+
 // q: codes, absmax (f32, or uint8 nested codes), quant_map[, nested_absmax, nested_map];
 // dims: out, in, blocksize, nested_blocksize
 at::Tensor tch_peft::dequantize_4bit(const std::vector<at::Tensor>& q,
@@ -113,9 +160,14 @@ struct Linear4bitFunction : public torch::autograd::Function<Linear4bitFunction>
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList bias,
                             at::TensorList q, std::vector<int64_t> dims, double offset) {
     const std::vector<at::Tensor> parts(q.begin(), q.end());
-    const at::Tensor w = tch_peft::dequantize_4bit(parts, dims, offset, x.scalar_type());
     const at::Tensor x2 = x.reshape({-1, dims[1]});
-    const at::Tensor y = bias.empty() ? at::mm(x2, w.t()) : at::addmm(bias[0], x2, w.t());
+    // a few rows (decoding): the GEMV kernel reads the codes once; else dequantize, then GEMM
+    at::Tensor y = tch_peft::gemv_4bit(parts, dims, offset, x2,
+                                       bias.empty() ? at::Tensor() : bias[0]);
+    if (!y.defined()) {
+      const at::Tensor w = tch_peft::dequantize_4bit(parts, dims, offset, x.scalar_type());
+      y = bias.empty() ? at::mm(x2, w.t()) : at::addmm(bias[0], x2, w.t());
+    }
     ctx->save_for_backward(parts);
     ctx->saved_data["dims"] = dims;
     ctx->saved_data["offset"] = offset;

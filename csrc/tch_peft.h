@@ -161,6 +161,12 @@ at::Tensor recompute_input(int64_t recipe, const std::vector<at::Tensor>& from, 
 at::Tensor dequantize_4bit(const std::vector<at::Tensor>& q, const std::vector<int64_t>& dims,
                            double offset, at::ScalarType kind);
 
+// x · deq(W)ᵀ (+ bias) by the GEMV kernel (quant_linear.cpp) for bf16 x [rows ≤ 8, in] on CUDA:
+// the codes read once, W never formed. Undefined where the kernel does not apply (other
+// dtypes, devices, shapes or alignments, more rows, kernels off).
+at::Tensor gemv_4bit(const std::vector<at::Tensor>& q, const std::vector<int64_t>& dims,
+                     double offset, const at::Tensor& x, const at::Tensor& bias);
+
 // A malloc'ed copy of `s` for Rust (null if malloc fails).
 inline char* copy_c_string(const std::string& s) {
   char* out = static_cast<char*>(std::malloc(s.size() + 1));

@@ -886,3 +886,58 @@ fn four_bit_dequantization_kernel_and_node_match_the_libtorch_ops_on_cuda() {
         assert!(held + dense <= held_ref, "node holds {held} B, composed {held_ref} B");
     }
 }
+
+#[test]
+fn qlora_on_cuda_matches_lora_on_the_dequantized_weight_and_the_gemv_matches_the_gemm() {
+    use tch_peft::lora::{LoraConfig, LoraLinear};
+    use tch_peft::quant::{Bnb4bitWeight, QuantLinear, QuantType};
+    let _alone = Alone::new();
+    let dev = cuda();
+    tch::manual_seed(7);
+    let w = Tensor::randn([320, 192], (Kind::BFloat16, dev)) * 0.05;
+    let bias = Tensor::randn([320], (Kind::BFloat16, dev));
+    let q = Bnb4bitWeight::quantize(&w, QuantType::Nf4, 64, true).unwrap();
+    let layer = QuantLinear::new(q, Some(bias.copy())).unwrap();
+    let dense = layer.dense_weight(Kind::BFloat16).unwrap();
+    // the GEMV kernel (up to 8 rows) against dequantize-then-GEMM
+    tch::no_grad(|| {
+        for rows in [1, 3, 8, 9] {
+            let x = Tensor::randn([rows, 192], (Kind::BFloat16, dev));
+            let y = layer.f_forward(&x).unwrap();
+            let y_ref = x.matmul(&dense.tr()) + &bias;
+            assert!(rel_diff(&y, &y_ref) < 1e-2, "rows {rows}: {}", rel_diff(&y, &y_ref));
+        }
+    });
+    // LoRA and DoRA on the 4-bit base against the float layer of its dequantized weight: 2 rows
+    // take the GEMV in the group node's forward, 64 the GEMM
+    for dora in [false, true] {
+        for rows in [2i64, 64] {
+            let cfg = LoraConfig { r: 8, lora_alpha: 16.0, use_dora: dora, ..Default::default() };
+            let (va, vb) = (nn::VarStore::new(dev), nn::VarStore::new(dev));
+            let ql = LoraLinear::new(layer.share(), &(va.root() / "p"), &cfg).unwrap();
+            let base = nn::Linear { ws: dense.copy(), bs: Some(bias.copy()) };
+            let dl = LoraLinear::new(base, &(vb.root() / "p"), &cfg).unwrap();
+            tch::no_grad(|| {
+                let a = Tensor::randn(ql.lora_a().size(), (Kind::Float, dev));
+                let b = Tensor::randn(ql.lora_b().size(), (Kind::Float, dev)) * 0.1;
+                for l in [&ql, &dl] {
+                    l.lora_a().shallow_clone().copy_(&a);
+                    l.lora_b().shallow_clone().copy_(&b);
+                }
+            });
+            let x = Tensor::randn([rows, 192], (Kind::BFloat16, dev));
+            let g = Tensor::randn([rows, 320], (Kind::BFloat16, dev));
+            let run = |l: &LoraLinear| {
+                let xg = x.detach().set_requires_grad(true);
+                let y = l.f_forward_t(&xg, true).unwrap();
+                (&y * &g).sum(Kind::Float).backward();
+                vec![y.detach(), xg.grad(), l.lora_a().grad(), l.lora_b().grad()]
+            };
+            let (got, want) = (run(&ql), run(&dl));
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                let d = rel_diff(a, b);
+                assert!(d < 2e-2, "dora {dora} rows {rows}: #{i} off by {d}");
+            }
+        }
+    }
+}

@@ -65,6 +65,8 @@ struct Args {
     phases: bool,
     /// Also profile a few steps: the GPU's summed kernel time per step and the top kernels.
     profile: bool,
+    /// `1b` (Llama-3.2-1B-shaped, default) or `8b` (Llama-3.1-8B-shaped).
+    model: String,
 }
 
 fn parse_args() -> Args {
@@ -80,6 +82,7 @@ fn parse_args() -> Args {
         optimizer: "fused".into(),
         phases: false,
         profile: false,
+        model: "1b".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -101,6 +104,7 @@ fn parse_args() -> Args {
             "--optimizer" => a.optimizer = it.next().unwrap_or_default(),
             "--phases" => a.phases = true,
             "--profile" => a.profile = true,
+            "--model" => a.model = it.next().unwrap_or_default(),
             "--loss" => {
                 let fused = match it.next().as_deref() {
                     Some("fused") => true,
@@ -181,6 +185,42 @@ fn peak_gb(device: Device) -> f64 {
     tch_peft::memory::peak_bytes(device).map(|b| b as f64 / 1e9).unwrap_or(f64::NAN)
 }
 
+/// Decode-sized forwards (a batch of 1 token, `no_grad`) of single layers of the 1B and 8B
+/// shapes: the 4-bit layer (NF4 + double quantization: the GEMV kernel), the same through
+/// dequantize-then-GEMM, and the bf16 layer.
+fn gemv_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
+    use tch_peft::quant::{Bnb4bitWeight, QuantLinear, QuantType};
+    let shapes =
+        [(2048, 2048), (2048, 8192), (8192, 2048), (4096, 4096), (4096, 14336), (14336, 4096)];
+    for (i, o) in shapes {
+        tch::manual_seed(0);
+        let w = Tensor::randn([o, i], (Kind::BFloat16, device)) * 0.02;
+        let q = QuantLinear::new(
+            Bnb4bitWeight::quantize(&w, QuantType::Nf4, 64, true).expect("quantize"),
+            None,
+        )
+        .expect("layer");
+        let x = Tensor::randn([1, i], (Kind::BFloat16, device));
+        let steps = args.steps * 10;
+        let _guard = tch::no_grad_guard();
+        for (variant, f) in [
+            ("4-bit gemv", Box::new(|| drop(q.f_forward(&x).expect("forward"))) as Box<dyn Fn()>),
+            ("4-bit dequant+gemm", Box::new(|| drop(q.f_forward_composed(&x).expect("forward")))),
+            ("bf16", Box::new(|| drop(x.linear::<Tensor>(&w, None)))),
+        ] {
+            let (step_ms, host_ms) = time_steps(device, args.warmup, steps, &f);
+            rows.push(Row {
+                workload: format!("decode linear 1x{i}->{o}"),
+                variant: variant.into(),
+                step_ms,
+                host_ms,
+                peak_gb: f64::NAN,
+                trainable: 0,
+            });
+        }
+    }
+}
+
 fn linear_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
     let (tokens, d) = (8192, 4096);
     for variant in ["base", "lora", "dora"] {
@@ -232,20 +272,31 @@ fn linear_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
 }
 
 fn llama_config(args: &Args) -> LlamaConfig {
+    let (d, mlp, tied) = match args.model.as_str() {
+        "1b" => (2048, 8192, true),
+        "8b" => (4096, 14336, false),
+        other => panic!("--model takes 1b or 8b, not {other}"),
+    };
     serde_json::from_str(&format!(
-        r#"{{"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+        r#"{{"vocab_size": 128256, "hidden_size": {d}, "intermediate_size": {mlp},
             "num_hidden_layers": {}, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": true}}"#,
+            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": {tied}}}"#,
         args.layers
     ))
     .expect("config")
+}
+
+/// The workload's model, as the rows name it.
+fn model_label(args: &Args) -> String {
+    format!("llama-{}", args.model.to_uppercase())
 }
 
 const ALL_LINEAR: [&str; 7] =
     ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 /// A frozen bf16 Llama with, for `lora`/`dora`, f32 adapters on every linear layer of the
-/// blocks.
+/// blocks; `qlora`/`qdora`: the same on a base whose block linears are 4-bit (NF4, double
+/// quantization, random bf16 weights quantized on the GPU; `lm_head` and the embeddings bf16).
 fn llama(
     cfg: &LlamaConfig,
     device: Device,
@@ -254,22 +305,51 @@ fn llama(
     tch::manual_seed(0);
     let mut base_vs = nn::VarStore::new(device);
     let adapter_vs = nn::VarStore::new(device);
-    let builder = matches!(variant, "lora" | "dora").then(|| {
+    let quant = matches!(variant, "qlora" | "qdora");
+    let builder = matches!(variant, "lora" | "dora" | "qlora" | "qdora").then(|| {
         LoraBuilder::new(
             &adapter_vs.root(),
             LoraConfig {
                 r: 16,
                 lora_alpha: 32.0,
-                use_dora: variant == "dora",
+                use_dora: variant.ends_with("dora"),
                 ..LoraConfig::for_targets(ALL_LINEAR)
             },
         )
         .expect("lora config")
     });
+    let cfg = if quant {
+        &cfg.clone().with_bnb_4bit(&tch_peft::quant::Bnb4bitConfig::default())
+    } else {
+        cfg
+    };
+    // the float variables made in bf16 directly (an 8B model's f32 embeddings need not exist)
+    base_vs.set_kind(Kind::BFloat16);
     let model = Llama::new(&base_vs.root(), cfg, builder.as_ref()).expect("model");
     let lora = builder.map(|b| b.finish().expect("lora"));
     base_vs.set_kind(Kind::BFloat16);
     base_vs.freeze();
+    if quant {
+        use tch_peft::quant::{Bnb4bitWeight, QuantType};
+        let mut dense = 0i64;
+        tch::no_grad(|| {
+            for (name, layer) in model.quantized_layers() {
+                let (o, i) = (layer.out_features(), layer.in_features());
+                let w = Tensor::randn([o, i], (Kind::BFloat16, device)) * 0.02;
+                let q = Bnb4bitWeight::quantize(&w, QuantType::Nf4, 64, true).expect("quantize");
+                layer.load(&name, &q).expect("load");
+                dense += o * i;
+            }
+        });
+        let bytes = model.quantized_bytes() as f64;
+        println!(
+            "{variant}: 4-bit block linears hold {:.3} GB = {:.3}x their bf16 {:.3} GB ({:.3} bits/weight)",
+            bytes / 1e9,
+            bytes / (2.0 * dense as f64),
+            2.0 * dense as f64 / 1e9,
+            8.0 * bytes / dense as f64
+        );
+    }
     if let Some(l) = &lora {
         // DoRA's magnitude from the bf16 weights
         l.init_from_base_weights().expect("init");
@@ -478,7 +558,7 @@ fn train_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
             profile_steps(&format!("train {variant}"), device, 3, || step(&mut |_: usize| {}));
         }
         rows.push(Row {
-            workload: format!("train llama-1B b{b} s{s} L{}", cfg.num_hidden_layers),
+            workload: format!("train {} b{b} s{s} L{}", model_label(args), cfg.num_hidden_layers),
             variant: if variant == "none" {
                 variant.clone()
             } else {
@@ -508,7 +588,7 @@ fn infer_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
             profile_steps(&format!("infer {variant}"), device, 3, &mut forward);
         }
         rows.push(Row {
-            workload: format!("infer llama-1B b{b} s{s} L{}", cfg.num_hidden_layers),
+            workload: format!("infer {} b{b} s{s} L{}", model_label(args), cfg.num_hidden_layers),
             variant: variant.into(),
             step_ms,
             host_ms,
@@ -640,6 +720,7 @@ fn main() {
     for w in &args.only {
         match w.as_str() {
             "linear" => linear_rows(&args, device, &mut rows),
+            "gemv" => gemv_rows(&args, device, &mut rows),
             "train" => train_rows(&args, device, &mut rows),
             "infer" => infer_rows(&args, device, &mut rows),
             "interleaved" => interleaved_rows(&args, device, &mut rows),

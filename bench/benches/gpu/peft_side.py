@@ -19,6 +19,15 @@ plus the `*_bf16` variants with `autocast_adapter_dtype=False`), seeds, step cou
 queued; peak = torch.cuda.max_memory_allocated from the variant's construction on). pyreft's
 interventions run in bf16 (`dtype=torch.bfloat16`): with f32 interventions its forward fails on a
 bf16 model. Needs a CUDA device; pyreft and pyvene importable for `loreft`.
+
+QLoRA (`qlora`, `qlora-ckpt`; bitsandbytes importable): every linear layer of the blocks a
+bitsandbytes `Linear4bit` (NF4, double quantization, bf16 compute) quantized on the GPU from the
+model's random bf16 weights, PEFT LoRA r 16 on all of them (f32 adapters), without and with
+transformers' gradient checkpointing (`use_reentrant=False`); `lm_head` and the embeddings
+bf16, as transformers leaves them. Their peak counts from after the construction (the bf16
+model the 4-bit layers are made from is not part of it). `--model 8b`: the Llama-3.1-8B shape.
+`--only gemv`: decode-sized forwards (1 token, no grad) of single layers, `Linear4bit` (its
+inference GEMV) and bf16.
 """
 import argparse
 import gc
@@ -102,7 +111,7 @@ def linear_rows(args, rows):
         del model, base, x, g, inputs
 
 
-def llama(args):
+def llama(args, quantized=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if args.stack == "liger":
@@ -110,19 +119,50 @@ def llama(args):
 
         apply_liger_kernel_to_llama()
 
+    d, mlp, tied = {"1b": (2048, 8192, True), "8b": (4096, 14336, False)}[args.model]
     cfg = LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+        vocab_size=128256, hidden_size=d, intermediate_size=mlp,
         num_hidden_layers=args.layers, num_attention_heads=32, num_key_value_heads=8,
-        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=tied,
         max_position_embeddings=max(2048, args.seq),
     )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device(DEV):
-        model = LlamaForCausalLM(cfg)
+    # (a model to quantize is made in bf16 directly: an 8B model's f32 copy need not exist)
+    default = torch.get_default_dtype()
+    if quantized:
+        torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEV):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
     model.to(torch.bfloat16)
     model.config.use_cache = False
+    if quantized:
+        quantize_linears(model)
     return model
+
+
+def quantize_linears(model):
+    """Every linear layer of the blocks as bitsandbytes' Linear4bit (NF4, double quantization,
+    bf16 compute), quantized on the GPU from its bf16 weight (what from_pretrained with a
+    BitsAndBytesConfig does); the bf16 weights freed."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True,
+                                      quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4").to(DEV)
+                setattr(parent, name, q)
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def labelled(variant, args):
@@ -140,13 +180,23 @@ def train_rows(args, rows):
     ids = batch(args)
     for variant in args.variants:
         fresh()
-        model = llama(args)
+        model = llama(args, quantized=variant.startswith("qlora"))
         model.train()
         run = None
+        if variant.startswith("qlora"):
+            # the construction's bf16 weights are gone: the peak counts from here
+            fresh()
         if variant == "none":
             model.requires_grad_(False)
             model.enable_input_require_grads()
             params = []
+        elif variant in ("qlora", "qlora-ckpt"):
+            cfg = LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LINEAR, lora_dropout=0.0)
+            if variant.endswith("ckpt"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.enable_input_require_grads()
+            model = get_peft_model(model, cfg)
+            params = [p for p in model.parameters() if p.requires_grad]
         elif variant in ("lora", "lora_bf16", "dora", "dora_bf16"):
             cfg = LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LINEAR, lora_dropout=0.0,
                              use_dora=variant.startswith("dora"))
@@ -212,7 +262,7 @@ def train_rows(args, rows):
             m = [statistics.median(x) for x in t]
             print(f"phases {variant}: forward+loss {m[0]:.2f} ms, backward {m[1]:.2f} ms, "
                   f"optimizer {m[2]:.2f} ms (synchronised)")
-        rows.append(dict(workload=f"train llama-1B b{args.batch} s{args.seq} L{args.layers}",
+        rows.append(dict(workload=f"train llama-{args.model.upper()} b{args.batch} s{args.seq} L{args.layers}",
                          variant=labelled(variant, args), step_ms=s, host_ms=h,
                          peak_gb=peak_gb(), trainable=sum(p.numel() for p in params)))
         del model, opt, params, run, step
@@ -250,10 +300,32 @@ def infer_rows(args, rows):
                 forward()
 
         s, h = time_steps(step, args.warmup, args.steps)
-        rows.append(dict(workload=f"infer llama-1B b{args.batch} s{args.seq} L{args.layers}",
+        rows.append(dict(workload=f"infer llama-{args.model.upper()} b{args.batch} s{args.seq} L{args.layers}",
                          variant=labelled(variant, args), step_ms=s, host_ms=h, peak_gb=peak_gb(),
                          trainable=0))
         del model
+
+
+def gemv_rows(args, rows):
+    import bitsandbytes as bnb
+
+    shapes = [(2048, 2048), (2048, 8192), (8192, 2048), (4096, 4096), (4096, 14336), (14336, 4096)]
+    for i, o in shapes:
+        torch.manual_seed(0)
+        w = torch.randn(o, i, device=DEV, dtype=torch.bfloat16) * 0.02
+        q = bnb.nn.Linear4bit(i, o, bias=False, compute_dtype=torch.bfloat16,
+                              compress_statistics=True, quant_type="nf4", device="meta")
+        q.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4").to(DEV)
+        x = torch.randn(1, i, device=DEV, dtype=torch.bfloat16)
+        for variant, f in [("4-bit gemv", lambda: q(x)),
+                           ("bf16", lambda: torch.nn.functional.linear(x, w))]:
+            def step():
+                with torch.no_grad():
+                    f()
+            s, h = time_steps(step, args.warmup, args.steps * 10)
+            rows.append(dict(workload=f"decode linear 1x{i}->{o}", variant=variant, step_ms=s,
+                             host_ms=h, peak_gb=float("nan"), trainable=0))
 
 
 def main():
@@ -269,6 +341,7 @@ def main():
     ap.add_argument("--phases", action="store_true")
     ap.add_argument("--stack", choices=["eager", "compile", "liger"], default="eager")
     ap.add_argument("--infer-variants", default="base,lora unmerged,lora merged,lora unmerged bf16")
+    ap.add_argument("--model", choices=["1b", "8b"], default="1b")
     args = ap.parse_args()
     args.variants = [v.strip() for v in args.variants.split(",")]
     args.infer_variants = [v.strip() for v in args.infer_variants.split(",")]
@@ -280,7 +353,8 @@ def main():
           f"stack {args.stack}")
     rows = []
     for w in args.only.split(","):
-        {"linear": linear_rows, "train": train_rows, "infer": infer_rows}[w.strip()](args, rows)
+        {"linear": linear_rows, "train": train_rows, "infer": infer_rows,
+         "gemv": gemv_rows}[w.strip()](args, rows)
     print(f"{'workload':<40} {'variant':<20} {'step ms':>10} {'host ms':>10} {'peak GB':>9} {'trainable':>12}")
     for r in rows:
         print(f"{r['workload']:<40} {r['variant']:<20} {r['step_ms']:>10.2f} {r['host_ms']:>10.2f} "

@@ -5,6 +5,7 @@
 # `liger`, the liger-kernel 0.8.5 wheel in .whl/. Writes NAME.txt and NAME.json under $OUT.
 #
 #   bash bench/benches/gpu/same_lease.sh rust|rust-logits|eager|liger|compile|profile
+#   bash bench/benches/gpu/same_lease.sh qlora-rust|qlora-peft|qlora-8b-rust|qlora-8b-peft
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -24,5 +25,19 @@ case "${1:-}" in
       --json "$OUT/liger.json" 2>&1 | tee "$OUT/liger.txt" ;;
   compile) python3 $py --stack compile --only train,infer --variants none,lora_bf16,full \
       --infer-variants "base,lora unmerged bf16" --json "$OUT/compile.json" 2>&1 | tee "$OUT/compile.txt" ;;
-  *) echo "usage: $0 rust|rust-logits|eager|liger|compile|profile" >&2; exit 2 ;;
+  # issue 19: QLoRA beside bf16 LoRA, and PEFT + bitsandbytes (its wheel in .whl-bnb/)
+  qlora-rust) dev-bin/gpu --bench --only train,gemv --variants lora,qlora,qdora,lora-ckpt,qlora-ckpt \
+      --json "$OUT/qlora-rust.json" 2>&1 | tee "$OUT/qlora-rust.txt" ;;
+  qlora-peft) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site-bnb .whl-bnb/*.whl && export PYTHONPATH=/tmp/site-bnb &&
+    python3 $py --only train,gemv --variants qlora,qlora-ckpt --json "$OUT/qlora-peft.json" 2>&1 \
+      | tee "$OUT/qlora-peft.txt" ;;
+  qlora-8b-rust) dev-bin/gpu --bench --only train --model 8b --layers 32 --batch 1 --seq 2048 \
+      --variants qlora,qlora-ckpt --steps 10 --warmup 3 --json "$OUT/qlora-8b-rust.json" 2>&1 \
+      | tee "$OUT/qlora-8b-rust.txt" ;;
+  qlora-8b-peft) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site-bnb .whl-bnb/*.whl && export PYTHONPATH=/tmp/site-bnb &&
+    python3 $py --only train --model 8b --layers 32 --batch 1 --seq 2048 --variants qlora,qlora-ckpt \
+      --steps 10 --warmup 3 --json "$OUT/qlora-8b-peft.json" 2>&1 | tee "$OUT/qlora-8b-peft.txt" ;;
+  *) echo "usage: $0 rust|rust-logits|eager|liger|compile|profile|qlora-rust|qlora-peft|qlora-8b-rust|qlora-8b-peft" >&2; exit 2 ;;
 esac
