@@ -16,7 +16,10 @@
 //!   loaded weights), move every adapter variable by seeded noise (a stand-in for training, so
 //!   that the adapter changes the logits), and save it as a PEFT directory. Used by
 //!   `scripts/check_rust_adapters_in_peft.py` to show that Python PEFT loads what Rust writes.
-//! * `--merge`: merge the adapter into the weights before the forward.
+//! * `--merge`: merge the adapter into the weights before the forward (on a 4-bit base: quantized
+//!   again, as PEFT merges into a bitsandbytes base).
+//! * `--4bit`: quantize the block linears on load (NF4, double quantization, bit for bit as
+//!   bitsandbytes), from a float checkpoint or from the GGUF file's dequantized tensors; QLoRA.
 //! * `--input`: JSON `{"input_ids": [[...], ...]}` (rows of equal length; an optional
 //!   `"attention_mask"` of the same shape marks padding with 0).
 //! * `--output`: a safetensors file with one f32 tensor `logits` of shape `[batch, seq, vocab]`.
@@ -30,13 +33,14 @@ use tch_peft::models::llama::{Llama, LlamaConfig};
 use tch_peft::quant::gguf::GgufFile;
 use tch_peft::{io, Error};
 
-const USAGE: &str = "usage: llama_logits --model DIR [--adapter PEFT_DIR | --new-adapter CONFIG.json --save-adapter DIR [--seed N]] [--merge] --input FILE.json --output FILE.safetensors";
+const USAGE: &str = "usage: llama_logits --model DIR [--4bit] [--adapter PEFT_DIR | --new-adapter CONFIG.json --save-adapter DIR [--seed N]] [--merge] --input FILE.json --output FILE.safetensors";
 
 struct Args {
     model: PathBuf,
     adapter: Option<PathBuf>,
     new_adapter: Option<(PathBuf, PathBuf, i64)>,
     merge: bool,
+    four_bit: bool,
     input: PathBuf,
     output: PathBuf,
 }
@@ -46,6 +50,7 @@ fn parse_args() -> Result<Args, String> {
     let (mut model, mut adapter, mut merge, mut input, mut output) =
         (None, None, false, None, None);
     let (mut new_adapter, mut save_adapter, mut seed) = (None, None, 0i64);
+    let mut four_bit = false;
     while let Some(arg) = it.next() {
         let mut value =
             |name: &str| it.next().map(PathBuf::from).ok_or(format!("{name} needs a value"));
@@ -59,6 +64,7 @@ fn parse_args() -> Result<Args, String> {
                 seed = v.to_string_lossy().parse().map_err(|_| "--seed needs an integer")?;
             }
             "--merge" => merge = true,
+            "--4bit" => four_bit = true,
             "--input" => input = Some(value("--input")?),
             "--output" => output = Some(value("--output")?),
             "-h" | "--help" => return Err(String::new()),
@@ -82,6 +88,7 @@ fn parse_args() -> Result<Args, String> {
         adapter,
         new_adapter,
         merge,
+        four_bit,
         input: need(input, "--input")?,
         output: need(output, "--output")?,
     })
@@ -119,10 +126,13 @@ fn run(args: Args) -> tch_peft::Result<()> {
     } else {
         None
     };
-    let config = match &gguf_file {
+    let mut config = match &gguf_file {
         Some(f) => gguf::llama_config(f)?,
         None => LlamaConfig::from_pretrained(&args.model)?,
     };
+    if args.four_bit && config.bnb_4bit()?.is_none() {
+        config = config.with_bnb_4bit(&tch_peft::quant::Bnb4bitConfig::default());
+    }
     let (base_vs, adapter_vs) = (nn::VarStore::new(device), nn::VarStore::new(device));
     let config_file = args.adapter.as_ref().or(args.new_adapter.as_ref().map(|n| &n.0));
     let lora = match config_file {
@@ -137,7 +147,7 @@ fn run(args: Args) -> tch_peft::Result<()> {
     }
     let model = Llama::new(&base_vs.root(), &config, lora.as_ref())?;
     match &gguf_file {
-        Some(f) => gguf::load_llama_weights(&base_vs, f, &config)?,
+        Some(f) => model.load_gguf(&base_vs, f)?,
         None => model.load_weights(&base_vs, &args.model)?,
     }
     if let Some(builder) = lora {

@@ -21,6 +21,7 @@ use tch::{nn, Tensor};
 
 use super::llama::{LlamaConfig, RopeParameters};
 use crate::quant::gguf::{GgufFile, GgufValue};
+use crate::quant::{Bnb4bitWeight, QuantLinear};
 use crate::{Error, Result};
 
 fn bad(file: &GgufFile, key: &str, reason: impl Into<String>) -> Error {
@@ -177,7 +178,27 @@ pub fn unpermute_rows(w: &Tensor, heads: i64) -> Result<Tensor> {
 /// `UnexpectedTensor` for a tensor a Llama does not have, `MissingTensor` for one the file
 /// lacks, `ShapeMismatch` for a wrong shape, and the file's read errors.
 pub fn load_llama_weights(vs: &nn::VarStore, file: &GgufFile, config: &LlamaConfig) -> Result<()> {
+    load_llama_into(vs, file, config, &[])
+}
+
+/// Where a GGUF tensor goes: a variable, or a 4-bit layer (quantized on load).
+enum Target<'a> {
+    Var(tch::Tensor),
+    Quant(&'a QuantLinear),
+}
+
+/// [`load_llama_weights`], with `quantized` (weight names and their 4-bit layers) taking the
+/// tensors of those names, dequantized from the file and quantized into each layer's layout
+/// on its device. Names, shapes and completeness are checked before anything is read.
+pub(crate) fn load_llama_into(
+    vs: &nn::VarStore,
+    file: &GgufFile,
+    config: &LlamaConfig,
+    quantized: &[(String, &QuantLinear)],
+) -> Result<()> {
     let vars = vs.variables();
+    let layers: std::collections::BTreeMap<&str, &QuantLinear> =
+        quantized.iter().map(|(n, l)| (n.as_str(), *l)).collect();
     // names, shapes and completeness checked before the first tensor is read or written
     let mut targets = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
@@ -185,32 +206,61 @@ pub fn load_llama_weights(vs: &nn::VarStore, file: &GgufFile, config: &LlamaConf
         let unexpected =
             || Error::UnexpectedTensor { name: info.name.clone(), file: file.path().into() };
         let name = hf_name(&info.name).ok_or_else(unexpected)?;
-        let var = vars.get(&name).ok_or_else(unexpected)?;
-        if var.size() != info.shape() {
+        let (target, shape) = match (vars.get(&name), layers.get(name.as_str())) {
+            (Some(var), _) => (Target::Var(var.shallow_clone()), var.size()),
+            (None, Some(l)) => (Target::Quant(l), vec![l.out_features(), l.in_features()]),
+            (None, None) => return Err(unexpected()),
+        };
+        if shape != info.shape() {
             return Err(Error::ShapeMismatch {
                 name: info.name.clone(),
-                expected: var.size(),
+                expected: shape,
                 actual: info.shape(),
             });
         }
         if !seen.insert(name.clone()) {
             return Err(unexpected());
         }
-        targets.push((info, name, var));
+        targets.push((info, name, target));
     }
-    if let Some(name) = vars.keys().filter(|n| !seen.contains(*n)).min() {
-        return Err(Error::MissingTensor { name: name.clone(), file: file.path().into() });
+    let wanted = vars.keys().map(String::as_str).chain(layers.keys().copied());
+    if let Some(name) = wanted.filter(|n| !seen.contains(*n)).min() {
+        return Err(Error::MissingTensor { name: name.into(), file: file.path().into() });
     }
-    for (info, name, var) in targets {
+    // every value formed (and quantized) before anything is written
+    let mut values = Vec::with_capacity(targets.len());
+    for (info, name, target) in targets {
         let mut t = file.tensor(&info.name)?;
         if name.ends_with("q_proj.weight") {
             t = unpermute_rows(&t, config.num_attention_heads)?;
         } else if name.ends_with("k_proj.weight") {
             t = unpermute_rows(&t, config.kv_heads())?;
         }
-        let src = t.f_to_kind(var.kind())?;
-        let mut dst = var.shallow_clone();
-        tch::no_grad(|| dst.f_copy_(&src))?;
+        values.push(match target {
+            Target::Var(var) => Value::Var(t.f_to_kind(var.kind())?, var),
+            Target::Quant(layer) => {
+                let dest = layer.weight();
+                let nested = dest.nested().is_some();
+                let t = t.f_to_device(layer.device())?;
+                let q = Bnb4bitWeight::quantize(&t, dest.quant_type(), dest.blocksize(), nested)?;
+                Value::Quant(q, layer, name)
+            }
+        });
+    }
+    for value in values {
+        match value {
+            Value::Var(src, var) => {
+                let mut dst = var.shallow_clone();
+                tch::no_grad(|| dst.f_copy_(&src))?;
+            }
+            Value::Quant(q, layer, name) => layer.load(&name, &q)?,
+        }
     }
     Ok(())
+}
+
+/// A tensor of the file ready to be written.
+enum Value<'a> {
+    Var(tch::Tensor, tch::Tensor),
+    Quant(Bnb4bitWeight, &'a QuantLinear, String),
 }

@@ -467,6 +467,17 @@ impl Llama {
         })
     }
 
+    /// Loads a llama.cpp GGUF file into this model (built with
+    /// [`gguf::llama_config`](super::gguf::llama_config)'s config): the variables of `vs` as
+    /// [`gguf::load_llama_weights`](super::gguf::load_llama_weights) loads them, and for a model
+    /// built with a 4-bit `quantization_config` each 4-bit layer's weight dequantized from the
+    /// file and quantized into the layer's layout (GGUF's own block formats are not kept: a
+    /// Q4_K weight becomes NF4, rounded twice). Everything is read and formed before anything
+    /// is written.
+    pub fn load_gguf(&self, vs: &nn::VarStore, file: &crate::quant::gguf::GgufFile) -> Result<()> {
+        super::gguf::load_llama_into(vs, file, &self.config, &self.quantized_layers())
+    }
+
     /// Loads a Hugging Face Llama directory into this model: the variables of `vs` (the store
     /// the model was built in) as [`load_weights`] loads them, and the 4-bit layers' weights —
     /// from a bitsandbytes 4-bit checkpoint as they are (every part checked, the layout the
@@ -943,8 +954,10 @@ pub fn weight_files(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
 /// be a variable (except `rotary_emb.inv_freq` buffers, and `lm_head.weight` when tied).
 ///
 /// A bitsandbytes 4-bit checkpoint ([`LlamaConfig::quantization`]) loads with each quantized
-/// weight ([`Bnb4bitWeight`](crate::quant::Bnb4bitWeight), its state checked) dequantized into
-/// its variable's dtype; every part of the state must belong to a variable.
+/// weight ([`Bnb4bitWeight`], its state checked) dequantized into its variable's dtype; every
+/// part of the state must belong to a variable. A model built with a 4-bit
+/// `quantization_config` holds its 4-bit layers outside `vs`: load it with
+/// [`Llama::load_weights`].
 pub fn load_weights(vs: &nn::VarStore, dir: impl AsRef<Path>, config: &LlamaConfig) -> Result<()> {
     let files = weight_files(&dir)?;
     let tied = config.tie_word_embeddings;

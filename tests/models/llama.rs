@@ -8,7 +8,7 @@ use crate::common::*;
 use tch::{nn, Device, Kind, Tensor};
 use tch_peft::lora::{LoraBuilder, LoraConfig};
 use tch_peft::models::llama::{load_weights, Llama, LlamaConfig};
-use tch_peft::quant::{Bnb4bitConfig, QuantType};
+use tch_peft::quant::{Bnb4bitConfig, Bnb4bitWeight, QuantType};
 use tch_peft::{io, Error};
 
 fn fixture(name: &str) -> PathBuf {
@@ -370,6 +370,26 @@ fn a_gguf_llama_gives_transformers_logits_from_the_same_file() {
     let logits = model.forward_t(&io["input_ids"], None, false).unwrap();
     let d = max_abs_diff(&logits, &io["logits"]);
     assert!(d < 5e-4, "max |Δ| {d}");
+    // a 4-bit model from the same file: each block linear quantized on load (NF4, double
+    // quantization) from the dequantized GGUF tensor, the rest as above
+    let q = Bnb4bitConfig { compute_dtype: Kind::Float, ..Bnb4bitConfig::default() };
+    let vs4 = nn::VarStore::new(Device::Cpu);
+    let model4 = Llama::new(&vs4.root(), &cfg.clone().with_bnb_4bit(&q), None).unwrap();
+    model4.load_gguf(&vs4, &file).unwrap();
+    let float_vars = vs.variables();
+    for (name, layer) in model4.quantized_layers() {
+        let want = Bnb4bitWeight::quantize(&float_vars[&name], QuantType::Nf4, 64, true).unwrap();
+        for ((k, a), (_, b)) in
+            layer.weight().state(&name).unwrap().iter().zip(want.state(&name).unwrap())
+        {
+            assert!(bit_equal(a, &b), "`{k}`");
+        }
+        // the float model with that weight computes what the 4-bit one does
+        tch::no_grad(|| float_vars[&name].shallow_clone().copy_(&want.dequantize().unwrap()));
+    }
+    let logits4 = model4.forward_t(&io["input_ids"], None, false).unwrap();
+    let same = model.forward_t(&io["input_ids"], None, false).unwrap();
+    assert!(max_abs_diff(&logits4, &same) < 1e-5);
     // a model of another shape is refused by name
     let other = LlamaConfig { intermediate_size: 96, ..cfg.clone() };
     let vs2 = nn::VarStore::new(Device::Cpu);
