@@ -405,7 +405,7 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
       const size_t d = 3 + 2 * n + 4 * static_cast<size_t>(std::max<int64_t>(dora_of[i], 0));
       // W, or W_g for DoRA; a 4-bit member's dequantized again (W_g = G·W as the forward made it)
       at::Tensor w_formed;
-      if (q_counts[i] > 0) {
+      if (q_counts[i] > 0 && ctx->needs_input_grad(0)) {
         const std::vector<at::Tensor> parts(saved.begin() + q_start[i],
                                             saved.begin() + q_start[i] + q_counts[i]);
         w_formed = tch_peft::dequantize_4bit(
@@ -413,7 +413,7 @@ struct LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
             q_offsets[i], kind);
         if (dora_of[i] >= 0) w_formed.mul_(saved[d + 1].to(kind));
       }
-      const at::Tensor& w = q_counts[i] > 0 ? w_formed : saved[3 + 2 * i];
+      const at::Tensor& w = q_counts[i] > 0 ? w_formed : saved[3 + 2 * i];  // (dx only)
       const at::Tensor& bc = saved[4 + 2 * i];  // B in the base dtype, or B_g
       const at::Tensor ac = a_all.narrow(0, offsets[i], r);
       const at::Tensor h = h_all.narrow(1, offsets[i], r);

@@ -184,12 +184,23 @@ struct Linear4bitFunction : public torch::autograd::Function<Linear4bitFunction>
     const auto parts = ctx->get_saved_variables();
     const auto dims = ctx->saved_data["dims"].toIntVector();
     const auto kind = static_cast<at::ScalarType>(ctx->saved_data["kind"].toInt());
-    const at::Tensor w = tch_peft::dequantize_4bit(parts, dims, ctx->saved_data["offset"].toDouble(), kind);
     const at::Tensor g = grads[0].reshape({-1, dims[0]});
+    if (!ctx->needs_input_grad(0)) {
+      variable_list out{at::Tensor()};
+      if (ctx->saved_data["n_bias"].toInt() == 1) {
+        out.push_back(ctx->needs_input_grad(1) ? g.sum(0) : at::Tensor());
+      }
+      out.resize(out.size() + parts.size() + 2);
+      return out;
+    }
+    const at::Tensor w = tch_peft::dequantize_4bit(parts, dims, ctx->saved_data["offset"].toDouble(), kind);
     const at::Tensor dx = at::mm(g.to(kind), w).view(ctx->saved_data["x_shape"].toIntVector());
     variable_list out{dx};
-    // bias and q (frozen), dims, offset
-    out.resize(out.size() + ctx->saved_data["n_bias"].toInt() + parts.size() + 2);
+    // the bias (a LoRA layer's trained copy requires grad), then q (frozen), dims, offset
+    if (ctx->saved_data["n_bias"].toInt() == 1) {
+      out.push_back(ctx->needs_input_grad(1) ? g.sum(0) : at::Tensor());
+    }
+    out.resize(out.size() + parts.size() + 2);
     return out;
   }
 };
@@ -206,7 +217,8 @@ int tch_peft_linear_4bit(const at::Tensor* x, const at::Tensor* bias,
     std::vector<at::Tensor> parts;
     for (size_t i = 0; i < n_q; ++i) parts.push_back(q[i]->detach());
     std::vector<at::Tensor> b;
-    if (bias != nullptr) b.push_back(bias->detach());
+    // not detached: a LoRA layer's trained bias copy (`bias = "lora_only"`) gets its gradient
+    if (bias != nullptr) b.push_back(*bias);
     *out = new at::Tensor(Linear4bitFunction::apply(*x, at::TensorList(b), at::TensorList(parts),
                                                      std::vector<int64_t>(dims, dims + 4), offset));
     return 0;

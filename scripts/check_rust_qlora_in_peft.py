@@ -14,7 +14,9 @@ quantizes W + s·BA again into NF4). Python loads the same directory with transf
 bitsandbytes on the CPU, the adapter with `PeftModel.from_pretrained`, and compares: unmerged
 logits, and merged logits after PEFT's `merge_and_unload` (bitsandbytes' re-quantization). As in
 scripts/make_bnb_fixtures.py the 4-bit layers compute x·deq(W)ᵀ in f32 (bitsandbytes' CPU
-forward rounds through bf16). Prints one line per config; exits non-zero on a mismatch.
+forward rounds through bf16). Last, tests/fixtures/bnb/llama-src quantized on load here and
+saved (`--4bit --save-model`) is read by transformers, which computes the same logits. Prints
+one line per check; exits non-zero on a mismatch.
 """
 import json
 import os
@@ -92,6 +94,24 @@ def main():
             failures += not ok
             print(f"{'ok  ' if ok else 'FAIL'} {name:18s} |rust - peft| = {d:.2e}; merged into 4 bits "
                   f"{dm:.2e}; adapter moves logits by {moved:.2e}")
+        # quantized on load here and saved in bitsandbytes' layout: transformers reads the saved
+        # directory (the 4-bit weights as they are) and computes the same logits
+        saved, out = os.path.join(tmp, "saved-nf4"), os.path.join(tmp, "saved.safetensors")
+        src = os.path.join(ROOT, "tests", "fixtures", "bnb", "llama-src")
+        subprocess.run([EXAMPLE, "--model", src, "--4bit", "--save-model", saved, "--input", inp,
+                        "--output", out], check=True, capture_output=True,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        m = LlamaForCausalLM.from_pretrained(saved, device_map="cpu", dtype=torch.float32,
+                                             attn_implementation="eager").eval()
+        assert isinstance(m.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+        with torch.no_grad():
+            ref = m(input_ids=ids).logits
+        d = (load_file(out)["logits"] - ref).abs().max().item()
+        d_theirs = (ref - io["logits"]).abs().max().item()
+        ok = d < 1e-4 and d_theirs < 1e-4
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} saved 4-bit model    |rust - transformers| = {d:.2e}; "
+              f"against transformers' own 4-bit model {d_theirs:.2e}")
     sys.exit(1 if failures else 0)
 
 

@@ -9,6 +9,7 @@ types.gguf: one tensor per ggml type the crate reads, the quantized ones made of
 bytes (their f16 scales set to finite values), a 3-D tensor, and metadata of every value type
 (nested arrays included). expected.safetensors: each tensor as `gguf.quants.dequantize` gives it
 (f32, in numpy's shape order). llama.gguf and llama-io.safetensors: see llama_gguf().
+tokenizer-*.gguf and tokenizer-expected.json (`--tokenizer`): see tokenizer_gguf().
 """
 import os
 
@@ -151,5 +152,79 @@ def llama_gguf():
     save_torch({"input_ids": ids, "logits": logits.contiguous()}, os.path.join(OUT, "llama-io.safetensors"))
 
 
+TEXTS = [
+    "Hello world", " Hello world", "hello, World! It's 2026-12-03 and 12345 + 678 = 13023.",
+    "Tokenizers split   runs of spaces\tand\nnew lines\r\n", "naïve café, Zürich — “quotes”",
+    "中文字符和日本語のテキスト", "emoji 🚀🔥 and <|im_start|>user\nhi<|im_end|>", "", "  leading",
+    "it's they're we've I'm you'll he'd", "<think>reasoning</think> done",
+]
+
+
+def tokenizer_gguf():
+    """A small byte-level BPE vocabulary (trained here with the `tokenizers` package on a few
+    lines) as llama.cpp writes one into a GGUF file (`tokenizer.ggml.model` "gpt2": tokens,
+    token types with control and user-defined tokens, merges, special ids) in
+    tokenizer-<pre>.gguf, for a `tokenizer.ggml.pre` transformers splits with its own regex
+    ("llama-bpe") and one it leaves to the byte-level default ("smollm"), and the first again
+    with `add_bos_token` (tokenizer-llama-bpe-bos.gguf); and
+    tokenizer-expected.json: the ids transformers' tokenizer from each file
+    (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`) gives for TEXTS, and its decoding."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    corpus = [t * 3 for t in TEXTS] + ["the quick brown fox jumps over the lazy dog " * 4,
+                                        "numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000", "ÄÖÜ äöü ß é è ê"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    state = json.loads(tok.to_str())
+    vocab = state["model"]["vocab"]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in state["model"]["merges"]]
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    tokens += ["<think>", "</think>"]  # user-defined, as llama.cpp marks added tokens
+    types = [3 if t in special else 4 if t in ("<think>", "</think>") else 1 for t in tokens]
+    expected = {}
+    for pre, bos in (("llama-bpe", False), ("smollm", False), ("llama-bpe", True)):
+        key = pre + ("-bos" if bos else "")
+        name = f"tokenizer-{key}.gguf"
+        w = gguf.GGUFWriter(os.path.join(OUT, name), "llama")
+        w.add_context_length(2048)
+        w.add_embedding_length(64)
+        w.add_block_count(1)
+        w.add_feed_forward_length(128)
+        w.add_head_count(4)
+        w.add_layer_norm_rms_eps(1e-6)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(bos)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        t = AutoTokenizer.from_pretrained(OUT, gguf_file=name)
+        ids = [t(x, add_special_tokens=True)["input_ids"] for x in TEXTS]
+        expected[key] = {"texts": TEXTS, "ids": ids,
+                         "decoded": [t.decode(i, skip_special_tokens=False) for i in ids]}
+    with open(os.path.join(OUT, "tokenizer-expected.json"), "w") as f:
+        json.dump(expected, f, ensure_ascii=False, indent=1)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--tokenizer" in sys.argv:
+        tokenizer_gguf()
+    else:
+        main()

@@ -180,6 +180,26 @@ impl ParamReport {
         Self::from_entries(entries)
     }
 
+    /// This report with the weights of 4-bit layers (held outside any store; `(weight name,
+    /// layer)`, as [`Llama::quantized_layers`](crate::models::llama::Llama::quantized_layers)
+    /// lists them) added as frozen rows of their float size, `out · in`: what PEFT's
+    /// `print_trainable_parameters` counts for bitsandbytes' 4-bit weights (it doubles their
+    /// packed byte count back; [`QuantLinear::num_parameters_bnb`](crate::quant::QuantLinear::num_parameters_bnb)
+    /// is the packed count transformers' `num_parameters()` reports).
+    pub fn with_quantized(self, layers: &[(String, &crate::quant::QuantLinear)]) -> Self {
+        let mut entries = self.entries;
+        for (name, l) in layers {
+            let (o, i) = (l.out_features(), l.in_features());
+            entries.push(ParamEntry {
+                name: name.clone(),
+                shape: vec![o, i],
+                numel: o * i,
+                trainable: false,
+            });
+        }
+        Self::from_entries(entries)
+    }
+
     /// A report over named tensors (as returned by [`Adapter::named_tensors`]).
     pub fn from_named_tensors(tensors: &[(String, Tensor)]) -> Self {
         let entries = tensors

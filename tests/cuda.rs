@@ -899,13 +899,22 @@ fn qlora_on_cuda_matches_lora_on_the_dequantized_weight_and_the_gemv_matches_the
     let q = Bnb4bitWeight::quantize(&w, QuantType::Nf4, 64, true).unwrap();
     let layer = QuantLinear::new(q, Some(bias.copy())).unwrap();
     let dense = layer.dense_weight(Kind::BFloat16).unwrap();
-    // the GEMV kernel (up to 8 rows) against dequantize-then-GEMM
+    // the GEMV kernel (up to 8 rows) against dequantize-then-GEMM; the second shape has lanes
+    // looping over several groups and an output count that is not a multiple of 8
     tch::no_grad(|| {
-        for rows in [1, 3, 8, 9] {
-            let x = Tensor::randn([rows, 192], (Kind::BFloat16, dev));
-            let y = layer.f_forward(&x).unwrap();
-            let y_ref = x.matmul(&dense.tr()) + &bias;
-            assert!(rel_diff(&y, &y_ref) < 1e-2, "rows {rows}: {}", rel_diff(&y, &y_ref));
+        for (out, inp) in [(320, 192), (333, 1024)] {
+            let w = Tensor::randn([out, inp], (Kind::BFloat16, dev)) * 0.05;
+            let b = Tensor::randn([out], (Kind::BFloat16, dev));
+            let q = Bnb4bitWeight::quantize(&w, QuantType::Nf4, 64, true).unwrap();
+            let l = QuantLinear::new(q, Some(b.copy())).unwrap();
+            let dense = l.dense_weight(Kind::BFloat16).unwrap();
+            for rows in [1, 3, 8, 9] {
+                let x = Tensor::randn([rows, inp], (Kind::BFloat16, dev));
+                let y = l.f_forward(&x).unwrap();
+                let y_ref = x.matmul(&dense.tr()) + &b;
+                let d = rel_diff(&y, &y_ref);
+                assert!(d < 1e-2, "{out}x{inp}, rows {rows}: {d}");
+            }
         }
     });
     // LoRA and DoRA on the 4-bit base against the float layer of its dequantized weight: 2 rows

@@ -499,6 +499,38 @@ mod qlora {
     }
 
     #[test]
+    fn a_trained_bias_copy_on_a_4bit_base_gets_the_float_layers_gradient() {
+        use tch_peft::lora::LoraBias;
+        let (layer, dense, bias) = quantized(6);
+        let cfg = LoraConfig { bias: LoraBias::LoraOnly, ..cfg(false) };
+        let (va, vb) = (nn::VarStore::new(tch::Device::Cpu), nn::VarStore::new(tch::Device::Cpu));
+        let q = LoraLinear::new(layer, &(va.root() / "p"), &cfg).unwrap();
+        let d = LoraLinear::new(nn::Linear { ws: dense, bs: Some(bias) }, &(vb.root() / "p"), &cfg)
+            .unwrap();
+        let x = Tensor::randn([4, 128], (Kind::Float, tch::Device::Cpu));
+        for fused in [true, false] {
+            for l in [&q, &d] {
+                l.set_fused(fused);
+            }
+            let grads = |l: &LoraLinear, vs: &nn::VarStore| {
+                let y = l.f_forward_t(&x, true).unwrap();
+                (&y * &y).sum(Kind::Float).backward();
+                vs.variables()["p.base_layer.bias"].grad()
+            };
+            let (gq, gd) = (grads(&q, &va), grads(&d, &vb));
+            assert!(gq.defined() && common_rel(&gq, &gd) < 1e-5, "fused {fused}");
+            for vs in [&va, &vb] {
+                for (_, t) in vs.variables() {
+                    let mut g = t.grad();
+                    if g.defined() {
+                        let _ = g.zero_();
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn merging_a_4bit_base_quantizes_again_and_unmerging_restores_the_codes() {
         for dora in [false, true] {
             let (q, d, _stores) = pair(dora);

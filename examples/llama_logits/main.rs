@@ -20,20 +20,26 @@
 //!   again, as PEFT merges into a bitsandbytes base).
 //! * `--4bit`: quantize the block linears on load (NF4, double quantization, bit for bit as
 //!   bitsandbytes), from a float checkpoint or from the GGUF file's dequantized tensors; QLoRA.
+//! * `--save-model DIR`: write the loaded base model (4-bit in bitsandbytes' layout) as a
+//!   Hugging Face directory that transformers loads.
 //! * `--input`: JSON `{"input_ids": [[...], ...]}` (rows of equal length; an optional
 //!   `"attention_mask"` of the same shape marks padding with 0).
-//! * `--output`: a safetensors file with one f32 tensor `logits` of shape `[batch, seq, vocab]`.
+//! * `--prompt TEXT` (instead of `--input`): one row of ids from the model's tokenizer — the
+//!   GGUF file's own (`models::gguf::GgufTokenizer`), or the `tokenizer.json` beside it or in
+//!   the checkpoint directory.
+//! * `--output`: a safetensors file with one f32 tensor `logits` of shape `[batch, seq, vocab]`
+//!   (and the `input_ids`).
 
 use std::path::PathBuf;
 
 use tch::{nn, Device, Kind, Tensor};
 use tch_peft::lora::{LoraBuilder, LoraConfig};
-use tch_peft::models::gguf;
+use tch_peft::models::gguf::{self, GgufTokenizer};
 use tch_peft::models::llama::{Llama, LlamaConfig};
 use tch_peft::quant::gguf::GgufFile;
 use tch_peft::{io, Error};
 
-const USAGE: &str = "usage: llama_logits --model DIR [--4bit] [--adapter PEFT_DIR | --new-adapter CONFIG.json --save-adapter DIR [--seed N]] [--merge] --input FILE.json --output FILE.safetensors";
+const USAGE: &str = "usage: llama_logits --model DIR [--4bit] [--adapter PEFT_DIR | --new-adapter CONFIG.json --save-adapter DIR [--seed N]] [--merge] [--save-model DIR] (--input FILE.json | --prompt TEXT) --output FILE.safetensors";
 
 struct Args {
     model: PathBuf,
@@ -41,7 +47,9 @@ struct Args {
     new_adapter: Option<(PathBuf, PathBuf, i64)>,
     merge: bool,
     four_bit: bool,
-    input: PathBuf,
+    save_model: Option<PathBuf>,
+    /// `--input FILE.json` or `--prompt TEXT`.
+    input: Result<PathBuf, String>,
     output: PathBuf,
 }
 
@@ -51,6 +59,8 @@ fn parse_args() -> Result<Args, String> {
         (None, None, false, None, None);
     let (mut new_adapter, mut save_adapter, mut seed) = (None, None, 0i64);
     let mut four_bit = false;
+    let mut prompt = None;
+    let mut save_model = None;
     while let Some(arg) = it.next() {
         let mut value =
             |name: &str| it.next().map(PathBuf::from).ok_or(format!("{name} needs a value"));
@@ -65,7 +75,11 @@ fn parse_args() -> Result<Args, String> {
             }
             "--merge" => merge = true,
             "--4bit" => four_bit = true,
+            "--save-model" => save_model = Some(value("--save-model")?),
             "--input" => input = Some(value("--input")?),
+            "--prompt" => {
+                prompt = Some(value("--prompt")?.to_string_lossy().into_owned());
+            }
             "--output" => output = Some(value("--output")?),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument `{other}`")),
@@ -89,7 +103,12 @@ fn parse_args() -> Result<Args, String> {
         new_adapter,
         merge,
         four_bit,
-        input: need(input, "--input")?,
+        save_model,
+        input: match (input, prompt) {
+            (Some(i), None) => Ok(i),
+            (None, Some(p)) => Err(p),
+            _ => return Err("one of --input and --prompt is required".into()),
+        },
         output: need(output, "--output")?,
     })
 }
@@ -150,6 +169,10 @@ fn run(args: Args) -> tch_peft::Result<()> {
         Some(f) => model.load_gguf(&base_vs, f)?,
         None => model.load_weights(&base_vs, &args.model)?,
     }
+    if let Some(dir) = &args.save_model {
+        model.save_pretrained(&base_vs, dir)?;
+        eprintln!("model saved to {}", dir.display());
+    }
     if let Some(builder) = lora {
         let adapter = builder.finish()?;
         match (&args.adapter, &args.new_adapter) {
@@ -173,19 +196,35 @@ fn run(args: Args) -> tch_peft::Result<()> {
             eprintln!("adapter merged");
         }
     }
-    let text = std::fs::read_to_string(&args.input)
-        .map_err(|e| Error::Io { path: args.input.clone(), source: e })?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::CorruptFile { file: args.input.clone(), reason: e.to_string() })?;
-    let ids = matrix(&json["input_ids"], "input_ids", &args.input)?;
-    let mask = match json.get("attention_mask") {
-        Some(m) => Some(matrix(m, "attention_mask", &args.input)?),
-        None => None,
+    let (ids, mask) = match &args.input {
+        Ok(input) => {
+            let text = std::fs::read_to_string(input)
+                .map_err(|e| Error::Io { path: input.clone(), source: e })?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::CorruptFile { file: input.clone(), reason: e.to_string() })?;
+            let ids = matrix(&json["input_ids"], "input_ids", input)?;
+            let mask = match json.get("attention_mask") {
+                Some(m) => Some(matrix(m, "attention_mask", input)?),
+                None => None,
+            };
+            (ids, mask)
+        }
+        Err(prompt) => {
+            let tokenizer = match &gguf_file {
+                Some(f) => GgufTokenizer::beside_or_from_gguf(f)?,
+                None => GgufTokenizer::from_json(args.model.join("tokenizer.json"))?,
+            };
+            let ids: Vec<i64> = tokenizer.encode(prompt)?.into_iter().map(i64::from).collect();
+            eprintln!("prompt: {} tokens", ids.len());
+            (Tensor::from_slice(&ids).view([1, -1]), None)
+        }
     };
     let logits = tch::no_grad(|| model.forward_t(&ids, mask.as_ref(), false))?;
     let logits = logits.to_kind(Kind::Float).to_device(Device::Cpu);
     eprintln!("logits {:?} on {device:?}", logits.size());
-    io::write_safetensors(&args.output, &[("logits".to_string(), logits)], Some(io::pt_metadata()))
+    let out =
+        [("logits".to_string(), logits), ("input_ids".to_string(), ids.to_device(Device::Cpu))];
+    io::write_safetensors(&args.output, &out, Some(io::pt_metadata()))
 }
 
 fn main() {

@@ -215,8 +215,9 @@ pub fn merge_config(data: &[u8]) {
 
 /// The bytes as a model directory's `model.safetensors`: headers read by the streamed merge, and
 /// every tensor read.
-/// The bytes as a GGUF file: opened, every tensor read, and where it describes a small Llama, the
-/// config derived, the model built and the weights loaded.
+/// The bytes as a GGUF file: opened, every tensor read, its tokenizer built and used, and where
+/// it describes a small Llama, the config derived, the model built (float, and 4-bit) and the
+/// weights loaded (quantized on load into the 4-bit one).
 pub fn gguf(data: &[u8]) {
     use tch_peft::quant::gguf::GgufFile;
     let dir = scratch("gguf");
@@ -226,26 +227,47 @@ pub fn gguf(data: &[u8]) {
     for t in file.tensors() {
         let _ = file.tensor(&t.name);
     }
+    if let Ok(tok) = tch_peft::models::gguf::GgufTokenizer::from_gguf(&file) {
+        if let Ok(ids) = tok.encode("Hello <|im_start|> wörld 123") {
+            let _ = tok.decode(&ids);
+        }
+    }
     let Ok(cfg) = tch_peft::models::gguf::llama_config(&file) else { return };
     if cfg.num_parameters().is_ok_and(|n| n <= 1 << 16) {
         let vs = nn::VarStore::new(Device::Cpu);
         if Llama::new(&vs.root(), &cfg, None).is_ok() {
             let _ = tch_peft::models::gguf::load_llama_weights(&vs, &file, &cfg);
         }
+        let cfg4 = cfg.with_bnb_4bit(&tch_peft::quant::Bnb4bitConfig::default());
+        let vs4 = nn::VarStore::new(Device::Cpu);
+        if let Ok(model) = Llama::new(&vs4.root(), &cfg4, None) {
+            let _ = model.load_gguf(&vs4, &file);
+        }
     }
 }
 
 /// The bytes as the `model.safetensors` of a bitsandbytes 4-bit Llama directory (the config of
-/// `tests/fixtures/bnb/llama-nf4`): the model built and the weights loaded, dequantized.
+/// `tests/fixtures/bnb/llama-nf4`): loaded into the 4-bit model the config builds (the codes
+/// kept, each state checked against its layer) and into a float model (dequantized), and run.
 pub fn bnb_checkpoint(data: &[u8]) {
     const CONFIG: &str = include_str!("../../tests/fixtures/bnb/llama-nf4/config.json");
     let dir = scratch("bnb_checkpoint");
     write(&dir.join("config.json"), CONFIG.as_bytes());
     write(&dir.join("model.safetensors"), data);
     let Ok(cfg) = LlamaConfig::from_pretrained(&dir) else { return };
+    let ids = tch::Tensor::from_slice(&[1i64, 2, 3]).view([1, 3]);
     let vs = nn::VarStore::new(Device::Cpu);
-    if Llama::new(&vs.root(), &cfg, None).is_ok() {
-        let _ = tch_peft::models::llama::load_weights(&vs, &dir, &cfg);
+    if let Ok(model) = Llama::new(&vs.root(), &cfg, None) {
+        if model.load_weights(&vs, &dir).is_ok() {
+            let _ = model.forward_t(&ids, None, false);
+        }
+    }
+    let float_cfg = LlamaConfig { quantization_config: None, ..cfg };
+    let vs = nn::VarStore::new(Device::Cpu);
+    if let Ok(model) = Llama::new(&vs.root(), &float_cfg, None) {
+        if model.load_weights(&vs, &dir).is_ok() {
+            let _ = model.forward_t(&ids, None, false);
+        }
     }
 }
 

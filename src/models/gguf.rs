@@ -19,6 +19,9 @@
 
 use tch::{nn, Tensor};
 
+#[cfg(feature = "tokenizer")]
+pub use super::gguf_tokenizer::GgufTokenizer;
+
 use super::llama::{LlamaConfig, RopeParameters};
 use crate::quant::gguf::{GgufFile, GgufValue};
 use crate::quant::{Bnb4bitWeight, QuantLinear};
@@ -227,40 +230,37 @@ pub(crate) fn load_llama_into(
     if let Some(name) = wanted.filter(|n| !seen.contains(*n)).min() {
         return Err(Error::MissingTensor { name: name.into(), file: file.path().into() });
     }
-    // every value formed (and quantized) before anything is written
-    let mut values = Vec::with_capacity(targets.len());
-    for (info, name, target) in targets {
-        let mut t = file.tensor(&info.name)?;
+    let read = |info: &crate::quant::gguf::GgufTensorInfo, name: &str| -> Result<Tensor> {
+        let t = file.tensor(&info.name)?;
         if name.ends_with("q_proj.weight") {
-            t = unpermute_rows(&t, config.num_attention_heads)?;
+            unpermute_rows(&t, config.num_attention_heads)
         } else if name.ends_with("k_proj.weight") {
-            t = unpermute_rows(&t, config.kv_heads())?;
+            unpermute_rows(&t, config.kv_heads())
+        } else {
+            Ok(t)
         }
-        values.push(match target {
-            Target::Var(var) => Value::Var(t.f_to_kind(var.kind())?, var),
-            Target::Quant(layer) => {
-                let dest = layer.weight();
-                let nested = dest.nested().is_some();
-                let t = t.f_to_device(layer.device())?;
-                let q = Bnb4bitWeight::quantize(&t, dest.quant_type(), dest.blocksize(), nested)?;
-                Value::Quant(q, layer, name)
-            }
-        });
+    };
+    // the 4-bit layers' weights quantized first (half a byte a weight, so a failure there
+    // writes nothing); then the variables streamed one by one, then the layers
+    let mut quantized = Vec::new();
+    for (info, name, target) in &targets {
+        if let Target::Quant(layer) = target {
+            let dest = layer.weight();
+            let nested = dest.nested().is_some();
+            let t = read(info, name)?.f_to_device(layer.device())?;
+            let q = Bnb4bitWeight::quantize(&t, dest.quant_type(), dest.blocksize(), nested)?;
+            quantized.push((*layer, name, q));
+        }
     }
-    for value in values {
-        match value {
-            Value::Var(src, var) => {
-                let mut dst = var.shallow_clone();
-                tch::no_grad(|| dst.f_copy_(&src))?;
-            }
-            Value::Quant(q, layer, name) => layer.load(&name, &q)?,
+    for (info, name, target) in &targets {
+        if let Target::Var(var) = target {
+            let src = read(info, name)?.f_to_kind(var.kind())?;
+            let mut dst = var.shallow_clone();
+            tch::no_grad(|| dst.f_copy_(&src))?;
         }
+    }
+    for (layer, name, q) in quantized {
+        layer.load(name, &q)?;
     }
     Ok(())
-}
-
-/// A tensor of the file ready to be written.
-enum Value<'a> {
-    Var(tch::Tensor, tch::Tensor),
-    Quant(Bnb4bitWeight, &'a QuantLinear, String),
 }

@@ -113,8 +113,8 @@ pub struct LlamaConfig {
     /// (`quant_method: "bitsandbytes"`, `load_in_4bit`; see [`Bnb4bitConfig`]) [`Llama::new`]
     /// builds 4-bit linear layers (QLoRA's base) and [`Llama::load_weights`] fills them from a
     /// 4-bit checkpoint or quantizes a float one on load; set it to `None` to build a float
-    /// model, into which [`load_weights`] dequantizes a 4-bit checkpoint. Other methods are
-    /// refused. Written by [`save_pretrained`](Self::save_pretrained) when set.
+    /// model, into which [`Llama::load_weights`] dequantizes a 4-bit checkpoint. Other methods
+    /// are refused. Written by [`save_pretrained`](Self::save_pretrained) when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization_config: Option<serde_json::Value>,
 }
@@ -358,6 +358,16 @@ impl Llama {
     pub fn new(p: &nn::Path, config: &LlamaConfig, lora: Option<&LoraBuilder>) -> Result<Self> {
         config.validate()?;
         let quant = config.bnb_4bit()?;
+        if let Some(q) = quant.as_ref().filter(|q| q.blocksize != 64) {
+            return Err(Error::Unsupported {
+                field: "Bnb4bitConfig::blocksize".into(),
+                reason: format!(
+                    "{}: transformers' quantization_config has no block size and bitsandbytes \
+                     quantizes its models in blocks of 64",
+                    q.blocksize
+                ),
+            });
+        }
         let c = config;
         let (d, hd) = (c.hidden_size, c.head_dim());
         let m = p / "model";
@@ -485,10 +495,8 @@ impl Llama {
     /// quantizes (on the layer's device). Everything is read and checked before anything is
     /// written.
     pub fn load_weights(&self, vs: &nn::VarStore, dir: impl AsRef<Path>) -> Result<()> {
+        // a 4-bit checkpoint into a float model dequantizes, whatever the model's config says
         let quantized = self.quantized_layers();
-        if quantized.is_empty() {
-            return load_weights(vs, dir, &self.config);
-        }
         let files = weight_files(&dir)?;
         let tied = self.config.tie_word_embeddings;
         let ignore = |name: &str| {
@@ -1016,8 +1024,19 @@ fn load_checkpoint(
             Bnb4bitWeight::quantize(&t, dest.quant_type(), dest.blocksize(), nested)?
         };
         if !dest.same_layout(&w) {
-            // (load() says how they differ)
-            layer.load(name, &w)?;
+            return Err(Error::Quantization {
+                name: name.clone(),
+                reason: format!(
+                    "the checkpoint's weight is {} blocks of {} (nested: {:?}); the layer's {} \
+                     blocks of {} (nested: {:?})",
+                    w.quant_type().name(),
+                    w.blocksize(),
+                    w.nested().map(|n| n.blocksize),
+                    dest.quant_type().name(),
+                    dest.blocksize(),
+                    dest.nested().map(|n| n.blocksize)
+                ),
+            });
         }
         used.insert(name.clone());
         layer_values.push((layer, name, w));

@@ -3,6 +3,8 @@
 
 pub mod bert;
 pub mod gguf;
+#[cfg(feature = "tokenizer")]
+mod gguf_tokenizer;
 pub mod llama;
 
 pub use bert::{Bert, BertConfig};

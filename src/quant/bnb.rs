@@ -569,9 +569,14 @@ impl Bnb4bitWeight {
         let _guard = tch::no_grad_guard();
         let (mine, _, _) = self.node_parts();
         let (theirs, _, _) = other.node_parts();
-        for (dst, src) in mine.iter().zip(&theirs) {
-            let mut dst = dst.shallow_clone();
-            dst.f_copy_(&src.f_to_device(dst.device())?.f_view_as(&dst)?)?;
+        // every source on the device and in shape before the first copy
+        let sources = mine
+            .iter()
+            .zip(&theirs)
+            .map(|(dst, src)| Ok(src.f_to_device(dst.device())?.f_view_as(dst)?))
+            .collect::<Result<Vec<_>>>()?;
+        for (dst, src) in mine.iter().zip(&sources) {
+            dst.shallow_clone().f_copy_(src)?;
         }
         Ok(())
     }

@@ -11,8 +11,9 @@ use crate::{Error, Result};
 /// `BitsAndBytesConfig(load_in_4bit=True, …)` describes it in a checkpoint's `config.json`
 /// (`quantization_config`).
 ///
-/// bitsandbytes always quantizes in blocks of 64 with a nested block of 256; `lm_head` and the
-/// modules named in `llm_int8_skip_modules` stay in float.
+/// bitsandbytes always quantizes in blocks of 64 with a nested block of 256. The modules named in
+/// `llm_int8_skip_modules` stay in float; without that list, `lm_head` does (transformers'
+/// default, the output embeddings).
 ///
 /// ```
 /// use tch_peft::quant::{Bnb4bitConfig, QuantType};
@@ -21,6 +22,12 @@ use crate::{Error, Result};
 /// let c = Bnb4bitConfig::from_quantization_config(&q)?;
 /// assert_eq!((c.quant_type, c.double_quant, c.blocksize), (QuantType::Fp4, false, 64));
 /// assert!(c.quantizes("model.layers.0.mlp.up_proj") && !c.quantizes("lm_head"));
+/// let q = serde_json::json!({"quant_method": "bitsandbytes", "load_in_4bit": true,
+///     "llm_int8_skip_modules": ["model.layers.1", "down_proj"]});
+/// let c = Bnb4bitConfig::from_quantization_config(&q)?;
+/// assert!(!c.quantizes("model.layers.1.self_attn.q_proj"));
+/// assert!(c.quantizes("model.layers.11.self_attn.q_proj"));
+/// assert!(!c.quantizes("model.layers.0.mlp.down_proj") && c.quantizes("lm_head"));
 /// # Ok::<(), tch_peft::Error>(())
 /// ```
 #[derive(Clone, Debug, PartialEq)]
@@ -34,8 +41,9 @@ pub struct Bnb4bitConfig {
     /// The dtype bitsandbytes computes in (`bnb_4bit_compute_dtype`), recorded in the saved
     /// config; this crate computes in the input's dtype.
     pub compute_dtype: Kind,
-    /// Module names (or name suffixes) kept in float besides `lm_head`.
-    pub skip_modules: Vec<String>,
+    /// Modules kept in float (`llm_int8_skip_modules`), matched as transformers matches them:
+    /// from the start of the name up to a `.`, or as a suffix; `None`: `lm_head` alone.
+    pub skip_modules: Option<Vec<String>>,
 }
 
 impl Default for Bnb4bitConfig {
@@ -46,7 +54,7 @@ impl Default for Bnb4bitConfig {
             blocksize: 64,
             double_quant: true,
             compute_dtype: Kind::BFloat16,
-            skip_modules: Vec::new(),
+            skip_modules: None,
         }
     }
 }
@@ -96,12 +104,13 @@ impl Bnb4bitConfig {
             Some(v) => return Err(bad(format!("bnb_4bit_use_double_quant {v}"))),
         };
         let skip_modules = match q.get("llm_int8_skip_modules") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(a)) if a.len() <= 4096 => a
-                .iter()
-                .map(|v| v.as_str().map(String::from))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| bad("llm_int8_skip_modules holds a non-string".into()))?,
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) if a.len() <= 4096 => Some(
+                a.iter()
+                    .map(|v| v.as_str().map(String::from))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| bad("llm_int8_skip_modules holds a non-string".into()))?,
+            ),
             Some(v) => return Err(bad(format!("llm_int8_skip_modules {v}"))),
         };
         Ok(Bnb4bitConfig { quant_type, blocksize: 64, double_quant, compute_dtype, skip_modules })
@@ -115,8 +124,10 @@ impl Bnb4bitConfig {
             Kind::BFloat16 => "bfloat16",
             _ => "float32",
         };
-        let skip =
-            if self.skip_modules.is_empty() { Value::Null } else { json!(self.skip_modules) };
+        let skip = match &self.skip_modules {
+            None => Value::Null,
+            Some(s) => json!(s),
+        };
         json!({
             "quant_method": "bitsandbytes",
             "_load_in_4bit": true,
@@ -134,10 +145,20 @@ impl Bnb4bitConfig {
         })
     }
 
-    /// Whether the linear layer `module` (a dotted name) is quantized: every one but `lm_head`
-    /// and the skipped modules (a name equal to an entry, or ending in `.entry`).
+    /// Whether the linear layer `module` (a dotted name) is quantized: every one but the skipped
+    /// modules — an entry that is a prefix of the name ending at a `.` or at its end
+    /// (`model.layers.1` skips `model.layers.1.mlp.up_proj`, not `model.layers.11.…`), or a
+    /// suffix of it (`up_proj`) — and, without a list, `lm_head`.
     pub fn quantizes(&self, module: &str) -> bool {
-        let skipped = |s: &str| module == s || module.ends_with(&format!(".{s}"));
-        !skipped("lm_head") && !self.skip_modules.iter().any(|s| skipped(s))
+        let skipped = |s: &str| {
+            let prefix = module
+                .strip_prefix(s)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || s.ends_with('.'));
+            !s.is_empty() && (prefix || module.ends_with(s))
+        };
+        match &self.skip_modules {
+            None => !skipped("lm_head"),
+            Some(list) => !list.iter().any(|s| skipped(s)),
+        }
     }
 }

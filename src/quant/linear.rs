@@ -1,7 +1,7 @@
 //! A frozen linear layer whose weight stays 4-bit.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tch::{Device, Kind, Tensor};
 
@@ -36,6 +36,9 @@ pub struct QuantLinear {
     weight: Bnb4bitWeight,
     /// The nested offset's f32 bits, shared by every handle (a load rewrites it).
     offset: Arc<AtomicU32>,
+    /// Held for writing by [`load`](Self::load), for reading by the layer's own forward, so
+    /// that a forward on another handle sees the old weight or the new one, never a mix.
+    lock: Arc<RwLock<()>>,
     bias: Option<Tensor>,
 }
 
@@ -73,10 +76,19 @@ impl QuantLinear {
                     actual: b.kind(),
                 });
             }
-            let _ = b.set_requires_grad(false);
+            let _ = b.f_set_requires_grad(false).map_err(|_| Error::Unsupported {
+                field: "quantized linear bias".into(),
+                reason: "the bias is computed by autograd (not a leaf): pass a detached tensor"
+                    .into(),
+            })?;
         }
         let offset = weight.nested().map_or(0.0, |n| n.offset);
-        Ok(QuantLinear { weight, offset: Arc::new(AtomicU32::new(offset.to_bits())), bias })
+        Ok(QuantLinear {
+            weight,
+            offset: Arc::new(AtomicU32::new(offset.to_bits())),
+            lock: Arc::default(),
+            bias,
+        })
     }
 
     /// A layer of `out × in` whose codes are all zero (it computes zeros, plus the bias) in the
@@ -107,6 +119,7 @@ impl QuantLinear {
         QuantLinear {
             weight: self.weight.shallow_with_offset(self.current_offset()),
             offset: Arc::clone(&self.offset),
+            lock: Arc::clone(&self.lock),
             bias: self.bias.as_ref().map(Tensor::shallow_clone),
         }
     }
@@ -117,6 +130,8 @@ impl QuantLinear {
 
     /// Writes `weight` (checked: same quantization type, shape, block sizes and double
     /// quantization as this layer's) into the layer's tensors in place, for every handle.
+    /// A forward of this layer on another thread waits (a LoRA layer over it is synchronised
+    /// by its own merge lock, which loading does not take: load before training or serving).
     ///
     /// # Errors
     /// [`Error::Quantization`] naming `name` when the layouts differ.
@@ -140,6 +155,7 @@ impl QuantLinear {
                 ),
             });
         }
+        let _write = self.lock.write().unwrap_or_else(|e| e.into_inner());
         self.weight.copy_parts_from(weight)?;
         let offset = weight.nested().map_or(0.0, |n| n.offset);
         self.offset.store(offset.to_bits(), Ordering::Release);
@@ -156,7 +172,9 @@ impl QuantLinear {
         self.weight.shape()[0]
     }
 
-    /// The quantized weight (a handle on the layer's tensors).
+    /// The quantized weight: a handle on the layer's tensors with the current nested offset
+    /// (valid until the next [`load`](Self::load) or merge into the layer, which rewrites the
+    /// tensors; copy it to keep it).
     pub fn weight(&self) -> Bnb4bitWeight {
         self.weight.shallow_with_offset(self.current_offset())
     }
@@ -223,6 +241,7 @@ impl QuantLinear {
     /// `ShapeMismatch`, `DtypeMismatch` or `DeviceMismatch` naming the input.
     pub fn f_forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.check_input("input of quantized linear layer", xs)?;
+        let _read = self.lock.read().unwrap_or_else(|e| e.into_inner());
         self.forward_with_bias(xs, self.bias.as_ref())
     }
 

@@ -478,6 +478,60 @@ fn a_bitsandbytes_4bit_checkpoint_and_its_peft_qlora_adapter_give_transformers_l
 }
 
 #[test]
+fn reft_and_parameter_reports_on_a_4bit_llama_match_the_dequantized_float_model() {
+    use tch_peft::reft::{InterventionConfig, InterventionKind, ReftConfig, ReftLayers, ReftModel};
+    use tch_peft::ParamReport;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bnb/llama-nf4");
+    let cfg = LlamaConfig::from_pretrained(&dir).unwrap();
+    let float_cfg = LlamaConfig { quantization_config: None, ..cfg.clone() };
+    let ids = Tensor::from_slice(&[3i64, 9, 27, 1, 60, 8]).view([1, 6]);
+    let mut grads = Vec::new();
+    let mut totals = Vec::new();
+    let mut first: Option<std::collections::HashMap<String, Tensor>> = None;
+    for c in [&cfg, &float_cfg] {
+        let mut base = nn::VarStore::new(Device::Cpu);
+        let model = Llama::new(&base.root(), c, None).unwrap();
+        model.load_weights(&base, &dir).unwrap();
+        base.freeze();
+        let reft_vs = nn::VarStore::new(Device::Cpu);
+        let rc = ReftConfig::new(
+            InterventionConfig::new(InterventionKind::LoReft, c.hidden_size, 4),
+            ReftLayers::all(),
+            "f2+l2".parse().unwrap(),
+        );
+        let reft = ReftModel::new(&reft_vs.root(), rc, c.num_hidden_layers).unwrap();
+        let loc = reft.config().positions.batch_locations(&[6], &[0], true, Device::Cpu).unwrap();
+        let hook = reft.hook(&loc);
+        // the same interventions in both (other tests draw from the global RNG meanwhile)
+        match &first {
+            None => first = Some(reft_vs.variables()),
+            Some(vars) => tch::no_grad(|| {
+                for (k, v) in reft_vs.variables() {
+                    v.shallow_clone().copy_(&vars[&k]);
+                }
+            }),
+        }
+        let logits = model.forward_hooked(&ids, None, true, Some(&hook)).unwrap();
+        logits.square().sum(Kind::Float).backward();
+        let mut g: Vec<(String, Tensor)> =
+            reft_vs.variables().into_iter().map(|(k, v)| (k, v.grad())).collect();
+        g.sort_by(|a, b| a.0.cmp(&b.0));
+        grads.push(g);
+        let report = ParamReport::from_var_stores(&[&base, &reft_vs])
+            .with_quantized(&model.quantized_layers());
+        totals.push((report.trainable, report.total));
+    }
+    for ((name, a), (_, b)) in grads[0].iter().zip(&grads[1]) {
+        assert!(a.defined(), "`{name}` got no gradient on the 4-bit base");
+        let rel = rel_diff(a, b);
+        assert!(rel < 1e-4, "`{name}`: {rel}");
+    }
+    // PEFT's count: a 4-bit weight counts as its float size
+    assert_eq!(totals[0], totals[1]);
+    assert_eq!(totals[0].1 - totals[0].0, cfg.num_parameters().unwrap());
+}
+
+#[test]
 fn quantize_on_load_gives_the_codes_transformers_saved_and_a_saved_4bit_model_reads_back() {
     // llama-src is the bf16 model that transformers quantized into llama-nf4
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bnb");

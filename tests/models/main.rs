@@ -4,4 +4,6 @@
 mod common;
 
 mod bert;
+#[cfg(feature = "tokenizer")]
+mod gguf_tokenizer;
 mod llama;
