@@ -1,17 +1,4 @@
-//! [`GgufTokenizer`]: the tokenizer a GGUF file describes (`tokenizer.ggml.*`), built as
-//! transformers builds it from the same file (`AutoTokenizer.from_pretrained(dir,
-//! gguf_file=…)`), or a `tokenizer.json` beside the file.
-//!
-//! llama.cpp writes a byte-level BPE vocabulary (`tokenizer.ggml.model` = `"gpt2"`: Llama 3,
-//! SmolLM, Qwen 2, …) as its tokens (`tokenizer.ggml.tokens`), their types (3 = control, 4 =
-//! user-defined), the merges and the special ids; `tokenizer.ggml.pre` names how text is split
-//! before the merges. Built here: a BPE over those tokens (each spelled in GPT-2's byte
-//! alphabet), split by transformers' regex for the `pre` types it knows (the Llama 3, Qwen 2,
-//! GPT-4o and Tekken families) or by the byte-level default, control tokens added as special
-//! tokens, user-defined ones as added tokens, the BOS (and EOS) token added where the file's
-//! `add_bos_token` (`add_eos_token`) says so. Other tokenizer models (SentencePiece `"llama"`,
-//! …) are a typed error: use the `tokenizer.json` of the original checkpoint
-//! ([`GgufTokenizer::from_json`]).
+//! [`GgufTokenizer`]: the tokenizer a GGUF file describes, or a `tokenizer.json` beside it.
 
 use std::path::Path;
 
@@ -72,7 +59,20 @@ fn tk_error(what: &Path, e: tokenizers::Error) -> Error {
     Error::CorruptFile { file: what.to_path_buf(), reason: format!("tokenizer: {e}") }
 }
 
-/// A tokenizer with the special-token rules of its file.
+/// A tokenizer with the special-token rules of its file: the tokenizer a GGUF file describes
+/// (`tokenizer.ggml.*`), built as transformers builds it from the same file
+/// (`AutoTokenizer.from_pretrained(dir, gguf_file=…)`), or a `tokenizer.json`.
+///
+/// llama.cpp writes a byte-level BPE vocabulary (`tokenizer.ggml.model` = `"gpt2"`: Llama 3,
+/// SmolLM, Qwen 2, …) as its tokens (`tokenizer.ggml.tokens`), their types (3 = control, 4 =
+/// user-defined), the merges and the special ids; `tokenizer.ggml.pre` names how text is split
+/// before the merges. Built here: a BPE over those tokens (each spelled in GPT-2's byte
+/// alphabet), split by transformers' regex for the `pre` types it knows (the Llama 3, Qwen 2,
+/// GPT-4o and Tekken families) or by the byte-level default, control tokens added as special
+/// tokens, user-defined ones as added tokens, the BOS (and EOS) token added where the file's
+/// `add_bos_token` (`add_eos_token`) says so. Other tokenizer models (SentencePiece `"llama"`,
+/// …) are a typed error: use the `tokenizer.json` of the original checkpoint
+/// ([`GgufTokenizer::from_json`]).
 #[derive(Debug, Clone)]
 pub struct GgufTokenizer {
     tokenizer: Tokenizer,
@@ -83,7 +83,7 @@ pub struct GgufTokenizer {
 }
 
 impl GgufTokenizer {
-    /// The tokenizer in `file`'s metadata (see the [module docs](self)).
+    /// The tokenizer in `file`'s metadata (see [`GgufTokenizer`]).
     ///
     /// ```no_run
     /// # fn main() -> tch_peft::Result<()> {
