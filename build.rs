@@ -60,6 +60,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo::rustc-check-cfg=cfg(tch_peft_csrc)");
+    println!("cargo::rustc-check-cfg=cfg(tch_peft_dist)");
     let lib_dir = env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from);
     let Some(lib_dir) = lib_dir else {
         // doc-only builds and non-unix targets: nothing to compile or link.
@@ -97,6 +98,24 @@ fn main() {
             .file("csrc/profiler.cpp")
             .compile("tch_peft_csrc");
         println!("cargo:rustc-cfg=tch_peft_csrc");
+        // csrc/dist_gloo.cpp: c10d's gloo process group (libtorch_cpu has gloo; the wheel lacks
+        // gloo's headers, so this one file gets the stand-ins of csrc/gloo_stub/)
+        let gloo_header = includes[0].join("torch/csrc/distributed/c10d/ProcessGroupGloo.hpp");
+        if target_os == "linux" && gloo_header.exists() {
+            cc::Build::new()
+                .cpp(true)
+                .pic(true)
+                .warnings(false)
+                .include("csrc/gloo_stub")
+                .includes(&includes)
+                .flag("-std=c++17")
+                .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+                .flag("-DGLOG_USE_GLOG_EXPORT")
+                .define("USE_C10D_GLOO", None)
+                .file("csrc/dist_gloo.cpp")
+                .compile("tch_peft_dist");
+            println!("cargo:rustc-cfg=tch_peft_dist");
+        }
     }
     // after the static library of csrc/, whose objects reference c10_cuda
     if cuda_libtorch {

@@ -47,6 +47,25 @@ int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* 
                         const int64_t* q_counts, const int64_t* q_dims, const double* q_offsets,
                         at::Tensor** out, char** error);
 
+// --- dist_gloo.cpp: a c10d process group over gloo ---
+
+// An opaque group: its store and its ProcessGroupGloo.
+struct tch_peft_group;
+
+// A group of `size` ranks, this one `rank`: rendezvous through a FileStore at `file` when it is
+// not null, else a TCPStore at host:port (`is_server`: this process hosts it); gloo's device on
+// `device_host`'s address; every wait bounded by `timeout_ms`. 0 with *out set, else 1.
+int tch_peft_group_new(const char* host, int port, const char* file, int rank, int size,
+                       int64_t timeout_ms, int is_server, const char* device_host,
+                       tch_peft_group** out, char** error);
+void tch_peft_group_free(tch_peft_group* g);
+// In place over `n` tensors as one flat buffer: op 0 sum, 1 average.
+int tch_peft_group_all_reduce(tch_peft_group* g, const at::Tensor* const* ts, size_t n, int op,
+                              char** error);
+int tch_peft_group_broadcast(tch_peft_group* g, const at::Tensor* const* ts, size_t n, int root,
+                             char** error);
+int tch_peft_group_barrier(tch_peft_group* g, char** error);
+
 // --- quant_linear.cpp: the frozen 4-bit linear layer's node ---
 
 // y = x · deq(W)ᵀ + bias for bitsandbytes' 4-bit W: `q` holds `n_q` handles (codes, absmax,

@@ -178,6 +178,15 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A distributed operation failed: a rendezvous or a collective that did not complete (a
+    /// rank that never arrived, within the timeout), or arguments the ranks disagree on.
+    #[error("distributed {what}: {reason}")]
+    Distributed {
+        /// The operation (and the store or rank it concerns).
+        what: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// An I/O error on a named file.
     #[error("i/o error on `{}`: {source}", path.display())]
     Io {

@@ -6,6 +6,7 @@
 
 pub mod adapter;
 pub mod checkpoint;
+pub mod dist;
 mod error;
 pub mod freeze;
 pub mod io;

@@ -617,3 +617,167 @@ pub(crate) fn profiler_stop() -> Result<String, tch::TchError> {
         Ok(take_c_string(p))
     }
 }
+
+#[cfg(tch_peft_dist)]
+mod dist_ffi {
+    use std::ffi::c_char;
+
+    use torch_sys::C_tensor;
+
+    /// `tch_peft_group` (csrc/dist_gloo.cpp): opaque.
+    #[repr(C)]
+    pub struct Group {
+        _private: [u8; 0],
+    }
+
+    extern "C" {
+        #[allow(clippy::too_many_arguments)]
+        pub fn tch_peft_group_new(
+            host: *const c_char,
+            port: i32,
+            file: *const c_char,
+            rank: i32,
+            size: i32,
+            timeout_ms: i64,
+            is_server: i32,
+            device_host: *const c_char,
+            out: *mut *mut Group,
+            error: *mut *mut c_char,
+        ) -> i32;
+        pub fn tch_peft_group_free(g: *mut Group);
+        pub fn tch_peft_group_all_reduce(
+            g: *mut Group,
+            ts: *const *const C_tensor,
+            n: usize,
+            op: i32,
+            error: *mut *mut c_char,
+        ) -> i32;
+        pub fn tch_peft_group_broadcast(
+            g: *mut Group,
+            ts: *const *const C_tensor,
+            n: usize,
+            root: i32,
+            error: *mut *mut c_char,
+        ) -> i32;
+        pub fn tch_peft_group_barrier(g: *mut Group, error: *mut *mut c_char) -> i32;
+    }
+}
+
+/// An owned c10d gloo process group (`csrc/dist_gloo.cpp`), freed on drop.
+#[cfg(tch_peft_dist)]
+#[derive(Debug)]
+pub(crate) struct GroupHandle(std::ptr::NonNull<dist_ffi::Group>);
+
+// SAFETY: c10d process groups are used from any thread (their collectives are queued to gloo's
+// own threads); the handle is only freed once, on drop.
+#[cfg(tch_peft_dist)]
+unsafe impl Send for GroupHandle {}
+#[cfg(tch_peft_dist)]
+unsafe impl Sync for GroupHandle {}
+
+#[cfg(tch_peft_dist)]
+impl Drop for GroupHandle {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from tch_peft_group_new and is freed only here.
+        unsafe { dist_ffi::tch_peft_group_free(self.0.as_ptr()) }
+    }
+}
+
+/// A gloo group of `size` ranks (see `tch_peft_group_new` in `csrc/tch_peft.h`).
+#[cfg(tch_peft_dist)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn group_new(
+    host: &str,
+    port: u16,
+    file: Option<&str>,
+    rank: i32,
+    size: i32,
+    timeout_ms: i64,
+    is_server: bool,
+    device_host: &str,
+) -> Result<GroupHandle, tch::TchError> {
+    let c = |s: &str| {
+        std::ffi::CString::new(s).map_err(|_| tch::TchError::Torch(format!("{s:?} holds a NUL")))
+    };
+    let (host, device_host) = (c(host)?, c(device_host)?);
+    let file = file.map(c).transpose()?;
+    let mut out: *mut dist_ffi::Group = std::ptr::null_mut();
+    let mut error: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the strings live for the call; on success the C++ side writes a new group.
+    unsafe {
+        let rc = dist_ffi::tch_peft_group_new(
+            host.as_ptr(),
+            i32::from(port),
+            file.as_ref().map_or(std::ptr::null(), |f| f.as_ptr()),
+            rank,
+            size,
+            timeout_ms,
+            i32::from(is_server),
+            device_host.as_ptr(),
+            &mut out,
+            &mut error,
+        );
+        if rc != 0 {
+            return Err(take_error(error, "tch_peft_group_new"));
+        }
+        std::ptr::NonNull::new(out)
+            .map(GroupHandle)
+            .ok_or_else(|| tch::TchError::Torch("tch_peft_group_new gave no group".into()))
+    }
+}
+
+#[cfg(tch_peft_dist)]
+impl GroupHandle {
+    /// In place: the sum (or, with `average`, the mean) over ranks of each tensor, all of them
+    /// as one flat buffer. Tensors checked by the caller (CPU, one dtype).
+    pub(crate) fn all_reduce(&self, ts: &[&Tensor], average: bool) -> Result<(), tch::TchError> {
+        let handles: Vec<_> = ts.iter().map(|t| t.as_ptr()).collect();
+        let mut error: *mut c_char = std::ptr::null_mut();
+        // SAFETY: the group is live and the handles are borrowed for the call.
+        unsafe {
+            let rc = dist_ffi::tch_peft_group_all_reduce(
+                self.0.as_ptr(),
+                handles.as_ptr(),
+                handles.len(),
+                i32::from(average),
+                &mut error,
+            );
+            if rc != 0 {
+                return Err(take_error(error, "tch_peft_group_all_reduce"));
+            }
+        }
+        Ok(())
+    }
+
+    /// In place: rank `root`'s values of the tensors on every rank.
+    pub(crate) fn broadcast(&self, ts: &[&Tensor], root: i32) -> Result<(), tch::TchError> {
+        let handles: Vec<_> = ts.iter().map(|t| t.as_ptr()).collect();
+        let mut error: *mut c_char = std::ptr::null_mut();
+        // SAFETY: as all_reduce.
+        unsafe {
+            let rc = dist_ffi::tch_peft_group_broadcast(
+                self.0.as_ptr(),
+                handles.as_ptr(),
+                handles.len(),
+                root,
+                &mut error,
+            );
+            if rc != 0 {
+                return Err(take_error(error, "tch_peft_group_broadcast"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every rank.
+    pub(crate) fn barrier(&self) -> Result<(), tch::TchError> {
+        let mut error: *mut c_char = std::ptr::null_mut();
+        // SAFETY: the group is live.
+        unsafe {
+            if dist_ffi::tch_peft_group_barrier(self.0.as_ptr(), &mut error) != 0 {
+                return Err(take_error(error, "tch_peft_group_barrier"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,126 @@
+// A c10d process group over gloo (libtorch's own distributed engine, in libtorch_cpu) for
+// src/dist/: a rendezvous store (TCP or file), ProcessGroupGloo on it, and the collectives the
+// Rust side uses, each waited on with the group's timeout. Compiled with the gloo stand-in
+// headers of csrc/gloo_stub/ (the wheel lacks gloo's own): this file must not construct a
+// GlooStore nor call ProcessGroupGloo::setTimeout (../shared/reference/DISTRIBUTED.md).
+
+#include <torch/csrc/distributed/c10d/FileStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "tch_peft.h"
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+struct tch_peft_group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  std::chrono::milliseconds timeout;
+};
+
+namespace {
+
+void wait(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::milliseconds timeout) {
+  if (!work->wait(timeout)) {
+    throw std::runtime_error("a collective did not complete within the timeout");
+  }
+}
+
+// The tensors as one flat buffer (one collective for all of them), dense and contiguous.
+at::Tensor flatten(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> flat;
+  flat.reserve(ts.size());
+  for (const auto& t : ts) flat.push_back(t.reshape({-1}));
+  return flat.size() == 1 ? flat[0].contiguous().clone() : at::cat(flat);
+}
+
+void unflatten(const at::Tensor& buf, const std::vector<at::Tensor>& ts) {
+  int64_t off = 0;
+  for (const auto& t : ts) {
+    const int64_t n = t.numel();
+    at::Tensor dst = t;
+    dst.copy_(buf.narrow(0, off, n).view(t.sizes()));
+    off += n;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int tch_peft_group_new(const char* host, int port, const char* file, int rank, int size,
+                       int64_t timeout_ms, int is_server, const char* device_host,
+                       tch_peft_group** out, char** error) {
+  return tch_peft::guarded<int>("tch_peft_group_new", error, 1, [&] {
+    const std::chrono::milliseconds timeout(timeout_ms);
+    c10::intrusive_ptr<c10d::Store> store;
+    if (file != nullptr) {
+      store = c10::make_intrusive<c10d::FileStore>(std::string(file), size);
+    } else {
+      c10d::TCPStoreOptions opts;
+      opts.port = static_cast<std::uint16_t>(port);
+      opts.isServer = is_server != 0;
+      opts.numWorkers = static_cast<std::size_t>(size);
+      opts.waitWorkers = false;
+      opts.timeout = timeout;
+      store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    }
+    store->setTimeout(timeout);
+    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+    options->devices.push_back(
+        c10d::ProcessGroupGloo::createDeviceForHostname(std::string(device_host)));
+    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, options);
+    *out = new tch_peft_group{store, pg, timeout};
+    return 0;
+  });
+}
+
+void tch_peft_group_free(tch_peft_group* g) { delete g; }
+
+// op: 0 sum, 1 average. The tensors are reduced as one flat buffer and written back in place.
+int tch_peft_group_all_reduce(tch_peft_group* g, const at::Tensor* const* ts, size_t n, int op,
+                              char** error) {
+  return tch_peft::guarded<int>("tch_peft_group_all_reduce", error, 1, [&] {
+    if (n == 0) return 0;
+    std::vector<at::Tensor> list;
+    for (size_t i = 0; i < n; ++i) list.push_back(*ts[i]);
+    std::vector<at::Tensor> buf{flatten(list)};
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    opts.timeout = g->timeout;
+    wait(g->pg->allreduce(buf, opts), g->timeout);
+    if (op == 1) buf[0].div_(g->pg->getSize());
+    unflatten(buf[0], list);
+    return 0;
+  });
+}
+
+int tch_peft_group_broadcast(tch_peft_group* g, const at::Tensor* const* ts, size_t n, int root,
+                             char** error) {
+  return tch_peft::guarded<int>("tch_peft_group_broadcast", error, 1, [&] {
+    if (n == 0) return 0;
+    std::vector<at::Tensor> list;
+    for (size_t i = 0; i < n; ++i) list.push_back(*ts[i]);
+    std::vector<at::Tensor> buf{flatten(list)};
+    c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    opts.timeout = g->timeout;
+    wait(g->pg->broadcast(buf, opts), g->timeout);
+    unflatten(buf[0], list);
+    return 0;
+  });
+}
+
+int tch_peft_group_barrier(tch_peft_group* g, char** error) {
+  return tch_peft::guarded<int>("tch_peft_group_barrier", error, 1, [&] {
+    c10d::BarrierOptions opts;
+    opts.timeout = g->timeout;
+    wait(g->pg->barrier(opts), g->timeout);
+    return 0;
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,3 @@
+// Stand-in for gloo's <gloo/common/error.h>: see ../context.h.
+#pragma once
+#include "gloo/context.h"
