@@ -92,6 +92,69 @@ fn bad_arguments_are_typed_errors() {
     assert!(matches!(ProcessGroup::new(r, 0, 1, Duration::ZERO), Err(Error::Distributed { .. })));
 }
 
+/// A LoRA layer on a seeded base and its AdamW steps on `rows` of a seeded batch (mean squared
+/// error), the gradients averaged over `group` when given; the adapter's values after `steps`.
+fn lora_run(rows: &[i64], group: Option<&ProcessGroup>, steps: usize) -> Vec<(String, Tensor)> {
+    use tch::nn::{self, OptimizerConfig};
+    use tch_peft::lora::{LoraConfig, LoraLinear};
+    // values from formulas, not the global RNG (other tests of this binary run beside)
+    let wave = |n: i64, f: f64| (Tensor::arange(n, (Kind::Float, tch::Device::Cpu)) * f).sin();
+    let (base_vs, adapters) =
+        (nn::VarStore::new(tch::Device::Cpu), nn::VarStore::new(tch::Device::Cpu));
+    let base = nn::linear(base_vs.root() / "proj", 8, 6, Default::default());
+    let cfg = LoraConfig { r: 2, lora_alpha: 4.0, ..Default::default() };
+    let layer = LoraLinear::new(base, &(adapters.root() / "proj"), &cfg).unwrap();
+    tch::no_grad(|| {
+        for (_, t) in base_vs.variables() {
+            let n = t.numel() as i64;
+            t.shallow_clone().copy_(&(wave(n, 0.7) * 0.3).view(t.size().as_slice()));
+        }
+        layer.lora_a().shallow_clone().copy_(&(wave(16, 1.3) * 0.5).view([2, 8]));
+    });
+    let x = wave(64, 0.37).view([8, 8]);
+    let y = wave(48, 0.91).view([8, 6]);
+    let idx = Tensor::from_slice(rows);
+    let (x, y) = (x.index_select(0, &idx), y.index_select(0, &idx));
+    let dp = group.map(|g| tch_peft::dist::DataParallel::from_var_store(g, &adapters).unwrap());
+    let mut opt = nn::AdamW::default().build(&adapters, 1e-2).unwrap();
+    for _ in 0..steps {
+        opt.zero_grad();
+        let loss = (layer.f_forward_t(&x, true).unwrap() - &y).square().mean(Kind::Float);
+        loss.backward();
+        if let Some(dp) = &dp {
+            dp.sync_gradients().unwrap();
+        }
+        opt.step();
+    }
+    let mut v: Vec<(String, Tensor)> = adapters.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn data_parallel_lora_steps_equal_one_process_on_the_whole_batch() {
+    let dir = temp("dp");
+    let children = (0..2).map(|r| spawn(r, 2, "dp", &dir, 0)).collect();
+    for (rank, (ok, text)) in wait_all(children, Duration::from_secs(120)).iter().enumerate() {
+        assert!(ok, "rank {rank} failed:\n{text}");
+    }
+    let read = |r: usize| {
+        let f = tch_peft::io::read_safetensors(dir.join(format!("rank{r}.safetensors"))).unwrap();
+        f.tensors
+    };
+    let (r0, r1) = (read(0), read(1));
+    let single = lora_run(&[0, 1, 2, 3, 4, 5, 6, 7], None, 3);
+    for (((n0, a), (n1, b)), (ns, s)) in r0.iter().zip(&r1).zip(&single) {
+        assert_eq!((n0, n1), (ns, ns));
+        assert!(a.equal(b), "`{n0}` differs across ranks");
+        let d = (a - s).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "`{n0}`: {d} off the single-process run");
+        // trained: every tensor nonzero (lora_B moved off its zero init)
+        assert!(a.abs().max().double_value(&[]) > 1e-4, "`{n0}`");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// One rank (run by the tests above as a child process).
 #[test]
 #[ignore = "a rank of the tests above"]
@@ -121,6 +184,14 @@ fn rank() {
     }
     let g = ProcessGroup::new(rendezvous, rank, world, Duration::from_secs(60)).unwrap();
     assert_eq!((g.rank(), g.world_size()), (rank, world));
+    if mode == "dp" {
+        let rows: Vec<i64> = tch_peft::dist::shard(&[0i64, 1, 2, 3, 4, 5, 6, 7], rank, world);
+        let v = lora_run(&rows, Some(&g), 3);
+        tch_peft::io::write_safetensors(dir.join(format!("rank{rank}.safetensors")), &v, None)
+            .unwrap();
+        g.barrier().unwrap();
+        return;
+    }
     // sums and means over ranks, several tensors as one buffer
     let a = Tensor::full([1000], (rank + 1) as f64, (Kind::Float, tch::Device::Cpu));
     let b = Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).view([2, 3]) * (rank as f64);

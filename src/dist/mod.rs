@@ -246,3 +246,158 @@ impl ProcessGroup {
         unreachable!("no group exists without the binding")
     }
 }
+
+/// Data parallelism over the trainable tensors of any method (LoRA, DoRA, ReFT, a freeze plan's
+/// unfrozen weights, full fine-tuning): every rank starts from rank 0's values, and after each
+/// backward [`sync_gradients`](Self::sync_gradients) replaces every gradient with its mean over
+/// ranks in one collective per dtype (a flat buffer, never one per tensor), so that the same
+/// optimizer step follows on every rank.
+///
+/// ```no_run
+/// # fn main() -> tch_peft::Result<()> {
+/// # use std::time::Duration;
+/// use tch_peft::dist::{DataParallel, ProcessGroup};
+/// let group = ProcessGroup::from_env(Duration::from_secs(300))?;
+/// let adapters = tch::nn::VarStore::new(tch::Device::Cpu);
+/// // … build the model and its adapters in `adapters` …
+/// let dp = DataParallel::from_var_store(&group, &adapters)?; // rank 0's values everywhere
+/// // each step: loss on this rank's shard, backward, then
+/// dp.sync_gradients()?; // the gradient of the mean loss over all ranks' batches
+/// // optimizer.step() on every rank
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct DataParallel<'g> {
+    group: &'g ProcessGroup,
+    params: Vec<(String, Tensor)>,
+}
+
+impl<'g> DataParallel<'g> {
+    /// Over `params` (named; the same names, shapes and dtypes on every rank, in the same
+    /// order): checked across ranks, then overwritten with rank 0's values.
+    ///
+    /// # Errors
+    /// `Distributed` naming the first tensor whose shape or dtype differs from rank 0's (or a
+    /// different count), and the collectives' errors.
+    pub fn new(group: &'g ProcessGroup, params: Vec<(String, Tensor)>) -> Result<Self> {
+        // rank 0's signature against ours: count, then per tensor its dtype and up to 8 dims
+        const SLOTS: usize = 10;
+        let count = Tensor::from_slice(&[params.len() as i64]);
+        let theirs = count.copy();
+        group.broadcast(&[&theirs], 0)?;
+        if theirs.int64_value(&[0]) != params.len() as i64 {
+            return Err(bad(
+                "data parallel",
+                format!(
+                    "rank {} has {} tensors, rank 0 {}",
+                    group.rank(),
+                    params.len(),
+                    theirs.int64_value(&[0])
+                ),
+            ));
+        }
+        let mut sig = vec![-1i64; params.len() * SLOTS];
+        for (i, (name, t)) in params.iter().enumerate() {
+            let size = t.size();
+            if size.len() > SLOTS - 2 {
+                return Err(bad(
+                    "data parallel",
+                    format!("`{name}` has {} dimensions", size.len()),
+                ));
+            }
+            sig[i * SLOTS] = t.kind() as i64;
+            sig[i * SLOTS + 1] = size.len() as i64;
+            sig[i * SLOTS + 2..i * SLOTS + 2 + size.len()].copy_from_slice(&size);
+        }
+        let mine = Tensor::from_slice(&sig);
+        let rank0 = mine.copy();
+        group.broadcast(&[&rank0], 0)?;
+        let rank0: Vec<i64> = Vec::<i64>::try_from(&rank0)?;
+        for (i, (name, t)) in params.iter().enumerate() {
+            if rank0[i * SLOTS..(i + 1) * SLOTS] != sig[i * SLOTS..(i + 1) * SLOTS] {
+                return Err(bad(
+                    "data parallel",
+                    format!(
+                        "`{name}` is {:?} {:?} on rank {}, another shape or dtype on rank 0",
+                        t.kind(),
+                        t.size(),
+                        group.rank()
+                    ),
+                ));
+            }
+        }
+        let dp = DataParallel { group, params };
+        for ts in dp.by_kind(|t| Some(t.shallow_clone())) {
+            let refs: Vec<&Tensor> = ts.iter().collect();
+            group.broadcast(&refs, 0)?;
+        }
+        Ok(dp)
+    }
+
+    /// Over the trainable variables of `vs`, in name order.
+    pub fn from_var_store(group: &'g ProcessGroup, vs: &tch::nn::VarStore) -> Result<Self> {
+        let mut params: Vec<(String, Tensor)> =
+            vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        Self::new(group, params)
+    }
+
+    /// The tensors, grouped by dtype (each group in order), mapped by `f` (skipped where `None`).
+    fn by_kind(&self, f: impl Fn(&Tensor) -> Option<Tensor>) -> Vec<Vec<Tensor>> {
+        let mut kinds: Vec<tch::Kind> = Vec::new();
+        let mut groups: Vec<Vec<Tensor>> = Vec::new();
+        for (_, t) in &self.params {
+            let Some(x) = f(t) else { continue };
+            match kinds.iter().position(|k| *k == x.kind()) {
+                Some(i) => groups[i].push(x),
+                None => {
+                    kinds.push(x.kind());
+                    groups.push(vec![x]);
+                }
+            }
+        }
+        groups
+    }
+
+    /// Replaces every gradient with its mean over ranks: one all-reduce per dtype.
+    ///
+    /// # Errors
+    /// `Distributed` naming a tensor without a gradient on this rank (every rank must have run a
+    /// backward that reached every tensor), and the collective's errors.
+    pub fn sync_gradients(&self) -> Result<()> {
+        if let Some((name, _)) = self.params.iter().find(|(_, t)| !t.grad().defined()) {
+            return Err(bad(
+                "sync_gradients",
+                format!("`{name}` has no gradient on rank {}", self.group.rank()),
+            ));
+        }
+        for grads in self.by_kind(|t| Some(t.grad())) {
+            let refs: Vec<&Tensor> = grads.iter().collect();
+            self.group.all_reduce(&refs, ReduceOp::Average)?;
+        }
+        Ok(())
+    }
+
+    /// The tensors kept in step.
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+}
+
+/// This rank's share of `items`: every `world_size`-th one from index `rank` (the same order on
+/// every rank, so the shards are disjoint and cover everything).
+pub fn shard<T: Clone>(items: &[T], rank: usize, world_size: usize) -> Vec<T> {
+    items.iter().skip(rank).step_by(world_size.max(1)).cloned().collect()
+}
+
+/// Runs `f` on rank 0 only (a save, say), then waits for every rank: the others go on only
+/// once rank 0 is done.
+///
+/// # Errors
+/// `f`'s error on rank 0 (after the barrier, so that the other ranks are not left waiting), and
+/// the barrier's.
+pub fn on_rank0<R>(group: &ProcessGroup, f: impl FnOnce() -> Result<R>) -> Result<Option<R>> {
+    let r = if group.rank() == 0 { Some(f()) } else { None };
+    group.barrier()?;
+    r.transpose()
+}
