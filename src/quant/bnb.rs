@@ -488,25 +488,11 @@ impl Bnb4bitWeight {
     /// A second handle on the same tensors (shallow clones), with the nested offset replaced
     /// by `offset` where the weight is double-quantized.
     pub(crate) fn shallow_with_offset(&self, offset: f32) -> Self {
-        let absmax = match &self.absmax {
-            Absmax::Plain(a) => Absmax::Plain(a.shallow_clone()),
-            Absmax::Nested(q) => Absmax::Nested(NestedAbsmax {
-                codes: q.codes.shallow_clone(),
-                absmax: q.absmax.shallow_clone(),
-                map: q.map.shallow_clone(),
-                blocksize: q.blocksize,
-                offset,
-            }),
-        };
-        Bnb4bitWeight {
-            quant_type: self.quant_type,
-            blocksize: self.blocksize,
-            shape: self.shape.clone(),
-            dtype: self.dtype,
-            codes: self.codes.shallow_clone(),
-            quant_map: self.quant_map.shallow_clone(),
-            absmax,
+        let mut w = self.map_parts(|t| Ok(t.shallow_clone())).expect("shallow clones cannot fail");
+        if let Absmax::Nested(q) = &mut w.absmax {
+            q.offset = offset;
         }
+        w
     }
 
     /// A weight of `shape` whose codes and absmax are all zero (it dequantizes to zeros), in
