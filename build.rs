@@ -53,6 +53,24 @@ fn cuda_include_dirs(lib_dir: &Path) -> Option<Vec<PathBuf>> {
     Some(if nvrtc == runtime { vec![runtime] } else { vec![runtime, nvrtc] })
 }
 
+/// Headers for c10d's NCCL process group: CUDA's runtime (with `crt/` and CCCL's `nv/target`,
+/// from `nvidia-cuda-crt` and `nvidia-cuda-cccl`) and NCCL's `nccl.h` (`nvidia/nccl/include`),
+/// beside `torch/` in site-packages, else under `$CUDA_HOME/include`.
+fn nccl_include_dirs(lib_dir: &Path) -> Option<Vec<PathBuf>> {
+    let site = lib_dir.parent()?.parent()?;
+    let mut cuda = vec![site.join("nvidia/cu13/include"), site.join("nvidia/cuda_runtime/include")];
+    let mut nccl = vec![site.join("nvidia/nccl/include")];
+    if let Some(home) = env::var_os("CUDA_HOME") {
+        cuda.push(PathBuf::from(&home).join("include"));
+        nccl.push(PathBuf::from(home).join("include"));
+    }
+    let runtime = cuda.into_iter().find(|d| {
+        ["cuda_runtime_api.h", "crt/host_config.h", "nv/target"].iter().all(|h| d.join(h).exists())
+    })?;
+    let nccl = nccl.into_iter().find(|d| d.join("nccl.h").exists())?;
+    Some(vec![runtime, nccl])
+}
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc");
@@ -61,6 +79,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo::rustc-check-cfg=cfg(tch_peft_csrc)");
     println!("cargo::rustc-check-cfg=cfg(tch_peft_dist)");
+    println!("cargo::rustc-check-cfg=cfg(tch_peft_nccl)");
     let lib_dir = env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from);
     let Some(lib_dir) = lib_dir else {
         // doc-only builds and non-unix targets: nothing to compile or link.
@@ -114,7 +133,36 @@ fn main() {
                 .define("USE_C10D_GLOO", None)
                 .file("csrc/dist_gloo.cpp")
                 .compile("tch_peft_dist");
+            // csrc/dist_reducer.cpp: DDP's Reducer (no gloo header: its own build)
+            cc::Build::new()
+                .cpp(true)
+                .pic(true)
+                .warnings(false)
+                .includes(&includes)
+                .flag("-std=c++17")
+                .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+                .flag("-DGLOG_USE_GLOG_EXPORT")
+                .file("csrc/dist_reducer.cpp")
+                .compile("tch_peft_dist_reducer");
             println!("cargo:rustc-cfg=tch_peft_dist");
+            // csrc/dist_nccl.cpp: the NCCL backend, where a CUDA libtorch has NCCL's, CUDA's
+            // and CCCL's headers beside it (the PyPI wheels; `nvidia-cuda-cccl` for `nv/target`)
+            if let Some(nccl) = cuda_libtorch.then(|| nccl_include_dirs(&lib_dir)).flatten() {
+                cc::Build::new()
+                    .cpp(true)
+                    .pic(true)
+                    .warnings(false)
+                    .includes(&nccl)
+                    .includes(&includes)
+                    .flag("-std=c++17")
+                    .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+                    .flag("-DGLOG_USE_GLOG_EXPORT")
+                    .define("USE_C10D_NCCL", None)
+                    .define("USE_CUDA", None)
+                    .file("csrc/dist_nccl.cpp")
+                    .compile("tch_peft_dist_nccl");
+                println!("cargo:rustc-cfg=tch_peft_nccl");
+            }
         }
     }
     // after the static library of csrc/, whose objects reference c10_cuda

@@ -8,6 +8,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "dist.h"
 #include "tch_peft.h"
 
 #include <chrono>
@@ -15,19 +16,9 @@
 #include <string>
 #include <vector>
 
-struct tch_peft_group {
-  c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
-  std::chrono::milliseconds timeout;
-};
-
 namespace {
 
-void wait(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::milliseconds timeout) {
-  if (!work->wait(timeout)) {
-    throw std::runtime_error("a collective did not complete within the timeout");
-  }
-}
+using tch_peft::wait_work;
 
 // The tensors as one flat buffer (one collective for all of them), dense and contiguous.
 at::Tensor flatten(const std::vector<at::Tensor>& ts) {
@@ -72,13 +63,24 @@ int tch_peft_group_new(const char* host, int port, const char* file, int rank, i
     auto options = c10d::ProcessGroupGloo::Options::create(timeout);
     options->devices.push_back(
         c10d::ProcessGroupGloo::createDeviceForHostname(std::string(device_host)));
-    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, options);
-    *out = new tch_peft_group{store, pg, timeout};
+    auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, options);
+    auto pg = c10::make_intrusive<c10d::ProcessGroup>(store, rank, size);
+    pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
+    pg->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+    pg->setGroupName("tch_peft");
+    *out = new tch_peft_group{store, pg, gloo, {}, timeout};
     return 0;
   });
 }
 
-void tch_peft_group_free(tch_peft_group* g) { delete g; }
+// Shuts the backends down first (NCCL warns at exit otherwise); errors there are dropped.
+void tch_peft_group_free(tch_peft_group* g) {
+  try {
+    g->pg->shutdown();
+  } catch (...) {
+  }
+  delete g;
+}
 
 // op: 0 sum, 1 average. The tensors are reduced as one flat buffer and written back in place.
 int tch_peft_group_all_reduce(tch_peft_group* g, const at::Tensor* const* ts, size_t n, int op,
@@ -91,7 +93,7 @@ int tch_peft_group_all_reduce(tch_peft_group* g, const at::Tensor* const* ts, si
     c10d::AllreduceOptions opts;
     opts.reduceOp = c10d::ReduceOp::SUM;
     opts.timeout = g->timeout;
-    wait(g->pg->allreduce(buf, opts), g->timeout);
+    wait_work(g->pg->allreduce(buf, opts), g->timeout);
     if (op == 1) buf[0].div_(g->pg->getSize());
     unflatten(buf[0], list);
     return 0;
@@ -108,7 +110,7 @@ int tch_peft_group_broadcast(tch_peft_group* g, const at::Tensor* const* ts, siz
     c10d::BroadcastOptions opts;
     opts.rootRank = root;
     opts.timeout = g->timeout;
-    wait(g->pg->broadcast(buf, opts), g->timeout);
+    wait_work(g->pg->broadcast(buf, opts), g->timeout);
     unflatten(buf[0], list);
     return 0;
   });
@@ -118,7 +120,7 @@ int tch_peft_group_barrier(tch_peft_group* g, char** error) {
   return tch_peft::guarded<int>("tch_peft_group_barrier", error, 1, [&] {
     c10d::BarrierOptions opts;
     opts.timeout = g->timeout;
-    wait(g->pg->barrier(opts), g->timeout);
+    wait_work(g->gloo->barrier(opts), g->timeout);
     return 0;
   });
 }

@@ -49,7 +49,8 @@ int tch_peft_lora_group(const at::Tensor* x, size_t n, const at::Tensor* const* 
 
 // --- dist_gloo.cpp: a c10d process group over gloo ---
 
-// An opaque group: its store and its ProcessGroupGloo.
+// An opaque group (csrc/dist.h): its store, and a c10d ProcessGroup whose CPU backend is gloo
+// and whose CUDA backend, once added, NCCL.
 struct tch_peft_group;
 
 // A group of `size` ranks, this one `rank`: rendezvous through a FileStore at `file` when it is
@@ -65,6 +66,27 @@ int tch_peft_group_all_reduce(tch_peft_group* g, const at::Tensor* const* ts, si
 int tch_peft_group_broadcast(tch_peft_group* g, const at::Tensor* const* ts, size_t n, int root,
                              char** error);
 int tch_peft_group_barrier(tch_peft_group* g, char** error);
+
+// --- dist_nccl.cpp (where NCCL's headers were found): the group's CUDA backend ---
+int tch_peft_group_add_nccl(tch_peft_group* g, int device, char** error);
+
+// --- dist_reducer.cpp: DDP's Reducer over a group ---
+
+struct tch_peft_reducer;
+
+// Over `n` parameters (leaves that require grad, named by `names`), with DDP's options; bf16
+// compression registers a bf16_compress_hook. 0 with *out set, else 1.
+int tch_peft_reducer_new(tch_peft_group* g, const at::Tensor* const* params, size_t n,
+                         const char* const* names, int64_t bucket_cap_bytes,
+                         int64_t first_bucket_cap_bytes, int find_unused, int grad_as_bucket_view,
+                         int static_graph, int bf16_compress, tch_peft_reducer** out,
+                         char** error);
+void tch_peft_reducer_free(tch_peft_reducer* r);
+int tch_peft_reducer_pre_forward(tch_peft_reducer* r, int sync, int* rebuilt, char** error);
+int tch_peft_reducer_post_forward(tch_peft_reducer* r, const at::Tensor* const* outs, size_t n,
+                                  int sync, char** error);
+int tch_peft_reducer_buckets(tch_peft_reducer* r, size_t cap, int64_t* params, int64_t* numels,
+                             size_t* count, char** error);
 
 // --- quant_linear.cpp: the frozen 4-bit linear layer's node ---
 

@@ -36,6 +36,13 @@ else
         "$TCH_PEFT_TORCH_VENV/bin/pip" install --quiet --progress-bar off "nvidia-cuda-crt==13.0.*" ||
             echo "tch-peft: nvidia-cuda-crt not installed (no CUDA kernels for DoRA)" >&2
     fi
+    # c10d's NCCL header includes CCCL's <nv/target>, which no wheel of torch's pulls in: build.rs
+    # compiles the NCCL process group only when it is there (an 18 MB wheel)
+    if [ -e "$tch_peft_site/nvidia/nccl/include/nccl.h" ] &&
+        [ ! -e "$tch_peft_site/nvidia/cu13/include/nv/target" ]; then
+        "$TCH_PEFT_TORCH_VENV/bin/pip" install --quiet --progress-bar off "nvidia-cuda-cccl==13.0.85" ||
+            echo "tch-peft: nvidia-cuda-cccl not installed (no NCCL process group)" >&2
+    fi
     export VIRTUAL_ENV="$TCH_PEFT_TORCH_VENV"
     export PATH="$VIRTUAL_ENV/bin:$PATH"
     export LIBTORCH_USE_PYTORCH=1

@@ -660,6 +660,51 @@ mod dist_ffi {
             error: *mut *mut c_char,
         ) -> i32;
         pub fn tch_peft_group_barrier(g: *mut Group, error: *mut *mut c_char) -> i32;
+        #[cfg(tch_peft_nccl)]
+        pub fn tch_peft_group_add_nccl(g: *mut Group, device: i32, error: *mut *mut c_char) -> i32;
+        #[allow(clippy::too_many_arguments)]
+        pub fn tch_peft_reducer_new(
+            g: *mut Group,
+            params: *const *const C_tensor,
+            n: usize,
+            names: *const *const c_char,
+            bucket_cap_bytes: i64,
+            first_bucket_cap_bytes: i64,
+            find_unused: i32,
+            grad_as_bucket_view: i32,
+            static_graph: i32,
+            bf16_compress: i32,
+            out: *mut *mut Reducer,
+            error: *mut *mut c_char,
+        ) -> i32;
+        pub fn tch_peft_reducer_free(r: *mut Reducer);
+        pub fn tch_peft_reducer_pre_forward(
+            r: *mut Reducer,
+            sync: i32,
+            rebuilt: *mut i32,
+            error: *mut *mut c_char,
+        ) -> i32;
+        pub fn tch_peft_reducer_post_forward(
+            r: *mut Reducer,
+            outs: *const *const C_tensor,
+            n: usize,
+            sync: i32,
+            error: *mut *mut c_char,
+        ) -> i32;
+        pub fn tch_peft_reducer_buckets(
+            r: *mut Reducer,
+            cap: usize,
+            params: *mut i64,
+            numels: *mut i64,
+            count: *mut usize,
+            error: *mut *mut c_char,
+        ) -> i32;
+    }
+
+    /// `tch_peft_reducer` (csrc/dist_reducer.cpp): opaque.
+    #[repr(C)]
+    pub struct Reducer {
+        _private: [u8; 0],
     }
 }
 
@@ -769,6 +814,19 @@ impl GroupHandle {
         Ok(())
     }
 
+    /// Adds NCCL on CUDA device `device` (every rank, each its own device).
+    #[cfg(tch_peft_nccl)]
+    pub(crate) fn add_nccl(&self, device: i32) -> Result<(), tch::TchError> {
+        let mut error: *mut c_char = std::ptr::null_mut();
+        // SAFETY: the group is live.
+        unsafe {
+            if dist_ffi::tch_peft_group_add_nccl(self.0.as_ptr(), device, &mut error) != 0 {
+                return Err(take_error(error, "tch_peft_group_add_nccl"));
+            }
+        }
+        Ok(())
+    }
+
     /// Waits for every rank.
     pub(crate) fn barrier(&self) -> Result<(), tch::TchError> {
         let mut error: *mut c_char = std::ptr::null_mut();
@@ -779,5 +837,155 @@ impl GroupHandle {
             }
         }
         Ok(())
+    }
+}
+
+/// DDP's options as `tch_peft_reducer_new` takes them.
+#[cfg(tch_peft_dist)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReducerOptions {
+    pub bucket_cap_bytes: i64,
+    pub first_bucket_cap_bytes: i64,
+    pub find_unused: bool,
+    pub gradient_as_bucket_view: bool,
+    pub static_graph: bool,
+    pub bf16_compress: bool,
+}
+
+/// An owned c10d Reducer (`csrc/dist_reducer.cpp`) over a group, freed on drop (which removes
+/// its hooks from the parameters). It must not outlive the group it was made over: the Rust
+/// owner borrows the group.
+#[cfg(tch_peft_dist)]
+#[derive(Debug)]
+pub(crate) struct ReducerHandle(std::ptr::NonNull<dist_ffi::Reducer>);
+
+// SAFETY: the Reducer locks its own state (its hooks run on autograd's threads); freed once.
+#[cfg(tch_peft_dist)]
+unsafe impl Send for ReducerHandle {}
+
+#[cfg(tch_peft_dist)]
+impl Drop for ReducerHandle {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from tch_peft_reducer_new and is freed only here.
+        unsafe { dist_ffi::tch_peft_reducer_free(self.0.as_ptr()) }
+    }
+}
+
+#[cfg(tch_peft_dist)]
+impl ReducerHandle {
+    /// A Reducer over `params` (leaves that require grad, one name each).
+    pub(crate) fn new(
+        group: &GroupHandle,
+        params: &[&Tensor],
+        names: &[&str],
+        o: ReducerOptions,
+    ) -> Result<Self, tch::TchError> {
+        let names: Vec<std::ffi::CString> = names
+            .iter()
+            .map(|n| std::ffi::CString::new(n.replace('\0', "?")).expect("NULs replaced"))
+            .collect();
+        let name_ptrs: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
+        let handles: Vec<_> = params.iter().map(|t| t.as_ptr()).collect();
+        let mut out: *mut dist_ffi::Reducer = std::ptr::null_mut();
+        let mut error: *mut c_char = std::ptr::null_mut();
+        // SAFETY: the group is live; the handles and names are borrowed for the call.
+        unsafe {
+            let rc = dist_ffi::tch_peft_reducer_new(
+                group.0.as_ptr(),
+                handles.as_ptr(),
+                handles.len(),
+                name_ptrs.as_ptr(),
+                o.bucket_cap_bytes,
+                o.first_bucket_cap_bytes,
+                i32::from(o.find_unused),
+                i32::from(o.gradient_as_bucket_view),
+                i32::from(o.static_graph),
+                i32::from(o.bf16_compress),
+                &mut out,
+                &mut error,
+            );
+            if rc != 0 {
+                return Err(take_error(error, "tch_peft_reducer_new"));
+            }
+            std::ptr::NonNull::new(out)
+                .map(ReducerHandle)
+                .ok_or_else(|| tch::TchError::Torch("tch_peft_reducer_new gave no reducer".into()))
+        }
+    }
+
+    /// DDP's `_pre_forward`: whether the buckets were rebuilt now.
+    pub(crate) fn pre_forward(&mut self, sync: bool) -> Result<bool, tch::TchError> {
+        let mut rebuilt = 0i32;
+        let mut error: *mut c_char = std::ptr::null_mut();
+        // SAFETY: the reducer is live.
+        unsafe {
+            let rc = dist_ffi::tch_peft_reducer_pre_forward(
+                self.0.as_ptr(),
+                i32::from(sync),
+                &mut rebuilt,
+                &mut error,
+            );
+            if rc != 0 {
+                return Err(take_error(error, "tch_peft_reducer_pre_forward"));
+            }
+        }
+        Ok(rebuilt != 0)
+    }
+
+    /// DDP's `_post_forward` on the forward's outputs.
+    pub(crate) fn post_forward(
+        &mut self,
+        outs: &[&Tensor],
+        sync: bool,
+    ) -> Result<(), tch::TchError> {
+        let handles: Vec<_> = outs.iter().map(|t| t.as_ptr()).collect();
+        let mut error: *mut c_char = std::ptr::null_mut();
+        // SAFETY: the reducer is live; the handles are borrowed for the call.
+        unsafe {
+            let rc = dist_ffi::tch_peft_reducer_post_forward(
+                self.0.as_ptr(),
+                handles.as_ptr(),
+                handles.len(),
+                i32::from(sync),
+                &mut error,
+            );
+            if rc != 0 {
+                return Err(take_error(error, "tch_peft_reducer_post_forward"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Per bucket: (parameters, elements).
+    pub(crate) fn buckets(&self) -> Result<Vec<(usize, usize)>, tch::TchError> {
+        let mut cap = 64usize;
+        loop {
+            let (mut params, mut numels) = (vec![0i64; cap], vec![0i64; cap]);
+            let mut count = 0usize;
+            let mut error: *mut c_char = std::ptr::null_mut();
+            // SAFETY: the reducer is live; both arrays hold `cap` values.
+            unsafe {
+                let rc = dist_ffi::tch_peft_reducer_buckets(
+                    self.0.as_ptr(),
+                    cap,
+                    params.as_mut_ptr(),
+                    numels.as_mut_ptr(),
+                    &mut count,
+                    &mut error,
+                );
+                if rc != 0 {
+                    return Err(take_error(error, "tch_peft_reducer_buckets"));
+                }
+            }
+            if count <= cap {
+                return Ok(params
+                    .iter()
+                    .zip(&numels)
+                    .take(count)
+                    .map(|(&p, &n)| (p as usize, n as usize))
+                    .collect());
+            }
+            cap = count;
+        }
     }
 }

@@ -7,7 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
-use tch_peft::dist::{ProcessGroup, ReduceOp, Rendezvous};
+use tch_peft::dist::{
+    DdpOptions, DistributedDataParallel, GradCompression, ProcessGroup, ReduceOp, Rendezvous,
+};
 use tch_peft::Error;
 
 fn spawn(rank: usize, world: usize, mode: &str, dir: &Path, port: u16) -> Child {
@@ -92,43 +94,160 @@ fn bad_arguments_are_typed_errors() {
     assert!(matches!(ProcessGroup::new(r, 0, 1, Duration::ZERO), Err(Error::Distributed { .. })));
 }
 
-/// A LoRA layer on a seeded base and its AdamW steps on `rows` of a seeded batch (mean squared
-/// error), the gradients averaged over `group` when given; the adapter's values after `steps`.
-fn lora_run(rows: &[i64], group: Option<&ProcessGroup>, steps: usize) -> Vec<(String, Tensor)> {
+/// How a run keeps its ranks in step.
+enum Sync<'g> {
+    /// One process.
+    Local,
+    /// `DataParallel`'s flat all-reduce after the backward.
+    Flat(&'g ProcessGroup),
+    /// DDP's Reducer.
+    Ddp(&'g ProcessGroup, DdpOptions),
+}
+
+/// What a run ends with: the adapters' values, and under DDP its buckets.
+type Run = (Vec<(String, Tensor)>, Option<Vec<tch_peft::dist::Bucket>>);
+
+/// Two LoRA layers (8→8→6) on a seeded base and their AdamW steps on `micro` (this rank's rows
+/// of a seeded batch, as micro-batches whose gradients accumulate: under DDP all but the last in
+/// `no_sync`), mean squared error; `skip_second` leaves the second layer out of the forward.
+fn lora_run(micro: &[Vec<i64>], sync: Sync, steps: usize, skip_second: bool) -> Result<Run, Error> {
+    lora_run_with(micro, sync, steps, skip_second, false)
+}
+
+/// As [`lora_run`]; `checkpointed`: each backward through `checkpoint::backward_checkpointed`
+/// (one backward pass per layer, then the loss's).
+fn lora_run_with(
+    micro: &[Vec<i64>],
+    sync: Sync,
+    steps: usize,
+    skip_second: bool,
+    checkpointed: bool,
+) -> Result<Run, Error> {
     use tch::nn::{self, OptimizerConfig};
     use tch_peft::lora::{LoraConfig, LoraLinear};
     // values from formulas, not the global RNG (other tests of this binary run beside)
     let wave = |n: i64, f: f64| (Tensor::arange(n, (Kind::Float, tch::Device::Cpu)) * f).sin();
     let (base_vs, adapters) =
         (nn::VarStore::new(tch::Device::Cpu), nn::VarStore::new(tch::Device::Cpu));
-    let base = nn::linear(base_vs.root() / "proj", 8, 6, Default::default());
     let cfg = LoraConfig { r: 2, lora_alpha: 4.0, ..Default::default() };
-    let layer = LoraLinear::new(base, &(adapters.root() / "proj"), &cfg).unwrap();
+    let base1 = nn::linear(base_vs.root() / "up", 8, 8, Default::default());
+    let base2 = nn::linear(base_vs.root() / "down", 8, 6, Default::default());
+    let up = LoraLinear::new(base1, &(adapters.root() / "up"), &cfg).unwrap();
+    let down = LoraLinear::new(base2, &(adapters.root() / "down"), &cfg).unwrap();
     tch::no_grad(|| {
-        for (_, t) in base_vs.variables() {
+        let mut base: Vec<(String, Tensor)> = base_vs.variables().into_iter().collect();
+        base.sort_by(|a, b| a.0.cmp(&b.0)); // a HashMap's order differs between processes
+        for (k, (_, t)) in base.into_iter().enumerate() {
             let n = t.numel() as i64;
-            t.shallow_clone().copy_(&(wave(n, 0.7) * 0.3).view(t.size().as_slice()));
+            t.shallow_clone()
+                .copy_(&(wave(n, 0.7 + 0.1 * k as f64) * 0.3).view(t.size().as_slice()));
         }
-        layer.lora_a().shallow_clone().copy_(&(wave(16, 1.3) * 0.5).view([2, 8]));
+        up.lora_a().shallow_clone().copy_(&(wave(16, 1.3) * 0.5).view([2, 8]));
+        down.lora_a().shallow_clone().copy_(&(wave(16, 0.4) * 0.5).view([2, 8]));
     });
     let x = wave(64, 0.37).view([8, 8]);
     let y = wave(48, 0.91).view([8, 6]);
-    let idx = Tensor::from_slice(rows);
-    let (x, y) = (x.index_select(0, &idx), y.index_select(0, &idx));
-    let dp = group.map(|g| tch_peft::dist::DataParallel::from_var_store(g, &adapters).unwrap());
+    let loss_of = |rows: &[i64]| {
+        let idx = Tensor::from_slice(rows);
+        let (x, y) = (x.index_select(0, &idx), y.index_select(0, &idx));
+        let h = up.f_forward_t(&x, true).unwrap();
+        let out = if skip_second {
+            h.narrow(1, 0, 6)
+        } else {
+            down.f_forward_t(&h.tanh(), true).unwrap()
+        };
+        (out - y).square().mean(Kind::Float) / micro.len() as f64
+    };
+    let flat = match &sync {
+        Sync::Flat(g) => Some(tch_peft::dist::DataParallel::from_var_store(g, &adapters)?),
+        _ => None,
+    };
+    let mut ddp = match &sync {
+        Sync::Ddp(g, o) => Some(DistributedDataParallel::from_var_store(g, &adapters, *o)?),
+        _ => None,
+    };
     let mut opt = nn::AdamW::default().build(&adapters, 1e-2).unwrap();
     for _ in 0..steps {
-        opt.zero_grad();
-        let loss = (layer.f_forward_t(&x, true).unwrap() - &y).square().mean(Kind::Float);
-        loss.backward();
-        if let Some(dp) = &dp {
-            dp.sync_gradients().unwrap();
+        match &ddp {
+            Some(d) => d.zero_grad(),
+            None => opt.zero_grad(),
+        }
+        for (i, rows) in micro.iter().enumerate() {
+            let last = i + 1 == micro.len();
+            if checkpointed {
+                let idx = Tensor::from_slice(rows);
+                let (x, y) = (x.index_select(0, &idx), y.index_select(0, &idx));
+                let f1 = |x: &Tensor| up.f_forward_t(x, true);
+                let f2 = |h: &Tensor| down.f_forward_t(&h.tanh(), true);
+                let loss = |o: &Tensor| Ok((o - &y).square().mean(Kind::Float));
+                if let Some(d) = ddp.as_mut() {
+                    // several backward passes: the Reducer readied before the first
+                    d.pre_forward()?;
+                    d.post_forward(&[])?;
+                }
+                let _loss = tch_peft::checkpoint::backward_checkpointed(&x, &[&f1, &f2], &loss)?;
+                continue;
+            }
+            let loss = match ddp.as_mut() {
+                Some(d) if !last => d.no_sync(|d| d.forward(|| loss_of(rows)))?,
+                Some(d) => d.forward(|| loss_of(rows))?,
+                None => loss_of(rows),
+            };
+            loss.f_backward()?;
+        }
+        if let Some(dp) = &flat {
+            dp.sync_gradients()?;
         }
         opt.step();
     }
+    let buckets = ddp.as_ref().map(|d| d.buckets()).transpose()?;
+    if let Some(d) = &ddp {
+        assert_eq!(d.buckets_rebuilt(), steps > 1 && !d.options().find_unused_parameters);
+    }
     let mut v: Vec<(String, Tensor)> = adapters.variables().into_iter().collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
+    Ok((v, buckets))
+}
+
+/// The DDP runs of the `ddp` ranks: (file tag, options, tolerance against one process).
+fn ddp_variants() -> Vec<(&'static str, DdpOptions, f64)> {
+    // caps of a few hundred bytes, so that the rebuilt buckets are several
+    let small = DdpOptions {
+        bucket_cap_mb: 100.0 / 1048576.0,
+        first_bucket_cap_mb: 50.0 / 1048576.0,
+        ..Default::default()
+    };
+    vec![
+        ("ddp", small, 1e-5),
+        ("view", DdpOptions { gradient_as_bucket_view: true, ..small }, 1e-5),
+        ("static", DdpOptions { static_graph: true, ..small }, 1e-5),
+        ("unused", DdpOptions { find_unused_parameters: true, ..small }, 1e-5),
+        ("default", DdpOptions::default(), 1e-5),
+        // bf16 keeps ~3 digits of each averaged gradient; AdamW normalises them, so the
+        // adapters move by about lr × that relative error per step
+        ("bf16", DdpOptions { compression: GradCompression::Bf16, ..small }, 2e-3),
+    ]
+}
+
+fn read(dir: &Path, tag: &str, rank: usize) -> Vec<(String, Tensor)> {
+    tch_peft::io::read_safetensors(dir.join(format!("{tag}-rank{rank}.safetensors")))
+        .unwrap()
+        .tensors
+}
+
+fn assert_same(tag: &str, ranks: &[Vec<(String, Tensor)>], single: &[(String, Tensor)], tol: f64) {
+    for r in ranks {
+        assert_eq!(r.len(), single.len(), "{tag}");
+        for ((n, a), (n0, b)) in r.iter().zip(&ranks[0]) {
+            assert_eq!(n, n0);
+            assert!(a.equal(b), "{tag}: `{n}` differs across ranks");
+        }
+        for ((n, a), (ns, s)) in r.iter().zip(single) {
+            assert_eq!(n, ns);
+            let d = (a - s).abs().max().double_value(&[]);
+            assert!(d < tol, "{tag}: `{n}` is {d} off the single-process run");
+        }
+    }
 }
 
 #[test]
@@ -138,20 +257,48 @@ fn data_parallel_lora_steps_equal_one_process_on_the_whole_batch() {
     for (rank, (ok, text)) in wait_all(children, Duration::from_secs(120)).iter().enumerate() {
         assert!(ok, "rank {rank} failed:\n{text}");
     }
-    let read = |r: usize| {
-        let f = tch_peft::io::read_safetensors(dir.join(format!("rank{r}.safetensors"))).unwrap();
-        f.tensors
-    };
-    let (r0, r1) = (read(0), read(1));
-    let single = lora_run(&[0, 1, 2, 3, 4, 5, 6, 7], None, 3);
-    for (((n0, a), (n1, b)), (ns, s)) in r0.iter().zip(&r1).zip(&single) {
-        assert_eq!((n0, n1), (ns, ns));
-        assert!(a.equal(b), "`{n0}` differs across ranks");
-        let d = (a - s).abs().max().double_value(&[]);
-        assert!(d < 1e-5, "`{n0}`: {d} off the single-process run");
-        // trained: every tensor nonzero (lora_B moved off its zero init)
-        assert!(a.abs().max().double_value(&[]) > 1e-4, "`{n0}`");
+    let all: Vec<i64> = (0..8).collect();
+    let (single, _) = lora_run(&[all], Sync::Local, 3, false).unwrap();
+    assert_same("flat", &[read(&dir, "flat", 0), read(&dir, "flat", 1)], &single, 1e-5);
+    // trained: every tensor nonzero (lora_B moved off its zero init)
+    for (n, t) in &single {
+        assert!(t.abs().max().double_value(&[]) > 1e-4, "`{n}`");
     }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn ddp_reducer_steps_equal_one_process_and_agree_across_ranks() {
+    let dir = temp("ddp");
+    let children = (0..2).map(|r| spawn(r, 2, "ddp", &dir, free_port())).collect();
+    for (rank, (ok, text)) in wait_all(children, Duration::from_secs(180)).iter().enumerate() {
+        assert!(ok, "rank {rank} failed:\n{text}");
+        assert!(text.contains("rank done"), "rank {rank}:\n{text}");
+    }
+    let all: Vec<i64> = (0..8).collect();
+    let (single, _) = lora_run(std::slice::from_ref(&all), Sync::Local, 3, false).unwrap();
+    for (tag, _, tol) in ddp_variants() {
+        assert_same(tag, &[read(&dir, tag, 0), read(&dir, tag, 1)], &single, tol);
+    }
+    assert_same("ckpt", &[read(&dir, "ckpt", 0), read(&dir, "ckpt", 1)], &single, 1e-5);
+    // with the second layer left out: its adapter stays where it started, the first trains
+    let (skipped, _) = lora_run(&[all], Sync::Local, 3, true).unwrap();
+    assert_same("skip", &[read(&dir, "skip", 0), read(&dir, "skip", 1)], &skipped, 1e-5);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn no_sync_accumulation_over_three_ranks_equals_one_big_batch_and_rank0_saves() {
+    let dir = temp("nosync");
+    let children = (0..3).map(|r| spawn(r, 3, "nosync", &dir, 0)).collect();
+    for (rank, (ok, text)) in wait_all(children, Duration::from_secs(180)).iter().enumerate() {
+        assert!(ok, "rank {rank} failed:\n{text}");
+        assert!(text.contains("rank done"), "rank {rank}:\n{text}");
+    }
+    let all: Vec<i64> = (0..6).collect();
+    let (single, _) = lora_run(&[all], Sync::Local, 2, false).unwrap();
+    let saved = tch_peft::io::read_safetensors(dir.join("adapter.safetensors")).unwrap().tensors;
+    assert_same("no_sync", &[saved], &single, 1e-5);
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -184,13 +331,80 @@ fn rank() {
     }
     let g = ProcessGroup::new(rendezvous, rank, world, Duration::from_secs(60)).unwrap();
     assert_eq!((g.rank(), g.world_size()), (rank, world));
-    if mode == "dp" {
-        let rows: Vec<i64> = tch_peft::dist::shard(&[0i64, 1, 2, 3, 4, 5, 6, 7], rank, world);
-        let v = lora_run(&rows, Some(&g), 3);
-        tch_peft::io::write_safetensors(dir.join(format!("rank{rank}.safetensors")), &v, None)
-            .unwrap();
-        g.barrier().unwrap();
-        return;
+    let save = |tag: &str, v: &[(String, Tensor)]| {
+        tch_peft::io::write_safetensors(dir.join(format!("{tag}-rank{rank}.safetensors")), v, None)
+            .unwrap()
+    };
+    let rows: Vec<i64> = tch_peft::dist::shard(&(0..8).collect::<Vec<i64>>(), rank, world);
+    match mode.as_str() {
+        "dp" => {
+            save("flat", &lora_run(&[rows], Sync::Flat(&g), 3, false).unwrap().0);
+            g.barrier().unwrap();
+            return;
+        }
+        "ddp" => {
+            for (tag, o, _) in ddp_variants() {
+                let (v, buckets) =
+                    lora_run(std::slice::from_ref(&rows), Sync::Ddp(&g, o), 3, false).unwrap();
+                let buckets = buckets.unwrap();
+                println!("{tag}: buckets {buckets:?}");
+                let n: usize = buckets.iter().map(|b| b.params).sum();
+                assert_eq!(n, 4, "{tag}");
+                if o.bucket_cap_mb < 1e-3 && !o.find_unused_parameters {
+                    // rebuilt in ready order under caps of 100 bytes (first 50): one bucket per
+                    // tensor or pair, several in all
+                    assert!(buckets.len() >= 3, "{tag}: {buckets:?}");
+                }
+                save(tag, &v);
+            }
+            // activation checkpointing: one backward pass per layer, the Reducer across them
+            let small = ddp_variants()[0].1;
+            let (v, _) =
+                lora_run_with(std::slice::from_ref(&rows), Sync::Ddp(&g, small), 3, false, true)
+                    .unwrap();
+            save("ckpt", &v);
+            // a static graph's first step needs an output to hang its delayed all-reduce on
+            let st = DdpOptions { static_graph: true, ..small };
+            match lora_run_with(std::slice::from_ref(&rows), Sync::Ddp(&g, st), 1, false, true) {
+                Err(Error::Distributed { reason, .. }) => {
+                    assert!(reason.contains("output"), "{reason}")
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+            // a parameter that gets no gradient: with find_unused_parameters it is marked ready
+            let unused = DdpOptions { find_unused_parameters: true, ..Default::default() };
+            save(
+                "skip",
+                &lora_run(std::slice::from_ref(&rows), Sync::Ddp(&g, unused), 3, true).unwrap().0,
+            );
+            // without it, the next forward reports the unfinished reduction, naming the tensors
+            match lora_run(&[rows], Sync::Ddp(&g, DdpOptions::default()), 2, true) {
+                Err(Error::Distributed { reason, .. }) => {
+                    assert!(reason.contains("finished reduction"), "{reason}");
+                    println!("unused parameter refused: {}", reason.lines().next().unwrap_or(""));
+                }
+                other => panic!("expected an unfinished-reduction error, got {other:?}"),
+            }
+            g.barrier().unwrap();
+            println!("rank done");
+            return;
+        }
+        "nosync" => {
+            // rows r and r + 3 of six, as two micro-batches: the first under no_sync
+            let micro = vec![vec![rank as i64], vec![rank as i64 + 3]];
+            let (v, _) = lora_run(&micro, Sync::Ddp(&g, DdpOptions::default()), 2, false).unwrap();
+            let path = dir.join("adapter.safetensors");
+            tch_peft::dist::on_rank0(&g, || tch_peft::io::write_safetensors(&path, &v, None))
+                .unwrap();
+            // after the barrier every rank sees rank 0's whole file, equal to its own values
+            let saved = tch_peft::io::read_safetensors(&path).unwrap().tensors;
+            for ((n, a), (_, b)) in saved.iter().zip(&v) {
+                assert!(a.equal(b), "`{n}` on rank {rank}");
+            }
+            println!("rank done");
+            return;
+        }
+        _ => {}
     }
     // sums and means over ranks, several tensors as one buffer
     let a = Tensor::full([1000], (rank + 1) as f64, (Kind::Float, tch::Device::Cpu));
