@@ -950,3 +950,133 @@ fn qlora_on_cuda_matches_lora_on_the_dequantized_weight_and_the_gemv_matches_the
         }
     }
 }
+
+/// Two LoRA layers (64 → 64 → 32) on CUDA and `steps` AdamW steps of a seeded batch, under DDP
+/// over `group` when given: the adapters' values after them.
+fn ddp_lora_on_cuda(
+    group: Option<&tch_peft::dist::ProcessGroup>,
+    options: tch_peft::dist::DdpOptions,
+    steps: usize,
+) -> Vec<(String, Tensor)> {
+    use tch::nn::OptimizerConfig;
+    use tch_peft::dist::DistributedDataParallel;
+    let dev = cuda();
+    let wave = |n: i64, f: f64| (Tensor::arange(n, (Kind::Float, dev)) * f).sin();
+    let (base_vs, adapters) = (nn::VarStore::new(dev), nn::VarStore::new(dev));
+    let cfg = LoraConfig { r: 4, lora_alpha: 8.0, ..Default::default() };
+    let up = LoraLinear::new(
+        nn::linear(base_vs.root() / "up", 64, 64, Default::default()),
+        &(adapters.root() / "up"),
+        &cfg,
+    )
+    .unwrap();
+    let down = LoraLinear::new(
+        nn::linear(base_vs.root() / "down", 64, 32, Default::default()),
+        &(adapters.root() / "down"),
+        &cfg,
+    )
+    .unwrap();
+    tch::no_grad(|| {
+        let mut all: Vec<(String, Tensor)> = base_vs.variables().into_iter().collect();
+        all.extend(adapters.variables());
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        for (k, (name, t)) in all.into_iter().enumerate() {
+            if name.contains("lora_B") {
+                continue;
+            }
+            let n = t.numel() as i64;
+            t.shallow_clone()
+                .copy_(&(wave(n, 0.3 + 0.1 * k as f64) * 0.2).view(t.size().as_slice()));
+        }
+    });
+    let x = wave(16 * 64, 0.37).view([16, 64]);
+    let y = wave(16 * 32, 0.91).view([16, 32]);
+    let mut ddp =
+        group.map(|g| DistributedDataParallel::from_var_store(g, &adapters, options).unwrap());
+    let mut opt = nn::AdamW::default().build(&adapters, 1e-2).unwrap();
+    for _ in 0..steps {
+        let forward = || {
+            let h = up.f_forward_t(&x, true).unwrap().tanh();
+            (down.f_forward_t(&h, true).unwrap() - &y).square().mean(Kind::Float)
+        };
+        let loss = match ddp.as_mut() {
+            Some(d) => {
+                d.zero_grad();
+                d.forward(forward).unwrap()
+            }
+            None => {
+                opt.zero_grad();
+                forward()
+            }
+        };
+        loss.backward();
+        opt.step();
+    }
+    if let Some(d) = &ddp {
+        assert!(d.buckets_rebuilt() || steps < 2);
+    }
+    let mut v: Vec<(String, Tensor)> = adapters.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn nccl_group_of_one_reduces_on_the_gpu_and_ddp_trains_as_one_process() {
+    use std::time::Duration;
+    use tch_peft::dist::{DdpOptions, GradCompression, ProcessGroup, ReduceOp, Rendezvous};
+    let _g = shared();
+    let dev = cuda();
+    assert!(tch_peft::dist::nccl_available(), "this build has no NCCL process group");
+    let dir = std::env::temp_dir().join(format!("tch-peft-nccl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut group =
+        ProcessGroup::new(Rendezvous::File(dir.join("store")), 0, 1, Duration::from_secs(60))
+            .unwrap();
+    // a CUDA tensor is refused before NCCL is added
+    let a = Tensor::arange(1000, (Kind::Float, dev));
+    assert!(matches!(
+        group.all_reduce(&[&a], ReduceOp::Sum),
+        Err(tch_peft::Error::DeviceMismatch { .. })
+    ));
+    group.add_nccl(0).unwrap();
+    assert_eq!(group.device(), dev);
+    assert!(group.add_nccl(0).is_err(), "NCCL added twice");
+    // NCCL for CUDA tensors (several as one buffer), gloo for CPU ones, in the same group
+    let b = Tensor::ones([3, 5], (Kind::Float, dev)) * 2.5;
+    group.all_reduce(&[&a, &b], ReduceOp::Sum).unwrap();
+    assert!(a.equal(&Tensor::arange(1000, (Kind::Float, dev))));
+    group.all_reduce(&[&b], ReduceOp::Average).unwrap();
+    assert!(b.equal(&(Tensor::ones([3, 5], (Kind::Float, dev)) * 2.5)));
+    let h = Tensor::ones([4], (Kind::BFloat16, dev));
+    group.broadcast(&[&h], 0).unwrap();
+    assert!(h.equal(&Tensor::ones([4], (Kind::BFloat16, dev))));
+    let c = Tensor::ones([4], (Kind::Float, Device::Cpu));
+    group.all_reduce(&[&c], ReduceOp::Sum).unwrap();
+    assert!(matches!(
+        group.all_reduce(&[&a, &c], ReduceOp::Sum),
+        Err(tch_peft::Error::DeviceMismatch { .. })
+    ));
+    group.barrier().unwrap();
+    // DDP's Reducer on the GPU: at a world of one the gradients pass through unchanged
+    let small = DdpOptions {
+        bucket_cap_mb: 4096.0 / 1048576.0,
+        first_bucket_cap_mb: 1024.0 / 1048576.0,
+        ..Default::default()
+    };
+    let single = ddp_lora_on_cuda(None, small, 3);
+    for (tag, o, tol) in [
+        ("buckets", small, 0.0),
+        ("view", DdpOptions { gradient_as_bucket_view: true, ..small }, 0.0),
+        ("static", DdpOptions { static_graph: true, ..small }, 0.0),
+        ("bf16", DdpOptions { compression: GradCompression::Bf16, ..small }, 5e-3),
+    ] {
+        let v = ddp_lora_on_cuda(Some(&group), o, 3);
+        for ((n, a), (_, s)) in v.iter().zip(&single) {
+            let d = (a - s).abs().max().double_value(&[]);
+            assert!(d <= tol, "{tag}: `{n}` is {d} off the run without DDP");
+        }
+    }
+    drop(group);
+    std::fs::remove_dir_all(&dir).ok();
+}

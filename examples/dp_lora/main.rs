@@ -1,6 +1,8 @@
-//! Data-parallel LoRA training, one process per rank (c10d over gloo): every rank builds the
-//! same model, takes its shard of the batch, and averages the adapters' gradients before each
-//! AdamW step; rank 0 saves the adapter. Launch with torchrun (from the torch the crate links):
+//! Data-parallel LoRA training, one process per rank (c10d: gloo on CPUs, NCCL on the GPU of
+//! `LOCAL_RANK` where CUDA is): every rank builds the same model, takes its shard of the batch,
+//! and DDP's Reducer averages the adapters' gradients during the backward (`--flat`: one
+//! all-reduce after it) before each AdamW step; rank 0 saves the adapter. Launch with torchrun
+//! (from the torch the crate links):
 //!
 //! ```text
 //! scripts/with-torch cargo build --release --example dp_lora
@@ -16,20 +18,24 @@ use std::time::Duration;
 
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
-use tch_peft::dist::{on_rank0, shard, DataParallel, ProcessGroup, ReduceOp};
+use tch_peft::dist::{
+    on_rank0, shard, DataParallel, DdpOptions, DistributedDataParallel, ProcessGroup, ReduceOp,
+};
 use tch_peft::lora::{LoraBuilder, LoraConfig};
 use tch_peft::models::llama::{Llama, LlamaConfig};
 
 fn main() -> tch_peft::Result<()> {
     let mut out = None;
     let mut steps = 5usize;
+    let mut flat = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--out" => out = args.next().map(PathBuf::from),
             "--steps" => steps = args.next().and_then(|s| s.parse().ok()).unwrap_or(steps),
+            "--flat" => flat = true,
             other => {
-                eprintln!("usage: dp_lora [--out DIR] [--steps N] (unknown `{other}`)");
+                eprintln!("usage: dp_lora [--out DIR] [--steps N] [--flat] (unknown `{other}`)");
                 std::process::exit(2);
             }
         }
@@ -46,7 +52,8 @@ fn main() -> tch_peft::Result<()> {
         num_attention_heads: 4,
         ..LlamaConfig::default()
     };
-    let (mut base, adapters) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let device = group.device();
+    let (mut base, adapters) = (nn::VarStore::new(device), nn::VarStore::new(device));
     let builder = LoraBuilder::new(
         &adapters.root(),
         LoraConfig { r: 8, lora_alpha: 16.0, ..LoraConfig::for_targets(["q_proj", "v_proj"]) },
@@ -54,18 +61,43 @@ fn main() -> tch_peft::Result<()> {
     let model = Llama::new(&base.root(), &cfg, Some(&builder))?;
     let adapter = builder.finish()?;
     base.freeze();
-    let dp = DataParallel::from_var_store(&group, &adapters)?;
+    // rank 0's adapters everywhere, then kept in step: DDP's buckets, or one flat all-reduce
+    let (mut ddp, dp) = if flat {
+        (None, Some(DataParallel::from_var_store(&group, &adapters)?))
+    } else {
+        (
+            Some(DistributedDataParallel::from_var_store(
+                &group,
+                &adapters,
+                DdpOptions::default(),
+            )?),
+            None,
+        )
+    };
     let mut opt = nn::AdamW::default().build(&adapters, 1e-3)?;
     // a global batch of 16 sequences; each rank takes every `world`-th one
-    let batch = Tensor::randint(cfg.vocab_size, [16, 32], (Kind::Int64, Device::Cpu));
+    let batch = Tensor::randint(cfg.vocab_size, [16, 32], (Kind::Int64, Device::Cpu)).to(device);
     let rows: Vec<i64> = shard(&(0..16).collect::<Vec<i64>>(), rank, world);
-    let mine = batch.index_select(0, &Tensor::from_slice(&rows));
+    let mine = batch.index_select(0, &Tensor::from_slice(&rows).to(device));
     for step in 0..steps {
         opt.zero_grad();
-        let h = model.hidden_states(&mine, None, true, None)?;
-        let loss = model.causal_lm_loss(&h, &mine, true)?;
-        loss.backward();
-        dp.sync_gradients()?;
+        let forward = || -> tch_peft::Result<Tensor> {
+            let h = model.hidden_states(&mine, None, true, None)?;
+            model.causal_lm_loss(&h, &mine, true)
+        };
+        let loss = match ddp.as_mut() {
+            Some(ddp) => {
+                ddp.pre_forward()?;
+                let loss = forward()?;
+                ddp.post_forward(&[&loss])?;
+                loss
+            }
+            None => forward()?,
+        };
+        loss.f_backward()?; // under DDP, the buckets are all-reduced while this runs
+        if let Some(dp) = &dp {
+            dp.sync_gradients()?;
+        }
         opt.step();
         let mean = loss.detach().copy();
         group.all_reduce(&[&mean], ReduceOp::Average)?;

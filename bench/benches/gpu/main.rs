@@ -25,7 +25,8 @@
 //!    every layer), `full` (every weight, AdamW on the bf16 weights); besides those,
 //!    `lora-keep` (LoRA with every LoRA node keeping its input: `ops::set_recompute(false)`) and
 //!    `none-ckpt` / `lora-ckpt` (activation checkpointing per block:
-//!    `Llama::causal_lm_backward_checkpointed`).
+//!    `Llama::causal_lm_backward_checkpointed`); any of them with `+ddp`, `+ddp-bf16`,
+//!    `+ddp-nosync` or `+flat` (data-parallel: `bench/benches/gpu/dist.rs`).
 //! 3. `infer`: the same model's inference forward (logits, `no_grad`): base, LoRA unmerged, LoRA
 //!    merged (`merge`, which keeps the pre-merge weights in host memory for a bit-exact unmerge)
 //!    and `merge_and_unload` (no copy kept, as PEFT's merge).
@@ -42,6 +43,7 @@ use std::time::Instant;
 
 #[path = "../../../benches/common/mod.rs"]
 mod common;
+mod dist;
 use common::sync;
 
 use tch::nn::{self, OptimizerConfig};
@@ -460,9 +462,11 @@ fn train_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
         tch_peft::memory::reset_peak(device);
         // `lora-keep`: LoRA with every LoRA node keeping its input (no recomputation);
         // `…-ckpt`: the variant with activation checkpointing per block
-        tch_peft::ops::set_recompute(variant != "lora-keep");
-        let ckpt = variant.ends_with("-ckpt");
-        let built = match variant.as_str() {
+        // `…+ddp` and the like: data-parallel (bench/benches/gpu/dist.rs)
+        let (plain, dp_mode) = dist::parse(variant);
+        tch_peft::ops::set_recompute(plain != "lora-keep");
+        let ckpt = plain.ends_with("-ckpt");
+        let built = match plain {
             "lora-keep" => "lora",
             v => v.trim_end_matches("-ckpt"),
         };
@@ -500,6 +504,7 @@ fn train_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
                 )
             }
         });
+        let mut dp = dp_mode.map(|m| dist::Dp::new(m, trained_vs));
         let forward = || {
             let hook = hook.as_ref().map(|h| h as &dyn tch_peft::models::ResidualHook);
             step_loss(&model, &ids, &labels, built == "none", hook)
@@ -511,15 +516,28 @@ fn train_rows(args: &Args, device: Device, rows: &mut Vec<Row>) {
                 if let Some(o) = opt.as_mut() {
                     o.zero_grad();
                 }
+                if let Some(dp) = dp.as_mut() {
+                    dp.before_forward();
+                    dp.after_forward(&[]);
+                }
                 let hook = hook.as_ref().map(|h| h as &dyn tch_peft::models::ResidualHook);
                 checkpointed_step(&model, &ids, built == "none", hook);
             } else {
+                if let Some(dp) = dp.as_mut() {
+                    dp.before_forward();
+                }
                 let loss = forward();
+                if let Some(dp) = dp.as_mut() {
+                    dp.after_forward(&[&loss]);
+                }
                 phase(0);
                 if let Some(o) = opt.as_mut() {
                     o.zero_grad();
                 }
                 loss.backward();
+            }
+            if let Some(dp) = dp.as_ref() {
+                dp.after_backward();
             }
             phase(1);
             if let Some(o) = opt.as_mut() {

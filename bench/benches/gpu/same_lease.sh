@@ -6,6 +6,7 @@
 #
 #   bash bench/benches/gpu/same_lease.sh rust|rust-logits|eager|liger|compile|profile
 #   bash bench/benches/gpu/same_lease.sh qlora-rust|qlora-peft|qlora-8b-rust|qlora-8b-peft
+#   bash bench/benches/gpu/same_lease.sh dist1   (issue 20; dev-bin/cuda and dev-bin/dp_lora too)
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -39,5 +40,13 @@ case "${1:-}" in
       --target /tmp/site-bnb .whl-bnb/*.whl && export PYTHONPATH=/tmp/site-bnb &&
     python3 $py --only train --model 8b --layers 32 --batch 1 --seq 2048 --variants qlora,qlora-ckpt \
       --steps 10 --warmup 3 --json "$OUT/qlora-8b-peft.json" 2>&1 | tee "$OUT/qlora-8b-peft.txt" ;;
-  *) echo "usage: $0 rust|rust-logits|eager|liger|compile|profile|qlora-rust|qlora-peft|qlora-8b-rust|qlora-8b-peft" >&2; exit 2 ;;
+  # issue 20: NCCL at a world of one: the CUDA tests (their NCCL test among them), dp_lora under
+  # torchrun (NCCL from the environment), and the data-parallel forms of the LoRA step
+  dist1) { dev-bin/cuda --test-threads=1 &&
+      python3 -m torch.distributed.run --no-python --nproc-per-node 1 --master-addr 127.0.0.1 \
+        --master-port 29541 dev-bin/dp_lora --steps 3 --out /tmp/dp-adapter; } 2>&1 \
+      | tee "$OUT/dist1-check.txt" &&
+    dev-bin/gpu --bench --only train --variants lora,lora+ddp,lora+ddp-nosync,lora+flat,lora+ddp-bf16,lora-ckpt,lora-ckpt+ddp \
+      --json "$OUT/dist1.json" 2>&1 | tee "$OUT/dist1.txt" ;;
+  *) echo "usage: $0 rust|rust-logits|eager|liger|compile|profile|qlora-rust|qlora-peft|qlora-8b-rust|qlora-8b-peft|dist1" >&2; exit 2 ;;
 esac
