@@ -20,15 +20,24 @@ namespace {
 
 using tch_peft::wait_work;
 
-// The tensors as one flat buffer (one collective for all of them), dense and contiguous.
+// Whether the collective can run on the tensor itself: one dense, contiguous tensor.
+bool in_place(const std::vector<at::Tensor>& ts) {
+  return ts.size() == 1 && ts[0].is_contiguous() && !ts[0].is_sparse();
+}
+
+// The tensors as one flat buffer (one collective for all of them), dense and contiguous: the
+// tensor itself where it can be reduced in place, else a new buffer.
 at::Tensor flatten(const std::vector<at::Tensor>& ts) {
+  if (in_place(ts)) return ts[0].view({-1});
   std::vector<at::Tensor> flat;
   flat.reserve(ts.size());
   for (const auto& t : ts) flat.push_back(t.reshape({-1}));
   return flat.size() == 1 ? flat[0].contiguous().clone() : at::cat(flat);
 }
 
+// Writes the buffer back into the tensors (nothing to do where it was reduced in place).
 void unflatten(const at::Tensor& buf, const std::vector<at::Tensor>& ts) {
+  if (in_place(ts)) return;
   int64_t off = 0;
   for (const auto& t : ts) {
     const int64_t n = t.numel();

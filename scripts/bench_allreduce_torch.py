@@ -39,12 +39,12 @@ def main():
         t = torch.ones(n)
         r = reps if n <= 1 << 20 else max(3, -(-reps // 4))
         ms = timed(r, lambda: dist.all_reduce(t))
-        say(f"{f'{n >> 20} M floats, one tensor':<42} {ms:>9.2} {4 * n / (ms * 1e-3) / 1e9:>10.3}")
+        say(f"{f'{n >> 20} M floats, one tensor':<42} {ms:>9.2f} {4 * n / (ms * 1e-3) / 1e9:>10.3f}")
     many = [torch.ones(4096) for _ in range(256)]
     flat = timed(reps, lambda: dist.all_reduce_coalesced(many))
     each = timed(max(3, -(-reps // 4)), lambda: [dist.all_reduce(t) for t in many])
-    say(f"{'256 × 4096 floats, all_reduce_coalesced':<42} {flat:>9.2}")
-    say(f"{'256 × 4096 floats, one per tensor':<42} {each:>9.2}   ({each / flat:.1}× coalesced)")
+    say(f"{'256 × 4096 floats, all_reduce_coalesced':<42} {flat:>9.2f}")
+    say(f"{'256 × 4096 floats, one per tensor':<42} {each:>9.2f}   ({each / flat:.1f}× coalesced)")
     dist.destroy_process_group()
 
 

@@ -17,7 +17,8 @@
 //!    all-reduce), and `DataParallel` (one flat all-reduce after the backward). The exposed
 //!    communication is the synchronised step minus the `no_sync` one.
 //!
-//! Rank 0 prints the table; every rank runs the same work.
+//! Rank 0 prints the table; every rank runs the same work. The four step variants are built
+//! at once and their steps interleaved (three warm-up rounds, then `--steps`), medians.
 
 use std::time::{Duration, Instant};
 
@@ -77,7 +78,8 @@ fn main() -> tch_peft::Result<()> {
         let gbs = 4.0 * n as f64 / (ms * 1e-3) / 1e9;
         say(format!("{:<42} {ms:>9.2} {gbs:>10.3}", format!("{} M floats, one tensor", n >> 20)));
     }
-    let many: Vec<Tensor> = (0..256).map(|_| Tensor::ones([4096], (Kind::Float, Device::Cpu))).collect();
+    let many: Vec<Tensor> =
+        (0..256).map(|_| Tensor::ones([4096], (Kind::Float, Device::Cpu))).collect();
     let refs: Vec<&Tensor> = many.iter().collect();
     let flat = time(&group, reps, || group.all_reduce(&refs, ReduceOp::Sum).expect("flat"));
     let each = time(&group, reps.div_ceil(4).max(3), || {
@@ -86,7 +88,11 @@ fn main() -> tch_peft::Result<()> {
         }
     });
     say(format!("{:<42} {flat:>9.2}", "256 × 4096 floats, one flat buffer"));
-    say(format!("{:<42} {each:>9.2}   ({:.1}× the flat buffer)", "256 × 4096 floats, one per tensor", each / flat));
+    say(format!(
+        "{:<42} {each:>9.2}   ({:.1}× the flat buffer)",
+        "256 × 4096 floats, one per tensor",
+        each / flat
+    ));
 
     // the LoRA step
     let cfg = LlamaConfig {
@@ -95,55 +101,86 @@ fn main() -> tch_peft::Result<()> {
         intermediate_size: 688,
         num_hidden_layers: 4,
         num_attention_heads: 8,
-        num_key_value_heads: 4,
+        num_key_value_heads: Some(4),
         ..LlamaConfig::default()
     };
     say(String::new());
-    say(format!("LoRA step (hidden {}, {} layers, r 8 on all linears, batch 4 × 128 per rank)   median ms", cfg.hidden_size, cfg.num_hidden_layers));
-    let mut results = Vec::new();
-    for mode in ["alone", "ddp", "ddp no_sync", "flat"] {
+    say(format!(
+        "LoRA step (hidden {}, {} layers, r 8 on all linears, batch 4 × 128 per rank)   median ms",
+        cfg.hidden_size, cfg.num_hidden_layers
+    ));
+    // every mode built at once and their steps interleaved, so that no mode carries the drift
+    let modes = ["alone", "ddp", "ddp no_sync", "flat"];
+    let mut setups = Vec::new();
+    for mode in modes {
         tch::manual_seed(0);
         let (mut base, adapters) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+        let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
         let builder = LoraBuilder::new(
             &adapters.root(),
-            LoraConfig {
-                r: 8,
-                lora_alpha: 16.0,
-                ..LoraConfig::for_targets(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-            },
+            LoraConfig { r: 8, lora_alpha: 16.0, ..LoraConfig::for_targets(targets) },
         )?;
         let model = Llama::new(&base.root(), &cfg, Some(&builder))?;
         let _adapter = builder.finish()?;
         base.freeze();
-        let ids = Tensor::randint(cfg.vocab_size, [4, 128], (Kind::Int64, Device::Cpu));
-        let mut ddp = mode
-            .starts_with("ddp")
-            .then(|| DistributedDataParallel::from_var_store(&group, &adapters, DdpOptions::default()))
-            .transpose()?;
-        let dp = (mode == "flat").then(|| DataParallel::from_var_store(&group, &adapters)).transpose()?;
-        let mut opt = nn::AdamW::default().build(&adapters, 1e-4)?;
-        let trainable: i64 = adapters.variables().values().map(|t| t.numel() as i64).sum();
-        let ms = time(&group, steps, || {
+        let opt = nn::AdamW::default().build(&adapters, 1e-4)?;
+        setups.push((mode, base, adapters, model, opt));
+    }
+    let ids = Tensor::randint(cfg.vocab_size, [4, 128], (Kind::Int64, Device::Cpu));
+    let mut ddps = Vec::new();
+    let mut flats = Vec::new();
+    for (mode, _, adapters, _, _) in &setups {
+        let o = DdpOptions::default();
+        ddps.push(
+            mode.starts_with("ddp")
+                .then(|| DistributedDataParallel::from_var_store(&group, adapters, o))
+                .transpose()?,
+        );
+        flats.push(
+            (*mode == "flat")
+                .then(|| DataParallel::from_var_store(&group, adapters))
+                .transpose()?,
+        );
+    }
+    let mut times = vec![Vec::new(); modes.len()];
+    for rep in 0..steps + 3 {
+        for (k, (mode, _, _, model, opt)) in setups.iter_mut().enumerate() {
+            group.barrier()?;
+            let t = Instant::now();
             opt.zero_grad();
             let forward = || {
                 let h = model.hidden_states(&ids, None, true, None).expect("forward");
                 model.causal_lm_loss(&h, &ids, true).expect("loss")
             };
-            let loss = match ddp.as_mut() {
-                Some(d) if mode == "ddp no_sync" => d.no_sync(|d| d.forward(forward)).expect("ddp"),
-                Some(d) => d.forward(forward).expect("ddp"),
+            let loss = match ddps[k].as_mut() {
+                Some(d) if *mode == "ddp no_sync" => d.no_sync(|d| d.forward(forward))?,
+                Some(d) => d.forward(forward)?,
                 None => forward(),
             };
             loss.backward();
-            if let Some(dp) = &dp {
-                dp.sync_gradients().expect("sync");
+            if let Some(dp) = &flats[k] {
+                dp.sync_gradients()?;
             }
             opt.step();
-        });
-        if let Some(d) = &ddp {
-            say(format!("  ({mode}: {} buckets after the rebuild, {trainable} trainable f32)", d.buckets()?.len()));
+            if rep >= 3 {
+                // three warm-up steps each
+                times[k].push(t.elapsed().as_secs_f64() * 1e3);
+            }
         }
-        say(format!("{mode:<42} {ms:>9.2}"));
+    }
+    let trainable: i64 = setups[0].2.variables().values().map(|t| t.numel() as i64).sum();
+    say(format!(
+        "  ({trainable} trainable f32 = {:.2} MB of gradients)",
+        4.0 * trainable as f64 / 1e6
+    ));
+    let mut results = Vec::new();
+    for (k, mode) in modes.iter().enumerate() {
+        let ms = median(times[k].clone());
+        let buckets = match &ddps[k] {
+            Some(d) => format!("   ({} bucket(s) after the rebuild)", d.buckets()?.len()),
+            None => String::new(),
+        };
+        say(format!("{mode:<42} {ms:>9.2}{buckets}"));
         results.push(ms);
     }
     say(format!(
