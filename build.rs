@@ -10,6 +10,11 @@
 //!   device allocator's peaks), `csrc/optim.cpp` (multi-tensor AdamW) and `csrc/profiler.cpp`
 //!   (Kineto device-kernel times), whose ABI `csrc/tch_peft.h` declares, are compiled against the
 //!   same headers; `cfg(tch_peft_csrc)` is set when they were (not in a `doc-only` build).
+//! * `csrc/dist_gloo.cpp` (c10d's process group with gloo, against the stand-in gloo headers of
+//!   `csrc/gloo_stub/`, on its include path alone) and `csrc/dist_reducer.cpp` (DDP's Reducer)
+//!   where libtorch has c10d's headers: `cfg(tch_peft_dist)`; `csrc/dist_nccl.cpp` (the NCCL
+//!   backend) where a CUDA libtorch also has NCCL's, CUDA's and CCCL's headers:
+//!   `cfg(tch_peft_nccl)`.
 //! * With a CUDA libtorch, `libc10_cuda` (the CUDA kernels' objects reference it) is linked with
 //!   `cargo:rustc-link-lib`, which, unlike `rustc-link-arg`, reaches every dependent's final
 //!   binary; torch-sys names `libtorch_cuda` the same way. libtorch_cuda is only reached through
@@ -92,7 +97,18 @@ fn main() {
         && lib_dir.join("libc10_cuda.so").exists();
     if let Some(includes) = include_dirs(&lib_dir) {
         let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
-        let mut build = cc::Build::new();
+        // a C++17 build against libtorch's headers and ABI
+        let cxx = || {
+            let mut b = cc::Build::new();
+            b.cpp(true)
+                .pic(true)
+                .warnings(false)
+                .flag("-std=c++17")
+                .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+                .flag("-DGLOG_USE_GLOG_EXPORT");
+            b
+        };
+        let mut build = cxx();
         // the NVRTC kernels (LoRA and DoRA), where libtorch has CUDA and the CUDA headers are at
         // hand (only symbols of libtorch_cuda and libc10_cuda are linked; libcuda and libnvrtc
         // are opened at run time)
@@ -100,13 +116,7 @@ fn main() {
             build.includes(inc).define("TCH_PEFT_CUDA", None);
         }
         build
-            .cpp(true)
-            .pic(true)
-            .warnings(false)
             .includes(&includes)
-            .flag("-std=c++17")
-            .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-            .flag("-DGLOG_USE_GLOG_EXPORT")
             .file("csrc/lora_linear.cpp")
             .file("csrc/linear_cross_entropy.cpp")
             .file("csrc/quant_linear.cpp")
@@ -121,42 +131,24 @@ fn main() {
         // gloo's headers, so this one file gets the stand-ins of csrc/gloo_stub/)
         let gloo_header = includes[0].join("torch/csrc/distributed/c10d/ProcessGroupGloo.hpp");
         if target_os == "linux" && gloo_header.exists() {
-            cc::Build::new()
-                .cpp(true)
-                .pic(true)
-                .warnings(false)
+            cxx()
                 .include("csrc/gloo_stub")
                 .includes(&includes)
-                .flag("-std=c++17")
-                .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-                .flag("-DGLOG_USE_GLOG_EXPORT")
                 .define("USE_C10D_GLOO", None)
                 .file("csrc/dist_gloo.cpp")
                 .compile("tch_peft_dist");
             // csrc/dist_reducer.cpp: DDP's Reducer (no gloo header: its own build)
-            cc::Build::new()
-                .cpp(true)
-                .pic(true)
-                .warnings(false)
+            cxx()
                 .includes(&includes)
-                .flag("-std=c++17")
-                .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-                .flag("-DGLOG_USE_GLOG_EXPORT")
                 .file("csrc/dist_reducer.cpp")
                 .compile("tch_peft_dist_reducer");
             println!("cargo:rustc-cfg=tch_peft_dist");
             // csrc/dist_nccl.cpp: the NCCL backend, where a CUDA libtorch has NCCL's, CUDA's
             // and CCCL's headers beside it (the PyPI wheels; `nvidia-cuda-cccl` for `nv/target`)
             if let Some(nccl) = cuda_libtorch.then(|| nccl_include_dirs(&lib_dir)).flatten() {
-                cc::Build::new()
-                    .cpp(true)
-                    .pic(true)
-                    .warnings(false)
+                cxx()
                     .includes(&nccl)
                     .includes(&includes)
-                    .flag("-std=c++17")
-                    .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-                    .flag("-DGLOG_USE_GLOG_EXPORT")
                     .define("USE_C10D_NCCL", None)
                     .define("USE_CUDA", None)
                     .file("csrc/dist_nccl.cpp")

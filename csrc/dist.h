@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <stdexcept>
+#include <vector>
 
 struct tch_peft_group {
   c10::intrusive_ptr<c10d::Store> store;
@@ -21,12 +22,27 @@ struct tch_peft_group {
 
 namespace tch_peft {
 
-// Waits for `work`, throwing when it does not complete within `timeout`.
-inline void wait_work(const c10::intrusive_ptr<c10d::Work>& work,
+// Waits for `work` on `device`'s tensors. On the CPU (gloo) the host waits, throwing when it
+// does not complete within `timeout`. On CUDA (NCCL) the current stream waits on NCCL's, the
+// host goes on, and NCCL's watchdog enforces the backend's timeout (a timed-out NCCL collective
+// tears the process down, as in PyTorch).
+inline void wait_work(const c10::intrusive_ptr<c10d::Work>& work, const at::Device& device,
                       std::chrono::milliseconds timeout) {
+  if (device.is_cuda()) {
+    work->wait();
+    return;
+  }
   if (!work->wait(timeout)) {
     throw std::runtime_error("a collective did not complete within the timeout");
   }
+}
+
+// `n` tensor handles as a list.
+inline std::vector<at::Tensor> tensor_list(const at::Tensor* const* ts, size_t n) {
+  std::vector<at::Tensor> v;
+  v.reserve(n);
+  for (size_t i = 0; i < n; ++i) v.push_back(*ts[i]);
+  return v;
 }
 
 }  // namespace tch_peft

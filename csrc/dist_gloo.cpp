@@ -26,13 +26,17 @@ bool in_place(const std::vector<at::Tensor>& ts) {
 }
 
 // The tensors as one flat buffer (one collective for all of them), dense and contiguous: the
-// tensor itself where it can be reduced in place, else a new buffer.
+// tensor itself where it can be reduced in place, else a new buffer (one copy).
 at::Tensor flatten(const std::vector<at::Tensor>& ts) {
   if (in_place(ts)) return ts[0].view({-1});
+  if (ts.size() == 1) {
+    at::Tensor flat = ts[0].reshape({-1});
+    return flat.is_alias_of(ts[0]) ? flat.clone() : flat;
+  }
   std::vector<at::Tensor> flat;
   flat.reserve(ts.size());
   for (const auto& t : ts) flat.push_back(t.reshape({-1}));
-  return flat.size() == 1 ? flat[0].contiguous().clone() : at::cat(flat);
+  return at::cat(flat);
 }
 
 // Writes the buffer back into the tensors (nothing to do where it was reduced in place).
@@ -70,8 +74,27 @@ int tch_peft_group_new(const char* host, int port, const char* file, int rank, i
     }
     store->setTimeout(timeout);
     auto options = c10d::ProcessGroupGloo::Options::create(timeout);
-    options->devices.push_back(
-        c10d::ProcessGroupGloo::createDeviceForHostname(std::string(device_host)));
+    // "if:a,b": one device per network interface (GLOO_SOCKET_IFNAME); "": the default device
+    // (the address of this machine's hostname); else the device of that host's address
+    const std::string dev(device_host);
+    if (dev.rfind("if:", 0) == 0) {
+      std::string names = dev.substr(3);
+      size_t start = 0;
+      while (start <= names.size()) {
+        size_t end = names.find(',', start);
+        if (end == std::string::npos) end = names.size();
+        if (end > start) {
+          options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(
+              names.substr(start, end - start)));
+        }
+        start = end + 1;
+      }
+      if (options->devices.empty()) throw std::runtime_error("no interface named");
+    } else if (dev.empty()) {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    } else {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(dev));
+    }
     auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, options);
     auto pg = c10::make_intrusive<c10d::ProcessGroup>(store, rank, size);
     pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
@@ -96,13 +119,12 @@ int tch_peft_group_all_reduce(tch_peft_group* g, const at::Tensor* const* ts, si
                               char** error) {
   return tch_peft::guarded<int>("tch_peft_group_all_reduce", error, 1, [&] {
     if (n == 0) return 0;
-    std::vector<at::Tensor> list;
-    for (size_t i = 0; i < n; ++i) list.push_back(*ts[i]);
+    std::vector<at::Tensor> list = tch_peft::tensor_list(ts, n);
     std::vector<at::Tensor> buf{flatten(list)};
     c10d::AllreduceOptions opts;
     opts.reduceOp = c10d::ReduceOp::SUM;
     opts.timeout = g->timeout;
-    wait_work(g->pg->allreduce(buf, opts), g->timeout);
+    wait_work(g->pg->allreduce(buf, opts), buf[0].device(), g->timeout);
     if (op == 1) buf[0].div_(g->pg->getSize());
     unflatten(buf[0], list);
     return 0;
@@ -113,13 +135,12 @@ int tch_peft_group_broadcast(tch_peft_group* g, const at::Tensor* const* ts, siz
                              char** error) {
   return tch_peft::guarded<int>("tch_peft_group_broadcast", error, 1, [&] {
     if (n == 0) return 0;
-    std::vector<at::Tensor> list;
-    for (size_t i = 0; i < n; ++i) list.push_back(*ts[i]);
+    std::vector<at::Tensor> list = tch_peft::tensor_list(ts, n);
     std::vector<at::Tensor> buf{flatten(list)};
     c10d::BroadcastOptions opts;
     opts.rootRank = root;
     opts.timeout = g->timeout;
-    wait_work(g->pg->broadcast(buf, opts), g->timeout);
+    wait_work(g->pg->broadcast(buf, opts), buf[0].device(), g->timeout);
     unflatten(buf[0], list);
     return 0;
   });
@@ -129,7 +150,7 @@ int tch_peft_group_barrier(tch_peft_group* g, char** error) {
   return tch_peft::guarded<int>("tch_peft_group_barrier", error, 1, [&] {
     c10d::BarrierOptions opts;
     opts.timeout = g->timeout;
-    wait_work(g->gloo->barrier(opts), g->timeout);
+    wait_work(g->gloo->barrier(opts), at::Device(at::kCPU), g->timeout);
     return 0;
   });
 }

@@ -13,6 +13,7 @@
 #include "tch_peft.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -23,10 +24,10 @@ struct tch_peft_reducer {
   std::shared_ptr<c10d::Reducer> reducer;
   bool find_unused;
   bool static_graph;
-  // static graph: the first backward's delayed all-reduce has been hooked on an output, and
-  // queued by that hook
-  bool delay_hooked;
-  std::shared_ptr<bool> delay_queued;
+  // static graph: the first backward's delayed all-reduce has been queued (by a hook on the
+  // first synchronised forward's outputs, from autograd's thread; DDP's
+  // _static_graph_delay_allreduce_enqueued)
+  std::shared_ptr<std::atomic<bool>> delay_queued;
 };
 
 namespace {
@@ -52,13 +53,6 @@ class Bf16CompressHook
   }
 };
 
-std::vector<at::Tensor> tensors(const at::Tensor* const* ts, size_t n) {
-  std::vector<at::Tensor> v;
-  v.reserve(n);
-  for (size_t i = 0; i < n; ++i) v.push_back(*ts[i]);
-  return v;
-}
-
 }  // namespace
 
 extern "C" {
@@ -69,7 +63,7 @@ int tch_peft_reducer_new(tch_peft_group* g, const at::Tensor* const* params, siz
                          int static_graph, int bf16_compress, tch_peft_reducer** out,
                          char** error) {
   return tch_peft::guarded<int>("tch_peft_reducer_new", error, 1, [&] {
-    std::vector<at::Tensor> ps = tensors(params, n);
+    std::vector<at::Tensor> ps = tch_peft::tensor_list(params, n);
     std::unordered_map<size_t, std::string> param_names;
     for (size_t i = 0; i < n; ++i) param_names.emplace(i, names[i]);
     std::vector<bool> sparse(n, false);
@@ -93,8 +87,8 @@ int tch_peft_reducer_new(tch_peft_group* g, const at::Tensor* const* params, siz
         std::vector<int64_t>{});
     if (static_graph != 0) reducer->set_static_graph();
     if (bf16_compress != 0) reducer->register_comm_hook(std::make_unique<Bf16CompressHook>(g->pg));
-    *out = new tch_peft_reducer{reducer, find_unused != 0, static_graph != 0, false,
-                                std::make_shared<bool>(false)};
+    *out = new tch_peft_reducer{reducer, find_unused != 0, static_graph != 0,
+                                std::make_shared<std::atomic<bool>>(false)};
     return 0;
   });
 }
@@ -127,8 +121,8 @@ int tch_peft_reducer_post_forward(tch_peft_reducer* r, const at::Tensor* const* 
                                   int sync, char** error) {
   return tch_peft::guarded<int>("tch_peft_reducer_post_forward", error, 1, [&] {
     if (!at::GradMode::is_enabled() || sync == 0) return 0;
-    std::vector<at::Tensor> os = tensors(outs, n);
-    const bool hook_delay = r->static_graph && !r->delay_hooked;
+    std::vector<at::Tensor> os = tch_peft::tensor_list(outs, n);
+    const bool hook_delay = r->static_graph && !r->delay_queued->load();
     if (hook_delay) {
       const bool any = std::any_of(os.begin(), os.end(),
                                    [](const at::Tensor& o) { return o.requires_grad(); });
@@ -144,14 +138,12 @@ int tch_peft_reducer_post_forward(tch_peft_reducer* r, const at::Tensor* const* 
       r->reducer->prepare_for_backward({});
     }
     if (hook_delay) {
-      r->delay_hooked = true;
       std::weak_ptr<c10d::Reducer> weak = r->reducer;
-      std::shared_ptr<bool> queued = r->delay_queued;
+      std::shared_ptr<std::atomic<bool>> queued = r->delay_queued;
       for (auto& o : os) {
         if (!o.requires_grad()) continue;
         o.register_hook([weak, queued](const at::Tensor&) {
-          if (*queued) return;
-          *queued = true;
+          if (queued->exchange(true)) return;
           torch::autograd::Engine::get_default_engine().queue_callback([weak] {
             if (auto reducer = weak.lock()) reducer->delay_all_reduce();
           });

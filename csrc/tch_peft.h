@@ -55,7 +55,8 @@ struct tch_peft_group;
 
 // A group of `size` ranks, this one `rank`: rendezvous through a FileStore at `file` when it is
 // not null, else a TCPStore at host:port (`is_server`: this process hosts it); gloo's device on
-// `device_host`'s address; every wait bounded by `timeout_ms`. 0 with *out set, else 1.
+// `device_host`'s address ("if:eth0,eth1": those interfaces; "": the default device); every
+// wait bounded by `timeout_ms`. 0 with *out set, else 1.
 int tch_peft_group_new(const char* host, int port, const char* file, int rank, int size,
                        int64_t timeout_ms, int is_server, const char* device_host,
                        tch_peft_group** out, char** error);

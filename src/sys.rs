@@ -880,6 +880,13 @@ impl ReducerHandle {
         names: &[&str],
         o: ReducerOptions,
     ) -> Result<Self, tch::TchError> {
+        if names.len() != params.len() {
+            return Err(tch::TchError::Torch(format!(
+                "{} names for {} parameters",
+                names.len(),
+                params.len()
+            )));
+        }
         let names: Vec<std::ffi::CString> = names
             .iter()
             .map(|n| std::ffi::CString::new(n.replace('\0', "?")).expect("NULs replaced"))

@@ -20,6 +20,8 @@ fn spawn(rank: usize, world: usize, mode: &str, dir: &Path, port: u16) -> Child 
         .env("TCH_PEFT_TEST_MODE", mode)
         .env("TCH_PEFT_TEST_DIR", dir)
         .env("TCH_PEFT_TEST_PORT", port.to_string())
+        // gloo on loopback, also for the file store (whose ranks would take the default device)
+        .env("GLOO_SOCKET_IFNAME", "lo")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -107,7 +109,8 @@ enum Sync<'g> {
 /// What a run ends with: the adapters' values, and under DDP its buckets.
 type Run = (Vec<(String, Tensor)>, Option<Vec<tch_peft::dist::Bucket>>);
 
-/// Two LoRA layers (8→8→6) on a seeded base and their AdamW steps on `micro` (this rank's rows
+/// Two LoRA layers (8→8→6) on a seeded base and their SGD steps (plain SGD: a gradient summed
+/// instead of averaged would show, as it would not under AdamW) on `micro` (this rank's rows
 /// of a seeded batch, as micro-batches whose gradients accumulate: under DDP all but the last in
 /// `no_sync`), mean squared error; `skip_second` leaves the second layer out of the forward.
 fn lora_run(micro: &[Vec<i64>], sync: Sync, steps: usize, skip_second: bool) -> Result<Run, Error> {
@@ -166,7 +169,7 @@ fn lora_run_with(
         Sync::Ddp(g, o) => Some(DistributedDataParallel::from_var_store(g, &adapters, *o)?),
         _ => None,
     };
-    let mut opt = nn::AdamW::default().build(&adapters, 1e-2).unwrap();
+    let mut opt = nn::Sgd::default().build(&adapters, 0.5).unwrap();
     for _ in 0..steps {
         match &ddp {
             Some(d) => d.zero_grad(),
@@ -194,6 +197,15 @@ fn lora_run_with(
                 None => loss_of(rows),
             };
             loss.f_backward()?;
+            if let (Some(d), false) = (&ddp, last) {
+                // no_sync: nothing travelled, each rank holds its own micro-batch's gradients
+                let g = d.group();
+                let grads: Vec<Tensor> = d.params().iter().map(|(_, t)| t.grad().copy()).collect();
+                let rank0: Vec<Tensor> = grads.iter().map(|t| t.copy()).collect();
+                g.broadcast(&rank0.iter().collect::<Vec<_>>(), 0)?;
+                let same = grads.iter().zip(&rank0).all(|(a, b)| a.equal(b));
+                assert_eq!(same, g.rank() == 0, "after a no_sync backward on rank {}", g.rank());
+            }
         }
         if let Some(dp) = &flat {
             dp.sync_gradients()?;
@@ -223,8 +235,8 @@ fn ddp_variants() -> Vec<(&'static str, DdpOptions, f64)> {
         ("static", DdpOptions { static_graph: true, ..small }, 1e-5),
         ("unused", DdpOptions { find_unused_parameters: true, ..small }, 1e-5),
         ("default", DdpOptions::default(), 1e-5),
-        // bf16 keeps ~3 digits of each averaged gradient; AdamW normalises them, so the
-        // adapters move by about lr × that relative error per step
+        // bf16 keeps ~3 significant digits of each gradient: the SGD steps move the adapters
+        // by lr × that error
         ("bf16", DdpOptions { compression: GradCompression::Bf16, ..small }, 2e-3),
     ]
 }
@@ -284,6 +296,28 @@ fn ddp_reducer_steps_equal_one_process_and_agree_across_ranks() {
     // with the second layer left out: its adapter stays where it started, the first trains
     let (skipped, _) = lora_run(&[all], Sync::Local, 3, true).unwrap();
     assert_same("skip", &[read(&dir, "skip", 0), read(&dir, "skip", 1)], &skipped, 1e-5);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn ranks_given_other_tensors_or_options_all_fail_together() {
+    let dir = temp("mismatch");
+    let children = (0..2).map(|r| spawn(r, 2, "mismatch", &dir, 0)).collect();
+    // far less than the group's 60 s timeout: nobody waits for a rank that gave up
+    let start = Instant::now();
+    for (rank, (ok, text)) in wait_all(children, Duration::from_secs(40)).iter().enumerate() {
+        assert!(ok, "rank {rank} failed:\n{text}");
+        assert!(text.contains("rank done"), "rank {rank}:\n{text}");
+        if rank == 1 {
+            assert!(text.contains("other options than rank 0"), "{text}");
+            assert!(text.contains("has 2 tensors, rank 0 1"), "{text}");
+            assert!(text.contains("another name"), "{text}");
+            assert!(text.contains("not a leaf"), "{text}");
+        } else {
+            assert!(text.contains("disagree with rank 0"), "{text}");
+        }
+    }
+    assert!(start.elapsed() < Duration::from_secs(40));
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -386,6 +420,36 @@ fn rank() {
                 other => panic!("expected an unfinished-reduction error, got {other:?}"),
             }
             g.barrier().unwrap();
+            println!("rank done");
+            return;
+        }
+        "mismatch" => {
+            let cpu = (Kind::Float, tch::Device::Cpu);
+            let w = Tensor::zeros([3], cpu).set_requires_grad(true);
+            let distributed = |r: Result<(), Error>, what: &str| match r {
+                Err(Error::Distributed { reason, .. }) => println!("{what}: {reason}"),
+                other => panic!("{what} on rank {rank}: expected an error, got {other:?}"),
+            };
+            // other options on rank 1: every rank errs, none waits for the others
+            let o = DdpOptions { bucket_cap_mb: 25.0 + rank as f64, ..Default::default() };
+            let r = DistributedDataParallel::new(&g, vec![("w".into(), w.shallow_clone())], o);
+            distributed(r.map(|_| ()), "options");
+            // another count, then another name
+            let mut ps = vec![("w".to_string(), w.shallow_clone())];
+            if rank == 1 {
+                ps.push(("v".into(), Tensor::zeros([2], cpu).set_requires_grad(true)));
+            }
+            distributed(tch_peft::dist::DataParallel::new(&g, ps).map(|_| ()), "count");
+            let ps = vec![(format!("w{rank}"), w.shallow_clone())];
+            distributed(tch_peft::dist::DataParallel::new(&g, ps).map(|_| ()), "name");
+            // a problem of rank 1's own (not a leaf that requires grad)
+            let p = if rank == 1 { Tensor::zeros([3], cpu) } else { w.shallow_clone() };
+            let r = DistributedDataParallel::new(&g, vec![("w".into(), p)], DdpOptions::default());
+            distributed(r.map(|_| ()), "leaf");
+            // the ranks are still in step
+            let t = Tensor::ones([2], cpu);
+            g.all_reduce(&[&t], ReduceOp::Sum).unwrap();
+            assert!(t.equal(&(Tensor::ones([2], cpu) * world as f64)));
             println!("rank done");
             return;
         }

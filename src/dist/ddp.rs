@@ -114,34 +114,38 @@ impl<'g> DistributedDataParallel<'g> {
     /// rank): checked across ranks, overwritten with rank 0's values, and hooked.
     ///
     /// # Errors
-    /// `Distributed` for no tensors, a tensor that is not a leaf requiring grad, bucket sizes
-    /// outside 1 byte–64 GiB, other options than rank 0's, the first tensor whose shape or dtype
-    /// differs from rank 0's, or a failed collective; `DeviceMismatch` for a tensor that is not
-    /// on the CPU or the group's NCCL device.
+    /// `Distributed`, on every rank, when any rank has no tensors, a tensor that is not a leaf
+    /// requiring grad or not on the CPU or the group's NCCL device, bucket caps outside 1
+    /// byte–64 GiB, or other options, count, names, shapes or dtypes than rank 0 (naming the
+    /// first tensor that differs); `Distributed` for a failed collective.
     pub fn new(
         group: &'g ProcessGroup,
         params: Vec<(String, Tensor)>,
         options: DdpOptions,
     ) -> Result<Self> {
+        // problems of this rank's own are reported on every rank (agree_and_broadcast)
+        let mut local = None;
         if params.is_empty() {
-            return Err(bad("DistributedDataParallel", "no tensors to keep in step"));
+            local = Some("no tensors to keep in step".to_string());
+        } else if let Some((name, _)) =
+            params.iter().find(|(_, t)| !t.requires_grad() || !t.is_leaf())
+        {
+            local = Some(format!("`{name}` is not a leaf that requires grad"));
         }
-        if let Some((name, _)) = params.iter().find(|(_, t)| !t.requires_grad() || !t.is_leaf()) {
-            return Err(bad(
-                "DistributedDataParallel",
-                format!("`{name}` is not a leaf that requires grad"),
-            ));
-        }
-        let bytes = |mb: f64, what: &str| -> Result<i64> {
+        let bytes = |mb: f64| -> Option<i64> {
             let b = mb * 1048576.0;
-            if b.is_finite() && (1.0..=(64u64 << 30) as f64).contains(&b) {
-                Ok(b as i64)
-            } else {
-                Err(bad("DistributedDataParallel", format!("{what} of {mb} MiB")))
-            }
+            (b.is_finite() && (1.0..=(64u64 << 30) as f64).contains(&b)).then_some(b as i64)
         };
-        let cap = bytes(options.bucket_cap_mb, "a bucket cap")?;
-        let first = bytes(options.first_bucket_cap_mb, "a first bucket cap")?;
+        let (cap, first) = (bytes(options.bucket_cap_mb), bytes(options.first_bucket_cap_mb));
+        if cap.is_none() || first.is_none() {
+            local.get_or_insert_with(|| {
+                format!(
+                    "bucket caps of {} and {} MiB (1 byte to 64 GiB)",
+                    options.bucket_cap_mb, options.first_bucket_cap_mb
+                )
+            });
+        }
+        let (cap, first) = (cap.unwrap_or(-1), first.unwrap_or(-1));
         let flags = [
             options.gradient_as_bucket_view,
             options.find_unused_parameters,
@@ -150,7 +154,7 @@ impl<'g> DistributedDataParallel<'g> {
         ];
         let mut extra = vec![cap, first];
         extra.extend(flags.iter().map(|&f| i64::from(f)));
-        agree_and_broadcast(group, &params, &extra)?;
+        agree_and_broadcast(group, &params, 1, &extra, local)?;
         #[cfg(tch_peft_dist)]
         {
             let refs: Vec<&Tensor> = params.iter().map(|(_, t)| t).collect();
@@ -253,9 +257,10 @@ impl<'g> DistributedDataParallel<'g> {
     /// it all-reduces the accumulated sums (PyTorch's `no_sync`).
     pub fn no_sync<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
         let old = std::mem::replace(&mut self.sync, false);
-        let r = f(self);
+        // restored even when `f` panics
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut *self)));
         self.sync = old;
-        r
+        r.unwrap_or_else(|p| std::panic::resume_unwind(p))
     }
 
     /// Zeroes every gradient in place (PyTorch's `zero_grad(set_to_none=False)`), keeping them

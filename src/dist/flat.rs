@@ -35,10 +35,11 @@ impl<'g> DataParallel<'g> {
     /// order): checked across ranks, then overwritten with rank 0's values.
     ///
     /// # Errors
-    /// `Distributed` naming the first tensor whose shape or dtype differs from rank 0's (or a
-    /// different count), and the collectives' errors.
+    /// `Distributed`, on every rank, when any rank has another count, names, shapes or dtypes
+    /// than rank 0 (naming the first tensor that differs) or a tensor off the group's devices;
+    /// and the collectives' errors.
     pub fn new(group: &'g ProcessGroup, params: Vec<(String, Tensor)>) -> Result<Self> {
-        agree_and_broadcast(group, &params, &[])?;
+        agree_and_broadcast(group, &params, 0, &[], None)?;
         Ok(DataParallel { group, params })
     }
 
@@ -83,68 +84,110 @@ pub(crate) fn trainable(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
     params
 }
 
-/// Checks that every rank has `params` of the same count, dtypes and shapes as rank 0 (and the
-/// same `extra` values: options), then overwrites them with rank 0's values.
+/// What a rank's check against rank 0 found.
+fn verdict(group: &ProcessGroup, problem: Option<String>) -> Result<()> {
+    // every rank learns how many ranks found a problem, so that all of them return together
+    let bad = Tensor::from_slice(&[i64::from(problem.is_some())]);
+    group.all_reduce(&[&bad], ReduceOp::Sum)?;
+    let n = bad.int64_value(&[0]);
+    match problem {
+        Some(p) => Err(bad_err(p)),
+        None if n > 0 => Err(bad_err(format!(
+            "{n} rank(s) disagree with rank 0 (their errors name what differs); rank {} agrees",
+            group.rank()
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn bad_err(reason: String) -> crate::Error {
+    bad("data parallel", reason)
+}
+
+/// FNV-1a of a name, as an `i64` slot.
+fn name_hash(name: &str) -> i64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in name.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
+    }
+    h as i64
+}
+
+/// Checks that every rank has `params` of the same count, names, dtypes and shapes as rank 0,
+/// for the same kind of wrapper with the same `extra` values (options), and no `local` problem
+/// of its own; then overwrites them with rank 0's values. A problem on any rank is an error on
+/// every rank (after two small collectives), never a rank left waiting.
 pub(crate) fn agree_and_broadcast(
     group: &ProcessGroup,
     params: &[(String, Tensor)],
+    wrapper: i64,
     extra: &[i64],
+    local: Option<String>,
 ) -> Result<()> {
+    const EXTRA: usize = 8;
+    const SLOTS: usize = 11; // name hash, dtype, rank, 8 dims
+    let mut problem = local;
     for (name, t) in params {
-        group.check_device(|| format!("`{name}`"), t.device())?;
+        if problem.is_some() {
+            break;
+        }
+        if let Err(e) = group.check_device(|| format!("`{name}`"), t.device()) {
+            problem = Some(e.to_string());
+        } else if t.dim() > SLOTS - 3 {
+            problem = Some(format!("`{name}` has {} dimensions", t.dim()));
+        }
     }
-
-    // rank 0's signature against ours: count, then per tensor its dtype and up to 8 dims
-    const SLOTS: usize = 10;
-    let mut head = vec![params.len() as i64];
-    head.extend_from_slice(extra);
-    let count = Tensor::from_slice(&head);
-    let theirs = count.copy();
-    group.broadcast(&[&theirs], 0)?;
-    if Vec::<i64>::try_from(&theirs)?[1..] != head[1..] {
-        return Err(bad(
-            "data parallel",
-            format!("rank {} was given other options than rank 0", group.rank()),
+    // 1. the header: wrapper, count, options (fixed size, whatever the rank was given)
+    let mut head = vec![0i64; 2 + EXTRA];
+    head[0] = wrapper;
+    head[1] = params.len() as i64;
+    for (slot, v) in head[2..].iter_mut().zip(extra.iter().chain(std::iter::repeat(&-1))) {
+        *slot = *v;
+    }
+    if extra.len() > EXTRA {
+        problem.get_or_insert_with(|| format!("{} option slots", extra.len()));
+    }
+    let rank0 = Tensor::from_slice(&head);
+    group.broadcast(&[&rank0], 0)?;
+    let rank0: Vec<i64> = Vec::<i64>::try_from(&rank0)?;
+    if problem.is_none() && rank0[0] != head[0] {
+        problem = Some(format!("rank {} made another wrapper than rank 0", group.rank()));
+    } else if problem.is_none() && rank0[2..] != head[2..] {
+        problem = Some(format!("rank {} was given other options than rank 0", group.rank()));
+    } else if problem.is_none() && rank0[1] != head[1] {
+        problem = Some(format!(
+            "rank {} has {} tensors, rank 0 {}",
+            group.rank(),
+            params.len(),
+            rank0[1]
         ));
     }
-    if theirs.int64_value(&[0]) != params.len() as i64 {
-        return Err(bad(
-            "data parallel",
-            format!(
-                "rank {} has {} tensors, rank 0 {}",
-                group.rank(),
-                params.len(),
-                theirs.int64_value(&[0])
-            ),
-        ));
-    }
+    verdict(group, problem)?;
+    // 2. per tensor (the counts agree now): its name, dtype and shape
     let mut sig = vec![-1i64; params.len() * SLOTS];
     for (i, (name, t)) in params.iter().enumerate() {
         let size = t.size();
-        if size.len() > SLOTS - 2 {
-            return Err(bad("data parallel", format!("`{name}` has {} dimensions", size.len())));
-        }
-        sig[i * SLOTS] = t.kind() as i64;
-        sig[i * SLOTS + 1] = size.len() as i64;
-        sig[i * SLOTS + 2..i * SLOTS + 2 + size.len()].copy_from_slice(&size);
+        sig[i * SLOTS] = name_hash(name);
+        sig[i * SLOTS + 1] = t.kind() as i64;
+        sig[i * SLOTS + 2] = size.len() as i64;
+        sig[i * SLOTS + 3..i * SLOTS + 3 + size.len()].copy_from_slice(&size);
     }
-    let mine = Tensor::from_slice(&sig);
-    let rank0 = mine.copy();
+    let rank0 = Tensor::from_slice(&sig);
     group.broadcast(&[&rank0], 0)?;
     let rank0: Vec<i64> = Vec::<i64>::try_from(&rank0)?;
-    for (i, (name, t)) in params.iter().enumerate() {
-        if rank0[i * SLOTS..(i + 1) * SLOTS] != sig[i * SLOTS..(i + 1) * SLOTS] {
-            return Err(bad(
-                "data parallel",
-                format!(
-                    "`{name}` is {:?} {:?} on rank {}, another shape or dtype on rank 0",
-                    t.kind(),
-                    t.size(),
-                    group.rank()
-                ),
-            ));
-        }
-    }
+    let problem = params.iter().enumerate().find_map(|(i, (name, t))| {
+        let (mine, theirs) = (&sig[i * SLOTS..(i + 1) * SLOTS], &rank0[i * SLOTS..(i + 1) * SLOTS]);
+        (mine != theirs).then(|| {
+            let what = if mine[0] != theirs[0] { "another name" } else { "another shape or dtype" };
+            format!(
+                "tensor {i}, `{name}`, is {:?} {:?} on rank {}; rank 0 has {what} there",
+                t.kind(),
+                t.size(),
+                group.rank()
+            )
+        })
+    });
+    verdict(group, problem)?;
     for ts in by_kind(params, |t| Some(t.shallow_clone())) {
         let refs: Vec<&Tensor> = ts.iter().collect();
         group.broadcast(&refs, 0)?;

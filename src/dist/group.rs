@@ -24,7 +24,8 @@ pub enum Rendezvous {
         agent_store: bool,
     },
     /// A file store: a file every rank can reach (a temporary directory on one machine, a shared
-    /// file system across machines).
+    /// file system across machines). gloo then connects through the machine's default address,
+    /// or the interfaces `GLOO_SOCKET_IFNAME` names (`lo` keeps one machine on loopback).
     File(PathBuf),
 }
 
@@ -140,7 +141,7 @@ impl ProcessGroup {
                     ("127.0.0.1".to_string(), 0, Some(s.to_string()), false)
                 }
             };
-            let device_host = if file.is_some() { "127.0.0.1".to_string() } else { host.clone() };
+            let device_host = gloo_device(file.is_none().then_some(host.as_str()));
             let handle = crate::sys::group_new(
                 &host,
                 port,
@@ -258,12 +259,24 @@ impl ProcessGroup {
 
     /// Reduces `tensors` in place over every rank (as one flat buffer: one collective).
     ///
+    /// Ranks must issue their collectives in the same order: from several threads, order them
+    /// yourself.
+    ///
     /// # Errors
     /// `DeviceMismatch`/`DtypeMismatch` for tensors of mixed devices or dtypes, or on a CUDA
     /// device without NCCL;
     /// `Distributed` when the collective fails or times out.
     pub fn all_reduce(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<()> {
         self.check("all_reduce", tensors)?;
+        if let Some(t) =
+            tensors.first().filter(|t| op == ReduceOp::Average && !t.is_floating_point())
+        {
+            return Err(Error::DtypeMismatch {
+                name: "the tensors of all_reduce(Average)".into(),
+                expected: "a floating-point dtype (a mean of integers does not fit them)".into(),
+                actual: t.kind(),
+            });
+        }
         let _guard = tch::no_grad_guard();
         #[cfg(tch_peft_dist)]
         return self
@@ -314,4 +327,23 @@ impl ProcessGroup {
 /// Whether this build has c10d's NCCL process group.
 pub fn nccl_available() -> bool {
     cfg!(tch_peft_nccl)
+}
+
+/// The gloo device's spec for `tch_peft_group_new`: the interfaces `GLOO_SOCKET_IFNAME` names (as
+/// PyTorch), else loopback for a loopback TCP store, else the machine's default device (its
+/// hostname's address; a file store's ranks on several machines need the real address).
+fn gloo_device(tcp_host: Option<&str>) -> String {
+    if let Some(names) = std::env::var("GLOO_SOCKET_IFNAME").ok().filter(|v| !v.trim().is_empty()) {
+        return format!("if:{}", names.trim());
+    }
+    match tcp_host {
+        Some(h) if is_loopback(h) => "127.0.0.1".into(),
+        _ => String::new(),
+    }
+}
+
+/// `localhost`, `127.x.y.z` or `::1`.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }

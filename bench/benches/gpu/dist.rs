@@ -76,25 +76,24 @@ impl Dp {
         }
     }
 
-    pub fn before_forward(&mut self) {
+    /// `f` on the DDP wrapper, inside `no_sync` for `+ddp-nosync`.
+    fn with_ddp(
+        &mut self,
+        f: impl FnOnce(&mut DistributedDataParallel<'static>) -> tch_peft::Result<()>,
+    ) {
         if let Some(d) = self.ddp.as_mut() {
-            if self.nosync {
-                d.no_sync(|d| d.pre_forward()).expect("pre_forward");
-            } else {
-                d.pre_forward().expect("pre_forward");
-            }
+            let r = if self.nosync { d.no_sync(f) } else { f(d) };
+            r.expect("ddp");
         }
+    }
+
+    pub fn before_forward(&mut self) {
+        self.with_ddp(|d| d.pre_forward());
     }
 
     /// After the forward, on its outputs (none for a checkpointed step's several backwards).
     pub fn after_forward(&mut self, outs: &[&Tensor]) {
-        if let Some(d) = self.ddp.as_mut() {
-            if self.nosync {
-                d.no_sync(|d| d.post_forward(outs)).expect("post_forward");
-            } else {
-                d.post_forward(outs).expect("post_forward");
-            }
-        }
+        self.with_ddp(|d| d.post_forward(outs));
     }
 
     pub fn after_backward(&self) {

@@ -28,9 +28,16 @@ use tch_peft::dist::{DataParallel, DdpOptions, DistributedDataParallel, ProcessG
 use tch_peft::lora::{LoraBuilder, LoraConfig};
 use tch_peft::models::llama::{Llama, LlamaConfig};
 
+/// The median as Python's `statistics.median` takes it (the mean of the middle two of an even
+/// count).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// The median milliseconds of `reps` runs of `f` after one warm-up, every rank starting each
@@ -177,7 +184,11 @@ fn main() -> tch_peft::Result<()> {
     for (k, mode) in modes.iter().enumerate() {
         let ms = median(times[k].clone());
         let buckets = match &ddps[k] {
-            Some(d) => format!("   ({} bucket(s) after the rebuild)", d.buckets()?.len()),
+            Some(d) => format!(
+                "   ({} bucket(s), {})",
+                d.buckets()?.len(),
+                if d.buckets_rebuilt() { "rebuilt in ready order" } else { "not rebuilt" }
+            ),
             None => String::new(),
         };
         say(format!("{mode:<42} {ms:>9.2}{buckets}"));
