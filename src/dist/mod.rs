@@ -12,8 +12,9 @@
 //! ```
 //!
 //! Every wait is bounded by the group's timeout: a rank that never arrives is an
-//! [`Error::Distributed`](crate::Error::Distributed) naming the store, not a hang. Tensors are
-//! reduced in buckets or as one flat buffer, never one collective per tensor.
+//! [`Error::Distributed`](crate::Error::Distributed) naming the store, not a hang (on CUDA, as
+//! in PyTorch, NCCL's watchdog enforces it). Tensors are reduced in buckets or as one flat
+//! buffer, never one collective per tensor.
 //! `docs/DISTRIBUTED.md` says how to launch with `torchrun`.
 
 mod ddp;
