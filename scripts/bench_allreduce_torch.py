@@ -3,6 +3,10 @@ the side-by-side in docs/PERFORMANCE.md. Run under torchrun, from the venv the c
 
     scripts/with-torch torchrun --nproc-per-node 2 --master-addr 127.0.0.1 \
         --master-port 29532 scripts/bench_allreduce_torch.py [--reps 20]
+
+`--backend nccl` (on a GPU host; without torchrun, a group of one) times instead the NCCL
+all-reduce of 1 to 256 MB of f32, as the GPU harness's `--only allreduce` does through the
+binding (median ms, bus GB/s = 2(n−1)/n × bytes ÷ time, or bytes ÷ time at a world of one).
 """
 import argparse
 import os
@@ -25,10 +29,45 @@ def timed(reps, f):
     return statistics.median(v)
 
 
+def nccl(reps, warmup=5):
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT="29572")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", timeout=timedelta(seconds=300),
+                            device_id=torch.device("cuda", local))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    factor = 2 * (world - 1) / world if world > 1 else 1.0
+    if rank == 0:
+        print(f"torch.distributed {torch.__version__} NCCL all-reduce ({world} rank(s), f32 sum)"
+              "    MB    median ms    bus GB/s")
+    for mb in (1, 4, 16, 64, 256):
+        t = torch.ones(int(mb * 1e6 / 4), device="cuda")
+        v = []
+        for i in range(warmup + reps):
+            dist.barrier()
+            torch.cuda.synchronize()
+            s = time.perf_counter()
+            dist.all_reduce(t)
+            torch.cuda.synchronize()
+            if i >= warmup:
+                v.append((time.perf_counter() - s) * 1e3)
+        v.sort()
+        ms = v[len(v) // 2]
+        if rank == 0:
+            print(f"{'':>66} {mb:>5} {ms:>12.3f} {factor * mb * 1e6 / (ms * 1e-3) / 1e9:>11.1f}")
+    dist.destroy_process_group()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=20)
-    reps = ap.parse_args().reps
+    ap.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
+    a = ap.parse_args()
+    reps = a.reps
+    if a.backend == "nccl":
+        return nccl(reps)
     dist.init_process_group("gloo", timeout=timedelta(seconds=300))
     rank, world = dist.get_rank(), dist.get_world_size()
     say = print if rank == 0 else (lambda *a: None)

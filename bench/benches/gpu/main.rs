@@ -728,7 +728,10 @@ fn main() {
         return;
     }
     let args = parse_args();
-    let device = Device::Cuda(0);
+    // under torchrun: this rank's GPU (NCCL on LOCAL_RANK), and rank 0 alone reports
+    let launched = std::env::var_os("RANK").is_some();
+    let device = if launched { dist::group().device() } else { Device::Cuda(0) };
+    let rank0 = !launched || dist::group().rank() == 0;
     println!(
         "tch-peft {} (libtorch via tch 0.24), fused LoRA node: {}",
         env!("CARGO_PKG_VERSION"),
@@ -742,8 +745,24 @@ fn main() {
             "train" => train_rows(&args, device, &mut rows),
             "infer" => infer_rows(&args, device, &mut rows),
             "interleaved" => interleaved_rows(&args, device, &mut rows),
-            other => eprintln!("unknown workload `{other}` (linear, train, infer, interleaved)"),
+            "allreduce" => {
+                let g = dist::group();
+                println!(
+                    "NCCL all-reduce through the binding ({} rank(s), f32 sum)    MB    median ms    bus GB/s",
+                    g.world_size()
+                );
+                let sizes = [1.0, 4.0, 16.0, 64.0, 256.0];
+                for (mb, ms, gbs) in dist::all_reduce_rows(&sizes, args.warmup, args.steps) {
+                    println!("{:>66} {mb:>5} {ms:>12.3} {gbs:>11.1}", "");
+                }
+            }
+            other => eprintln!(
+                "unknown workload `{other}` (linear, gemv, train, infer, interleaved, allreduce)"
+            ),
         }
+    }
+    if !rank0 {
+        return;
     }
     println!(
         "{:<40} {:<24} {:>10} {:>10} {:>9} {:>12}",

@@ -30,6 +30,7 @@ model the 4-bit layers are made from is not part of it). `--model 8b`: the Llama
 inference GEMV) and bf16.
 """
 import argparse
+import os
 import gc
 import json
 import statistics
@@ -174,11 +175,29 @@ def batch(args):
     return torch.randint(0, 128256, (args.batch, args.seq), device=DEV)
 
 
+def ddp_init():
+    """The NCCL group: torchrun's, else a group of one on this GPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT="29571")
+    dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+
+
+# `lora+ddp` and the like (bench/benches/gpu/dist.rs names the same forms): PyTorch DDP over the
+# PEFT model, bucket cap in MB
+DDP_CAPS = {"ddp": 25, "ddp-b1": 1, "ddp-b5": 5, "ddp-b100": 100, "ddp-bf16": 25, "ddp-nosync": 25}
+
+
 def train_rows(args, rows):
     from peft import LoraConfig, get_peft_model
 
     ids = batch(args)
-    for variant in args.variants:
+    for label in args.variants:
+        variant, _, dp = label.partition("+")
         fresh()
         model = llama(args, quantized=variant.startswith("qlora"))
         model.train()
@@ -228,9 +247,26 @@ def train_rows(args, rows):
         else:
             raise SystemExit(f"unknown variant {variant}")
         opt = torch.optim.AdamW(params, lr=1e-5) if params else None
+        if dp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            if dp not in DDP_CAPS or run is not None:
+                raise SystemExit(f"unknown data-parallel form {label}")
+            ddp_init()
+            model = DDP(model, device_ids=[torch.cuda.current_device()], bucket_cap_mb=DDP_CAPS[dp])
+            if dp == "ddp-bf16":
+                from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+                model.register_comm_hook(None, bf16_compress_hook)
         if run is None:
             def run():
                 return model(input_ids=ids, labels=ids).loss
+        if dp == "ddp-nosync":
+            synced = run
+
+            def run():
+                with model.no_sync():
+                    return synced()
         if args.stack == "compile":
             run = torch.compile(run)
 
@@ -263,7 +299,7 @@ def train_rows(args, rows):
             print(f"phases {variant}: forward+loss {m[0]:.2f} ms, backward {m[1]:.2f} ms, "
                   f"optimizer {m[2]:.2f} ms (synchronised)")
         rows.append(dict(workload=f"train llama-{args.model.upper()} b{args.batch} s{args.seq} L{args.layers}",
-                         variant=labelled(variant, args), step_ms=s, host_ms=h,
+                         variant=labelled(label, args), step_ms=s, host_ms=h,
                          peak_gb=peak_gb(), trainable=sum(p.numel() for p in params)))
         del model, opt, params, run, step
         if variant == "loreft":
@@ -343,6 +379,9 @@ def main():
     ap.add_argument("--infer-variants", default="base,lora unmerged,lora merged,lora unmerged bf16")
     ap.add_argument("--model", choices=["1b", "8b"], default="1b")
     args = ap.parse_args()
+    if "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     args.variants = [v.strip() for v in args.variants.split(",")]
     args.infer_variants = [v.strip() for v in args.infer_variants.split(",")]
     import peft
@@ -355,6 +394,8 @@ def main():
     for w in args.only.split(","):
         {"linear": linear_rows, "train": train_rows, "infer": infer_rows,
          "gemv": gemv_rows}[w.strip()](args, rows)
+    if not rank0:
+        return
     print(f"{'workload':<40} {'variant':<20} {'step ms':>10} {'host ms':>10} {'peak GB':>9} {'trainable':>12}")
     for r in rows:
         print(f"{r['workload']:<40} {r['variant']:<20} {r['step_ms']:>10.2f} {r['host_ms']:>10.2f} "

@@ -7,6 +7,7 @@
 #   bash bench/benches/gpu/same_lease.sh rust|rust-logits|eager|liger|compile|profile
 #   bash bench/benches/gpu/same_lease.sh qlora-rust|qlora-peft|qlora-8b-rust|qlora-8b-peft
 #   bash bench/benches/gpu/same_lease.sh dist1   (issue 20; dev-bin/cuda and dev-bin/dp_lora too)
+#   bash bench/benches/gpu/same_lease.sh dist1-rust|dist1-peft|dist2-rust|dist2-peft   (issue 21)
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -48,5 +49,23 @@ case "${1:-}" in
       | tee "$OUT/dist1-check.txt" &&
     dev-bin/gpu --bench --only train --variants lora,lora+ddp,lora+ddp-nosync,lora+flat,lora+ddp-bf16,lora-ckpt,lora-ckpt+ddp \
       --json "$OUT/dist1.json" 2>&1 | tee "$OUT/dist1.txt" ;;
-  *) echo "usage: $0 rust|rust-logits|eager|liger|compile|profile|qlora-rust|qlora-peft|qlora-8b-rust|qlora-8b-peft|dist1" >&2; exit 2 ;;
+  # issue 21 on one GPU (a world of one: the wrapper's own cost), ours and PyTorch DDP + PEFT
+  dist1-rust) dev-bin/gpu --bench --only allreduce,train \
+      --variants lora,lora+ddp,lora+ddp-b1,lora+ddp-b5,lora+ddp-b100,lora+ddp-bf16,lora+ddp-nosync,lora+flat,lora+pertensor,dora,dora+ddp \
+      --json "$OUT/dist1-rust.json" 2>&1 | tee "$OUT/dist1-rust.txt" ;;
+  dist1-peft) { python3 scripts/bench_allreduce_torch.py --backend nccl &&
+      python3 $py --only train --variants lora,lora+ddp,lora+ddp-nosync,lora+ddp-bf16 \
+        --json "$OUT/dist1-peft.json"; } 2>&1 | tee "$OUT/dist1-peft.txt" ;;
+  # issue 21 on nvidia-h200-x2 (NCCL_NVLS_ENABLE=0): the same under torchrun, 2 ranks
+  dist2-rust) NCCL_NVLS_ENABLE=0 python3 -m torch.distributed.run --no-python --nproc-per-node 2 \
+      --master-addr 127.0.0.1 --master-port 29581 dev-bin/gpu --bench --only allreduce,train \
+      --variants lora+ddp,lora+ddp-b1,lora+ddp-b5,lora+ddp-b100,lora+ddp-bf16,lora+ddp-nosync,lora+flat,lora+pertensor,dora+ddp \
+      --json "$OUT/dist2-rust.json" 2>&1 | tee "$OUT/dist2-rust.txt" ;;
+  dist2-peft) { NCCL_NVLS_ENABLE=0 python3 -m torch.distributed.run --nproc-per-node 2 \
+        --master-addr 127.0.0.1 --master-port 29582 scripts/bench_allreduce_torch.py --backend nccl &&
+      NCCL_NVLS_ENABLE=0 python3 -m torch.distributed.run --nproc-per-node 2 \
+        --master-addr 127.0.0.1 --master-port 29583 $py --only train \
+        --variants lora+ddp,lora+ddp-nosync,lora+ddp-bf16 --json "$OUT/dist2-peft.json"; } 2>&1 \
+      | tee "$OUT/dist2-peft.txt" ;;
+  *) echo "usage: $0 rust|rust-logits|eager|liger|compile|profile|qlora-rust|qlora-peft|qlora-8b-rust|qlora-8b-peft|dist1|dist1-rust|dist1-peft|dist2-rust|dist2-peft" >&2; exit 2 ;;
 esac
