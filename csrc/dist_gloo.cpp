@@ -51,6 +51,17 @@ void unflatten(const at::Tensor& buf, const std::vector<at::Tensor>& ts) {
   }
 }
 
+// `run` (a collective, waited on) on the `n` tensors as one flat buffer, which is then written
+// back into them.
+template <typename Run>
+void on_flat_buffer(const at::Tensor* const* ts, size_t n, Run run) {
+  if (n == 0) return;
+  std::vector<at::Tensor> list = tch_peft::tensor_list(ts, n);
+  std::vector<at::Tensor> buf{flatten(list)};
+  run(buf);
+  unflatten(buf[0], list);
+}
+
 }  // namespace
 
 extern "C" {
@@ -118,15 +129,13 @@ void tch_peft_group_free(tch_peft_group* g) {
 int tch_peft_group_all_reduce(tch_peft_group* g, const at::Tensor* const* ts, size_t n, int op,
                               char** error) {
   return tch_peft::guarded<int>("tch_peft_group_all_reduce", error, 1, [&] {
-    if (n == 0) return 0;
-    std::vector<at::Tensor> list = tch_peft::tensor_list(ts, n);
-    std::vector<at::Tensor> buf{flatten(list)};
-    c10d::AllreduceOptions opts;
-    opts.reduceOp = c10d::ReduceOp::SUM;
-    opts.timeout = g->timeout;
-    wait_work(g->pg->allreduce(buf, opts), buf[0].device(), g->timeout);
-    if (op == 1) buf[0].div_(g->pg->getSize());
-    unflatten(buf[0], list);
+    on_flat_buffer(ts, n, [&](std::vector<at::Tensor>& buf) {
+      c10d::AllreduceOptions opts;
+      opts.reduceOp = c10d::ReduceOp::SUM;
+      opts.timeout = g->timeout;
+      wait_work(g->pg->allreduce(buf, opts), buf[0].device(), g->timeout);
+      if (op == 1) buf[0].div_(g->pg->getSize());
+    });
     return 0;
   });
 }
@@ -134,14 +143,12 @@ int tch_peft_group_all_reduce(tch_peft_group* g, const at::Tensor* const* ts, si
 int tch_peft_group_broadcast(tch_peft_group* g, const at::Tensor* const* ts, size_t n, int root,
                              char** error) {
   return tch_peft::guarded<int>("tch_peft_group_broadcast", error, 1, [&] {
-    if (n == 0) return 0;
-    std::vector<at::Tensor> list = tch_peft::tensor_list(ts, n);
-    std::vector<at::Tensor> buf{flatten(list)};
-    c10d::BroadcastOptions opts;
-    opts.rootRank = root;
-    opts.timeout = g->timeout;
-    wait_work(g->pg->broadcast(buf, opts), buf[0].device(), g->timeout);
-    unflatten(buf[0], list);
+    on_flat_buffer(ts, n, [&](std::vector<at::Tensor>& buf) {
+      c10d::BroadcastOptions opts;
+      opts.rootRank = root;
+      opts.timeout = g->timeout;
+      wait_work(g->pg->broadcast(buf, opts), buf[0].device(), g->timeout);
+    });
     return 0;
   });
 }

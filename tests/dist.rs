@@ -61,16 +61,28 @@ fn temp(name: &str) -> std::path::PathBuf {
     d
 }
 
+/// Runs `world` ranks in `mode` (a temporary directory of that name, a free port), every one of
+/// which must succeed and print "rank done" before `deadline`: the directory and their outputs.
+fn run_ranks(mode: &str, world: usize, deadline: Duration) -> (std::path::PathBuf, Vec<String>) {
+    let dir = temp(mode);
+    let port = free_port();
+    let children = (0..world).map(|r| spawn(r, world, mode, &dir, port)).collect();
+    let texts: Vec<String> = wait_all(children, deadline)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, (ok, text))| {
+            assert!(ok, "{mode}, rank {rank} of {world} failed:\n{text}");
+            assert!(text.contains("rank done"), "{mode}, rank {rank}:\n{text}");
+            text
+        })
+        .collect();
+    (dir, texts)
+}
+
 #[test]
 fn ranks_all_reduce_broadcast_and_meet_at_a_barrier_over_tcp_and_file_stores() {
     for (mode, world) in [("tcp", 2), ("file", 3)] {
-        let dir = temp(mode);
-        let port = free_port();
-        let children = (0..world).map(|r| spawn(r, world, mode, &dir, port)).collect();
-        for (rank, (ok, text)) in wait_all(children, Duration::from_secs(120)).iter().enumerate() {
-            assert!(ok, "{mode}, rank {rank} of {world} failed:\n{text}");
-            assert!(text.contains("rank done"), "{mode}, rank {rank}:\n{text}");
-        }
+        let (dir, _) = run_ranks(mode, world, Duration::from_secs(120));
         std::fs::remove_dir_all(&dir).ok();
     }
 }
@@ -264,11 +276,7 @@ fn assert_same(tag: &str, ranks: &[Vec<(String, Tensor)>], single: &[(String, Te
 
 #[test]
 fn data_parallel_lora_steps_equal_one_process_on_the_whole_batch() {
-    let dir = temp("dp");
-    let children = (0..2).map(|r| spawn(r, 2, "dp", &dir, 0)).collect();
-    for (rank, (ok, text)) in wait_all(children, Duration::from_secs(120)).iter().enumerate() {
-        assert!(ok, "rank {rank} failed:\n{text}");
-    }
+    let (dir, _) = run_ranks("dp", 2, Duration::from_secs(120));
     let all: Vec<i64> = (0..8).collect();
     let (single, _) = lora_run(&[all], Sync::Local, 3, false).unwrap();
     assert_same("flat", &[read(&dir, "flat", 0), read(&dir, "flat", 1)], &single, 1e-5);
@@ -281,12 +289,7 @@ fn data_parallel_lora_steps_equal_one_process_on_the_whole_batch() {
 
 #[test]
 fn ddp_reducer_steps_equal_one_process_and_agree_across_ranks() {
-    let dir = temp("ddp");
-    let children = (0..2).map(|r| spawn(r, 2, "ddp", &dir, free_port())).collect();
-    for (rank, (ok, text)) in wait_all(children, Duration::from_secs(180)).iter().enumerate() {
-        assert!(ok, "rank {rank} failed:\n{text}");
-        assert!(text.contains("rank done"), "rank {rank}:\n{text}");
-    }
+    let (dir, _) = run_ranks("ddp", 2, Duration::from_secs(180));
     let all: Vec<i64> = (0..8).collect();
     let (single, _) = lora_run(std::slice::from_ref(&all), Sync::Local, 3, false).unwrap();
     for (tag, _, tol) in ddp_variants() {
@@ -301,13 +304,10 @@ fn ddp_reducer_steps_equal_one_process_and_agree_across_ranks() {
 
 #[test]
 fn ranks_given_other_tensors_or_options_all_fail_together() {
-    let dir = temp("mismatch");
-    let children = (0..2).map(|r| spawn(r, 2, "mismatch", &dir, 0)).collect();
     // far less than the group's 60 s timeout: nobody waits for a rank that gave up
     let start = Instant::now();
-    for (rank, (ok, text)) in wait_all(children, Duration::from_secs(40)).iter().enumerate() {
-        assert!(ok, "rank {rank} failed:\n{text}");
-        assert!(text.contains("rank done"), "rank {rank}:\n{text}");
+    let (dir, texts) = run_ranks("mismatch", 2, Duration::from_secs(40));
+    for (rank, text) in texts.iter().enumerate() {
         if rank == 1 {
             assert!(text.contains("other options than rank 0"), "{text}");
             assert!(text.contains("has 2 tensors, rank 0 1"), "{text}");
@@ -323,12 +323,7 @@ fn ranks_given_other_tensors_or_options_all_fail_together() {
 
 #[test]
 fn no_sync_accumulation_over_three_ranks_equals_one_big_batch_and_rank0_saves() {
-    let dir = temp("nosync");
-    let children = (0..3).map(|r| spawn(r, 3, "nosync", &dir, 0)).collect();
-    for (rank, (ok, text)) in wait_all(children, Duration::from_secs(180)).iter().enumerate() {
-        assert!(ok, "rank {rank} failed:\n{text}");
-        assert!(text.contains("rank done"), "rank {rank}:\n{text}");
-    }
+    let (dir, _) = run_ranks("nosync", 3, Duration::from_secs(180));
     let all: Vec<i64> = (0..6).collect();
     let (single, _) = lora_run(&[all], Sync::Local, 2, false).unwrap();
     let saved = tch_peft::io::read_safetensors(dir.join("adapter.safetensors")).unwrap().tensors;
@@ -374,6 +369,7 @@ fn rank() {
         "dp" => {
             save("flat", &lora_run(&[rows], Sync::Flat(&g), 3, false).unwrap().0);
             g.barrier().unwrap();
+            println!("rank done");
             return;
         }
         "ddp" => {

@@ -4,6 +4,7 @@
 use std::ffi::c_char;
 
 use tch::Tensor;
+use torch_sys::C_tensor;
 
 use super::take_error;
 
@@ -112,6 +113,23 @@ impl Drop for GroupHandle {
     }
 }
 
+/// Calls an entry point that returns 0, or 1 with `*error` set; `what` names it in the error.
+///
+/// # Safety
+/// `f` makes that one call, with pointers valid for it.
+unsafe fn call(what: &str, f: impl FnOnce(*mut *mut c_char) -> i32) -> Result<(), tch::TchError> {
+    let mut error: *mut c_char = std::ptr::null_mut();
+    if f(&mut error) != 0 {
+        return Err(take_error(error, what));
+    }
+    Ok(())
+}
+
+/// The tensors' handles, borrowed for one call.
+fn handles(ts: &[&Tensor]) -> Vec<*const C_tensor> {
+    ts.iter().map(|t| t.as_ptr()).collect()
+}
+
 /// A gloo group of `size` ranks (see `tch_peft_group_new` in `csrc/tch_peft.h`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn group_new(
@@ -130,95 +148,70 @@ pub(crate) fn group_new(
     let (host, device_host) = (c(host)?, c(device_host)?);
     let file = file.map(c).transpose()?;
     let mut out: *mut dist_ffi::Group = std::ptr::null_mut();
-    let mut error: *mut c_char = std::ptr::null_mut();
     // SAFETY: the strings live for the call; on success the C++ side writes a new group.
     unsafe {
-        let rc = dist_ffi::tch_peft_group_new(
-            host.as_ptr(),
-            i32::from(port),
-            file.as_ref().map_or(std::ptr::null(), |f| f.as_ptr()),
-            rank,
-            size,
-            timeout_ms,
-            i32::from(is_server),
-            device_host.as_ptr(),
-            &mut out,
-            &mut error,
-        );
-        if rc != 0 {
-            return Err(take_error(error, "tch_peft_group_new"));
-        }
-        std::ptr::NonNull::new(out)
-            .map(GroupHandle)
-            .ok_or_else(|| tch::TchError::Torch("tch_peft_group_new gave no group".into()))
+        call("tch_peft_group_new", |e| {
+            dist_ffi::tch_peft_group_new(
+                host.as_ptr(),
+                i32::from(port),
+                file.as_ref().map_or(std::ptr::null(), |f| f.as_ptr()),
+                rank,
+                size,
+                timeout_ms,
+                i32::from(is_server),
+                device_host.as_ptr(),
+                &mut out,
+                e,
+            )
+        })?;
     }
+    std::ptr::NonNull::new(out)
+        .map(GroupHandle)
+        .ok_or_else(|| tch::TchError::Torch("tch_peft_group_new gave no group".into()))
 }
 
 impl GroupHandle {
     /// In place: the sum (or, with `average`, the mean) over ranks of each tensor, all of them
     /// as one flat buffer. Tensors checked by the caller (CPU, one dtype).
     pub(crate) fn all_reduce(&self, ts: &[&Tensor], average: bool) -> Result<(), tch::TchError> {
-        let handles: Vec<_> = ts.iter().map(|t| t.as_ptr()).collect();
-        let mut error: *mut c_char = std::ptr::null_mut();
+        let hs = handles(ts);
         // SAFETY: the group is live and the handles are borrowed for the call.
         unsafe {
-            let rc = dist_ffi::tch_peft_group_all_reduce(
-                self.0.as_ptr(),
-                handles.as_ptr(),
-                handles.len(),
-                i32::from(average),
-                &mut error,
-            );
-            if rc != 0 {
-                return Err(take_error(error, "tch_peft_group_all_reduce"));
-            }
+            call("tch_peft_group_all_reduce", |e| {
+                let op = i32::from(average);
+                dist_ffi::tch_peft_group_all_reduce(self.0.as_ptr(), hs.as_ptr(), hs.len(), op, e)
+            })
         }
-        Ok(())
     }
 
     /// In place: rank `root`'s values of the tensors on every rank.
     pub(crate) fn broadcast(&self, ts: &[&Tensor], root: i32) -> Result<(), tch::TchError> {
-        let handles: Vec<_> = ts.iter().map(|t| t.as_ptr()).collect();
-        let mut error: *mut c_char = std::ptr::null_mut();
+        let hs = handles(ts);
         // SAFETY: as all_reduce.
         unsafe {
-            let rc = dist_ffi::tch_peft_group_broadcast(
-                self.0.as_ptr(),
-                handles.as_ptr(),
-                handles.len(),
-                root,
-                &mut error,
-            );
-            if rc != 0 {
-                return Err(take_error(error, "tch_peft_group_broadcast"));
-            }
+            call("tch_peft_group_broadcast", |e| {
+                dist_ffi::tch_peft_group_broadcast(self.0.as_ptr(), hs.as_ptr(), hs.len(), root, e)
+            })
         }
-        Ok(())
     }
 
     /// Adds NCCL on CUDA device `device` (every rank, each its own device).
     #[cfg(tch_peft_nccl)]
     pub(crate) fn add_nccl(&self, device: i32) -> Result<(), tch::TchError> {
-        let mut error: *mut c_char = std::ptr::null_mut();
         // SAFETY: the group is live.
         unsafe {
-            if dist_ffi::tch_peft_group_add_nccl(self.0.as_ptr(), device, &mut error) != 0 {
-                return Err(take_error(error, "tch_peft_group_add_nccl"));
-            }
+            call("tch_peft_group_add_nccl", |e| {
+                dist_ffi::tch_peft_group_add_nccl(self.0.as_ptr(), device, e)
+            })
         }
-        Ok(())
     }
 
     /// Waits for every rank.
     pub(crate) fn barrier(&self) -> Result<(), tch::TchError> {
-        let mut error: *mut c_char = std::ptr::null_mut();
         // SAFETY: the group is live.
         unsafe {
-            if dist_ffi::tch_peft_group_barrier(self.0.as_ptr(), &mut error) != 0 {
-                return Err(take_error(error, "tch_peft_group_barrier"));
-            }
+            call("tch_peft_group_barrier", |e| dist_ffi::tch_peft_group_barrier(self.0.as_ptr(), e))
         }
-        Ok(())
     }
 }
 
@@ -269,49 +262,41 @@ impl ReducerHandle {
             .map(|n| std::ffi::CString::new(n.replace('\0', "?")).expect("NULs replaced"))
             .collect();
         let name_ptrs: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
-        let handles: Vec<_> = params.iter().map(|t| t.as_ptr()).collect();
+        let hs = handles(params);
         let mut out: *mut dist_ffi::Reducer = std::ptr::null_mut();
-        let mut error: *mut c_char = std::ptr::null_mut();
         // SAFETY: the group is live; the handles and names are borrowed for the call.
         unsafe {
-            let rc = dist_ffi::tch_peft_reducer_new(
-                group.0.as_ptr(),
-                handles.as_ptr(),
-                handles.len(),
-                name_ptrs.as_ptr(),
-                o.bucket_cap_bytes,
-                o.first_bucket_cap_bytes,
-                i32::from(o.find_unused),
-                i32::from(o.gradient_as_bucket_view),
-                i32::from(o.static_graph),
-                i32::from(o.bf16_compress),
-                &mut out,
-                &mut error,
-            );
-            if rc != 0 {
-                return Err(take_error(error, "tch_peft_reducer_new"));
-            }
-            std::ptr::NonNull::new(out)
-                .map(ReducerHandle)
-                .ok_or_else(|| tch::TchError::Torch("tch_peft_reducer_new gave no reducer".into()))
+            call("tch_peft_reducer_new", |e| {
+                dist_ffi::tch_peft_reducer_new(
+                    group.0.as_ptr(),
+                    hs.as_ptr(),
+                    hs.len(),
+                    name_ptrs.as_ptr(),
+                    o.bucket_cap_bytes,
+                    o.first_bucket_cap_bytes,
+                    i32::from(o.find_unused),
+                    i32::from(o.gradient_as_bucket_view),
+                    i32::from(o.static_graph),
+                    i32::from(o.bf16_compress),
+                    &mut out,
+                    e,
+                )
+            })?;
         }
+        std::ptr::NonNull::new(out)
+            .map(ReducerHandle)
+            .ok_or_else(|| tch::TchError::Torch("tch_peft_reducer_new gave no reducer".into()))
     }
 
     /// DDP's `_pre_forward`: whether the buckets were rebuilt now.
     pub(crate) fn pre_forward(&mut self, sync: bool) -> Result<bool, tch::TchError> {
         let mut rebuilt = 0i32;
-        let mut error: *mut c_char = std::ptr::null_mut();
         // SAFETY: the reducer is live.
         unsafe {
-            let rc = dist_ffi::tch_peft_reducer_pre_forward(
-                self.0.as_ptr(),
-                i32::from(sync),
-                &mut rebuilt,
-                &mut error,
-            );
-            if rc != 0 {
-                return Err(take_error(error, "tch_peft_reducer_pre_forward"));
-            }
+            call("tch_peft_reducer_pre_forward", |e| {
+                let sync = i32::from(sync);
+                dist_ffi::tch_peft_reducer_pre_forward(self.0.as_ptr(), sync, &mut rebuilt, e)
+            })?;
         }
         Ok(rebuilt != 0)
     }
@@ -322,22 +307,14 @@ impl ReducerHandle {
         outs: &[&Tensor],
         sync: bool,
     ) -> Result<(), tch::TchError> {
-        let handles: Vec<_> = outs.iter().map(|t| t.as_ptr()).collect();
-        let mut error: *mut c_char = std::ptr::null_mut();
+        let hs = handles(outs);
         // SAFETY: the reducer is live; the handles are borrowed for the call.
         unsafe {
-            let rc = dist_ffi::tch_peft_reducer_post_forward(
-                self.0.as_ptr(),
-                handles.as_ptr(),
-                handles.len(),
-                i32::from(sync),
-                &mut error,
-            );
-            if rc != 0 {
-                return Err(take_error(error, "tch_peft_reducer_post_forward"));
-            }
+            call("tch_peft_reducer_post_forward", |e| {
+                let (r, sync) = (self.0.as_ptr(), i32::from(sync));
+                dist_ffi::tch_peft_reducer_post_forward(r, hs.as_ptr(), hs.len(), sync, e)
+            })
         }
-        Ok(())
     }
 
     /// Per bucket: (parameters, elements).
@@ -346,20 +323,12 @@ impl ReducerHandle {
         loop {
             let (mut params, mut numels) = (vec![0i64; cap], vec![0i64; cap]);
             let mut count = 0usize;
-            let mut error: *mut c_char = std::ptr::null_mut();
             // SAFETY: the reducer is live; both arrays hold `cap` values.
             unsafe {
-                let rc = dist_ffi::tch_peft_reducer_buckets(
-                    self.0.as_ptr(),
-                    cap,
-                    params.as_mut_ptr(),
-                    numels.as_mut_ptr(),
-                    &mut count,
-                    &mut error,
-                );
-                if rc != 0 {
-                    return Err(take_error(error, "tch_peft_reducer_buckets"));
-                }
+                call("tch_peft_reducer_buckets", |e| {
+                    let (p, n) = (params.as_mut_ptr(), numels.as_mut_ptr());
+                    dist_ffi::tch_peft_reducer_buckets(self.0.as_ptr(), cap, p, n, &mut count, e)
+                })?;
             }
             if count <= cap {
                 return Ok(params
